@@ -1,0 +1,109 @@
+//! ext4 via `mkfs.ext4 -d` from a staging tree, then a fix-up pass.
+//!
+//! Sized from the tree's counts (see [`size_blocks`]). Reproducible with e2fsprogs 1.47.0:
+//! built-in defaults instead of the host's mke2fs.conf, `E2FSPROGS_FAKE_TIME` for superblock
+//! and creation times, UUID and directory hash seed from the chain ID, entries added in sorted
+//! order (mke2fs scans with alphasort; `LC_ALL=C` makes that byte order). mke2fs copies each
+//! staged file's ctime (the moment of extraction) and only whole seconds of mtime, and does
+//! not copy the root's mode and mtime: [`super::ext4_fixup`] rewrites those fields in the
+//! inode table. `lost+found` is removed with debugfs (it would show in the merged root).
+
+use std::path::Path;
+
+use oci_spec::image::Digest;
+
+use super::BackendError;
+use super::ext4_fixup;
+use super::tool::{self, Tool, ToolError};
+use crate::layer::dirindex::DirMeta;
+use crate::layer::tree::{BLOCK, FinishedTree, TreeStats};
+
+/// Fixed "now" for mke2fs and debugfs (superblock times, crtime).
+const FAKE_TIME: &str = "0";
+const INODE_SIZE: u64 = 256;
+const BLOCKS_PER_GROUP: u64 = 32768;
+
+#[derive(Debug, Clone)]
+pub struct Ext4 {
+    mkfs: Tool,
+    debugfs: Tool,
+}
+
+impl Ext4 {
+    pub fn detect() -> Result<Self, ToolError> {
+        Ok(Ext4 {
+            mkfs: Tool::find("mkfs.ext4", "e2fsprogs", &["-V"], "1.47.0")?,
+            debugfs: Tool::find("debugfs", "e2fsprogs", &["-V"], "1.47.0")?,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!("mkfs.ext4 {}", self.mkfs.version)
+    }
+
+    pub fn make(
+        &self,
+        staging: &Path,
+        tree: &FinishedTree,
+        chain_id: &Digest,
+        out: &Path,
+    ) -> Result<(), BackendError> {
+        let (blocks, inodes) = size_blocks(&tree.stats);
+        let root = tree
+            .dirs
+            .get(b"")
+            .cloned()
+            .unwrap_or_else(DirMeta::fallback);
+        let mut cmd = self.mkfs.command();
+        cmd.env("MKE2FS_CONFIG", "/nonexistent")
+            .env("E2FSPROGS_FAKE_TIME", FAKE_TIME)
+            .env("LC_ALL", "C")
+            .args([
+                "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
+            ])
+            .args(["-O", "^has_journal,^resize_inode"])
+            .arg("-E")
+            .arg(format!(
+                "root_owner={}:{},hash_seed={},lazy_itable_init=0,nodiscard",
+                root.uid,
+                root.gid,
+                super::uuid_from(chain_id, 16)
+            ))
+            .arg("-U")
+            .arg(super::uuid_from(chain_id, 0))
+            .arg("-N")
+            .arg(inodes.to_string())
+            .arg("-d")
+            .arg(staging)
+            .arg(out)
+            .arg(blocks.to_string());
+        tool::run("mkfs.ext4", &mut cmd)?;
+        let mut cmd = self.debugfs.command();
+        cmd.env("E2FSPROGS_FAKE_TIME", FAKE_TIME)
+            .args(["-w", "-R", "rmdir lost+found"])
+            .arg(out);
+        tool::run("debugfs", &mut cmd)?;
+        ext4_fixup::fix_times(out, &root).map_err(|source| BackendError::Fixup {
+            path: out.to_owned(),
+            source,
+        })?;
+        Ok(())
+    }
+}
+
+/// Blocks and inodes for an ext4 image of a tree: everything the content needs plus the
+/// metadata mke2fs lays out for that size, with a small margin — never short, little waste.
+pub fn size_blocks(s: &TreeStats) -> (u64, u64) {
+    let inodes = s.inodes + 16;
+    let dir_blocks = s.dirs + (s.dirent_bytes * 5 / 4).div_ceil(BLOCK);
+    // Extent tree blocks for big files (fragmentation is low in a fresh image).
+    let extent_blocks = s.file_bytes / (64 << 20) + 1;
+    let content = s.data_blocks + s.extra_blocks + dir_blocks + extent_blocks + 4; // + lost+found
+    let inode_table = (inodes * INODE_SIZE).div_ceil(BLOCK);
+    let mut total = content + inode_table + 64;
+    // Per group: block and inode bitmaps, superblock backup and descriptors, inode table slack.
+    let groups = total.div_ceil(BLOCKS_PER_GROUP);
+    total += groups * 4 + groups * 2;
+    total += total / 50;
+    (total.max(256), inodes)
+}

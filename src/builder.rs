@@ -1,0 +1,352 @@
+//! The build: source → resolved image → one blob per layer (in parallel, skipping stored
+//! layers) → image record.
+//!
+//! Layers convert concurrently, up to `jobs` at a time, taken base first. A layer's tree is
+//! unpacked without waiting for anyone; only before giving its implicit parent directories
+//! their metadata does it wait for the directory index of the layer below (ready as soon as
+//! that layer is unpacked, long before its mkfs ends). Taking layers base first means the
+//! layer waited for has always started, so the wait cannot deadlock.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::SystemTime;
+
+use oci_spec::image::Digest;
+
+use crate::backend::tool::ToolError;
+use crate::backend::{Backend, BackendError, FsType, RECIPE_VERSION};
+use crate::digest::{self, chain_ids};
+use crate::layer::dirindex::DirIndex;
+use crate::layer::tree::TreeError;
+use crate::layer::{self, LayerError};
+use crate::platform::Platform;
+use crate::progress::Reporter;
+use crate::record::{BuildResult, ImageRecord, LayerRecord, Lower, RuntimeConfig};
+use crate::source::{self, ImageSource, ResolvedImage, SourceError};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("layer {digest}")]
+    Layer {
+        digest: Digest,
+        #[source]
+        source: LayerFailure,
+    },
+    #[error(
+        "converting layers needs root (it creates device nodes, sets owners and trusted.* xattrs); run vmrootfs as root"
+    )]
+    NotRoot,
+}
+
+/// What went wrong with one layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayerFailure {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Unpack(#[from] LayerError),
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("hashing the finished blob")]
+    Hash(#[source] std::io::Error),
+    #[error("the layer below failed")]
+    LowerFailed,
+}
+
+impl LayerFailure {
+    /// Failures that only follow from another layer's failure.
+    fn is_consequence(&self) -> bool {
+        matches!(
+            self,
+            LayerFailure::LowerFailed | LayerFailure::Unpack(LayerError::Cancelled)
+        )
+    }
+}
+
+/// Options of a build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub fs: FsType,
+    pub platform: Platform,
+    /// Layers converted at once (default: the number of CPUs).
+    pub jobs: usize,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            fs: FsType::Erofs,
+            platform: Platform::host(),
+            jobs: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        }
+    }
+}
+
+/// Builds images into a store.
+pub struct Builder {
+    store: Store,
+    opts: BuildOptions,
+    backend: Backend,
+}
+
+/// Directory index of each layer being converted, handed from a layer to the one above.
+struct DirSlots {
+    state: Mutex<Vec<Slot>>,
+    ready: Condvar,
+}
+
+#[derive(Clone)]
+enum Slot {
+    Pending,
+    Ready(Arc<DirIndex>),
+    Failed,
+}
+
+impl DirSlots {
+    fn set(&self, i: usize, slot: Slot) {
+        let mut s = self.state.lock().expect("slot lock");
+        if matches!(s[i], Slot::Pending) {
+            s[i] = slot;
+        }
+        self.ready.notify_all();
+    }
+
+    fn wait(&self, i: usize) -> Option<Arc<DirIndex>> {
+        let mut s = self.state.lock().expect("slot lock");
+        loop {
+            match &s[i] {
+                Slot::Ready(d) => return Some(d.clone()),
+                Slot::Failed => return None,
+                Slot::Pending => s = self.ready.wait(s).expect("slot lock"),
+            }
+        }
+    }
+}
+
+/// Everything one layer conversion needs to know about the image.
+struct Plan<'a> {
+    source: &'a dyn ImageSource,
+    image: &'a ResolvedImage,
+    chain: &'a [Digest],
+    stored: &'a [Option<LayerRecord>],
+    slots: DirSlots,
+    cancel: AtomicBool,
+    reporter: &'a Reporter,
+}
+
+impl Builder {
+    /// Checks the backend's tools up front.
+    pub fn new(store: Store, opts: BuildOptions) -> Result<Builder, BuildError> {
+        let backend = Backend::detect(opts.fs)?;
+        Ok(Builder {
+            store,
+            opts,
+            backend,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Builds `spec` (see [`source::open`]) and records it as `tag` (default: `spec`).
+    pub fn build(
+        &self,
+        spec: &str,
+        tag: Option<&str>,
+        reporter: &Reporter,
+    ) -> Result<BuildResult, BuildError> {
+        let source = source::open(spec)?;
+        let image = source.resolve(&self.opts.platform)?;
+        for l in &image.layers {
+            layer::check_media_type(&l.media_type).map_err(|e| BuildError::Layer {
+                digest: l.digest.clone(),
+                source: e.into(),
+            })?;
+        }
+        let fs = self.opts.fs;
+        let chain = chain_ids(&image.diff_ids);
+        let stored = chain
+            .iter()
+            .map(|c| self.store.layer(fs, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let missing: Vec<usize> = (0..chain.len()).filter(|&i| stored[i].is_none()).collect();
+        if !missing.is_empty() && !rustix::process::geteuid().is_root() {
+            return Err(BuildError::NotRoot);
+        }
+        let total = chain.len();
+        for (i, l) in image
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| stored[*i].is_some())
+        {
+            reporter.cached(i, total, &l.digest);
+        }
+        let plan = Plan {
+            source: &*source,
+            image: &image,
+            chain: &chain,
+            stored: &stored,
+            slots: DirSlots {
+                state: Mutex::new(vec![Slot::Pending; total]),
+                ready: Condvar::new(),
+            },
+            cancel: AtomicBool::new(false),
+            reporter,
+        };
+        let converted = self.convert_all(&plan, &missing)?;
+        let mut lowers = Vec::with_capacity(total);
+        for i in 0..total {
+            let rec = stored[i].clone().or_else(|| {
+                converted
+                    .iter()
+                    .find(|(j, _)| *j == i)
+                    .map(|(_, r)| r.clone())
+            });
+            let rec = rec.expect("every layer is stored or converted");
+            lowers.push(Lower {
+                path: self.store.layer_path(fs, &chain[i]),
+                fs,
+                chain_id: chain[i].clone(),
+                diff_id: image.diff_ids[i].clone(),
+                digest: image.layers[i].digest.clone(),
+                size: rec.size,
+                blob_sha256: rec.blob_sha256,
+            });
+        }
+        let record = ImageRecord {
+            tag: tag.unwrap_or(spec).to_string(),
+            source: source.describe(),
+            manifest_digest: image.manifest_digest.clone(),
+            config_digest: image.config_digest.clone(),
+            platform: image.platform.clone(),
+            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            size: lowers.iter().map(|l| l.size).sum(),
+            lowers,
+            config: RuntimeConfig::from(&image.config),
+        };
+        self.store.put_record(&record)?;
+        Ok(BuildResult {
+            record,
+            cached: missing.is_empty(),
+        })
+    }
+
+    /// Converts the `missing` layers, `jobs` at a time; the first real failure wins.
+    fn convert_all(
+        &self,
+        plan: &Plan<'_>,
+        missing: &[usize],
+    ) -> Result<Vec<(usize, LayerRecord)>, BuildError> {
+        let next = AtomicUsize::new(0);
+        let done = Mutex::new(Vec::new());
+        let failed = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..self.opts.jobs.max(1).min(missing.len()) {
+                s.spawn(|| {
+                    loop {
+                        let k = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(&i) = missing.get(k) else { break };
+                        match self.convert_one(plan, i) {
+                            Ok(rec) => done.lock().expect("lock").push((i, rec)),
+                            Err(e) => {
+                                plan.cancel.store(true, Ordering::SeqCst);
+                                plan.slots.set(i, Slot::Failed);
+                                failed.lock().expect("lock").push((i, e));
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let mut failed = failed.into_inner().expect("lock");
+        failed.sort_by_key(|(i, e)| (e.is_consequence(), *i));
+        if let Some((i, source)) = failed.into_iter().next() {
+            return Err(BuildError::Layer {
+                digest: plan.image.layers[i].digest.clone(),
+                source,
+            });
+        }
+        Ok(done.into_inner().expect("lock"))
+    }
+
+    fn lower_dirs(&self, plan: &Plan<'_>, i: usize) -> Result<Arc<DirIndex>, LayerFailure> {
+        if i == 0 {
+            return Ok(Arc::new(DirIndex::default()));
+        }
+        if plan.stored[i - 1].is_some() {
+            return Ok(Arc::new(
+                self.store.dir_index(self.opts.fs, &plan.chain[i - 1])?,
+            ));
+        }
+        plan.slots.wait(i - 1).ok_or(LayerFailure::LowerFailed)
+    }
+
+    fn convert_one(&self, plan: &Plan<'_>, i: usize) -> Result<LayerRecord, LayerFailure> {
+        let layer = &plan.image.layers[i];
+        let progress = plan
+            .reporter
+            .layer(i, plan.chain.len(), &layer.digest, layer.size);
+        let result = (|| {
+            let staging = self.store.staging("layer-")?;
+            let tree_dir = staging.path().join("tree");
+            fs_err::create_dir(&tree_dir).map_err(|source| StoreError::Io {
+                path: tree_dir.clone(),
+                source,
+            })?;
+            let blob = plan.source.open_layer(layer)?;
+            let unpacked = layer::unpack(
+                blob,
+                Some(&layer.digest),
+                &plan.image.diff_ids[i],
+                &tree_dir,
+                &plan.cancel,
+                &|n| progress.inc(n),
+            )?;
+            let mut tree = unpacked.tree;
+            let lower = self.lower_dirs(plan, i)?;
+            let finished = tree.finish(&lower)?;
+            let merged =
+                Arc::new(lower.apply_layer(&finished.dirs, &finished.opaque, |p| tree.kind_of(p)));
+            plan.slots.set(i, Slot::Ready(merged.clone()));
+            progress.step(self.opts.fs.name());
+            let out = staging.path().join("blob");
+            self.backend
+                .make(&tree_dir, &finished, &plan.chain[i], &out)?;
+            let blob_sha256 = digest::sha256_file_hex(&out).map_err(LayerFailure::Hash)?;
+            let size = fs_err::metadata(&out).map_err(LayerFailure::Hash)?.len();
+            let record = LayerRecord {
+                chain_id: plan.chain[i].clone(),
+                diff_id: plan.image.diff_ids[i].clone(),
+                fs: self.opts.fs,
+                recipe: RECIPE_VERSION,
+                size,
+                blob_sha256,
+                tool: self.backend.describe(),
+            };
+            self.store.publish_layer(&out, &merged, &record)?;
+            Ok(record)
+        })();
+        match &result {
+            Ok(r) => progress.done(r.size),
+            Err(_) => progress.failed(),
+        }
+        result
+    }
+}

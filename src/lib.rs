@@ -1,0 +1,17 @@
+//! vmrootfs: OCI container images → read-only filesystem blobs, one per layer.
+
+pub mod backend;
+pub mod builder;
+pub mod digest;
+pub mod layer;
+pub mod platform;
+pub mod progress;
+pub mod record;
+pub mod source;
+pub mod store;
+
+pub use backend::FsType;
+pub use builder::{BuildError, BuildOptions, Builder};
+pub use platform::Platform;
+pub use record::{BuildResult, ImageRecord, Lower};
+pub use store::Store;

@@ -1,0 +1,181 @@
+//! The `vmrootfs` command line: parses arguments, calls the library, prints results.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vmrootfs::progress::{self, Reporter};
+use vmrootfs::{BuildOptions, Builder, FsType, Platform, Store};
+
+/// Turn OCI container images into read-only filesystem blobs, one per layer, for microVMs.
+///
+/// Each layer becomes an EROFS or ext4 image that a microVM runtime (Firecracker, Cloud
+/// Hypervisor, QEMU, libkrun) attaches as a read-only drive and stacks with overlayfs
+/// (`lowerdir=top:…:base`). Blobs live in a content-addressed store shared by all images.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Store directory [default: $XDG_DATA_HOME/vmrootfs or ~/.local/share/vmrootfs]
+    #[arg(long, global = true, env = "VMROOTFS_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Print more (tool command lines).
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    /// Print only errors and results.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert an image into per-layer blobs and record it under a tag.
+    ///
+    /// SOURCE is one of:
+    ///   oci:DIR[:TAG]               an OCI image layout directory
+    ///   oci-archive:FILE[:TAG]      a tar of an OCI image layout
+    ///   docker-archive:FILE[:REF]   a `docker save` tar
+    ///
+    /// Layers already in the store are not converted again. Examples:
+    ///   vmrootfs build oci-archive:testdata/busybox.oci.tar:busybox --tag busybox
+    ///   vmrootfs build oci:./layout:v1 --fs ext4 --json
+    #[command(verbatim_doc_comment)]
+    Build {
+        /// The image to convert (see above).
+        source: String,
+        /// Tag to record the image under [default: SOURCE as given].
+        #[arg(long, short)]
+        tag: Option<String>,
+        /// Filesystem of the blobs.
+        #[arg(long, value_enum, default_value_t = FsType::Erofs)]
+        fs: FsType,
+        /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's].
+        #[arg(long)]
+        platform: Option<Platform>,
+        /// Layers converted at once [default: number of CPUs].
+        #[arg(long, short)]
+        jobs: Option<usize>,
+        /// Print the build result as JSON on stdout (and nothing else).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the record of a tag: its lowers (base first), filesystem and OCI config.
+    Inspect {
+        tag: String,
+        /// Print the record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    progress::set_verbosity(if cli.quiet {
+        0
+    } else if cli.verbose {
+        2
+    } else {
+        1
+    });
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open_store(dir: Option<PathBuf>) -> anyhow::Result<Store> {
+    let root = match dir {
+        Some(d) => d,
+        None => Store::default_root()?,
+    };
+    Store::open(&root).with_context(|| format!("opening store {}", root.display()))
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Build {
+            source,
+            tag,
+            fs,
+            platform,
+            jobs,
+            json,
+        } => {
+            let store = open_store(cli.store)?;
+            let mut opts = BuildOptions {
+                fs,
+                ..BuildOptions::default()
+            };
+            if let Some(p) = platform {
+                opts.platform = p;
+            }
+            if let Some(j) = jobs {
+                opts.jobs = j.max(1);
+            }
+            let builder = Builder::new(store, opts)?;
+            let reporter = Reporter::new();
+            let result = builder.build(&source, tag.as_deref(), &reporter)?;
+            if json {
+                print_json(&result)?;
+            } else {
+                let r = &result.record;
+                let mut out = std::io::stdout().lock();
+                writeln!(
+                    out,
+                    "{} ({}, {} layers, {:.1} MiB{})",
+                    r.tag,
+                    fs,
+                    r.lowers.len(),
+                    r.size as f64 / (1 << 20) as f64,
+                    if result.cached { ", cached" } else { "" }
+                )?;
+                for (i, l) in r.lowers.iter().enumerate() {
+                    writeln!(out, "  {i}: {}", l.path.display())?;
+                }
+            }
+        }
+        Command::Inspect { tag, json } => {
+            let store = open_store(cli.store)?;
+            let record = store.get(&tag)?;
+            if json {
+                print_json(&record)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "tag:       {}", record.tag)?;
+                writeln!(out, "source:    {}", record.source)?;
+                writeln!(out, "manifest:  {}", record.manifest_digest)?;
+                writeln!(out, "platform:  {}", record.platform)?;
+                writeln!(out, "created:   {}", record.created_at)?;
+                writeln!(out, "size:      {} bytes", record.size)?;
+                writeln!(out, "lowers (base first):")?;
+                for l in &record.lowers {
+                    writeln!(out, "  {} {} {}", l.fs, l.chain_id, l.path.display())?;
+                }
+                writeln!(
+                    out,
+                    "entrypoint: {:?}  cmd: {:?}",
+                    record.config.entrypoint, record.config.cmd
+                )?;
+            }
+        }
+    }
+    Ok(())
+}

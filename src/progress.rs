@@ -1,0 +1,162 @@
+//! Progress and log output on stderr: bars on a terminal, plain lines otherwise.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+static VERBOSITY: AtomicU8 = AtomicU8::new(1);
+
+/// 0 = quiet, 1 = normal, 2 = verbose (debug lines, tool command lines).
+pub fn set_verbosity(level: u8) {
+    VERBOSITY.store(level, Ordering::Relaxed);
+}
+
+pub fn verbosity() -> u8 {
+    VERBOSITY.load(Ordering::Relaxed)
+}
+
+/// A debug line (only with `-v`).
+pub fn debug(msg: &str) {
+    if verbosity() >= 2 {
+        eprintln!("debug: {msg}");
+    }
+}
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use oci_spec::image::Digest;
+
+/// Reports a build's layers: a bar per layer on a terminal, a line per event otherwise.
+pub struct Reporter {
+    bars: Option<MultiProgress>,
+}
+
+impl Default for Reporter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn short(d: &Digest) -> String {
+    format!(
+        "{}:{}",
+        d.algorithm(),
+        &d.digest()[..12.min(d.digest().len())]
+    )
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+impl Reporter {
+    pub fn new() -> Self {
+        let bars = (verbosity() >= 1 && std::io::stderr().is_terminal())
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Reporter { bars }
+    }
+
+    /// Prints a line above the bars (or plainly), unless quiet.
+    pub fn line(&self, msg: &str) {
+        match &self.bars {
+            Some(m) => {
+                let _ = m.println(msg);
+            }
+            None if verbosity() >= 1 => eprintln!("{msg}"),
+            None => {}
+        }
+    }
+
+    /// A layer that is already in the store.
+    pub fn cached(&self, index: usize, total: usize, digest: &Digest) {
+        self.line(&format!(
+            "layer {}/{total} {}: stored, skipped",
+            index + 1,
+            short(digest)
+        ));
+    }
+
+    /// A layer whose conversion starts now.
+    pub fn layer(
+        &self,
+        index: usize,
+        total: usize,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> LayerProgress {
+        let label = format!("layer {}/{total} {}", index + 1, short(digest));
+        let bar = self.bars.as_ref().map(|m| {
+            let bar = m.add(match size {
+                Some(s) => ProgressBar::new(s),
+                None => ProgressBar::no_length(),
+            });
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(label.clone());
+            bar.set_message("unpacking");
+            bar
+        });
+        if bar.is_none() {
+            self.line(&format!("{label}: converting"));
+        }
+        LayerProgress {
+            bar,
+            label,
+            start: Instant::now(),
+            quiet: verbosity() == 0,
+        }
+    }
+}
+
+/// Progress of one layer's conversion.
+pub struct LayerProgress {
+    bar: Option<ProgressBar>,
+    label: String,
+    start: Instant,
+    quiet: bool,
+}
+
+impl LayerProgress {
+    /// Compressed bytes read.
+    pub fn inc(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+    }
+
+    /// The step now running ("mkfs", …).
+    pub fn step(&self, step: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(step.to_string());
+        }
+    }
+
+    pub fn done(&self, blob_size: u64) {
+        let msg = format!(
+            "{}: converted in {:.1}s, blob {}",
+            self.label,
+            self.start.elapsed().as_secs_f64(),
+            mib(blob_size)
+        );
+        match &self.bar {
+            Some(b) => b.finish_with_message(format!(
+                "done in {:.1}s, blob {}",
+                self.start.elapsed().as_secs_f64(),
+                mib(blob_size)
+            )),
+            None if !self.quiet => eprintln!("{msg}"),
+            None => {}
+        }
+    }
+
+    pub fn failed(&self) {
+        if let Some(b) = &self.bar {
+            b.abandon_with_message("failed");
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Image sources: where manifests, configs and layer blobs come from.
+//!
+//! | spelling                   | source                                      |
+//! |----------------------------|---------------------------------------------|
+//! | `oci:DIR[:TAG]`            | OCI image layout directory ([`oci`])        |
+//! | `oci-archive:FILE[:TAG]`   | tar of an OCI image layout ([`oci`])        |
+//! | `docker-archive:FILE[:REF]`| `docker save` tar ([`docker_archive`])      |
+
+mod archive;
+pub mod docker_archive;
+pub mod oci;
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{Digest, ImageConfiguration};
+
+use crate::digest::DigestMismatch;
+use crate::platform::Platform;
+
+/// Largest manifest, index or config accepted (they are read into memory).
+pub const MAX_JSON: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    #[error(
+        "unknown source {0:?}: expected oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:REF]"
+    )]
+    UnknownTransport(String),
+    #[error(
+        "registry sources ({0}) are not supported yet; export the image with `skopeo copy docker://… oci-archive:FILE` and build from the archive"
+    )]
+    Registry(String),
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} is not valid JSON of its kind")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{what} is larger than {MAX_JSON} bytes")]
+    TooLarge { what: String },
+    #[error("{path} is compressed; decompress it first (vmrootfs reads uncompressed archives)")]
+    CompressedArchive { path: PathBuf },
+    #[error("no image named {wanted:?} in {source_name}; it has: {available}")]
+    NoSuchImage {
+        wanted: String,
+        source_name: String,
+        available: String,
+    },
+    #[error("{source_name} holds several images ({available}); name one, e.g. {example}")]
+    Ambiguous {
+        source_name: String,
+        available: String,
+        example: String,
+    },
+    #[error("no image for platform {wanted} in the index; it has: {available}")]
+    NoPlatform { wanted: String, available: String },
+    #[error("unsupported manifest media type {0:?} (schema 1 and other formats are refused)")]
+    UnsupportedManifest(String),
+    #[error("blob {0} is missing from the source")]
+    MissingBlob(String),
+    #[error("the config lists {diff_ids} diff_ids but the manifest has {layers} layers")]
+    LayerCountMismatch { diff_ids: usize, layers: usize },
+    #[error("bad digest {0:?}")]
+    BadDigest(String),
+    #[error(transparent)]
+    Digest(#[from] DigestMismatch),
+}
+
+pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// One layer as the source describes it.
+#[derive(Debug, Clone)]
+pub struct LayerRef {
+    pub media_type: String,
+    /// Digest of the (possibly compressed) blob; checked while streaming.
+    pub digest: Digest,
+    pub size: Option<u64>,
+    /// Where the source finds the blob (a path inside its directory or archive).
+    pub(crate) location: String,
+}
+
+/// A manifest resolved to one platform, with its parsed config.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    pub manifest_digest: Digest,
+    pub config_digest: Digest,
+    pub config: ImageConfiguration,
+    pub platform: String,
+    pub layers: Vec<LayerRef>,
+    /// Diff IDs from the config, one per layer.
+    pub diff_ids: Vec<Digest>,
+}
+
+/// Somewhere images come from.
+pub trait ImageSource: Send + Sync {
+    /// The canonical spelling, recorded in image records.
+    fn describe(&self) -> String;
+    /// Finds the image (following an index to `platform`) and reads its config.
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError>;
+    /// Opens a layer blob's raw bytes; the caller checks them against `layer.digest`.
+    fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read + Send + '_>, SourceError>;
+}
+
+/// Parses a source spelling (see the module table).
+pub fn open(spec: &str) -> Result<Box<dyn ImageSource>, SourceError> {
+    if let Some(rest) = spec.strip_prefix("oci:") {
+        let (path, tag) = split_path_ref(rest);
+        return Ok(Box::new(oci::OciSource::dir(path, tag)?));
+    }
+    if let Some(rest) = spec.strip_prefix("oci-archive:") {
+        let (path, tag) = split_path_ref(rest);
+        return Ok(Box::new(oci::OciSource::archive(path, tag)?));
+    }
+    if let Some(rest) = spec.strip_prefix("docker-archive:") {
+        let (path, reference) = split_path_ref(rest);
+        return Ok(Box::new(docker_archive::DockerArchive::open(
+            path, reference,
+        )?));
+    }
+    if spec.starts_with("docker://") || !spec.contains(':') || looks_like_registry_ref(spec) {
+        return Err(SourceError::Registry(spec.to_string()));
+    }
+    Err(SourceError::UnknownTransport(spec.to_string()))
+}
+
+fn looks_like_registry_ref(spec: &str) -> bool {
+    let transport = spec.split(':').next().unwrap_or_default();
+    ![
+        "oci",
+        "oci-archive",
+        "docker-archive",
+        "dir",
+        "containers-storage",
+        "docker-daemon",
+    ]
+    .contains(&transport)
+        && !spec.starts_with('/')
+}
+
+/// `PATH[:REF]`: the whole string when it names an existing file, else split at the last
+/// `:` (paths with `:` work when they exist; a reference never contains `/`).
+fn split_path_ref(rest: &str) -> (PathBuf, Option<String>) {
+    if Path::new(rest).exists() {
+        return (PathBuf::from(rest), None);
+    }
+    match rest.rsplit_once(':') {
+        Some((path, r)) if !r.contains('/') && !path.is_empty() => {
+            (PathBuf::from(path), (!r.is_empty()).then(|| r.to_string()))
+        }
+        _ => (PathBuf::from(rest), None),
+    }
+}
+
+/// Reads a small JSON document, refusing more than [`MAX_JSON`] bytes.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    mut r: impl Read,
+    what: &str,
+) -> Result<(T, Vec<u8>), SourceError> {
+    let mut bytes = Vec::new();
+    r.by_ref()
+        .take(MAX_JSON + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| SourceError::Io {
+            path: what.into(),
+            source,
+        })?;
+    if bytes.len() as u64 > MAX_JSON {
+        return Err(SourceError::TooLarge {
+            what: what.to_string(),
+        });
+    }
+    let value = serde_json::from_slice(&bytes).map_err(|source| SourceError::Json {
+        what: what.to_string(),
+        source,
+    })?;
+    Ok((value, bytes))
+}
+
+/// Diff IDs of a config, checked against the layer count.
+pub(crate) fn diff_ids(
+    config: &ImageConfiguration,
+    layers: usize,
+) -> Result<Vec<Digest>, SourceError> {
+    let ids = config
+        .rootfs()
+        .diff_ids()
+        .iter()
+        .map(|d| {
+            d.parse::<Digest>()
+                .map_err(|_| SourceError::BadDigest(d.clone()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if ids.len() != layers {
+        return Err(SourceError::LayerCountMismatch {
+            diff_ids: ids.len(),
+            layers,
+        });
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_path_ref_table() {
+        let cases = [
+            (
+                "/nonexistent/img:latest",
+                ("/nonexistent/img", Some("latest")),
+            ),
+            ("/nonexistent/img", ("/nonexistent/img", None)),
+            ("rel/dir:v1.2", ("rel/dir", Some("v1.2"))),
+            ("a:b/c", ("a:b/c", None)),
+            ("img.tar:", ("img.tar", None)),
+        ];
+        for (input, (path, tag)) in cases {
+            let (p, t) = split_path_ref(input);
+            assert_eq!((p.to_str().unwrap(), t.as_deref()), (path, tag), "{input}");
+        }
+    }
+
+    #[test]
+    fn open_tells_transports_apart() {
+        assert!(matches!(open("alpine:3.20"), Err(SourceError::Registry(_))));
+        assert!(matches!(
+            open("docker://alpine"),
+            Err(SourceError::Registry(_))
+        ));
+        assert!(matches!(open("alpine"), Err(SourceError::Registry(_))));
+        assert!(matches!(
+            open("dir:/x"),
+            Err(SourceError::UnknownTransport(_))
+        ));
+        assert!(matches!(
+            open("oci:/nonexistent/dir:tag"),
+            Err(SourceError::Io { .. })
+        ));
+    }
+}

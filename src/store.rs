@@ -1,0 +1,304 @@
+//! The content-addressed store of layer blobs and image records.
+//!
+//! ```text
+//! <root>/                            $VMROOTFS_STORE, else $XDG_DATA_HOME/vmrootfs,
+//!   meta.json                        else ~/.local/share/vmrootfs
+//!                                    {"format": 1}; an unknown format is refused
+//!   layers/<fs>-v<N>/<chain hex>.<fs>   layer blob, read-only; N = recipe version
+//!   layers/<fs>-v<N>/<chain hex>.dirs   directories of the stack up to this layer
+//!   layers/<fs>-v<N>/<chain hex>.json   LayerRecord: size and sha256 of the blob
+//!   images/<escaped tag>.json        ImageRecord, one per tag
+//!   tmp/                             staging; anything here is garbage
+//! ```
+//!
+//! Publication: every file is written under its final directory's `tmp/` sibling or as a
+//! temp file beside its target, fsynced, renamed into place, and the directory fsynced. A
+//! layer's `.dirs` and `.json` are published before its blob, so a blob that exists is
+//! complete and described.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::Digest;
+
+use crate::backend::{FsType, RECIPE_VERSION};
+use crate::layer::dirindex::DirIndex;
+use crate::record::{ImageRecord, LayerRecord};
+
+/// Version of the on-disk layout written in `meta.json`.
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("store {path} has format {found}, this vmrootfs reads format {FORMAT}")]
+    UnknownFormat { path: PathBuf, found: String },
+    #[error("no image tagged {0:?} in the store")]
+    NoSuchTag(String),
+    #[error("corrupt record {path}")]
+    BadRecord {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no home directory: set VMROOTFS_STORE or pass --store")]
+    NoHome,
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// An opened store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// `$XDG_DATA_HOME/vmrootfs`, else `~/.local/share/vmrootfs` (`$VMROOTFS_STORE` is read
+    /// by the CLI).
+    pub fn default_root() -> Result<PathBuf, StoreError> {
+        if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+            return Ok(PathBuf::from(x).join("vmrootfs"));
+        }
+        let home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .ok_or(StoreError::NoHome)?;
+        Ok(PathBuf::from(home).join(".local/share/vmrootfs"))
+    }
+
+    /// Opens the store at `root`, creating it if needed; refuses an unknown format.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        let root = std::path::absolute(root.into()).map_err(io_at(Path::new(".")))?;
+        for dir in ["layers", "images", "tmp"] {
+            let d = root.join(dir);
+            fs_err::create_dir_all(&d).map_err(|e| StoreError::Io {
+                path: d.clone(),
+                source: e.into(),
+            })?;
+        }
+        let meta = root.join("meta.json");
+        match fs_err::read(&meta) {
+            Ok(bytes) => {
+                let found = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.get("format").cloned())
+                    .map(|f| f.to_string())
+                    .unwrap_or_else(|| "unreadable".to_string());
+                if found != FORMAT.to_string() {
+                    return Err(StoreError::UnknownFormat { path: meta, found });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                write_atomic(&meta, format!("{{\"format\": {FORMAT}}}\n").as_bytes())?;
+            }
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: meta,
+                    source: e,
+                });
+            }
+        }
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn layer_dir(&self, fs: FsType) -> PathBuf {
+        self.root
+            .join("layers")
+            .join(format!("{fs}-v{RECIPE_VERSION}"))
+    }
+
+    /// Where the blob of `chain_id` for `fs` lives.
+    pub fn layer_path(&self, fs: FsType, chain_id: &Digest) -> PathBuf {
+        self.layer_dir(fs)
+            .join(format!("{}.{fs}", chain_id.digest()))
+    }
+
+    fn sidecar(&self, fs: FsType, chain_id: &Digest, ext: &str) -> PathBuf {
+        self.layer_dir(fs)
+            .join(format!("{}.{ext}", chain_id.digest()))
+    }
+
+    /// The stored layer, if its blob is published.
+    pub fn layer(&self, fs: FsType, chain_id: &Digest) -> Result<Option<LayerRecord>, StoreError> {
+        if !self.layer_path(fs, chain_id).exists() {
+            return Ok(None);
+        }
+        let path = self.sidecar(fs, chain_id, "json");
+        let bytes = fs_err::read(&path).map_err(|e| StoreError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::BadRecord { path, source })
+    }
+
+    /// The directories of the stack up to `chain_id`.
+    pub fn dir_index(&self, fs: FsType, chain_id: &Digest) -> Result<DirIndex, StoreError> {
+        let path = self.sidecar(fs, chain_id, "dirs");
+        let file = fs_err::File::open(&path).map_err(|e| StoreError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
+    }
+
+    /// A fresh staging directory under `tmp/`, removed when dropped.
+    pub fn staging(&self, prefix: &str) -> Result<tempfile::TempDir, StoreError> {
+        let tmp = self.root.join("tmp");
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&tmp)
+            .map_err(io_at(&tmp))
+    }
+
+    /// Publishes a finished blob (`blob`, in `tmp/`) with its directory index and record.
+    pub fn publish_layer(
+        &self,
+        blob: &Path,
+        dirs: &DirIndex,
+        record: &LayerRecord,
+    ) -> Result<PathBuf, StoreError> {
+        let dir = self.layer_dir(record.fs);
+        fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io {
+            path: dir.clone(),
+            source: e,
+        })?;
+        let mut text = Vec::new();
+        dirs.write_to(&mut text).map_err(io_at(&dir))?;
+        write_atomic(&self.sidecar(record.fs, &record.chain_id, "dirs"), &text)?;
+        let json = serde_json::to_vec_pretty(record).expect("a layer record serializes");
+        write_atomic(&self.sidecar(record.fs, &record.chain_id, "json"), &json)?;
+        let dest = self.layer_path(record.fs, &record.chain_id);
+        let file = fs_err::File::open(blob).map_err(|e| StoreError::Io {
+            path: blob.to_owned(),
+            source: e,
+        })?;
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
+            .map_err(io_at(blob))?;
+        file.sync_all().map_err(io_at(blob))?;
+        rename_durably(blob, &dest)?;
+        Ok(dest)
+    }
+
+    fn record_path(&self, tag: &str) -> PathBuf {
+        self.root
+            .join("images")
+            .join(format!("{}.json", escape_tag(tag)))
+    }
+
+    /// Writes (or replaces) the record of `record.tag`.
+    pub fn put_record(&self, record: &ImageRecord) -> Result<(), StoreError> {
+        let mut json = serde_json::to_vec_pretty(record).expect("an image record serializes");
+        json.push(b'\n');
+        write_atomic(&self.record_path(&record.tag), &json)
+    }
+
+    /// The record of `tag`.
+    pub fn get(&self, tag: &str) -> Result<ImageRecord, StoreError> {
+        let path = self.record_path(tag);
+        let bytes = match fs_err::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NoSuchTag(tag.to_string()));
+            }
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+        };
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::BadRecord { path, source })
+    }
+}
+
+/// Tag → file name: bytes outside `[A-Za-z0-9._-]` become `%XX`, so every tag maps to one
+/// plain file name and back.
+pub fn escape_tag(tag: &str) -> String {
+    let mut out = String::with_capacity(tag.len());
+    for b in tag.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'.' && !out.is_empty() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Temp file beside `path` → write → fsync → rename → fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().expect("store paths have a parent");
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(io_at(dir))?;
+    tmp.write_all(bytes).map_err(io_at(tmp.path()))?;
+    tmp.as_file().sync_all().map_err(io_at(path))?;
+    tmp.persist(path).map_err(|e| StoreError::Io {
+        path: path.to_owned(),
+        source: e.error,
+    })?;
+    sync_dir(dir)
+}
+
+fn rename_durably(from: &Path, to: &Path) -> Result<(), StoreError> {
+    fs_err::rename(from, to).map_err(|e| StoreError::Io {
+        path: to.to_owned(),
+        source: e,
+    })?;
+    sync_dir(to.parent().expect("store paths have a parent"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs_err::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::Io {
+            path: dir.to_owned(),
+            source: e,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_tag_table() {
+        let cases = [
+            ("alpine", "alpine"),
+            ("alpine:3.20", "alpine%3A3.20"),
+            (
+                "docker.io/library/alpine:3.20",
+                "docker.io%2Flibrary%2Falpine%3A3.20",
+            ),
+            ("..", "%2E."),
+            (".hidden", "%2Ehidden"),
+            ("a%b", "a%25b"),
+        ];
+        for (tag, want) in cases {
+            assert_eq!(escape_tag(tag), want, "{tag}");
+        }
+    }
+
+    #[test]
+    fn open_refuses_unknown_format() {
+        let dir = tempfile::tempdir().unwrap();
+        Store::open(dir.path()).unwrap();
+        Store::open(dir.path()).unwrap();
+        fs_err::write(dir.path().join("meta.json"), "{\"format\": 99}").unwrap();
+        let err = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("format 99"), "{err}");
+    }
+}
