@@ -69,10 +69,7 @@ pub enum LayerFailure {
 impl LayerFailure {
     /// Failures that only follow from another layer's failure.
     fn is_consequence(&self) -> bool {
-        matches!(
-            self,
-            LayerFailure::LowerFailed | LayerFailure::Unpack(LayerError::Cancelled)
-        )
+        matches!(self, LayerFailure::LowerFailed | LayerFailure::Unpack(LayerError::Cancelled))
     }
 }
 
@@ -83,6 +80,8 @@ pub struct BuildOptions {
     pub platform: Platform,
     /// Layers converted at once (default: the number of CPUs).
     pub jobs: usize,
+    /// Most bytes a layer may unpack to; more fails the build (decompression bombs).
+    pub max_layer_bytes: u64,
 }
 
 impl Default for BuildOptions {
@@ -90,9 +89,8 @@ impl Default for BuildOptions {
         BuildOptions {
             fs: FsType::Erofs,
             platform: Platform::host(),
-            jobs: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            max_layer_bytes: 64 << 30,
         }
     }
 }
@@ -153,11 +151,7 @@ impl Builder {
     /// Checks the backend's tools up front.
     pub fn new(store: Store, opts: BuildOptions) -> Result<Builder, BuildError> {
         let backend = Backend::detect(opts.fs)?;
-        Ok(Builder {
-            store,
-            opts,
-            backend,
-        })
+        Ok(Builder { store, opts, backend })
     }
 
     pub fn store(&self) -> &Store {
@@ -174,28 +168,18 @@ impl Builder {
         let source = source::open(spec)?;
         let image = source.resolve(&self.opts.platform)?;
         for l in &image.layers {
-            layer::check_media_type(&l.media_type).map_err(|e| BuildError::Layer {
-                digest: l.digest.clone(),
-                source: e.into(),
-            })?;
+            layer::check_media_type(&l.media_type)
+                .map_err(|e| BuildError::Layer { digest: l.digest.clone(), source: e.into() })?;
         }
         let fs = self.opts.fs;
         let chain = chain_ids(&image.diff_ids);
-        let stored = chain
-            .iter()
-            .map(|c| self.store.layer(fs, c))
-            .collect::<Result<Vec<_>, _>>()?;
+        let stored = chain.iter().map(|c| self.store.layer(fs, c)).collect::<Result<Vec<_>, _>>()?;
         let missing: Vec<usize> = (0..chain.len()).filter(|&i| stored[i].is_none()).collect();
         if !missing.is_empty() && !rustix::process::geteuid().is_root() {
             return Err(BuildError::NotRoot);
         }
         let total = chain.len();
-        for (i, l) in image
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| stored[*i].is_some())
-        {
+        for (i, l) in image.layers.iter().enumerate().filter(|(i, _)| stored[*i].is_some()) {
             reporter.cached(i, total, &l.digest);
         }
         let plan = Plan {
@@ -203,22 +187,15 @@ impl Builder {
             image: &image,
             chain: &chain,
             stored: &stored,
-            slots: DirSlots {
-                state: Mutex::new(vec![Slot::Pending; total]),
-                ready: Condvar::new(),
-            },
+            slots: DirSlots { state: Mutex::new(vec![Slot::Pending; total]), ready: Condvar::new() },
             cancel: AtomicBool::new(false),
             reporter,
         };
         let converted = self.convert_all(&plan, &missing)?;
         let mut lowers = Vec::with_capacity(total);
         for i in 0..total {
-            let rec = stored[i].clone().or_else(|| {
-                converted
-                    .iter()
-                    .find(|(j, _)| *j == i)
-                    .map(|(_, r)| r.clone())
-            });
+            let rec =
+                stored[i].clone().or_else(|| converted.iter().find(|(j, _)| *j == i).map(|(_, r)| r.clone()));
             let rec = rec.expect("every layer is stored or converted");
             lowers.push(Lower {
                 path: self.store.layer_path(fs, &chain[i]),
@@ -242,10 +219,7 @@ impl Builder {
             config: RuntimeConfig::from(&image.config),
         };
         self.store.put_record(&record)?;
-        Ok(BuildResult {
-            record,
-            cached: missing.is_empty(),
-        })
+        Ok(BuildResult { record, cached: missing.is_empty() })
     }
 
     /// Converts the `missing` layers, `jobs` at a time; the first real failure wins.
@@ -278,10 +252,7 @@ impl Builder {
         let mut failed = failed.into_inner().expect("lock");
         failed.sort_by_key(|(i, e)| (e.is_consequence(), *i));
         if let Some((i, source)) = failed.into_iter().next() {
-            return Err(BuildError::Layer {
-                digest: plan.image.layers[i].digest.clone(),
-                source,
-            });
+            return Err(BuildError::Layer { digest: plan.image.layers[i].digest.clone(), source });
         }
         Ok(done.into_inner().expect("lock"))
     }
@@ -291,44 +262,37 @@ impl Builder {
             return Ok(Arc::new(DirIndex::default()));
         }
         if plan.stored[i - 1].is_some() {
-            return Ok(Arc::new(
-                self.store.dir_index(self.opts.fs, &plan.chain[i - 1])?,
-            ));
+            return Ok(Arc::new(self.store.dir_index(self.opts.fs, &plan.chain[i - 1])?));
         }
         plan.slots.wait(i - 1).ok_or(LayerFailure::LowerFailed)
     }
 
     fn convert_one(&self, plan: &Plan<'_>, i: usize) -> Result<LayerRecord, LayerFailure> {
         let layer = &plan.image.layers[i];
-        let progress = plan
-            .reporter
-            .layer(i, plan.chain.len(), &layer.digest, layer.size);
+        let progress = plan.reporter.layer(i, plan.chain.len(), &layer.digest, layer.size);
         let result = (|| {
             let staging = self.store.staging("layer-")?;
             let tree_dir = staging.path().join("tree");
-            fs_err::create_dir(&tree_dir).map_err(|source| StoreError::Io {
-                path: tree_dir.clone(),
-                source,
-            })?;
+            fs_err::create_dir(&tree_dir)
+                .map_err(|source| StoreError::Io { path: tree_dir.clone(), source })?;
             let blob = plan.source.open_layer(layer)?;
             let unpacked = layer::unpack(
                 blob,
                 Some(&layer.digest),
                 &plan.image.diff_ids[i],
                 &tree_dir,
+                self.opts.max_layer_bytes,
                 &plan.cancel,
                 &|n| progress.inc(n),
             )?;
             let mut tree = unpacked.tree;
             let lower = self.lower_dirs(plan, i)?;
             let finished = tree.finish(&lower)?;
-            let merged =
-                Arc::new(lower.apply_layer(&finished.dirs, &finished.opaque, |p| tree.kind_of(p)));
+            let merged = Arc::new(lower.apply_layer(&finished.dirs, &finished.opaque, |p| tree.kind_of(p)));
             plan.slots.set(i, Slot::Ready(merged.clone()));
             progress.step(self.opts.fs.name());
             let out = staging.path().join("blob");
-            self.backend
-                .make(&tree_dir, &finished, &plan.chain[i], &out)?;
+            self.backend.make(&tree_dir, &finished, &plan.chain[i], &out)?;
             let blob_sha256 = digest::sha256_file_hex(&out).map_err(LayerFailure::Hash)?;
             let size = fs_err::metadata(&out).map_err(LayerFailure::Hash)?.len();
             let record = LayerRecord {

@@ -24,11 +24,11 @@ pub struct HashingReader<R> {
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
-        Self {
-            inner,
-            hasher: Sha256::new(),
-            bytes: 0,
-        }
+        Self { inner, hasher: Sha256::new(), bytes: 0 }
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
     }
 
     /// Bytes read so far.
@@ -40,11 +40,7 @@ impl<R: Read> HashingReader<R> {
     /// the `sha256:` digest of everything that passed through.
     pub fn finish(mut self) -> io::Result<(Digest, u64, R)> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok((
-            sha256_digest(&self.hasher.finalize()),
-            self.bytes,
-            self.inner,
-        ))
+        Ok((sha256_digest(&self.hasher.finalize()), self.bytes, self.inner))
     }
 }
 
@@ -59,9 +55,7 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// `sha256:<hex>` of a finished hash.
 pub fn sha256_digest(hash: &[u8]) -> Digest {
-    format!("sha256:{}", hex::encode(hash))
-        .parse()
-        .expect("a sha256 hex string is a valid digest")
+    format!("sha256:{}", hex::encode(hash)).parse().expect("a sha256 hex string is a valid digest")
 }
 
 /// SHA-256 of a byte slice, as a digest.
@@ -79,11 +73,7 @@ pub fn sha256_file_hex(path: &std::path::Path) -> io::Result<String> {
 /// Checks `found` against `expected`; only sha256 digests are accepted as expectations.
 pub fn check(what: &'static str, expected: &Digest, found: &Digest) -> Result<(), DigestMismatch> {
     if expected.algorithm() != &DigestAlgorithm::Sha256 || expected.digest() != found.digest() {
-        return Err(DigestMismatch {
-            what,
-            expected: expected.to_string(),
-            found: found.to_string(),
-        });
+        return Err(DigestMismatch { what, expected: expected.to_string(), found: found.to_string() });
     }
     Ok(())
 }
@@ -113,10 +103,7 @@ mod tests {
         r.read_exact(&mut first).unwrap();
         let (digest, n, _) = r.finish().unwrap();
         assert_eq!(n, 11);
-        assert_eq!(
-            digest.digest(),
-            "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
-        );
+        assert_eq!(digest.digest(), "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9");
     }
 
     #[test]
@@ -134,10 +121,7 @@ mod tests {
         let a = sha256_of(b"a");
         let b = sha256_of(b"b");
         let err = check("layer blob", &a, &b).unwrap_err().to_string();
-        assert!(
-            err.contains(&a.to_string()) && err.contains(&b.to_string()),
-            "{err}"
-        );
+        assert!(err.contains(&a.to_string()) && err.contains(&b.to_string()), "{err}");
         check("layer blob", &a, &a).unwrap();
     }
 }

@@ -58,6 +58,9 @@ enum Command {
         /// Layers converted at once [default: number of CPUs].
         #[arg(long, short)]
         jobs: Option<usize>,
+        /// Refuse a layer that unpacks to more than this (K, M, G suffixes).
+        #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
+        max_layer_size: u64,
         /// Print the build result as JSON on stdout (and nothing else).
         #[arg(long)]
         json: bool,
@@ -94,6 +97,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// `123`, `64K`, `512M`, `2G` (binary units).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("{s:?} is not a size like 512M or 2G"))
+}
+
 fn open_store(dir: Option<PathBuf>) -> anyhow::Result<Store> {
     let root = match dir {
         Some(d) => d,
@@ -111,19 +129,9 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Build {
-            source,
-            tag,
-            fs,
-            platform,
-            jobs,
-            json,
-        } => {
+        Command::Build { source, tag, fs, platform, jobs, max_layer_size, json } => {
             let store = open_store(cli.store)?;
-            let mut opts = BuildOptions {
-                fs,
-                ..BuildOptions::default()
-            };
+            let mut opts = BuildOptions { fs, max_layer_bytes: max_layer_size, ..BuildOptions::default() };
             if let Some(p) = platform {
                 opts.platform = p;
             }
@@ -169,11 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for l in &record.lowers {
                     writeln!(out, "  {} {} {}", l.fs, l.chain_id, l.path.display())?;
                 }
-                writeln!(
-                    out,
-                    "entrypoint: {:?}  cmd: {:?}",
-                    record.config.entrypoint, record.config.cmd
-                )?;
+                writeln!(out, "entrypoint: {:?}  cmd: {:?}", record.config.entrypoint, record.config.cmd)?;
             }
         }
     }

@@ -25,11 +25,7 @@ impl Platform {
             "powerpc64" => "ppc64le",
             other => other,
         };
-        Platform {
-            os: "linux".into(),
-            arch: arch.into(),
-            variant: None,
-        }
+        Platform { os: "linux".into(), arch: arch.into(), variant: None }
     }
 
     /// True when an index entry with these fields can run here. A missing variant on either
@@ -54,11 +50,9 @@ impl FromStr for Platform {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split('/').collect();
         match parts.as_slice() {
-            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
-                os: os.to_string(),
-                arch: arch.to_string(),
-                variant: None,
-            }),
+            [os, arch] if !os.is_empty() && !arch.is_empty() => {
+                Ok(Platform { os: os.to_string(), arch: arch.to_string(), variant: None })
+            }
             [os, arch, variant] if !os.is_empty() && !arch.is_empty() && !variant.is_empty() => {
                 Ok(Platform {
                     os: os.to_string(),
@@ -108,11 +102,7 @@ mod tests {
         ];
         for (want, (os, arch, variant), expected) in cases {
             let p: Platform = want.parse().unwrap();
-            assert_eq!(
-                p.matches(os, arch, variant),
-                expected,
-                "{want} vs {os}/{arch}/{variant:?}"
-            );
+            assert_eq!(p.matches(os, arch, variant), expected, "{want} vs {os}/{arch}/{variant:?}");
         }
     }
 }

@@ -38,11 +38,7 @@ impl Default for Reporter {
 }
 
 fn short(d: &Digest) -> String {
-    format!(
-        "{}:{}",
-        d.algorithm(),
-        &d.digest()[..12.min(d.digest().len())]
-    )
+    format!("{}:{}", d.algorithm(), &d.digest()[..12.min(d.digest().len())])
 }
 
 fn mib(bytes: u64) -> String {
@@ -69,21 +65,11 @@ impl Reporter {
 
     /// A layer that is already in the store.
     pub fn cached(&self, index: usize, total: usize, digest: &Digest) {
-        self.line(&format!(
-            "layer {}/{total} {}: stored, skipped",
-            index + 1,
-            short(digest)
-        ));
+        self.line(&format!("layer {}/{total} {}: stored, skipped", index + 1, short(digest)));
     }
 
     /// A layer whose conversion starts now.
-    pub fn layer(
-        &self,
-        index: usize,
-        total: usize,
-        digest: &Digest,
-        size: Option<u64>,
-    ) -> LayerProgress {
+    pub fn layer(&self, index: usize, total: usize, digest: &Digest, size: Option<u64>) -> LayerProgress {
         let label = format!("layer {}/{total} {}", index + 1, short(digest));
         let bar = self.bars.as_ref().map(|m| {
             let bar = m.add(match size {
@@ -104,12 +90,7 @@ impl Reporter {
         if bar.is_none() {
             self.line(&format!("{label}: converting"));
         }
-        LayerProgress {
-            bar,
-            label,
-            start: Instant::now(),
-            quiet: verbosity() == 0,
-        }
+        LayerProgress { bar, label, start: Instant::now(), quiet: verbosity() == 0 }
     }
 }
 

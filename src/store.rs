@@ -52,10 +52,7 @@ pub enum StoreError {
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| StoreError::Io { path: path.to_owned(), source }
 }
 
 /// An opened store.
@@ -71,9 +68,7 @@ impl Store {
         if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
             return Ok(PathBuf::from(x).join("vmrootfs"));
         }
-        let home = std::env::var_os("HOME")
-            .filter(|h| !h.is_empty())
-            .ok_or(StoreError::NoHome)?;
+        let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).ok_or(StoreError::NoHome)?;
         Ok(PathBuf::from(home).join(".local/share/vmrootfs"))
     }
 
@@ -82,10 +77,7 @@ impl Store {
         let root = std::path::absolute(root.into()).map_err(io_at(Path::new(".")))?;
         for dir in ["layers", "images", "tmp"] {
             let d = root.join(dir);
-            fs_err::create_dir_all(&d).map_err(|e| StoreError::Io {
-                path: d.clone(),
-                source: e.into(),
-            })?;
+            fs_err::create_dir_all(&d).map_err(|e| StoreError::Io { path: d.clone(), source: e.into() })?;
         }
         let meta = root.join("meta.json");
         match fs_err::read(&meta) {
@@ -103,10 +95,7 @@ impl Store {
                 write_atomic(&meta, format!("{{\"format\": {FORMAT}}}\n").as_bytes())?;
             }
             Err(e) => {
-                return Err(StoreError::Io {
-                    path: meta,
-                    source: e,
-                });
+                return Err(StoreError::Io { path: meta, source: e });
             }
         }
         Ok(Store { root })
@@ -117,20 +106,16 @@ impl Store {
     }
 
     fn layer_dir(&self, fs: FsType) -> PathBuf {
-        self.root
-            .join("layers")
-            .join(format!("{fs}-v{RECIPE_VERSION}"))
+        self.root.join("layers").join(format!("{fs}-v{RECIPE_VERSION}"))
     }
 
     /// Where the blob of `chain_id` for `fs` lives.
     pub fn layer_path(&self, fs: FsType, chain_id: &Digest) -> PathBuf {
-        self.layer_dir(fs)
-            .join(format!("{}.{fs}", chain_id.digest()))
+        self.layer_dir(fs).join(format!("{}.{fs}", chain_id.digest()))
     }
 
     fn sidecar(&self, fs: FsType, chain_id: &Digest, ext: &str) -> PathBuf {
-        self.layer_dir(fs)
-            .join(format!("{}.{ext}", chain_id.digest()))
+        self.layer_dir(fs).join(format!("{}.{ext}", chain_id.digest()))
     }
 
     /// The stored layer, if its blob is published.
@@ -139,32 +124,21 @@ impl Store {
             return Ok(None);
         }
         let path = self.sidecar(fs, chain_id, "json");
-        let bytes = fs_err::read(&path).map_err(|e| StoreError::Io {
-            path: path.clone(),
-            source: e,
-        })?;
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|source| StoreError::BadRecord { path, source })
+        let bytes = fs_err::read(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
+        serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::BadRecord { path, source })
     }
 
     /// The directories of the stack up to `chain_id`.
     pub fn dir_index(&self, fs: FsType, chain_id: &Digest) -> Result<DirIndex, StoreError> {
         let path = self.sidecar(fs, chain_id, "dirs");
-        let file = fs_err::File::open(&path).map_err(|e| StoreError::Io {
-            path: path.clone(),
-            source: e,
-        })?;
+        let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
         DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
     }
 
     /// A fresh staging directory under `tmp/`, removed when dropped.
     pub fn staging(&self, prefix: &str) -> Result<tempfile::TempDir, StoreError> {
         let tmp = self.root.join("tmp");
-        tempfile::Builder::new()
-            .prefix(prefix)
-            .tempdir_in(&tmp)
-            .map_err(io_at(&tmp))
+        tempfile::Builder::new().prefix(prefix).tempdir_in(&tmp).map_err(io_at(&tmp))
     }
 
     /// Publishes a finished blob (`blob`, in `tmp/`) with its directory index and record.
@@ -175,31 +149,23 @@ impl Store {
         record: &LayerRecord,
     ) -> Result<PathBuf, StoreError> {
         let dir = self.layer_dir(record.fs);
-        fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io {
-            path: dir.clone(),
-            source: e,
-        })?;
+        fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
         let mut text = Vec::new();
         dirs.write_to(&mut text).map_err(io_at(&dir))?;
         write_atomic(&self.sidecar(record.fs, &record.chain_id, "dirs"), &text)?;
         let json = serde_json::to_vec_pretty(record).expect("a layer record serializes");
         write_atomic(&self.sidecar(record.fs, &record.chain_id, "json"), &json)?;
         let dest = self.layer_path(record.fs, &record.chain_id);
-        let file = fs_err::File::open(blob).map_err(|e| StoreError::Io {
-            path: blob.to_owned(),
-            source: e,
-        })?;
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444))
-            .map_err(io_at(blob))?;
+        let file =
+            fs_err::File::open(blob).map_err(|e| StoreError::Io { path: blob.to_owned(), source: e })?;
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444)).map_err(io_at(blob))?;
         file.sync_all().map_err(io_at(blob))?;
         rename_durably(blob, &dest)?;
         Ok(dest)
     }
 
     fn record_path(&self, tag: &str) -> PathBuf {
-        self.root
-            .join("images")
-            .join(format!("{}.json", escape_tag(tag)))
+        self.root.join("images").join(format!("{}.json", escape_tag(tag)))
     }
 
     /// Writes (or replaces) the record of `record.tag`.
@@ -240,34 +206,22 @@ pub fn escape_tag(tag: &str) -> String {
 /// Temp file beside `path` → write → fsync → rename → fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().expect("store paths have a parent");
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(io_at(dir))?;
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_at(dir))?;
     tmp.write_all(bytes).map_err(io_at(tmp.path()))?;
     tmp.as_file().sync_all().map_err(io_at(path))?;
-    tmp.persist(path).map_err(|e| StoreError::Io {
-        path: path.to_owned(),
-        source: e.error,
-    })?;
+    tmp.persist(path).map_err(|e| StoreError::Io { path: path.to_owned(), source: e.error })?;
     sync_dir(dir)
 }
 
 fn rename_durably(from: &Path, to: &Path) -> Result<(), StoreError> {
-    fs_err::rename(from, to).map_err(|e| StoreError::Io {
-        path: to.to_owned(),
-        source: e,
-    })?;
+    fs_err::rename(from, to).map_err(|e| StoreError::Io { path: to.to_owned(), source: e })?;
     sync_dir(to.parent().expect("store paths have a parent"))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     fs_err::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::Io {
-            path: dir.to_owned(),
-            source: e,
-        })
+        .map_err(|e| StoreError::Io { path: dir.to_owned(), source: e })
 }
 
 #[cfg(test)]
@@ -279,10 +233,7 @@ mod tests {
         let cases = [
             ("alpine", "alpine"),
             ("alpine:3.20", "alpine%3A3.20"),
-            (
-                "docker.io/library/alpine:3.20",
-                "docker.io%2Flibrary%2Falpine%3A3.20",
-            ),
+            ("docker.io/library/alpine:3.20", "docker.io%2Flibrary%2Falpine%3A3.20"),
             ("..", "%2E."),
             (".hidden", "%2Ehidden"),
             ("a%b", "a%25b"),

@@ -24,24 +24,15 @@ pub struct Erofs {
 impl Erofs {
     pub fn detect() -> Result<Self, ToolError> {
         // erofs-utils 1.5's mkfs.erofs has no version flag; fsck.erofs from the same package does.
-        let mkfs =
-            Tool::find("mkfs.erofs", "erofs-utils", &["--version"], "1.5").or_else(
-                |e| match e {
-                    ToolError::UnknownVersion { .. } => {
-                        let fsck = Tool::find("fsck.erofs", "erofs-utils", &["-V"], "1.5")?;
-                        let path = which::which("mkfs.erofs").map_err(|_| ToolError::NotFound {
-                            tool: "mkfs.erofs",
-                            package: "erofs-utils",
-                        })?;
-                        Ok(Tool {
-                            name: "mkfs.erofs",
-                            path,
-                            version: fsck.version,
-                        })
-                    }
-                    e => Err(e),
-                },
-            )?;
+        let mkfs = Tool::find("mkfs.erofs", "erofs-utils", &["--version"], "1.5").or_else(|e| match e {
+            ToolError::UnknownVersion { .. } => {
+                let fsck = Tool::find("fsck.erofs", "erofs-utils", &["-V"], "1.5")?;
+                let path = which::which("mkfs.erofs")
+                    .map_err(|_| ToolError::NotFound { tool: "mkfs.erofs", package: "erofs-utils" })?;
+                Ok(Tool { name: "mkfs.erofs", path, version: fsck.version })
+            }
+            e => Err(e),
+        })?;
         Ok(Erofs { mkfs })
     }
 

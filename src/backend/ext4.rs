@@ -49,18 +49,12 @@ impl Ext4 {
         out: &Path,
     ) -> Result<(), BackendError> {
         let (blocks, inodes) = size_blocks(&tree.stats);
-        let root = tree
-            .dirs
-            .get(b"")
-            .cloned()
-            .unwrap_or_else(DirMeta::fallback);
+        let root = tree.dirs.get(b"").cloned().unwrap_or_else(DirMeta::fallback);
         let mut cmd = self.mkfs.command();
         cmd.env("MKE2FS_CONFIG", "/nonexistent")
             .env("E2FSPROGS_FAKE_TIME", FAKE_TIME)
             .env("LC_ALL", "C")
-            .args([
-                "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
-            ])
+            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0"])
             .args(["-O", "^has_journal,^resize_inode"])
             .arg("-E")
             .arg(format!(
@@ -79,14 +73,10 @@ impl Ext4 {
             .arg(blocks.to_string());
         tool::run("mkfs.ext4", &mut cmd)?;
         let mut cmd = self.debugfs.command();
-        cmd.env("E2FSPROGS_FAKE_TIME", FAKE_TIME)
-            .args(["-w", "-R", "rmdir lost+found"])
-            .arg(out);
+        cmd.env("E2FSPROGS_FAKE_TIME", FAKE_TIME).args(["-w", "-R", "rmdir lost+found"]).arg(out);
         tool::run("debugfs", &mut cmd)?;
-        ext4_fixup::fix_times(out, &root).map_err(|source| BackendError::Fixup {
-            path: out.to_owned(),
-            source,
-        })?;
+        ext4_fixup::fix_times(out, &root)
+            .map_err(|source| BackendError::Fixup { path: out.to_owned(), source })?;
         Ok(())
     }
 }

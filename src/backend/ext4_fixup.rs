@@ -67,45 +67,24 @@ fn read_geometry(f: &File) -> io::Result<Geometry> {
     let incompat = le32(&sb, 0x60);
     let ro_compat = le32(&sb, 0x64);
     let csum_seed = (ro_compat & RO_COMPAT_METADATA_CSUM != 0).then(|| {
-        if incompat & INCOMPAT_CSUM_SEED != 0 {
-            le32(&sb, 0x270)
-        } else {
-            ext4_crc(!0, &sb[0x68..0x78])
-        }
+        if incompat & INCOMPAT_CSUM_SEED != 0 { le32(&sb, 0x270) } else { ext4_crc(!0, &sb[0x68..0x78]) }
     });
     let rev = le32(&sb, 0x4C);
     Ok(Geometry {
         block_size,
         inodes_per_group: le32(&sb, 0x28) as u64,
-        inode_size: if rev == 0 {
-            128
-        } else {
-            le16(&sb, 0x58) as usize
-        },
+        inode_size: if rev == 0 { 128 } else { le16(&sb, 0x58) as usize },
         groups: (blocks - first_data_block).div_ceil(blocks_per_group),
-        desc_size: if incompat & INCOMPAT_64BIT != 0 {
-            le16(&sb, 0xFE) as usize
-        } else {
-            32
-        },
+        desc_size: if incompat & INCOMPAT_64BIT != 0 { le16(&sb, 0xFE) as usize } else { 32 },
         gdt_offset: (first_data_block + 1) * block_size,
-        first_ino: if rev == 0 {
-            FIRST_INO_DEFAULT
-        } else {
-            le32(&sb, 0x54) as u64
-        },
+        first_ino: if rev == 0 { FIRST_INO_DEFAULT } else { le32(&sb, 0x54) as u64 },
         csum_seed,
     })
 }
 
 /// Rewrites the times of every in-use inode and the root's mode (see the module doc).
 pub fn fix_times(image: &Path, root: &DirMeta) -> io::Result<()> {
-    let f = fs_err::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)?
-        .into_parts()
-        .0;
+    let f = fs_err::OpenOptions::new().read(true).write(true).open(image)?.into_parts().0;
     let g = read_geometry(&f)?;
     let mut desc = vec![0u8; g.desc_size];
     let mut bitmap = vec![0u8; g.block_size as usize];
@@ -116,11 +95,7 @@ pub fn fix_times(image: &Path, root: &DirMeta) -> io::Result<()> {
             continue;
         }
         let hi = |o: usize| {
-            if g.desc_size >= 64 {
-                (le32(&desc, o) as u64) << 32
-            } else {
-                0
-            }
+            if g.desc_size >= 64 { (le32(&desc, o) as u64) << 32 } else { 0 }
         };
         let bitmap_block = le32(&desc, 0x4) as u64 | hi(0x24);
         let table_block = le32(&desc, 0x8) as u64 | hi(0x28);
@@ -135,12 +110,7 @@ pub fn fix_times(image: &Path, root: &DirMeta) -> io::Result<()> {
             }
             let at = table_block * g.block_size + i * g.inode_size as u64;
             f.read_exact_at(&mut inode, at)?;
-            fix_inode(
-                &mut inode,
-                ino,
-                (ino == ROOT_INO).then_some(root),
-                g.csum_seed,
-            );
+            fix_inode(&mut inode, ino, (ino == ROOT_INO).then_some(root), g.csum_seed);
             f.write_all_at(&inode, at)?;
         }
     }
@@ -163,11 +133,7 @@ const I_CRTIME: usize = 0x90;
 const I_CRTIME_EXTRA: usize = 0x94;
 
 fn fix_inode(inode: &mut [u8], ino: u64, root: Option<&DirMeta>, csum_seed: Option<u32>) {
-    let extra = if inode.len() > 128 {
-        le16(inode, I_EXTRA_ISIZE) as usize
-    } else {
-        0
-    };
+    let extra = if inode.len() > 128 { le16(inode, I_EXTRA_ISIZE) as usize } else { 0 };
     let len = inode.len();
     let has = |end: usize| len > 128 && 128 + extra >= end;
     let (mtime, nsec) = match root {

@@ -106,12 +106,5 @@ impl Backend {
 /// A UUID made from bytes `offset..offset+16` of a sha256 digest.
 fn uuid_from(digest: &Digest, offset: usize) -> String {
     let h = &digest.digest()[offset * 2..offset * 2 + 32];
-    format!(
-        "{}-{}-4{}-8{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[13..16],
-        &h[17..20],
-        &h[20..32]
-    )
+    format!("{}-{}-4{}-8{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
 }

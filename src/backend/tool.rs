@@ -11,17 +11,9 @@ pub enum ToolError {
     #[error(
         "{tool} not found on PATH: install it with `apt-get install {package}` (Debian) or your distribution's {package} package"
     )]
-    NotFound {
-        tool: &'static str,
-        package: &'static str,
-    },
+    NotFound { tool: &'static str, package: &'static str },
     #[error("{tool} {found} is too old: vmrootfs needs {package} {required} or newer")]
-    TooOld {
-        tool: &'static str,
-        package: &'static str,
-        found: String,
-        required: String,
-    },
+    TooOld { tool: &'static str, package: &'static str, found: String, required: String },
     #[error("could not tell the version of {tool} from its output {output:?}")]
     UnknownVersion { tool: &'static str, output: String },
     #[error("could not run {tool}")]
@@ -31,11 +23,7 @@ pub enum ToolError {
         source: std::io::Error,
     },
     #[error("{tool} failed ({status}): {stderr_tail}")]
-    Failed {
-        tool: String,
-        status: std::process::ExitStatus,
-        stderr_tail: String,
-    },
+    Failed { tool: String, status: std::process::ExitStatus, stderr_tail: String },
 }
 
 /// A located, version-checked tool.
@@ -57,23 +45,14 @@ impl Tool {
     ) -> Result<Tool, ToolError> {
         let path = which::which(name)
             .or_else(|_| which::which_in(name, Some("/usr/sbin:/sbin"), "/"))
-            .map_err(|_| ToolError::NotFound {
-                tool: name,
-                package,
-            })?;
+            .map_err(|_| ToolError::NotFound { tool: name, package })?;
         let out = Command::new(&path)
             .args(version_args)
             .stdin(Stdio::null())
             .output()
-            .map_err(|source| ToolError::Spawn {
-                tool: name.to_string(),
-                source,
-            })?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .map_err(|source| ToolError::Spawn { tool: name.to_string(), source })?;
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         let version = parse_version(&text).ok_or_else(|| ToolError::UnknownVersion {
             tool: name,
             output: text.chars().take(200).collect(),
@@ -86,11 +65,7 @@ impl Tool {
                 required: required.to_string(),
             });
         }
-        Ok(Tool {
-            name,
-            path,
-            version,
-        })
+        Ok(Tool { name, path, version })
     }
 
     /// A command for this tool; run it with [`run`].
@@ -108,21 +83,12 @@ pub fn run(tool: &str, cmd: &mut Command) -> Result<Output, ToolError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
-        .map_err(|source| ToolError::Spawn {
-            tool: tool.to_string(),
-            source,
-        })?;
+        .map_err(|source| ToolError::Spawn { tool: tool.to_string(), source })?;
     if !out.status.success() {
-        let text = String::from_utf8_lossy(if out.stderr.is_empty() {
-            &out.stdout
-        } else {
-            &out.stderr
-        })
-        .into_owned();
+        let text = String::from_utf8_lossy(if out.stderr.is_empty() { &out.stdout } else { &out.stderr })
+            .into_owned();
         let start = text.len().saturating_sub(1024);
-        let start = (start..text.len())
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(text.len());
+        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
         return Err(ToolError::Failed {
             tool: tool.to_string(),
             status: out.status,
@@ -138,10 +104,7 @@ fn parse_version(text: &str) -> Option<String> {
         .map(|w| w.trim_start_matches('v'))
         .find(|w| {
             let parts: Vec<&str> = w.split('.').collect();
-            parts.len() >= 2
-                && parts
-                    .iter()
-                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            parts.len() >= 2 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
         })
         .map(str::to_string)
 }
@@ -157,10 +120,7 @@ mod tests {
     #[test]
     fn version_banners() {
         let cases = [
-            (
-                "mke2fs 1.47.0 (5-Feb-2023)\n\tUsing EXT2FS Library version 1.47.0",
-                Some("1.47.0"),
-            ),
+            ("mke2fs 1.47.0 (5-Feb-2023)\n\tUsing EXT2FS Library version 1.47.0", Some("1.47.0")),
             ("fsck.erofs 1.5", Some("1.5")),
             ("mkfs.erofs (erofs-utils) 1.8.5", Some("1.8.5")),
             ("no version here", None),

@@ -27,14 +27,7 @@ pub struct DirMeta {
 impl DirMeta {
     /// A directory that no layer below describes (what `mkdir -p` would give, at the epoch).
     pub fn fallback() -> Self {
-        DirMeta {
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            mtime_sec: 0,
-            mtime_nsec: 0,
-            xattrs: Vec::new(),
-        }
+        DirMeta { mode: 0o755, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0, xattrs: Vec::new() }
     }
 }
 
@@ -163,22 +156,10 @@ impl DirIndex {
             let mut xattrs = Vec::new();
             for kv in f {
                 let (k, v) = kv.split_once('=').ok_or_else(|| bad(n + 1))?;
-                xattrs.push((
-                    hex::decode(k).map_err(|_| bad(n + 1))?,
-                    hex::decode(v).map_err(|_| bad(n + 1))?,
-                ));
+                xattrs
+                    .push((hex::decode(k).map_err(|_| bad(n + 1))?, hex::decode(v).map_err(|_| bad(n + 1))?));
             }
-            index.dirs.insert(
-                path,
-                DirMeta {
-                    mode,
-                    uid,
-                    gid,
-                    mtime_sec,
-                    mtime_nsec,
-                    xattrs,
-                },
-            );
+            index.dirs.insert(path, DirMeta { mode, uid, gid, mtime_sec, mtime_nsec, xattrs });
         }
         Ok(index)
     }
@@ -189,10 +170,7 @@ mod tests {
     use super::*;
 
     fn meta(mode: u32) -> DirMeta {
-        DirMeta {
-            mode,
-            ..DirMeta::fallback()
-        }
+        DirMeta { mode, ..DirMeta::fallback() }
     }
 
     fn index(entries: &[(&str, u32)]) -> DirIndex {
@@ -204,10 +182,7 @@ mod tests {
     }
 
     fn paths(i: &DirIndex) -> Vec<String> {
-        i.dirs
-            .keys()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .collect()
+        i.dirs.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect()
     }
 
     #[test]
@@ -280,21 +255,12 @@ mod tests {
         ];
         for c in cases {
             let layer = index(&c.layer);
-            let opaque: BTreeSet<Vec<u8>> =
-                c.opaque.iter().map(|p| p.as_bytes().to_vec()).collect();
-            let tree: HashMap<&[u8], NodeKind> =
-                c.tree.iter().map(|(p, k)| (p.as_bytes(), *k)).collect();
-            let merged = lower.apply_layer(&layer, &opaque, |p| {
-                *tree.get(p).unwrap_or(&NodeKind::Missing)
-            });
+            let opaque: BTreeSet<Vec<u8>> = c.opaque.iter().map(|p| p.as_bytes().to_vec()).collect();
+            let tree: HashMap<&[u8], NodeKind> = c.tree.iter().map(|(p, k)| (p.as_bytes(), *k)).collect();
+            let merged = lower.apply_layer(&layer, &opaque, |p| *tree.get(p).unwrap_or(&NodeKind::Missing));
             assert_eq!(paths(&merged), c.expect, "{}", c.name);
             for (p, mode) in c.expect_mode {
-                assert_eq!(
-                    merged.get(p.as_bytes()).unwrap().mode,
-                    mode,
-                    "{}: {p}",
-                    c.name
-                );
+                assert_eq!(merged.get(p.as_bytes()).unwrap().mode, mode, "{}: {p}", c.name);
             }
         }
     }

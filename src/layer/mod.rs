@@ -43,6 +43,10 @@ pub enum LayerError {
     },
     #[error("cancelled because another layer failed")]
     Cancelled,
+    #[error(
+        "layer unpacks to more than {limit} bytes (a decompression bomb?); raise the limit with --max-layer-size"
+    )]
+    TooLarge { limit: u64 },
 }
 
 /// Why one tar entry was refused.
@@ -61,6 +65,8 @@ pub enum EntryError {
     BadPax(String),
     #[error("bad header")]
     Header(#[source] io::Error),
+    #[error("hardlink target {0:?} escapes the layer root")]
+    LinkEscapes(String),
 }
 
 /// Layer media types vmrootfs converts (compression is then told from the bytes).
@@ -136,6 +142,27 @@ impl<R: Read> Read for Progress<'_, R> {
     }
 }
 
+/// Fails reads once more than `limit` bytes came through, and remembers that it did.
+struct Limit<'a, R> {
+    inner: R,
+    left: u64,
+    hit: &'a AtomicBool,
+}
+
+impl<R: Read> Read for Limit<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        match self.left.checked_sub(n as u64) {
+            Some(left) => self.left = left,
+            None => {
+                self.hit.store(true, Ordering::Relaxed);
+                return Err(io::Error::other("layer size limit exceeded"));
+            }
+        }
+        Ok(n)
+    }
+}
+
 /// What unpacking found out about the stream.
 pub struct Unpacked {
     pub tree: LayerTree,
@@ -145,60 +172,64 @@ pub struct Unpacked {
 
 /// Streams one layer blob into the empty directory `staging`, checking the blob digest (when
 /// known) and the diff_id as the bytes go by. Nothing is held in memory beyond one buffer.
+#[allow(clippy::too_many_arguments)]
 pub fn unpack(
     blob: impl Read,
     expected_digest: Option<&Digest>,
     diff_id: &Digest,
     staging: &Path,
+    max_bytes: u64,
     cancel: &AtomicBool,
     on_read: &(dyn Fn(u64) + Sync),
 ) -> Result<Unpacked, LayerError> {
-    let raw = HashingReader::new(Progress {
-        inner: blob,
-        on_read,
-    });
+    let raw = HashingReader::new(Progress { inner: blob, on_read });
     let buffered = BufReader::with_capacity(256 * 1024, raw);
     let decoder = Decoder::sniff(buffered).map_err(LayerError::Stream)?;
-    let mut archive = tar::Archive::new(HashingReader::new(decoder));
-    let mut tree = LayerTree::new(staging).map_err(|source| LayerError::Staging {
-        path: staging.to_owned(),
-        source,
-    })?;
+    let hit = AtomicBool::new(false);
+    let limited = Limit { inner: decoder, left: max_bytes, hit: &hit };
+    let mut archive = tar::Archive::new(HashingReader::new(limited));
+    let mut tree =
+        LayerTree::new(staging).map_err(|source| LayerError::Staging { path: staging.to_owned(), source })?;
+    let result = unpack_entries(&mut archive, &mut tree, cancel);
+    let too_large = LayerError::TooLarge { limit: max_bytes };
+    if hit.load(Ordering::Relaxed) {
+        return Err(too_large);
+    }
+    result?;
+    let finished = archive.into_inner().finish();
+    if hit.load(Ordering::Relaxed) {
+        return Err(too_large);
+    }
+    let (found_diff_id, _, limited) = finished.map_err(LayerError::Stream)?;
+    let (found_digest, compressed_size, _) =
+        limited.inner.into_inner().into_inner().finish().map_err(LayerError::Stream)?;
+    if let Some(expected) = expected_digest {
+        digest::check("layer blob", expected, &found_digest)?;
+    }
+    digest::check("layer diff_id", diff_id, &found_diff_id)?;
+    Ok(Unpacked { tree, digest: found_digest, compressed_size })
+}
+
+fn unpack_entries<R: Read>(
+    archive: &mut tar::Archive<R>,
+    tree: &mut LayerTree,
+    cancel: &AtomicBool,
+) -> Result<(), LayerError> {
     for entry in archive.entries().map_err(LayerError::Stream)? {
         if cancel.load(Ordering::Relaxed) {
             return Err(LayerError::Cancelled);
         }
         let mut entry = entry.map_err(LayerError::Stream)?;
         let raw_path = entry.path_bytes().into_owned();
-        apply_entry(&mut tree, &mut entry).map_err(|source| match source {
+        apply_entry(tree, &mut entry).map_err(|source| match source {
             EntryError::Tree(TreeError::Data(e)) => LayerError::Stream(e),
-            source => LayerError::Entry {
-                path: path::display(&raw_path),
-                source,
-            },
+            source => LayerError::Entry { path: path::display(&raw_path), source },
         })?;
     }
-    let (found_diff_id, _, decoder) = archive.into_inner().finish().map_err(LayerError::Stream)?;
-    let (found_digest, compressed_size, _) = decoder
-        .into_inner()
-        .into_inner()
-        .finish()
-        .map_err(LayerError::Stream)?;
-    if let Some(expected) = expected_digest {
-        digest::check("layer blob", expected, &found_digest)?;
-    }
-    digest::check("layer diff_id", diff_id, &found_diff_id)?;
-    Ok(Unpacked {
-        tree,
-        digest: found_digest,
-        compressed_size,
-    })
+    Ok(())
 }
 
-fn apply_entry<R: Read>(
-    tree: &mut LayerTree,
-    entry: &mut tar::Entry<'_, R>,
-) -> Result<(), EntryError> {
+fn apply_entry<R: Read>(tree: &mut LayerTree, entry: &mut tar::Entry<'_, R>) -> Result<(), EntryError> {
     use tar::EntryType as T;
     let action = path::classify(&entry.path_bytes())?;
     let meta = entry_meta(entry)?;
@@ -224,7 +255,8 @@ fn apply_entry<R: Read>(
         }
         T::Link => {
             let target = entry.link_name_bytes().unwrap_or_default();
-            let target = path::normalize(&target)?;
+            let target =
+                path::normalize(&target).map_err(|_| EntryError::LinkEscapes(path::display(&target)))?;
             tree.write_hardlink(&path, &target)?
         }
         T::Char => {
@@ -259,12 +291,7 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, Entry
             let ext = ext.map_err(EntryError::Header)?;
             let (key, value) = (ext.key_bytes(), ext.value_bytes());
             let bad = || EntryError::BadPax(String::from_utf8_lossy(key).into_owned());
-            let num = || {
-                std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .ok_or_else(bad)
-            };
+            let num = || std::str::from_utf8(value).ok().and_then(|v| v.parse::<u32>().ok()).ok_or_else(bad);
             match key {
                 b"mtime" => {
                     let v = std::str::from_utf8(value).map_err(|_| bad())?;
@@ -292,9 +319,7 @@ pub fn parse_pax_time(v: &str) -> Option<(i64, u32)> {
         None => (false, v),
     };
     let (sec, frac) = v.split_once('.').unwrap_or((v, ""));
-    if sec.is_empty()
-        || !sec.bytes().all(|b| b.is_ascii_digit())
-        || !frac.bytes().all(|b| b.is_ascii_digit())
+    if sec.is_empty() || !sec.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit())
     {
         return None;
     }

@@ -57,23 +57,13 @@ pub fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
 
 /// Joins a parent layer path and a name.
 pub fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
-    if parent.is_empty() {
-        name.to_vec()
-    } else {
-        [parent, b"/", name].concat()
-    }
+    if parent.is_empty() { name.to_vec() } else { [parent, b"/", name].concat() }
 }
 
 /// The strict ancestors of a layer path, root (`b""`) first: `a/b/c` → `"", a, a/b`.
 pub fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let ends = path
-        .iter()
-        .enumerate()
-        .filter(|&(_, &b)| b == b'/')
-        .map(|(i, _)| i);
-    std::iter::once(&path[..0])
-        .chain(ends.map(move |i| &path[..i]))
-        .filter(move |a| a.len() < path.len())
+    let ends = path.iter().enumerate().filter(|&(_, &b)| b == b'/').map(|(i, _)| i);
+    std::iter::once(&path[..0]).chain(ends.map(move |i| &path[..i])).filter(move |a| a.len() < path.len())
 }
 
 /// Decides what a tar entry name means (see [`EntryAction`]).
@@ -97,11 +87,7 @@ pub fn classify(raw: &[u8]) -> Result<EntryAction, PathError> {
 
 /// Printable form of a layer path for error messages (lossy for non-UTF-8 bytes).
 pub fn display(path: &[u8]) -> String {
-    if path.is_empty() {
-        "/".to_string()
-    } else {
-        String::from_utf8_lossy(path).into_owned()
-    }
+    if path.is_empty() { "/".to_string() } else { String::from_utf8_lossy(path).into_owned() }
 }
 
 #[cfg(test)]

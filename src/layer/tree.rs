@@ -19,9 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{
-    AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags, makedev,
-};
+use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags, makedev};
 use rustix::io::Errno;
 
 use super::dirindex::{DirIndex, DirMeta, NodeKind};
@@ -54,11 +52,7 @@ pub enum TreeError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a [u8]) -> impl FnOnce(Errno) -> TreeError + 'a {
-    move |e| TreeError::Io {
-        op,
-        path: super::path::display(path),
-        source: e.into(),
-    }
+    move |e| TreeError::Io { op, path: super::path::display(path), source: e.into() }
 }
 
 /// Ownership, permissions, time and xattrs of one entry.
@@ -128,27 +122,19 @@ pub struct LayerTree {
     buf: Vec<u8>,
 }
 
-const DIR_FLAGS: OFlags = OFlags::PATH
-    .union(OFlags::DIRECTORY)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
+const DIR_FLAGS: OFlags =
+    OFlags::PATH.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
 
 fn os(p: &[u8]) -> &OsStr {
     OsStr::from_bytes(p)
 }
 
 fn ts(sec: i64, nsec: u32) -> Timespec {
-    Timespec {
-        tv_sec: sec,
-        tv_nsec: nsec as _,
-    }
+    Timespec { tv_sec: sec, tv_nsec: nsec as _ }
 }
 
 fn staging_times(m: &EntryMeta) -> Timestamps {
-    Timestamps {
-        last_access: ts(m.mtime_nsec as i64, 0),
-        last_modification: ts(m.mtime_sec, m.mtime_nsec),
-    }
+    Timestamps { last_access: ts(m.mtime_nsec as i64, 0), last_modification: ts(m.mtime_sec, m.mtime_nsec) }
 }
 
 fn is_whiteout(st: &rustix::fs::Stat) -> bool {
@@ -174,11 +160,7 @@ impl LayerTree {
             explicit_dirs: DirIndex::default(),
             implicit_dirs,
             opaque: BTreeSet::new(),
-            stats: TreeStats {
-                inodes: 1,
-                dirs: 1,
-                ..Default::default()
-            },
+            stats: TreeStats { inodes: 1, dirs: 1, ..Default::default() },
             buf: vec![0; 256 * 1024],
         })
     }
@@ -186,8 +168,8 @@ impl LayerTree {
     /// Opens directory `dir` (a layer path) without following symlinks. With `create`, missing
     /// components become implicit directories and whiteouts in the way become opaque ones.
     fn open_dir(&mut self, dir: &[u8], create: bool) -> Result<OwnedFd, TreeError> {
-        let mut cur = rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
-            .map_err(io_err("open", b""))?;
+        let mut cur =
+            rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty()).map_err(io_err("open", b""))?;
         if dir.is_empty() {
             return Ok(cur);
         }
@@ -228,14 +210,8 @@ impl LayerTree {
         Ok(cur)
     }
 
-    fn mkdir_implicit(
-        &mut self,
-        parent: &OwnedFd,
-        name: &[u8],
-        path: &[u8],
-    ) -> Result<(), TreeError> {
-        rustix::fs::mkdirat(parent, os(name), Mode::from_raw_mode(0o755))
-            .map_err(io_err("mkdir", path))?;
+    fn mkdir_implicit(&mut self, parent: &OwnedFd, name: &[u8], path: &[u8]) -> Result<(), TreeError> {
+        rustix::fs::mkdirat(parent, os(name), Mode::from_raw_mode(0o755)).map_err(io_err("mkdir", path))?;
         self.implicit_dirs.insert(path.to_vec());
         self.count_new(name, true);
         Ok(())
@@ -276,12 +252,7 @@ impl LayerTree {
 
     /// Clears whatever is at `name` in `parent` so a new entry can take its place. Returns
     /// what was there.
-    fn clear(
-        &mut self,
-        parent: BorrowedFd<'_>,
-        name: &[u8],
-        path: &[u8],
-    ) -> Result<NodeKind, TreeError> {
+    fn clear(&mut self, parent: BorrowedFd<'_>, name: &[u8], path: &[u8]) -> Result<NodeKind, TreeError> {
         let st = match rustix::fs::statat(parent, os(name), AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::NOENT) => return Ok(NodeKind::Missing),
@@ -294,17 +265,14 @@ impl LayerTree {
                 path: super::path::display(path),
                 source: e,
             })?;
-            let under = |p: &Vec<u8>| {
-                p == path || (p.starts_with(path) && p.get(path.len()) == Some(&b'/'))
-            };
+            let under = |p: &Vec<u8>| p == path || (p.starts_with(path) && p.get(path.len()) == Some(&b'/'));
             self.implicit_dirs.retain(|p| !under(p));
             self.opaque.retain(|p| !under(p));
             self.explicit_dirs.retain(|p| !under(p));
             self.parent_cache = None;
             Ok(NodeKind::Dir)
         } else {
-            rustix::fs::unlinkat(parent, os(name), AtFlags::empty())
-                .map_err(io_err("unlink", path))?;
+            rustix::fs::unlinkat(parent, os(name), AtFlags::empty()).map_err(io_err("unlink", path))?;
             Ok(NodeKind::NonDir)
         }
     }
@@ -323,8 +291,7 @@ impl LayerTree {
                 if is_whiteout(&st) {
                     self.opaque.insert(path.to_vec());
                 }
-                rustix::fs::unlinkat(&parent, os(name), AtFlags::empty())
-                    .map_err(io_err("unlink", path))?;
+                rustix::fs::unlinkat(&parent, os(name), AtFlags::empty()).map_err(io_err("unlink", path))?;
                 rustix::fs::mkdirat(&parent, os(name), Mode::from_raw_mode(0o700))
                     .map_err(io_err("mkdir", path))?;
                 self.stats.dirs += 1;
@@ -379,12 +346,11 @@ impl LayerTree {
                     }
                     j = e;
                 }
-                file.write_all_at(&chunk[i..j], offset + i as u64)
-                    .map_err(|e| TreeError::Io {
-                        op: "write",
-                        path: super::path::display(path),
-                        source: e,
-                    })?;
+                file.write_all_at(&chunk[i..j], offset + i as u64).map_err(|e| TreeError::Io {
+                    op: "write",
+                    path: super::path::display(path),
+                    source: e,
+                })?;
                 self.stats.data_blocks += (j - i).div_ceil(BLOCK as usize) as u64;
                 i = j;
             }
@@ -401,12 +367,7 @@ impl LayerTree {
     }
 
     /// A symbolic link; its target is stored as given and never resolved.
-    pub fn write_symlink(
-        &mut self,
-        path: &[u8],
-        target: &[u8],
-        meta: &EntryMeta,
-    ) -> Result<(), TreeError> {
+    pub fn write_symlink(&mut self, path: &[u8], target: &[u8], meta: &EntryMeta) -> Result<(), TreeError> {
         let (parent, name) = self.non_dir_slot(path)?;
         rustix::fs::symlinkat(os(target), &parent, os(name)).map_err(io_err("symlink", path))?;
         if target.len() >= 60 {
@@ -417,12 +378,7 @@ impl LayerTree {
     }
 
     /// A FIFO or device node.
-    pub fn write_node(
-        &mut self,
-        path: &[u8],
-        node: NodeType,
-        meta: &EntryMeta,
-    ) -> Result<(), TreeError> {
+    pub fn write_node(&mut self, path: &[u8], node: NodeType, meta: &EntryMeta) -> Result<(), TreeError> {
         let (parent, name) = self.non_dir_slot(path)?;
         let (ft, dev) = match node {
             NodeType::Fifo => (FileType::Fifo, 0),
@@ -443,8 +399,7 @@ impl LayerTree {
             return Err(bad());
         }
         let tdir = self.open_dir(tparent, false).map_err(|_| bad())?;
-        let st =
-            rustix::fs::statat(&tdir, os(tname), AtFlags::SYMLINK_NOFOLLOW).map_err(|_| bad())?;
+        let st = rustix::fs::statat(&tdir, os(tname), AtFlags::SYMLINK_NOFOLLOW).map_err(|_| bad())?;
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory || is_whiteout(&st) {
             return Err(bad());
         }
@@ -473,23 +428,11 @@ impl LayerTree {
             }
             Ok(_) => Ok(()),
             Err(Errno::NOENT) => {
-                rustix::fs::mknodat(
-                    &parent,
-                    os(name),
-                    FileType::CharacterDevice,
-                    Mode::empty(),
-                    0,
-                )
-                .map_err(io_err("mknod", path))?;
+                rustix::fs::mknodat(&parent, os(name), FileType::CharacterDevice, Mode::empty(), 0)
+                    .map_err(io_err("mknod", path))?;
                 self.count_new(name, false);
-                let meta = EntryMeta {
-                    mode: 0,
-                    uid: 0,
-                    gid: 0,
-                    mtime_sec,
-                    mtime_nsec: 0,
-                    xattrs: Vec::new(),
-                };
+                let meta =
+                    EntryMeta { mode: 0, uid: 0, gid: 0, mtime_sec, mtime_nsec: 0, xattrs: Vec::new() };
                 self.apply_at_meta(&parent, name, path, &meta, true)
             }
             Err(e) => Err(io_err("stat", path)(e)),
@@ -541,17 +484,10 @@ impl LayerTree {
         meta: &DirMeta,
         opaque: bool,
     ) -> Result<(), TreeError> {
-        rustix::fs::fchown(
-            fd,
-            Some(Uid::from_raw(meta.uid)),
-            Some(Gid::from_raw(meta.gid)),
-        )
-        .map_err(io_err("chown", path))?;
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode & 0o7777))
-            .map_err(io_err("chmod", path))?;
-        self.set_xattrs(path, &meta.xattrs, |k, v| {
-            rustix::fs::fsetxattr(fd, k, v, XattrFlags::empty())
-        })?;
+        rustix::fs::fchown(fd, Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)))
+            .map_err(io_err("chown", path))?;
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode & 0o7777)).map_err(io_err("chmod", path))?;
+        self.set_xattrs(path, &meta.xattrs, |k, v| rustix::fs::fsetxattr(fd, k, v, XattrFlags::empty()))?;
         if opaque {
             rustix::fs::fsetxattr(fd, "trusted.overlay.opaque", b"y", XattrFlags::empty())
                 .map_err(io_err("setxattr", path))?;
@@ -581,13 +517,8 @@ impl LayerTree {
         )
         .map_err(io_err("chown", path))?;
         if chmod {
-            rustix::fs::chmodat(
-                parent,
-                os(name),
-                Mode::from_raw_mode(meta.mode & 0o7777),
-                AtFlags::empty(),
-            )
-            .map_err(io_err("chmod", path))?;
+            rustix::fs::chmodat(parent, os(name), Mode::from_raw_mode(meta.mode & 0o7777), AtFlags::empty())
+                .map_err(io_err("chmod", path))?;
         }
         if !meta.xattrs.is_empty() {
             let proc_path = proc_fd_path(parent.as_fd(), name);
@@ -595,13 +526,8 @@ impl LayerTree {
                 rustix::fs::lsetxattr(&proc_path, k, v, XattrFlags::empty())
             })?;
         }
-        rustix::fs::utimensat(
-            parent,
-            os(name),
-            &staging_times(meta),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(io_err("utimens", path))
+        rustix::fs::utimensat(parent, os(name), &staging_times(meta), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(io_err("utimens", path))
     }
 
     /// What `path` is in this layer's tree (for [`DirIndex::apply_layer`]).
@@ -644,11 +570,7 @@ impl LayerTree {
             let opaque = self.opaque.contains(path);
             self.apply_fd_meta(fd.as_fd(), path, meta, opaque)?;
         }
-        Ok(FinishedTree {
-            dirs,
-            opaque: self.opaque.clone(),
-            stats: self.stats,
-        })
+        Ok(FinishedTree { dirs, opaque: self.opaque.clone(), stats: self.stats })
     }
 }
 

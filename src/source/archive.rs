@@ -30,12 +30,8 @@ impl TarArchive {
         let mut file = fs_err::File::open(path).map_err(io_at(path))?;
         let mut magic = [0u8; 4];
         let n = file.read(&mut magic).map_err(io_at(path))?;
-        if magic[..n].starts_with(&[0x1f, 0x8b])
-            || magic[..n].starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
-        {
-            return Err(SourceError::CompressedArchive {
-                path: path.to_owned(),
-            });
+        if magic[..n].starts_with(&[0x1f, 0x8b]) || magic[..n].starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            return Err(SourceError::CompressedArchive { path: path.to_owned() });
         }
         file.seek(SeekFrom::Start(0)).map_err(io_at(path))?;
         let mut archive = tar::Archive::new(file);
@@ -46,10 +42,9 @@ impl TarArchive {
                 continue;
             };
             let member = match entry.header().entry_type() {
-                tar::EntryType::Regular | tar::EntryType::Continuous => Member::File {
-                    offset: entry.raw_file_position(),
-                    size: entry.size(),
-                },
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    Member::File { offset: entry.raw_file_position(), size: entry.size() }
+                }
                 tar::EntryType::Symlink => {
                     let target = entry.link_name_bytes().unwrap_or_default();
                     let parent = name.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
@@ -71,10 +66,7 @@ impl TarArchive {
             };
             members.insert(name, member);
         }
-        Ok(TarArchive {
-            path: path.to_owned(),
-            members,
-        })
+        Ok(TarArchive { path: path.to_owned(), members })
     }
 
     pub fn path(&self) -> &Path {
@@ -103,8 +95,7 @@ impl TarArchive {
             source: io::Error::new(io::ErrorKind::NotFound, "no such member in the archive"),
         })?;
         let mut file = fs_err::File::open(&self.path).map_err(io_at(&self.path))?;
-        file.seek(SeekFrom::Start(offset))
-            .map_err(io_at(&self.path))?;
+        file.seek(SeekFrom::Start(offset)).map_err(io_at(&self.path))?;
         Ok(io::BufReader::with_capacity(256 * 1024, file).take(size))
     }
 }

@@ -33,10 +33,7 @@ pub struct DockerArchive {
 /// `blobs/sha256/<hex>` (docker ≥ 25 writes OCI-style names).
 fn digest_from_name(name: &str) -> Option<Digest> {
     let base = name.rsplit('/').next()?;
-    let hex = base
-        .strip_suffix(".tar")
-        .or_else(|| base.strip_suffix(".json"))
-        .unwrap_or(base);
+    let hex = base.strip_suffix(".tar").or_else(|| base.strip_suffix(".json")).unwrap_or(base);
     let is_blob_path = name.contains("blobs/sha256/") || base.len() != hex.len();
     (is_blob_path && hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
         .then(|| format!("sha256:{}", hex.to_ascii_lowercase()).parse().ok())
@@ -51,18 +48,12 @@ impl DockerArchive {
             Some(r) => format!("docker-archive:{}:{r}", abs.display()),
             None => format!("docker-archive:{}", abs.display()),
         };
-        Ok(DockerArchive {
-            archive,
-            reference,
-            spec,
-        })
+        Ok(DockerArchive { archive, reference, spec })
     }
 
     fn pick<'m>(&self, entries: &'m [ManifestEntry]) -> Result<&'m ManifestEntry, SourceError> {
-        let tags: Vec<String> = entries
-            .iter()
-            .flat_map(|e| e.repo_tags.clone().unwrap_or_default())
-            .collect();
+        let tags: Vec<String> =
+            entries.iter().flat_map(|e| e.repo_tags.clone().unwrap_or_default()).collect();
         match &self.reference {
             Some(r) => {
                 if let Some(i) = r.strip_prefix('@').and_then(|i| i.parse::<usize>().ok()) {
@@ -93,11 +84,7 @@ impl DockerArchive {
             None => Err(SourceError::Ambiguous {
                 source_name: self.spec.clone(),
                 available: tags.join(", "),
-                example: format!(
-                    "{}:{}",
-                    self.spec,
-                    tags.first().map(String::as_str).unwrap_or("@0")
-                ),
+                example: format!("{}:{}", self.spec, tags.first().map(String::as_str).unwrap_or("@0")),
             }),
         }
     }
@@ -125,8 +112,7 @@ impl ImageSource for DockerArchive {
                 // Legacy `<id>/layer.tar` names say nothing about the content: hash it once.
                 None => {
                     let mut r = HashingReader::new(self.archive.member(name)?);
-                    std::io::copy(&mut r, &mut std::io::sink())
-                        .map_err(super::io_at(self.archive.path()))?;
+                    std::io::copy(&mut r, &mut std::io::sink()).map_err(super::io_at(self.archive.path()))?;
                     r.finish().map_err(super::io_at(self.archive.path()))?.0
                 }
             };

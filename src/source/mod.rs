@@ -49,17 +49,9 @@ pub enum SourceError {
     #[error("{path} is compressed; decompress it first (vmrootfs reads uncompressed archives)")]
     CompressedArchive { path: PathBuf },
     #[error("no image named {wanted:?} in {source_name}; it has: {available}")]
-    NoSuchImage {
-        wanted: String,
-        source_name: String,
-        available: String,
-    },
+    NoSuchImage { wanted: String, source_name: String, available: String },
     #[error("{source_name} holds several images ({available}); name one, e.g. {example}")]
-    Ambiguous {
-        source_name: String,
-        available: String,
-        example: String,
-    },
+    Ambiguous { source_name: String, available: String, example: String },
     #[error("no image for platform {wanted} in the index; it has: {available}")]
     NoPlatform { wanted: String, available: String },
     #[error("unsupported manifest media type {0:?} (schema 1 and other formats are refused)")]
@@ -75,10 +67,7 @@ pub enum SourceError {
 }
 
 pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SourceError + '_ {
-    move |source| SourceError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| SourceError::Io { path: path.to_owned(), source }
 }
 
 /// One layer as the source describes it.
@@ -126,9 +115,7 @@ pub fn open(spec: &str) -> Result<Box<dyn ImageSource>, SourceError> {
     }
     if let Some(rest) = spec.strip_prefix("docker-archive:") {
         let (path, reference) = split_path_ref(rest);
-        return Ok(Box::new(docker_archive::DockerArchive::open(
-            path, reference,
-        )?));
+        return Ok(Box::new(docker_archive::DockerArchive::open(path, reference)?));
     }
     if spec.starts_with("docker://") || !spec.contains(':') || looks_like_registry_ref(spec) {
         return Err(SourceError::Registry(spec.to_string()));
@@ -138,15 +125,8 @@ pub fn open(spec: &str) -> Result<Box<dyn ImageSource>, SourceError> {
 
 fn looks_like_registry_ref(spec: &str) -> bool {
     let transport = spec.split(':').next().unwrap_or_default();
-    ![
-        "oci",
-        "oci-archive",
-        "docker-archive",
-        "dir",
-        "containers-storage",
-        "docker-daemon",
-    ]
-    .contains(&transport)
+    !["oci", "oci-archive", "docker-archive", "dir", "containers-storage", "docker-daemon"]
+        .contains(&transport)
         && !spec.starts_with('/')
 }
 
@@ -173,41 +153,25 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     r.by_ref()
         .take(MAX_JSON + 1)
         .read_to_end(&mut bytes)
-        .map_err(|source| SourceError::Io {
-            path: what.into(),
-            source,
-        })?;
+        .map_err(|source| SourceError::Io { path: what.into(), source })?;
     if bytes.len() as u64 > MAX_JSON {
-        return Err(SourceError::TooLarge {
-            what: what.to_string(),
-        });
+        return Err(SourceError::TooLarge { what: what.to_string() });
     }
-    let value = serde_json::from_slice(&bytes).map_err(|source| SourceError::Json {
-        what: what.to_string(),
-        source,
-    })?;
+    let value = serde_json::from_slice(&bytes)
+        .map_err(|source| SourceError::Json { what: what.to_string(), source })?;
     Ok((value, bytes))
 }
 
 /// Diff IDs of a config, checked against the layer count.
-pub(crate) fn diff_ids(
-    config: &ImageConfiguration,
-    layers: usize,
-) -> Result<Vec<Digest>, SourceError> {
+pub(crate) fn diff_ids(config: &ImageConfiguration, layers: usize) -> Result<Vec<Digest>, SourceError> {
     let ids = config
         .rootfs()
         .diff_ids()
         .iter()
-        .map(|d| {
-            d.parse::<Digest>()
-                .map_err(|_| SourceError::BadDigest(d.clone()))
-        })
+        .map(|d| d.parse::<Digest>().map_err(|_| SourceError::BadDigest(d.clone())))
         .collect::<Result<Vec<_>, _>>()?;
     if ids.len() != layers {
-        return Err(SourceError::LayerCountMismatch {
-            diff_ids: ids.len(),
-            layers,
-        });
+        return Err(SourceError::LayerCountMismatch { diff_ids: ids.len(), layers });
     }
     Ok(ids)
 }
@@ -219,10 +183,7 @@ mod tests {
     #[test]
     fn split_path_ref_table() {
         let cases = [
-            (
-                "/nonexistent/img:latest",
-                ("/nonexistent/img", Some("latest")),
-            ),
+            ("/nonexistent/img:latest", ("/nonexistent/img", Some("latest"))),
             ("/nonexistent/img", ("/nonexistent/img", None)),
             ("rel/dir:v1.2", ("rel/dir", Some("v1.2"))),
             ("a:b/c", ("a:b/c", None)),
@@ -237,18 +198,9 @@ mod tests {
     #[test]
     fn open_tells_transports_apart() {
         assert!(matches!(open("alpine:3.20"), Err(SourceError::Registry(_))));
-        assert!(matches!(
-            open("docker://alpine"),
-            Err(SourceError::Registry(_))
-        ));
+        assert!(matches!(open("docker://alpine"), Err(SourceError::Registry(_))));
         assert!(matches!(open("alpine"), Err(SourceError::Registry(_))));
-        assert!(matches!(
-            open("dir:/x"),
-            Err(SourceError::UnknownTransport(_))
-        ));
-        assert!(matches!(
-            open("oci:/nonexistent/dir:tag"),
-            Err(SourceError::Io { .. })
-        ));
+        assert!(matches!(open("dir:/x"), Err(SourceError::UnknownTransport(_))));
+        assert!(matches!(open("oci:/nonexistent/dir:tag"), Err(SourceError::Io { .. })));
     }
 }

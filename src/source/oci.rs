@@ -11,14 +11,10 @@ use crate::digest;
 use crate::platform::Platform;
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
-const INDEX_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
-const MANIFEST_TYPES: &[&str] = &[
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-];
+const INDEX_TYPES: &[&str] =
+    &["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
+const MANIFEST_TYPES: &[&str] =
+    &["application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"];
 
 enum Layout {
     Dir(PathBuf),
@@ -64,21 +60,13 @@ impl OciSource {
         let index = path.join("index.json");
         fs_err::metadata(&index).map_err(io_at(&index))?;
         let spec = describe("oci", &path, &tag);
-        Ok(OciSource {
-            layout: Layout::Dir(path),
-            tag,
-            spec,
-        })
+        Ok(OciSource { layout: Layout::Dir(path), tag, spec })
     }
 
     pub fn archive(path: PathBuf, tag: Option<String>) -> Result<Self, SourceError> {
         let archive = TarArchive::open(&path)?;
         let spec = describe("oci-archive", &path, &tag);
-        Ok(OciSource {
-            layout: Layout::Archive(archive),
-            tag,
-            spec,
-        })
+        Ok(OciSource { layout: Layout::Archive(archive), tag, spec })
     }
 
     /// Reads a small blob and checks it against its descriptor.
@@ -91,41 +79,30 @@ impl OciSource {
         if !self.layout.exists(&rel) {
             return Err(SourceError::MissingBlob(desc.digest().to_string()));
         }
-        let (value, bytes): (T, Vec<u8>) = read_json(
-            self.layout.open(&rel)?,
-            &format!("{what} {}", desc.digest()),
-        )?;
+        let (value, bytes): (T, Vec<u8>) =
+            read_json(self.layout.open(&rel)?, &format!("{what} {}", desc.digest()))?;
         digest::check("manifest/config", desc.digest(), &digest::sha256_of(&bytes))?;
         Ok((value, bytes))
     }
 
     fn pick_manifest(&self, index: &ImageIndex) -> Result<Descriptor, SourceError> {
-        let name_of = |d: &Descriptor| {
-            d.annotations()
-                .as_ref()
-                .and_then(|a| a.get(REF_NAME).cloned())
-        };
+        let name_of = |d: &Descriptor| d.annotations().as_ref().and_then(|a| a.get(REF_NAME).cloned());
         let names: Vec<String> = index.manifests().iter().filter_map(name_of).collect();
         match &self.tag {
-            Some(tag) => index
-                .manifests()
-                .iter()
-                .find(|d| name_of(d).as_deref() == Some(tag))
-                .cloned()
-                .ok_or_else(|| SourceError::NoSuchImage {
-                    wanted: tag.clone(),
-                    source_name: self.spec.clone(),
-                    available: list(&names),
-                }),
+            Some(tag) => {
+                index.manifests().iter().find(|d| name_of(d).as_deref() == Some(tag)).cloned().ok_or_else(
+                    || SourceError::NoSuchImage {
+                        wanted: tag.clone(),
+                        source_name: self.spec.clone(),
+                        available: list(&names),
+                    },
+                )
+            }
             None if index.manifests().len() == 1 => Ok(index.manifests()[0].clone()),
             None => Err(SourceError::Ambiguous {
                 source_name: self.spec.clone(),
                 available: list(&names),
-                example: format!(
-                    "{}:{}",
-                    self.spec,
-                    names.first().map(String::as_str).unwrap_or("TAG")
-                ),
+                example: format!("{}:{}", self.spec, names.first().map(String::as_str).unwrap_or("TAG")),
             }),
         }
     }
@@ -140,11 +117,7 @@ fn describe(transport: &str, path: &Path, tag: &Option<String>) -> String {
 }
 
 fn list(names: &[String]) -> String {
-    if names.is_empty() {
-        "(no named images)".to_string()
-    } else {
-        names.join(", ")
-    }
+    if names.is_empty() { "(no named images)".to_string() } else { names.join(", ") }
 }
 
 impl ImageSource for OciSource {
@@ -166,8 +139,7 @@ impl ImageSource for OciSource {
                 return Err(SourceError::UnsupportedManifest(media_type));
             }
             let (manifest, _): (ImageManifest, _) = self.read_blob(&desc, "manifest")?;
-            let (config, _): (ImageConfiguration, _) =
-                self.read_blob(manifest.config(), "config")?;
+            let (config, _): (ImageConfiguration, _) = self.read_blob(manifest.config(), "config")?;
             let layers: Vec<LayerRef> = manifest
                 .layers()
                 .iter()
@@ -188,9 +160,7 @@ impl ImageSource for OciSource {
                 diff_ids,
             });
         }
-        Err(SourceError::UnsupportedManifest(
-            "index nested too deeply".to_string(),
-        ))
+        Err(SourceError::UnsupportedManifest("index nested too deeply".to_string()))
     }
 
     fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read + Send + '_>, SourceError> {
@@ -223,8 +193,5 @@ pub fn select_platform(index: &ImageIndex, platform: &Platform) -> Result<Descri
             None => format!("{os}/{arch}"),
         });
     }
-    Err(SourceError::NoPlatform {
-        wanted: platform.to_string(),
-        available: list(&available),
-    })
+    Err(SourceError::NoPlatform { wanted: platform.to_string(), available: list(&available) })
 }
