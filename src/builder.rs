@@ -38,7 +38,7 @@ pub enum BuildError {
     Layer {
         digest: Digest,
         #[source]
-        source: LayerFailure,
+        source: Box<LayerFailure>,
     },
     #[error(
         "converting layers needs root (it creates device nodes, sets owners and trusted.* xattrs); run vmrootfs as root"
@@ -169,7 +169,7 @@ impl Builder {
         let image = source.resolve(&self.opts.platform)?;
         for l in &image.layers {
             layer::check_media_type(&l.media_type)
-                .map_err(|e| BuildError::Layer { digest: l.digest.clone(), source: e.into() })?;
+                .map_err(|e| BuildError::Layer { digest: l.digest.clone(), source: Box::new(e.into()) })?;
         }
         let fs = self.opts.fs;
         let chain = chain_ids(&image.diff_ids);
@@ -252,7 +252,10 @@ impl Builder {
         let mut failed = failed.into_inner().expect("lock");
         failed.sort_by_key(|(i, e)| (e.is_consequence(), *i));
         if let Some((i, source)) = failed.into_iter().next() {
-            return Err(BuildError::Layer { digest: plan.image.layers[i].digest.clone(), source });
+            return Err(BuildError::Layer {
+                digest: plan.image.layers[i].digest.clone(),
+                source: Box::new(source),
+            });
         }
         Ok(done.into_inner().expect("lock"))
     }

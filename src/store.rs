@@ -77,7 +77,7 @@ impl Store {
         let root = std::path::absolute(root.into()).map_err(io_at(Path::new(".")))?;
         for dir in ["layers", "images", "tmp"] {
             let d = root.join(dir);
-            fs_err::create_dir_all(&d).map_err(|e| StoreError::Io { path: d.clone(), source: e.into() })?;
+            fs_err::create_dir_all(&d).map_err(|e| StoreError::Io { path: d.clone(), source: e })?;
         }
         let meta = root.join("meta.json");
         match fs_err::read(&meta) {

@@ -9,8 +9,10 @@ use std::path::Path;
 use fixture::*;
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -77,7 +79,9 @@ fn check(fs: &str) {
     assert_eq!(names(&root.join("keep")), ["a"], "other .wh..wh. markers are dropped");
     assert_eq!(std::fs::metadata(root.join("recreated")).unwrap().permissions().mode() & 0o7777, 0o700);
 
-    for (path, mode, uid, mtime) in [("opt", 0o750, 1234, 1_234_567_890), ("opt/deep", 0o711, 42, 1_111_111_111)] {
+    for (path, mode, uid, mtime) in
+        [("opt", 0o750, 1234, 1_234_567_890), ("opt/deep", 0o711, 42, 1_111_111_111)]
+    {
         let m = std::fs::metadata(root.join(path)).unwrap();
         assert_eq!(
             (m.permissions().mode() & 0o7777, m.uid(), m.mtime()),
@@ -87,7 +91,11 @@ fn check(fs: &str) {
     }
     assert_eq!(names(&root.join("opt/deep")), ["added"]);
     let r = std::fs::metadata(root).unwrap();
-    assert_eq!((r.permissions().mode() & 0o7777, r.mtime()), (0o751, 1_500_000_000), "root keeps lower metadata");
+    assert_eq!(
+        (r.permissions().mode() & 0o7777, r.mtime()),
+        (0o751, 1_500_000_000),
+        "root keeps lower metadata"
+    );
 }
 
 #[test]

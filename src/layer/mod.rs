@@ -92,7 +92,7 @@ pub fn check_media_type(media_type: &str) -> Result<(), LayerError> {
 
 /// A decompressor chosen from the stream's first bytes.
 enum Decoder<R: BufRead> {
-    Gzip(flate2::bufread::MultiGzDecoder<R>),
+    Gzip(Box<flate2::bufread::MultiGzDecoder<R>>),
     Zstd(zstd::stream::read::Decoder<'static, R>),
     Plain(R),
 }
@@ -101,7 +101,7 @@ impl<R: BufRead> Decoder<R> {
     fn sniff(mut r: R) -> io::Result<Self> {
         let head = r.fill_buf()?;
         Ok(if head.starts_with(&[0x1f, 0x8b]) {
-            Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(r))
+            Decoder::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(r)))
         } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
             Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(r)?)
         } else {

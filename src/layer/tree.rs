@@ -228,24 +228,14 @@ impl LayerTree {
     /// The parent's fd (cached for runs of entries in one directory) and the final name.
     fn parent<'p>(&mut self, path: &'p [u8]) -> Result<(OwnedFd, &'p [u8]), TreeError> {
         let (parent, name) = split_parent(path);
-        if let Some((cached, fd)) = &self.parent_cache {
-            if cached == parent {
-                return Ok((
-                    fd.try_clone().map_err(|e| TreeError::Io {
-                        op: "dup",
-                        path: super::path::display(parent),
-                        source: e,
-                    })?,
-                    name,
-                ));
-            }
+        let dup_err = |e| TreeError::Io { op: "dup", path: super::path::display(parent), source: e };
+        if let Some((cached, fd)) = &self.parent_cache
+            && cached == parent
+        {
+            return Ok((fd.try_clone().map_err(dup_err)?, name));
         }
         let fd = self.open_dir(parent, true)?;
-        let clone = fd.try_clone().map_err(|e| TreeError::Io {
-            op: "dup",
-            path: super::path::display(parent),
-            source: e,
-        })?;
+        let clone = fd.try_clone().map_err(dup_err)?;
         self.parent_cache = Some((parent.to_vec(), clone));
         Ok((fd, name))
     }

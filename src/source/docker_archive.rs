@@ -56,10 +56,10 @@ impl DockerArchive {
             entries.iter().flat_map(|e| e.repo_tags.clone().unwrap_or_default()).collect();
         match &self.reference {
             Some(r) => {
-                if let Some(i) = r.strip_prefix('@').and_then(|i| i.parse::<usize>().ok()) {
-                    if let Some(e) = entries.get(i) {
-                        return Ok(e);
-                    }
+                if let Some(i) = r.strip_prefix('@').and_then(|i| i.parse::<usize>().ok())
+                    && let Some(e) = entries.get(i)
+                {
+                    return Ok(e);
                 }
                 let with_latest = format!("{r}:latest");
                 entries
