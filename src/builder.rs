@@ -273,6 +273,7 @@ impl Builder {
     fn convert_one(&self, plan: &Plan<'_>, i: usize) -> Result<LayerRecord, LayerFailure> {
         let layer = &plan.image.layers[i];
         let progress = plan.reporter.layer(i, plan.chain.len(), &layer.digest, layer.size);
+        let started = std::time::Instant::now();
         let result = (|| {
             let staging = self.store.staging("layer-")?;
             let tree_dir = staging.path().join("tree");
@@ -289,13 +290,27 @@ impl Builder {
                 &|n| progress.inc(n),
             )?;
             let mut tree = unpacked.tree;
+            let unpacked_at = std::time::Instant::now();
+            crate::progress::debug(&format!(
+                "layer {}: unpacked in {:.2}s",
+                i + 1,
+                started.elapsed().as_secs_f64()
+            ));
             let lower = self.lower_dirs(plan, i)?;
             let finished = tree.finish(&lower)?;
             let merged = Arc::new(lower.apply_layer(&finished.dirs, &finished.opaque, |p| tree.kind_of(p)));
             plan.slots.set(i, Slot::Ready(merged.clone()));
             progress.step(self.opts.fs.name());
             let out = staging.path().join("blob");
+            let mkfs_at = std::time::Instant::now();
             self.backend.make(&tree_dir, &finished, &plan.chain[i], &out)?;
+            crate::progress::debug(&format!(
+                "layer {}: waited {:.2}s for the layer below, {} took {:.2}s",
+                i + 1,
+                (mkfs_at - unpacked_at).as_secs_f64(),
+                self.opts.fs,
+                mkfs_at.elapsed().as_secs_f64()
+            ));
             let blob_sha256 = digest::sha256_file_hex(&out).map_err(LayerFailure::Hash)?;
             let size = fs_err::metadata(&out).map_err(LayerFailure::Hash)?.len();
             let record = LayerRecord {

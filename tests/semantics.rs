@@ -17,6 +17,16 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// `cap_net_raw+ep` as a VFS_CAP_REVISION_2 `security.capability` value.
+const CAP_NET_RAW: [u8; 20] = [0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    let n = rustix::fs::lgetxattr(path, name, &mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
 fn layers() -> Vec<Layer> {
     let base = Layer::gzip(&[
         Entry::Dir { path: b"./".to_vec(), mode: 0o751, uid: 0, mtime: 1_500_000_000 },
@@ -54,6 +64,18 @@ fn layers() -> Vec<Layer> {
         file("replaced", "new"),
         file("opt/deep/added", "added"),
         file("keep/.wh..wh.plnk", ""),
+        Entry::PaxFile {
+            path: b"pax".to_vec(),
+            data: b"#!/bin/sh\n".to_vec(),
+            pax: vec![
+                ("mtime".into(), b"1700000000.123456789".to_vec()),
+                ("uid".into(), b"3000000".to_vec()),
+                ("gid".into(), b"3000001".to_vec()),
+                ("SCHILY.xattr.user.bin".into(), b"\x00\xff\x01".to_vec()),
+                ("SCHILY.xattr.security.capability".into(), CAP_NET_RAW.to_vec()),
+                ("SCHILY.xattr.trusted.overlay.redirect".into(), b"/etc".to_vec()),
+            ],
+        },
     ]);
     vec![base, upper]
 }
@@ -67,9 +89,23 @@ fn check(fs: &str) {
     let stack = MountedStack::mount(&lowers);
     let root = stack.root();
 
+    let pax = std::fs::metadata(root.join("pax")).unwrap();
+    assert_eq!(
+        (pax.mtime(), pax.mtime_nsec(), pax.uid(), pax.gid(), pax.permissions().mode() & 0o7777),
+        (1_700_000_000, 123_456_789, 3_000_000, 3_000_001, 0o4755),
+        "PAX mtime with ns, large ids, setuid"
+    );
+    assert_eq!(xattr(&root.join("pax"), "user.bin").as_deref(), Some(&b"\x00\xff\x01"[..]));
+    assert_eq!(xattr(&root.join("pax"), "security.capability").as_deref(), Some(&CAP_NET_RAW[..]));
+    assert_eq!(
+        xattr(&stack.lower(1).join("pax"), "trusted.overlay.redirect"),
+        None,
+        "reserved xattr dropped"
+    );
+
     assert_eq!(
         names(root),
-        ["keep", "opq", "opt", "recreated", "recreated2", "replaced"],
+        ["keep", "opq", "opt", "pax", "recreated", "recreated2", "replaced"],
         "whited-out entries are gone, nothing else is, no lost+found"
     );
     assert_eq!(names(&root.join("opq")), ["upper"], "opaque dir hides lower children");

@@ -586,3 +586,81 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    fn meta(mode: u32) -> EntryMeta {
+        EntryMeta { mode, uid: 0, gid: 0, mtime_sec: 1_700_000_000, mtime_nsec: 123, xattrs: Vec::new() }
+    }
+
+    #[test]
+    fn zero_blocks_become_holes_and_content_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tree = LayerTree::new(dir.path()).unwrap();
+        let mut data = vec![0u8; 1 << 20];
+        data[600_000..600_010].copy_from_slice(b"0123456789");
+        tree.write_file(b"sparse", &meta(0o644), &mut &data[..]).unwrap();
+        let path = dir.path().join("sparse");
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (m.mtime(), m.mtime_nsec(), m.atime()),
+            (1_700_000_000, 123, 123),
+            "atime carries mtime's ns"
+        );
+        assert!(
+            m.blocks() * 512 <= 2 * BLOCK,
+            "only the written block is allocated: {} bytes",
+            m.blocks() * 512
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+
+    #[test]
+    fn implicit_parents_take_lower_metadata_on_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tree = LayerTree::new(dir.path()).unwrap();
+        tree.write_file(b"usr/bin/tool", &meta(0o755), &mut &b"x"[..]).unwrap();
+        tree.write_dir(b"usr/lib", meta(0o700)).unwrap();
+        let mut lower = DirIndex::default();
+        let usr = DirMeta { mode: 0o751, uid: 7, gid: 8, mtime_sec: 42, mtime_nsec: 0, xattrs: vec![] };
+        lower.insert(b"usr".to_vec(), usr.clone());
+        let finished = tree.finish(&lower).unwrap();
+        assert_eq!(finished.dirs.get(b"usr"), Some(&usr));
+        assert_eq!(finished.dirs.get(b"usr/bin"), Some(&DirMeta::fallback()), "unknown below: fallback");
+        assert_eq!(finished.dirs.get(b"usr/lib").unwrap().mode, 0o700, "explicit entries keep their own");
+        let m = std::fs::metadata(dir.path().join("usr")).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid(), m.mtime()), (0o751, 7, 8, 42));
+    }
+
+    #[test]
+    fn whiteout_then_child_makes_an_opaque_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tree = LayerTree::new(dir.path()).unwrap();
+        tree.write_whiteout(b"d", 0).unwrap();
+        tree.write_file(b"d/new", &meta(0o644), &mut &b"x"[..]).unwrap();
+        let finished = tree.finish(&DirIndex::default()).unwrap();
+        assert!(finished.opaque.contains(&b"d".to_vec()));
+        let opaque =
+            rustix::fs::getxattr(dir.path().join("d"), "trusted.overlay.opaque", &mut [0u8; 8]).unwrap();
+        assert_eq!(opaque, 1);
+    }
+
+    #[test]
+    fn reserved_overlay_xattrs_from_a_tar_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tree = LayerTree::new(dir.path()).unwrap();
+        let mut m = meta(0o644);
+        m.xattrs = vec![
+            (b"trusted.overlay.redirect".to_vec(), b"/etc".to_vec()),
+            (b"user.kept".to_vec(), b"v".to_vec()),
+        ];
+        tree.write_file(b"f", &m, &mut &b"x"[..]).unwrap();
+        let p = dir.path().join("f");
+        assert!(rustix::fs::getxattr(&p, "trusted.overlay.redirect", &mut [0u8; 16]).is_err());
+        assert_eq!(rustix::fs::getxattr(&p, "user.kept", &mut [0u8; 16]).unwrap(), 1);
+    }
+}
