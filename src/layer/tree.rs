@@ -643,7 +643,7 @@ mod tests {
         tree.write_whiteout(b"d", 0).unwrap();
         tree.write_file(b"d/new", &meta(0o644), &mut &b"x"[..]).unwrap();
         let finished = tree.finish(&DirIndex::default()).unwrap();
-        assert!(finished.opaque.contains(&b"d".to_vec()));
+        assert!(finished.opaque.contains(b"d".as_slice()));
         let opaque =
             rustix::fs::getxattr(dir.path().join("d"), "trusted.overlay.opaque", &mut [0u8; 8]).unwrap();
         assert_eq!(opaque, 1);
