@@ -23,6 +23,7 @@ use crate::platform::Platform;
 use crate::progress::Reporter;
 use crate::record::{BuildResult, ImageRecord, LayerRecord, Lower, RuntimeConfig};
 use crate::source::{self, ImageSource, ResolvedImage, SourceError};
+use crate::staging::{Stager, StagingPolicy};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,8 @@ pub struct BuildOptions {
     pub jobs: usize,
     /// Most bytes a layer may unpack to; more fails the build (decompression bombs).
     pub max_layer_bytes: u64,
+    /// Where layer trees are staged.
+    pub staging: StagingPolicy,
 }
 
 impl Default for BuildOptions {
@@ -91,6 +94,7 @@ impl Default for BuildOptions {
             platform: Platform::host(),
             jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             max_layer_bytes: 64 << 30,
+            staging: StagingPolicy::Auto,
         }
     }
 }
@@ -100,6 +104,7 @@ pub struct Builder {
     store: Store,
     opts: BuildOptions,
     backend: Backend,
+    stager: Stager,
 }
 
 /// Directory index of each layer being converted, handed from a layer to the one above.
@@ -151,7 +156,8 @@ impl Builder {
     /// Checks the backend's tools up front.
     pub fn new(store: Store, opts: BuildOptions) -> Result<Builder, BuildError> {
         let backend = Backend::detect(opts.fs)?;
-        Ok(Builder { store, opts, backend })
+        let stager = Stager::new(opts.staging);
+        Ok(Builder { store, opts, backend, stager })
     }
 
     pub fn store(&self) -> &Store {
@@ -275,7 +281,7 @@ impl Builder {
         let progress = plan.reporter.layer(i, plan.chain.len(), &layer.digest, layer.size);
         let started = std::time::Instant::now();
         let result = (|| {
-            let staging = self.store.staging("layer-")?;
+            let staging = self.stager.dir(&self.store, layer.size, self.opts.jobs)?;
             let tree_dir = staging.path().join("tree");
             fs_err::create_dir(&tree_dir)
                 .map_err(|source| StoreError::Io { path: tree_dir.clone(), source })?;
@@ -301,7 +307,8 @@ impl Builder {
             let merged = Arc::new(lower.apply_layer(&finished.dirs, &finished.opaque, |p| tree.kind_of(p)));
             plan.slots.set(i, Slot::Ready(merged.clone()));
             progress.step(self.opts.fs.name());
-            let out = staging.path().join("blob");
+            let blob_dir = self.store.staging("blob-")?;
+            let out = blob_dir.path().join("blob");
             let mkfs_at = std::time::Instant::now();
             self.backend.make(&tree_dir, &finished, &plan.chain[i], &out)?;
             crate::progress::debug(&format!(

@@ -8,6 +8,7 @@ pub mod platform;
 pub mod progress;
 pub mod record;
 pub mod source;
+pub mod staging;
 pub mod store;
 
 pub use backend::FsType;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vmrootfs::progress::{self, Reporter};
+use vmrootfs::staging::StagingPolicy;
 use vmrootfs::{BuildOptions, Builder, FsType, Platform, Store};
 
 /// Turn OCI container images into read-only filesystem blobs, one per layer, for microVMs.
@@ -58,6 +59,9 @@ enum Command {
         /// Layers converted at once [default: number of CPUs].
         #[arg(long, short)]
         jobs: Option<usize>,
+        /// Where to unpack layers before mkfs: tmpfs when they fit (auto), always tmpfs, or disk.
+        #[arg(long, value_enum, default_value_t = StagingPolicy::Auto)]
+        staging: StagingPolicy,
         /// Refuse a layer that unpacks to more than this (K, M, G suffixes).
         #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
         max_layer_size: u64,
@@ -129,9 +133,10 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Build { source, tag, fs, platform, jobs, max_layer_size, json } => {
+        Command::Build { source, tag, fs, platform, jobs, staging, max_layer_size, json } => {
             let store = open_store(cli.store)?;
-            let mut opts = BuildOptions { fs, max_layer_bytes: max_layer_size, ..BuildOptions::default() };
+            let mut opts =
+                BuildOptions { fs, max_layer_bytes: max_layer_size, staging, ..BuildOptions::default() };
             if let Some(p) = platform {
                 opts.platform = p;
             }

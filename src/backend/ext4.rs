@@ -18,8 +18,9 @@ use super::tool::{self, Tool, ToolError};
 use crate::layer::dirindex::DirMeta;
 use crate::layer::tree::{BLOCK, FinishedTree, TreeStats};
 
-/// Fixed "now" for mke2fs and debugfs (superblock times, crtime).
-const FAKE_TIME: &str = "0";
+/// Fixed "now" for mke2fs and debugfs (superblock times, reserved inodes). Not 0: e2fsprogs
+/// reads 0 as "unset" and takes the clock.
+const FAKE_TIME: &str = "1";
 const INODE_SIZE: u64 = 256;
 const BLOCKS_PER_GROUP: u64 = 32768;
 

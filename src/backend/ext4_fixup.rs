@@ -1,8 +1,8 @@
 //! In-place fix-up of an ext4 image made by `mke2fs -d` from a vmrootfs staging tree.
 //!
-//! For every in-use inode: mtime nanoseconds are restored from atime (the staging tree
-//! carries them there, see `layer::tree`), and atime, ctime and crtime are set equal to
-//! mtime, so no field depends on when the layer was extracted. The root inode gets the
+//! For every in-use inode: mtime's nanoseconds and epoch bits are restored from atime (the
+//! staging tree carries them there, see `layer::tree::encode_mtime_extra`), and atime, ctime
+//! and crtime are set equal to mtime, so no field depends on when the layer was extracted. The root inode gets the
 //! layer root's mode and mtime. Inode checksums (metadata_csum) are recomputed.
 
 use std::fs::File;
@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::layer::dirindex::DirMeta;
+use crate::layer::tree::encode_mtime_extra;
 
 const SB_OFFSET: u64 = 1024;
 const ROOT_INO: u64 = 2;
@@ -136,23 +137,20 @@ fn fix_inode(inode: &mut [u8], ino: u64, root: Option<&DirMeta>, csum_seed: Opti
     let extra = if inode.len() > 128 { le16(inode, I_EXTRA_ISIZE) as usize } else { 0 };
     let len = inode.len();
     let has = |end: usize| len > 128 && 128 + extra >= end;
-    let (mtime, nsec) = match root {
+    let (mtime, packed) = match root {
         Some(r) => {
             let mode = (le16(inode, I_MODE) & 0o170000) | (r.mode & 0o7777) as u16;
             put16(inode, I_MODE, mode);
-            (r.mtime_sec as u32, r.mtime_nsec)
+            (r.mtime_sec as u32, encode_mtime_extra(r.mtime_sec, r.mtime_nsec))
         }
-        None => (le32(inode, I_MTIME), le32(inode, I_ATIME).min(999_999_999)),
+        None => (le32(inode, I_MTIME), le32(inode, I_ATIME)),
     };
+    let (epoch, nsec) = (packed / 1_000_000_000, packed % 1_000_000_000);
     put32(inode, I_MTIME, mtime);
     put32(inode, I_ATIME, mtime);
     put32(inode, I_CTIME, mtime);
     if has(I_MTIME_EXTRA + 4) {
-        let epoch = match root {
-            Some(r) => (((r.mtime_sec - r.mtime_sec as i32 as i64) >> 32) & 3) as u32,
-            None => le32(inode, I_MTIME_EXTRA) & 3,
-        };
-        let x = (nsec << 2) | epoch;
+        let x = (nsec << 2) | (epoch & 3);
         for off in [I_CTIME_EXTRA, I_MTIME_EXTRA, I_ATIME_EXTRA] {
             put32(inode, off, x);
         }

@@ -282,7 +282,7 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, Entry
         mode: h.mode().map_err(EntryError::Header)? & 0o7777,
         uid: h.uid().map_err(EntryError::Header)? as u32,
         gid: h.gid().map_err(EntryError::Header)? as u32,
-        mtime_sec: h.mtime().map_err(EntryError::Header)? as i64,
+        mtime_sec: header_mtime(h).map_err(EntryError::Header)?,
         mtime_nsec: 0,
         xattrs: Vec::new(),
     };
@@ -310,6 +310,21 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, Entry
     }
     meta.xattrs.sort();
     Ok(meta)
+}
+
+/// The header's mtime, signed: GNU base-256 encodes times before 1970 as negative numbers,
+/// which `tar::Header::mtime` reads as huge unsigned ones.
+fn header_mtime(h: &tar::Header) -> io::Result<i64> {
+    let field = &h.as_old().mtime;
+    if field[0] & 0x80 == 0 {
+        return Ok(h.mtime()? as i64);
+    }
+    let mut value: i64 = if field[0] & 0x40 != 0 { -1 } else { 0 };
+    value = (value << 6) | (field[0] & 0x3f) as i64;
+    for &b in &field[1..] {
+        value = (value << 8) | b as i64;
+    }
+    Ok(value)
 }
 
 /// A PAX time (`"1700000000.5"`, `"-1.25"`) as seconds and nanoseconds (floor semantics).

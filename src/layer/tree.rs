@@ -133,8 +133,20 @@ fn ts(sec: i64, nsec: u32) -> Timespec {
     Timespec { tv_sec: sec, tv_nsec: nsec as _ }
 }
 
-fn staging_times(m: &EntryMeta) -> Timestamps {
-    Timestamps { last_access: ts(m.mtime_nsec as i64, 0), last_modification: ts(m.mtime_sec, m.mtime_nsec) }
+/// Staging timestamps of an entry: the exact mtime, and an atime that carries what
+/// `mke2fs -d` drops — see [`encode_mtime_extra`].
+fn staging_times(mtime_sec: i64, mtime_nsec: u32) -> Timestamps {
+    Timestamps {
+        last_access: ts(encode_mtime_extra(mtime_sec, mtime_nsec) as i64, 0),
+        last_modification: ts(mtime_sec, mtime_nsec),
+    }
+}
+
+/// What ext4 keeps beyond a 32-bit mtime — nanoseconds and the epoch bits (which 2^32-second
+/// era the time is in) — packed as `epoch * 10^9 + nsec`, a number below 2^32.
+pub fn encode_mtime_extra(mtime_sec: i64, mtime_nsec: u32) -> u32 {
+    let epoch = ((mtime_sec - mtime_sec as i32 as i64) >> 32) & 3;
+    epoch as u32 * 1_000_000_000 + mtime_nsec.min(999_999_999)
 }
 
 fn is_whiteout(st: &rustix::fs::Stat) -> bool {
@@ -455,8 +467,15 @@ impl LayerTree {
         xattrs: &[(Vec<u8>, Vec<u8>)],
         mut set: impl FnMut(&[u8], &[u8]) -> Result<(), Errno>,
     ) -> Result<(), TreeError> {
+        // mkfs.erofs and mke2fs store xattrs in the order `llistxattr` gives. tmpfs (≥ 6.6, the
+        // only kind vmrootfs stages on) lists them by descending name whatever the insertion
+        // order; a disk filesystem usually in insertion order. Setting them in descending
+        // order makes both agree, so blobs do not depend on where the tree was staged.
+        let mut sorted: Vec<&(Vec<u8>, Vec<u8>)> =
+            xattrs.iter().filter(|(k, _)| !is_reserved_xattr(k)).collect();
+        sorted.sort_by(|a, b| b.0.cmp(&a.0));
         let mut bytes = 0u64;
-        for (k, v) in xattrs.iter().filter(|(k, _)| !is_reserved_xattr(k)) {
+        for (k, v) in sorted {
             set(k, v).map_err(io_err("setxattr", path))?;
             bytes += (k.len() + v.len() + 20) as u64;
         }
@@ -482,11 +501,8 @@ impl LayerTree {
             rustix::fs::fsetxattr(fd, "trusted.overlay.opaque", b"y", XattrFlags::empty())
                 .map_err(io_err("setxattr", path))?;
         }
-        let times = Timestamps {
-            last_access: ts(meta.mtime_nsec as i64, 0),
-            last_modification: ts(meta.mtime_sec, meta.mtime_nsec),
-        };
-        rustix::fs::futimens(fd, &times).map_err(io_err("utimens", path))
+        rustix::fs::futimens(fd, &staging_times(meta.mtime_sec, meta.mtime_nsec))
+            .map_err(io_err("utimens", path))
     }
 
     /// Metadata for entries that cannot be opened for writing (symlinks, nodes).
@@ -516,8 +532,13 @@ impl LayerTree {
                 rustix::fs::lsetxattr(&proc_path, k, v, XattrFlags::empty())
             })?;
         }
-        rustix::fs::utimensat(parent, os(name), &staging_times(meta), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(io_err("utimens", path))
+        rustix::fs::utimensat(
+            parent,
+            os(name),
+            &staging_times(meta.mtime_sec, meta.mtime_nsec),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(io_err("utimens", path))
     }
 
     /// What `path` is in this layer's tree (for [`DirIndex::apply_layer`]).
