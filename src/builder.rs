@@ -173,6 +173,8 @@ impl Builder {
     ) -> Result<BuildResult, BuildError> {
         let source = source::open(spec)?;
         let image = source.resolve(&self.opts.platform)?;
+        // Shared store lock for the whole build: no GC between publishing blobs and the record.
+        let _store_lock = self.store.lock_shared()?;
         for l in &image.layers {
             layer::check_media_type(&l.media_type)
                 .map_err(|e| BuildError::Layer { digest: l.digest.clone(), source: Box::new(e.into()) })?;
@@ -278,6 +280,19 @@ impl Builder {
 
     fn convert_one(&self, plan: &Plan<'_>, i: usize) -> Result<LayerRecord, LayerFailure> {
         let layer = &plan.image.layers[i];
+        let fs = self.opts.fs;
+        // The layer lock, then a second look: another build may have made the blob meanwhile.
+        let _layer_lock = self.store.lock_layer(fs, &plan.chain[i])?;
+        if let Some(record) = self.store.layer(fs, &plan.chain[i])? {
+            plan.slots.set(i, Slot::Ready(Arc::new(self.store.dir_index(fs, &plan.chain[i])?)));
+            plan.reporter.line(&format!(
+                "layer {}/{} {}: stored by another build meanwhile",
+                i + 1,
+                plan.chain.len(),
+                layer.digest
+            ));
+            return Ok(record);
+        }
         let progress = plan.reporter.layer(i, plan.chain.len(), &layer.digest, layer.size);
         let started = std::time::Instant::now();
         let result = (|| {

@@ -4,6 +4,7 @@ pub mod backend;
 pub mod builder;
 pub mod digest;
 pub mod layer;
+pub mod lock;
 pub mod platform;
 pub mod progress;
 pub mod record;

@@ -69,6 +69,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the images in the store: tag, image digest, filesystem, layers, size, age.
+    Ls {
+        /// Print the image records as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images by tag, then delete the layer blobs no other image uses.
+    Rm {
+        #[arg(required = true)]
+        tags: Vec<String>,
+        /// Print what was collected as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete layer blobs that no image references, and leftovers of interrupted builds.
+    Gc {
+        /// Print what was collected as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash the blobs of TAGs (default: all) against their records and fsck them.
+    ///
+    /// Exits non-zero and names each bad blob if any is missing, altered or corrupt.
+    Verify {
+        tags: Vec<String>,
+        /// Print the bad blobs as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the record of a tag: its lowers (base first), filesystem and OCI config.
     Inspect {
         tag: String,
@@ -131,6 +160,47 @@ fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_gc(report: &vmrootfs::store::GcReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(report);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "removed {} layer blob(s), {:.1} MiB; {} staging leftover(s)",
+        report.layers,
+        report.bytes as f64 / (1 << 20) as f64,
+        report.tmp
+    )?;
+    Ok(())
+}
+
+/// `ls` as a table.
+fn print_table(records: &[vmrootfs::ImageRecord]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let now = std::time::SystemTime::now();
+    writeln!(out, "{:<32} {:<19} {:<5} {:>6} {:>10}  AGE", "TAG", "IMAGE", "FS", "LAYERS", "SIZE")?;
+    for r in records {
+        let fs = r.lowers.first().map(|l| l.fs.to_string()).unwrap_or_default();
+        let age = humantime::parse_rfc3339(&r.created_at)
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
+            .unwrap_or_else(|| "?".into());
+        let short = &r.manifest_digest.to_string()[..19.min(r.manifest_digest.to_string().len())];
+        writeln!(
+            out,
+            "{:<32} {:<19} {:<5} {:>6} {:>7.1}MiB  {age}",
+            r.tag,
+            short,
+            fs,
+            r.lowers.len(),
+            r.size as f64 / (1 << 20) as f64
+        )?;
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Build { source, tag, fs, platform, jobs, staging, max_layer_size, json } => {
@@ -164,6 +234,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     writeln!(out, "  {i}: {}", l.path.display())?;
                 }
             }
+        }
+        Command::Ls { json } => {
+            let records = open_store(cli.store)?.list()?;
+            if json {
+                print_json(&records)?;
+            } else {
+                print_table(&records)?;
+            }
+        }
+        Command::Rm { tags, json } => {
+            let report = open_store(cli.store)?.remove(&tags)?;
+            print_gc(&report, json)?;
+        }
+        Command::Gc { json } => {
+            let report = open_store(cli.store)?.gc()?;
+            print_gc(&report, json)?;
+        }
+        Command::Verify { tags, json } => {
+            let bad = open_store(cli.store)?.verify(&tags)?;
+            if json {
+                print_json(&bad)?;
+            }
+            for b in &bad {
+                eprintln!("bad blob {} ({}): {}", b.path.display(), b.tags.join(", "), b.problem);
+            }
+            if !bad.is_empty() {
+                anyhow::bail!("{} bad blob(s)", bad.len());
+            }
+            progress::info("all blobs match their records and pass fsck");
         }
         Command::Inspect { tag, json } => {
             let store = open_store(cli.store)?;

@@ -141,3 +141,10 @@ impl LayerProgress {
         }
     }
 }
+
+/// A line of information on stderr (not with `-q`).
+pub fn info(msg: &str) {
+    if verbosity() >= 1 {
+        eprintln!("{msg}");
+    }
+}

@@ -81,3 +81,24 @@ impl Stager {
         store.staging("layer-")
     }
 }
+
+/// Removes tmpfs staging directories left by processes that no longer run (a build killed
+/// mid-layer). Returns how many it removed.
+pub fn remove_stale() -> usize {
+    let Some(tmpfs) = usable_tmpfs() else { return 0 };
+    let Ok(entries) = std::fs::read_dir(&tmpfs) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) =
+            name.to_str().and_then(|n| n.strip_prefix("vmrootfs-stage-")).and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        let alive = pid.parse::<u32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}

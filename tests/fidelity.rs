@@ -7,27 +7,9 @@
 mod fixture;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 
 use fixture::treediff::diff_trees;
 use fixture::*;
-
-/// The test image, made once per run (and cached across runs under target/).
-fn image() -> &'static Path {
-    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = root.join("target/testimage");
-        let status = Command::new("bash")
-            .arg(root.join("testdata/make-test-image.sh"))
-            .arg(&out)
-            .status()
-            .expect("run testdata/make-test-image.sh");
-        assert!(status.success(), "testdata/make-test-image.sh failed");
-        out
-    })
-}
 
 fn source(form: &str) -> String {
     let img = image().display();

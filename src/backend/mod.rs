@@ -108,3 +108,18 @@ fn uuid_from(digest: &Digest, offset: usize) -> String {
     let h = &digest.digest()[offset * 2..offset * 2 + 32];
     format!("{}-{}-4{}-8{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
 }
+
+/// Checks an image with its filesystem's own checker (`fsck.erofs`, `e2fsck -fn`).
+pub fn fsck(fs: FsType, image: &Path) -> Result<(), ToolError> {
+    let (tool, mut cmd) = match fs {
+        FsType::Erofs => {
+            ("fsck.erofs", tool::Tool::find("fsck.erofs", "erofs-utils", &["-V"], "1.5")?.command())
+        }
+        FsType::Ext4 => {
+            let mut c = tool::Tool::find("e2fsck", "e2fsprogs", &["-V"], "1.47.0")?.command();
+            c.arg("-fn");
+            ("e2fsck", c)
+        }
+    };
+    tool::run(tool, cmd.arg(image)).map(|_| ())
+}

@@ -1,28 +1,56 @@
 //! The content-addressed store of layer blobs and image records.
 //!
 //! ```text
-//! <root>/                            $VMROOTFS_STORE, else $XDG_DATA_HOME/vmrootfs,
-//!   meta.json                        else ~/.local/share/vmrootfs
-//!                                    {"format": 1}; an unknown format is refused
-//!   layers/<fs>-v<N>/<chain hex>.<fs>   layer blob, read-only; N = recipe version
-//!   layers/<fs>-v<N>/<chain hex>.dirs   directories of the stack up to this layer
-//!   layers/<fs>-v<N>/<chain hex>.json   LayerRecord: size and sha256 of the blob
-//!   images/<escaped tag>.json        ImageRecord, one per tag
-//!   tmp/                             staging; anything here is garbage
+//! <root>/                               $VMROOTFS_STORE, else $XDG_DATA_HOME/vmrootfs,
+//!   meta.json                           else ~/.local/share/vmrootfs
+//!                                       {"format": 1}; an unknown format is refused
+//!   .lock                               the store lock
+//!   layers/<fs>-v<N>/<chain hex>.<fs>       layer blob, read-only; N = recipe version
+//!   layers/<fs>-v<N>/<chain hex>.dirs       directories of the stack up to this layer
+//!   layers/<fs>-v<N>/<chain hex>.json       LayerRecord: size and sha256 of the blob
+//!   layers/<fs>-v<N>/<chain hex>.<fs>.lock  the layer lock
+//!   images/<escaped tag>.json           ImageRecord, one per tag
+//!   tmp/                                staging; anything here is garbage
 //! ```
 //!
-//! Publication: every file is written under its final directory's `tmp/` sibling or as a
-//! temp file beside its target, fsynced, renamed into place, and the directory fsynced. A
-//! layer's `.dirs` and `.json` are published before its blob, so a blob that exists is
-//! complete and described.
+//! # Publication
+//!
+//! Every file is written as a temp file (in `tmp/` for blobs, beside the target for small
+//! files), fsynced, renamed into place, and its directory fsynced. A layer's `.dirs` and
+//! `.json` are published before its blob, so a blob that exists is complete and described;
+//! an image record is published only after all its blobs. A crash at any point leaves
+//! records that point at complete blobs, and garbage only in `tmp/` (and in stale
+//! `vmrootfs-stage-<pid>-*` directories of dead processes on tmpfs).
+//!
+//! # Locks
+//!
+//! One protocol, kept everywhere ([`crate::lock::FileLock`], `flock`):
+//!
+//! 1. **Store lock** `.lock`: *shared* for the whole of a build (and for `verify`),
+//!    *exclusive* for `rm` and `gc`. So GC never runs while a build is between publishing a
+//!    blob and writing the record that references it.
+//! 2. **Layer lock** `<blob>.lock`, exclusive, held by the producer of a blob while it
+//!    converts. After taking it the producer looks for the finished blob again and converts
+//!    only if it is still missing: concurrent builds convert each shared layer once.
+//!
+//! Order: store lock before layer locks. A build takes layer locks base first, and a holder of
+//! one waits only on layers below it, so waits cannot form a cycle. Blocking on a lock prints
+//! "waiting for lock on …" first.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::Digest;
 
+mod gc;
+mod verify;
+
+pub use gc::GcReport;
+pub use verify::BadBlob;
+
 use crate::backend::{FsType, RECIPE_VERSION};
 use crate::layer::dirindex::DirIndex;
+use crate::lock::FileLock;
 use crate::record::{ImageRecord, LayerRecord};
 
 /// Version of the on-disk layout written in `meta.json`.
@@ -103,6 +131,73 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    fn lock(&self, shared: bool) -> Result<FileLock, StoreError> {
+        let path = self.root.join(".lock");
+        let lock = if shared { FileLock::shared(&path) } else { FileLock::exclusive(&path) };
+        lock.map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// The store lock, shared: held by builds.
+    pub fn lock_shared(&self) -> Result<FileLock, StoreError> {
+        self.lock(true)
+    }
+
+    /// The store lock, exclusive: held by `rm` and `gc`.
+    pub fn lock_exclusive(&self) -> Result<FileLock, StoreError> {
+        self.lock(false)
+    }
+
+    /// The lock of one layer blob, held while producing it.
+    pub fn lock_layer(&self, fs: FsType, chain_id: &Digest) -> Result<FileLock, StoreError> {
+        let dir = self.layer_dir(fs);
+        fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
+        let mut path = self.layer_path(fs, chain_id).into_os_string();
+        path.push(".lock");
+        let path = PathBuf::from(path);
+        FileLock::exclusive(&path).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// Every image record, sorted by tag.
+    pub fn list(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        let dir = self.root.join("images");
+        let mut records = Vec::new();
+        for entry in fs_err::read_dir(&dir).map_err(io_at(&dir))? {
+            let path = entry.map_err(io_at(&dir))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if !name.ends_with(".json") || name.starts_with(".tmp-") {
+                continue;
+            }
+            let bytes = fs_err::read(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
+            records.push(
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::BadRecord { path, source })?,
+            );
+        }
+        records.sort_by(|a: &ImageRecord, b| a.tag.cmp(&b.tag));
+        Ok(records)
+    }
+
+    /// Removes the records of `tags` (all must exist), then collects what became garbage.
+    pub fn remove(&self, tags: &[String]) -> Result<GcReport, StoreError> {
+        let _lock = self.lock_exclusive()?;
+        for tag in tags {
+            if !self.record_path(tag).exists() {
+                return Err(StoreError::NoSuchTag(tag.clone()));
+            }
+        }
+        for tag in tags {
+            let path = self.record_path(tag);
+            fs_err::remove_file(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
+        }
+        sync_dir(&self.root.join("images"))?;
+        self.collect_garbage()
+    }
+
+    /// Deletes layer blobs no record references and clears `tmp/` (see [`gc`]).
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let _lock = self.lock_exclusive()?;
+        self.collect_garbage()
     }
 
     fn layer_dir(&self, fs: FsType) -> PathBuf {

@@ -1,0 +1,313 @@
+//! The store under sharing, races and crashes: shared blobs, rm + gc, verify, concurrent
+//! builds with gc running beside them, and builds SIGKILLed at random moments.
+
+mod fixture;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fixture::treediff::diff_trees;
+use fixture::*;
+
+/// A layer of `size` random bytes in one file plus a marker file.
+fn big_layer(name: &str, size: usize, seed: u64) -> Layer {
+    let data = noise(size, seed);
+    let tar = {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, format!("{name}.bin"), &data[..]).unwrap();
+        b.into_inner().unwrap()
+    };
+    let blob = gzip(&tar);
+    Layer {
+        digest: sha256(&blob),
+        diff_id: sha256(&tar),
+        blob,
+        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+    }
+}
+
+fn small_layer(name: &str) -> Layer {
+    Layer::gzip(&[dir(name, 0o755), file(&format!("{name}/file"), name)])
+}
+
+fn clone_layer(l: &Layer) -> Layer {
+    Layer {
+        blob: l.blob.clone(),
+        media_type: l.media_type.clone(),
+        digest: l.digest.clone(),
+        diff_id: l.diff_id.clone(),
+    }
+}
+
+/// Builds `layout:t` as `tag`; returns the result JSON.
+fn build(store: &Path, layout: &Path, tag: &str) -> serde_json::Value {
+    let (ok, out, err) =
+        run(vmrootfs(store).args(["build", &format!("oci:{}:t", layout.display()), "--tag", tag, "--json"]));
+    assert!(ok, "build {tag}: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn lower_paths(result: &serde_json::Value) -> Vec<PathBuf> {
+    result["lowers"].as_array().unwrap().iter().map(|l| PathBuf::from(l["path"].as_str().unwrap())).collect()
+}
+
+/// Blob files (not sidecars or locks) in the store.
+fn blobs_on_disk(store: &Path) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    for dir in std::fs::read_dir(store.join("layers")).unwrap() {
+        let dir = dir.unwrap().path();
+        let fs = dir.file_name().unwrap().to_str().unwrap().split('-').next().unwrap().to_string();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().and_then(|x| x.to_str()) == Some(fs.as_str()) {
+                out.insert(p);
+            }
+        }
+    }
+    out
+}
+
+fn tmp_entries(store: &Path) -> usize {
+    std::fs::read_dir(store.join("tmp")).unwrap().count()
+}
+
+#[test]
+fn two_tags_that_share_a_base_layer_share_its_blob() {
+    let dir = scratch("share");
+    let base = small_layer("base");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    oci_layout(&a, "t", &[clone_layer(&base), small_layer("one")]);
+    oci_layout(&b, "t", &[base, small_layer("two")]);
+    let store = dir.path().join("store");
+    let ra = lower_paths(&build(&store, &a, "a"));
+    let rb = lower_paths(&build(&store, &b, "b"));
+    assert_eq!(ra[0], rb[0], "one blob file for the shared base");
+    assert_ne!(ra[1], rb[1]);
+    assert_eq!(blobs_on_disk(&store).len(), 3);
+}
+
+#[test]
+fn a_build_of_stored_layers_does_no_layer_work() {
+    let dir = scratch("cached");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    assert_eq!(build(&store, &layout, "first")["cached"], false);
+    let (ok, out, err) = run(vmrootfs(&store).args([
+        "build",
+        &format!("oci:{}:t", layout.display()),
+        "--tag",
+        "again",
+        "--json",
+    ]));
+    assert!(ok, "{err}");
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(result["cached"], true);
+    assert!(!err.contains("converting") && err.matches("stored, skipped").count() == 2, "{err}");
+}
+
+#[test]
+fn rm_and_gc_leave_exactly_the_referenced_blobs_and_an_empty_tmp() {
+    let dir = scratch("gc");
+    let base = small_layer("base");
+    let mid = small_layer("mid");
+    let layouts = [
+        ("a", vec![clone_layer(&base), clone_layer(&mid)]),
+        ("b", vec![clone_layer(&base), clone_layer(&mid), small_layer("top-b")]),
+        ("c", vec![clone_layer(&base), small_layer("only-c")]),
+    ];
+    let store = dir.path().join("store");
+    let mut lowers = HashMap::new();
+    for (name, layers) in layouts {
+        let l = dir.path().join(name);
+        oci_layout(&l, "t", &layers);
+        lowers.insert(name, lower_paths(&build(&store, &l, name)));
+    }
+    assert_eq!(blobs_on_disk(&store).len(), 4, "chains: base, base+mid, base+mid+top-b, base+only-c");
+    // Leftovers of an interrupted build.
+    std::fs::create_dir_all(store.join("tmp/layer-dead/tree/etc")).unwrap();
+    std::fs::write(store.join("tmp/blob-dead"), b"half a blob").unwrap();
+
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "b"]));
+    assert!(ok, "{err}");
+    let expected: BTreeSet<PathBuf> = lowers["a"].iter().chain(&lowers["c"]).cloned().collect();
+    assert_eq!(blobs_on_disk(&store), expected, "rm b removes only what a and c do not use");
+    assert_eq!(tmp_entries(&store), 0);
+
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "a", "c"]));
+    assert!(ok, "{err}");
+    assert!(blobs_on_disk(&store).is_empty());
+    let left: Vec<_> = std::fs::read_dir(store.join("layers/erofs-v1")).unwrap().collect();
+    assert!(left.is_empty(), "sidecars and locks go with their blobs: {left:?}");
+
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "nope"]));
+    assert!(!ok && err.contains("no image tagged \"nope\""), "{err}");
+}
+
+#[test]
+fn verify_catches_a_single_flipped_byte() {
+    let dir = scratch("verify");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    let lowers = lower_paths(&build(&store, &layout, "t"));
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "a fresh store verifies: {err}");
+
+    let victim = &lowers[1];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::set_permissions(victim, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(victim, &bytes).unwrap();
+
+    let (ok, out, err) = run(vmrootfs(&store).args(["verify", "--json"]));
+    assert!(!ok, "verify fails");
+    assert!(err.contains(&victim.display().to_string()), "names the bad blob: {err}");
+    let bad: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(bad.as_array().unwrap().len(), 1, "only the flipped blob: {bad}");
+    assert_eq!(bad[0]["path"], victim.display().to_string());
+}
+
+/// Four builds in separate processes, of images that share layers, with `gc` looping beside
+/// them: all succeed, every shared layer is converted exactly once, the store verifies.
+#[test]
+fn concurrent_builds_convert_each_shared_layer_once() {
+    let dir = scratch("concurrent");
+    let base = big_layer("base", 24 << 20, 1);
+    let one = big_layer("one", 8 << 20, 2);
+    let two = big_layer("two", 8 << 20, 3);
+    let images: Vec<(&str, Vec<Layer>)> = vec![
+        ("a", vec![clone_layer(&base), clone_layer(&one)]),
+        ("b", vec![clone_layer(&base), clone_layer(&two)]),
+        ("c", vec![clone_layer(&base), clone_layer(&one), small_layer("c")]),
+        ("d", vec![clone_layer(&base), clone_layer(&two), small_layer("d")]),
+    ];
+    let store = dir.path().join("store");
+    let mut children = Vec::new();
+    for (name, layers) in &images {
+        let layout = dir.path().join(name);
+        oci_layout(&layout, "t", layers);
+        children.push((*name, layout));
+    }
+    let done = AtomicBool::new(false);
+    let mut gc_runs = 0;
+    let outputs = std::thread::scope(|s| {
+        let gc = s.spawn(|| {
+            let mut n = 0;
+            while !done.load(Ordering::SeqCst) {
+                let (ok, _, err) = run(vmrootfs(&store).arg("gc"));
+                assert!(ok, "gc: {err}");
+                n += 1;
+            }
+            n
+        });
+        let procs: Vec<_> = children
+            .iter()
+            .map(|(name, layout)| {
+                let child = vmrootfs(&store)
+                    .args(["build", &format!("oci:{}:t", layout.display()), "--tag", name, "--jobs", "2"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                (*name, child)
+            })
+            .collect();
+        let outputs: Vec<(String, bool, String)> = procs
+            .into_iter()
+            .map(|(name, c)| {
+                let out = c.wait_with_output().unwrap();
+                (name.to_string(), out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+            })
+            .collect();
+        done.store(true, Ordering::SeqCst);
+        gc_runs = gc.join().unwrap();
+        outputs
+    });
+    for (name, ok, err) in &outputs {
+        assert!(ok, "build {name} failed: {err}");
+    }
+    assert!(gc_runs >= 1);
+    let all_stderr: String = outputs.iter().map(|(_, _, e)| e.as_str()).collect();
+    for (layer, users) in [(&base, 4), (&one, 2), (&two, 2)] {
+        let short = &layer.digest[..19];
+        let lines: Vec<&str> = all_stderr.lines().filter(|l| l.contains(short)).collect();
+        let converted = lines.iter().filter(|l| l.contains("converted in")).count();
+        let reused = lines.iter().filter(|l| l.contains("stored")).count();
+        assert_eq!(converted, 1, "layer {short} (in {users} images) converted exactly once:\n{all_stderr}");
+        assert_eq!(reused, users - 1, "the other builds of {short} reused the blob:\n{all_stderr}");
+    }
+    let (ok, out, _) = run(vmrootfs(&store).args(["ls", "--json"]));
+    assert!(ok);
+    let records: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(records.as_array().unwrap().len(), 4);
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{err}");
+}
+
+/// Builds of the real test image killed with SIGKILL at random moments leave a store that
+/// lists, verifies, rebuilds faithfully and collects down to an empty `tmp/`.
+#[test]
+fn sigkill_at_random_moments_leaves_a_consistent_store() {
+    let img = image();
+    let spec = format!("oci:{}/oci:test", img.display());
+    let dir = scratch("sigkill");
+    let store = dir.path().join("store");
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("sigkill seed {seed}");
+    let delays = noise(12, seed);
+    for (i, d) in delays.iter().enumerate() {
+        let fs = if i % 2 == 0 { "erofs" } else { "ext4" };
+        let mut child = vmrootfs(&store)
+            .args(["-q", "build", &spec, "--tag", &format!("t{i}"), "--fs", fs])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(*d as u64 * 8)); // 0..2 s
+        let _ = child.kill();
+        let _ = child.wait();
+        let (ok, _, err) = run(vmrootfs(&store).arg("ls"));
+        assert!(ok, "ls after kill {i}: {err}");
+        let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+        assert!(ok, "verify after kill {i} (at {} ms): {err}", *d as u64 * 8);
+    }
+    for fs in ["erofs", "ext4"] {
+        let (ok, out, err) =
+            run(vmrootfs(&store).args(["build", &spec, "--tag", "final", "--fs", fs, "--json"]));
+        assert!(ok, "rebuild: {err}");
+        let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let lowers: Vec<(PathBuf, String)> =
+            lower_paths(&result).into_iter().map(|p| (p, fs.to_string())).collect();
+        let stack = MountedStack::mount(&lowers);
+        let diffs = diff_trees(&img.join("reference/rootfs"), stack.root());
+        assert!(diffs.is_empty(), "rebuild after kills differs:\n{}", diffs.join("\n"));
+    }
+    let (ok, _, err) = run(vmrootfs(&store).arg("gc"));
+    assert!(ok, "{err}");
+    assert_eq!(tmp_entries(&store), 0);
+    let stale = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix("vmrootfs-stage-")
+                .and_then(|r| r.split('-').next())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .count();
+    assert_eq!(stale, 0, "gc removes tmpfs staging of killed builds");
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{err}");
+    let _ = Command::new("true").status();
+}
