@@ -52,7 +52,8 @@ echo "measuring (times of each run):" >&2
 measure floor "true" "for l in $layers; do zcat \$l > /dev/null; done"
 measure floor-parallel "true" "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} > /dev/null'"
 for fs in erofs ext4; do
-  measure "shell-$fs" fresh "bench/shell-pipeline.sh $fs $IMG/oci test $SCRATCH/out $SHM_STAGE"
+  measure "shell-$fs" fresh "bench/shell-pipeline.sh $fs $IMG/oci test $SCRATCH/out $SCRATCH"
+  measure "shell-$fs-tmpfs" fresh "bench/shell-pipeline.sh $fs $IMG/oci test $SCRATCH/out $SHM_STAGE"
   measure "vmrootfs-$fs" fresh "$BIN -q --store $SCRATCH/store build oci:$IMG/oci:test --fs $fs"
   measure "vmrootfs-$fs-disk" fresh "$BIN -q --store $SCRATCH/store build oci:$IMG/oci:test --fs $fs --staging disk"
 done
@@ -68,11 +69,12 @@ floor=${MEDIAN[floor]}
   echo "vmrootfs bench — $(date -u +%FT%TZ), $(nproc) cores, $(uname -r)"
   echo "image: target/testimage (4 layers), $((compressed / 1048576)) MiB compressed, $((uncompressed / 1048576)) MiB uncompressed"
   echo "tools: $(mkfs.erofs 2>&1 | head -0)erofs-utils $(fsck.erofs -V 2>&1 | awk '{print $2}'), $(mke2fs -V 2>&1 | head -1), $(tar --version | head -1)"
-  echo "staging: vmrootfs auto (tmpfs) and --staging disk (*-disk rows); shell pipeline on tmpfs; stores on disk"
+  echo "staging: shell-* on disk, shell-*-tmpfs on /dev/shm; vmrootfs-* auto (tmpfs), vmrootfs-*-disk --staging disk"
+  echo "outputs and stores on disk; the layer blobs are in the page cache before every row"
   echo
   printf '%-22s %10s %14s %9s\n' pipeline median_s peak_rss_MB x_floor
-  for name in floor floor-parallel shell-erofs vmrootfs-erofs vmrootfs-erofs-disk shell-ext4 vmrootfs-ext4 \
-              vmrootfs-ext4-disk vmrootfs-warm-erofs; do
+  for name in floor floor-parallel shell-erofs shell-erofs-tmpfs vmrootfs-erofs vmrootfs-erofs-disk \
+              shell-ext4 shell-ext4-tmpfs vmrootfs-ext4 vmrootfs-ext4-disk vmrootfs-warm-erofs; do
     printf '%-22s %10.2f %14.1f %9.2f\n' "$name" "${MEDIAN[$name]}" "$(echo "${RSS[$name]} / 1024" | bc -l)" \
       "$(echo "${MEDIAN[$name]} / $floor" | bc -l)"
   done
