@@ -225,6 +225,7 @@ impl Builder {
             size: lowers.iter().map(|l| l.size).sum(),
             lowers,
             config: RuntimeConfig::from(&image.config),
+            squashed: None,
         };
         self.store.put_record(&record)?;
         Ok(BuildResult { record, cached: missing.is_empty() })

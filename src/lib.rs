@@ -11,6 +11,7 @@ pub mod record;
 pub mod source;
 pub mod staging;
 pub mod store;
+pub mod vm;
 
 pub use backend::FsType;
 pub use builder::{BuildError, BuildOptions, Builder};

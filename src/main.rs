@@ -98,6 +98,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Boot a stored image in a throw-away QEMU microVM and run a command in it.
+    ///
+    /// The lowers are attached read-only and stacked with overlayfs under a tmpfs upper; the
+    /// command (default: the image's entrypoint and cmd) runs with the image's env, working
+    /// directory and user. Prints its output and exits with its status. Examples:
+    ///   vmrootfs run busybox -- cat /etc/motd
+    ///   vmrootfs run debian --timeout 120 -- python3 -c 'print(42)'
+    #[command(verbatim_doc_comment)]
+    Run {
+        tag: String,
+        /// Kernel (bzImage) to boot [default: the newest /boot/vmlinuz-*].
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+        /// Seconds before the guest is killed.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Boot the squashed blob (see `build --squash`) instead of the layer stack.
+        #[arg(long)]
+        squashed: bool,
+        /// The command and its arguments.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Show the record of a tag: its lowers (base first), filesystem and OCI config.
     Inspect {
         tag: String,
@@ -117,7 +143,8 @@ fn main() -> ExitCode {
         1
     });
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Some(status)) => ExitCode::from(status.clamp(0, 255) as u8),
+        Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
             if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
@@ -201,8 +228,25 @@ fn print_table(records: &[vmrootfs::ImageRecord]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs a command; `Some(status)` when the process should exit with the guest's status.
+fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
     match cli.command {
+        Command::Run { tag, kernel, memory, timeout, squashed, command } => {
+            let store = open_store(cli.store)?;
+            let record = store.get(&tag)?;
+            if squashed && record.squashed.is_none() {
+                anyhow::bail!("{tag} has no squashed blob: build it with --squash");
+            }
+            let opts = vmrootfs::vm::RunOptions {
+                kernel,
+                memory_mb: memory,
+                timeout: std::time::Duration::from_secs(timeout),
+                command,
+                squashed,
+            };
+            let status = vmrootfs::vm::run(&store, &record, &opts, &mut std::io::stdout())?;
+            return Ok(Some(status));
+        }
         Command::Build { source, tag, fs, platform, jobs, staging, max_layer_size, json } => {
             let store = open_store(cli.store)?;
             let mut opts =
@@ -285,5 +329,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(None)
 }

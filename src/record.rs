@@ -59,6 +59,31 @@ pub struct ImageRecord {
     /// Bytes on disk of all lowers.
     pub size: u64,
     pub config: RuntimeConfig,
+    /// The whole image flattened into one blob (`build --squash`), for runtimes without
+    /// overlayfs or with more layers than drives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub squashed: Option<SquashedBlob>,
+}
+
+impl ImageRecord {
+    /// Every blob the record references: the lowers and the squashed blob.
+    pub fn blobs(&self) -> impl Iterator<Item = (&std::path::Path, FsType, &str)> {
+        self.lowers
+            .iter()
+            .map(|l| (l.path.as_path(), l.fs, l.blob_sha256.as_str()))
+            .chain(self.squashed.iter().map(|s| (s.path.as_path(), s.fs, s.blob_sha256.as_str())))
+    }
+}
+
+/// A flattened image blob, keyed by the image's top chain ID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SquashedBlob {
+    pub path: std::path::PathBuf,
+    pub fs: FsType,
+    /// Chain ID of the top layer: the blob is that whole stack.
+    pub chain_id: Digest,
+    pub size: u64,
+    pub blob_sha256: String,
 }
 
 /// What `build` returns (and `build --json` prints).

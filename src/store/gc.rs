@@ -22,8 +22,8 @@ pub struct GcReport {
 impl Store {
     /// The collection itself; the caller holds the exclusive store lock.
     pub(super) fn collect_garbage(&self) -> Result<GcReport, StoreError> {
-        let referenced: HashSet<std::path::PathBuf> =
-            self.list()?.into_iter().flat_map(|r| r.lowers.into_iter().map(|l| l.path)).collect();
+        let records = self.list()?;
+        let referenced: HashSet<&Path> = records.iter().flat_map(|r| r.blobs().map(|(p, _, _)| p)).collect();
         let mut report = GcReport::default();
         let layers = self.root.join("layers");
         for dir in fs_err::read_dir(&layers).map_err(io_at(&layers))? {
@@ -36,9 +36,10 @@ impl Store {
                 let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
                 // Every file of a layer starts with `<64 hex>.`; the blob is `<hex>.<fs>`.
                 let Some((stem, _)) = name.split_once('.') else { continue };
+                let stem = stem.to_string();
                 let fs_ext = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('-').next());
                 let blob = dir.join(format!("{stem}.{}", fs_ext.unwrap_or_default()));
-                if referenced.contains(&blob) {
+                if referenced.contains(blob.as_path()) {
                     continue;
                 }
                 if path == blob {

@@ -30,8 +30,8 @@ impl Store {
         };
         let mut blobs: BTreeMap<PathBuf, (FsType, String, Vec<String>)> = BTreeMap::new();
         for r in &records {
-            for l in &r.lowers {
-                let entry = blobs.entry(l.path.clone()).or_insert((l.fs, l.blob_sha256.clone(), Vec::new()));
+            for (path, fs, sha) in r.blobs() {
+                let entry = blobs.entry(path.to_owned()).or_insert((fs, sha.to_string(), Vec::new()));
                 entry.2.push(r.tag.clone());
             }
         }
