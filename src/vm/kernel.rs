@@ -86,7 +86,7 @@ fn newest_vmlinuz() -> Result<PathBuf, VmError> {
         .map(|e| e.path())
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
         .collect();
-    found.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    found.sort_by_key(|p| version_key(p));
     found.pop().ok_or(VmError::NoKernel)
 }
 
