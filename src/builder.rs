@@ -41,6 +41,8 @@ pub enum BuildError {
         #[source]
         source: Box<LayerFailure>,
     },
+    #[error("squashing the image")]
+    Squash(#[from] crate::squash::SquashError),
     #[error(
         "converting layers needs root (it creates device nodes, sets owners and trusted.* xattrs); run vmrootfs as root"
     )]
@@ -85,6 +87,8 @@ pub struct BuildOptions {
     pub max_layer_bytes: u64,
     /// Where layer trees are staged.
     pub staging: StagingPolicy,
+    /// Also make one flattened blob of the whole image.
+    pub squash: bool,
 }
 
 impl Default for BuildOptions {
@@ -95,6 +99,7 @@ impl Default for BuildOptions {
             jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             max_layer_bytes: 64 << 30,
             staging: StagingPolicy::Auto,
+            squash: false,
         }
     }
 }
@@ -215,7 +220,7 @@ impl Builder {
                 blob_sha256: rec.blob_sha256,
             });
         }
-        let record = ImageRecord {
+        let mut record = ImageRecord {
             tag: tag.unwrap_or(spec).to_string(),
             source: source.describe(),
             manifest_digest: image.manifest_digest.clone(),
@@ -227,8 +232,17 @@ impl Builder {
             config: RuntimeConfig::from(&image.config),
             squashed: None,
         };
+        let mut squash_cached = true;
+        if self.opts.squash {
+            squash_cached = self.store.squashed(fs, &chain[total - 1])?.is_some();
+            if !squash_cached && !rustix::process::geteuid().is_root() {
+                return Err(BuildError::NotRoot);
+            }
+            record.squashed =
+                Some(crate::squash::squash(&self.store, &self.backend, &self.stager, &record.lowers)?);
+        }
         self.store.put_record(&record)?;
-        Ok(BuildResult { record, cached: missing.is_empty() })
+        Ok(BuildResult { record, cached: missing.is_empty() && squash_cached })
     }
 
     /// Converts the `missing` layers, `jobs` at a time; the first real failure wins.

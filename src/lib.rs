@@ -9,6 +9,7 @@ pub mod platform;
 pub mod progress;
 pub mod record;
 pub mod source;
+pub mod squash;
 pub mod staging;
 pub mod store;
 pub mod vm;

@@ -62,6 +62,10 @@ enum Command {
         /// Where to unpack layers before mkfs: tmpfs when they fit (auto), always tmpfs, or disk.
         #[arg(long, value_enum, default_value_t = StagingPolicy::Auto)]
         staging: StagingPolicy,
+        /// Also make one flattened blob of the whole image (whiteouts applied), for runtimes
+        /// without overlayfs or with more layers than drives.
+        #[arg(long)]
+        squash: bool,
         /// Refuse a layer that unpacks to more than this (K, M, G suffixes).
         #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
         max_layer_size: u64,
@@ -247,10 +251,15 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             let status = vmrootfs::vm::run(&store, &record, &opts, &mut std::io::stdout())?;
             return Ok(Some(status));
         }
-        Command::Build { source, tag, fs, platform, jobs, staging, max_layer_size, json } => {
+        Command::Build { source, tag, fs, platform, jobs, staging, squash, max_layer_size, json } => {
             let store = open_store(cli.store)?;
-            let mut opts =
-                BuildOptions { fs, max_layer_bytes: max_layer_size, staging, ..BuildOptions::default() };
+            let mut opts = BuildOptions {
+                fs,
+                max_layer_bytes: max_layer_size,
+                staging,
+                squash,
+                ..BuildOptions::default()
+            };
             if let Some(p) = platform {
                 opts.platform = p;
             }

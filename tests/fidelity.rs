@@ -124,3 +124,25 @@ fn blobs_do_not_depend_on_the_staging_filesystem() {
         assert_eq!(memory, disk, "{fs}");
     }
 }
+
+/// `build --squash`: one blob of the whole image, whiteouts applied, equal to the reference.
+fn check_squashed(fs: &str) {
+    let dir = scratch(&format!("squash-{fs}"));
+    let result = build_with(&dir.path().join("store"), &source("oci"), fs, &["--squash"]);
+    let squashed = &result["squashed"];
+    assert_eq!(squashed["chain_id"], result["lowers"][3]["chain_id"], "keyed by the top chain ID");
+    let blob = PathBuf::from(squashed["path"].as_str().unwrap());
+    assert_eq!(vmrootfs::digest::sha256_file_hex(&blob).unwrap(), squashed["blob_sha256"].as_str().unwrap());
+    let stack = MountedStack::mount(&[(blob, fs.to_string())]);
+    let diffs = diff_trees(&image().join("reference/rootfs"), stack.root());
+    assert!(diffs.is_empty(), "squashed {fs} differs from umoci unpack:\n{}", diffs.join("\n"));
+}
+
+#[test]
+fn squashed_erofs() {
+    check_squashed("erofs");
+}
+#[test]
+fn squashed_ext4() {
+    check_squashed("ext4");
+}

@@ -9,6 +9,8 @@
 //!   layers/<fs>-v<N>/<chain hex>.dirs       directories of the stack up to this layer
 //!   layers/<fs>-v<N>/<chain hex>.json       LayerRecord: size and sha256 of the blob
 //!   layers/<fs>-v<N>/<chain hex>.<fs>.lock  the layer lock
+//!   layers/<fs>-v<N>/squash-<chain hex>.<fs>  the whole stack flattened (`build --squash`),
+//!                                       with its `.json` record and `.lock`
 //!   images/<escaped tag>.json           ImageRecord, one per tag
 //!   tmp/                                staging; anything here is garbage
 //! ```
@@ -51,7 +53,7 @@ pub use verify::BadBlob;
 use crate::backend::{FsType, RECIPE_VERSION};
 use crate::layer::dirindex::DirIndex;
 use crate::lock::FileLock;
-use crate::record::{ImageRecord, LayerRecord};
+use crate::record::{ImageRecord, LayerRecord, SquashedBlob};
 
 /// Version of the on-disk layout written in `meta.json`.
 pub const FORMAT: u32 = 1;
@@ -211,6 +213,41 @@ impl Store {
 
     fn sidecar(&self, fs: FsType, chain_id: &Digest, ext: &str) -> PathBuf {
         self.layer_dir(fs).join(format!("{}.{ext}", chain_id.digest()))
+    }
+
+    /// Where the squashed blob of the stack up to `chain_id` lives.
+    pub fn squash_path(&self, fs: FsType, chain_id: &Digest) -> PathBuf {
+        self.layer_dir(fs).join(format!("squash-{}.{fs}", chain_id.digest()))
+    }
+
+    /// The stored squashed blob of the stack up to `chain_id`, if published.
+    pub fn squashed(&self, fs: FsType, chain_id: &Digest) -> Result<Option<SquashedBlob>, StoreError> {
+        if !self.squash_path(fs, chain_id).exists() {
+            return Ok(None);
+        }
+        let path = self.layer_dir(fs).join(format!("squash-{}.json", chain_id.digest()));
+        let bytes = fs_err::read(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
+        serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::BadRecord { path, source })
+    }
+
+    /// The producer lock of a squashed blob.
+    pub fn lock_squash(&self, fs: FsType, chain_id: &Digest) -> Result<FileLock, StoreError> {
+        let mut path = self.squash_path(fs, chain_id).into_os_string();
+        path.push(".lock");
+        let path = PathBuf::from(path);
+        FileLock::exclusive(&path).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// Publishes a finished squashed blob (in `tmp/`) with its record.
+    pub fn publish_squash(&self, blob: &Path, record: &SquashedBlob) -> Result<(), StoreError> {
+        let json = serde_json::to_vec_pretty(record).expect("a squash record serializes");
+        let dir = self.layer_dir(record.fs);
+        write_atomic(&dir.join(format!("squash-{}.json", record.chain_id.digest())), &json)?;
+        let file =
+            fs_err::File::open(blob).map_err(|e| StoreError::Io { path: blob.to_owned(), source: e })?;
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444)).map_err(io_at(blob))?;
+        file.sync_all().map_err(io_at(blob))?;
+        rename_durably(blob, &record.path)
     }
 
     /// The stored layer, if its blob is published.

@@ -46,7 +46,7 @@ mkdir -p /rw/upper /rw/work /newroot
 mount -t overlay overlay -o "lowerdir=$lowerdir,upperdir=/rw/upper,workdir=/rw/work" /newroot || fail "overlay"
 # The image may have no shell: the command starts through busybox kept in the guest's /dev.
 mkdir -p /dev/.vmrootfs && cp /bin/busybox /dev/.vmrootfs/busybox
-for d in proc sys dev; do [ -d "/newroot/$d" ] && mount --bind "/$d" "/newroot/$d"; done
+for d in proc sys dev; do mkdir -p "/newroot/$d" && mount --bind "/$d" "/newroot/$d"; done
 # OCI user: uid, uid:gid, name or name:group, resolved in the image's /etc/passwd and /etc/group.
 setpriv=""
 if [ -n "$USERSPEC" ]; then
@@ -59,7 +59,8 @@ if [ -n "$USERSPEC" ]; then
     *) gid=$g;;
   esac
   case "$uid:${gid:-0}" in *[!0-9:]*|:*) fail "unknown user $USERSPEC";; esac
-  setpriv="/dev/.vmrootfs/busybox setpriv --reuid=$uid --regid=${gid:-0} --clear-groups"
+  # Debian's busybox setpriv cannot change ids; start-stop-daemon -c can (and execs in place).
+  setpriv="/dev/.vmrootfs/busybox start-stop-daemon -S -c $uid:${gid:-0} -x"
 fi
 echo "$setpriv" > /dev/.vmrootfs/setpriv
 cp /vmrootfs/exec.sh /dev/.vmrootfs/exec.sh

@@ -124,7 +124,10 @@ case $cmd in
      cmd=$found;;
 esac
 setpriv=$(cat /dev/.vmrootfs/setpriv)
-exec /dev/.vmrootfs/busybox env -i {env} $setpriv "$cmd" {args}
+if [ -n "$setpriv" ]; then
+  exec /dev/.vmrootfs/busybox env -i {env} $setpriv "$cmd" -- {args}
+fi
+exec /dev/.vmrootfs/busybox env -i {env} "$cmd" {args}
 "#,
         wd = sq(workdir),
         cmd = sq(&command[0]),

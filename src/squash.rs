@@ -1,0 +1,185 @@
+//! `build --squash`: the whole image flattened into one blob, whiteouts applied, for runtimes
+//! without overlayfs or with more layers than drives.
+//!
+//! The layer blobs are loop-mounted and stacked read-only with overlayfs, so the kernel itself
+//! applies whiteouts and opaque directories; the merged tree is copied into a staging tree
+//! with the same writer layers use (every attribute kept, hardlinks kept) and made into one
+//! image by the backend. Cached by the image's top chain ID.
+
+use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::backend::tool::{self, ToolError};
+use crate::backend::{Backend, BackendError};
+use crate::layer::dirindex::DirIndex;
+use crate::layer::tree::{EntryMeta, LayerTree, NodeType, TreeError};
+use crate::record::{Lower, SquashedBlob};
+use crate::staging::Stager;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SquashError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("copying {path:?} from the merged tree")]
+    Copy {
+        path: String,
+        #[source]
+        source: TreeError,
+    },
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Mounts, unmounted in reverse order when dropped.
+struct Mounts(Vec<PathBuf>);
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for m in self.0.iter().rev() {
+            let _ = Command::new("umount").arg(m).status();
+        }
+    }
+}
+
+fn mount(args: &[&str], source: &Path, target: &Path) -> Result<(), ToolError> {
+    tool::run("mount", Command::new("mount").args(args).arg(source).arg(target)).map(|_| ())
+}
+
+/// The squashed blob of `lowers` (base first), made unless stored.
+pub fn squash(
+    store: &Store,
+    backend: &Backend,
+    stager: &Stager,
+    lowers: &[Lower],
+) -> Result<SquashedBlob, SquashError> {
+    let fs = backend.fs();
+    let top = &lowers.last().expect("an image has layers").chain_id;
+    let _lock = store.lock_squash(fs, top)?;
+    if let Some(done) = store.squashed(fs, top)? {
+        return Ok(done);
+    }
+    let work = store.staging("squash-")?;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SquashError::Io { path, source }
+    };
+    let mut mounts = Mounts(Vec::new());
+    let mut dirs = Vec::new();
+    for (i, l) in lowers.iter().enumerate() {
+        let mp = work.path().join(format!("l{i}"));
+        fs_err::create_dir(&mp).map_err(io(&mp))?;
+        mount(&["-t", l.fs.name(), "-o", "loop,ro"], &l.path, &mp)?;
+        mounts.0.push(mp.clone());
+        dirs.push(mp.display().to_string());
+    }
+    let merged = work.path().join("merged");
+    fs_err::create_dir(&merged).map_err(io(&merged))?;
+    dirs.reverse();
+    let opts = format!("ro,lowerdir={}", dirs.join(":"));
+    mount(&["-t", "overlay", "-o", &opts], Path::new("overlay"), &merged)?;
+    mounts.0.push(merged.clone());
+
+    let staging = stager.dir(store, Some(lowers.iter().map(|l| l.size).sum::<u64>() / 4), 1)?;
+    let tree_dir = staging.path().join("tree");
+    fs_err::create_dir(&tree_dir).map_err(io(&tree_dir))?;
+    let mut tree = LayerTree::new(&tree_dir).map_err(io(&tree_dir))?;
+    copy_tree(&merged, &mut tree)?;
+    let finished =
+        tree.finish(&DirIndex::default()).map_err(|source| SquashError::Copy { path: "/".into(), source })?;
+    drop(mounts);
+
+    let out = work.path().join("blob");
+    let seed = crate::digest::sha256_of(format!("squash {top}").as_bytes());
+    backend.make(&tree_dir, &finished, &seed, &out)?;
+    let record = SquashedBlob {
+        path: store.squash_path(fs, top),
+        fs,
+        chain_id: top.clone(),
+        size: fs_err::metadata(&out).map_err(io(&out))?.len(),
+        blob_sha256: crate::digest::sha256_file_hex(&out).map_err(io(&out))?,
+    };
+    store.publish_squash(&out, &record)?;
+    Ok(record)
+}
+
+fn meta_of(path: &Path, m: &std::fs::Metadata) -> EntryMeta {
+    let mut xattrs = Vec::new();
+    let mut names = vec![0u8; 64 * 1024];
+    let n = rustix::fs::llistxattr(path, &mut names).unwrap_or(0);
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let mut value = vec![0u8; 64 * 1024];
+        if let Ok(len) = rustix::fs::lgetxattr(path, name, &mut value) {
+            value.truncate(len);
+            xattrs.push((name.to_vec(), value));
+        }
+    }
+    xattrs.sort();
+    EntryMeta {
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime_sec: m.mtime(),
+        mtime_nsec: m.mtime_nsec() as u32,
+        xattrs,
+    }
+}
+
+/// Copies the merged tree at `root` into `tree`, every attribute and hardlink kept.
+fn copy_tree(root: &Path, tree: &mut LayerTree) -> Result<(), SquashError> {
+    let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    for entry in walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name() {
+        let entry = entry.map_err(|e| SquashError::Io { path: root.to_owned(), source: e.into() })?;
+        let path = entry.path();
+        let rel = path.strip_prefix(root).expect("under the root").as_os_str().as_bytes().to_vec();
+        let m = std::fs::symlink_metadata(path)
+            .map_err(|source| SquashError::Io { path: path.to_owned(), source })?;
+        let meta = meta_of(path, &m);
+        let ft = m.file_type();
+        let err = |source| SquashError::Copy { path: crate::layer::path::display(&rel), source };
+        if !ft.is_dir() && m.nlink() > 1 {
+            if let Some(first) = links.get(&(m.dev(), m.ino())) {
+                tree.write_hardlink(&rel, first).map_err(err)?;
+                continue;
+            }
+            links.insert((m.dev(), m.ino()), rel.clone());
+        }
+        let result = if ft.is_dir() {
+            tree.write_dir(&rel, meta)
+        } else if ft.is_file() {
+            let mut f = std::fs::File::open(path)
+                .map_err(|source| SquashError::Io { path: path.to_owned(), source })?;
+            tree.write_file(&rel, &meta, &mut f)
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(path)
+                .map_err(|source| SquashError::Io { path: path.to_owned(), source })?;
+            tree.write_symlink(&rel, target.as_os_str().as_bytes(), &meta)
+        } else {
+            let (major, minor) = (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev()));
+            let node = if ft.is_fifo() {
+                NodeType::Fifo
+            } else if ft.is_char_device() {
+                NodeType::Char { major, minor }
+            } else if ft.is_block_device() {
+                NodeType::Block { major, minor }
+            } else {
+                continue; // sockets cannot come from a layer tar
+            };
+            tree.write_node(&rel, node, &meta)
+        };
+        result.map_err(err)?;
+    }
+    Ok(())
+}
