@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the Debian packages vmrootfs needs, when missing (called by `make`).
+# usage: install-deps.sh run|all   (run: what `build` needs; all: also boot, tests, bench)
+#   run:  erofs-utils, e2fsprogs (mkfs, fsck, debugfs)
+#   boot: qemu-system-x86, qboot (qemu-system-data), linux-image-amd64, busybox-static
+#   test: umoci, skopeo, debootstrap, attr, libcap2-bin, python3; bench: time, bc
+# qemu-system-x86 comes from bookworm-backports when this machine's qemu-utils does (Debian
+# 12 images often ship backports' qemu-utils, which the bookworm qemu-system-x86 conflicts
+# with); the backports source is added for that one package.
+set -euo pipefail
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+export DEBIAN_FRONTEND=noninteractive
+
+installed() { dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed'; }
+
+want=(erofs-utils e2fsprogs)
+[ "${1:-all}" = all ] && want+=(umoci skopeo debootstrap busybox-static attr libcap2-bin python3 time bc
+                                zstd xz-utils ca-certificates linux-image-amd64)
+missing=()
+for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
+need_qemu=0; [ "${1:-all}" = all ] && ! installed qemu-system-x86 && need_qemu=1
+[ ${#missing[@]} -eq 0 ] && [ $need_qemu -eq 0 ] && exit 0
+
+$SUDO apt-get update -qq
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+if [ $need_qemu -eq 1 ]; then
+  if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q bpo; then
+    list=/etc/apt/sources.list.d/vmrootfs-bookworm-backports.list
+    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      echo 'deb http://deb.debian.org/debian bookworm-backports main' | $SUDO tee "$list" >/dev/null
+      $SUDO apt-get update -qq
+    fi
+    echo "installing: qemu-system-x86 (bookworm-backports, to match qemu-utils)"
+    $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86
+  else
+    echo "installing: qemu-system-x86"
+    $SUDO apt-get install -y -qq --no-install-recommends qemu-system-x86
+  fi
+fi
