@@ -348,6 +348,7 @@ impl Builder {
                 self.opts.fs,
                 mkfs_at.elapsed().as_secs_f64()
             ));
+            let hash_at = std::time::Instant::now();
             let blob_sha256 = digest::sha256_file_hex(&out).map_err(LayerFailure::Hash)?;
             let size = fs_err::metadata(&out).map_err(LayerFailure::Hash)?.len();
             let record = LayerRecord {
@@ -359,7 +360,17 @@ impl Builder {
                 blob_sha256,
                 tool: self.backend.describe(),
             };
+            let publish_at = std::time::Instant::now();
             self.store.publish_layer(&out, &merged, &record)?;
+            let cleanup_at = std::time::Instant::now();
+            drop(staging);
+            crate::progress::debug(&format!(
+                "layer {}: hashed in {:.2}s, published (fsync) in {:.2}s, staging removed in {:.2}s",
+                i + 1,
+                (publish_at - hash_at).as_secs_f64(),
+                (cleanup_at - publish_at).as_secs_f64(),
+                cleanup_at.elapsed().as_secs_f64()
+            ));
             Ok(record)
         })();
         match &result {
