@@ -57,6 +57,15 @@ for fs in erofs ext4; do
   measure "vmrootfs-$fs" fresh "$BIN -q --store $SCRATCH/store build oci:$IMG/oci:test --fs $fs"
   measure "vmrootfs-$fs-disk" fresh "$BIN -q --store $SCRATCH/store build oci:$IMG/oci:test --fs $fs --staging disk"
 done
+# erofs-utils ≥ 1.8 straight from the tar stream (containerd's EROFS differ, matchlock):
+# one layer after another, and all at once.
+MKFS18=""
+if bash bench/build-erofs-utils.sh >&2; then MKFS18=$PWD/target/erofs-utils-1.8/mkfs.erofs; fi
+if [ -n "$MKFS18" ]; then
+  measure erofs-tar-1.8 fresh "n=0; for l in $layers; do n=\$((n+1)); zcat \$l | $MKFS18 --quiet --tar=f --aufs $SCRATCH/l\$n.erofs; done"
+  measure erofs-tar-1.8-parallel fresh "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} | $MKFS18 --quiet --tar=f --aufs $SCRATCH/\$(basename {}).erofs'"
+fi
+
 warm="$BIN -q --store $SCRATCH/store build oci:$IMG/oci:test --fs erofs"
 fresh; eval "$warm" >/dev/null
 # A warm build must report cached (no layer work) before it is timed.
@@ -73,8 +82,10 @@ floor=${MEDIAN[floor]}
   echo "outputs and stores on disk; the layer blobs are in the page cache before every row"
   echo
   printf '%-22s %10s %14s %9s\n' pipeline median_s peak_rss_MB x_floor
-  for name in floor floor-parallel shell-erofs shell-erofs-tmpfs vmrootfs-erofs vmrootfs-erofs-disk \
-              shell-ext4 shell-ext4-tmpfs vmrootfs-ext4 vmrootfs-ext4-disk vmrootfs-warm-erofs; do
+  for name in floor floor-parallel shell-erofs shell-erofs-tmpfs erofs-tar-1.8 erofs-tar-1.8-parallel \
+              vmrootfs-erofs vmrootfs-erofs-disk shell-ext4 shell-ext4-tmpfs vmrootfs-ext4 vmrootfs-ext4-disk \
+              vmrootfs-warm-erofs; do
+    [ -n "${MEDIAN[$name]:-}" ] || { printf '%-22s %10s\n' "$name" "n/a"; continue; }
     printf '%-22s %10.2f %14.1f %9.2f\n' "$name" "${MEDIAN[$name]}" "$(echo "${RSS[$name]} / 1024" | bc -l)" \
       "$(echo "${MEDIAN[$name]} / $floor" | bc -l)"
   done
