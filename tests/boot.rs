@@ -4,6 +4,8 @@
 
 mod fixture;
 
+use std::path::Path;
+
 use fixture::*;
 
 /// Checks run inside the guest; each prints one line the test looks for.
@@ -116,4 +118,25 @@ fn run_uses_the_image_config() {
 
 fn dir_entry(path: &str) -> Entry {
     dir(path, 0o755)
+}
+
+/// A hung guest is ended at the timeout, with an error that says so.
+#[test]
+fn run_ends_a_hung_guest_at_the_timeout() {
+    let dir = scratch("boot-timeout");
+    let store = dir.path().join("store");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    let (ok, _, err) = run(vmrootfs(&store).args([
+        "-q",
+        "build",
+        &format!("oci-archive:{}:busybox", demo.display()),
+        "--tag",
+        "bb",
+    ]));
+    assert!(ok, "{err}");
+    let started = std::time::Instant::now();
+    let (ok, _, err) = run(vmrootfs(&store).args(["run", "bb", "--timeout", "20", "--", "sleep", "600"]));
+    assert!(!ok);
+    assert!(err.contains("did not finish within 20s"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "ended near the timeout");
 }
