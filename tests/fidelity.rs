@@ -35,12 +35,7 @@ fn build_with(store: &Path, spec: &str, fs: &str, extra: &[&str]) -> serde_json:
 }
 
 fn lowers(result: &serde_json::Value) -> Vec<(PathBuf, String)> {
-    result["lowers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| (PathBuf::from(l["path"].as_str().unwrap()), l["fs"].as_str().unwrap().to_string()))
-        .collect()
+    lowers_of(result)
 }
 
 fn check(form: &str, fs: &str) {

@@ -26,13 +26,7 @@ fn big_layer(name: &str, size: usize, seed: u64) -> Layer {
         b.append_data(&mut h, format!("{name}.bin"), &data[..]).unwrap();
         b.into_inner().unwrap()
     };
-    let blob = gzip(&tar);
-    Layer {
-        digest: sha256(&blob),
-        diff_id: sha256(&tar),
-        blob,
-        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-    }
+    Layer::from_tar(&tar)
 }
 
 fn small_layer(name: &str) -> Layer {

@@ -11,18 +11,8 @@ use std::io::{self, BufRead, Write};
 
 use super::path::ancestors;
 
-/// Metadata of one directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirMeta {
-    /// Permission bits including setuid, setgid and sticky (`0o7777` mask).
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime_sec: i64,
-    pub mtime_nsec: u32,
-    /// Extended attributes, sorted by name; never `trusted.overlay.*` (those are per layer).
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
+/// Metadata of one directory: the same fields as any entry's.
+pub type DirMeta = super::tree::EntryMeta;
 
 impl DirMeta {
     /// A directory that no layer below describes (what `mkdir -p` would give, at the epoch).

@@ -58,25 +58,15 @@ fn io_err<'a>(op: &'static str, path: &'a [u8]) -> impl FnOnce(Errno) -> TreeErr
 /// Ownership, permissions, time and xattrs of one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryMeta {
+    /// Permission bits including setuid, setgid and sticky (`0o7777` mask).
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
     pub mtime_sec: i64,
     pub mtime_nsec: u32,
+    /// Extended attributes, sorted by name. In a [`DirIndex`] never `trusted.overlay.*`
+    /// (those belong to one layer).
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-impl From<EntryMeta> for DirMeta {
-    fn from(m: EntryMeta) -> Self {
-        DirMeta {
-            mode: m.mode,
-            uid: m.uid,
-            gid: m.gid,
-            mtime_sec: m.mtime_sec,
-            mtime_nsec: m.mtime_nsec,
-            xattrs: m.xattrs,
-        }
-    }
 }
 
 /// Special files a layer may contain.
@@ -283,7 +273,7 @@ impl LayerTree {
     pub fn write_dir(&mut self, path: &[u8], meta: EntryMeta) -> Result<(), TreeError> {
         if path.is_empty() {
             self.implicit_dirs.remove(path);
-            self.explicit_dirs.insert(Vec::new(), meta.into());
+            self.explicit_dirs.insert(Vec::new(), meta);
             return Ok(());
         }
         let (parent, name) = self.parent(path)?;
@@ -306,7 +296,7 @@ impl LayerTree {
             Err(e) => return Err(io_err("stat", path)(e)),
         }
         self.implicit_dirs.remove(path);
-        self.explicit_dirs.insert(path.to_vec(), meta.into());
+        self.explicit_dirs.insert(path.to_vec(), meta);
         Ok(())
     }
 
@@ -365,7 +355,7 @@ impl LayerTree {
         })?;
         self.stats.file_bytes += offset;
         self.count_new(name, false);
-        self.apply_fd_meta(file.as_fd(), path, &meta.clone().into(), false)
+        self.apply_fd_meta(file.as_fd(), path, meta, false)
     }
 
     /// A symbolic link; its target is stored as given and never resolved.
