@@ -3,7 +3,8 @@
 # usage: install-deps.sh run|all   (run: what `build` needs; all: also boot, tests, bench)
 #   run:  erofs-utils, e2fsprogs (mkfs, fsck, debugfs)
 #   boot: qemu-system-x86, qboot (qemu-system-data), linux-image-amd64, busybox-static
-#   test: umoci, skopeo, debootstrap, attr, libcap2-bin, python3; bench: time, bc
+#   test: umoci, skopeo, debootstrap, attr, libcap2-bin, python3, docker-registry,
+#         apache2-utils (htpasswd); bench: time, bc
 # qemu-system-x86 comes from bookworm-backports when this machine's qemu-utils does (Debian
 # 12 images often ship backports' qemu-utils, which the bookworm qemu-system-x86 conflicts
 # with); the backports source is added for that one package.
@@ -14,7 +15,7 @@ export DEBIAN_FRONTEND=noninteractive
 installed() { dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed'; }
 
 want=(erofs-utils e2fsprogs)
-[ "${1:-all}" = all ] && want+=(umoci skopeo debootstrap busybox-static attr libcap2-bin python3 time bc
+[ "${1:-all}" = all ] && want+=(umoci skopeo debootstrap busybox-static attr libcap2-bin python3 time bc docker-registry apache2-utils
                                 zstd xz-utils ca-certificates linux-image-amd64)
 missing=()
 for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done

@@ -89,6 +89,8 @@ pub struct BuildOptions {
     pub staging: StagingPolicy,
     /// Also make one flattened blob of the whole image.
     pub squash: bool,
+    /// Credentials and plain-HTTP hosts for registry sources.
+    pub registry: crate::source::RegistryOptions,
 }
 
 impl Default for BuildOptions {
@@ -100,6 +102,7 @@ impl Default for BuildOptions {
             max_layer_bytes: 64 << 30,
             staging: StagingPolicy::Auto,
             squash: false,
+            registry: Default::default(),
         }
     }
 }
@@ -176,7 +179,7 @@ impl Builder {
         tag: Option<&str>,
         reporter: &Reporter,
     ) -> Result<BuildResult, BuildError> {
-        let source = source::open(spec)?;
+        let source = source::open(spec, &self.opts.registry)?;
         let image = source.resolve(&self.opts.platform)?;
         // Shared store lock for the whole build: no GC between publishing blobs and the record.
         let _store_lock = self.store.lock_shared()?;

@@ -36,11 +36,14 @@ enum Command {
     /// Convert an image into per-layer blobs and record it under a tag.
     ///
     /// SOURCE is one of:
+    ///   REF, docker://REF           a registry image: alpine:3.20, ghcr.io/org/app@sha256:…,
+    ///                               127.0.0.1:5000/lab/img:tag (plain HTTP for localhost)
     ///   oci:DIR[:TAG]               an OCI image layout directory
     ///   oci-archive:FILE[:TAG]      a tar of an OCI image layout
     ///   docker-archive:FILE[:REF]   a `docker save` tar
     ///
     /// Layers already in the store are not converted again. Examples:
+    ///   vmrootfs build alpine:3.20
     ///   vmrootfs build oci-archive:testdata/busybox.oci.tar:busybox --tag busybox
     ///   vmrootfs build oci:./layout:v1 --fs ext4 --json
     #[command(verbatim_doc_comment)]
@@ -66,6 +69,12 @@ enum Command {
         /// without overlayfs or with more layers than drives.
         #[arg(long)]
         squash: bool,
+        /// Registry credentials for every registry [default: docker's config.json, else none].
+        #[arg(long, value_name = "USER:PASS")]
+        creds: Option<String>,
+        /// Speak plain HTTP to this registry host (localhost and 127.0.0.0/8 always are).
+        #[arg(long, value_name = "HOST")]
+        insecure_registry: Vec<String>,
         /// Refuse a layer that unpacks to more than this (K, M, G suffixes).
         #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
         max_layer_size: u64,
@@ -251,7 +260,19 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             let status = vmrootfs::vm::run(&store, &record, &opts, &mut std::io::stdout())?;
             return Ok(Some(status));
         }
-        Command::Build { source, tag, fs, platform, jobs, staging, squash, max_layer_size, json } => {
+        Command::Build {
+            source,
+            tag,
+            fs,
+            platform,
+            jobs,
+            staging,
+            squash,
+            creds,
+            insecure_registry,
+            max_layer_size,
+            json,
+        } => {
             let store = open_store(cli.store)?;
             let mut opts = BuildOptions {
                 fs,
@@ -266,6 +287,11 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             if let Some(j) = jobs {
                 opts.jobs = j.max(1);
             }
+            if let Some(c) = creds {
+                let (user, pass) = c.split_once(':').context("--creds takes USER:PASS")?;
+                opts.registry.creds = Some((user.to_string(), pass.to_string()));
+            }
+            opts.registry.insecure = insecure_registry;
             let builder = Builder::new(store, opts)?;
             let reporter = Reporter::new();
             let result = builder.build(&source, tag.as_deref(), &reporter)?;

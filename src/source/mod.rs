@@ -9,6 +9,9 @@
 mod archive;
 pub mod docker_archive;
 pub mod oci;
+pub mod registry;
+
+pub use registry::RegistryOptions;
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -28,10 +31,16 @@ pub enum SourceError {
         "unknown source {0:?}: expected oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:REF]"
     )]
     UnknownTransport(String),
+    #[error("bad image reference {0}")]
+    BadReference(String),
     #[error(
-        "registry sources ({0}) are not supported yet; export the image with `skopeo copy docker://… oci-archive:FILE` and build from the archive"
+        "registry {registry} refused access: give credentials with --creds USER:PASS or `docker login {registry}` (config.json)"
     )]
-    Registry(String),
+    Unauthorized { registry: String },
+    #[error("{0} not found in the registry")]
+    NotFound(String),
+    #[error("registry error for {what}: {detail}")]
+    Registry { what: String, detail: String },
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -103,8 +112,8 @@ pub trait ImageSource: Send + Sync {
     fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read + Send + '_>, SourceError>;
 }
 
-/// Parses a source spelling (see the module table).
-pub fn open(spec: &str) -> Result<Box<dyn ImageSource>, SourceError> {
+/// Parses a source spelling (see the module table); anything else is a registry reference.
+pub fn open(spec: &str, registry: &RegistryOptions) -> Result<Box<dyn ImageSource>, SourceError> {
     if let Some(rest) = spec.strip_prefix("oci:") {
         let (path, tag) = split_path_ref(rest);
         return Ok(Box::new(oci::OciSource::dir(path, tag)?));
@@ -118,7 +127,7 @@ pub fn open(spec: &str) -> Result<Box<dyn ImageSource>, SourceError> {
         return Ok(Box::new(docker_archive::DockerArchive::open(path, reference)?));
     }
     if spec.starts_with("docker://") || !spec.contains(':') || looks_like_registry_ref(spec) {
-        return Err(SourceError::Registry(spec.to_string()));
+        return Ok(Box::new(registry::RegistrySource::new(spec, registry)?));
     }
     Err(SourceError::UnknownTransport(spec.to_string()))
 }
@@ -197,10 +206,11 @@ mod tests {
 
     #[test]
     fn open_tells_transports_apart() {
-        assert!(matches!(open("alpine:3.20"), Err(SourceError::Registry(_))));
-        assert!(matches!(open("docker://alpine"), Err(SourceError::Registry(_))));
-        assert!(matches!(open("alpine"), Err(SourceError::Registry(_))));
-        assert!(matches!(open("dir:/x"), Err(SourceError::UnknownTransport(_))));
-        assert!(matches!(open("oci:/nonexistent/dir:tag"), Err(SourceError::Io { .. })));
+        let r = RegistryOptions::default();
+        for registry_ref in ["alpine:3.20", "docker://alpine", "alpine", "127.0.0.1:5000/a/b:c"] {
+            assert!(open(registry_ref, &r).unwrap().describe().starts_with("docker://"), "{registry_ref}");
+        }
+        assert!(matches!(open("dir:/x", &r), Err(SourceError::UnknownTransport(_))));
+        assert!(matches!(open("oci:/nonexistent/dir:tag", &r), Err(SourceError::Io { .. })));
     }
 }

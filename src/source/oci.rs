@@ -171,6 +171,11 @@ impl ImageSource for OciSource {
     }
 }
 
+/// An OCI or Docker schema-2 image manifest media type.
+pub(crate) fn is_manifest_type(media_type: &str) -> bool {
+    MANIFEST_TYPES.contains(&media_type)
+}
+
 /// `os/arch[/variant]` of a config.
 pub(crate) fn config_platform(config: &ImageConfiguration) -> String {
     match config.variant() {

@@ -1,0 +1,385 @@
+//! Registries (OCI distribution API) through `oci-client`, behind a small tokio runtime: the
+//! rest of vmrootfs stays synchronous. Layer blobs stream through a bounded channel into the
+//! converting thread; a cut connection resumes with a Range request from the last byte
+//! received, and connection errors, 5xx and 429 are retried with backoff. The bytes are
+//! checked against the layer digest by the converter, so nothing unchecked is published.
+
+use std::io::{self, Read};
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use oci_spec::image::{Digest, ImageConfiguration, ImageIndex, ImageManifest};
+
+use super::oci::{config_platform, select_platform};
+use super::{ImageSource, LayerRef, ResolvedImage, SourceError, diff_ids};
+use crate::digest;
+use crate::platform::Platform;
+
+const ACCEPT: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+const RETRIES: u32 = 5;
+
+/// How to reach registries (`--creds`, `--insecure-registry`).
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// `USER:PASS` for every registry (else docker's config.json, else anonymous).
+    pub creds: Option<(String, String)>,
+    /// Hosts (`host` or `host:port`) spoken to over plain HTTP besides localhost/127.0.0.0/8.
+    pub insecure: Vec<String>,
+}
+
+pub struct RegistrySource {
+    reference: Reference,
+    client: Client,
+    auth: RegistryAuth,
+    rt: Arc<tokio::runtime::Runtime>,
+    spec: String,
+}
+
+/// Plain HTTP for localhost, 127.0.0.0/8 and hosts given with `--insecure-registry`, as docker.
+fn insecure(registry: &str, extra: &[String]) -> bool {
+    let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
+    host == "localhost"
+        || Ipv4Addr::from_str(host).is_ok_and(|ip| ip.octets()[0] == 127)
+        || extra.iter().any(|e| e == registry || e == host)
+}
+
+/// Credentials: `--creds`, else docker's config.json (`auths`, `credHelpers`, `credsStore`).
+fn auth_for(registry: &str, opts: &RegistryOptions) -> RegistryAuth {
+    if let Some((u, p)) = &opts.creds {
+        return RegistryAuth::Basic(u.clone(), p.clone());
+    }
+    let server = if registry == "docker.io" { "https://index.docker.io/v1/" } else { registry };
+    match docker_credential::get_credential(server) {
+        Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => RegistryAuth::Basic(u, p),
+        Ok(docker_credential::DockerCredential::IdentityToken(t)) => RegistryAuth::Bearer(t),
+        Err(_) => RegistryAuth::Anonymous,
+    }
+}
+
+fn retryable(e: &OciDistributionError) -> bool {
+    match e {
+        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => true,
+        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
+        _ => false,
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(200 << attempt.min(5))
+}
+
+impl RegistrySource {
+    pub fn new(spec: &str, opts: &RegistryOptions) -> Result<Self, SourceError> {
+        let text = spec.strip_prefix("docker://").unwrap_or(spec);
+        let reference =
+            Reference::from_str(text).map_err(|e| SourceError::BadReference(format!("{text}: {e}")))?;
+        let registry = reference.resolve_registry().to_string();
+        let mut http = Vec::new();
+        if insecure(&registry, &opts.insecure) {
+            http.push(registry.clone());
+        }
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(http),
+            platform_resolver: None,
+            ..Default::default()
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|source| SourceError::Io { path: "tokio runtime".into(), source })?;
+        let auth = auth_for(reference.registry(), opts);
+        Ok(RegistrySource {
+            spec: format!("docker://{}", reference.whole()),
+            reference,
+            client,
+            auth,
+            rt: Arc::new(rt),
+        })
+    }
+
+    fn registry_error(&self, e: OciDistributionError, what: &str) -> SourceError {
+        let registry = self.reference.registry().to_string();
+        match e {
+            OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::AuthenticationFailure(_) => SourceError::Unauthorized { registry },
+            OciDistributionError::ServerError { code: 404, .. } => SourceError::NotFound(what.to_string()),
+            OciDistributionError::RegistryError { envelope, .. }
+                if envelope
+                    .errors
+                    .iter()
+                    .any(|e| format!("{:?}", e.code).to_uppercase().contains("UNKNOWN")) =>
+            {
+                SourceError::NotFound(what.to_string())
+            }
+            OciDistributionError::RegistryError { envelope, .. }
+                if envelope.errors.iter().any(|e| {
+                    format!("{:?}", e.code).to_uppercase().contains("UNAUTHORIZED")
+                        || format!("{:?}", e.code).to_uppercase().contains("DENIED")
+                }) =>
+            {
+                SourceError::Unauthorized { registry }
+            }
+            e => SourceError::Registry { what: what.to_string(), detail: e.to_string() },
+        }
+    }
+
+    /// A manifest or index by tag or digest, retried on transient errors.
+    fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, String), SourceError> {
+        let mut attempt = 0;
+        loop {
+            let result = self.rt.block_on(self.client.pull_manifest_raw(reference, &self.auth, ACCEPT));
+            match result {
+                Ok((bytes, digest)) => return Ok((bytes.to_vec(), digest)),
+                Err(e) if retryable(&e) && attempt < RETRIES => {
+                    std::thread::sleep(backoff(attempt));
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.registry_error(e, &reference.whole())),
+            }
+        }
+    }
+
+    /// A small blob (config), read whole and checked.
+    fn small_blob(&self, d: &Digest) -> Result<Vec<u8>, SourceError> {
+        let mut out = Vec::new();
+        self.open_blob(d.to_string(), None)?
+            .take(super::MAX_JSON + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| SourceError::Registry { what: format!("blob {d}"), detail: e.to_string() })?;
+        if out.len() as u64 > super::MAX_JSON {
+            return Err(SourceError::TooLarge { what: format!("blob {d}") });
+        }
+        digest::check("config", d, &digest::sha256_of(&out))?;
+        Ok(out)
+    }
+
+    fn open_blob(&self, digest: String, size: Option<u64>) -> Result<BlobReader, SourceError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let client = self.client.clone();
+        let reference = self.reference.clone();
+        let auth = self.auth.clone();
+        self.rt.spawn(download(client, reference, auth, digest, size, tx));
+        Ok(BlobReader { rx, chunk: bytes::Bytes::new() })
+    }
+}
+
+/// Streams one blob into `tx`, resuming after cuts and retrying transient errors.
+async fn download(
+    client: Client,
+    reference: Reference,
+    auth: RegistryAuth,
+    digest: String,
+    size: Option<u64>,
+    tx: tokio::sync::mpsc::Sender<io::Result<bytes::Bytes>>,
+) {
+    client.store_auth_if_needed(reference.resolve_registry(), &auth).await;
+    let mut offset = 0u64;
+    let mut failures = 0u32;
+    let fail = |msg: String| io::Error::other(msg);
+    loop {
+        let response = if offset == 0 {
+            client.pull_blob_stream(&reference, digest.as_str()).await.map(|s| (s.stream, 0))
+        } else {
+            match client.pull_blob_stream_partial(&reference, digest.as_str(), offset, None).await {
+                Ok(BlobResponse::Partial(s)) => Ok((s.stream, 0)),
+                // The registry ignored the Range header: skip what we already have.
+                Ok(BlobResponse::Full(s)) => Ok((s.stream, offset)),
+                Err(e) => Err(e),
+            }
+        };
+        let (mut stream, mut skip) = match response {
+            Ok(r) => r,
+            Err(e) if retryable(&e) && failures < RETRIES => {
+                crate::progress::info(&format!("retrying blob {digest}: {e}"));
+                tokio::time::sleep(backoff(failures)).await;
+                failures += 1;
+                continue;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(fail(format!("fetching blob {digest}: {e}")))).await;
+                return;
+            }
+        };
+        let mut cut = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(mut b) => {
+                    if skip > 0 {
+                        let n = (skip as usize).min(b.len());
+                        b = b.slice(n..);
+                        skip -= n as u64;
+                    }
+                    offset += b.len() as u64;
+                    if !b.is_empty() && tx.send(Ok(b)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    cut = Some(e);
+                    break;
+                }
+            }
+        }
+        match cut {
+            // All bytes arrived (a failed digest check at the very end is reported by the
+            // converter, which names both digests).
+            None => return,
+            Some(_) if size.is_some_and(|s| offset >= s) => return,
+            Some(e) if failures < RETRIES => {
+                crate::progress::info(&format!(
+                    "connection cut after {offset} bytes of {digest} ({e}); resuming"
+                ));
+                tokio::time::sleep(backoff(failures)).await;
+                failures += 1;
+            }
+            Some(e) => {
+                let _ = tx.send(Err(fail(format!("fetching blob {digest}: {e}")))).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The converting thread's end of a blob download.
+struct BlobReader {
+    rx: tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>,
+    chunk: bytes::Bytes,
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.chunk = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk = self.chunk.slice(n..);
+        Ok(n)
+    }
+}
+
+fn media_type_of(bytes: &[u8]) -> (Option<String>, Option<i64>, bool) {
+    let v: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+    (
+        v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string),
+        v.get("schemaVersion").and_then(|s| s.as_i64()),
+        v.get("manifests").is_some(),
+    )
+}
+
+impl ImageSource for RegistrySource {
+    fn describe(&self) -> String {
+        self.spec.clone()
+    }
+
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
+        let (mut bytes, mut digest_str) = self.manifest(&self.reference)?;
+        for _ in 0..3 {
+            let (media_type, schema, is_index) = media_type_of(&bytes);
+            if schema == Some(1) {
+                return Err(SourceError::UnsupportedManifest(
+                    "application/vnd.docker.distribution.manifest.v1+json (schema 1)".into(),
+                ));
+            }
+            let found = digest::sha256_of(&bytes);
+            if let Some(want) = self.reference.digest() {
+                let want: Digest = want.parse().map_err(|_| SourceError::BadDigest(want.to_string()))?;
+                digest::check("manifest", &want, &found)?;
+            }
+            if is_index {
+                let index: ImageIndex = serde_json::from_slice(&bytes)
+                    .map_err(|source| SourceError::Json { what: "image index".into(), source })?;
+                let desc = select_platform(&index, platform)?;
+                let by_digest = self.reference.clone_with_digest(desc.digest().to_string());
+                (bytes, digest_str) = self.manifest(&by_digest)?;
+                digest::check("manifest", desc.digest(), &digest::sha256_of(&bytes))?;
+                continue;
+            }
+            if let Some(mt) = media_type.filter(|mt| !super::oci::is_manifest_type(mt)) {
+                return Err(SourceError::UnsupportedManifest(mt));
+            }
+            let manifest: ImageManifest = serde_json::from_slice(&bytes)
+                .map_err(|source| SourceError::Json { what: "manifest".into(), source })?;
+            let config_bytes = self.small_blob(manifest.config().digest())?;
+            let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
+                .map_err(|source| SourceError::Json { what: "config".into(), source })?;
+            let layers: Vec<LayerRef> = manifest
+                .layers()
+                .iter()
+                .map(|l| LayerRef {
+                    media_type: l.media_type().to_string(),
+                    digest: l.digest().clone(),
+                    size: Some(l.size()),
+                    location: l.digest().to_string(),
+                })
+                .collect();
+            let diff_ids = diff_ids(&config, layers.len())?;
+            let _ = digest_str;
+            return Ok(ResolvedImage {
+                manifest_digest: found,
+                config_digest: manifest.config().digest().clone(),
+                platform: config_platform(&config),
+                config,
+                layers,
+                diff_ids,
+            });
+        }
+        Err(SourceError::UnsupportedManifest("index nested too deeply".into()))
+    }
+
+    fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read + Send + '_>, SourceError> {
+        Ok(Box::new(self.open_blob(layer.location.clone(), layer.size)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_only_for_local_and_named_hosts() {
+        let extra = vec!["reg.lan:5000".to_string(), "other.lan".to_string()];
+        for (registry, want) in [
+            ("localhost:5000", true),
+            ("127.0.0.1:5000", true),
+            ("127.1.2.3", true),
+            ("128.0.0.1:5000", false),
+            ("ghcr.io", false),
+            ("reg.lan:5000", true),
+            ("other.lan:443", true),
+            ("reg.lan:6000", false),
+        ] {
+            assert_eq!(insecure(registry, &extra), want, "{registry}");
+        }
+    }
+
+    #[test]
+    fn references_parse_as_docker_does() {
+        for (input, registry, repo, tag) in [
+            ("alpine", "docker.io", "library/alpine", Some("latest")),
+            ("alpine:3.20", "docker.io", "library/alpine", Some("3.20")),
+            ("127.0.0.1:5000/lab/img:tag", "127.0.0.1:5000", "lab/img", Some("tag")),
+            ("ghcr.io/org/app:v1", "ghcr.io", "org/app", Some("v1")),
+        ] {
+            let r = Reference::from_str(input).unwrap();
+            assert_eq!((r.registry(), r.repository(), r.tag()), (registry, repo, tag), "{input}");
+        }
+    }
+}

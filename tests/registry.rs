@@ -1,0 +1,437 @@
+//! Registry sources against real `docker-registry` (distribution v2) servers on loopback —
+//! one anonymous, one with htpasswd basic auth — fed by skopeo, plus a fault-injecting proxy.
+
+mod fixture;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fixture::*;
+
+/// A docker-registry process on a free loopback port; killed on drop.
+struct Registry {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Registry {
+    fn start(htpasswd: Option<(&str, &str)>) -> Registry {
+        let dir = scratch("registry");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, pass)) = htpasswd {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, pass])
+                .output()
+                .expect("htpasswd (apache2-utils)");
+            assert!(out.status.success());
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, out.stdout).unwrap();
+            config +=
+                &format!("auth:\n  htpasswd:\n    realm: vmrootfs-test\n    path: {}\n", file.display());
+        }
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.path().join("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("docker-registry");
+        for _ in 0..100 {
+            if TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry { child, addr, log, _dir: dir }
+    }
+
+    /// `skopeo copy` of an OCI layout image into this registry, digests preserved.
+    fn push(&self, src: &str, repo: &str, creds: Option<&str>, all: bool) {
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "-q", "--dest-tls-verify=false", "--preserve-digests"]);
+        if all {
+            cmd.arg("--all");
+        }
+        if let Some(c) = creds {
+            cmd.args(["--dest-creds", c]);
+        }
+        let out = cmd.arg(src).arg(format!("docker://{}/{repo}", self.addr)).output().unwrap();
+        assert!(out.status.success(), "skopeo push: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// GET requests for blob `digest` in the access log so far.
+    fn blob_gets(&self, digest: &str) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines().filter(|l| l.contains("\"GET ") && l.contains(&format!("/blobs/{digest}"))).count()
+    }
+}
+
+fn test_image_oci() -> String {
+    format!("oci:{}/oci:test", image().display())
+}
+
+fn layer_digests() -> Vec<String> {
+    let layout = image().join("oci");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let m = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(&m[7..])).unwrap()).unwrap();
+    manifest["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect()
+}
+
+fn build_json(store: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+    let (ok, out, err) = run(vmrootfs(store).arg("build").args(args).arg("--json"));
+    (ok, serde_json::from_str(&out).unwrap_or_default(), err)
+}
+
+fn blob_hashes(result: &serde_json::Value) -> Vec<String> {
+    lowers_of(result).iter().map(|(p, _)| vmrootfs::digest::sha256_file_hex(p).unwrap()).collect()
+}
+
+/// A pull gives the same blobs as building the OCI layout; a second build fetches no layer.
+#[test]
+fn pull_equals_layout_build_and_fetches_nothing_twice() {
+    let reg = Registry::start(None);
+    reg.push(&test_image_oci(), "lab/test:1", None, false);
+    let dir = scratch("reg-pull");
+    let (ok, pulled, err) =
+        build_json(&dir.path().join("a"), &[&format!("docker://{}/lab/test:1", reg.addr)]);
+    assert!(ok, "{err}");
+    assert!(err.contains("converting"), "progress per layer: {err}");
+    let (ok, local, err) = build_json(&dir.path().join("b"), &[&test_image_oci()]);
+    assert!(ok, "{err}");
+    assert_eq!(pulled["manifest_digest"], local["manifest_digest"]);
+    assert_eq!(blob_hashes(&pulled), blob_hashes(&local), "same blobs from the registry and the layout");
+
+    let layers = layer_digests();
+    let before: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
+    assert!(before.iter().all(|&n| n >= 1), "each layer fetched once: {before:?}");
+    let (ok, again, err) =
+        build_json(&dir.path().join("a"), &[&format!("{}/lab/test:1", reg.addr), "--tag", "again"]);
+    assert!(ok, "{err}");
+    assert_eq!(again["cached"], true);
+    assert!(err.matches("stored, skipped").count() == 4, "skipped layers are reported: {err}");
+    let after: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
+    assert_eq!(before, after, "the second build downloaded no layer blob");
+}
+
+/// Two platforms in one index: --platform picks one; a missing one lists what there is.
+#[test]
+fn multi_platform_index_resolves_to_the_platform() {
+    let dir = scratch("reg-multi");
+    let layout = dir.path().join("layout");
+    let amd = Layer::gzip(&[file("arch", "amd64")]);
+    let arm = Layer::gzip(&[file("arch", "arm64")]);
+    write_index_layout(&layout, &[("amd64", amd), ("arm64", arm)]);
+    let reg = Registry::start(None);
+    reg.push(&format!("oci:{}:multi", layout.display()), "lab/multi:1", None, true);
+    let reference = format!("{}/lab/multi:1", reg.addr);
+    for arch in ["amd64", "arm64"] {
+        let (ok, r, err) =
+            build_json(&dir.path().join(arch), &[&reference, "--platform", &format!("linux/{arch}")]);
+        assert!(ok, "{err}");
+        assert_eq!(r["platform"], format!("linux/{arch}"));
+        let lowers = lowers_of(&r);
+        let stack = MountedStack::mount(&lowers);
+        assert_eq!(std::fs::read_to_string(stack.root().join("arch")).unwrap(), arch);
+    }
+    let (ok, _, err) = build_json(&dir.path().join("none"), &[&reference, "--platform", "linux/s390x"]);
+    assert!(!ok);
+    assert!(
+        err.contains("linux/s390x") && err.contains("linux/amd64") && err.contains("linux/arm64"),
+        "{err}"
+    );
+}
+
+/// An OCI layout whose tag `multi` names an index of one image per architecture.
+fn write_index_layout(dir: &Path, images: &[(&str, Layer)]) {
+    let mut manifests = Vec::new();
+    for (arch, layer) in images {
+        let sub = dir.join(format!("tmp-{arch}"));
+        oci_layout(&sub, "t", std::slice::from_ref(layer));
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(sub.join("index.json")).unwrap()).unwrap();
+        let mut desc = index["manifests"][0].clone();
+        let mdigest = desc["digest"].as_str().unwrap().to_string();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(sub.join("blobs/sha256").join(&mdigest[7..])).unwrap())
+                .unwrap();
+        // Rewrite the config's architecture, which changes the config and manifest digests.
+        let cdigest = manifest["config"]["digest"].as_str().unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(sub.join("blobs/sha256").join(&cdigest[7..])).unwrap())
+                .unwrap();
+        config["architecture"] = serde_json::json!(arch);
+        let config = serde_json::to_vec(&config).unwrap();
+        let mut manifest = manifest.clone();
+        manifest["config"]["digest"] = serde_json::json!(sha256(&config));
+        manifest["config"]["size"] = serde_json::json!(config.len());
+        let manifest = serde_json::to_vec(&manifest).unwrap();
+        for blob in [&config, &manifest] {
+            let p = dir.join("blobs/sha256").join(&sha256(blob)[7..]);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, blob).unwrap();
+        }
+        let layer_path = format!("blobs/sha256/{}", &layer.digest[7..]);
+        std::fs::copy(sub.join(&layer_path), dir.join(&layer_path)).unwrap();
+        desc["digest"] = serde_json::json!(sha256(&manifest));
+        desc["size"] = serde_json::json!(manifest.len());
+        desc["annotations"] = serde_json::Value::Null;
+        desc["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+        manifests.push(desc);
+        std::fs::remove_dir_all(&sub).unwrap();
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
+    let index = serde_json::to_vec(&index).unwrap();
+    let p = dir.join("blobs/sha256").join(&sha256(&index)[7..]);
+    std::fs::write(p, &index).unwrap();
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": sha256(&index), "size": index.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "multi"}}]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+/// Basic auth: through docker's config.json, through --creds, and a clear error without.
+#[test]
+fn basic_auth_through_config_json_and_creds() {
+    let reg = Registry::start(Some(("vm", "s3cret")));
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    reg.push(&format!("oci-archive:{}:busybox", demo.display()), "lab/bb:1", Some("vm:s3cret"), false);
+    let reference = format!("{}/lab/bb:1", reg.addr);
+    let dir = scratch("reg-auth");
+
+    let (ok, _, err) =
+        run(vmrootfs(&dir.path().join("s0")).args(["build", &reference]).env("DOCKER_CONFIG", dir.path()));
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("registry {} refused access", reg.addr)) && err.contains("--creds"),
+        "{err}"
+    );
+
+    let docker = dir.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    let auth = base64_encode(b"vm:s3cret");
+    std::fs::write(
+        docker.join("config.json"),
+        format!(r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#, reg.addr),
+    )
+    .unwrap();
+    let (ok, _, err) =
+        run(vmrootfs(&dir.path().join("s1")).args(["build", &reference]).env("DOCKER_CONFIG", &docker));
+    assert!(ok, "config.json credentials: {err}");
+
+    let (ok, _, err) = run(vmrootfs(&dir.path().join("s2"))
+        .args(["build", &reference, "--creds", "vm:s3cret"])
+        .env("DOCKER_CONFIG", dir.path()));
+    assert!(ok, "--creds: {err}");
+}
+
+#[test]
+fn missing_image_names_the_reference() {
+    let reg = Registry::start(None);
+    let reference = format!("{}/lab/nothing:here", reg.addr);
+    let (ok, _, err) = run(vmrootfs(&scratch("reg-404").path().join("s")).args(["build", &reference]));
+    assert!(!ok);
+    assert!(err.contains(&reference) && err.contains("not found"), "{err}");
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// What the proxy does to GETs of one blob.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// Close the connection halfway through the body, the first time.
+    CutOnce,
+    /// Answer 500 the first time.
+    ServerErrorOnce,
+    /// Flip a byte of the gzip header's MTIME field in the body, every time: the stream still
+    /// decompresses, only the digest can tell.
+    Corrupt,
+}
+
+/// A one-request-per-connection HTTP proxy in front of a registry that injects `fault` into
+/// responses for `blob`; it records the request lines it saw.
+struct FaultProxy {
+    addr: String,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl FaultProxy {
+    fn start(upstream: String, blob: String, fault: Fault) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let hits = Arc::new(AtomicUsize::new(0));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (upstream, blob, seen, hits) =
+                    (upstream.clone(), blob.clone(), seen.clone(), hits.clone());
+                std::thread::spawn(move || {
+                    let _ = proxy_one(conn, &upstream, &blob, fault, &seen, &hits);
+                });
+            }
+        });
+        FaultProxy { addr, requests }
+    }
+}
+
+fn read_head(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b)? == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    Ok(head)
+}
+
+fn proxy_one(
+    mut client: TcpStream,
+    upstream: &str,
+    blob: &str,
+    fault: Fault,
+    seen: &Mutex<Vec<String>>,
+    hits: &AtomicUsize,
+) -> std::io::Result<()> {
+    let head = String::from_utf8_lossy(&read_head(&mut client)?).into_owned();
+    let mut lines: Vec<&str> = head.split("\r\n").filter(|l| !l.is_empty()).collect();
+    let request_line = lines.first().copied().unwrap_or_default().to_string();
+    let range = lines.iter().find(|l| l.to_ascii_lowercase().starts_with("range:")).map(|l| l.to_string());
+    seen.lock().unwrap().push(format!("{request_line} {}", range.unwrap_or_default()));
+    lines.retain(|l| !l.to_ascii_lowercase().starts_with("connection:"));
+    let forwarded = format!("{}\r\nConnection: close\r\n\r\n", lines.join("\r\n"));
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(forwarded.as_bytes())?;
+    let mut response = Vec::new();
+    up.read_to_end(&mut response)?;
+    let is_blob = request_line.starts_with("GET ") && request_line.contains(&format!("/blobs/{blob}"));
+    if is_blob {
+        let n = hits.fetch_add(1, Ordering::SeqCst);
+        let body_at =
+            response.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4).unwrap_or(response.len());
+        match fault {
+            Fault::CutOnce if n == 0 => {
+                let half = body_at + (response.len() - body_at) / 2;
+                client.write_all(&response[..half])?;
+                return Ok(()); // dropped: the connection closes mid-body
+            }
+            Fault::ServerErrorOnce if n == 0 => {
+                client.write_all(
+                    b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )?;
+                return Ok(());
+            }
+            Fault::Corrupt if response.len() > body_at + 100 => {
+                response[body_at + 4] ^= 0x40;
+            }
+            _ => {}
+        }
+    }
+    client.write_all(&response)
+}
+
+fn faulty_build(fault: Fault) -> (bool, String, FaultProxy, PathBuf, String, tempfile::TempDir) {
+    let reg = Registry::start(None);
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    reg.push(&format!("oci-archive:{}:busybox", demo.display()), "lab/bb:1", None, false);
+    // The busybox layer, the big one of the demo image.
+    let layout_manifest = {
+        let dir = scratch("reg-fault-probe");
+        let (ok, r, err) =
+            build_json(&dir.path().join("s"), &[&format!("oci-archive:{}:busybox", demo.display())]);
+        assert!(ok, "{err}");
+        r["lowers"][0]["digest"].as_str().unwrap().to_string()
+    };
+    let proxy = FaultProxy::start(reg.addr.clone(), layout_manifest.clone(), fault);
+    let dir = scratch("reg-fault");
+    let store = dir.path().join("store");
+    let (ok, _, err) = run(vmrootfs(&store).args(["build", &format!("{}/lab/bb:1", proxy.addr)]));
+    std::mem::forget(reg); // keep serving until the test ends
+    (ok, err, proxy, store, layout_manifest, dir)
+}
+
+#[test]
+fn a_cut_connection_resumes_with_a_range_request() {
+    let (ok, err, proxy, _, blob, _dir) = faulty_build(Fault::CutOnce);
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming"), "{err}");
+    let requests = proxy.requests.lock().unwrap().clone();
+    let ranged: Vec<&String> = requests
+        .iter()
+        .filter(|r| r.contains(&format!("/blobs/{blob}")) && r.to_ascii_lowercase().contains("range: bytes="))
+        .collect();
+    assert_eq!(ranged.len(), 1, "one Range request after the cut: {requests:?}");
+}
+
+#[test]
+fn a_server_error_is_retried() {
+    let (ok, err, proxy, _, blob, _dir) = faulty_build(Fault::ServerErrorOnce);
+    assert!(ok, "{err}");
+    let gets =
+        proxy.requests.lock().unwrap().iter().filter(|r| r.contains(&format!("/blobs/{blob}"))).count();
+    assert_eq!(gets, 2, "the 500 and the retry");
+}
+
+#[test]
+fn wrong_bytes_are_rejected_and_nothing_is_published() {
+    let (ok, err, _, store, blob, _dir) = faulty_build(Fault::Corrupt);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("layer blob digest mismatch: expected {blob}")),
+        "names the digests: {err}"
+    );
+    let images: Vec<_> = std::fs::read_dir(store.join("images")).unwrap().collect();
+    assert!(images.is_empty(), "no record");
+    let blobs: Vec<_> = std::fs::read_dir(store.join("layers"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).unwrap().flatten())
+        .filter(|f| f.path().extension().is_some_and(|e| e == "erofs"))
+        .collect();
+    assert!(blobs.is_empty(), "no blob published: {blobs:?}");
+    assert_eq!(std::fs::read_dir(store.join("tmp")).unwrap().count(), 0);
+}
