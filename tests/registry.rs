@@ -129,6 +129,19 @@ fn pull_equals_layout_build_and_fetches_nothing_twice() {
     assert_eq!(pulled["manifest_digest"], local["manifest_digest"]);
     assert_eq!(blob_hashes(&pulled), blob_hashes(&local), "same blobs from the registry and the layout");
 
+    // Docker schema 2 too: skopeo pushes a docker-archive as a v2s2 manifest (recompressing
+    // its layers: other digests, same diff_ids, so the same chain IDs and the same blobs).
+    reg.push(&format!("docker-archive:{}/image.docker.tar", image().display()), "lab/docker:1", None, false);
+    let (ok, docker, err) = build_json(&dir.path().join("c"), &[&format!("{}/lab/docker:1", reg.addr)]);
+    assert!(ok, "{err}");
+    assert_eq!(blob_hashes(&docker), blob_hashes(&local), "same blobs from a Docker schema-2 manifest");
+    let manifest = reg_get(
+        &reg.addr,
+        "/v2/lab/docker/manifests/1",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    );
+    assert!(manifest.contains("application/vnd.docker.distribution.manifest.v2+json"), "{manifest}");
+
     let layers = layer_digests();
     let before: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
     assert!(before.iter().all(|&n| n >= 1), "each layer fetched once: {before:?}");
@@ -139,6 +152,16 @@ fn pull_equals_layout_build_and_fetches_nothing_twice() {
     assert!(err.matches("stored, skipped").count() == 4, "skipped layers are reported: {err}");
     let after: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
     assert_eq!(before, after, "the second build downloaded no layer blob");
+}
+
+/// A raw GET against a registry (for checking what it serves).
+fn reg_get(addr: &str, path: &str, accept: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 /// Two platforms in one index: --platform picks one; a missing one lists what there is.
