@@ -33,7 +33,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Convert an image into per-layer blobs and record it under a tag.
+    /// Convert an image into per-layer blobs and record it under a tag
     ///
     /// SOURCE is one of:
     ///   REF, docker://REF           a registry image: alpine:3.20, ghcr.io/org/app@sha256:…,
@@ -111,7 +111,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Boot a stored image in a throw-away QEMU microVM and run a command in it.
+    /// Boot a stored image in a throw-away QEMU microVM and run a command in it
     ///
     /// The lowers are attached read-only and stacked with overlayfs under a tmpfs upper; the
     /// command (default: the image's entrypoint and cmd) runs with the image's env, working
