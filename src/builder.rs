@@ -319,7 +319,7 @@ impl Builder {
             fs_err::create_dir(&tree_dir)
                 .map_err(|source| StoreError::Io { path: tree_dir.clone(), source })?;
             let blob = plan.source.open_layer(layer)?;
-            let unpacked = layer::unpack(
+            let mut tree = layer::unpack(
                 blob,
                 Some(&layer.digest),
                 &plan.image.diff_ids[i],
@@ -328,7 +328,6 @@ impl Builder {
                 &plan.cancel,
                 &|n| progress.inc(n),
             )?;
-            let mut tree = unpacked.tree;
             let unpacked_at = std::time::Instant::now();
             crate::progress::debug(&format!(
                 "layer {}: unpacked in {:.2}s",

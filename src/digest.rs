@@ -27,15 +27,6 @@ impl<R: Read> HashingReader<R> {
         Self { inner, hasher: Sha256::new(), bytes: 0 }
     }
 
-    pub fn get_mut(&mut self) -> &mut R {
-        &mut self.inner
-    }
-
-    /// Bytes read so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
     /// Reads what is left to the end (a tar reader stops before trailing padding) and returns
     /// the `sha256:` digest of everything that passed through.
     pub fn finish(mut self) -> io::Result<(Digest, u64, R)> {

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::fs::FlockOperation;
 
@@ -11,7 +11,6 @@ use rustix::fs::FlockOperation;
 #[derive(Debug)]
 pub struct FileLock {
     _file: File,
-    path: PathBuf,
 }
 
 impl FileLock {
@@ -40,11 +39,7 @@ impl FileLock {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(FileLock { _file: file, path: path.to_owned() })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(FileLock { _file: file })
     }
 }
 

@@ -41,14 +41,6 @@ impl DirIndex {
         self.dirs.get(path)
     }
 
-    pub fn len(&self) -> usize {
-        self.dirs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.dirs.is_empty()
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &DirMeta)> {
         self.dirs.iter()
     }

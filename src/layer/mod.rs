@@ -163,13 +163,6 @@ impl<R: Read> Read for Limit<'_, R> {
     }
 }
 
-/// What unpacking found out about the stream.
-pub struct Unpacked {
-    pub tree: LayerTree,
-    pub digest: Digest,
-    pub compressed_size: u64,
-}
-
 /// Streams one layer blob into the empty directory `staging`, checking the blob digest (when
 /// known) and the diff_id as the bytes go by. Nothing is held in memory beyond one buffer.
 #[allow(clippy::too_many_arguments)]
@@ -181,7 +174,7 @@ pub fn unpack(
     max_bytes: u64,
     cancel: &AtomicBool,
     on_read: &(dyn Fn(u64) + Sync),
-) -> Result<Unpacked, LayerError> {
+) -> Result<LayerTree, LayerError> {
     let raw = HashingReader::new(Progress { inner: blob, on_read });
     let buffered = BufReader::with_capacity(256 * 1024, raw);
     let decoder = Decoder::sniff(buffered).map_err(LayerError::Stream)?;
@@ -201,13 +194,13 @@ pub fn unpack(
         return Err(too_large);
     }
     let (found_diff_id, _, limited) = finished.map_err(LayerError::Stream)?;
-    let (found_digest, compressed_size, _) =
+    let (found_digest, _, _) =
         limited.inner.into_inner().into_inner().finish().map_err(LayerError::Stream)?;
     if let Some(expected) = expected_digest {
         digest::check("layer blob", expected, &found_digest)?;
     }
     digest::check("layer diff_id", diff_id, &found_diff_id)?;
-    Ok(Unpacked { tree, digest: found_digest, compressed_size })
+    Ok(tree)
 }
 
 fn unpack_entries<R: Read>(
