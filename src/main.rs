@@ -360,6 +360,9 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 for l in &record.lowers {
                     writeln!(out, "  {} {} {}", l.fs, l.chain_id, l.path.display())?;
                 }
+                if let Some(s) = &record.squashed {
+                    writeln!(out, "squashed:  {} {}", s.fs, s.path.display())?;
+                }
                 writeln!(out, "entrypoint: {:?}  cmd: {:?}", record.config.entrypoint, record.config.cmd)?;
             }
         }

@@ -27,6 +27,8 @@ use kernel::Kernel;
 pub enum VmError {
     #[error(transparent)]
     Tool(#[from] ToolError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -171,10 +173,7 @@ pub fn run(
         return Err(VmError::NoCommand);
     }
     // initramfs = cached base archive + a small one with this run's settings.
-    let staging = store.staging("vm-").map_err(|e| VmError::Io {
-        path: store.root().join("tmp"),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let staging = store.staging("vm-")?;
     let initrd = staging.path().join("initrd.cpio");
     let mut bytes = fs_err::read(&base).map_err(|source| VmError::Io { path: base.clone(), source })?;
     let mut extra = cpio::CpioWriter::new(Vec::new());
