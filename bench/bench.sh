@@ -2,7 +2,9 @@
 # `make bench`: cold and warm vmrootfs builds of the real test image, side by side with the
 # decompression floor and the shell pipeline (bench/shell-pipeline.sh), in one run.
 # Each row: median wall time of 3 runs, the largest peak RSS of the runs (GNU time %M; for
-# pipelines, the largest single process), and the ratio to the floor.
+# pipelines, the largest single process), and the ratio to the floor. vmrootfs-erofs-1.8 uses
+# erofs-utils 1.8 (built from trixie's source) through VMROOTFS_TOOL_MKFS_EROFS. BIG=1 adds
+# one ~2 GiB layer (big-* rows, one run each, ratio to that layer's own floor).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -66,6 +68,23 @@ if [ -n "$MKFS18" ]; then
   measure erofs-tar-1.8-parallel fresh "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} | $MKFS18 --quiet --tar=f --aufs $SCRATCH/\$(basename {}).erofs'"
 fi
 
+if [ -n "$MKFS18" ]; then
+  measure vmrootfs-erofs-1.8 fresh "VMROOTFS_TOOL_MKFS_EROFS=$MKFS18 $BIN -q --store $SCRATCH/store build oci:$IMG/oci:test"
+fi
+
+# BIG=1: one ~2 GiB layer (bench/make-big-layer.py), one run each, for peak RSS.
+if [ "${BIG:-0}" = 1 ]; then
+  BIGIMG=$PWD/target/bench-big
+  [ -f "$BIGIMG/index.json" ] || python3 bench/make-big-layer.py "$BIGIMG" >&2
+  bigblob=$(ls -S "$BIGIMG"/blobs/sha256/* | head -1)
+  cat "$bigblob" > /dev/null
+  RUNS=1 measure big-floor "true" "zcat $bigblob > /dev/null"
+  RUNS=1 measure big-vmrootfs-erofs fresh "$BIN -q --store $SCRATCH/store build oci:$BIGIMG:big"
+  [ -n "$MKFS18" ] && RUNS=1 measure big-vmrootfs-erofs-1.8 fresh \
+    "VMROOTFS_TOOL_MKFS_EROFS=$MKFS18 $BIN -q --store $SCRATCH/store build oci:$BIGIMG:big"
+  RUNS=1 measure big-vmrootfs-ext4 fresh "$BIN -q --store $SCRATCH/store build oci:$BIGIMG:big --fs ext4"
+fi
+
 warm="$BIN -q --store $SCRATCH/store build oci:$IMG/oci:test --fs erofs"
 fresh; eval "$warm" >/dev/null
 # A warm build must report cached (no layer work) before it is timed.
@@ -82,12 +101,16 @@ floor=${MEDIAN[floor]}
   echo "outputs and stores on disk; the layer blobs are in the page cache before every row"
   echo
   printf '%-22s %10s %14s %9s\n' pipeline median_s peak_rss_MB x_floor
+  bigfloor=${MEDIAN[big-floor]:-1}
   for name in floor floor-parallel shell-erofs shell-erofs-tmpfs erofs-tar-1.8 erofs-tar-1.8-parallel \
-              vmrootfs-erofs vmrootfs-erofs-disk shell-ext4 shell-ext4-tmpfs vmrootfs-ext4 vmrootfs-ext4-disk \
-              vmrootfs-warm-erofs; do
+              vmrootfs-erofs vmrootfs-erofs-1.8 vmrootfs-erofs-disk shell-ext4 shell-ext4-tmpfs vmrootfs-ext4 \
+              vmrootfs-ext4-disk vmrootfs-warm-erofs big-floor big-vmrootfs-erofs big-vmrootfs-erofs-1.8 \
+              big-vmrootfs-ext4; do
+    case $name in big-*) [ "${BIG:-0}" = 1 ] || continue;; esac
     [ -n "${MEDIAN[$name]:-}" ] || { printf '%-22s %10s\n' "$name" "n/a"; continue; }
+    f=$floor; case $name in big-*) f=$bigfloor;; esac
     printf '%-22s %10.2f %14.1f %9.2f\n' "$name" "${MEDIAN[$name]}" "$(echo "${RSS[$name]} / 1024" | bc -l)" \
-      "$(echo "${MEDIAN[$name]} / $floor" | bc -l)"
+      "$(echo "${MEDIAN[$name]} / $f" | bc -l)"
   done
 } | tee "$OUT/results.txt"
 python3 - "$OUT/results.txt" "$OUT/results.json" <<'PY'

@@ -35,8 +35,8 @@ impl Erofs {
         let mkfs = Tool::find("mkfs.erofs", "erofs-utils", &["--version"], "1.5").or_else(|e| match e {
             ToolError::UnknownVersion { .. } => {
                 let fsck = Tool::find("fsck.erofs", "erofs-utils", &["-V"], "1.5")?;
-                let path = which::which("mkfs.erofs")
-                    .map_err(|_| ToolError::NotFound { tool: "mkfs.erofs", package: "erofs-utils" })?;
+                let path = tool::locate("mkfs.erofs")
+                    .ok_or(ToolError::NotFound { tool: "mkfs.erofs", package: "erofs-utils" })?;
                 Ok(Tool { name: "mkfs.erofs", path, version: fsck.version })
             }
             e => Err(e),

@@ -35,17 +35,17 @@ pub struct Tool {
 }
 
 impl Tool {
-    /// Finds `name` on PATH (and in /sbin, /usr/sbin, which non-root PATHs often lack),
-    /// asks it for its version with `version_args` and checks it against `required`.
+    /// Finds `name` — the path in `VMROOTFS_TOOL_<NAME>` (e.g. `VMROOTFS_TOOL_MKFS_EROFS` for a
+    /// newer erofs-utils built elsewhere), else on PATH, else in /sbin and /usr/sbin, which
+    /// non-root PATHs often lack — asks it for its version with `version_args` and checks it
+    /// against `required`.
     pub fn find(
         name: &'static str,
         package: &'static str,
         version_args: &[&str],
         required: &str,
     ) -> Result<Tool, ToolError> {
-        let path = which::which(name)
-            .or_else(|_| which::which_in(name, Some("/usr/sbin:/sbin"), "/"))
-            .map_err(|_| ToolError::NotFound { tool: name, package })?;
+        let path = locate(name).ok_or(ToolError::NotFound { tool: name, package })?;
         let out = Command::new(&path)
             .args(version_args)
             .stdin(Stdio::null())
@@ -72,6 +72,15 @@ impl Tool {
     pub fn command(&self) -> Command {
         Command::new(&self.path)
     }
+}
+
+/// Where `name` is: `VMROOTFS_TOOL_<NAME>`, PATH, /usr/sbin, /sbin.
+pub fn locate(name: &str) -> Option<PathBuf> {
+    let var = format!("VMROOTFS_TOOL_{}", name.to_ascii_uppercase().replace(['.', '-'], "_"));
+    if let Some(p) = std::env::var_os(&var).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    which::which(name).or_else(|_| which::which_in(name, Some("/usr/sbin:/sbin"), "/")).ok()
 }
 
 /// Runs a tool to completion: stdin closed, output captured; a failure carries the exit status
