@@ -62,7 +62,7 @@ done
 # erofs-utils ≥ 1.8 straight from the tar stream (containerd's EROFS differ, matchlock):
 # one layer after another, and all at once.
 MKFS18=""
-if bash bench/build-erofs-utils.sh >&2; then MKFS18=$PWD/target/erofs-utils-1.8/mkfs.erofs; fi
+if bash scripts/build-erofs-utils.sh >&2; then MKFS18=$PWD/target/erofs-utils-1.8/mkfs.erofs; fi
 if [ -n "$MKFS18" ]; then
   measure erofs-tar-1.8 fresh "n=0; for l in $layers; do n=\$((n+1)); zcat \$l | $MKFS18 --quiet --tar=f --aufs $SCRATCH/l\$n.erofs; done"
   measure erofs-tar-1.8-parallel fresh "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} | $MKFS18 --quiet --tar=f --aufs $SCRATCH/\$(basename {}).erofs'"
