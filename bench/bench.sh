@@ -2,9 +2,10 @@
 # `make bench`: cold and warm vmrootfs builds of the real test image, side by side with the
 # decompression floor and the shell pipeline (bench/shell-pipeline.sh), in one run.
 # Each row: median wall time of 3 runs, the largest peak RSS of the runs (GNU time %M; for
-# pipelines, the largest single process), and the ratio to the floor. vmrootfs-erofs-1.8 uses
-# erofs-utils 1.8 (built from trixie's source) through VMROOTFS_TOOL_MKFS_EROFS. BIG=1 adds
-# one ~2 GiB layer (big-* rows, one run each, ratio to that layer's own floor).
+# pipelines, the largest single process), and the ratio to the floor. vmrootfs-erofs uses the
+# mkfs.erofs on PATH (erofs-utils 1.8 after `make deps`), *-1.5 rows Debian 12's own through
+# VMROOTFS_TOOL_MKFS_EROFS. BIG=1 adds one ~2 GiB layer (big-* rows, one run each, ratio to
+# that layer's own floor).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -68,9 +69,8 @@ if [ -n "$MKFS18" ]; then
   measure erofs-tar-1.8-parallel fresh "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} | $MKFS18 --quiet --tar=f --aufs $SCRATCH/\$(basename {}).erofs'"
 fi
 
-if [ -n "$MKFS18" ]; then
-  measure vmrootfs-erofs-1.8 fresh "VMROOTFS_TOOL_MKFS_EROFS=$MKFS18 $BIN -q --store $SCRATCH/store build oci:$IMG/oci:test"
-fi
+# Debian 12's own erofs-utils 1.5 (make deps puts 1.8 first on PATH).
+measure vmrootfs-erofs-1.5 fresh "VMROOTFS_TOOL_MKFS_EROFS=/usr/bin/mkfs.erofs $BIN -q --store $SCRATCH/store build oci:$IMG/oci:test"
 
 # BIG=1: one ~2 GiB layer (bench/make-big-layer.py), one run each, for peak RSS.
 if [ "${BIG:-0}" = 1 ]; then
@@ -80,8 +80,8 @@ if [ "${BIG:-0}" = 1 ]; then
   cat "$bigblob" > /dev/null
   RUNS=1 measure big-floor "true" "zcat $bigblob > /dev/null"
   RUNS=1 measure big-vmrootfs-erofs fresh "$BIN -q --store $SCRATCH/store build oci:$BIGIMG:big"
-  [ -n "$MKFS18" ] && RUNS=1 measure big-vmrootfs-erofs-1.8 fresh \
-    "VMROOTFS_TOOL_MKFS_EROFS=$MKFS18 $BIN -q --store $SCRATCH/store build oci:$BIGIMG:big"
+  RUNS=1 measure big-vmrootfs-erofs-1.5 fresh \
+    "VMROOTFS_TOOL_MKFS_EROFS=/usr/bin/mkfs.erofs $BIN -q --store $SCRATCH/store build oci:$BIGIMG:big"
   RUNS=1 measure big-vmrootfs-ext4 fresh "$BIN -q --store $SCRATCH/store build oci:$BIGIMG:big --fs ext4"
 fi
 
@@ -96,15 +96,15 @@ floor=${MEDIAN[floor]}
 {
   echo "vmrootfs bench — $(date -u +%FT%TZ), $(nproc) cores, $(uname -r)"
   echo "image: target/testimage (4 layers), $((compressed / 1048576)) MiB compressed, $((uncompressed / 1048576)) MiB uncompressed"
-  echo "tools: $(mkfs.erofs 2>&1 | head -0)erofs-utils $(fsck.erofs -V 2>&1 | awk '{print $2}'), $(mke2fs -V 2>&1 | head -1), $(tar --version | head -1)"
+  echo "tools: $(command -v mkfs.erofs): $(mkfs.erofs --version 2>/dev/null | head -1 || echo 1.5); Debian's /usr/bin/mkfs.erofs: 1.5 (*-1.5 rows); $(mke2fs -V 2>&1 | head -1); $(tar --version | head -1)"
   echo "staging: shell-* on disk, shell-*-tmpfs on /dev/shm; vmrootfs-* auto (tmpfs), vmrootfs-*-disk --staging disk"
   echo "outputs and stores on disk; the layer blobs are in the page cache before every row"
   echo
   printf '%-22s %10s %14s %9s\n' pipeline median_s peak_rss_MB x_floor
   bigfloor=${MEDIAN[big-floor]:-1}
   for name in floor floor-parallel shell-erofs shell-erofs-tmpfs erofs-tar-1.8 erofs-tar-1.8-parallel \
-              vmrootfs-erofs vmrootfs-erofs-1.8 vmrootfs-erofs-disk shell-ext4 shell-ext4-tmpfs vmrootfs-ext4 \
-              vmrootfs-ext4-disk vmrootfs-warm-erofs big-floor big-vmrootfs-erofs big-vmrootfs-erofs-1.8 \
+              vmrootfs-erofs vmrootfs-erofs-1.5 vmrootfs-erofs-disk shell-ext4 shell-ext4-tmpfs vmrootfs-ext4 \
+              vmrootfs-ext4-disk vmrootfs-warm-erofs big-floor big-vmrootfs-erofs big-vmrootfs-erofs-1.5 \
               big-vmrootfs-ext4; do
     case $name in big-*) [ "${BIG:-0}" = 1 ] || continue;; esac
     [ -n "${MEDIAN[$name]:-}" ] || { printf '%-22s %10s\n' "$name" "n/a"; continue; }

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Builds erofs-utils 1.8 from Debian trixie's source package into
-# target/erofs-utils-1.8: `make test` runs the erofs fidelity tests with it too
-# (VMROOTFS_TOOL_MKFS_EROFS), and `make bench` compares against its `--tar=f --aufs` mode,
-# the approach of containerd's EROFS differ and matchlock. Adds a trixie deb-src line
-# (sources only).
+# Builds erofs-utils 1.8 from Debian trixie's source package into target/erofs-utils-1.8
+# (scripts/install-deps.sh installs its mkfs.erofs into /usr/local/bin; `make bench` also
+# compares against its `--tar=f --aufs` mode, the approach of containerd's EROFS differ and
+# matchlock). Adds a trixie deb-src line (sources only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$PWD/target/erofs-utils-1.8

@@ -5,6 +5,9 @@
 #   boot: qemu-system-x86, qboot (qemu-system-data), linux-image-amd64, busybox-static
 #   test: umoci, skopeo, debootstrap, attr, libcap2-bin, python3, docker-registry,
 #         apache2-utils (htpasswd); bench: time, bc
+# erofs-utils 1.8 is built from Debian trixie's source (scripts/build-erofs-utils.sh) and its
+# mkfs.erofs installed as /usr/local/bin/mkfs.erofs, ahead of Debian 12's 1.5 on PATH: 1.5
+# holds every inode in memory (337 MB for a 2.4 GB layer of 56,000 files; 1.8: 105 MB).
 # qemu-system-x86 comes from bookworm-backports when this machine's qemu-utils does (Debian
 # 12 images often ship backports' qemu-utils, which the bookworm qemu-system-x86 conflicts
 # with); the backports source is added for that one package.
@@ -20,9 +23,9 @@ want=(erofs-utils e2fsprogs)
 missing=()
 for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
 need_qemu=0; [ "${1:-all}" = all ] && ! installed qemu-system-x86 && need_qemu=1
-[ ${#missing[@]} -eq 0 ] && [ $need_qemu -eq 0 ] && exit 0
-
-$SUDO apt-get update -qq
+if [ ${#missing[@]} -gt 0 ] || [ $need_qemu -eq 1 ]; then
+  $SUDO apt-get update -qq
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
@@ -40,4 +43,10 @@ if [ $need_qemu -eq 1 ]; then
     echo "installing: qemu-system-x86"
     $SUDO apt-get install -y -qq --no-install-recommends qemu-system-x86
   fi
+fi
+
+if ! /usr/local/bin/mkfs.erofs --version 2>/dev/null | grep -q 'erofs-utils) 1\.[89]'; then
+  $SUDO "$(dirname "$0")/build-erofs-utils.sh"
+  $SUDO install -m 0755 "$(dirname "$0")/../target/erofs-utils-1.8/mkfs.erofs" /usr/local/bin/mkfs.erofs
+  echo "installed /usr/local/bin/mkfs.erofs (erofs-utils 1.8)"
 fi
