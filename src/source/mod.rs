@@ -102,6 +102,35 @@ pub struct ResolvedImage {
     pub diff_ids: Vec<Digest>,
 }
 
+impl ResolvedImage {
+    /// The image a manifest describes; `location` says where the source finds a layer blob.
+    pub(crate) fn from_manifest(
+        manifest_digest: Digest,
+        manifest: &oci_spec::image::ImageManifest,
+        config: ImageConfiguration,
+        location: impl Fn(&Digest) -> String,
+    ) -> Result<ResolvedImage, SourceError> {
+        let layers: Vec<LayerRef> = manifest
+            .layers()
+            .iter()
+            .map(|l| LayerRef {
+                media_type: l.media_type().to_string(),
+                digest: l.digest().clone(),
+                size: Some(l.size()),
+                location: location(l.digest()),
+            })
+            .collect();
+        Ok(ResolvedImage {
+            manifest_digest,
+            config_digest: manifest.config().digest().clone(),
+            platform: oci::config_platform(&config),
+            diff_ids: diff_ids(&config, layers.len())?,
+            config,
+            layers,
+        })
+    }
+}
+
 /// Somewhere images come from.
 pub trait ImageSource: Send + Sync {
     /// The canonical spelling, recorded in image records.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest};
 
 use super::archive::TarArchive;
-use super::{ImageSource, LayerRef, ResolvedImage, SourceError, diff_ids, io_at, read_json};
+use super::{ImageSource, LayerRef, ResolvedImage, SourceError, io_at, read_json};
 use crate::digest;
 use crate::platform::Platform;
 
@@ -140,25 +140,7 @@ impl ImageSource for OciSource {
             }
             let (manifest, _): (ImageManifest, _) = self.read_blob(&desc, "manifest")?;
             let (config, _): (ImageConfiguration, _) = self.read_blob(manifest.config(), "config")?;
-            let layers: Vec<LayerRef> = manifest
-                .layers()
-                .iter()
-                .map(|l| LayerRef {
-                    media_type: l.media_type().to_string(),
-                    digest: l.digest().clone(),
-                    size: Some(l.size()),
-                    location: blob_path(l.digest()),
-                })
-                .collect();
-            let diff_ids = diff_ids(&config, layers.len())?;
-            return Ok(ResolvedImage {
-                manifest_digest: desc.digest().clone(),
-                config_digest: manifest.config().digest().clone(),
-                platform: config_platform(&config),
-                config,
-                layers,
-                diff_ids,
-            });
+            return ResolvedImage::from_manifest(desc.digest().clone(), &manifest, config, blob_path);
         }
         Err(SourceError::UnsupportedManifest("index nested too deeply".to_string()))
     }

@@ -17,8 +17,8 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use oci_spec::image::{Digest, ImageConfiguration, ImageIndex, ImageManifest};
 
-use super::oci::{config_platform, select_platform};
-use super::{ImageSource, LayerRef, ResolvedImage, SourceError, diff_ids};
+use super::oci::select_platform;
+use super::{ImageSource, LayerRef, ResolvedImage, SourceError};
 use crate::digest;
 use crate::platform::Platform;
 
@@ -290,7 +290,7 @@ impl ImageSource for RegistrySource {
     }
 
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
-        let (mut bytes, mut digest_str) = self.manifest(&self.reference)?;
+        let (mut bytes, _) = self.manifest(&self.reference)?;
         for _ in 0..3 {
             let (media_type, schema, is_index) = media_type_of(&bytes);
             if schema == Some(1) {
@@ -308,7 +308,7 @@ impl ImageSource for RegistrySource {
                     .map_err(|source| SourceError::Json { what: "image index".into(), source })?;
                 let desc = select_platform(&index, platform)?;
                 let by_digest = self.reference.clone_with_digest(desc.digest().to_string());
-                (bytes, digest_str) = self.manifest(&by_digest)?;
+                (bytes, _) = self.manifest(&by_digest)?;
                 digest::check("manifest", desc.digest(), &digest::sha256_of(&bytes))?;
                 continue;
             }
@@ -320,26 +320,7 @@ impl ImageSource for RegistrySource {
             let config_bytes = self.small_blob(manifest.config().digest())?;
             let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
                 .map_err(|source| SourceError::Json { what: "config".into(), source })?;
-            let layers: Vec<LayerRef> = manifest
-                .layers()
-                .iter()
-                .map(|l| LayerRef {
-                    media_type: l.media_type().to_string(),
-                    digest: l.digest().clone(),
-                    size: Some(l.size()),
-                    location: l.digest().to_string(),
-                })
-                .collect();
-            let diff_ids = diff_ids(&config, layers.len())?;
-            let _ = digest_str;
-            return Ok(ResolvedImage {
-                manifest_digest: found,
-                config_digest: manifest.config().digest().clone(),
-                platform: config_platform(&config),
-                config,
-                layers,
-                diff_ids,
-            });
+            return ResolvedImage::from_manifest(found, &manifest, config, |d| d.to_string());
         }
         Err(SourceError::UnsupportedManifest("index nested too deeply".into()))
     }
