@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # Installs the Debian packages vmrootfs needs, when missing (called by `make`).
 # usage: install-deps.sh run|all   (run: what `build` needs; all: also boot, tests, bench)
-#   run:  erofs-utils, e2fsprogs (mkfs, fsck, debugfs)
+#   run:  erofs-utils (1.8 built from source), e2fsprogs >= 1.47.1 (mkfs, fsck, debugfs), libarchive13
 #   boot: qemu-system-x86, qboot (qemu-system-data), linux-image-amd64, busybox-static
 #   test: umoci, skopeo, debootstrap, attr, libcap2-bin, python3, docker-registry,
 #         apache2-utils (htpasswd); bench: time, bc
 # erofs-utils 1.8 is built from Debian trixie's source (scripts/build-erofs-utils.sh) and its
 # mkfs.erofs installed as /usr/local/bin/mkfs.erofs, ahead of Debian 12's 1.5 on PATH: 1.5
 # holds every inode in memory (337 MB for a 2.4 GB layer of 56,000 files; 1.8: 105 MB).
-# qemu-system-x86 comes from bookworm-backports when this machine's qemu-utils does (Debian
-# 12 images often ship backports' qemu-utils, which the bookworm qemu-system-x86 conflicts
-# with); the backports source is added for that one package.
+# e2fsprogs ≥ 1.47.1 (mke2fs -d reads a tar; Debian 12 has 1.47.0) comes from bookworm-backports,
+# with libarchive13, which mke2fs loads for tar input. qemu-system-x86 comes from
+# bookworm-backports when this machine's qemu-utils does (Debian 12 images often ship
+# backports' qemu-utils, which the bookworm qemu-system-x86 conflicts with). The backports
+# source is added for those packages only.
 set -euo pipefail
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive
 
 installed() { dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed'; }
 
-want=(erofs-utils e2fsprogs)
+want=(erofs-utils e2fsprogs libarchive13)
 [ "${1:-all}" = all ] && want+=(umoci skopeo debootstrap busybox-static attr libcap2-bin python3 time bc docker-registry apache2-utils
                                 zstd xz-utils ca-certificates linux-image-amd64)
 missing=()
@@ -30,13 +32,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+backports() {
+  local list=/etc/apt/sources.list.d/vmrootfs-bookworm-backports.list
+  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo 'deb http://deb.debian.org/debian bookworm-backports main' | $SUDO tee "$list" >/dev/null
+    $SUDO apt-get update -qq
+  fi
+}
+e2fs_version=$(dpkg-query -W -f='${Version}' e2fsprogs 2>/dev/null || true)
+if ! dpkg --compare-versions "${e2fs_version:-0}" ge 1.47.1; then
+  backports
+  echo "installing: e2fsprogs >= 1.47.1 (bookworm-backports: mke2fs -d reads a tar)"
+  $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports e2fsprogs
+fi
 if [ $need_qemu -eq 1 ]; then
   if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q bpo; then
-    list=/etc/apt/sources.list.d/vmrootfs-bookworm-backports.list
-    if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-      echo 'deb http://deb.debian.org/debian bookworm-backports main' | $SUDO tee "$list" >/dev/null
-      $SUDO apt-get update -qq
-    fi
+    backports
     echo "installing: qemu-system-x86 (bookworm-backports, to match qemu-utils)"
     $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86
   else

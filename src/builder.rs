@@ -17,13 +17,12 @@ use crate::backend::tool::ToolError;
 use crate::backend::{Backend, BackendError, FsType, RECIPE_VERSION};
 use crate::digest::{self, chain_ids};
 use crate::layer::dirindex::DirIndex;
-use crate::layer::tree::TreeError;
+use crate::layer::normalize::{NormalizeError, Normalizer};
 use crate::layer::{self, LayerError};
 use crate::platform::Platform;
 use crate::progress::Reporter;
 use crate::record::{BuildResult, ImageRecord, LayerRecord, Lower, RuntimeConfig};
 use crate::source::{self, ImageSource, ResolvedImage, SourceError};
-use crate::staging::{Stager, StagingPolicy};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,10 +42,8 @@ pub enum BuildError {
     },
     #[error("squashing the image")]
     Squash(#[from] crate::squash::SquashError),
-    #[error(
-        "converting layers needs root (it creates device nodes, sets owners and trusted.* xattrs); run vmrootfs as root"
-    )]
-    NotRoot,
+    #[error("--squash needs root: it loop-mounts the layer blobs and stacks them with overlayfs")]
+    SquashNeedsRoot,
 }
 
 /// What went wrong with one layer.
@@ -58,7 +55,7 @@ pub enum LayerFailure {
     #[error(transparent)]
     Unpack(#[from] LayerError),
     #[error(transparent)]
-    Tree(#[from] TreeError),
+    Normalize(#[from] NormalizeError),
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error(transparent)]
@@ -76,6 +73,16 @@ impl LayerFailure {
     }
 }
 
+/// The error to report when streaming into mkfs failed: mkfs's own, if the broken pipe was
+/// its doing (it exited), else the stream's.
+fn tool_failure(sink: std::io::BufWriter<crate::backend::Making>, failure: LayerFailure) -> LayerFailure {
+    if !matches!(failure, LayerFailure::Unpack(LayerError::Output(_))) {
+        return failure;
+    }
+    let (making, _) = sink.into_parts();
+    making.failure().map_or(failure, LayerFailure::Backend)
+}
+
 /// Options of a build.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -85,8 +92,6 @@ pub struct BuildOptions {
     pub jobs: usize,
     /// Most bytes a layer may unpack to; more fails the build (decompression bombs).
     pub max_layer_bytes: u64,
-    /// Where layer trees are staged.
-    pub staging: StagingPolicy,
     /// Also make one flattened blob of the whole image.
     pub squash: bool,
     /// Credentials and plain-HTTP hosts for registry sources.
@@ -100,7 +105,6 @@ impl Default for BuildOptions {
             platform: Platform::host(),
             jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             max_layer_bytes: 64 << 30,
-            staging: StagingPolicy::Auto,
             squash: false,
             registry: Default::default(),
         }
@@ -112,7 +116,6 @@ pub struct Builder {
     store: Store,
     opts: BuildOptions,
     backend: Backend,
-    stager: Stager,
 }
 
 /// Directory index of each layer being converted, handed from a layer to the one above.
@@ -164,8 +167,7 @@ impl Builder {
     /// Checks the backend's tools up front.
     pub fn new(store: Store, opts: BuildOptions) -> Result<Builder, BuildError> {
         let backend = Backend::detect(opts.fs)?;
-        let stager = Stager::new(opts.staging);
-        Ok(Builder { store, opts, backend, stager })
+        Ok(Builder { store, opts, backend })
     }
 
     pub fn store(&self) -> &Store {
@@ -191,9 +193,6 @@ impl Builder {
         let chain = chain_ids(&image.diff_ids);
         let stored = chain.iter().map(|c| self.store.layer(fs, c)).collect::<Result<Vec<_>, _>>()?;
         let missing: Vec<usize> = (0..chain.len()).filter(|&i| stored[i].is_none()).collect();
-        if !missing.is_empty() && !rustix::process::geteuid().is_root() {
-            return Err(BuildError::NotRoot);
-        }
         let total = chain.len();
         for (i, l) in image.layers.iter().enumerate().filter(|(i, _)| stored[*i].is_some()) {
             reporter.cached(i, total, &l.digest);
@@ -239,10 +238,9 @@ impl Builder {
         if self.opts.squash {
             squash_cached = self.store.squashed(fs, &chain[total - 1])?.is_some();
             if !squash_cached && !rustix::process::geteuid().is_root() {
-                return Err(BuildError::NotRoot);
+                return Err(BuildError::SquashNeedsRoot);
             }
-            record.squashed =
-                Some(crate::squash::squash(&self.store, &self.backend, &self.stager, &record.lowers)?);
+            record.squashed = Some(crate::squash::squash(&self.store, &self.backend, &record.lowers)?);
         }
         self.store.put_record(&record)?;
         Ok(BuildResult { record, cached: missing.is_empty() && squash_cached })
@@ -314,43 +312,47 @@ impl Builder {
         let progress = plan.reporter.layer(i, plan.chain.len(), &layer.digest, layer.size);
         let started = std::time::Instant::now();
         let result = (|| {
-            let staging = self.stager.dir(&self.store, layer.size, self.opts.jobs)?;
-            let tree_dir = staging.path().join("tree");
-            fs_err::create_dir(&tree_dir)
-                .map_err(|source| StoreError::Io { path: tree_dir.clone(), source })?;
+            let work = self.store.staging("layer-")?;
+            let out = work.path().join("blob");
+            let making = self.backend.start(&plan.chain[i], &out, work.path())?;
+            let mut normalizer = Normalizer::new(
+                std::io::BufWriter::with_capacity(1 << 20, making),
+                self.opts.max_layer_bytes,
+                self.backend.wants_time_extra(),
+            );
             let blob = plan.source.open_layer(layer)?;
-            let mut tree = layer::unpack(
+            let streamed = layer::stream(
                 blob,
                 Some(&layer.digest),
                 &plan.image.diff_ids[i],
-                &tree_dir,
                 self.opts.max_layer_bytes,
                 &plan.cancel,
                 &|n| progress.inc(n),
-            )?;
-            let unpacked_at = std::time::Instant::now();
-            crate::progress::debug(&format!(
-                "layer {}: unpacked in {:.2}s",
-                i + 1,
-                started.elapsed().as_secs_f64()
-            ));
+                &mut normalizer,
+            );
+            if let Err(e) = streamed {
+                return Err(tool_failure(normalizer.into_inner(), e.into()));
+            }
+            let streamed_at = std::time::Instant::now();
             let lower = self.lower_dirs(plan, i)?;
-            let finished = tree.finish(&lower)?;
-            let merged = Arc::new(lower.apply_layer(&finished.dirs, &finished.opaque, |p| tree.kind_of(p)));
+            let (finished, sink) = match normalizer.finish(&lower) {
+                Ok(done) => done,
+                Err(NormalizeError::Write(e)) => return Err(LayerError::Output(e).into()),
+                Err(e) => return Err(e.into()),
+            };
+            let merged = Arc::new(finished.merged);
             plan.slots.set(i, Slot::Ready(merged.clone()));
             progress.step(self.opts.fs.name());
-            let blob_dir = self.store.staging("blob-")?;
-            let out = blob_dir.path().join("blob");
-            let mkfs_at = std::time::Instant::now();
-            self.backend.make(&tree_dir, &finished, &plan.chain[i], &out)?;
+            let making =
+                sink.into_inner().map_err(|e| LayerFailure::from(LayerError::Output(e.into_error())))?;
+            making.finish(&finished.stats)?;
             crate::progress::debug(&format!(
-                "layer {}: waited {:.2}s for the layer below, {} took {:.2}s",
+                "layer {}: streamed in {:.2}s, waited for the layer below and {} for {:.2}s",
                 i + 1,
-                (mkfs_at - unpacked_at).as_secs_f64(),
+                (streamed_at - started).as_secs_f64(),
                 self.opts.fs,
-                mkfs_at.elapsed().as_secs_f64()
+                streamed_at.elapsed().as_secs_f64()
             ));
-            let hash_at = std::time::Instant::now();
             let blob_sha256 = digest::sha256_file_hex(&out).map_err(LayerFailure::Hash)?;
             let size = fs_err::metadata(&out).map_err(LayerFailure::Hash)?.len();
             let record = LayerRecord {
@@ -362,17 +364,7 @@ impl Builder {
                 blob_sha256,
                 tool: self.backend.describe(),
             };
-            let publish_at = std::time::Instant::now();
             self.store.publish_layer(&out, &merged, &record)?;
-            let cleanup_at = std::time::Instant::now();
-            drop(staging);
-            crate::progress::debug(&format!(
-                "layer {}: hashed in {:.2}s, published (fsync) in {:.2}s, staging removed in {:.2}s",
-                i + 1,
-                (publish_at - hash_at).as_secs_f64(),
-                (cleanup_at - publish_at).as_secs_f64(),
-                cleanup_at.elapsed().as_secs_f64()
-            ));
             Ok(record)
         })();
         match &result {

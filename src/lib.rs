@@ -10,7 +10,6 @@ pub mod progress;
 pub mod record;
 pub mod source;
 pub mod squash;
-pub mod staging;
 pub mod store;
 pub mod vm;
 

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use vmrootfs::progress::{self, Reporter};
-use vmrootfs::staging::StagingPolicy;
 use vmrootfs::{BuildOptions, Builder, FsType, Platform, Store};
 
 /// Turn OCI container images into read-only filesystem blobs, one per layer, for microVMs.
@@ -62,9 +61,6 @@ enum Command {
         /// Layers converted at once [default: number of CPUs].
         #[arg(long, short)]
         jobs: Option<usize>,
-        /// Where to unpack layers before mkfs: tmpfs when they fit (auto), always tmpfs, or disk.
-        #[arg(long, value_enum, default_value_t = StagingPolicy::Auto)]
-        staging: StagingPolicy,
         /// Also make one flattened blob of the whole image (whiteouts applied), for runtimes
         /// without overlayfs or with more layers than drives.
         #[arg(long)]
@@ -207,7 +203,7 @@ fn print_gc(report: &vmrootfs::store::GcReport, json: bool) -> anyhow::Result<()
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "removed {} layer blob(s), {:.1} MiB; {} staging leftover(s)",
+        "removed {} layer blob(s), {:.1} MiB; {} leftover(s) in tmp/",
         report.layers,
         report.bytes as f64 / (1 << 20) as f64,
         report.tmp
@@ -266,7 +262,6 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             fs,
             platform,
             jobs,
-            staging,
             squash,
             creds,
             insecure_registry,
@@ -274,13 +269,8 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             json,
         } => {
             let store = open_store(cli.store)?;
-            let mut opts = BuildOptions {
-                fs,
-                max_layer_bytes: max_layer_size,
-                staging,
-                squash,
-                ..BuildOptions::default()
-            };
+            let mut opts =
+                BuildOptions { fs, max_layer_bytes: max_layer_size, squash, ..BuildOptions::default() };
             if let Some(p) = platform {
                 opts.platform = p;
             }

@@ -2,9 +2,9 @@
 //! without overlayfs or with more layers than drives.
 //!
 //! The layer blobs are loop-mounted and stacked read-only with overlayfs, so the kernel itself
-//! applies whiteouts and opaque directories; the merged tree is copied into a staging tree
-//! with the same writer layers use (every attribute kept, hardlinks kept) and made into one
-//! image by the backend. Cached by the image's top chain ID.
+//! applies whiteouts and opaque directories; the merged tree is walked into a normalized
+//! stream, as if it were one layer (every attribute kept, hardlinks kept), and made into one
+//! image by the backend. Cached by the image's top chain ID. Needs root (mounts).
 
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
@@ -15,9 +15,9 @@ use std::process::Command;
 use crate::backend::tool::{self, ToolError};
 use crate::backend::{Backend, BackendError};
 use crate::layer::dirindex::DirIndex;
-use crate::layer::tree::{EntryMeta, LayerTree, NodeType, TreeError};
+use crate::layer::meta::EntryMeta;
+use crate::layer::normalize::{EntryKind, NormalizeError, Normalizer};
 use crate::record::{Lower, SquashedBlob};
-use crate::staging::Stager;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,7 @@ pub enum SquashError {
     Copy {
         path: String,
         #[source]
-        source: TreeError,
+        source: NormalizeError,
     },
     #[error("{path}")]
     Io {
@@ -59,12 +59,7 @@ fn mount(args: &[&str], source: &Path, target: &Path) -> Result<(), ToolError> {
 }
 
 /// The squashed blob of `lowers` (base first), made unless stored.
-pub fn squash(
-    store: &Store,
-    backend: &Backend,
-    stager: &Stager,
-    lowers: &[Lower],
-) -> Result<SquashedBlob, SquashError> {
+pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<SquashedBlob, SquashError> {
     let fs = backend.fs();
     let top = &lowers.last().expect("an image has layers").chain_id;
     let _lock = store.lock_squash(fs, top)?;
@@ -92,18 +87,17 @@ pub fn squash(
     mount(&["-t", "overlay", "-o", &opts], Path::new("overlay"), &merged)?;
     mounts.0.push(merged.clone());
 
-    let staging = stager.dir(store, Some(lowers.iter().map(|l| l.size).sum::<u64>() / 4), 1)?;
-    let tree_dir = staging.path().join("tree");
-    fs_err::create_dir(&tree_dir).map_err(io(&tree_dir))?;
-    let mut tree = LayerTree::new(&tree_dir).map_err(io(&tree_dir))?;
-    copy_tree(&merged, &mut tree)?;
-    let finished =
-        tree.finish(&DirIndex::default()).map_err(|source| SquashError::Copy { path: "/".into(), source })?;
-    drop(mounts);
-
     let out = work.path().join("blob");
     let seed = crate::digest::sha256_of(format!("squash {top}").as_bytes());
-    backend.make(&tree_dir, &finished, &seed, &out)?;
+    let making = backend.start(&seed, &out, work.path())?;
+    let mut normalizer =
+        Normalizer::new(std::io::BufWriter::new(making), u64::MAX, backend.wants_time_extra());
+    copy_tree(&merged, &mut normalizer)?;
+    let copy_err = |source| SquashError::Copy { path: "/".into(), source };
+    let (finished, sink) = normalizer.finish(&DirIndex::default()).map_err(copy_err)?;
+    drop(mounts);
+    let making = sink.into_inner().map_err(|e| copy_err(NormalizeError::Write(e.into_error())))?;
+    making.finish(&finished.stats)?;
     let record = SquashedBlob {
         path: store.squash_path(fs, top),
         fs,
@@ -137,8 +131,8 @@ fn meta_of(path: &Path, m: &std::fs::Metadata) -> EntryMeta {
     }
 }
 
-/// Copies the merged tree at `root` into `tree`, every attribute and hardlink kept.
-fn copy_tree(root: &Path, tree: &mut LayerTree) -> Result<(), SquashError> {
+/// Streams the merged tree at `root` into `tree`, every attribute and hardlink kept.
+fn copy_tree<W: std::io::Write>(root: &Path, tree: &mut Normalizer<W>) -> Result<(), SquashError> {
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     for entry in walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name() {
         let entry = entry.map_err(|e| SquashError::Io { path: root.to_owned(), source: e.into() })?;
@@ -151,33 +145,33 @@ fn copy_tree(root: &Path, tree: &mut LayerTree) -> Result<(), SquashError> {
         let err = |source| SquashError::Copy { path: crate::layer::path::display(&rel), source };
         if !ft.is_dir() && m.nlink() > 1 {
             if let Some(first) = links.get(&(m.dev(), m.ino())) {
-                tree.write_hardlink(&rel, first).map_err(err)?;
+                tree.put(&rel, EntryKind::Hardlink(first), &meta).map_err(err)?;
                 continue;
             }
             links.insert((m.dev(), m.ino()), rel.clone());
         }
         let result = if ft.is_dir() {
-            tree.write_dir(&rel, meta)
+            tree.put(&rel, EntryKind::Dir, &meta)
         } else if ft.is_file() {
             let mut f = std::fs::File::open(path)
                 .map_err(|source| SquashError::Io { path: path.to_owned(), source })?;
-            tree.write_file(&rel, &meta, &mut f)
+            tree.put(&rel, EntryKind::File { size: m.len(), data: &mut f }, &meta)
         } else if ft.is_symlink() {
             let target = std::fs::read_link(path)
                 .map_err(|source| SquashError::Io { path: path.to_owned(), source })?;
-            tree.write_symlink(&rel, target.as_os_str().as_bytes(), &meta)
+            tree.put(&rel, EntryKind::Symlink(target.as_os_str().as_bytes()), &meta)
         } else {
             let (major, minor) = (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev()));
             let node = if ft.is_fifo() {
-                NodeType::Fifo
+                EntryKind::Fifo
             } else if ft.is_char_device() {
-                NodeType::Char { major, minor }
+                EntryKind::Char { major, minor }
             } else if ft.is_block_device() {
-                NodeType::Block { major, minor }
+                EntryKind::Block { major, minor }
             } else {
                 continue; // sockets cannot come from a layer tar
             };
-            tree.write_node(&rel, node, &meta)
+            tree.put(&rel, node, &meta)
         };
         result.map_err(err)?;
     }

@@ -1,13 +1,14 @@
-//! EROFS via `mkfs.erofs` from a staging tree.
+//! EROFS via `mkfs.erofs --tar=f` reading the normalized stream from a pipe (erofs-utils ≥ 1.8).
 //!
-//! Reproducible with erofs-utils 1.5: every inode is extended (`-E force-inode-extended`), so
-//! each keeps its own mtime, including times before 1970, and none depends on the build time
-//! (a compact inode has no mtime and shows the superblock's build time). The build time is
-//! then zeroed in the superblock and its checksum recomputed ([`fix_build_time`]).
-//! `SOURCE_DATE_EPOCH` cannot do this: 1.5 clamps every newer mtime to it, and compares
-//! them unsigned, so negative mtimes would be clamped. `-T` overwrites every file's mtime.
-//! The UUID comes from the chain ID; directory entries are sorted by name, so the staging
-//! tree's readdir order does not matter.
+//! Reproducible: every inode is extended (`-E force-inode-extended`), so each keeps its own
+//! mtime, including times before 1970, and none depends on the build time (a compact inode
+//! has no mtime and shows the superblock's build time). The build time is then zeroed in the
+//! superblock and its checksum recomputed ([`fix_build_time`]). The UUID comes from the chain
+//! ID; directory entries are sorted by name. No root needed: the tool writes owners, devices
+//! and `trusted.*` xattrs into the image from the stream.
+//!
+//! erofs-utils 1.5 (Debian 12's own) has no tar input; `make deps` builds 1.8 from Debian's
+//! source.
 
 use std::fs::File;
 use std::io;
@@ -31,15 +32,15 @@ pub struct Erofs {
 
 impl Erofs {
     pub fn detect() -> Result<Self, ToolError> {
-        // erofs-utils 1.5's mkfs.erofs has no version flag; fsck.erofs from the same package does.
-        let mkfs = Tool::find("mkfs.erofs", "erofs-utils", &["--version"], "1.5").or_else(|e| match e {
-            ToolError::UnknownVersion { .. } => {
-                let fsck = Tool::find("fsck.erofs", "erofs-utils", &["-V"], "1.5")?;
-                let path = tool::locate("mkfs.erofs")
-                    .ok_or(ToolError::NotFound { tool: "mkfs.erofs", package: "erofs-utils" })?;
-                Ok(Tool { name: "mkfs.erofs", path, version: fsck.version })
-            }
-            e => Err(e),
+        let mkfs = Tool::find("mkfs.erofs", "erofs-utils", &["--version"], "1.8").map_err(|e| match e {
+            // 1.5's mkfs.erofs has no version flag.
+            ToolError::UnknownVersion { tool, .. } => ToolError::TooOld {
+                tool,
+                package: "erofs-utils",
+                found: "< 1.6".into(),
+                required: "1.8".into(),
+            },
+            e => e,
         })?;
         Ok(Erofs { mkfs })
     }
@@ -48,16 +49,22 @@ impl Erofs {
         format!("mkfs.erofs {}", self.mkfs.version)
     }
 
-    pub fn make(&self, staging: &Path, chain_id: &Digest, out: &Path) -> Result<(), BackendError> {
+    /// Starts mkfs.erofs on `out`, reading the stream from its stdin.
+    pub fn start(&self, chain_id: &Digest, out: &Path) -> Result<tool::Streaming, BackendError> {
         let mut cmd = self.mkfs.command();
         cmd.env("LC_ALL", "C")
             .env_remove("SOURCE_DATE_EPOCH")
             .arg("--quiet")
+            .arg("--tar=f")
             .arg("-Eforce-inode-extended")
             .arg(format!("-U{}", super::uuid_from(chain_id, 0)))
-            .arg(out)
-            .arg(staging);
-        tool::run("mkfs.erofs", &mut cmd)?;
+            .arg(out);
+        Ok(tool::Streaming::spawn("mkfs.erofs", &mut cmd)?)
+    }
+
+    /// Waits for mkfs.erofs to finish `out`, then fixes its build time.
+    pub fn finish(&self, streaming: tool::Streaming, out: &Path) -> Result<(), BackendError> {
+        streaming.finish()?;
         fix_build_time(out).map_err(|source| BackendError::Fixup { path: out.to_owned(), source })
     }
 }

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::layer::dirindex::DirMeta;
-use crate::layer::tree::encode_mtime_extra;
+use crate::layer::meta::encode_mtime_extra;
 
 const SB_OFFSET: u64 = 1024;
 const ROOT_INO: u64 = 2;

@@ -1,21 +1,26 @@
-//! Filesystem backends: one finished layer tree → one image file, made by an external tool.
+//! Filesystem backends: one layer's normalized stream (a pax tar, see [`crate::layer::pax`])
+//! → one image file, made by an external tool reading the stream: `mkfs.erofs --tar=f` from a
+//! pipe; `mke2fs -d` from a spool file (it needs the image size up front, which the stream's
+//! counts give only once it has ended).
 
 mod erofs;
 mod ext4;
 pub mod ext4_fixup;
 pub mod tool;
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use oci_spec::image::Digest;
 use serde::{Deserialize, Serialize};
 
-use crate::layer::tree::FinishedTree;
+use crate::layer::meta::TreeStats;
 use tool::ToolError;
 
 /// Version of the layer → blob recipe. Bump it whenever a blob's bytes or meaning change; it
-/// is part of every stored blob's path (`layers/<fs>-v<N>/`).
-pub const RECIPE_VERSION: u32 = 1;
+/// is part of every stored blob's path (`layers/<fs>-v<N>/`). 2: made from the normalized
+/// stream (erofs-utils ≥ 1.8 `--tar=f`, e2fsprogs ≥ 1.47.1 `mke2fs -d TAR`), without root.
+pub const RECIPE_VERSION: u32 = 2;
 
 /// Filesystem type of the blobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -48,6 +53,12 @@ impl std::fmt::Display for FsType {
 pub enum BackendError {
     #[error(transparent)]
     Tool(#[from] ToolError),
+    #[error("writing {path}")]
+    Spool {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("fixing up {path}")]
     Fixup {
         path: std::path::PathBuf,
@@ -87,18 +98,78 @@ impl Backend {
         }
     }
 
-    /// Makes the image `out` of the tree staged in `staging`. `chain_id` seeds the UUID and
-    /// hash seed, so the same stack gives the same bytes.
-    pub fn make(
-        &self,
-        staging: &Path,
-        tree: &FinishedTree,
-        chain_id: &Digest,
-        out: &Path,
-    ) -> Result<(), BackendError> {
-        match self {
-            Backend::Erofs(b) => b.make(staging, chain_id, out),
-            Backend::Ext4(b) => b.make(staging, tree, chain_id, out),
+    /// Starts making the image `out` of one layer's normalized stream, which the caller then
+    /// writes into the returned [`Making`]. `chain_id` seeds the UUID and hash seed, so the
+    /// same stack gives the same bytes; `tmp` is a private scratch directory.
+    pub fn start(&self, chain_id: &Digest, out: &Path, tmp: &Path) -> Result<Making, BackendError> {
+        let job = match self {
+            Backend::Erofs(b) => Job::Erofs(b.start(chain_id, out)?),
+            Backend::Ext4(_) => {
+                let path = tmp.join("layer.tar");
+                let file = fs_err::File::create(&path)
+                    .map_err(|source| BackendError::Spool { path: path.clone(), source })?;
+                Job::Ext4 { spool: std::io::BufWriter::with_capacity(1 << 20, file.into_parts().0), path }
+            }
+        };
+        Ok(Making { backend: self.clone(), job, chain_id: chain_id.clone(), out: out.to_owned() })
+    }
+
+    /// Whether the normalized stream should carry the ext4 fix-up's time records.
+    pub fn wants_time_extra(&self) -> bool {
+        matches!(self, Backend::Ext4(_))
+    }
+}
+
+/// An image being made: write the normalized stream into it, then [`Making::finish`].
+pub struct Making {
+    backend: Backend,
+    job: Job,
+    chain_id: Digest,
+    out: PathBuf,
+}
+
+enum Job {
+    Erofs(tool::Streaming),
+    Ext4 { spool: std::io::BufWriter<std::fs::File>, path: PathBuf },
+}
+
+impl Making {
+    /// Ends the stream (whose counts are `stats`) and finishes the image.
+    pub fn finish(self, stats: &TreeStats) -> Result<(), BackendError> {
+        match (self.backend, self.job) {
+            (Backend::Erofs(b), Job::Erofs(streaming)) => b.finish(streaming, &self.out),
+            (Backend::Ext4(b), Job::Ext4 { spool, path }) => {
+                let spool_err = |source| BackendError::Spool { path: path.clone(), source };
+                spool.into_inner().map_err(|e| spool_err(e.into_error()))?;
+                b.make_from_tar(&path, stats, &self.chain_id, &self.out)
+            }
+            _ => unreachable!("a job belongs to its backend"),
+        }
+    }
+}
+
+impl Making {
+    /// After a failed write: the tool's own error, when it exited with one.
+    pub fn failure(self) -> Option<BackendError> {
+        match self.job {
+            Job::Erofs(streaming) => streaming.finish().err().map(BackendError::Tool),
+            Job::Ext4 { .. } => None,
+        }
+    }
+}
+
+impl Write for Making {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.job {
+            Job::Erofs(s) => s.write(buf),
+            Job::Ext4 { spool, .. } => spool.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.job {
+            Job::Erofs(s) => s.flush(),
+            Job::Ext4 { spool, .. } => spool.flush(),
         }
     }
 }

@@ -1,8 +1,10 @@
 //! External tools (mkfs.erofs, mkfs.ext4, debugfs, fsck): found up front, version-checked,
-//! run with stdin closed, their stderr tail kept for errors.
+//! run with stdin closed — or, in streaming mode, fed through a pipe — their stderr tail kept
+//! for errors.
 
+use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 
 /// A tool is missing, too old, or failed.
 #[derive(Debug, thiserror::Error)]
@@ -94,17 +96,83 @@ pub fn run(tool: &str, cmd: &mut Command) -> Result<Output, ToolError> {
         .output()
         .map_err(|source| ToolError::Spawn { tool: tool.to_string(), source })?;
     if !out.status.success() {
-        let text = String::from_utf8_lossy(if out.stderr.is_empty() { &out.stdout } else { &out.stderr })
-            .into_owned();
-        let start = text.len().saturating_sub(1024);
-        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
-        return Err(ToolError::Failed {
-            tool: tool.to_string(),
-            status: out.status,
-            stderr_tail: text[start..].trim().replace('\n', " | "),
-        });
+        let text = if out.stderr.is_empty() { &out.stdout } else { &out.stderr };
+        return Err(failed(tool, out.status, text));
     }
     Ok(out)
+}
+
+/// A failure carrying the last KiB of what the tool said.
+fn failed(tool: &str, status: ExitStatus, said: &[u8]) -> ToolError {
+    let text = String::from_utf8_lossy(said);
+    let start = text.len().saturating_sub(1024);
+    let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+    ToolError::Failed {
+        tool: tool.to_string(),
+        status,
+        stderr_tail: text[start..].trim().replace('\n', " | "),
+    }
+}
+
+/// A tool reading its input from a pipe the caller writes (streaming mode). Its stderr goes
+/// to an unnamed temp file, so a chatty tool can never block on a full pipe. Dropped without
+/// [`Streaming::finish`], the tool is killed and reaped.
+pub struct Streaming {
+    tool: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stderr: std::fs::File,
+}
+
+impl Streaming {
+    pub fn spawn(tool: &str, cmd: &mut Command) -> Result<Streaming, ToolError> {
+        crate::progress::debug(&format!("running {cmd:?} (input streamed)"));
+        let spawn_err = |source| ToolError::Spawn { tool: tool.to_string(), source };
+        let stderr = tempfile::tempfile().map_err(spawn_err)?;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(stderr.try_clone().map_err(spawn_err)?)
+            .spawn()
+            .map_err(spawn_err)?;
+        let stdin = child.stdin.take();
+        Ok(Streaming { tool: tool.to_string(), child, stdin, stderr })
+    }
+
+    /// Ends the input and waits for the tool; a failure carries its stderr tail.
+    pub fn finish(mut self) -> Result<(), ToolError> {
+        drop(self.stdin.take());
+        let status =
+            self.child.wait().map_err(|source| ToolError::Spawn { tool: self.tool.clone(), source })?;
+        if status.success() {
+            return Ok(());
+        }
+        let mut said = Vec::new();
+        let _ = self.stderr.rewind().and_then(|_| self.stderr.read_to_end(&mut said));
+        Err(failed(&self.tool, status, &said))
+    }
+}
+
+impl Write for Streaming {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.stdin {
+            Some(s) => s.write(buf),
+            None => Err(std::io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stdin.as_mut().map_or(Ok(()), |s| s.flush())
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        if self.stdin.take().is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 /// The first `N.N[.N]` in a tool's version banner.

@@ -12,7 +12,7 @@ use std::io::{self, BufRead, Write};
 use super::path::ancestors;
 
 /// Metadata of one directory: the same fields as any entry's.
-pub type DirMeta = super::tree::EntryMeta;
+pub type DirMeta = super::meta::EntryMeta;
 
 impl DirMeta {
     /// A directory that no layer below describes (what `mkdir -p` would give, at the epoch).
@@ -21,7 +21,7 @@ impl DirMeta {
     }
 }
 
-/// What a path is in one layer's own tree (its staging directory).
+/// What a path is in one layer's own entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKind {
     Missing,

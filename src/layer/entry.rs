@@ -4,7 +4,7 @@
 use std::io::{self, Read};
 
 use super::EntryError;
-use super::tree::EntryMeta;
+use super::meta::EntryMeta;
 
 /// Header fields with PAX overrides (`mtime` with nanoseconds, large `uid`/`gid`,
 /// `SCHILY.xattr.*`).

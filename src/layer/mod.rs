@@ -1,24 +1,25 @@
-//! One layer: its compressed byte stream → verified tar entries → its own tree on disk.
+//! One layer: its compressed byte stream → verified tar entries → the normalized stream mkfs
+//! reads.
 //!
 //! ```text
 //! blob ─sha256 = digest?─▶ gzip | zstd | none (by magic) ─sha256 = diff_id?─▶ tar entries
-//!      ─classify (whiteouts, path safety)─▶ LayerTree (staging dir)
+//!      ─normalize (whiteouts, parents, path safety)─▶ pax tar ─▶ mkfs
 //! ```
 
 pub mod dirindex;
 pub mod entry;
+pub mod meta;
+pub mod normalize;
 pub mod path;
-pub mod tree;
+pub mod pax;
 
-use std::io::{self, BufRead, BufReader, Read};
-use std::path::Path;
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use oci_spec::image::Digest;
 
 use crate::digest::{self, DigestMismatch, HashingReader};
-use path::{EntryAction, PathError};
-use tree::{LayerTree, NodeType, TreeError};
+use normalize::{EntryKind, NormalizeError, Normalizer};
 
 /// Why a layer could not be unpacked.
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +37,8 @@ pub enum LayerError {
         #[source]
         source: EntryError,
     },
-    #[error("staging directory {path}")]
-    Staging {
-        path: std::path::PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("writing the normalized layer to mkfs")]
+    Output(#[source] io::Error),
     #[error("cancelled because another layer failed")]
     Cancelled,
     #[error(
@@ -55,9 +52,7 @@ pub enum LayerError {
 #[non_exhaustive]
 pub enum EntryError {
     #[error(transparent)]
-    Path(#[from] PathError),
-    #[error(transparent)]
-    Tree(#[from] TreeError),
+    Normalize(#[from] NormalizeError),
     #[error("unsupported tar entry type {0:?}")]
     UnsupportedType(char),
     #[error("PAX sparse files (GNU.sparse.*) are not supported")]
@@ -66,8 +61,6 @@ pub enum EntryError {
     BadPax(String),
     #[error("bad header")]
     Header(#[source] io::Error),
-    #[error("hardlink target {0:?} escapes the layer root")]
-    LinkEscapes(String),
 }
 
 /// Layer media types vmrootfs converts (compression is then told from the bytes).
@@ -164,27 +157,25 @@ impl<R: Read> Read for Limit<'_, R> {
     }
 }
 
-/// Streams one layer blob into the empty directory `staging`, checking the blob digest (when
-/// known) and the diff_id as the bytes go by. Nothing is held in memory beyond one buffer.
+/// Streams one layer blob through the normalizer, checking the blob digest (when known) and
+/// the diff_id as the bytes go by. Nothing is held in memory beyond one buffer.
 #[allow(clippy::too_many_arguments)]
-pub fn unpack(
+pub fn stream<W: Write>(
     blob: impl Read,
     expected_digest: Option<&Digest>,
     diff_id: &Digest,
-    staging: &Path,
     max_bytes: u64,
     cancel: &AtomicBool,
     on_read: &(dyn Fn(u64) + Sync),
-) -> Result<LayerTree, LayerError> {
+    normalizer: &mut Normalizer<W>,
+) -> Result<(), LayerError> {
     let raw = HashingReader::new(Progress { inner: blob, on_read });
     let buffered = BufReader::with_capacity(256 * 1024, raw);
     let decoder = Decoder::sniff(buffered).map_err(LayerError::Stream)?;
     let hit = AtomicBool::new(false);
     let limited = Limit { inner: decoder, left: max_bytes, hit: &hit };
     let mut archive = tar::Archive::new(HashingReader::new(limited));
-    let mut tree =
-        LayerTree::new(staging).map_err(|source| LayerError::Staging { path: staging.to_owned(), source })?;
-    let result = unpack_entries(&mut archive, &mut tree, cancel);
+    let result = stream_entries(&mut archive, normalizer, cancel);
     let too_large = LayerError::TooLarge { limit: max_bytes };
     if hit.load(Ordering::Relaxed) {
         return Err(too_large);
@@ -201,12 +192,12 @@ pub fn unpack(
         digest::check("layer blob", expected, &found_digest)?;
     }
     digest::check("layer diff_id", diff_id, &found_diff_id)?;
-    Ok(tree)
+    Ok(())
 }
 
-fn unpack_entries<R: Read>(
+fn stream_entries<R: Read, W: Write>(
     archive: &mut tar::Archive<R>,
-    tree: &mut LayerTree,
+    normalizer: &mut Normalizer<W>,
     cancel: &AtomicBool,
 ) -> Result<(), LayerError> {
     for entry in archive.entries().map_err(LayerError::Stream)? {
@@ -215,24 +206,23 @@ fn unpack_entries<R: Read>(
         }
         let mut entry = entry.map_err(LayerError::Stream)?;
         let raw_path = entry.path_bytes().into_owned();
-        apply_entry(tree, &mut entry).map_err(|source| match source {
-            EntryError::Tree(TreeError::Data(e)) => LayerError::Stream(e),
+        apply_entry(normalizer, &mut entry).map_err(|source| match source {
+            EntryError::Normalize(NormalizeError::Data(e)) => LayerError::Stream(e),
+            EntryError::Normalize(NormalizeError::Write(e)) => LayerError::Output(e),
+            EntryError::Normalize(NormalizeError::TooLarge { limit }) => LayerError::TooLarge { limit },
             source => LayerError::Entry { path: path::display(&raw_path), source },
         })?;
     }
     Ok(())
 }
 
-fn apply_entry<R: Read>(tree: &mut LayerTree, entry: &mut tar::Entry<'_, R>) -> Result<(), EntryError> {
+fn apply_entry<R: Read, W: Write>(
+    normalizer: &mut Normalizer<W>,
+    entry: &mut tar::Entry<'_, R>,
+) -> Result<(), EntryError> {
     use tar::EntryType as T;
-    let action = path::classify(&entry.path_bytes())?;
     let meta = entry::entry_meta(entry)?;
-    let path = match action {
-        EntryAction::Skip => return Ok(()),
-        EntryAction::Opaque(dir) => return Ok(tree.write_opaque(&dir)?),
-        EntryAction::Whiteout(p) => return Ok(tree.write_whiteout(&p, meta.mtime_sec)?),
-        EntryAction::Write(p) => p,
-    };
+    let raw_path = entry.path_bytes().into_owned();
     let header = entry.header();
     let kind = header.entry_type();
     let device = |h: &tar::Header| -> Result<(u32, u32), EntryError> {
@@ -240,32 +230,28 @@ fn apply_entry<R: Read>(tree: &mut LayerTree, entry: &mut tar::Entry<'_, R>) -> 
         let minor = h.device_minor().map_err(EntryError::Header)?.unwrap_or(0);
         Ok((major, minor))
     };
-    match kind {
-        T::Regular | T::Continuous | T::GNUSparse => tree.write_file(&path, &meta, entry)?,
-        T::Directory => tree.write_dir(&path, meta)?,
-        T::Symlink => {
-            let target = entry.link_name_bytes().unwrap_or_default().into_owned();
-            tree.write_symlink(&path, &target, &meta)?
+    let link = || entry.link_name_bytes().unwrap_or_default().into_owned();
+    let kind = match kind {
+        T::Regular | T::Continuous | T::GNUSparse => {
+            let size = entry.size();
+            return Ok(normalizer.entry(&raw_path, EntryKind::File { size, data: entry }, &meta)?);
         }
-        T::Link => {
-            let target = entry.link_name_bytes().unwrap_or_default();
-            let target =
-                path::normalize(&target).map_err(|_| EntryError::LinkEscapes(path::display(&target)))?;
-            tree.write_hardlink(&path, &target)?
-        }
+        T::Directory => EntryKind::Dir,
+        T::Symlink => return Ok(normalizer.entry(&raw_path, EntryKind::Symlink(&link()), &meta)?),
+        T::Link => return Ok(normalizer.entry(&raw_path, EntryKind::Hardlink(&link()), &meta)?),
         T::Char => {
             let (major, minor) = device(header)?;
-            tree.write_node(&path, NodeType::Char { major, minor }, &meta)?
+            EntryKind::Char { major, minor }
         }
         T::Block => {
             let (major, minor) = device(header)?;
-            tree.write_node(&path, NodeType::Block { major, minor }, &meta)?
+            EntryKind::Block { major, minor }
         }
-        T::Fifo => tree.write_node(&path, NodeType::Fifo, &meta)?,
-        T::XGlobalHeader => {}
+        T::Fifo => EntryKind::Fifo,
+        T::XGlobalHeader => return Ok(()),
         other => return Err(EntryError::UnsupportedType(other.as_byte() as char)),
-    }
-    Ok(())
+    };
+    Ok(normalizer.entry(&raw_path, kind, &meta)?)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Garbage collection, under the exclusive store lock: layer files that no image record
-//! references, everything in `tmp/`, and tmpfs staging directories of dead processes.
+//! references, and everything in `tmp/`.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -15,7 +15,7 @@ pub struct GcReport {
     pub layers: usize,
     /// Bytes of the deleted blobs.
     pub bytes: u64,
-    /// Entries removed from `tmp/` and stale staging directories.
+    /// Entries removed from `tmp/`.
     pub tmp: usize,
 }
 
@@ -50,7 +50,6 @@ impl Store {
             }
         }
         report.tmp += clear_dir(&self.root.join("tmp"))?;
-        report.tmp += crate::staging::remove_stale();
         Ok(report)
     }
 }

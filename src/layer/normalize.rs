@@ -1,0 +1,522 @@
+//! One layer's entries → the normalized stream: a clean pax tar that mkfs reads as is.
+//!
+//! The normalizer applies the layer semantics in one pass, holding only an index of the paths
+//! this layer made (no file data, no staging tree):
+//!
+//! - `.wh.NAME` becomes a whiteout (char 0:0) — unless this layer already has an entry there:
+//!   a whiteout applies to lower layers only (OCI image spec), so a directory of this layer
+//!   becomes opaque and anything else stays. A whiteout below a non-directory of this layer is
+//!   redundant (the non-directory hides everything below it) and dropped.
+//! - `.wh..wh..opq` in D becomes `trusted.overlay.opaque=y` on D; other `.wh..wh.*` markers
+//!   are dropped, and so are `trusted.overlay.*`/`user.overlay.*` xattrs from the tar.
+//! - Every directory is listed before anything inside it: parents the tar does not list are
+//!   emitted as *implicit* directories when first needed, and once the stream has ended and
+//!   the lower layers' directories are known ([`Normalizer::finish`]) emitted again with the
+//!   metadata applying the layers in order gives them; opaque directories get their marker
+//!   then too. mkfs takes a repeated directory's later metadata.
+//! - Paths are made relative; a `..` that escapes, an entry below a non-directory, a hardlink
+//!   to anything but an earlier non-directory of this layer are errors.
+//!
+//! The output never asks mkfs to follow a symlink or create anything outside its root.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{self, Read, Write};
+
+use super::dirindex::{DirIndex, DirMeta, NodeKind};
+use super::meta::{BLOCK, EntryMeta, TreeStats, is_reserved_xattr};
+use super::path::{self, EntryAction, PathError, ancestors};
+use super::pax::{TarKind, TarWriter};
+
+/// Why an entry could not be normalized.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NormalizeError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("parent {0:?} is not a directory in this layer")]
+    ParentNotDir(String),
+    #[error("hardlink target {0:?} is not an earlier file of this layer")]
+    BadHardlink(String),
+    #[error("hardlink target {0:?} escapes the layer root")]
+    LinkEscapes(String),
+    #[error("opaque marker inside {0:?}, which is not a directory in this layer")]
+    OpaqueOnNonDir(String),
+    #[error("entry would replace the layer root with a non-directory")]
+    RootNotDir,
+    #[error(
+        "layer holds more than {limit} bytes of file data (a sparse or decompression bomb?); raise the limit with --max-layer-size"
+    )]
+    TooLarge { limit: u64 },
+    #[error("reading entry data")]
+    Data(#[source] io::Error),
+    #[error("writing the normalized layer stream")]
+    Write(#[source] io::Error),
+}
+
+/// What an entry is, as the layer's tar gives it.
+pub enum EntryKind<'a> {
+    File {
+        size: u64,
+        data: &'a mut dyn Read,
+    },
+    Dir,
+    Symlink(&'a [u8]),
+    /// Target as written in the tar (normalized here).
+    Hardlink(&'a [u8]),
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+}
+
+/// What a path is in this layer so far.
+#[derive(Debug, Clone)]
+enum Node {
+    /// A directory; `None` while implicit (its metadata comes from the layers below).
+    Dir(Option<EntryMeta>),
+    NonDir,
+    Whiteout,
+}
+
+/// The layer after its stream ended: what the next layer and the backends need.
+pub struct FinishedLayer {
+    /// The merged directories of the stack up to this layer (stored as the `.dirs` sidecar).
+    pub merged: DirIndex,
+    pub stats: TreeStats,
+}
+
+/// Turns one layer's entries into the normalized stream written to `W`.
+pub struct Normalizer<W: Write> {
+    out: TarWriter<W>,
+    nodes: HashMap<Vec<u8>, Node>,
+    /// The root's own metadata, when the tar lists it.
+    root: Option<EntryMeta>,
+    opaque: BTreeSet<Vec<u8>>,
+    stats: TreeStats,
+    /// Bytes of file data so far (logical: holes of sparse members count), and the bound.
+    file_bytes: u64,
+    limit: u64,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> Normalizer<W> {
+    /// `limit`: most bytes of file data the layer may hold. `carry_time_extra`: write the ext4
+    /// fix-up's atime records (see [`super::pax`]).
+    pub fn new(out: W, limit: u64, carry_time_extra: bool) -> Self {
+        Normalizer {
+            out: TarWriter::new(out, carry_time_extra),
+            nodes: HashMap::new(),
+            root: None,
+            opaque: BTreeSet::new(),
+            stats: TreeStats { inodes: 1, dirs: 1, ..Default::default() },
+            file_bytes: 0,
+            limit,
+            buf: vec![0; 256 * 1024],
+        }
+    }
+
+    /// The sink, for a stream that ends in failure.
+    pub fn into_inner(self) -> W {
+        self.out.into_inner()
+    }
+
+    /// One tar entry named `raw` (as in the tar): whiteouts and markers are interpreted.
+    pub fn entry(&mut self, raw: &[u8], kind: EntryKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
+        match path::classify(raw)? {
+            EntryAction::Skip => Ok(()),
+            EntryAction::Opaque(dir) => self.opaque_marker(&dir),
+            EntryAction::Whiteout(p) => self.whiteout(&p, meta.mtime_sec),
+            EntryAction::Write(p) => self.put(&p, kind, meta),
+        }
+    }
+
+    /// An entry at layer path `path` (already normalized; no whiteout meaning).
+    pub fn put(&mut self, path: &[u8], kind: EntryKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
+        let mut meta = meta.clone();
+        meta.xattrs.retain(|(k, _)| !is_reserved_xattr(k));
+        if path.is_empty() {
+            if !matches!(kind, EntryKind::Dir) {
+                return Err(NormalizeError::RootNotDir);
+            }
+            self.emit(path, TarKind::Dir, &meta)?;
+            self.root = Some(meta);
+            return Ok(());
+        }
+        if !self.parents(path)? {
+            return Err(NormalizeError::ParentNotDir(path::display(path::split_parent(path).0)));
+        }
+        if let EntryKind::Dir = kind {
+            match self.nodes.get(path) {
+                Some(Node::Dir(_)) => {}
+                Some(Node::Whiteout) => {
+                    self.opaque.insert(path.to_vec());
+                }
+                Some(Node::NonDir) => self.stats.dirs += 1,
+                None => self.count_new(path, true),
+            }
+            self.emit(path, TarKind::Dir, &meta)?;
+            self.nodes.insert(path.to_vec(), Node::Dir(Some(meta)));
+            return Ok(());
+        }
+        if let EntryKind::Hardlink(raw_target) = kind {
+            let target = path::normalize(raw_target)
+                .map_err(|_| NormalizeError::LinkEscapes(path::display(raw_target)))?;
+            if !matches!(self.nodes.get(&target), Some(Node::NonDir)) {
+                return Err(NormalizeError::BadHardlink(path::display(&target)));
+            }
+            if target == path {
+                return Ok(());
+            }
+            self.replace_with_non_dir(path, false);
+            self.emit(path, TarKind::Hardlink(&target), &meta)?;
+            return Ok(());
+        }
+        self.replace_with_non_dir(path, true);
+        match kind {
+            EntryKind::File { size, data } => self.file(path, size, data, &meta)?,
+            EntryKind::Symlink(target) => {
+                if target.len() >= 60 {
+                    self.stats.extra_blocks += 1;
+                }
+                self.emit(path, TarKind::Symlink(target), &meta)?
+            }
+            EntryKind::Char { major, minor } => self.emit(path, TarKind::Char { major, minor }, &meta)?,
+            EntryKind::Block { major, minor } => self.emit(path, TarKind::Block { major, minor }, &meta)?,
+            EntryKind::Fifo => self.emit(path, TarKind::Fifo, &meta)?,
+            EntryKind::Dir | EntryKind::Hardlink(_) => unreachable!("handled above"),
+        }
+        Ok(())
+    }
+
+    /// Makes sure every ancestor of `path` is a directory of this layer, creating implicit
+    /// ones. Returns false when an ancestor is a non-directory of this layer.
+    fn parents(&mut self, path: &[u8]) -> Result<bool, NormalizeError> {
+        for anc in ancestors(path).skip(1) {
+            match self.nodes.get(anc) {
+                Some(Node::Dir(_)) => {}
+                Some(Node::NonDir) => return Ok(false),
+                Some(Node::Whiteout) => {
+                    // Whited out, then used as a parent in the same layer: the directory is
+                    // new here and hides the lower one.
+                    self.opaque.insert(anc.to_vec());
+                    self.implicit_dir(anc)?;
+                }
+                None => {
+                    self.count_new(anc, true);
+                    self.implicit_dir(anc)?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn implicit_dir(&mut self, path: &[u8]) -> Result<(), NormalizeError> {
+        self.emit(path, TarKind::Dir, &DirMeta::fallback())?;
+        self.nodes.insert(path.to_vec(), Node::Dir(None));
+        Ok(())
+    }
+
+    /// Bookkeeping before a non-directory takes `path`: a directory there goes, with
+    /// everything this layer put below it.
+    fn replace_with_non_dir(&mut self, path: &[u8], new_inode: bool) {
+        match self.nodes.insert(path.to_vec(), Node::NonDir) {
+            Some(Node::Dir(_)) => {
+                let under = |p: &Vec<u8>| p.starts_with(path) && p.get(path.len()) == Some(&b'/');
+                self.nodes.retain(|p, _| !under(p));
+                self.opaque.retain(|p| p != path && !under(p));
+            }
+            Some(_) => {}
+            None if new_inode => self.count_new(path, false),
+            None => self.stats.dirent_bytes += dirent_bytes(path),
+        }
+    }
+
+    fn file(
+        &mut self,
+        path: &[u8],
+        size: u64,
+        data: &mut dyn Read,
+        meta: &EntryMeta,
+    ) -> Result<(), NormalizeError> {
+        self.file_bytes = self.file_bytes.saturating_add(size);
+        if self.file_bytes > self.limit {
+            return Err(NormalizeError::TooLarge { limit: self.limit });
+        }
+        self.stats.file_bytes += size;
+        self.emit(path, TarKind::File { size }, meta)?;
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(self.buf.len() as u64) as usize;
+            let n = read_full(data, &mut self.buf[..want]).map_err(NormalizeError::Data)?;
+            if n == 0 {
+                return Err(NormalizeError::Data(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("entry data ends {left} bytes early"),
+                )));
+            }
+            let chunk = &self.buf[..n];
+            self.stats.data_blocks +=
+                chunk.chunks(BLOCK as usize).filter(|b| b.iter().any(|&x| x != 0)).count() as u64;
+            self.out.data(chunk).map_err(NormalizeError::Write)?;
+            left -= n as u64;
+        }
+        self.out.pad(size).map_err(NormalizeError::Write)
+    }
+
+    /// `.wh.NAME` at `path`.
+    fn whiteout(&mut self, path: &[u8], mtime_sec: i64) -> Result<(), NormalizeError> {
+        if path.is_empty() {
+            return Err(NormalizeError::RootNotDir);
+        }
+        if !self.parents(path)? {
+            return Ok(()); // below a non-directory of this layer: already hidden
+        }
+        match self.nodes.get(path) {
+            Some(Node::Dir(_)) => {
+                self.opaque.insert(path.to_vec());
+            }
+            Some(_) => {}
+            None => {
+                self.count_new(path, false);
+                let meta =
+                    EntryMeta { mode: 0, uid: 0, gid: 0, mtime_sec, mtime_nsec: 0, xattrs: Vec::new() };
+                self.emit(path, TarKind::Char { major: 0, minor: 0 }, &meta)?;
+                self.nodes.insert(path.to_vec(), Node::Whiteout);
+            }
+        }
+        Ok(())
+    }
+
+    /// `.wh..wh..opq` in `dir`.
+    fn opaque_marker(&mut self, dir: &[u8]) -> Result<(), NormalizeError> {
+        if !dir.is_empty() {
+            let not_dir = || NormalizeError::OpaqueOnNonDir(path::display(dir));
+            if !self.parents(dir)? {
+                return Err(not_dir());
+            }
+            match self.nodes.get(dir) {
+                Some(Node::Dir(_)) => {}
+                Some(Node::NonDir) => return Err(not_dir()),
+                Some(Node::Whiteout) => self.implicit_dir(dir)?,
+                None => {
+                    self.count_new(dir, true);
+                    self.implicit_dir(dir)?;
+                }
+            }
+        }
+        self.opaque.insert(dir.to_vec());
+        Ok(())
+    }
+
+    fn emit(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
+        let xattr_bytes: usize = meta.xattrs.iter().map(|(k, v)| k.len() + v.len() + 20).sum();
+        // ext4 keeps about 100 bytes of xattrs in a 256-byte inode; more takes a block.
+        if xattr_bytes > 96 {
+            self.stats.extra_blocks += 1;
+        }
+        self.out.header(path, kind, meta).map_err(NormalizeError::Write)
+    }
+
+    fn count_new(&mut self, path: &[u8], dir: bool) {
+        self.stats.inodes += 1;
+        self.stats.dirent_bytes += dirent_bytes(path);
+        if dir {
+            self.stats.dirs += 1;
+        }
+    }
+
+    /// Ends the stream: gives implicit directories (and the root, if the tar did not list it)
+    /// the metadata `lower` — the merged directories of the layers below — has for them, marks
+    /// opaque directories, and writes the end of the archive. Returns the sink and what the
+    /// next layer and the backend need.
+    pub fn finish(mut self, lower: &DirIndex) -> Result<(FinishedLayer, W), NormalizeError> {
+        let final_meta = |p: &[u8], own: &Option<EntryMeta>| {
+            own.clone().or_else(|| lower.get(p).cloned()).unwrap_or_else(DirMeta::fallback)
+        };
+        let mut dirs: BTreeMap<Vec<u8>, (DirMeta, bool)> = BTreeMap::new();
+        dirs.insert(Vec::new(), (final_meta(b"", &self.root), self.root.is_none()));
+        for (p, node) in &self.nodes {
+            if let Node::Dir(own) = node {
+                dirs.insert(p.clone(), (final_meta(p, own), own.is_none()));
+            }
+        }
+        for (p, (meta, implicit)) in &dirs {
+            let opaque = self.opaque.contains(p);
+            if *implicit || opaque {
+                let mut m = meta.clone();
+                if opaque {
+                    m.xattrs.push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
+                    m.xattrs.sort();
+                }
+                self.emit(p, TarKind::Dir, &m)?;
+            }
+        }
+        let layer_dirs: DirIndex = {
+            let mut d = DirIndex::default();
+            for (p, (meta, _)) in dirs {
+                d.insert(p, meta);
+            }
+            d
+        };
+        let nodes = &self.nodes;
+        let merged = lower.apply_layer(&layer_dirs, &self.opaque, |p| match nodes.get(p) {
+            Some(Node::Dir(_)) => NodeKind::Dir,
+            Some(_) => NodeKind::NonDir,
+            None => NodeKind::Missing,
+        });
+        let stats = self.stats;
+        let out = self.out.finish().map_err(NormalizeError::Write)?;
+        Ok((FinishedLayer { merged, stats }, out))
+    }
+}
+
+fn dirent_bytes(path: &[u8]) -> u64 {
+    (8 + path::split_parent(path).1.len() as u64).next_multiple_of(4)
+}
+
+/// Reads until `buf` is full or the stream ends.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(mode: u32) -> EntryMeta {
+        EntryMeta { mode, uid: 0, gid: 0, mtime_sec: 1_700_000_000, mtime_nsec: 0, xattrs: Vec::new() }
+    }
+
+    /// (path, type flag, mode, opaque?) of every entry in a normalized stream, in order.
+    fn entries(bytes: &[u8]) -> Vec<(String, char, u32, bool)> {
+        let mut ar = tar::Archive::new(bytes);
+        ar.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let opaque = e
+                    .pax_extensions()
+                    .unwrap()
+                    .map(|p| p.flatten().any(|x| x.key_bytes() == b"SCHILY.xattr.trusted.overlay.opaque"))
+                    .unwrap_or(false);
+                let h = e.header();
+                (
+                    String::from_utf8_lossy(&e.path_bytes()).into_owned(),
+                    h.entry_type().as_byte() as char,
+                    h.mode().unwrap(),
+                    opaque,
+                )
+            })
+            .collect()
+    }
+
+    fn run(
+        feed: impl FnOnce(&mut Normalizer<Vec<u8>>),
+        lower: &DirIndex,
+    ) -> (Vec<(String, char, u32, bool)>, DirIndex) {
+        let mut n = Normalizer::new(Vec::new(), u64::MAX, false);
+        feed(&mut n);
+        let (done, out) = n.finish(lower).unwrap();
+        (entries(&out), done.merged)
+    }
+
+    fn file(n: &mut Normalizer<Vec<u8>>, p: &str) -> Result<(), NormalizeError> {
+        n.entry(p.as_bytes(), EntryKind::File { size: 1, data: &mut &b"x"[..] }, &meta(0o644))
+    }
+
+    #[test]
+    fn implicit_parents_come_first_and_take_lower_metadata_at_the_end() {
+        let mut lower = DirIndex::default();
+        lower.insert(b"".to_vec(), meta(0o700));
+        lower.insert(b"usr".to_vec(), meta(0o751));
+        let (entries, merged) = run(|n| file(n, "usr/bin/tool").unwrap(), &lower);
+        let names: Vec<(&str, char, u32)> = entries.iter().map(|(p, t, m, _)| (p.as_str(), *t, *m)).collect();
+        assert_eq!(
+            names,
+            [
+                ("usr/", '5', 0o755),
+                ("usr/bin/", '5', 0o755),
+                ("usr/bin/tool", '0', 0o644),
+                ("./", '5', 0o700),
+                ("usr/", '5', 0o751),
+                ("usr/bin/", '5', 0o755),
+            ]
+        );
+        assert_eq!(merged.get(b"usr").unwrap().mode, 0o751);
+    }
+
+    #[test]
+    fn whiteouts_opaque_dirs_and_redundant_whiteouts() {
+        let (entries, _) = run(
+            |n| {
+                n.entry(b"etc/.wh.motd", EntryKind::Fifo, &meta(0)).unwrap();
+                n.entry(b"d/", EntryKind::Dir, &meta(0o711)).unwrap();
+                n.entry(b"d/.wh..wh..opq", EntryKind::Fifo, &meta(0)).unwrap();
+                n.entry(b"skel", EntryKind::File { size: 0, data: &mut &b""[..] }, &meta(0o644)).unwrap();
+                n.entry(b"skel/.wh..bashrc", EntryKind::Fifo, &meta(0)).unwrap();
+                file(n, "r").unwrap();
+                n.entry(b".wh.r", EntryKind::Fifo, &meta(0)).unwrap();
+                n.entry(b"a/.wh..wh.plnk", EntryKind::Fifo, &meta(0)).unwrap();
+            },
+            &DirIndex::default(),
+        );
+        let has = |p: &str, t: char| entries.iter().any(|(q, u, _, _)| q == p && *u == t);
+        assert!(has("etc/motd", '3'), "whiteout → char 0:0: {entries:?}");
+        assert!(!entries.iter().any(|(p, ..)| p.contains(".wh.")), "no .wh. names: {entries:?}");
+        assert!(
+            entries.iter().any(|(p, t, m, o)| p == "d/" && *t == '5' && *m == 0o711 && *o),
+            "{entries:?}"
+        );
+        assert!(!has("r", '3'), "a whiteout of this layer's own file is dropped: {entries:?}");
+    }
+
+    #[test]
+    fn refusals() {
+        let mut n = Normalizer::new(Vec::new(), u64::MAX, false);
+        n.entry(b"link", EntryKind::Symlink(b"/etc"), &meta(0o777)).unwrap();
+        assert!(matches!(file(&mut n, "link/planted"), Err(NormalizeError::ParentNotDir(p)) if p == "link"));
+        assert!(matches!(
+            n.entry(b"h", EntryKind::Hardlink(b"etc/shadow"), &meta(0)),
+            Err(NormalizeError::BadHardlink(_))
+        ));
+        assert!(matches!(
+            n.entry(b"h", EntryKind::Hardlink(b"../x"), &meta(0)),
+            Err(NormalizeError::LinkEscapes(_))
+        ));
+        assert!(matches!(file(&mut n, "a/../../x"), Err(NormalizeError::Path(PathError::Escapes))));
+        assert!(matches!(file(&mut n, "./"), Err(NormalizeError::RootNotDir)));
+        let mut small = Normalizer::new(Vec::new(), 10, false);
+        let r = small.entry(b"big", EntryKind::File { size: 11, data: &mut &[0u8; 11][..] }, &meta(0o644));
+        assert!(matches!(r, Err(NormalizeError::TooLarge { limit: 10 })));
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_file_forgets_its_children() {
+        let (entries, merged) = run(
+            |n| {
+                n.entry(b"x/", EntryKind::Dir, &meta(0o700)).unwrap();
+                file(n, "x/child").unwrap();
+                file(n, "x").unwrap();
+                n.entry(b"x/.wh.child", EntryKind::Fifo, &meta(0)).unwrap();
+            },
+            &DirIndex::default(),
+        );
+        assert_eq!(entries.last().unwrap().0, "./");
+        assert!(merged.get(b"x").is_none());
+        assert!(!entries.iter().any(|(p, t, ..)| p == "x/child" && *t == '3'));
+    }
+}

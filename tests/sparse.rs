@@ -1,0 +1,100 @@
+//! Sparse members: a layer of a few KB can describe a file of many GB. Its logical size counts
+//! against `--max-layer-size`, checked at the member's header, so an oversized one fails at
+//! once — nothing written, nothing read beyond the header — and one within the bound converts
+//! with equal contents (holes kept where the filesystem keeps them: ext4).
+
+mod fixture;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+
+use fixture::*;
+
+/// A GNU tar layer (`--sparse`, GNU format) holding `name`: `logical` bytes, all holes but a
+/// marker at the start and the end.
+fn sparse_layer(dir: &Path, name: &str, logical: u64) -> Layer {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let f = std::fs::File::create(src.join(name)).unwrap();
+    f.set_len(logical).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"head", 0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"tail", logical - 4).unwrap();
+    let tar = dir.join("layer.tar");
+    let ok = Command::new("tar")
+        .args(["--sparse", "--format=gnu", "--owner=0", "--group=0", "--mtime=@1700000000", "-cf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg(name)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "GNU tar failed");
+    let bytes = std::fs::read(&tar).unwrap();
+    assert!(bytes.len() < 64 << 10, "the layer tar is small: {} bytes", bytes.len());
+    Layer::from_tar(&bytes)
+}
+
+fn du_bytes(path: &Path) -> u64 {
+    walk_bytes(path)
+}
+
+fn walk_bytes(path: &Path) -> u64 {
+    let m = std::fs::symlink_metadata(path).unwrap();
+    if m.is_dir() {
+        std::fs::read_dir(path).unwrap().map(|e| walk_bytes(&e.unwrap().path())).sum::<u64>() + m.blocks() * 512
+    } else {
+        m.blocks() * 512
+    }
+}
+
+#[test]
+fn a_multi_gb_sparse_file_over_the_bound_fails_fast_naming_it() {
+    let dir = scratch("sparse-bound");
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[sparse_layer(dir.path(), "huge", 6 << 30)]);
+    for fs in ["erofs", "ext4"] {
+        let store = dir.path().join(format!("store-{fs}"));
+        let (ok, out, err) = run(vmrootfs(&store).args([
+            "build",
+            &format!("oci:{}:t", layout.display()),
+            "--fs",
+            fs,
+            "--max-layer-size",
+            "4G",
+        ]));
+        assert!(!ok, "{fs}: a 6 GiB file under a 4 GiB bound must fail");
+        assert!(out.is_empty());
+        assert!(err.contains("more than 4294967296 bytes") && err.contains("--max-layer-size"), "{fs}: {err}");
+        assert!(err.contains("entry \"huge\"") || err.contains("layer sha256:"), "{fs}: names the layer: {err}");
+        let tmp: Vec<_> = std::fs::read_dir(store.join("tmp")).unwrap().collect();
+        assert!(tmp.is_empty(), "{fs}: tmp/ is left empty");
+        let used = du_bytes(&store);
+        assert!(used < 1 << 20, "{fs}: nothing beyond the bound was written (store holds {used} bytes)");
+    }
+}
+
+#[test]
+fn a_sparse_file_within_the_bound_converts_with_equal_contents() {
+    let dir = scratch("sparse-ok");
+    let layout = dir.path().join("layout");
+    let logical: u64 = 96 << 20;
+    oci_layout(&layout, "t", &[sparse_layer(dir.path(), "holey", logical)]);
+    for fs in ["erofs", "ext4"] {
+        let lowers = build_lowers(&dir.path().join(format!("store-{fs}")), &layout, fs);
+        let stack = MountedStack::mount(&lowers);
+        let path = stack.root().join("holey");
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len() as u64, logical, "{fs}");
+        assert_eq!(&data[..4], b"head", "{fs}");
+        assert_eq!(&data[data.len() - 4..], b"tail", "{fs}");
+        assert!(data[4..data.len() - 4].iter().all(|&b| b == 0), "{fs}: holes read as zeros");
+        if fs == "ext4" {
+            let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+            assert!(allocated <= 64 << 10, "ext4 keeps the holes: {allocated} bytes allocated");
+            let blob = std::fs::metadata(&lowers[0].0).unwrap().len();
+            assert!(blob < logical / 4, "ext4 blob is small: {blob} bytes");
+        }
+    }
+}
