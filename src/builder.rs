@@ -318,7 +318,6 @@ impl Builder {
             let mut normalizer = Normalizer::new(
                 std::io::BufWriter::with_capacity(1 << 20, making),
                 self.opts.max_layer_bytes,
-                self.backend.wants_time_extra(),
             );
             let blob = plan.source.open_layer(layer)?;
             let streamed = layer::stream(

@@ -90,8 +90,7 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     let out = work.path().join("blob");
     let seed = crate::digest::sha256_of(format!("squash {top}").as_bytes());
     let making = backend.start(&seed, &out, work.path())?;
-    let mut normalizer =
-        Normalizer::new(std::io::BufWriter::new(making), u64::MAX, backend.wants_time_extra());
+    let mut normalizer = Normalizer::new(std::io::BufWriter::new(making), u64::MAX);
     copy_tree(&merged, &mut normalizer)?;
     let copy_err = |source| SquashError::Copy { path: "/".into(), source };
     let (finished, sink) = normalizer.finish(&DirIndex::default()).map_err(copy_err)?;

@@ -115,7 +115,9 @@ fn unprivileged_builds_with_a_small_shm_give_the_root_builds_blobs() {
     let layout = dir.path().join("oci");
     let copied = std::process::Command::new("cp").arg("-r").arg(image().join("oci")).arg(&layout).status();
     assert!(copied.unwrap().success());
-    assert!(std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(&layout).status().unwrap().success());
+    assert!(
+        std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(&layout).status().unwrap().success()
+    );
     let spec = format!("oci:{}:test", layout.display());
     for fs in ["erofs", "ext4"] {
         let root_result = build(&dir.path().join(format!("root-{fs}")), &spec, fs);
@@ -132,9 +134,16 @@ fn unprivileged_builds_with_a_small_shm_give_the_root_builds_blobs() {
         assert!(ok, "unprivileged {fs} build failed: {err}");
         let result: serde_json::Value = serde_json::from_str(&out).unwrap();
         for (path, _) in lowers(&result) {
-            assert_eq!(std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap(), 65534);
+            assert_eq!(
+                std::fs::metadata(&path).map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap(),
+                65534
+            );
         }
-        assert_eq!(blob_hashes(&result), blob_hashes(&root_result), "{fs}: unprivileged blobs differ from root's");
+        assert_eq!(
+            blob_hashes(&result),
+            blob_hashes(&root_result),
+            "{fs}: unprivileged blobs differ from root's"
+        );
         let stack = MountedStack::mount(&lowers(&result));
         let diffs = diff_trees(&image().join("reference/rootfs"), stack.root());
         assert!(diffs.is_empty(), "unprivileged {fs} stack differs from umoci unpack:\n{}", diffs.join("\n"));

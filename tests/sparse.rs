@@ -43,7 +43,8 @@ fn du_bytes(path: &Path) -> u64 {
 fn walk_bytes(path: &Path) -> u64 {
     let m = std::fs::symlink_metadata(path).unwrap();
     if m.is_dir() {
-        std::fs::read_dir(path).unwrap().map(|e| walk_bytes(&e.unwrap().path())).sum::<u64>() + m.blocks() * 512
+        std::fs::read_dir(path).unwrap().map(|e| walk_bytes(&e.unwrap().path())).sum::<u64>()
+            + m.blocks() * 512
     } else {
         m.blocks() * 512
     }
@@ -66,8 +67,14 @@ fn a_multi_gb_sparse_file_over_the_bound_fails_fast_naming_it() {
         ]));
         assert!(!ok, "{fs}: a 6 GiB file under a 4 GiB bound must fail");
         assert!(out.is_empty());
-        assert!(err.contains("more than 4294967296 bytes") && err.contains("--max-layer-size"), "{fs}: {err}");
-        assert!(err.contains("entry \"huge\"") || err.contains("layer sha256:"), "{fs}: names the layer: {err}");
+        assert!(
+            err.contains("more than 4294967296 bytes") && err.contains("--max-layer-size"),
+            "{fs}: {err}"
+        );
+        assert!(
+            err.contains("entry \"huge\"") || err.contains("layer sha256:"),
+            "{fs}: names the layer: {err}"
+        );
         let tmp: Vec<_> = std::fs::read_dir(store.join("tmp")).unwrap().collect();
         assert!(tmp.is_empty(), "{fs}: tmp/ is left empty");
         let used = du_bytes(&store);

@@ -59,6 +59,8 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    #[error("xattr name {name:?} cannot be written to ext4 (debugfs takes names of printable ASCII)")]
+    XattrName { name: String },
     #[error("fixing up {path}")]
     Fixup {
         path: std::path::PathBuf,
@@ -108,15 +110,16 @@ impl Backend {
                 let path = tmp.join("layer.tar");
                 let file = fs_err::File::create(&path)
                     .map_err(|source| BackendError::Spool { path: path.clone(), source })?;
-                Job::Ext4 { spool: std::io::BufWriter::with_capacity(1 << 20, file.into_parts().0), path }
+                Job::Ext4 { spool: SparseSpool::new(file.into_parts().0), path }
             }
         };
-        Ok(Making { backend: self.clone(), job, chain_id: chain_id.clone(), out: out.to_owned() })
-    }
-
-    /// Whether the normalized stream should carry the ext4 fix-up's time records.
-    pub fn wants_time_extra(&self) -> bool {
-        matches!(self, Backend::Ext4(_))
+        Ok(Making {
+            backend: self.clone(),
+            job,
+            chain_id: chain_id.clone(),
+            out: out.to_owned(),
+            tmp: tmp.to_owned(),
+        })
     }
 }
 
@@ -126,11 +129,12 @@ pub struct Making {
     job: Job,
     chain_id: Digest,
     out: PathBuf,
+    tmp: PathBuf,
 }
 
 enum Job {
     Erofs(tool::Streaming),
-    Ext4 { spool: std::io::BufWriter<std::fs::File>, path: PathBuf },
+    Ext4 { spool: SparseSpool, path: PathBuf },
 }
 
 impl Making {
@@ -139,9 +143,8 @@ impl Making {
         match (self.backend, self.job) {
             (Backend::Erofs(b), Job::Erofs(streaming)) => b.finish(streaming, &self.out),
             (Backend::Ext4(b), Job::Ext4 { spool, path }) => {
-                let spool_err = |source| BackendError::Spool { path: path.clone(), source };
-                spool.into_inner().map_err(|e| spool_err(e.into_error()))?;
-                b.make_from_tar(&path, stats, &self.chain_id, &self.out)
+                spool.finish().map_err(|source| BackendError::Spool { path: path.clone(), source })?;
+                b.make_from_tar(&path, stats, &self.chain_id, &self.out, &self.tmp)
             }
             _ => unreachable!("a job belongs to its backend"),
         }
@@ -171,6 +174,49 @@ impl Write for Making {
             Job::Erofs(s) => s.flush(),
             Job::Ext4 { spool, .. } => spool.flush(),
         }
+    }
+}
+
+/// A spool file written sequentially in which every aligned 64 KiB run of zeros is left a
+/// hole: a sparse file in a layer (a few KB of tar for many GB of holes) costs no disk space
+/// or disk writes, and mke2fs, which skips zero blocks, keeps its holes.
+pub struct SparseSpool {
+    file: std::fs::File,
+    pos: u64,
+}
+
+impl SparseSpool {
+    const CHUNK: u64 = 64 << 10;
+
+    fn new(file: std::fs::File) -> Self {
+        SparseSpool { file, pos: 0 }
+    }
+
+    /// Sets the length (a trailing hole has no bytes written) and flushes to the page cache.
+    fn finish(self) -> std::io::Result<()> {
+        self.file.set_len(self.pos)
+    }
+}
+
+impl Write for SparseSpool {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let room = (Self::CHUNK - self.pos % Self::CHUNK) as usize;
+            let (piece, tail) = rest.split_at(room.min(rest.len()));
+            let whole_chunk = piece.len() as u64 == Self::CHUNK;
+            if !(whole_chunk && piece.iter().all(|&b| b == 0)) {
+                self.file.write_all_at(piece, self.pos)?;
+            }
+            self.pos += piece.len() as u64;
+            rest = tail;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

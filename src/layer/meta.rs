@@ -34,14 +34,6 @@ pub struct TreeStats {
     pub file_bytes: u64,
 }
 
-/// What ext4 keeps beyond a 32-bit mtime — nanoseconds and the epoch bits (which 2^32-second
-/// era the time is in) — packed as `epoch * 10^9 + nsec`, a number below 2^32. The normalized
-/// stream carries it as the entry's atime, which mke2fs copies; the ext4 fix-up moves it back.
-pub fn encode_mtime_extra(mtime_sec: i64, mtime_nsec: u32) -> u32 {
-    let epoch = ((mtime_sec - mtime_sec as i32 as i64) >> 32) & 3;
-    epoch as u32 * 1_000_000_000 + mtime_nsec.min(999_999_999)
-}
-
 /// `trusted.overlay.*` and `user.overlay.*` steer overlayfs (redirects, metacopy, opaque);
 /// only the conversion itself may set them, never a layer's tar.
 pub fn is_reserved_xattr(name: &[u8]) -> bool {

@@ -3,10 +3,12 @@
 //! The normalizer applies the layer semantics in one pass, holding only an index of the paths
 //! this layer made (no file data, no staging tree):
 //!
-//! - `.wh.NAME` becomes a whiteout (char 0:0) — unless this layer already has an entry there:
-//!   a whiteout applies to lower layers only (OCI image spec), so a directory of this layer
-//!   becomes opaque and anything else stays. A whiteout below a non-directory of this layer is
-//!   redundant (the non-directory hides everything below it) and dropped.
+//! - `.wh.NAME` becomes a whiteout (char 0:0) — unless this layer has an entry there: a
+//!   whiteout applies to lower layers only (OCI image spec), so a directory of this layer
+//!   becomes opaque and anything else stays, whichever comes first in the tar. Whiteouts are
+//!   written at the end of the stream, so no tool ever sees a name change type (mke2fs's tar
+//!   reader cannot turn a device into a directory). A whiteout below a non-directory of this
+//!   layer is redundant (the non-directory hides everything below it) and dropped.
 //! - `.wh..wh..opq` in D becomes `trusted.overlay.opaque=y` on D; other `.wh..wh.*` markers
 //!   are dropped, and so are `trusted.overlay.*`/`user.overlay.*` xattrs from the tar.
 //! - Every directory is listed before anything inside it: parents the tar does not list are
@@ -80,7 +82,10 @@ enum Node {
     /// A directory; `None` while implicit (its metadata comes from the layers below).
     Dir(Option<EntryMeta>),
     NonDir,
-    Whiteout,
+    /// A whiteout, written at the end (with this mtime) unless the layer puts something here.
+    Whiteout {
+        mtime_sec: i64,
+    },
 }
 
 /// The layer after its stream ended: what the next layer and the backends need.
@@ -105,11 +110,10 @@ pub struct Normalizer<W: Write> {
 }
 
 impl<W: Write> Normalizer<W> {
-    /// `limit`: most bytes of file data the layer may hold. `carry_time_extra`: write the ext4
-    /// fix-up's atime records (see [`super::pax`]).
-    pub fn new(out: W, limit: u64, carry_time_extra: bool) -> Self {
+    /// `limit`: most bytes of file data (logical, holes included) the layer may hold.
+    pub fn new(out: W, limit: u64) -> Self {
         Normalizer {
-            out: TarWriter::new(out, carry_time_extra),
+            out: TarWriter::new(out),
             nodes: HashMap::new(),
             root: None,
             opaque: BTreeSet::new(),
@@ -153,7 +157,7 @@ impl<W: Write> Normalizer<W> {
         if let EntryKind::Dir = kind {
             match self.nodes.get(path) {
                 Some(Node::Dir(_)) => {}
-                Some(Node::Whiteout) => {
+                Some(Node::Whiteout { .. }) => {
                     self.opaque.insert(path.to_vec());
                 }
                 Some(Node::NonDir) => self.stats.dirs += 1,
@@ -200,7 +204,7 @@ impl<W: Write> Normalizer<W> {
             match self.nodes.get(anc) {
                 Some(Node::Dir(_)) => {}
                 Some(Node::NonDir) => return Ok(false),
-                Some(Node::Whiteout) => {
+                Some(Node::Whiteout { .. }) => {
                     // Whited out, then used as a parent in the same layer: the directory is
                     // new here and hides the lower one.
                     self.opaque.insert(anc.to_vec());
@@ -283,10 +287,7 @@ impl<W: Write> Normalizer<W> {
             Some(_) => {}
             None => {
                 self.count_new(path, false);
-                let meta =
-                    EntryMeta { mode: 0, uid: 0, gid: 0, mtime_sec, mtime_nsec: 0, xattrs: Vec::new() };
-                self.emit(path, TarKind::Char { major: 0, minor: 0 }, &meta)?;
-                self.nodes.insert(path.to_vec(), Node::Whiteout);
+                self.nodes.insert(path.to_vec(), Node::Whiteout { mtime_sec });
             }
         }
         Ok(())
@@ -302,7 +303,7 @@ impl<W: Write> Normalizer<W> {
             match self.nodes.get(dir) {
                 Some(Node::Dir(_)) => {}
                 Some(Node::NonDir) => return Err(not_dir()),
-                Some(Node::Whiteout) => self.implicit_dir(dir)?,
+                Some(Node::Whiteout { .. }) => self.implicit_dir(dir)?,
                 None => {
                     self.count_new(dir, true);
                     self.implicit_dir(dir)?;
@@ -355,6 +356,19 @@ impl<W: Write> Normalizer<W> {
                 }
                 self.emit(p, TarKind::Dir, &m)?;
             }
+        }
+        let mut whiteouts: Vec<(Vec<u8>, i64)> = self
+            .nodes
+            .iter()
+            .filter_map(|(p, n)| match n {
+                Node::Whiteout { mtime_sec } => Some((p.clone(), *mtime_sec)),
+                _ => None,
+            })
+            .collect();
+        whiteouts.sort();
+        for (p, mtime_sec) in whiteouts {
+            let meta = EntryMeta { mode: 0, uid: 0, gid: 0, mtime_sec, mtime_nsec: 0, xattrs: Vec::new() };
+            self.emit(&p, TarKind::Char { major: 0, minor: 0 }, &meta)?;
         }
         let layer_dirs: DirIndex = {
             let mut d = DirIndex::default();
@@ -428,7 +442,7 @@ mod tests {
         feed: impl FnOnce(&mut Normalizer<Vec<u8>>),
         lower: &DirIndex,
     ) -> (Vec<(String, char, u32, bool)>, DirIndex) {
-        let mut n = Normalizer::new(Vec::new(), u64::MAX, false);
+        let mut n = Normalizer::new(Vec::new(), u64::MAX);
         feed(&mut n);
         let (done, out) = n.finish(lower).unwrap();
         (entries(&out), done.merged)
@@ -486,7 +500,7 @@ mod tests {
 
     #[test]
     fn refusals() {
-        let mut n = Normalizer::new(Vec::new(), u64::MAX, false);
+        let mut n = Normalizer::new(Vec::new(), u64::MAX);
         n.entry(b"link", EntryKind::Symlink(b"/etc"), &meta(0o777)).unwrap();
         assert!(matches!(file(&mut n, "link/planted"), Err(NormalizeError::ParentNotDir(p)) if p == "link"));
         assert!(matches!(
@@ -499,7 +513,7 @@ mod tests {
         ));
         assert!(matches!(file(&mut n, "a/../../x"), Err(NormalizeError::Path(PathError::Escapes))));
         assert!(matches!(file(&mut n, "./"), Err(NormalizeError::RootNotDir)));
-        let mut small = Normalizer::new(Vec::new(), 10, false);
+        let mut small = Normalizer::new(Vec::new(), 10);
         let r = small.entry(b"big", EntryKind::File { size: 11, data: &mut &[0u8; 11][..] }, &meta(0o644));
         assert!(matches!(r, Err(NormalizeError::TooLarge { limit: 10 })));
     }

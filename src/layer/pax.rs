@@ -3,13 +3,11 @@
 //!
 //! Each entry is a ustar header, preceded by a pax extended header (`x`) only when ustar cannot
 //! say something exactly: a long path or link target, nanoseconds or a negative/huge mtime,
-//! ids ≥ 2^21, a size ≥ 8 GiB, xattrs (`SCHILY.xattr.NAME`, binary values), and — for the ext4
-//! fix-up pass — an `atime` carrying what ext4 keeps beyond 32-bit seconds
-//! ([`super::meta::encode_mtime_extra`]).
+//! ids ≥ 2^21, a size ≥ 8 GiB, xattrs (`SCHILY.xattr.NAME`, binary values).
 
 use std::io::{self, Write};
 
-use super::meta::{EntryMeta, encode_mtime_extra};
+use super::meta::EntryMeta;
 
 const BLOCK: usize = 512;
 
@@ -42,14 +40,12 @@ impl TarKind<'_> {
 /// A pax tar writer over any byte sink (a pipe into mkfs, a spool file).
 pub struct TarWriter<W: Write> {
     out: W,
-    /// Write `atime` records for the ext4 fix-up.
-    carry_time_extra: bool,
     written: u64,
 }
 
 impl<W: Write> TarWriter<W> {
-    pub fn new(out: W, carry_time_extra: bool) -> Self {
-        TarWriter { out, carry_time_extra, written: 0 }
+    pub fn new(out: W) -> Self {
+        TarWriter { out, written: 0 }
     }
 
     /// The sink, as it is.
@@ -94,12 +90,6 @@ impl<W: Write> TarWriter<W> {
         let octal_time = meta.mtime_nsec == 0 && (0..0o77777777777).contains(&meta.mtime_sec);
         if !octal_time {
             record(&mut pax, b"mtime", pax_time(meta.mtime_sec, meta.mtime_nsec).as_bytes());
-        }
-        if self.carry_time_extra {
-            let extra = encode_mtime_extra(meta.mtime_sec, meta.mtime_nsec);
-            if extra != 0 {
-                record(&mut pax, b"atime", extra.to_string().as_bytes());
-            }
         }
         if meta.uid > 0o7777777 {
             record(&mut pax, b"uid", meta.uid.to_string().as_bytes());
@@ -260,7 +250,7 @@ mod tests {
     /// What the tar crate (an independent reader) sees in a written stream.
     #[test]
     fn tar_crate_reads_back_every_field() {
-        let mut w = TarWriter::new(Vec::new(), true);
+        let mut w = TarWriter::new(Vec::new());
         let long = vec![b'd'; 150];
         let mut m = meta(0o4755);
         m.uid = 3_000_000;
