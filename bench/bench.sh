@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # `make bench`: cold and warm vmrootfs builds of the real test image, side by side with the
-# decompression floor and the shell pipeline (bench/shell-pipeline.sh), in one run.
-# Each row: median wall time of 3 runs, the largest peak RSS of the runs (GNU time %M; for
-# pipelines, the largest single process), and the ratio to the floor. vmrootfs-erofs uses the
-# mkfs.erofs on PATH (erofs-utils 1.8 after `make deps`), *-1.5 rows Debian 12's own through
-# VMROOTFS_TOOL_MKFS_EROFS. BIG=1 adds one ~2 GiB layer (big-* rows, one run each, ratio to
-# that layer's own floor).
+# decompression floor, the peers' pipeline (zcat | mkfs.erofs --tar=f --aufs per layer, as
+# containerd's EROFS differ and matchlock do) and the shell pipeline (bench/shell-pipeline.sh),
+# in one run. vmrootfs rows run in three environments: as root on this host; with /dev/shm a
+# 64 MiB tmpfs (as in a container CI job; *-shm64); as uid 65534 without capabilities (*-nobody).
+# Each row: median wall time of RUNS (3) runs, the largest peak memory of the runs — the sum of
+# the RSS of every process of the command plus the tmpfs bytes it uses (bench/measure.py) —
+# and the ratio to the floor. BIG=1 adds one ~2 GiB layer of 20,000 files (big-* rows, one run
+# each, ratio to that layer's own floor).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 IMG=target/testimage
-BIN=target/release/vmrootfs
+BIN=$PWD/target/release/vmrootfs
 SCRATCH=$PWD/target/bench-scratch
 SHM_STAGE=/dev/shm/vmrootfs-bench
 OUT=target/bench
-command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time; }
+NOBODY="setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all"
 bash testdata/make-test-image.sh "$IMG"
 [ -x "$BIN" ] || cargo build --release --locked
 mkdir -p "$OUT"
@@ -29,66 +31,78 @@ PY
 )
 compressed=$(du -cb $layers | tail -1 | cut -f1)
 uncompressed=$(for l in $layers; do zcat "$l" | wc -c; done | paste -sd+ | bc)
+# A world-readable copy of the layout, for the *-nobody rows (umoci writes files 0600).
+LAYOUT=$PWD/target/bench-oci
+if [ ! -f "$LAYOUT/index.json" ]; then
+  rm -rf "$LAYOUT.part" && cp -r "$IMG/oci" "$LAYOUT.part" && chmod -R a+rX "$LAYOUT.part" && mv "$LAYOUT.part" "$LAYOUT"
+fi
+layers=$(for l in $layers; do printf "%s " "$LAYOUT/blobs/sha256/$(basename "$l")"; done)
 cat $layers > /dev/null   # every row starts with the layer blobs in the page cache
 
-declare -A MEDIAN RSS
+declare -A MEDIAN MEM
 # measure NAME SETUP CMD: runs SETUP (untimed) then CMD, RUNS times.
 measure() {
-  local name=$1 setup=$2 cmd=$3 times=() rss=0
+  local name=$1 setup=$2 cmd=$3 times=() mem=0
   for _ in $(seq "$RUNS"); do
     eval "$setup"
-    local line
-    /usr/bin/time -o "$OUT/time.txt" -f '%e %M' bash -c "$cmd" >/dev/null 2>"$OUT/stderr.txt" ||
+    python3 bench/measure.py "$OUT/time.txt" -- bash -c "$cmd" >/dev/null 2>"$OUT/stderr.txt" ||
       { cat "$OUT/stderr.txt" >&2; echo "bench: $name failed" >&2; exit 1; }
-    line=$(tail -1 "$OUT/time.txt")
-    times+=("${line% *}")
-    [ "${line#* }" -gt "$rss" ] && rss=${line#* }
+    read -r secs mib < "$OUT/time.txt"
+    times+=("$secs")
+    mem=$(echo "if ($mib > $mem) $mib else $mem" | bc -l)
   done
   MEDIAN[$name]=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p")
-  RSS[$name]=$rss
-  printf '  %-22s %s\n' "$name" "${times[*]}" >&2
+  MEM[$name]=$mem
+  printf '  %-24s %s\n' "$name" "${times[*]}" >&2
 }
 
-fresh() { rm -rf "$SCRATCH" "$SHM_STAGE"; mkdir -p "$SCRATCH" "$SHM_STAGE"; sync; }
+# A fresh scratch directory; the store is created owned by uid 65534 so the *-nobody rows
+# can write it (root rows can too).
+fresh() {
+  rm -rf "$SCRATCH" "$SHM_STAGE"; mkdir -p "$SCRATCH/store" "$SHM_STAGE"
+  chown 65534:65534 "$SCRATCH/store"; sync
+}
+# vmrootfs CMD in each environment.
+plain() { echo "$BIN -q --store $SCRATCH/store $*"; }
+shm64() { echo "unshare -m sh -c 'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec $BIN -q --store $SCRATCH/store $*'"; }
+nobody() { echo "$NOBODY $BIN -q --store $SCRATCH/store $*"; }
 
 echo "measuring (times of each run):" >&2
 measure floor "true" "for l in $layers; do zcat \$l > /dev/null; done"
 measure floor-parallel "true" "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} > /dev/null'"
+# The peers' way: erofs-utils 1.8 straight from each layer's tar stream.
+MKFS18=$(command -v mkfs.erofs)
+measure peer-erofs-tar fresh "n=0; for l in $layers; do n=\$((n+1)); zcat \$l | $MKFS18 --quiet --tar=f --aufs $SCRATCH/l\$n.erofs; done"
+measure peer-erofs-tar-parallel fresh "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} | $MKFS18 --quiet --tar=f --aufs $SCRATCH/\$(basename {}).erofs'"
 for fs in erofs ext4; do
-  measure "shell-$fs" fresh "bench/shell-pipeline.sh $fs $IMG/oci test $SCRATCH/out $SCRATCH"
-  measure "shell-$fs-tmpfs" fresh "bench/shell-pipeline.sh $fs $IMG/oci test $SCRATCH/out $SHM_STAGE"
-  measure "vmrootfs-$fs" fresh "$BIN -q --store $SCRATCH/store build oci:$IMG/oci:test --fs $fs"
-  measure "vmrootfs-$fs-disk" fresh "$BIN -q --store $SCRATCH/store build oci:$IMG/oci:test --fs $fs --staging disk"
+  measure "shell-$fs-tmpfs" fresh "bench/shell-pipeline.sh $fs $LAYOUT test $SCRATCH/out $SHM_STAGE"
+  for env in plain shm64 nobody; do
+    name="vmrootfs-$fs"; [ $env = plain ] || name="$name-$env"
+    measure "$name" fresh "$($env build oci:$LAYOUT:test --fs $fs)"
+  done
 done
-# erofs-utils ≥ 1.8 straight from the tar stream (containerd's EROFS differ, matchlock):
-# one layer after another, and all at once.
-MKFS18=""
-if bash scripts/build-erofs-utils.sh >&2; then MKFS18=$PWD/target/erofs-utils-1.8/mkfs.erofs; fi
-if [ -n "$MKFS18" ]; then
-  measure erofs-tar-1.8 fresh "n=0; for l in $layers; do n=\$((n+1)); zcat \$l | $MKFS18 --quiet --tar=f --aufs $SCRATCH/l\$n.erofs; done"
-  measure erofs-tar-1.8-parallel fresh "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} | $MKFS18 --quiet --tar=f --aufs $SCRATCH/\$(basename {}).erofs'"
-fi
 
-# Debian 12's own erofs-utils 1.5 (make deps puts 1.8 first on PATH).
-measure vmrootfs-erofs-1.5 fresh "VMROOTFS_TOOL_MKFS_EROFS=/usr/bin/mkfs.erofs $BIN -q --store $SCRATCH/store build oci:$IMG/oci:test"
-
-# BIG=1: one ~2 GiB layer (bench/make-big-layer.py), one run each, for peak RSS.
+# BIG=1: one ~2 GiB layer (bench/make-big-layer.py), one run each.
 if [ "${BIG:-0}" = 1 ]; then
   BIGIMG=$PWD/target/bench-big
   [ -f "$BIGIMG/index.json" ] || python3 bench/make-big-layer.py "$BIGIMG" >&2
+  chmod -R a+rX "$BIGIMG"
   bigblob=$(ls -S "$BIGIMG"/blobs/sha256/* | head -1)
   cat "$bigblob" > /dev/null
   RUNS=1 measure big-floor "true" "zcat $bigblob > /dev/null"
-  RUNS=1 measure big-vmrootfs-erofs fresh "$BIN -q --store $SCRATCH/store build oci:$BIGIMG:big"
-  RUNS=1 measure big-vmrootfs-erofs-1.5 fresh \
-    "VMROOTFS_TOOL_MKFS_EROFS=/usr/bin/mkfs.erofs $BIN -q --store $SCRATCH/store build oci:$BIGIMG:big"
-  RUNS=1 measure big-vmrootfs-ext4 fresh "$BIN -q --store $SCRATCH/store build oci:$BIGIMG:big --fs ext4"
+  RUNS=1 measure big-peer-erofs-tar fresh "zcat $bigblob | $MKFS18 --quiet --tar=f --aufs $SCRATCH/big.erofs"
+  for fs in erofs ext4; do
+    for env in plain nobody; do
+      name="big-vmrootfs-$fs"; [ $env = plain ] || name="$name-$env"
+      RUNS=1 measure "$name" fresh "$($env build oci:$BIGIMG:big --fs $fs)"
+    done
+  done
 fi
 
-warm="$BIN -q --store $SCRATCH/store build oci:$IMG/oci:test --fs erofs"
+warm="$(plain build oci:$LAYOUT:test --fs erofs)"
 fresh; eval "$warm" >/dev/null
 # A warm build must report cached (no layer work) before it is timed.
-$warm --json | grep -q '"cached": true'
+eval "$warm --json" | grep -q '"cached": true'
 measure vmrootfs-warm-erofs "true" "$warm"
 fresh
 
@@ -96,20 +110,21 @@ floor=${MEDIAN[floor]}
 {
   echo "vmrootfs bench — $(date -u +%FT%TZ), $(nproc) cores, $(uname -r)"
   echo "image: target/testimage (4 layers), $((compressed / 1048576)) MiB compressed, $((uncompressed / 1048576)) MiB uncompressed"
-  echo "tools: $(command -v mkfs.erofs): $(mkfs.erofs --version 2>/dev/null | head -1 || echo 1.5); Debian's /usr/bin/mkfs.erofs: 1.5 (*-1.5 rows); $(mke2fs -V 2>&1 | head -1); $(tar --version | head -1)"
-  echo "staging: shell-* on disk, shell-*-tmpfs on /dev/shm; vmrootfs-* auto (tmpfs), vmrootfs-*-disk --staging disk"
-  echo "outputs and stores on disk; the layer blobs are in the page cache before every row"
+  echo "tools: $(command -v mkfs.erofs): $(mkfs.erofs --version 2>/dev/null | head -1); $(mke2fs -V 2>&1 | head -1); $(tar --version | head -1)"
+  echo "shell-*-tmpfs stage on /dev/shm; vmrootfs stages nothing; outputs and stores on disk;"
+  echo "the layer blobs are in the page cache before every row; peak_mem: RSS of all processes + tmpfs bytes"
   echo
-  printf '%-22s %10s %14s %9s\n' pipeline median_s peak_rss_MB x_floor
+  printf '%-24s %10s %12s %9s\n' pipeline median_s peak_mem_MB x_floor
   bigfloor=${MEDIAN[big-floor]:-1}
-  for name in floor floor-parallel shell-erofs shell-erofs-tmpfs erofs-tar-1.8 erofs-tar-1.8-parallel \
-              vmrootfs-erofs vmrootfs-erofs-1.5 vmrootfs-erofs-disk shell-ext4 shell-ext4-tmpfs vmrootfs-ext4 \
-              vmrootfs-ext4-disk vmrootfs-warm-erofs big-floor big-vmrootfs-erofs big-vmrootfs-erofs-1.5 \
-              big-vmrootfs-ext4; do
+  for name in floor floor-parallel peer-erofs-tar peer-erofs-tar-parallel \
+              shell-erofs-tmpfs vmrootfs-erofs vmrootfs-erofs-shm64 vmrootfs-erofs-nobody \
+              shell-ext4-tmpfs vmrootfs-ext4 vmrootfs-ext4-shm64 vmrootfs-ext4-nobody vmrootfs-warm-erofs \
+              big-floor big-peer-erofs-tar big-vmrootfs-erofs big-vmrootfs-erofs-nobody \
+              big-vmrootfs-ext4 big-vmrootfs-ext4-nobody; do
     case $name in big-*) [ "${BIG:-0}" = 1 ] || continue;; esac
     [ -n "${MEDIAN[$name]:-}" ] || { printf '%-22s %10s\n' "$name" "n/a"; continue; }
     f=$floor; case $name in big-*) f=$bigfloor;; esac
-    printf '%-22s %10.2f %14.1f %9.2f\n' "$name" "${MEDIAN[$name]}" "$(echo "${RSS[$name]} / 1024" | bc -l)" \
+    printf '%-24s %10.2f %12.1f %9.2f\n' "$name" "${MEDIAN[$name]}" "${MEM[$name]}" \
       "$(echo "${MEDIAN[$name]} / $f" | bc -l)"
   done
 } | tee "$OUT/results.txt"
@@ -120,7 +135,7 @@ for line in open(sys.argv[1]):
     parts = line.split()
     if len(parts) == 4 and parts[0] != "pipeline":
         try:
-            rows[parts[0]] = {"median_s": float(parts[1]), "peak_rss_mb": float(parts[2]), "x_floor": float(parts[3])}
+            rows[parts[0]] = {"median_s": float(parts[1]), "peak_mem_mb": float(parts[2]), "x_floor": float(parts[3])}
         except ValueError:
             pass
 json.dump(rows, open(sys.argv[2], "w"), indent=2)

@@ -147,6 +147,27 @@ fn unprivileged_builds_with_a_small_shm_give_the_root_builds_blobs() {
         let stack = MountedStack::mount(&lowers(&result));
         let diffs = diff_trees(&image().join("reference/rootfs"), stack.root());
         assert!(diffs.is_empty(), "unprivileged {fs} stack differs from umoci unpack:\n{}", diffs.join("\n"));
+        drop(stack);
+        // The store commands need no root either (verify runs fsck.erofs / e2fsck).
+        let as_nobody = |args: &[&str]| {
+            let mut cmd = std::process::Command::new("setpriv");
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+                .arg(env!("CARGO_BIN_EXE_vmrootfs"))
+                .arg("--store")
+                .arg(&store)
+                .args(args);
+            let (ok, out, err) = run(&mut cmd);
+            assert!(ok, "unprivileged `{}` failed ({fs}): {err}", args.join(" "));
+            out
+        };
+        as_nobody(&["verify"]);
+        assert!(as_nobody(&["ls", "--json"]).contains("\"t\""));
+        assert!(as_nobody(&["inspect", "t", "--json"]).contains("chain_id"));
+        as_nobody(&["rm", "t"]);
+        as_nobody(&["gc"]);
+        for (path, _) in lowers(&result) {
+            assert!(!path.exists(), "{fs}: rm + gc as nobody removed {}", path.display());
+        }
     }
 }
 

