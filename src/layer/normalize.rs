@@ -17,7 +17,8 @@
 //!   metadata applying the layers in order gives them; opaque directories get their marker
 //!   then too. mkfs takes a repeated directory's later metadata.
 //! - Paths are made relative; a `..` that escapes, an entry below a non-directory, a hardlink
-//!   to anything but an earlier non-directory of this layer are errors.
+//!   to anything but an earlier non-directory of this layer, and a path this layer wrote as a
+//!   directory then as a non-directory (or the reverse) are errors.
 //!
 //! The output never asks mkfs to follow a symlink or create anything outside its root.
 
@@ -45,6 +46,10 @@ pub enum NormalizeError {
     OpaqueOnNonDir(String),
     #[error("entry would replace the layer root with a non-directory")]
     RootNotDir,
+    /// One tar, two types at one path: mke2fs's tar reader cannot apply that (it leaves
+    /// unreachable inodes, or keeps the old type), and GNU tar refuses it too.
+    #[error("entry changes the type of a path this layer already wrote as a {0}")]
+    TypeChange(&'static str),
     #[error(
         "layer holds more than {limit} bytes of file data (a sparse or decompression bomb?); raise the limit with --max-layer-size"
     )]
@@ -160,7 +165,7 @@ impl<W: Write> Normalizer<W> {
                 Some(Node::Whiteout { .. }) => {
                     self.opaque.insert(path.to_vec());
                 }
-                Some(Node::NonDir) => self.stats.dirs += 1,
+                Some(Node::NonDir) => return Err(NormalizeError::TypeChange("non-directory")),
                 None => self.count_new(path, true),
             }
             self.emit(path, TarKind::Dir, &meta)?;
@@ -176,11 +181,11 @@ impl<W: Write> Normalizer<W> {
             if target == path {
                 return Ok(());
             }
-            self.replace_with_non_dir(path, false);
+            self.replace_with_non_dir(path, false)?;
             self.emit(path, TarKind::Hardlink(&target), &meta)?;
             return Ok(());
         }
-        self.replace_with_non_dir(path, true);
+        self.replace_with_non_dir(path, true)?;
         match kind {
             EntryKind::File { size, data } => self.file(path, size, data, &meta)?,
             EntryKind::Symlink(target) => {
@@ -225,19 +230,17 @@ impl<W: Write> Normalizer<W> {
         Ok(())
     }
 
-    /// Bookkeeping before a non-directory takes `path`: a directory there goes, with
-    /// everything this layer put below it.
-    fn replace_with_non_dir(&mut self, path: &[u8], new_inode: bool) {
-        match self.nodes.insert(path.to_vec(), Node::NonDir) {
-            Some(Node::Dir(_)) => {
-                let under = |p: &Vec<u8>| p.starts_with(path) && p.get(path.len()) == Some(&b'/');
-                self.nodes.retain(|p, _| !under(p));
-                self.opaque.retain(|p| p != path && !under(p));
-            }
+    /// Bookkeeping before a non-directory takes `path`. A directory this layer already wrote
+    /// cannot be taken back out of the stream, so a non-directory over it is refused.
+    fn replace_with_non_dir(&mut self, path: &[u8], new_inode: bool) -> Result<(), NormalizeError> {
+        match self.nodes.get(path) {
+            Some(Node::Dir(_)) => return Err(NormalizeError::TypeChange("directory")),
             Some(_) => {}
             None if new_inode => self.count_new(path, false),
             None => self.stats.dirent_bytes += dirent_bytes(path),
         }
+        self.nodes.insert(path.to_vec(), Node::NonDir);
+        Ok(())
     }
 
     fn file(
@@ -519,18 +522,26 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_replaced_by_a_file_forgets_its_children() {
-        let (entries, merged) = run(
+    fn a_path_cannot_change_type_within_a_layer() {
+        let mut n = Normalizer::new(Vec::new(), u64::MAX);
+        n.entry(b"x/", EntryKind::Dir, &meta(0o700)).unwrap();
+        file(&mut n, "x/child").unwrap();
+        assert!(matches!(file(&mut n, "x"), Err(NormalizeError::TypeChange("directory"))));
+        file(&mut n, "f").unwrap();
+        file(&mut n, "f").unwrap(); // a file again is fine: the later one wins
+        assert!(matches!(
+            n.entry(b"f/", EntryKind::Dir, &meta(0o755)),
+            Err(NormalizeError::TypeChange("non-directory"))
+        ));
+        // A whiteout and a directory at one path: the directory, made opaque.
+        let (entries, _) = run(
             |n| {
-                n.entry(b"x/", EntryKind::Dir, &meta(0o700)).unwrap();
-                file(n, "x/child").unwrap();
-                file(n, "x").unwrap();
-                n.entry(b"x/.wh.child", EntryKind::Fifo, &meta(0)).unwrap();
+                n.entry(b".wh.w", EntryKind::Fifo, &meta(0)).unwrap();
+                n.entry(b"w/", EntryKind::Dir, &meta(0o711)).unwrap();
             },
             &DirIndex::default(),
         );
-        assert_eq!(entries.last().unwrap().0, "./");
-        assert!(merged.get(b"x").is_none());
-        assert!(!entries.iter().any(|(p, t, ..)| p == "x/child" && *t == '3'));
+        assert!(entries.iter().any(|(p, t, _, o)| p == "w/" && *t == '5' && *o), "{entries:?}");
+        assert!(!entries.iter().any(|(p, t, ..)| p == "w" && *t == '3'), "{entries:?}");
     }
 }
