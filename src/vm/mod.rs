@@ -6,6 +6,9 @@
 //! directory and user. The guest prints `VMROOTFS-BEGIN` before the command and
 //! `VMROOTFS-EXIT <status>` after it on the serial console; what is in between is the
 //! command's output (stdout and stderr, merged by the console).
+//!
+//! The shared store lock is held from reading the record until QEMU has exited, so `rm` and
+//! `gc` wait for the guest instead of deleting its drives and staging directory.
 
 mod cpio;
 pub mod initramfs;
@@ -49,6 +52,8 @@ pub enum VmError {
     Timeout(Duration, String),
     #[error("the guest stopped without reporting the command's status (last console lines: {0})")]
     NoStatus(String),
+    #[error("{tag} has no squashed blob: build it with --squash")]
+    NoSquashed { tag: String },
 }
 
 /// Options of `run`.
@@ -140,13 +145,15 @@ exec /dev/.vmrootfs/busybox env -i {env} "$cmd" {args}
     (run, exec)
 }
 
-/// Boots `record` and runs the command; its output goes to `out`. Returns its exit status.
-pub fn run(
-    store: &Store,
-    record: &ImageRecord,
-    opts: &RunOptions,
-    out: &mut dyn Write,
-) -> Result<i32, VmError> {
+/// Boots the image tagged `tag` and runs the command; its output goes to `out`. Returns its
+/// exit status. Holds the shared store lock until the guest has ended.
+pub fn run(store: &Store, tag: &str, opts: &RunOptions, out: &mut dyn Write) -> Result<i32, VmError> {
+    // Before reading the record: `rm` must not remove the tag between here and the boot.
+    let _store_lock = store.lock_shared()?;
+    let record = store.get(tag)?;
+    if opts.squashed && record.squashed.is_none() {
+        return Err(VmError::NoSquashed { tag: tag.to_string() });
+    }
     let qemu = Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2")?;
     let kernel = Kernel::find(opts.kernel.as_deref())?;
     let cache = store.root().join("vm");
@@ -177,7 +184,7 @@ pub fn run(
     let initrd = staging.path().join("initrd.cpio");
     let mut bytes = fs_err::read(&base).map_err(|source| VmError::Io { path: base.clone(), source })?;
     let mut extra = cpio::CpioWriter::new(Vec::new());
-    let (run_vars, exec) = run_files(record, &lowers, &command);
+    let (run_vars, exec) = run_files(&record, &lowers, &command);
     let io = |source| VmError::Io { path: initrd.clone(), source };
     extra.file("vmrootfs/run", 0o644, run_vars.as_bytes()).map_err(io)?;
     extra.file("vmrootfs/exec.sh", 0o644, exec.as_bytes()).map_err(io)?;
