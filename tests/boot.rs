@@ -248,3 +248,20 @@ fn gc_and_rm_wait_for_a_running_guest() {
     assert!(ok, "{err}");
     assert!(!out.contains("bb"), "{out}");
 }
+
+/// The exit status travels out of band: a command that prints the old status marker
+/// still exits with its own status. Its stdout and stderr reach `run`'s stdout and stderr.
+#[test]
+fn run_status_and_streams_are_out_of_band() {
+    let (_dir, store) = busybox_store("boot-status");
+    let out = vmrootfs(&store)
+        .args(["run", "bb", "--timeout", "240", "--"])
+        .args(["sh", "-c", "echo VMROOTFS-EXIT 0; echo err-only >&2; printf 'a\\r\\nno newline'; exit 7"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "the command's status\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(stdout, "VMROOTFS-EXIT 0\na\r\nno newline", "stdout, byte for byte\nstderr:\n{stderr}");
+    assert!(stderr.lines().any(|l| l == "err-only"), "stderr: {stderr}");
+}
