@@ -111,7 +111,8 @@ enum Command {
     ///
     /// The lowers are attached read-only and stacked with overlayfs under a tmpfs upper; the
     /// command (default: the image's entrypoint and cmd) runs with the image's env, working
-    /// directory and user. Prints its output and exits with its status. Examples:
+    /// directory and user. Prints its stdout and stderr on ours and exits with its status.
+    /// Holds the store lock while the guest runs (rm and gc wait). Examples:
     ///   vmrootfs run busybox -- cat /etc/motd
     ///   vmrootfs run debian --timeout 120 -- python3 -c 'print(42)'
     #[command(verbatim_doc_comment)]
@@ -242,10 +243,6 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
     match cli.command {
         Command::Run { tag, kernel, memory, timeout, squashed, command } => {
             let store = open_store(cli.store)?;
-            let record = store.get(&tag)?;
-            if squashed && record.squashed.is_none() {
-                anyhow::bail!("{tag} has no squashed blob: build it with --squash");
-            }
             let opts = vmrootfs::vm::RunOptions {
                 kernel,
                 memory_mb: memory,
@@ -253,7 +250,8 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 command,
                 squashed,
             };
-            let status = vmrootfs::vm::run(&store, &record, &opts, &mut std::io::stdout())?;
+            let status =
+                vmrootfs::vm::run(&store, &tag, &opts, &mut std::io::stdout(), &mut std::io::stderr())?;
             return Ok(Some(status));
         }
         Command::Build {

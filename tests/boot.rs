@@ -140,3 +140,128 @@ fn run_ends_a_hung_guest_at_the_timeout() {
     assert!(err.contains("did not finish within 20s"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(60), "ended near the timeout");
 }
+
+/// A store holding the small busybox image as `bb`.
+fn busybox_store(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = scratch(name);
+    let store = dir.path().join("store");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    let (ok, _, err) = run(vmrootfs(&store).args([
+        "-q",
+        "build",
+        &format!("oci-archive:{}:busybox", demo.display()),
+        "--tag",
+        "bb",
+    ]));
+    assert!(ok, "{err}");
+    (dir, store)
+}
+
+/// A child process killed and reaped when dropped, so a failing test leaves none behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut std::process::Command) -> Reaped {
+    use std::process::Stdio;
+    Reaped(cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+}
+
+/// Reads a child's stdout or stderr to the end on a thread.
+fn collect(r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut r = r;
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut r, &mut s).unwrap();
+        s
+    })
+}
+
+/// The layer files left in a store (blobs and their sidecars).
+fn layer_files(store: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for dir in std::fs::read_dir(store.join("layers")).unwrap() {
+        for f in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            found.push(f.unwrap().path());
+        }
+    }
+    found
+}
+
+/// `run` holds the store lock for the guest's whole life: `gc` and `rm` started beside it
+/// wait, and end only after the guest, whose drives and staging they would delete.
+#[test]
+fn gc_and_rm_wait_for_a_running_guest() {
+    use std::io::BufRead;
+    let (_dir, store) = busybox_store("boot-lock");
+    assert!(!layer_files(&store).is_empty());
+    let mut guest = spawn(vmrootfs(&store).args([
+        "run",
+        "bb",
+        "--timeout",
+        "240",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 5; echo finished",
+    ]));
+    let guest_err = collect(guest.0.stderr.take().unwrap());
+    let mut guest_out = std::io::BufReader::new(guest.0.stdout.take().unwrap());
+    let mut line = String::new();
+    guest_out.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n", "the guest's first line");
+    // The guest is running its command: the drives are attached and the staging is in use.
+    let mut gc = spawn(vmrootfs(&store).arg("gc"));
+    let mut rm = spawn(vmrootfs(&store).args(["rm", "bb"]));
+    let gc_err = collect(gc.0.stderr.take().unwrap());
+    let rm_err = collect(rm.0.stderr.take().unwrap());
+    line.clear();
+    guest_out.read_line(&mut line).unwrap();
+    assert_eq!(line, "finished\n", "the guest's second line");
+    // The guest has not ended yet (it still has to report its status and power off).
+    assert!(gc.0.try_wait().unwrap().is_none(), "gc finished while the guest ran");
+    assert!(rm.0.try_wait().unwrap().is_none(), "rm finished while the guest ran");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut guest_out, &mut rest).unwrap();
+    let status = guest.0.wait().unwrap();
+    let guest_err = guest_err.join().unwrap();
+    assert!(status.success(), "run: {status}\n{guest_err}");
+    assert_eq!(rest, "", "nothing after the command's output");
+    let (gc_status, rm_status) = (gc.0.wait().unwrap(), rm.0.wait().unwrap());
+    let (gc_err, rm_err) = (gc_err.join().unwrap(), rm_err.join().unwrap());
+    assert!(gc_status.success(), "gc: {gc_err}");
+    assert!(rm_status.success(), "rm: {rm_err}");
+    // Both blocked on the store lock (gc and rm also exclude each other: one may have
+    // waited for the other too).
+    for (what, err) in [("gc", &gc_err), ("rm", &rm_err)] {
+        assert!(err.contains("waiting for lock on"), "{what} did not wait for the lock: {err}");
+    }
+    // Once the guest ended, rm removed the tag and its blobs, and gc the staging.
+    assert_eq!(layer_files(&store), Vec::<std::path::PathBuf>::new());
+    assert_eq!(std::fs::read_dir(store.join("tmp")).unwrap().count(), 0);
+    let (ok, out, err) = run(vmrootfs(&store).arg("ls"));
+    assert!(ok, "{err}");
+    assert!(!out.contains("bb"), "{out}");
+}
+
+/// The exit status travels out of band: a command that prints the old status marker
+/// still exits with its own status. Its stdout and stderr reach `run`'s stdout and stderr.
+#[test]
+fn run_status_and_streams_are_out_of_band() {
+    let (_dir, store) = busybox_store("boot-status");
+    let out = vmrootfs(&store)
+        .args(["run", "bb", "--timeout", "240", "--"])
+        .args(["sh", "-c", "echo VMROOTFS-EXIT 0; echo err-only >&2; printf 'a\\r\\nno newline'; exit 7"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "the command's status\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(stdout, "VMROOTFS-EXIT 0\na\r\nno newline", "stdout, byte for byte\nstderr:\n{stderr}");
+    assert!(stderr.lines().any(|l| l == "err-only"), "stderr: {stderr}");
+}

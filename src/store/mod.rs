@@ -28,9 +28,10 @@
 //!
 //! One protocol, kept everywhere ([`crate::lock::FileLock`], `flock`):
 //!
-//! 1. **Store lock** `.lock`: *shared* for the whole of a build (and for `verify`),
-//!    *exclusive* for `rm` and `gc`. So GC never runs while a build is between publishing a
-//!    blob and writing the record that references it.
+//! 1. **Store lock** `.lock`: *shared* for the whole of a build, for `verify`, and for a
+//!    `run` from reading its record until the guest has exited; *exclusive* for `rm` and `gc`.
+//!    So GC never runs while a build is between publishing a blob and writing the record
+//!    that references it, nor deletes a running guest's drives or its `tmp/vm-*`.
 //! 2. **Layer lock** `<blob>.lock`, exclusive, held by the producer of a blob while it
 //!    converts. After taking it the producer looks for the finished blob again and converts
 //!    only if it is still missing: concurrent builds convert each shared layer once.

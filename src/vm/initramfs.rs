@@ -1,6 +1,7 @@
 //! The guest's initramfs: the host's static busybox, the kernel modules the stack needs (with
 //! their dependencies, in load order) and an `/init` that mounts the lowers by virtio serial,
-//! stacks them under a tmpfs upper and runs the command.
+//! stacks them under a tmpfs upper and runs the command, its stdout, stderr and status each on
+//! its own virtio-serial port (see [`super`]).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -10,7 +11,8 @@ use super::cpio::CpioWriter;
 use super::kernel::Kernel;
 
 /// Modules the guest loads, in this order; each after its dependencies.
-const MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "crc32c_generic", "ext4", "erofs", "overlay"];
+const MODULES: &[&str] =
+    &["virtio_mmio", "virtio_blk", "virtio_console", "crc32c_generic", "ext4", "erofs", "overlay"];
 
 /// The `/init` script. A second cpio the host writes per run holds `/vmrootfs/run` (sets
 /// `LOWERS`, `FS<i>`, `USERSPEC`) and `/vmrootfs/exec.sh` (runs the command in the image).
@@ -21,7 +23,26 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules.order); do insmod "/modules/$m" 2>/dev/null; done
 . /vmrootfs/run
-fail() { echo "vmrootfs-init: $*"; echo "VMROOTFS-EXIT 125"; reboot -f; }
+# Until the ports are open a failure shows only on the console: the host then reports that the
+# guest stopped without a status, with the last console lines.
+fail() { echo "vmrootfs-init: $*" >&2; reboot -f; }
+# The /dev node of the virtio-serial port named $1.
+port() {
+  for t in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+    for p in /sys/class/virtio-ports/*; do
+      [ "$(cat "$p/name" 2>/dev/null)" = "$1" ] && [ -c "/dev/${p##*/}" ] && { echo "/dev/${p##*/}"; return 0; }
+    done
+    sleep 0.1
+  done
+  return 1
+}
+out=$(port vmrootfs.stdout) || fail "no virtio port vmrootfs.stdout"
+err=$(port vmrootfs.stderr) || fail "no virtio port vmrootfs.stderr"
+st=$(port vmrootfs.status) || fail "no virtio port vmrootfs.status"
+# Only /init holds the ports: the command inherits stdout (3) and stderr (4), never the status (5).
+exec 3>"$out" 4>"$err" 5>"$st"
+rm -f "$out" "$err" "$st"
+fail() { echo "vmrootfs-init: $*" >&4; echo 125 >&5; reboot -f; }
 # Disks by virtio serial (lower0 = base), never by order.
 lowerdir=""
 i=0
@@ -65,12 +86,27 @@ fi
 echo "$setpriv" > /dev/.vmrootfs/setpriv
 cp /vmrootfs/exec.sh /dev/.vmrootfs/exec.sh
 echo VMROOTFS-BEGIN
-chroot /newroot /dev/.vmrootfs/busybox sh /dev/.vmrootfs/exec.sh
+chroot /newroot /dev/.vmrootfs/busybox sh /dev/.vmrootfs/exec.sh >&3 2>&4 3>&- 4>&- 5>&-
 status=$?
-echo "VMROOTFS-EXIT $status"
+exec 3>&- 4>&-
+echo "$status" >&5
+exec 5>&-
 sync
 reboot -f
 "#;
+
+/// The cache file name of the initramfs for `kernel`: it changes with `/init` and [`MODULES`],
+/// so a cache written by another version of vmrootfs is not reused.
+pub fn cache_name(kernel: &Kernel) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(INIT.as_bytes());
+    for m in MODULES {
+        h.update(b"\0");
+        h.update(m.as_bytes());
+    }
+    format!("initramfs-{}-{}.cpio", kernel.version, &hex::encode(h.finalize())[..16])
+}
 
 /// Writes the initramfs for `kernel` to `out`.
 pub fn build(kernel: &Kernel, busybox: &Path, out: &Path) -> Result<(), VmError> {

@@ -3,15 +3,25 @@
 //! Each lower is a read-only virtio-blk drive whose serial is `lower<i>` (base = 0); the
 //! initramfs ([`initramfs`]) loads the modules, mounts the lowers by serial, stacks them with
 //! overlayfs under a tmpfs upper and runs the command with the image's env, working
-//! directory and user. The guest prints `VMROOTFS-BEGIN` before the command and
-//! `VMROOTFS-EXIT <status>` after it on the serial console; what is in between is the
-//! command's output (stdout and stderr, merged by the console).
+//! directory and user.
+//!
+//! The command's output and status never pass through the serial console, which carries only
+//! the kernel's and `/init`'s diagnostics: three virtio-serial ports, found by name in the
+//! guest, carry the command's stdout ([`PORT_STDOUT`]), its stderr ([`PORT_STDERR`]) and the
+//! status `/init` writes after it ([`PORT_STATUS`]). `/init` opens them and removes their
+//! device nodes before starting the command, which inherits only stdout and stderr. On the
+//! host, QEMU writes stdout and stderr into FIFOs in the run's staging directory, which `run`
+//! copies to its stdout and stderr as they come, and the status into a file read once QEMU has
+//! exited.
+//!
+//! The shared store lock is held from reading the record until QEMU has exited, so `rm` and
+//! `gc` wait for the guest instead of deleting its drives and staging directory.
 
 mod cpio;
 pub mod initramfs;
 pub mod kernel;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
@@ -49,7 +59,16 @@ pub enum VmError {
     Timeout(Duration, String),
     #[error("the guest stopped without reporting the command's status (last console lines: {0})")]
     NoStatus(String),
+    #[error("the guest reported a malformed status {found:?} in {path}")]
+    BadStatus { path: PathBuf, found: String },
+    #[error("{tag} has no squashed blob: build it with --squash")]
+    NoSquashed { tag: String },
 }
+
+/// Names of the guest's virtio-serial ports (`/sys/class/virtio-ports/*/name`).
+pub const PORT_STDOUT: &str = "vmrootfs.stdout";
+pub const PORT_STDERR: &str = "vmrootfs.stderr";
+pub const PORT_STATUS: &str = "vmrootfs.status";
 
 /// Options of `run`.
 #[derive(Debug, Clone)]
@@ -140,13 +159,21 @@ exec /dev/.vmrootfs/busybox env -i {env} "$cmd" {args}
     (run, exec)
 }
 
-/// Boots `record` and runs the command; its output goes to `out`. Returns its exit status.
+/// Boots the image tagged `tag` and runs the command; its stdout goes to `out`, its stderr to
+/// `err`. Returns its exit status. Holds the shared store lock until the guest has ended.
 pub fn run(
     store: &Store,
-    record: &ImageRecord,
+    tag: &str,
     opts: &RunOptions,
     out: &mut dyn Write,
+    err: &mut dyn Write,
 ) -> Result<i32, VmError> {
+    // Before reading the record: `rm` must not remove the tag between here and the boot.
+    let _store_lock = store.lock_shared()?;
+    let record = store.get(tag)?;
+    if opts.squashed && record.squashed.is_none() {
+        return Err(VmError::NoSquashed { tag: tag.to_string() });
+    }
     let qemu = Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2")?;
     let kernel = Kernel::find(opts.kernel.as_deref())?;
     let cache = store.root().join("vm");
@@ -156,7 +183,7 @@ pub fn run(
     if !is_static(busybox)? {
         return Err(VmError::NoStaticBusybox(busybox.to_owned()));
     }
-    let base = cache.join(format!("initramfs-{}.cpio", kernel.version));
+    let base = cache.join(initramfs::cache_name(&kernel));
     if !base.exists() {
         initramfs::build(&kernel, busybox, &base)?;
     }
@@ -177,7 +204,7 @@ pub fn run(
     let initrd = staging.path().join("initrd.cpio");
     let mut bytes = fs_err::read(&base).map_err(|source| VmError::Io { path: base.clone(), source })?;
     let mut extra = cpio::CpioWriter::new(Vec::new());
-    let (run_vars, exec) = run_files(record, &lowers, &command);
+    let (run_vars, exec) = run_files(&record, &lowers, &command);
     let io = |source| VmError::Io { path: initrd.clone(), source };
     extra.file("vmrootfs/run", 0o644, run_vars.as_bytes()).map_err(io)?;
     extra.file("vmrootfs/exec.sh", 0o644, exec.as_bytes()).map_err(io)?;
@@ -211,9 +238,23 @@ pub fn run(
     cmd.arg("-kernel").arg(&vmlinux).arg("-initrd").arg(&initrd).arg("-append").arg(&append);
     for (i, (path, _)) in lowers.iter().enumerate() {
         cmd.arg("-drive")
-            .arg(format!("id=l{i},file={},format=raw,if=none,readonly=on", path.display()))
+            .arg(format!("id=l{i},file={},format=raw,if=none,readonly=on", qemu_opt(path)))
             .arg("-device")
             .arg(format!("virtio-blk-device,drive=l{i},serial=lower{i}"));
+    }
+    let stdout_fifo = Fifo::create(&staging.path().join("stdout"))?;
+    let stderr_fifo = Fifo::create(&staging.path().join("stderr"))?;
+    let status_file = staging.path().join("status");
+    cmd.args(["-device", "virtio-serial-device"]);
+    for (id, path, name) in [
+        ("out", &stdout_fifo.path, PORT_STDOUT),
+        ("err", &stderr_fifo.path, PORT_STDERR),
+        ("status", &status_file, PORT_STATUS),
+    ] {
+        cmd.arg("-chardev")
+            .arg(format!("file,id={id},path={}", qemu_opt(path)))
+            .arg("-device")
+            .arg(format!("virtserialport,chardev={id},name={name}"));
     }
     crate::progress::debug(&format!("running {cmd:?}"));
     let child = cmd
@@ -222,69 +263,161 @@ pub fn run(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| ToolError::Spawn { tool: "qemu-system-x86_64".into(), source })?;
-    let status = follow_console(child, opts.timeout, out)?;
-    drop(staging);
-    Ok(status)
+    let tail = follow(child, opts.timeout, [stdout_fifo, stderr_fifo], out, err)?;
+    read_status(&status_file, tail)
 }
 
-/// Reads the serial console until `VMROOTFS-EXIT`, passing the command's output on.
-fn follow_console(mut child: Child, timeout: Duration, out: &mut dyn Write) -> Result<i32, VmError> {
+/// A path as a QEMU option value (a `,` is written `,,`).
+fn qemu_opt(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// A FIFO QEMU writes a guest stream into (a `-chardev file`), open for reading on the host.
+struct Fifo {
+    path: PathBuf,
+    reader: fs_err::File,
+    /// Our own write end: the reader sees no end of file before QEMU has opened the FIFO,
+    /// only once QEMU has exited and this is dropped.
+    writer: fs_err::File,
+}
+
+impl Fifo {
+    fn create(path: &Path) -> Result<Fifo, VmError> {
+        use fs_err::os::unix::fs::OpenOptionsExt;
+        let io = |source| VmError::Io { path: path.to_owned(), source };
+        let mode = rustix::fs::Mode::from_raw_mode(0o600);
+        rustix::fs::mknodat(rustix::fs::CWD, path, rustix::fs::FileType::Fifo, mode, 0)
+            .map_err(|e| io(e.into()))?;
+        // Opening for reading blocks until there is a writer, and for writing until there is
+        // a reader: open the read end non-blocking first, then make it blocking again.
+        let reader =
+            fs_err::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?;
+        let writer = fs_err::OpenOptions::new().write(true).open(path).map_err(io)?;
+        rustix::io::ioctl_fionbio(&reader, false).map_err(|e| io(e.into()))?;
+        Ok(Fifo { path: path.to_owned(), reader, writer })
+    }
+}
+
+/// What the threads that read QEMU's outputs report.
+enum Event {
+    /// A line of the serial console (QEMU's stdout) or of QEMU's own stderr.
+    Console(String),
+    /// QEMU closed its stdout: it has exited.
+    ConsoleClosed,
+    /// Bytes the command wrote to its stdout (0) or stderr (1).
+    Stream(usize, Vec<u8>),
+    /// One of the streams ended.
+    StreamClosed,
+}
+
+/// Passes the command's output on until QEMU exits or `timeout` passes, then ends QEMU and
+/// copies what is left of the output. Returns the last console lines.
+fn follow(
+    mut child: Child,
+    timeout: Duration,
+    streams: [Fifo; 2],
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<String, VmError> {
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = mpsc::channel::<Option<String>>();
-    let tx_err = tx.clone();
+    let (tx, rx) = mpsc::channel::<Event>();
+    let tx_console = tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n') {
             let Ok(mut line) = line else { break };
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            if tx.send(Some(String::from_utf8_lossy(&line).into_owned())).is_err() {
+            if tx_console.send(Event::Console(String::from_utf8_lossy(&line).into_owned())).is_err() {
                 break;
             }
         }
-        let _ = tx.send(None);
+        let _ = tx_console.send(Event::ConsoleClosed);
     });
+    let tx_qemu = tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx_err.send(Some(format!("qemu: {line}")));
+            let _ = tx_qemu.send(Event::Console(format!("qemu: {line}")));
         }
     });
+    let mut writers = Vec::new();
+    for (i, fifo) in streams.into_iter().enumerate() {
+        let Fifo { mut reader, writer, .. } = fifo;
+        writers.push(writer);
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0; 64 * 1024];
+            // A read error ends the stream like its end does; the status still comes.
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                if tx.send(Event::Stream(i, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+            let _ = tx.send(Event::StreamClosed);
+        });
+    }
+    drop(tx);
+    let mut sinks: [&mut dyn Write; 2] = [out, err];
     let deadline = Instant::now() + timeout;
     let started = Instant::now();
-    let mut in_command = false;
     let mut tail: Vec<String> = Vec::new();
+    let mut open_streams = 2;
     let result = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(Some(line)) => {
-                if let Some(code) = line.strip_prefix("VMROOTFS-EXIT ") {
-                    break Ok(code.trim().parse().unwrap_or(125));
-                }
+            Ok(Event::Console(line)) => {
                 if line == "VMROOTFS-BEGIN" {
                     crate::progress::debug(&format!(
                         "guest ready after {:.2}s",
                         started.elapsed().as_secs_f64()
                     ));
-                    in_command = true;
-                    continue;
                 }
-                if in_command && !line.starts_with("qemu: ") {
-                    let _ = writeln!(out, "{line}");
-                } else {
-                    crate::progress::debug(&format!("console: {line}"));
-                    tail.push(line);
-                    if tail.len() > 8 {
-                        tail.remove(0);
-                    }
+                crate::progress::debug(&format!("console: {line}"));
+                tail.push(line);
+                if tail.len() > 8 {
+                    tail.remove(0);
                 }
             }
-            Ok(None) => break Err(VmError::NoStatus(tail.join(" | "))),
+            Ok(Event::ConsoleClosed) => break Ok(tail.join(" | ")),
+            Ok(event) => on_stream(&mut sinks, event, &mut open_streams),
             Err(_) => break Err(VmError::Timeout(timeout, tail.join(" | "))),
         }
     };
+    // Killing an exited QEMU fails harmlessly; waiting reaps it either way.
     let _ = child.kill();
     let _ = child.wait();
-    let _ = out.flush();
+    // QEMU's write ends are closed now; with ours gone the readers reach the end.
+    drop(writers);
+    while open_streams > 0 {
+        match rx.recv() {
+            Ok(event) => on_stream(&mut sinks, event, &mut open_streams),
+            Err(_) => break,
+        }
+    }
     result
+}
+
+/// Copies a chunk of the command's output to our stdout or stderr; counts ended streams.
+fn on_stream(sinks: &mut [&mut dyn Write; 2], event: Event, open: &mut usize) {
+    match event {
+        // A closed stdout or stderr of ours must not stop the guest: its status still counts.
+        Event::Stream(i, bytes) => {
+            let _ = sinks[i].write_all(&bytes);
+            let _ = sinks[i].flush();
+        }
+        Event::StreamClosed => *open -= 1,
+        Event::Console(_) | Event::ConsoleClosed => {}
+    }
+}
+
+/// The status `/init` wrote to its port; none means the guest stopped before the command ended.
+fn read_status(path: &Path, console_tail: String) -> Result<i32, VmError> {
+    let text =
+        fs_err::read_to_string(path).map_err(|source| VmError::Io { path: path.to_owned(), source })?;
+    let found = text.trim();
+    if found.is_empty() {
+        return Err(VmError::NoStatus(console_tail));
+    }
+    found.parse().map_err(|_| VmError::BadStatus { path: path.to_owned(), found: found.to_string() })
 }
