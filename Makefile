@@ -25,10 +25,10 @@ build: deps-run
 # Convert the bundled two-layer busybox image to EROFS blobs and print the build result.
 demo: build
 	rm -rf $(DEMO_STORE)
-	$(SUDO) ./target/release/vmrootfs --store $(DEMO_STORE) build \
+	./target/release/vmrootfs --store $(DEMO_STORE) build \
 	  oci-archive:testdata/busybox.oci.tar:busybox --tag busybox --json
 	@echo
-	$(SUDO) ./target/release/vmrootfs --store $(DEMO_STORE) inspect busybox
+	./target/release/vmrootfs --store $(DEMO_STORE) inspect busybox
 
 # Unit, hostile-input, semantics, sparse, fidelity (root and unprivileged), store, registry and
 # boot tests (the fidelity tests make a real debootstrap image once and cache it under
