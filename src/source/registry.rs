@@ -291,6 +291,12 @@ impl ImageSource for RegistrySource {
 
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
         let (mut bytes, _) = self.manifest(&self.reference)?;
+        // A pinned reference names the bytes it fetched, an index or a manifest; what an index
+        // leads to is checked against the index's descriptor below.
+        if let Some(want) = self.reference.digest() {
+            let want: Digest = want.parse().map_err(|_| SourceError::BadDigest(want.to_string()))?;
+            digest::check("pinned manifest or index", &want, &digest::sha256_of(&bytes))?;
+        }
         for _ in 0..3 {
             let (media_type, schema, is_index) = media_type_of(&bytes);
             if schema == Some(1) {
@@ -299,10 +305,6 @@ impl ImageSource for RegistrySource {
                 ));
             }
             let found = digest::sha256_of(&bytes);
-            if let Some(want) = self.reference.digest() {
-                let want: Digest = want.parse().map_err(|_| SourceError::BadDigest(want.to_string()))?;
-                digest::check("manifest", &want, &found)?;
-            }
             if is_index {
                 let index: ImageIndex = serde_json::from_slice(&bytes)
                     .map_err(|source| SourceError::Json { what: "image index".into(), source })?;
