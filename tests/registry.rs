@@ -250,15 +250,18 @@ fn a_failing_credential_helper_is_an_error_naming_it() {
             .env("PATH", &path))
     };
 
-    helper("#!/bin/sh\necho 'keyring locked' >&2\nexit 1\n");
+    // A helper reads the server name on stdin, answers on stdout (errors on stderr).
+    helper("#!/bin/sh\nread -r server\necho \"keyring locked for $server\" >&2\nexit 1\n");
     let (ok, _, err) = build("s1");
     assert!(!ok, "a failing helper is no reason to go anonymous");
     assert!(
-        err.contains("docker-credential-vmtest") && err.contains(&reg.addr) && err.contains("keyring locked"),
+        err.contains("docker-credential-vmtest")
+            && err.contains(&reg.addr)
+            && err.contains(&format!("keyring locked for {}", reg.addr)),
         "{err}"
     );
 
-    helper("#!/bin/sh\necho 'credentials not found in native keychain'\nexit 1\n");
+    helper("#!/bin/sh\nread -r server\necho 'credentials not found in native keychain'\nexit 1\n");
     let (ok, _, err) = build("s2");
     assert!(ok, "no credentials stored: anonymous: {err}");
 }

@@ -37,6 +37,10 @@ pub enum SourceError {
         "registry {registry} refused access: give credentials with --creds USER:PASS or `docker login {registry}` (config.json)"
     )]
     Unauthorized { registry: String },
+    #[error("credential helper {helper} failed for registry {registry}: {detail}")]
+    CredentialHelper { registry: String, helper: String, detail: String },
+    #[error("reading the credentials for registry {registry} from {path}: {detail}")]
+    Credentials { path: PathBuf, registry: String, detail: String },
     #[error("{0} not found in the registry")]
     NotFound(String),
     #[error("registry error for {what}: {detail}")]
