@@ -66,6 +66,10 @@ pub enum EntryError {
     BadPax(String),
     #[error("bad header")]
     Header(#[source] io::Error),
+    #[error("header field {field} is not an octal number: {text:?}")]
+    BadNumber { field: &'static str, text: String },
+    #[error("{field} {value} does not fit in {bits} bits")]
+    OutOfRange { field: &'static str, value: i128, bits: u32 },
 }
 
 /// Layer media types vmrootfs converts (compression is then told from the bytes).
@@ -264,7 +268,7 @@ fn stream_entries<R: Read, W: Write>(
             return Err(LayerError::Cancelled);
         }
         let mut entry = entry.map_err(LayerError::Stream)?;
-        let raw_path = entry.path_bytes().into_owned();
+        let raw_path = entry::entry_path(&entry);
         apply_entry(normalizer, &mut entry).map_err(|source| match source {
             EntryError::Normalize(NormalizeError::Data(e)) => LayerError::Stream(e),
             EntryError::Normalize(NormalizeError::Write(e)) => LayerError::Output(e),
@@ -281,15 +285,11 @@ fn apply_entry<R: Read, W: Write>(
 ) -> Result<(), EntryError> {
     use tar::EntryType as T;
     let meta = entry::entry_meta(entry)?;
-    let raw_path = entry.path_bytes().into_owned();
+    let raw_path = entry::entry_path(entry);
     let header = entry.header();
     let kind = header.entry_type();
-    let device = |h: &tar::Header| -> Result<(u32, u32), EntryError> {
-        let major = h.device_major().map_err(EntryError::Header)?.unwrap_or(0);
-        let minor = h.device_minor().map_err(EntryError::Header)?.unwrap_or(0);
-        Ok((major, minor))
-    };
-    let link = || entry.link_name_bytes().unwrap_or_default().into_owned();
+    let device = entry::device;
+    let link = || entry::entry_link(entry);
     let kind = match kind {
         T::Regular | T::Continuous | T::GNUSparse => {
             let size = entry.size();
