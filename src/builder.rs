@@ -323,6 +323,7 @@ impl Builder {
             let streamed = layer::stream(
                 blob,
                 Some(&layer.digest),
+                layer.size,
                 &plan.image.diff_ids[i],
                 self.opts.max_layer_bytes,
                 &plan.cancel,

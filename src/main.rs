@@ -156,6 +156,9 @@ fn main() -> ExitCode {
         Ok(Some(status)) => ExitCode::from(status.clamp(0, 255) as u8),
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => {
+            // Writes to stdout fail with a bare io::Error (print_json unwraps serde_json's): a
+            // reader that went away (`ls --json | head -c1`) is success. A broken pipe deeper
+            // in the chain (mkfs died) is a real failure and stays one.
             if e.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             {
@@ -192,7 +195,8 @@ fn open_store(dir: Option<PathBuf>) -> anyhow::Result<Store> {
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
+    // As io::Error (serde_json hands back the write's own error), so main sees a broken pipe.
+    serde_json::to_writer_pretty(&mut out, value).map_err(std::io::Error::from)?;
     writeln!(out)?;
     Ok(())
 }

@@ -9,9 +9,15 @@ use fixture::*;
 
 /// Builds a one-tag layout of `layers` and expects the build to fail. Returns stderr.
 fn build_fails(name: &str, layers: Vec<Layer>, fs: &str) -> String {
+    build_fails_edited(name, layers, fs, |_| {})
+}
+
+/// [`build_fails`] of a layout that `edit` changes after it is written.
+fn build_fails_edited(name: &str, layers: Vec<Layer>, fs: &str, edit: impl FnOnce(&Path)) -> String {
     let dir = scratch(name);
     let layout = dir.path().join("layout");
     oci_layout(&layout, "t", &layers);
+    edit(&layout);
     let store = dir.path().join("store");
     let (ok, stdout, stderr) =
         run(vmrootfs(&store).args(["build", &format!("oci:{}:t", layout.display()), "--fs", fs, "--json"]));
@@ -195,4 +201,24 @@ fn decompression_bomb_stops_at_the_limit() {
     assert!(stderr.contains(&digest) && stderr.contains("more than 8388608 bytes"), "{stderr}");
     assert_no_record(&store);
     assert_tmp_empty(&store);
+}
+
+/// The descriptor's size bounds what is read: a longer blob stops at size + 1 bytes, a shorter
+/// one is refused too, both naming the layer, the size promised and the size found.
+#[test]
+fn a_blob_of_another_size_than_its_descriptor_is_refused() {
+    let layers = || vec![Layer::gzip(&[file("f", &"data ".repeat(10_000))])];
+    let (digest, len) = (layers()[0].digest.clone(), layers()[0].blob.len() as u64);
+    let err = build_fails_edited("blob-longer", layers(), "erofs", |l| set_layer_size(l, 0, len - 10));
+    assert!(err.contains(&digest) && err.contains(&format!("longer than the {} bytes", len - 10)), "{err}");
+    let err = build_fails_edited("blob-shorter", layers(), "erofs", |l| set_layer_size(l, 0, len + 10));
+    assert!(err.contains(&digest) && err.contains(&format!("{len} bytes, not the {}", len + 10)), "{err}");
+}
+
+#[test]
+fn ids_of_2_pow_32_and_more_are_refused() {
+    // GNU base-256 numbers in the header (the tar crate writes them for ids >= 2^21).
+    let entry = Entry::Dir { path: b"d".to_vec(), mode: 0o755, uid: 1 << 32, mtime: 1 };
+    let err = build_fails("uid-2^32", vec![Layer::gzip(&[entry])], "erofs");
+    assert!(err.contains("\"d\"") && err.contains("uid 4294967296"), "{err}");
 }

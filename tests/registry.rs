@@ -192,6 +192,80 @@ fn multi_platform_index_resolves_to_the_platform() {
     );
 }
 
+/// `REPO@sha256:<index digest>` (how most pinned references look): the pin is checked against
+/// the index, the platform manifest against the index's descriptor.
+#[test]
+fn pinning_by_index_digest_resolves_the_platform() {
+    let dir = scratch("reg-pin-index");
+    let layout = dir.path().join("layout");
+    let amd = Layer::gzip(&[file("arch", "amd64")]);
+    let arm = Layer::gzip(&[file("arch", "arm64")]);
+    write_index_layout(&layout, &[("amd64", amd), ("arm64", arm)]);
+    let top: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let index_digest = top["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(&index_digest[7..])).unwrap())
+            .unwrap();
+    let reg = Registry::start(None);
+    reg.push(&format!("oci:{}:multi", layout.display()), "lab/pinned:1", None, true);
+    let reference = format!("{}/lab/pinned@{index_digest}", reg.addr);
+    for (i, arch) in ["amd64", "arm64"].into_iter().enumerate() {
+        let (ok, r, err) =
+            build_json(&dir.path().join(arch), &[&reference, "--platform", &format!("linux/{arch}")]);
+        assert!(ok, "{reference}: {err}");
+        assert_eq!(r["platform"], format!("linux/{arch}"));
+        assert_eq!(r["manifest_digest"], index["manifests"][i]["digest"], "the platform manifest");
+        let stack = MountedStack::mount(&lowers_of(&r));
+        assert_eq!(std::fs::read_to_string(stack.root().join("arch")).unwrap(), arch);
+    }
+}
+
+/// A credential helper that fails is an error naming it, not anonymous access; one that
+/// answers docker's "credentials not found" means there are none.
+#[test]
+fn a_failing_credential_helper_is_an_error_naming_it() {
+    let dir = scratch("reg-helper");
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[Layer::gzip(&[file("f", "x")])]);
+    let reg = Registry::start(None);
+    reg.push(&format!("oci:{}:t", layout.display()), "lab/helped:1", None, false);
+    let reference = format!("{}/lab/helped:1", reg.addr);
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let docker = dir.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(docker.join("config.json"), format!(r#"{{"credHelpers": {{"{}": "vmtest"}}}}"#, reg.addr))
+        .unwrap();
+    let helper = |script: &str| {
+        let file = bin.join("docker-credential-vmtest");
+        std::fs::write(&file, script).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    let build = |store: &str| {
+        run(vmrootfs(&dir.path().join(store))
+            .args(["build", &reference])
+            .env("DOCKER_CONFIG", &docker)
+            .env("PATH", &path))
+    };
+
+    // A helper reads the server name on stdin, answers on stdout (errors on stderr).
+    helper("#!/bin/sh\nread -r server\necho \"keyring locked for $server\" >&2\nexit 1\n");
+    let (ok, _, err) = build("s1");
+    assert!(!ok, "a failing helper is no reason to go anonymous");
+    assert!(
+        err.contains("docker-credential-vmtest")
+            && err.contains(&reg.addr)
+            && err.contains(&format!("keyring locked for {}", reg.addr)),
+        "{err}"
+    );
+
+    helper("#!/bin/sh\nread -r server\necho 'credentials not found in native keychain'\nexit 1\n");
+    let (ok, _, err) = build("s2");
+    assert!(ok, "no credentials stored: anonymous: {err}");
+}
+
 /// An OCI layout whose tag `multi` names an index of one image per architecture.
 fn write_index_layout(dir: &Path, images: &[(&str, Layer)]) {
     let mut manifests = Vec::new();

@@ -1,7 +1,8 @@
 //! One tar header, read into what vmrootfs keeps of it: mode, owner, times (PAX nanoseconds,
-//! GNU base-256 negative times) and xattrs (`SCHILY.xattr.*`).
+//! GNU base-256 negative times) and xattrs (`SCHILY.xattr.*`); numeric fields and names read
+//! as GNU tar, bsdtar and Go read them.
 
-use std::io::{self, Read};
+use std::io::Read;
 
 use super::EntryError;
 use super::meta::EntryMeta;
@@ -9,12 +10,17 @@ use super::meta::EntryMeta;
 /// Header fields with PAX overrides (`mtime` with nanoseconds, large `uid`/`gid`,
 /// `SCHILY.xattr.*`).
 pub fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, EntryError> {
-    let h = entry.header();
+    let h = entry.header().as_old();
+    let mtime = number("mtime", &h.mtime)?;
     let mut meta = EntryMeta {
-        mode: h.mode().map_err(EntryError::Header)? & 0o7777,
-        uid: h.uid().map_err(EntryError::Header)? as u32,
-        gid: h.gid().map_err(EntryError::Header)? as u32,
-        mtime_sec: header_mtime(h).map_err(EntryError::Header)?,
+        mode: unsigned("mode", &h.mode)? & 0o7777,
+        uid: unsigned("uid", &h.uid)?,
+        gid: unsigned("gid", &h.gid)?,
+        mtime_sec: i64::try_from(mtime).map_err(|_| EntryError::OutOfRange {
+            field: "mtime",
+            value: mtime,
+            bits: 64,
+        })?,
         mtime_nsec: 0,
         xattrs: Vec::new(),
     };
@@ -44,19 +50,64 @@ pub fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, E
     Ok(meta)
 }
 
-/// The header's mtime, signed: GNU base-256 encodes times before 1970 as negative numbers,
-/// which `tar::Header::mtime` reads as huge unsigned ones.
-fn header_mtime(h: &tar::Header) -> io::Result<i64> {
-    let field = &h.as_old().mtime;
-    if field[0] & 0x80 == 0 {
-        return Ok(h.mtime()? as i64);
+/// Device major and minor of a character or block device header (ustar and GNU headers keep
+/// them at the same offsets).
+pub fn device(h: &tar::Header) -> Result<(u32, u32), EntryError> {
+    let bytes = h.as_bytes();
+    Ok((unsigned("devmajor", &bytes[329..337])?, unsigned("devminor", &bytes[337..345])?))
+}
+
+/// A numeric header field as GNU tar, bsdtar and Go read it: octal digits padded with spaces
+/// or NULs (a field of only NULs or spaces, seen in real archives, is 0), or GNU base-256
+/// (high bit set; the next bit is the sign, for times before 1970).
+pub fn number(field: &'static str, bytes: &[u8]) -> Result<i128, EntryError> {
+    if let Some(&first) = bytes.first()
+        && first & 0x80 != 0
+    {
+        // At most 12 bytes: 94 bits and a sign fit in an i128.
+        let mut value: i128 = if first & 0x40 != 0 { -1 } else { 0 };
+        value = (value << 6) | (first & 0x3f) as i128;
+        for &b in &bytes[1..] {
+            value = (value << 8) | b as i128;
+        }
+        return Ok(value);
     }
-    let mut value: i64 = if field[0] & 0x40 != 0 { -1 } else { 0 };
-    value = (value << 6) | (field[0] & 0x3f) as i64;
-    for &b in &field[1..] {
-        value = (value << 8) | b as i64;
+    let pad = |b: &u8| *b == b' ' || *b == 0;
+    let Some(start) = bytes.iter().position(|b| !pad(b)) else {
+        return Ok(0);
+    };
+    let end = bytes.iter().rposition(|b| !pad(b)).map_or(start, |e| e + 1);
+    let digits = &bytes[start..end];
+    if !digits.iter().all(|b| (b'0'..=b'7').contains(b)) {
+        return Err(EntryError::BadNumber { field, text: String::from_utf8_lossy(bytes).into_owned() });
     }
-    Ok(value)
+    // At most 12 octal digits: 36 bits.
+    Ok(digits.iter().fold(0i128, |v, &d| (v << 3) | (d - b'0') as i128))
+}
+
+/// A numeric field that must fit in 32 unsigned bits (ids, mode, device numbers): 2^32 must
+/// not become 0, root.
+fn unsigned(field: &'static str, bytes: &[u8]) -> Result<u32, EntryError> {
+    let value = number(field, bytes)?;
+    u32::try_from(value).map_err(|_| EntryError::OutOfRange { field, value, bits: 32 })
+}
+
+/// A name as C strings end: at its first NUL. GNU long names (`L`/`K` entries) are C
+/// strings; GNU tar, bsdtar and Go cut them there, where the tar crate keeps what follows.
+/// (A PAX `path` with a NUL is cut the same way, as GNU tar does.)
+pub fn c_string(name: &[u8]) -> &[u8] {
+    name.iter().position(|&b| b == 0).map_or(name, |end| &name[..end])
+}
+
+/// The entry's path (GNU long name, PAX `path` or header name), up to a NUL.
+pub fn entry_path<R: Read>(entry: &tar::Entry<'_, R>) -> Vec<u8> {
+    c_string(&entry.path_bytes()).to_vec()
+}
+
+/// The entry's link target (GNU long link, PAX `linkpath` or header field), up to a NUL; empty
+/// when the entry names none.
+pub fn entry_link<R: Read>(entry: &tar::Entry<'_, R>) -> Vec<u8> {
+    entry.link_name_bytes().map(|l| c_string(&l).to_vec()).unwrap_or_default()
 }
 
 /// A PAX time (`"1700000000.5"`, `"-1.25"`) as seconds and nanoseconds (floor semantics).
@@ -86,6 +137,57 @@ pub fn parse_pax_time(v: &str) -> Option<(i64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn number_table() {
+        let base256 = |bytes: &[u8]| {
+            let mut f = [0u8; 8];
+            f[8 - bytes.len()..].copy_from_slice(bytes);
+            f[0] |= 0x80;
+            f
+        };
+        let cases: [(&[u8], Option<i128>); 11] = [
+            (b"0000644\0", Some(0o644)),
+            (b"  644 \0\0", Some(0o644)),
+            (b"\0\0\0\0\0\0\0\0", Some(0)),
+            (b"        ", Some(0)),
+            (b"0001750\0", Some(1000)),
+            (b"00008\0\0\0", None),
+            (b"12 34\0\0\0", None),
+            (b"x\0\0\0\0\0\0\0", None),
+            (&base256(&[1, 0, 0, 0, 0]), Some(1 << 32)),
+            (&base256(&[0xff, 0xff, 0xff, 0xff]), Some(u32::MAX as i128)),
+            (&[0xff; 8], Some(-1)),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(number("uid", bytes).ok(), want, "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn ids_of_32_bits_or_more_are_refused() {
+        let mut h = tar::Header::new_gnu();
+        for (id, ok) in [(0u64, true), (u32::MAX as u64, true), (1 << 32, false), (1 << 40, false)] {
+            h.set_uid(id);
+            h.set_gid(id);
+            for (field, bytes) in [("uid", h.as_old().uid), ("gid", h.as_old().gid)] {
+                match unsigned(field, &bytes) {
+                    Ok(v) => assert!(ok && v as u64 == id, "{field} {id}"),
+                    Err(e) => {
+                        assert!(!ok, "{field} {id}: {e}");
+                        assert!(e.to_string().contains(&format!("{field} {id}")), "{e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn c_string_table() {
+        for (name, want) in [(&b"a/b"[..], &b"a/b"[..]), (b"a/b\0junk", b"a/b"), (b"\0x", b""), (b"", b"")] {
+            assert_eq!(c_string(name), want);
+        }
+    }
 
     #[test]
     fn pax_time_table() {

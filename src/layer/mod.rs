@@ -14,6 +14,7 @@ pub mod path;
 pub mod pax;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use oci_spec::image::Digest;
@@ -45,6 +46,10 @@ pub enum LayerError {
         "layer unpacks to more than {limit} bytes (a decompression bomb?); raise the limit with --max-layer-size"
     )]
     TooLarge { limit: u64 },
+    #[error("layer blob is longer than the {expected} bytes its descriptor says (reading stopped there)")]
+    BlobTooLong { expected: u64 },
+    #[error("layer blob is {found} bytes, not the {expected} bytes its descriptor says")]
+    BlobTooShort { expected: u64, found: u64 },
 }
 
 /// Why one tar entry was refused.
@@ -61,6 +66,10 @@ pub enum EntryError {
     BadPax(String),
     #[error("bad header")]
     Header(#[source] io::Error),
+    #[error("header field {field} is not an octal number: {text:?}")]
+    BadNumber { field: &'static str, text: String },
+    #[error("{field} {value} does not fit in {bits} bits")]
+    OutOfRange { field: &'static str, value: i128, bits: u32 },
 }
 
 /// Layer media types vmrootfs converts (compression is then told from the bytes).
@@ -157,37 +166,91 @@ impl<R: Read> Read for Limit<'_, R> {
     }
 }
 
+/// How a blob's length differed from its descriptor's size.
+#[derive(Debug, Clone, Copy)]
+enum WrongSize {
+    Longer,
+    Shorter(u64),
+}
+
+/// Passes at most `expected + 1` bytes of a blob, and fails once its length is known to differ
+/// from `expected`: at byte `expected + 1`, or at an end before `expected`. A source can then
+/// not stream more than the descriptor says, however the bytes decompress.
+struct SizeCheck<'a, R> {
+    inner: R,
+    expected: u64,
+    seen: u64,
+    wrong: &'a OnceLock<WrongSize>,
+}
+
+impl<R: Read> Read for SizeCheck<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let room = (self.expected.saturating_add(1) - self.seen).min(buf.len() as u64) as usize;
+        let n = self.inner.read(&mut buf[..room])?;
+        self.seen += n as u64;
+        let wrong = match n {
+            _ if self.seen > self.expected => WrongSize::Longer,
+            0 if self.seen < self.expected => WrongSize::Shorter(self.seen),
+            _ => return Ok(n),
+        };
+        // Set once: the first wrong read decides; later reads only repeat it.
+        let _ = self.wrong.set(wrong);
+        Err(io::Error::other(match wrong {
+            WrongSize::Longer => "layer blob longer than its descriptor says",
+            WrongSize::Shorter(_) => "layer blob shorter than its descriptor says",
+        }))
+    }
+}
+
 /// Streams one layer blob through the normalizer, checking the blob digest (when known) and
-/// the diff_id as the bytes go by. Nothing is held in memory beyond one buffer.
+/// the diff_id as the bytes go by, and reading no more than `expected_size` (when known) plus
+/// one byte. Nothing is held in memory beyond one buffer.
 #[allow(clippy::too_many_arguments)]
 pub fn stream<W: Write>(
     blob: impl Read,
     expected_digest: Option<&Digest>,
+    expected_size: Option<u64>,
     diff_id: &Digest,
     max_bytes: u64,
     cancel: &AtomicBool,
     on_read: &(dyn Fn(u64) + Sync),
     normalizer: &mut Normalizer<W>,
 ) -> Result<(), LayerError> {
-    let raw = HashingReader::new(Progress { inner: blob, on_read });
+    let wrong_size = OnceLock::new();
+    let sized: Box<dyn Read + '_> = match expected_size {
+        Some(expected) => Box::new(SizeCheck { inner: blob, expected, seen: 0, wrong: &wrong_size }),
+        None => Box::new(blob),
+    };
+    let raw = HashingReader::new(Progress { inner: sized, on_read });
     let buffered = BufReader::with_capacity(256 * 1024, raw);
-    let decoder = Decoder::sniff(buffered).map_err(LayerError::Stream)?;
     let hit = AtomicBool::new(false);
+    // A wrong blob size, then the size limit, explain any stream error that follows them.
+    let fault = || match (wrong_size.get(), expected_size) {
+        (Some(WrongSize::Longer), Some(expected)) => Some(LayerError::BlobTooLong { expected }),
+        (Some(WrongSize::Shorter(found)), Some(expected)) => {
+            Some(LayerError::BlobTooShort { expected, found: *found })
+        }
+        _ if hit.load(Ordering::Relaxed) => Some(LayerError::TooLarge { limit: max_bytes }),
+        _ => None,
+    };
+    let failed = |e: LayerError| fault().unwrap_or(e);
+    let decoder = Decoder::sniff(buffered).map_err(|e| failed(LayerError::Stream(e)))?;
     let limited = Limit { inner: decoder, left: max_bytes, hit: &hit };
     let mut archive = tar::Archive::new(HashingReader::new(limited));
-    let result = stream_entries(&mut archive, normalizer, cancel);
-    let too_large = LayerError::TooLarge { limit: max_bytes };
-    if hit.load(Ordering::Relaxed) {
-        return Err(too_large);
+    stream_entries(&mut archive, normalizer, cancel).map_err(&failed)?;
+    if let Some(e) = fault() {
+        return Err(e);
     }
-    result?;
     let finished = archive.into_inner().finish();
-    if hit.load(Ordering::Relaxed) {
-        return Err(too_large);
-    }
-    let (found_diff_id, _, limited) = finished.map_err(LayerError::Stream)?;
+    let (found_diff_id, _, limited) = finished.map_err(|e| failed(LayerError::Stream(e)))?;
     let (found_digest, _, _) =
-        limited.inner.into_inner().into_inner().finish().map_err(LayerError::Stream)?;
+        limited.inner.into_inner().into_inner().finish().map_err(|e| failed(LayerError::Stream(e)))?;
+    if let Some(e) = fault() {
+        return Err(e);
+    }
     if let Some(expected) = expected_digest {
         digest::check("layer blob", expected, &found_digest)?;
     }
@@ -205,7 +268,7 @@ fn stream_entries<R: Read, W: Write>(
             return Err(LayerError::Cancelled);
         }
         let mut entry = entry.map_err(LayerError::Stream)?;
-        let raw_path = entry.path_bytes().into_owned();
+        let raw_path = entry::entry_path(&entry);
         apply_entry(normalizer, &mut entry).map_err(|source| match source {
             EntryError::Normalize(NormalizeError::Data(e)) => LayerError::Stream(e),
             EntryError::Normalize(NormalizeError::Write(e)) => LayerError::Output(e),
@@ -222,15 +285,11 @@ fn apply_entry<R: Read, W: Write>(
 ) -> Result<(), EntryError> {
     use tar::EntryType as T;
     let meta = entry::entry_meta(entry)?;
-    let raw_path = entry.path_bytes().into_owned();
+    let raw_path = entry::entry_path(entry);
     let header = entry.header();
     let kind = header.entry_type();
-    let device = |h: &tar::Header| -> Result<(u32, u32), EntryError> {
-        let major = h.device_major().map_err(EntryError::Header)?.unwrap_or(0);
-        let minor = h.device_minor().map_err(EntryError::Header)?.unwrap_or(0);
-        Ok((major, minor))
-    };
-    let link = || entry.link_name_bytes().unwrap_or_default().into_owned();
+    let device = entry::device;
+    let link = || entry::entry_link(entry);
     let kind = match kind {
         T::Regular | T::Continuous | T::GNUSparse => {
             let size = entry.size();

@@ -6,6 +6,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::{SourceError, io_at};
+use crate::layer::entry::{entry_link, entry_path};
 use crate::layer::path::normalize;
 
 #[derive(Debug, Clone)]
@@ -38,7 +39,7 @@ impl TarArchive {
         let mut members = HashMap::new();
         for entry in archive.entries_with_seek().map_err(io_at(path))? {
             let entry = entry.map_err(io_at(path))?;
-            let Some(name) = clean(&entry.path_bytes()) else {
+            let Some(name) = clean(&entry_path(&entry)) else {
                 continue;
             };
             let member = match entry.header().entry_type() {
@@ -46,7 +47,7 @@ impl TarArchive {
                     Member::File { offset: entry.raw_file_position(), size: entry.size() }
                 }
                 tar::EntryType::Symlink => {
-                    let target = entry.link_name_bytes().unwrap_or_default();
+                    let target = entry_link(&entry);
                     let parent = name.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
                     let joined = if target.starts_with(b"/") {
                         target.to_vec()
@@ -57,7 +58,7 @@ impl TarArchive {
                     Member::Link(t)
                 }
                 tar::EntryType::Link => {
-                    let Some(t) = clean(&entry.link_name_bytes().unwrap_or_default()) else {
+                    let Some(t) = clean(&entry_link(&entry)) else {
                         continue;
                     };
                     Member::Link(t)

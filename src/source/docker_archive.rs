@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::str::FromStr;
 
 use oci_spec::image::{Digest, ImageConfiguration};
 use serde::Deserialize;
@@ -40,6 +41,11 @@ fn digest_from_name(name: &str) -> Option<Digest> {
         .flatten()
 }
 
+/// A reference as docker completes it (`app` → `docker.io/library/app:latest`).
+fn canonical(reference: &str) -> Option<String> {
+    oci_client::Reference::from_str(reference).ok().map(|r| r.whole())
+}
+
 impl DockerArchive {
     pub fn open(path: PathBuf, reference: Option<String>) -> Result<Self, SourceError> {
         let archive = TarArchive::open(&path)?;
@@ -62,13 +68,17 @@ impl DockerArchive {
                     return Ok(e);
                 }
                 let with_latest = format!("{r}:latest");
+                // `lab/base` and `docker.io/lab/base:latest` are one name, as docker spells them.
+                let wanted = canonical(r);
                 entries
                     .iter()
                     .find(|e| {
-                        e.repo_tags
-                            .iter()
-                            .flatten()
-                            .any(|t| t == r || *t == with_latest || t.ends_with(&format!("/{r}")))
+                        e.repo_tags.iter().flatten().any(|t| {
+                            t == r
+                                || *t == with_latest
+                                || t.ends_with(&format!("/{r}"))
+                                || wanted.is_some() && canonical(t) == wanted
+                        })
                     })
                     .ok_or_else(|| SourceError::NoSuchImage {
                         wanted: r.clone(),
@@ -95,7 +105,9 @@ impl ImageSource for DockerArchive {
         self.spec.clone()
     }
 
-    fn resolve(&self, _platform: &Platform) -> Result<ResolvedImage, SourceError> {
+    /// A docker archive holds one platform's image: it must be the one asked for (as an index
+    /// entry of another platform would not be taken either).
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
         let (entries, _): (Vec<ManifestEntry>, _) =
             read_json(self.archive.member("manifest.json")?, "manifest.json")?;
         let entry = self.pick(&entries)?;
@@ -104,6 +116,14 @@ impl ImageSource for DockerArchive {
         let config_digest = digest::sha256_of(&bytes);
         if let Some(expected) = digest_from_name(&entry.config) {
             digest::check("config", &expected, &config_digest)?;
+        }
+        let (os, arch) = (config.os().to_string(), config.architecture().to_string());
+        if !platform.matches(&os, &arch, config.variant().as_deref()) {
+            return Err(SourceError::WrongPlatform {
+                source_name: self.spec.clone(),
+                wanted: platform.to_string(),
+                found: config_platform(&config),
+            });
         }
         let mut layers = Vec::with_capacity(entry.layers.len());
         for name in &entry.layers {

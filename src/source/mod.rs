@@ -37,6 +37,10 @@ pub enum SourceError {
         "registry {registry} refused access: give credentials with --creds USER:PASS or `docker login {registry}` (config.json)"
     )]
     Unauthorized { registry: String },
+    #[error("credential helper {helper} failed for registry {registry}: {detail}")]
+    CredentialHelper { registry: String, helper: String, detail: String },
+    #[error("reading the credentials for registry {registry} from {path}: {detail}")]
+    Credentials { path: PathBuf, registry: String, detail: String },
     #[error("{0} not found in the registry")]
     NotFound(String),
     #[error("registry error for {what}: {detail}")]
@@ -61,6 +65,8 @@ pub enum SourceError {
     NoSuchImage { wanted: String, source_name: String, available: String },
     #[error("{source_name} holds several images ({available}); name one, e.g. {example}")]
     Ambiguous { source_name: String, available: String, example: String },
+    #[error("{source_name} holds an image for {found}, not {wanted}; build it with --platform {found}")]
+    WrongPlatform { source_name: String, wanted: String, found: String },
     #[error("no image for platform {wanted} in the index; it has: {available}")]
     NoPlatform { wanted: String, available: String },
     #[error("unsupported manifest media type {0:?} (schema 1 and other formats are refused)")]
@@ -144,15 +150,15 @@ pub trait ImageSource: Send + Sync {
 /// Parses a source spelling (see the module table); anything else is a registry reference.
 pub fn open(spec: &str, registry: &RegistryOptions) -> Result<Box<dyn ImageSource>, SourceError> {
     if let Some(rest) = spec.strip_prefix("oci:") {
-        let (path, tag) = split_path_ref(rest);
+        let (path, tag) = split_path_ref(rest, Path::is_dir);
         return Ok(Box::new(oci::OciSource::dir(path, tag)?));
     }
     if let Some(rest) = spec.strip_prefix("oci-archive:") {
-        let (path, tag) = split_path_ref(rest);
+        let (path, tag) = split_path_ref(rest, Path::is_file);
         return Ok(Box::new(oci::OciSource::archive(path, tag)?));
     }
     if let Some(rest) = spec.strip_prefix("docker-archive:") {
-        let (path, reference) = split_path_ref(rest);
+        let (path, reference) = split_path_ref(rest, Path::is_file);
         return Ok(Box::new(docker_archive::DockerArchive::open(path, reference)?));
     }
     if spec.starts_with("docker://") || !spec.contains(':') || looks_like_registry_ref(spec) {
@@ -168,16 +174,23 @@ fn looks_like_registry_ref(spec: &str) -> bool {
         && !spec.starts_with('/')
 }
 
-/// `PATH[:REF]`: the whole string when it names an existing file, else split at the last
-/// `:` (paths with `:` work when they exist; a reference never contains `/`).
-fn split_path_ref(rest: &str) -> (PathBuf, Option<String>) {
-    if Path::new(rest).exists() {
+/// `PATH[:REF]`, where both may contain `:` and REF may contain `/` (`app.tar:lab/app:v1`):
+/// the path is the longest prefix before a `:` that `is_path` accepts (the whole string
+/// first), the rest the reference. When no prefix names a path, the path ends at the first
+/// `:` (so the error that follows names a path, not a path with a reference glued on).
+fn split_path_ref(rest: &str, is_path: impl Fn(&Path) -> bool) -> (PathBuf, Option<String>) {
+    let split = |i: usize| {
+        let r = &rest[i + 1..];
+        (PathBuf::from(&rest[..i]), (!r.is_empty()).then(|| r.to_string()))
+    };
+    if is_path(Path::new(rest)) {
         return (PathBuf::from(rest), None);
     }
-    match rest.rsplit_once(':') {
-        Some((path, r)) if !r.contains('/') && !path.is_empty() => {
-            (PathBuf::from(path), (!r.is_empty()).then(|| r.to_string()))
-        }
+    if let Some((i, _)) = rest.rmatch_indices(':').find(|&(i, _)| i > 0 && is_path(Path::new(&rest[..i]))) {
+        return split(i);
+    }
+    match rest.find(':') {
+        Some(i) if i > 0 => split(i),
         _ => (PathBuf::from(rest), None),
     }
 }
@@ -220,16 +233,29 @@ mod tests {
 
     #[test]
     fn split_path_ref_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        for name in ["app.tar", "a:b.tar", "a"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
         let cases = [
-            ("/nonexistent/img:latest", ("/nonexistent/img", Some("latest"))),
-            ("/nonexistent/img", ("/nonexistent/img", None)),
-            ("rel/dir:v1.2", ("rel/dir", Some("v1.2"))),
-            ("a:b/c", ("a:b/c", None)),
-            ("img.tar:", ("img.tar", None)),
+            // Nothing exists: the path ends at the first `:`.
+            ("/nonexistent/img:latest".to_string(), ("/nonexistent/img".to_string(), Some("latest"))),
+            ("/nonexistent/img".into(), ("/nonexistent/img".into(), None)),
+            ("/nonexistent/x.tar:lab/base:v1".into(), ("/nonexistent/x.tar".into(), Some("lab/base:v1"))),
+            ("img.tar:".into(), ("img.tar".into(), None)),
+            // The longest existing prefix is the path.
+            (format!("{d}/app.tar"), (format!("{d}/app.tar"), None)),
+            (format!("{d}/app.tar:"), (format!("{d}/app.tar"), None)),
+            (format!("{d}/app.tar:app:latest"), (format!("{d}/app.tar"), Some("app:latest"))),
+            (format!("{d}/app.tar:lab/base"), (format!("{d}/app.tar"), Some("lab/base"))),
+            (format!("{d}/a:b.tar:lab/base:v1"), (format!("{d}/a:b.tar"), Some("lab/base:v1"))),
+            (format!("{d}/a:b.tar"), (format!("{d}/a:b.tar"), None)),
+            (format!("{d}/a:c.tar"), (format!("{d}/a"), Some("c.tar"))),
         ];
         for (input, (path, tag)) in cases {
-            let (p, t) = split_path_ref(input);
-            assert_eq!((p.to_str().unwrap(), t.as_deref()), (path, tag), "{input}");
+            let (p, t) = split_path_ref(&input, Path::is_file);
+            assert_eq!((p.to_str().unwrap(), t.as_deref()), (path.as_str(), tag), "{input}");
         }
     }
 

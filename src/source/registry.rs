@@ -6,6 +6,7 @@
 
 use std::io::{self, Read};
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,16 +56,64 @@ fn insecure(registry: &str, extra: &[String]) -> bool {
         || extra.iter().any(|e| e == registry || e == host)
 }
 
-/// Credentials: `--creds`, else docker's config.json (`auths`, `credHelpers`, `credsStore`).
-fn auth_for(registry: &str, opts: &RegistryOptions) -> RegistryAuth {
+/// docker's `config.json`: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+fn docker_config() -> Option<PathBuf> {
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
+    Some(dir.join("config.json"))
+}
+
+/// The helper config.json names for `server` (`credHelpers`, else `credsStore`), for errors.
+fn helper_for(config: &[u8], server: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(config).ok()?;
+    let name = v.get("credHelpers").and_then(|h| h.get(server)).or_else(|| v.get("credsStore"))?;
+    Some(format!("docker-credential-{}", name.as_str()?))
+}
+
+/// What docker's credential helpers print when they hold nothing for a server (the
+/// docker-credential-helpers protocol): no credentials, not a failure.
+const HELPER_NOT_FOUND: &str = "credentials not found in native keychain";
+
+/// Credentials: `--creds`, else docker's config.json (`auths`, `credHelpers`, `credsStore`),
+/// else anonymous. Without a config.json, or with no entry for the registry, access is
+/// anonymous; a config that cannot be read or a helper that fails is an error (going
+/// anonymous would hide why a pull is refused, or pull another image than the user's).
+fn auth_for(registry: &str, opts: &RegistryOptions) -> Result<RegistryAuth, SourceError> {
+    use docker_credential::CredentialRetrievalError as E;
     if let Some((u, p)) = &opts.creds {
-        return RegistryAuth::Basic(u.clone(), p.clone());
+        return Ok(RegistryAuth::Basic(u.clone(), p.clone()));
     }
+    let Some(path) = docker_config() else {
+        // Neither $DOCKER_CONFIG nor $HOME: there is no config.json to read.
+        return Ok(RegistryAuth::Anonymous);
+    };
+    let config = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(RegistryAuth::Anonymous),
+        Err(source) => return Err(SourceError::Io { path, source }),
+    };
     let server = if registry == "docker.io" { "https://index.docker.io/v1/" } else { registry };
-    match docker_credential::get_credential(server) {
-        Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => RegistryAuth::Basic(u, p),
-        Ok(docker_credential::DockerCredential::IdentityToken(t)) => RegistryAuth::Bearer(t),
-        Err(_) => RegistryAuth::Anonymous,
+    let registry = registry.to_string();
+    match docker_credential::get_credential_from_reader(&config[..], server) {
+        Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => Ok(RegistryAuth::Basic(u, p)),
+        Ok(docker_credential::DockerCredential::IdentityToken(t)) => Ok(RegistryAuth::Bearer(t)),
+        Err(E::NoCredentialConfigured) => Ok(RegistryAuth::Anonymous),
+        Err(E::HelperFailure { stdout, .. }) if stdout.contains(HELPER_NOT_FOUND) => {
+            Ok(RegistryAuth::Anonymous)
+        }
+        Err(E::HelperFailure { helper, stdout, stderr }) => {
+            let said = if stderr.trim().is_empty() { stdout } else { stderr };
+            Err(SourceError::CredentialHelper { registry, helper, detail: said.trim().to_string() })
+        }
+        Err(e @ (E::HelperCommunicationError | E::MalformedHelperResponse)) => {
+            Err(SourceError::CredentialHelper {
+                registry,
+                helper: helper_for(&config, server).unwrap_or_else(|| "docker-credential-*".into()),
+                detail: e.to_string(),
+            })
+        }
+        Err(e) => Err(SourceError::Credentials { path, registry, detail: e.to_string() }),
     }
 }
 
@@ -100,7 +149,7 @@ impl RegistrySource {
             .enable_all()
             .build()
             .map_err(|source| SourceError::Io { path: "tokio runtime".into(), source })?;
-        let auth = auth_for(reference.registry(), opts);
+        let auth = auth_for(reference.registry(), opts)?;
         Ok(RegistrySource {
             spec: format!("docker://{}", reference.whole()),
             reference,
@@ -291,6 +340,12 @@ impl ImageSource for RegistrySource {
 
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
         let (mut bytes, _) = self.manifest(&self.reference)?;
+        // A pinned reference names the bytes it fetched, an index or a manifest; what an index
+        // leads to is checked against the index's descriptor below.
+        if let Some(want) = self.reference.digest() {
+            let want: Digest = want.parse().map_err(|_| SourceError::BadDigest(want.to_string()))?;
+            digest::check("pinned manifest or index", &want, &digest::sha256_of(&bytes))?;
+        }
         for _ in 0..3 {
             let (media_type, schema, is_index) = media_type_of(&bytes);
             if schema == Some(1) {
@@ -299,10 +354,6 @@ impl ImageSource for RegistrySource {
                 ));
             }
             let found = digest::sha256_of(&bytes);
-            if let Some(want) = self.reference.digest() {
-                let want: Digest = want.parse().map_err(|_| SourceError::BadDigest(want.to_string()))?;
-                digest::check("manifest", &want, &found)?;
-            }
             if is_index {
                 let index: ImageIndex = serde_json::from_slice(&bytes)
                     .map_err(|source| SourceError::Json { what: "image index".into(), source })?;

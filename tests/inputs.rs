@@ -1,0 +1,162 @@
+//! Input as other tools write it: `docker-archive` spellings and platforms, tar archives that
+//! GNU tar, bsdtar and Go read (long names with a NUL inside, numeric fields of NULs), and the
+//! CLI writing into a pipe its reader closed.
+
+mod fixture;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use fixture::*;
+
+fn build_json(store: &Path, args: &[&str]) -> (bool, serde_json::Value, String) {
+    let (ok, out, err) = run(vmrootfs(store).arg("build").args(args).arg("--json"));
+    (ok, serde_json::from_str(&out).unwrap_or_default(), err)
+}
+
+/// A one-layer `docker-archive` at `path`, made by skopeo from an image for `arch` whose file
+/// `hello` holds `arch`, tagged `reference`.
+fn docker_archive(path: &Path, reference: &str, arch: &str) {
+    let layout = scratch("da-layout");
+    oci_layout_arch(layout.path(), "t", &[Layer::gzip(&[file("hello", arch)])], arch);
+    let (ok, _, err) = run(Command::new("skopeo").args([
+        "copy",
+        "-q",
+        &format!("oci:{}:t", layout.path().display()),
+        &format!("docker-archive:{}:{reference}", path.display()),
+    ]));
+    assert!(ok, "skopeo copy to docker-archive:{}:{reference}: {err}", path.display());
+}
+
+/// The file `hello` of a one-layer build result.
+fn hello_of(result: &serde_json::Value) -> String {
+    let stack = MountedStack::mount(&lowers_of(result));
+    std::fs::read_to_string(stack.root().join("hello")).unwrap()
+}
+
+#[test]
+fn docker_archive_reference_may_hold_slashes_and_colons() {
+    let dir = scratch("da-ref");
+    // The path has a colon too (skopeo cannot write there: renamed after): the path is the
+    // longest prefix before a `:` that is a file.
+    let archive = dir.path().join("x:1.tar");
+    docker_archive(&dir.path().join("x.tar"), "lab/base:v1", "amd64");
+    std::fs::rename(dir.path().join("x.tar"), &archive).unwrap();
+    for reference in ["lab/base:v1", "docker.io/lab/base:v1"] {
+        let spec = format!("docker-archive:{}:{reference}", archive.display());
+        let (ok, r, err) = build_json(&dir.path().join("s"), &[&spec, "--platform", "linux/amd64"]);
+        assert!(ok, "{spec}: {err}");
+        assert_eq!(hello_of(&r), "amd64");
+    }
+    let spec = format!("docker-archive:{}:lab/base:v2", archive.display());
+    let (ok, _, err) = build_json(&dir.path().join("s"), &[&spec, "--platform", "linux/amd64"]);
+    assert!(!ok, "a tag the archive lacks");
+    assert!(err.contains("no image named \"lab/base:v2\"") && err.contains("lab/base:v1"), "{err}");
+
+    // The README's example, `docker-archive:app.tar:app:latest`, and `app` for `app:latest`.
+    let app = dir.path().join("app.tar");
+    docker_archive(&app, "app:latest", "amd64");
+    for reference in ["app:latest", "app"] {
+        let spec = format!("docker-archive:{}:{reference}", app.display());
+        let (ok, r, err) = build_json(&dir.path().join("s"), &[&spec, "--platform", "linux/amd64"]);
+        assert!(ok, "{spec}: {err}");
+        assert_eq!(hello_of(&r), "amd64");
+    }
+}
+
+#[test]
+fn docker_archive_of_another_platform_needs_that_platform() {
+    let dir = scratch("da-platform");
+    let archive = dir.path().join("arm.tar");
+    docker_archive(&archive, "lab/arm:1", "arm64");
+    let spec = format!("docker-archive:{}", archive.display());
+    let (ok, _, err) = build_json(&dir.path().join("s"), &[&spec, "--platform", "linux/amd64"]);
+    assert!(!ok, "an arm64 image built for linux/amd64");
+    assert!(
+        err.contains("linux/arm64") && err.contains("linux/amd64") && err.contains("--platform"),
+        "{err}"
+    );
+    let (ok, r, err) = build_json(&dir.path().join("s"), &[&spec, "--platform", "linux/arm64"]);
+    assert!(ok, "{err}");
+    assert_eq!(r["platform"], "linux/arm64");
+    assert_eq!(hello_of(&r), "arm64");
+}
+
+/// Builds a one-layer layout of `entries` with `fs` and mounts the result.
+fn build_and_mount(name: &str, entries: &[Entry], fs: &str) -> (tempfile::TempDir, MountedStack) {
+    let dir = scratch(name);
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[Layer::gzip(entries)]);
+    let (ok, r, err) =
+        build_json(&dir.path().join("s"), &[&format!("oci:{}:t", layout.display()), "--fs", fs]);
+    assert!(ok, "{fs}: {err}");
+    let stack = MountedStack::mount(&lowers_of(&r));
+    (dir, stack)
+}
+
+#[test]
+fn gnu_long_names_end_at_their_first_nul() {
+    let long = format!("{}/{}", "d".repeat(60), "f".repeat(60));
+    let target = "t".repeat(120);
+    let junk = |s: &str| [s.as_bytes(), b"\0junk after the NUL"].concat();
+    let entries = [
+        dir(&"d".repeat(60), 0o755),
+        Entry::File { path: junk(&long), mode: 0o644, data: b"long".to_vec(), mtime: 1 },
+        Entry::Symlink { path: b"sym".to_vec(), target: junk(&target) },
+        Entry::Hardlink { path: b"hard".to_vec(), target: junk(&long) },
+        // Later entries name the file as the other readers do, without what follows the NUL.
+        Entry::Hardlink { path: b"hard2".to_vec(), target: long.clone().into_bytes() },
+    ];
+    // ext4 from the normalized stream is still being written: erofs only for now.
+    let fs = "erofs";
+    let (_dir, stack) = build_and_mount("nul-longname", &entries, fs);
+    let root = stack.root();
+    let names: Vec<_> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 4, "{fs}: {names:?}");
+    assert_eq!(std::fs::read_to_string(root.join(&long)).unwrap(), "long", "{fs}");
+    assert_eq!(std::fs::read_link(root.join("sym")).unwrap().to_str().unwrap(), target, "{fs}");
+    let ino = |p: &str| std::fs::metadata(root.join(p)).unwrap().ino();
+    assert_eq!((ino("hard"), ino("hard2")), (ino(&long), ino(&long)), "{fs}");
+}
+
+#[test]
+fn numeric_fields_of_nuls_read_as_zero() {
+    let mut h = tar::Header::new_gnu();
+    h.set_path("zeros").unwrap();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o640);
+    h.set_size(3);
+    let old = h.as_old_mut();
+    old.uid.fill(0);
+    old.gid.fill(0);
+    old.mtime.fill(0);
+    let fs = "erofs";
+    let (_dir, stack) = build_and_mount("nul-numbers", &[raw_entry(h.clone(), b"abc")], fs);
+    let path = stack.root().join("zeros");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "abc", "{fs}");
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!((meta.uid(), meta.gid(), meta.mtime(), meta.mode() & 0o7777), (0, 0, 0, 0o640), "{fs}");
+}
+
+/// `vmrootfs ls --json | head -c1`: the reader goes away; that is no error.
+#[test]
+fn a_closed_stdout_is_a_quiet_success() {
+    let dir = scratch("pipe");
+    let store = dir.path().join("s");
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[Layer::gzip(&[file("f", "x")])]);
+    let (ok, _, err) = build_json(&store, &[&format!("oci:{}:t", layout.display())]);
+    assert!(ok, "{err}");
+    for args in
+        [&["ls", "--json"][..], &["ls"], &["inspect", "--json", &format!("oci:{}:t", layout.display())]]
+    {
+        // The read end is closed before the child starts: its first write fails with EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = vmrootfs(&store).args(args).stdout(writer).stderr(Stdio::piped()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "{args:?}: nothing on stderr: {stderr}");
+    }
+}
