@@ -213,8 +213,8 @@ impl Builder {
                 stored[i].clone().or_else(|| converted.iter().find(|(j, _)| *j == i).map(|(_, r)| r.clone()));
             let rec = rec.expect("every layer is stored or converted");
             lowers.push(Lower {
-                path: self.store.layer_path(fs, &chain[i]),
                 fs,
+                recipe: rec.recipe,
                 chain_id: chain[i].clone(),
                 diff_id: image.diff_ids[i].clone(),
                 digest: image.layers[i].digest.clone(),
@@ -243,7 +243,7 @@ impl Builder {
             record.squashed = Some(crate::squash::squash(&self.store, &self.backend, &record.lowers)?);
         }
         self.store.put_record(&record)?;
-        Ok(BuildResult { record, cached: missing.is_empty() && squash_cached })
+        Ok(BuildResult { record: self.store.locate(record)?, cached: missing.is_empty() && squash_cached })
     }
 
     /// Converts the `missing` layers, `jobs` at a time; the first real failure wins.

@@ -335,7 +335,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
         }
         Command::Inspect { tag, json } => {
             let store = open_store(cli.store)?;
-            let record = store.get(&tag)?;
+            let record = store.locate(store.get(&tag)?)?;
             if json {
                 print_json(&record)?;
             } else {

@@ -76,7 +76,8 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     for (i, l) in lowers.iter().enumerate() {
         let mp = work.path().join(format!("l{i}"));
         fs_err::create_dir(&mp).map_err(io(&mp))?;
-        mount(&["-t", l.fs.name(), "-o", "loop,ro"], &l.path, &mp)?;
+        let blob = store.blob_path(&l.id().map_err(StoreError::from)?);
+        mount(&["-t", l.fs.name(), "-o", "loop,ro"], &blob, &mp)?;
         mounts.0.push(mp.clone());
         dirs.push(mp.display().to_string());
     }
@@ -99,8 +100,8 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     let making = sink.into_inner().map_err(|e| copy_err(NormalizeError::Write(e.into_error())))?;
     making.finish(&finished.stats)?;
     let record = SquashedBlob {
-        path: store.squash_path(fs, top),
         fs,
+        recipe: crate::backend::RECIPE_VERSION,
         chain_id: top.clone(),
         size: fs_err::metadata(&out).map_err(io(&out))?.len(),
         blob_sha256: crate::digest::sha256_file_hex(&out).map_err(io(&out))?,

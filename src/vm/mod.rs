@@ -160,9 +160,10 @@ pub fn run(
     if !base.exists() {
         initramfs::build(&kernel, busybox, &base)?;
     }
-    let lowers: Vec<(PathBuf, String)> = match (&record.squashed, opts.squashed) {
+    let located = store.locate(record.clone())?;
+    let lowers: Vec<(PathBuf, String)> = match (&located.squashed, opts.squashed) {
         (Some(s), true) => vec![(s.path.clone(), s.fs.to_string())],
-        _ => record.lowers.iter().map(|l| (l.path.clone(), l.fs.to_string())).collect(),
+        _ => located.lowers.iter().map(|l| (l.path.clone(), l.fs.to_string())).collect(),
     };
     let command = if opts.command.is_empty() {
         [record.config.entrypoint.clone(), record.config.cmd.clone()].concat()
