@@ -403,3 +403,50 @@ fn a_blob_without_its_record_sidecar_is_converted_again() {
     let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
     assert!(ok, "{err}");
 }
+
+/// Item 8 of issue 10: only sha256 digests are accepted from configs and manifests; a diff_id
+/// `foo:<hex of a stored chain>` must not pass for the stored layer.
+#[test]
+fn digests_that_are_not_sha256_are_refused_with_the_field_named() {
+    let dir = scratch("digests");
+    let store = dir.path().join("store");
+    let good = dir.path().join("good");
+    oci_layout(&good, "t", &[small_layer("x")]);
+    build(&store, &good, "good");
+
+    type Case = (&'static str, fn(&mut Layer), &'static [&'static str]);
+    let cases: [Case; 4] = [
+        (
+            "foreign algorithm in a diff_id",
+            |l| l.diff_id = format!("foo:{}", &l.diff_id[7..]),
+            &["rootfs.diff_ids[0]", "foo:"],
+        ),
+        (
+            "sha512 diff_id",
+            |l| l.diff_id = format!("sha512:{}", "ab".repeat(64)),
+            &["rootfs.diff_ids[0]", "sha512", "sha256"],
+        ),
+        ("malformed diff_id", |l| l.diff_id = format!("sha256:{}", "AB".repeat(32)), &["rootfs.diff_ids[0]"]),
+        (
+            "sha512 layer digest",
+            |l| l.digest = format!("sha512:{}", "cd".repeat(64)),
+            &["layers[0].digest", "sha512"],
+        ),
+    ];
+    for (what, spoil, wanted) in cases {
+        let layout = dir.path().join(what.replace(' ', "-"));
+        let mut layer = small_layer("x");
+        spoil(&mut layer);
+        oci_layout(&layout, "t", &[layer]);
+        let (ok, out, err) = run(vmrootfs(&store).args(["build", &format!("oci:{}:t", layout.display())]));
+        assert!(!ok, "{what}: build succeeded: {out}{err}");
+        eprintln!("{what}: {}", err.trim());
+        assert!(!err.contains("stored, skipped") && !err.contains("panicked"), "{what}: {err}");
+        for w in wanted {
+            assert!(err.contains(w), "{what}: the error names {w:?}: {err}");
+        }
+    }
+    let (ok, out, _) = run(vmrootfs(&store).args(["ls", "--json"]));
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().len(), 1);
+}
