@@ -203,10 +203,11 @@ fn print_gc(report: &vmrootfs::store::GcReport, json: bool) -> anyhow::Result<()
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "removed {} layer blob(s), {:.1} MiB; {} leftover(s) in tmp/",
+        "removed {} layer blob(s), {:.1} MiB; {} leftover(s) in tmp/; {} cache file(s) in vm/",
         report.layers,
         report.bytes as f64 / (1 << 20) as f64,
-        report.tmp
+        report.tmp,
+        report.vm
     )?;
     Ok(())
 }

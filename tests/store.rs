@@ -450,3 +450,19 @@ fn digests_that_are_not_sha256_are_refused_with_the_field_named() {
     assert!(ok);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().len(), 1);
 }
+
+/// Item 12 of issue 10: `vm/` is a cache rebuilt on demand; gc empties it.
+#[test]
+fn gc_empties_the_vm_cache() {
+    let dir = scratch("vmcache");
+    let store = dir.path().join("store");
+    let (ok, _, err) = run(vmrootfs(&store).arg("ls"));
+    assert!(ok, "{err}");
+    std::fs::create_dir_all(store.join("vm")).unwrap();
+    std::fs::write(store.join("vm").join(format!("vmlinux-{}", "ab".repeat(32))), b"\x7fELF stale").unwrap();
+    let (ok, out, err) = run(vmrootfs(&store).args(["gc", "--json"]));
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["vm"], 1, "{report}");
+    assert_eq!(std::fs::read_dir(store.join("vm")).unwrap().count(), 0);
+}

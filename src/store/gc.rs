@@ -1,6 +1,6 @@
 //! Garbage collection, under the exclusive store lock: layer files whose blob no image record
-//! references (marked by [`BlobId`], never by path), everything in `tmp/`, and leftovers of
-//! atomic writes.
+//! references (marked by [`BlobId`], never by path), everything in `tmp/`, leftovers of
+//! atomic writes, and the `vm/` cache (rebuilt on demand).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ pub struct GcReport {
     pub bytes: u64,
     /// Entries removed from `tmp/` (and half-written `.tmp-*` files beside records).
     pub tmp: usize,
+    /// Files removed from `run`'s cache `vm/` (rebuilt on demand).
+    pub vm: usize,
 }
 
 /// The files of one blob id found in a layer directory.
@@ -91,6 +93,13 @@ impl Store {
             }
         }
         report.tmp += clear_dir(&self.root.join("tmp"))?;
+        // Everything in `vm/` is rebuilt on demand, so all of it goes, not only entries of
+        // kernels no longer installed. (A `run` beside gc is safe only once `run` holds the
+        // shared store lock: issue 10, item 4.)
+        let vm = self.root.join("vm");
+        if vm.exists() {
+            report.vm += clear_dir(&vm)?;
+        }
         Ok(report)
     }
 }

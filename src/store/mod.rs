@@ -13,6 +13,9 @@
 //!   layers/<fs>-v<N>/squash-<chain hex>.<fs>  the whole stack flattened (`build --squash`),
 //!                                       with its `.json` record and `.lock`
 //!   images/<escaped tag>.json           ImageRecord, one per tag
+//!   vm/                                 `run`'s cache, rebuilt on demand, emptied by gc
+//!     vmlinux-<bzImage sha256 hex>      the kernel unpacked to its ELF, keyed by content
+//!                                       (the initramfs is made per run, in tmp/)
 //!   tmp/                                staging; anything here is garbage
 //! ```
 //!
@@ -299,6 +302,15 @@ impl Store {
         let path = self.sidecar(&new_id(BlobKind::Layer, fs, chain_id)?, "dirs");
         let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
         DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
+    }
+
+    /// Where `run`'s cache keeps the ELF kernel unpacked from the bzImage whose sha256 is
+    /// `bzimage` (`vm/vmlinux-<hex>`); creates `vm/`. Publish it with [`write_atomic`].
+    pub fn vmlinux_path(&self, bzimage: &Digest) -> Result<PathBuf, StoreError> {
+        let hex = crate::digest::require_sha256("kernel image digest", bzimage)?;
+        let dir = self.root.join("vm");
+        fs_err::create_dir_all(&dir).map_err(io_at(&dir))?;
+        Ok(dir.join(format!("vmlinux-{}", hex.digest())))
     }
 
     /// A fresh staging directory under `tmp/`, removed when dropped.
