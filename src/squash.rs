@@ -35,6 +35,8 @@ pub enum SquashError {
         #[source]
         source: NormalizeError,
     },
+    #[error("an image with no layers has nothing to flatten")]
+    NoLayers,
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -61,7 +63,7 @@ fn mount(args: &[&str], source: &Path, target: &Path) -> Result<(), ToolError> {
 /// The squashed blob of `lowers` (base first), made unless stored.
 pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<SquashedBlob, SquashError> {
     let fs = backend.fs();
-    let top = &lowers.last().expect("an image has layers").chain_id;
+    let top = &lowers.last().ok_or(SquashError::NoLayers)?.chain_id;
     let _lock = store.lock_squash(fs, top)?;
     if let Some(done) = store.squashed(fs, top)? {
         return Ok(done);

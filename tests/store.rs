@@ -466,3 +466,24 @@ fn gc_empties_the_vm_cache() {
     assert_eq!(report["vm"], 1, "{report}");
     assert_eq!(std::fs::read_dir(store.join("vm")).unwrap().count(), 0);
 }
+
+/// Item 6 of issue 10: an image with no layers must not panic, with or without `--squash`.
+#[test]
+fn a_zero_layer_image_gives_a_clear_answer_not_a_panic() {
+    let dir = scratch("zero");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[]);
+    let store = dir.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, _, err) = run(vmrootfs(&store).args(["build", &spec, "--tag", "squashed", "--squash"]));
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!ok && err.contains("no layers"), "--squash of a zero-layer image: {err}");
+    eprintln!("--squash of a zero-layer image: {}", err.trim());
+    let (ok, out, err) = run(vmrootfs(&store).args(["build", &spec, "--tag", "plain", "--json"]));
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(ok, "a zero-layer image without --squash builds: {err}");
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(result["lowers"].as_array().unwrap().len(), 0);
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{err}");
+}
