@@ -44,6 +44,8 @@ pub enum BuildError {
     Squash(#[from] crate::squash::SquashError),
     #[error("--squash needs root: it loop-mounts the layer blobs and stacks them with overlayfs")]
     SquashNeedsRoot,
+    #[error("--squash: the image has no layers, so there is nothing to flatten (build it without --squash)")]
+    SquashNoLayers,
 }
 
 /// What went wrong with one layer.
@@ -183,6 +185,9 @@ impl Builder {
     ) -> Result<BuildResult, BuildError> {
         let source = source::open(spec, &self.opts.registry)?;
         let image = source.resolve(&self.opts.platform)?;
+        if self.opts.squash && image.layers.is_empty() {
+            return Err(BuildError::SquashNoLayers);
+        }
         // Shared store lock for the whole build: no GC between publishing blobs and the record.
         let _store_lock = self.store.lock_shared()?;
         for l in &image.layers {
@@ -213,8 +218,8 @@ impl Builder {
                 stored[i].clone().or_else(|| converted.iter().find(|(j, _)| *j == i).map(|(_, r)| r.clone()));
             let rec = rec.expect("every layer is stored or converted");
             lowers.push(Lower {
-                path: self.store.layer_path(fs, &chain[i]),
                 fs,
+                recipe: rec.recipe,
                 chain_id: chain[i].clone(),
                 diff_id: image.diff_ids[i].clone(),
                 digest: image.layers[i].digest.clone(),
@@ -236,14 +241,15 @@ impl Builder {
         };
         let mut squash_cached = true;
         if self.opts.squash {
-            squash_cached = self.store.squashed(fs, &chain[total - 1])?.is_some();
+            let top = chain.last().ok_or(BuildError::SquashNoLayers)?;
+            squash_cached = self.store.squashed(fs, top)?.is_some();
             if !squash_cached && !rustix::process::geteuid().is_root() {
                 return Err(BuildError::SquashNeedsRoot);
             }
             record.squashed = Some(crate::squash::squash(&self.store, &self.backend, &record.lowers)?);
         }
         self.store.put_record(&record)?;
-        Ok(BuildResult { record, cached: missing.is_empty() && squash_cached })
+        Ok(BuildResult { record: self.store.locate(record)?, cached: missing.is_empty() && squash_cached })
     }
 
     /// Converts the `missing` layers, `jobs` at a time; the first real failure wins.

@@ -2,8 +2,54 @@
 
 use std::io::{self, Read};
 
-use oci_spec::image::{Digest, DigestAlgorithm};
+use oci_spec::image::{Digest, DigestAlgorithm, Sha256Digest};
 use sha2::{Digest as _, Sha256};
+
+/// A digest from a manifest, config or record that vmrootfs cannot use. Only sha256 is
+/// accepted: it is what every store name and every check is made of.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidDigest {
+    #[error("{field}: {value:?} is not a well-formed digest")]
+    Malformed {
+        /// Where the digest came from, e.g. `config rootfs.diff_ids[2]`.
+        field: String,
+        value: String,
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    #[error("{field}: {value} is a {algorithm} digest; vmrootfs accepts sha256 digests only")]
+    Unsupported { field: String, value: String, algorithm: String },
+}
+
+/// Parses `value` (found at `field`) as a sha256 digest: `sha256:` and 64 lowercase hex.
+pub fn parse_sha256(field: &str, value: &str) -> Result<Digest, InvalidDigest> {
+    let d: Digest = value.parse().map_err(|source| InvalidDigest::Malformed {
+        field: field.to_string(),
+        value: value.to_string(),
+        source,
+    })?;
+    require_sha256(field, &d)?;
+    Ok(d)
+}
+
+/// `d` (found at `field`) as a [`Sha256Digest`]; any other algorithm is refused.
+pub fn require_sha256(field: &str, d: &Digest) -> Result<Sha256Digest, InvalidDigest> {
+    let unsupported = || InvalidDigest::Unsupported {
+        field: field.to_string(),
+        value: d.to_string(),
+        algorithm: d.algorithm().to_string(),
+    };
+    if d.algorithm() != &DigestAlgorithm::Sha256 {
+        return Err(unsupported());
+    }
+    // oci_spec guarantees 64 lowercase hex for a parsed sha256 digest; the parse re-checks.
+    d.digest().parse().map_err(|source| InvalidDigest::Malformed {
+        field: field.to_string(),
+        value: d.to_string(),
+        source,
+    })
+}
 
 /// A digest did not match what the manifest, config or record promised.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +151,23 @@ mod tests {
         assert_eq!(chain[0], a);
         assert_eq!(chain[1], sha256_of(format!("{a} {b}").as_bytes()));
         assert_ne!(chain[1], b);
+    }
+
+    #[test]
+    fn only_sha256_digests_are_accepted() {
+        let hex = "ab".repeat(32);
+        assert!(parse_sha256("f", &format!("sha256:{hex}")).is_ok());
+        let cases = [
+            (format!("foo:{hex}"), "foo digest"),
+            (format!("sha512:{}", "ab".repeat(64)), "sha512 digest"),
+            (format!("sha256:{}", "AB".repeat(32)), "not a well-formed digest"),
+            (format!("sha256:{}", "ab".repeat(31)), "not a well-formed digest"),
+            (hex.clone(), "not a well-formed digest"),
+        ];
+        for (value, want) in cases {
+            let err = parse_sha256("config rootfs.diff_ids[1]", &value).unwrap_err().to_string();
+            assert!(err.starts_with("config rootfs.diff_ids[1]: ") && err.contains(want), "{value}: {err}");
+        }
     }
 
     #[test]

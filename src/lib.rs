@@ -16,5 +16,5 @@ pub mod vm;
 pub use backend::FsType;
 pub use builder::{BuildError, BuildOptions, Builder};
 pub use platform::Platform;
-pub use record::{BuildResult, ImageRecord, Lower};
+pub use record::{BlobId, BuildResult, ImageRecord, LocatedRecord, Lower};
 pub use store::Store;

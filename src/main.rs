@@ -208,10 +208,11 @@ fn print_gc(report: &vmrootfs::store::GcReport, json: bool) -> anyhow::Result<()
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "removed {} layer blob(s), {:.1} MiB; {} leftover(s) in tmp/",
+        "removed {} layer blob(s), {:.1} MiB; {} leftover(s) in tmp/; {} cache file(s) in vm/",
         report.layers,
         report.bytes as f64 / (1 << 20) as f64,
-        report.tmp
+        report.tmp,
+        report.vm
     )?;
     Ok(())
 }
@@ -337,7 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
         }
         Command::Inspect { tag, json } => {
             let store = open_store(cli.store)?;
-            let record = store.get(&tag)?;
+            let record = store.locate(store.get(&tag)?)?;
             if json {
                 print_json(&record)?;
             } else {

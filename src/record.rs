@@ -1,16 +1,65 @@
 //! JSON records: the image record kept per tag, the build result, and per-layer records.
+//!
+//! Records name blobs by what identifies them ([`BlobId`]: kind, filesystem, recipe version,
+//! chain ID), never by path: only the store knows where a blob lives, so a store reached by
+//! another spelling of its path, or moved, is the same store. Output for runtimes
+//! (`build --json`, `inspect --json`) adds each blob's absolute path ([`Located`]), derived by
+//! the store at output time.
 
-use oci_spec::image::{Digest, ImageConfiguration};
+use std::path::PathBuf;
+
+use oci_spec::image::{Digest, ImageConfiguration, Sha256Digest};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::FsType;
+use crate::digest::{self, InvalidDigest};
+
+/// Which of a stack's blobs: one layer's, or the whole stack flattened (`build --squash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlobKind {
+    Layer,
+    Squashed,
+}
+
+/// What identifies a blob in the store; the store derives its path from this alone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BlobId {
+    pub kind: BlobKind,
+    pub fs: FsType,
+    /// The recipe version that made it ([`crate::backend::RECIPE_VERSION`] for new blobs).
+    pub recipe: u32,
+    /// Chain ID of the layer (for a squashed blob: of the top layer), validated sha256.
+    pub chain_id: Sha256Digest,
+}
+
+impl BlobId {
+    /// The id of a blob of `chain_id`; refuses a chain ID that is not a sha256 digest.
+    pub fn new(kind: BlobKind, fs: FsType, recipe: u32, chain_id: &Digest) -> Result<BlobId, InvalidDigest> {
+        Ok(BlobId { kind, fs, recipe, chain_id: digest::require_sha256("chain_id", chain_id)? })
+    }
+}
+
+/// A blob with its absolute path in the store, for output to runtimes; never persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Located<T> {
+    pub path: PathBuf,
+    #[serde(flatten)]
+    pub blob: T,
+}
+
+impl<T> std::ops::Deref for Located<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.blob
+    }
+}
 
 /// One lower layer blob of an image, base first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lower {
-    /// Absolute path of the blob in the store.
-    pub path: std::path::PathBuf,
     pub fs: FsType,
+    /// Recipe version of the blob.
+    pub recipe: u32,
     pub chain_id: Digest,
     pub diff_id: Digest,
     /// The compressed layer's digest in the source.
@@ -46,51 +95,90 @@ impl From<&ImageConfiguration> for RuntimeConfig {
     }
 }
 
-/// The record stored for a tag (`images/<escaped tag>.json`).
+impl Lower {
+    pub fn id(&self) -> Result<BlobId, InvalidDigest> {
+        BlobId::new(BlobKind::Layer, self.fs, self.recipe, &self.chain_id)
+    }
+}
+
+/// The record stored for a tag (`images/<escaped tag>.json`): `ImageRecord` as stored, with
+/// blob identities only; [`LocatedRecord`] (the same with each blob's path) for output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageRecord {
+pub struct ImageRecord<L = Lower, S = SquashedBlob> {
     pub tag: String,
     pub source: String,
     pub manifest_digest: Digest,
     pub config_digest: Digest,
     pub platform: String,
     pub created_at: String,
-    pub lowers: Vec<Lower>,
+    pub lowers: Vec<L>,
     /// Bytes on disk of all lowers.
     pub size: u64,
     pub config: RuntimeConfig,
     /// The whole image flattened into one blob (`build --squash`), for runtimes without
     /// overlayfs or with more layers than drives.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub squashed: Option<SquashedBlob>,
+    #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
+    pub squashed: Option<S>,
+}
+
+/// An image record with the store path of each blob: what runtimes get.
+pub type LocatedRecord = ImageRecord<Located<Lower>, Located<SquashedBlob>>;
+
+impl<L, S> ImageRecord<L, S> {
+    /// The same record with each lower and the squashed blob mapped.
+    pub fn map_blobs<L2, S2, E>(
+        self,
+        mut lower: impl FnMut(L) -> Result<L2, E>,
+        squashed: impl FnOnce(S) -> Result<S2, E>,
+    ) -> Result<ImageRecord<L2, S2>, E> {
+        Ok(ImageRecord {
+            tag: self.tag,
+            source: self.source,
+            manifest_digest: self.manifest_digest,
+            config_digest: self.config_digest,
+            platform: self.platform,
+            created_at: self.created_at,
+            lowers: self.lowers.into_iter().map(&mut lower).collect::<Result<_, _>>()?,
+            size: self.size,
+            config: self.config,
+            squashed: self.squashed.map(squashed).transpose()?,
+        })
+    }
 }
 
 impl ImageRecord {
-    /// Every blob the record references: the lowers and the squashed blob.
-    pub fn blobs(&self) -> impl Iterator<Item = (&std::path::Path, FsType, &str)> {
-        self.lowers
-            .iter()
-            .map(|l| (l.path.as_path(), l.fs, l.blob_sha256.as_str()))
-            .chain(self.squashed.iter().map(|s| (s.path.as_path(), s.fs, s.blob_sha256.as_str())))
+    /// Every blob the record references (the lowers and the squashed blob), with the sha256
+    /// hex the record gives for it.
+    pub fn blobs(&self) -> Result<Vec<(BlobId, &str)>, InvalidDigest> {
+        let lowers = self.lowers.iter().map(|l| Ok((l.id()?, l.blob_sha256.as_str())));
+        let squashed = self.squashed.iter().map(|s| Ok((s.id()?, s.blob_sha256.as_str())));
+        lowers.chain(squashed).collect()
     }
 }
 
 /// A flattened image blob, keyed by the image's top chain ID.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SquashedBlob {
-    pub path: std::path::PathBuf,
     pub fs: FsType,
+    /// Recipe version of the blob.
+    pub recipe: u32,
     /// Chain ID of the top layer: the blob is that whole stack.
     pub chain_id: Digest,
     pub size: u64,
     pub blob_sha256: String,
 }
 
-/// What `build` returns (and `build --json` prints).
+impl SquashedBlob {
+    pub fn id(&self) -> Result<BlobId, InvalidDigest> {
+        BlobId::new(BlobKind::Squashed, self.fs, self.recipe, &self.chain_id)
+    }
+}
+
+/// What `build` returns (and `build --json` prints): the record, with blob paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildResult {
     #[serde(flatten)]
-    pub record: ImageRecord,
+    pub record: LocatedRecord,
     /// True when no layer had to be converted.
     pub cached: bool,
 }

@@ -35,6 +35,8 @@ pub enum SquashError {
         #[source]
         source: NormalizeError,
     },
+    #[error("an image with no layers has nothing to flatten")]
+    NoLayers,
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -61,7 +63,7 @@ fn mount(args: &[&str], source: &Path, target: &Path) -> Result<(), ToolError> {
 /// The squashed blob of `lowers` (base first), made unless stored.
 pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<SquashedBlob, SquashError> {
     let fs = backend.fs();
-    let top = &lowers.last().expect("an image has layers").chain_id;
+    let top = &lowers.last().ok_or(SquashError::NoLayers)?.chain_id;
     let _lock = store.lock_squash(fs, top)?;
     if let Some(done) = store.squashed(fs, top)? {
         return Ok(done);
@@ -76,7 +78,8 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     for (i, l) in lowers.iter().enumerate() {
         let mp = work.path().join(format!("l{i}"));
         fs_err::create_dir(&mp).map_err(io(&mp))?;
-        mount(&["-t", l.fs.name(), "-o", "loop,ro"], &l.path, &mp)?;
+        let blob = store.blob_path(&l.id().map_err(StoreError::from)?);
+        mount(&["-t", l.fs.name(), "-o", "loop,ro"], &blob, &mp)?;
         mounts.0.push(mp.clone());
         dirs.push(mp.display().to_string());
     }
@@ -98,8 +101,8 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     let making = sink.into_inner().map_err(|e| copy_err(NormalizeError::Write(e.into_error())))?;
     making.finish(&finished.stats)?;
     let record = SquashedBlob {
-        path: store.squash_path(fs, top),
         fs,
+        recipe: crate::backend::RECIPE_VERSION,
         chain_id: top.clone(),
         size: fs_err::metadata(&out).map_err(io(&out))?.len(),
         blob_sha256: crate::digest::sha256_file_hex(&out).map_err(io(&out))?,

@@ -140,7 +140,10 @@ fn rm_and_gc_leave_exactly_the_referenced_blobs_and_an_empty_tmp() {
     let (ok, _, err) = run(vmrootfs(&store).args(["rm", "a", "c"]));
     assert!(ok, "{err}");
     assert!(blobs_on_disk(&store).is_empty());
-    let left: Vec<_> = std::fs::read_dir(store.join("layers/erofs-v1")).unwrap().collect();
+    let dirs: Vec<PathBuf> =
+        std::fs::read_dir(store.join("layers")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(dirs.len(), 1, "one layer directory (erofs, this recipe): {dirs:?}");
+    let left: Vec<_> = std::fs::read_dir(&dirs[0]).unwrap().collect();
     assert!(left.is_empty(), "sidecars and locks go with their blobs: {left:?}");
 
     let (ok, _, err) = run(vmrootfs(&store).args(["rm", "nope"]));
@@ -304,4 +307,183 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
     let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
     assert!(ok, "{err}");
     let _ = Command::new("true").status();
+}
+
+/// The blob paths a store reached at `store` gives for tag `tag` (`inspect --json`).
+fn inspect_paths(store: &Path, tag: &str) -> Vec<PathBuf> {
+    let (ok, out, err) = run(vmrootfs(store).args(["inspect", tag, "--json"]));
+    assert!(ok, "inspect {tag}: {err}");
+    lower_paths(&serde_json::from_str(&out).unwrap())
+}
+
+/// Item 1 of issue 10: a build through a symlink to the store, then `gc` through the real
+/// path (and through a `..` spelling) must keep every blob a record references.
+#[test]
+fn gc_through_another_spelling_of_the_store_keeps_live_blobs() {
+    let dir = scratch("spelling");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let dotdot = dir.path().join("sub/../real");
+
+    let result = build(&link, &layout, "t");
+    let blobs = blobs_on_disk(&real);
+    assert_eq!(blobs.len(), 2, "{blobs:?}");
+    for store in [&real, &dotdot, &link] {
+        let (ok, out, err) = run(vmrootfs(store).args(["gc", "--json"]));
+        assert!(ok, "gc via {}: {err}", store.display());
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["layers"], 0, "gc via {} removed live blobs: {report}", store.display());
+        assert_eq!(blobs_on_disk(&real), blobs, "gc via {}", store.display());
+        let (ok, _, err) = run(vmrootfs(store).arg("verify"));
+        assert!(ok, "verify via {} after gc: {err}", store.display());
+    }
+    // `build --json` gives absolute paths, under the store as it was spelled.
+    for p in lower_paths(&result) {
+        assert!(p.is_absolute() && p.starts_with(&link) && p.exists(), "{}", p.display());
+    }
+    // Records hold no path: nothing in them names the store's location.
+    for entry in std::fs::read_dir(real.join("images")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(!text.contains("\"path\""), "an image record holds a path: {text}");
+    }
+}
+
+/// Item 1 of issue 10: a store moved with `mv` is the same store.
+#[test]
+fn a_moved_store_still_inspects_verifies_and_collects() {
+    let dir = scratch("moved");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    build(&old, &layout, "t");
+    let (ok, _, err) = run(Command::new("mv").arg(&old).arg(&new));
+    assert!(ok, "{err}");
+    let paths = inspect_paths(&new, "t");
+    assert_eq!(paths.len(), 2);
+    for p in &paths {
+        assert!(p.starts_with(&new) && p.exists(), "inspect gives {} after the move", p.display());
+    }
+    let (ok, _, err) = run(vmrootfs(&new).arg("verify"));
+    assert!(ok, "verify after the move: {err}");
+    let (ok, out, err) = run(vmrootfs(&new).args(["gc", "--json"]));
+    assert!(ok, "{err}");
+    assert!(out.contains("\"layers\": 0"), "gc after the move removed live blobs: {out}");
+    assert_eq!(blobs_on_disk(&new).len(), 2);
+}
+
+/// Item 7 of issue 10: a blob whose `.json` sidecar is gone (gc interrupted midway) counts as
+/// not stored: the next build converts it again instead of failing.
+#[test]
+fn a_blob_without_its_record_sidecar_is_converted_again() {
+    let dir = scratch("sidecar");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    let lowers = lower_paths(&build(&store, &layout, "first"));
+    let sidecar = lowers[1].with_extension("json");
+    std::fs::remove_file(&sidecar).unwrap();
+
+    let (ok, out, err) = run(vmrootfs(&store).args([
+        "build",
+        &format!("oci:{}:t", layout.display()),
+        "--tag",
+        "second",
+        "--json",
+    ]));
+    assert!(ok, "build after losing {}: {err}", sidecar.display());
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(result["cached"], false, "the layer without its sidecar is converted again");
+    assert_eq!(err.matches("stored, skipped").count(), 1, "{err}");
+    assert!(sidecar.exists(), "the sidecar is published again");
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{err}");
+}
+
+/// Item 8 of issue 10: only sha256 digests are accepted from configs and manifests; a diff_id
+/// `foo:<hex of a stored chain>` must not pass for the stored layer.
+#[test]
+fn digests_that_are_not_sha256_are_refused_with_the_field_named() {
+    let dir = scratch("digests");
+    let store = dir.path().join("store");
+    let good = dir.path().join("good");
+    oci_layout(&good, "t", &[small_layer("x")]);
+    build(&store, &good, "good");
+
+    type Case = (&'static str, fn(&mut Layer), &'static [&'static str]);
+    let cases: [Case; 4] = [
+        (
+            "foreign algorithm in a diff_id",
+            |l| l.diff_id = format!("foo:{}", &l.diff_id[7..]),
+            &["rootfs.diff_ids[0]", "foo:"],
+        ),
+        (
+            "sha512 diff_id",
+            |l| l.diff_id = format!("sha512:{}", "ab".repeat(64)),
+            &["rootfs.diff_ids[0]", "sha512", "sha256"],
+        ),
+        ("malformed diff_id", |l| l.diff_id = format!("sha256:{}", "AB".repeat(32)), &["rootfs.diff_ids[0]"]),
+        (
+            "sha512 layer digest",
+            |l| l.digest = format!("sha512:{}", "cd".repeat(64)),
+            &["layers[0].digest", "sha512"],
+        ),
+    ];
+    for (what, spoil, wanted) in cases {
+        let layout = dir.path().join(what.replace(' ', "-"));
+        let mut layer = small_layer("x");
+        spoil(&mut layer);
+        oci_layout(&layout, "t", &[layer]);
+        let (ok, out, err) = run(vmrootfs(&store).args(["build", &format!("oci:{}:t", layout.display())]));
+        assert!(!ok, "{what}: build succeeded: {out}{err}");
+        eprintln!("{what}: {}", err.trim());
+        assert!(!err.contains("stored, skipped") && !err.contains("panicked"), "{what}: {err}");
+        for w in wanted {
+            assert!(err.contains(w), "{what}: the error names {w:?}: {err}");
+        }
+    }
+    let (ok, out, _) = run(vmrootfs(&store).args(["ls", "--json"]));
+    assert!(ok);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap().as_array().unwrap().len(), 1);
+}
+
+/// Item 12 of issue 10: `vm/` is a cache rebuilt on demand; gc empties it.
+#[test]
+fn gc_empties_the_vm_cache() {
+    let dir = scratch("vmcache");
+    let store = dir.path().join("store");
+    let (ok, _, err) = run(vmrootfs(&store).arg("ls"));
+    assert!(ok, "{err}");
+    std::fs::create_dir_all(store.join("vm")).unwrap();
+    std::fs::write(store.join("vm").join(format!("vmlinux-{}", "ab".repeat(32))), b"\x7fELF stale").unwrap();
+    let (ok, out, err) = run(vmrootfs(&store).args(["gc", "--json"]));
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["vm"], 1, "{report}");
+    assert_eq!(std::fs::read_dir(store.join("vm")).unwrap().count(), 0);
+}
+
+/// Item 6 of issue 10: an image with no layers must not panic, with or without `--squash`.
+#[test]
+fn a_zero_layer_image_gives_a_clear_answer_not_a_panic() {
+    let dir = scratch("zero");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[]);
+    let store = dir.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, _, err) = run(vmrootfs(&store).args(["build", &spec, "--tag", "squashed", "--squash"]));
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!ok && err.contains("no layers"), "--squash of a zero-layer image: {err}");
+    eprintln!("--squash of a zero-layer image: {}", err.trim());
+    let (ok, out, err) = run(vmrootfs(&store).args(["build", &spec, "--tag", "plain", "--json"]));
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(ok, "a zero-layer image without --squash builds: {err}");
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(result["lowers"].as_array().unwrap().len(), 0);
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{err}");
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::image::{Digest, ImageConfiguration};
 
-use crate::digest::DigestMismatch;
+use crate::digest::{DigestMismatch, InvalidDigest};
 use crate::platform::Platform;
 
 /// Largest manifest, index or config accepted (they are read into memory).
@@ -78,6 +78,8 @@ pub enum SourceError {
     #[error("bad digest {0:?}")]
     BadDigest(String),
     #[error(transparent)]
+    InvalidDigest(#[from] InvalidDigest),
+    #[error(transparent)]
     Digest(#[from] DigestMismatch),
 }
 
@@ -116,6 +118,12 @@ impl ResolvedImage {
         config: ImageConfiguration,
         location: impl Fn(&Digest) -> String,
     ) -> Result<ResolvedImage, SourceError> {
+        // Only sha256 digests go on: they are what every check and store name is made of.
+        crate::digest::require_sha256("manifest digest", &manifest_digest)?;
+        crate::digest::require_sha256("manifest config.digest", manifest.config().digest())?;
+        for (i, l) in manifest.layers().iter().enumerate() {
+            crate::digest::require_sha256(&format!("manifest layers[{i}].digest"), l.digest())?;
+        }
         let layers: Vec<LayerRef> = manifest
             .layers()
             .iter()
@@ -213,13 +221,14 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     Ok((value, bytes))
 }
 
-/// Diff IDs of a config, checked against the layer count.
+/// Diff IDs of a config, each a well-formed sha256 digest, checked against the layer count.
 pub(crate) fn diff_ids(config: &ImageConfiguration, layers: usize) -> Result<Vec<Digest>, SourceError> {
     let ids = config
         .rootfs()
         .diff_ids()
         .iter()
-        .map(|d| d.parse::<Digest>().map_err(|_| SourceError::BadDigest(d.clone())))
+        .enumerate()
+        .map(|(i, d)| crate::digest::parse_sha256(&format!("config rootfs.diff_ids[{i}]"), d))
         .collect::<Result<Vec<_>, _>>()?;
     if ids.len() != layers {
         return Err(SourceError::LayerCountMismatch { diff_ids: ids.len(), layers });

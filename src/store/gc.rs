@@ -1,12 +1,14 @@
-//! Garbage collection, under the exclusive store lock: layer files that no image record
-//! references, and everything in `tmp/`.
+//! Garbage collection, under the exclusive store lock: layer files whose blob no image record
+//! references (marked by [`BlobId`], never by path), everything in `tmp/`, leftovers of
+//! atomic writes, and the `vm/` cache (rebuilt on demand).
 
-use std::collections::HashSet;
-use std::path::Path;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{Store, StoreError, io_at};
+use super::{Store, StoreError, io_at, parse_blob_name};
+use crate::record::BlobId;
 
 /// What a GC removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -15,15 +17,28 @@ pub struct GcReport {
     pub layers: usize,
     /// Bytes of the deleted blobs.
     pub bytes: u64,
-    /// Entries removed from `tmp/`.
+    /// Entries removed from `tmp/` (and half-written `.tmp-*` files beside records).
     pub tmp: usize,
+    /// Files removed from `run`'s cache `vm/` (rebuilt on demand).
+    pub vm: usize,
+}
+
+/// The files of one blob id found in a layer directory.
+#[derive(Default)]
+struct BlobFiles {
+    blob: Option<PathBuf>,
+    /// Sidecars (`.json`, `.dirs`) and the `.lock`.
+    others: Vec<PathBuf>,
 }
 
 impl Store {
     /// The collection itself; the caller holds the exclusive store lock.
     pub(super) fn collect_garbage(&self) -> Result<GcReport, StoreError> {
         let records = self.list()?;
-        let referenced: HashSet<&Path> = records.iter().flat_map(|r| r.blobs().map(|(p, _, _)| p)).collect();
+        let mut referenced: HashSet<BlobId> = HashSet::new();
+        for r in &records {
+            referenced.extend(r.blobs()?.into_iter().map(|(id, _)| id));
+        }
         let mut report = GcReport::default();
         let layers = self.root.join("layers");
         for dir in fs_err::read_dir(&layers).map_err(io_at(&layers))? {
@@ -31,27 +46,66 @@ impl Store {
             if !dir.is_dir() {
                 continue;
             }
+            let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let mut found: BTreeMap<String, (BlobId, BlobFiles)> = BTreeMap::new();
             for entry in fs_err::read_dir(&dir).map_err(io_at(&dir))? {
                 let path = entry.map_err(io_at(&dir))?.path();
                 let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-                // Every file of a layer starts with `<64 hex>.`; the blob is `<hex>.<fs>`.
-                let Some((stem, _)) = name.split_once('.') else { continue };
-                let stem = stem.to_string();
-                let fs_ext = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.split('-').next());
-                let blob = dir.join(format!("{stem}.{}", fs_ext.unwrap_or_default()));
-                if referenced.contains(blob.as_path()) {
+                if name.starts_with(".tmp-") {
+                    // A write_atomic that never finished (the store lock is ours: none runs).
+                    remove(&path)?;
+                    report.tmp += 1;
                     continue;
                 }
-                if path == blob {
-                    report.layers += 1;
-                    report.bytes += path.metadata().map(|m| m.len()).unwrap_or(0);
+                // Names this store does not make are not its to delete.
+                let Some((id, is_blob)) = parse_blob_name(&dir_name, name) else { continue };
+                let stem = name.split('.').next().unwrap_or_default().to_string();
+                let files = &mut found.entry(stem).or_insert_with(|| (id, BlobFiles::default())).1;
+                if is_blob {
+                    files.blob = Some(path);
+                } else {
+                    files.others.push(path);
                 }
-                fs_err::remove_file(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
+            }
+            for (id, files) in found.into_values() {
+                if referenced.contains(&id) {
+                    continue;
+                }
+                // The blob first, then its sidecars: a crash in between leaves sidecars without
+                // a blob, which count as not stored (see `Store::layer`).
+                if let Some(blob) = &files.blob {
+                    report.bytes += fs_err::metadata(blob).map_err(io_at(blob))?.len();
+                    remove(blob)?;
+                    super::sync_dir(&dir)?;
+                    report.layers += 1;
+                }
+                for path in &files.others {
+                    remove(path)?;
+                }
+            }
+        }
+        let images = self.root.join("images");
+        for entry in fs_err::read_dir(&images).map_err(io_at(&images))? {
+            let path = entry.map_err(io_at(&images))?.path();
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".tmp-")) {
+                remove(&path)?;
+                report.tmp += 1;
             }
         }
         report.tmp += clear_dir(&self.root.join("tmp"))?;
+        // Everything in `vm/` is rebuilt on demand, so all of it goes, not only entries of
+        // kernels no longer installed. (A `run` beside gc is safe only once `run` holds the
+        // shared store lock: issue 10, item 4.)
+        let vm = self.root.join("vm");
+        if vm.exists() {
+            report.vm += clear_dir(&vm)?;
+        }
         Ok(report)
     }
+}
+
+fn remove(path: &Path) -> Result<(), StoreError> {
+    fs_err::remove_file(path).map_err(|e| StoreError::Io { path: path.to_owned(), source: e })
 }
 
 /// Removes everything inside `dir`; returns how many entries there were.

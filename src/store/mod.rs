@@ -1,9 +1,10 @@
-//! The content-addressed store of layer blobs and image records.
+//! The content-addressed store of layer blobs and image records, and the only code that knows
+//! its layout.
 //!
 //! ```text
 //! <root>/                               $VMROOTFS_STORE, else $XDG_DATA_HOME/vmrootfs,
 //!   meta.json                           else ~/.local/share/vmrootfs
-//!                                       {"format": 1}; an unknown format is refused
+//!                                       {"format": 2}; another format is refused
 //!   .lock                               the store lock
 //!   layers/<fs>-v<N>/<chain hex>.<fs>       layer blob, read-only; N = recipe version
 //!   layers/<fs>-v<N>/<chain hex>.dirs       directories of the stack up to this layer
@@ -12,8 +13,23 @@
 //!   layers/<fs>-v<N>/squash-<chain hex>.<fs>  the whole stack flattened (`build --squash`),
 //!                                       with its `.json` record and `.lock`
 //!   images/<escaped tag>.json           ImageRecord, one per tag
+//!   vm/                                 `run`'s cache, rebuilt on demand, emptied by gc
+//!     vmlinux-<bzImage sha256 hex>      the kernel unpacked to its ELF, keyed by content
+//!                                       (the initramfs is made per run, in tmp/)
 //!   tmp/                                staging; anything here is garbage
 //! ```
+//!
+//! `<chain hex>` is the 64 hex digits of a sha256 chain ID: only sha256 digests are accepted
+//! from sources, so names need no algorithm.
+//!
+//! # Identity, not location
+//!
+//! Records name each blob by its [`BlobId`] (kind, filesystem, recipe version, chain ID);
+//! nothing persisted holds a path. Paths are derived here, from the root the store was
+//! opened at ([`Store::blob_path`], [`Store::locate`]), so the same store reached through a
+//! symlink, a `..` path or a new mount point is the same store, and a store can be moved.
+//! GC marks by identity. Output for runtimes (`build --json`, `inspect --json`) carries
+//! absolute paths, derived at output time.
 //!
 //! # Publication
 //!
@@ -52,12 +68,14 @@ pub use gc::GcReport;
 pub use verify::BadBlob;
 
 use crate::backend::{FsType, RECIPE_VERSION};
+use crate::digest::InvalidDigest;
 use crate::layer::dirindex::DirIndex;
 use crate::lock::FileLock;
-use crate::record::{ImageRecord, LayerRecord, SquashedBlob};
+use crate::record::{BlobId, BlobKind, ImageRecord, LayerRecord, Located, LocatedRecord, SquashedBlob};
 
-/// Version of the on-disk layout written in `meta.json`.
-pub const FORMAT: u32 = 1;
+/// Version of the on-disk layout written in `meta.json`. 2: records name blobs by identity
+/// (no paths), sha256 chain IDs only.
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -70,6 +88,11 @@ pub enum StoreError {
     },
     #[error("store {path} has format {found}, this vmrootfs reads format {FORMAT}")]
     UnknownFormat { path: PathBuf, found: String },
+    #[error(
+        "store {path} has format {found}, written by an older vmrootfs; this one reads format {FORMAT} \
+         only: move the store aside (or remove it) and build the images again"
+    )]
+    OldFormat { path: PathBuf, found: u32 },
     #[error("no image tagged {0:?} in the store")]
     NoSuchTag(String),
     #[error("corrupt record {path}")]
@@ -78,6 +101,14 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("record {path} names a blob by a bad chain ID")]
+    BadRecordDigest {
+        path: PathBuf,
+        #[source]
+        source: InvalidDigest,
+    },
+    #[error(transparent)]
+    Digest(#[from] InvalidDigest),
     #[error("no home directory: set VMROOTFS_STORE or pass --store")]
     NoHome,
 }
@@ -113,13 +144,16 @@ impl Store {
         let meta = root.join("meta.json");
         match fs_err::read(&meta) {
             Ok(bytes) => {
+                // Unparsable JSON is reported as an unknown format "unreadable".
                 let found = serde_json::from_slice::<serde_json::Value>(&bytes)
                     .ok()
                     .and_then(|v| v.get("format").cloned())
                     .map(|f| f.to_string())
                     .unwrap_or_else(|| "unreadable".to_string());
-                if found != FORMAT.to_string() {
-                    return Err(StoreError::UnknownFormat { path: meta, found });
+                match found.parse::<u32>() {
+                    Ok(n) if n == FORMAT => {}
+                    Ok(n) if n < FORMAT => return Err(StoreError::OldFormat { path: meta, found: n }),
+                    _ => return Err(StoreError::UnknownFormat { path: meta, found }),
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -154,9 +188,14 @@ impl Store {
 
     /// The lock of one layer blob, held while producing it.
     pub fn lock_layer(&self, fs: FsType, chain_id: &Digest) -> Result<FileLock, StoreError> {
-        let dir = self.layer_dir(fs);
+        self.lock_blob(&new_id(BlobKind::Layer, fs, chain_id)?)
+    }
+
+    /// The producer lock `<blob>.lock` of a blob.
+    fn lock_blob(&self, id: &BlobId) -> Result<FileLock, StoreError> {
+        let dir = self.layer_dir(id.fs, id.recipe);
         fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
-        let mut path = self.layer_path(fs, chain_id).into_os_string();
+        let mut path = self.blob_path(id).into_os_string();
         path.push(".lock");
         let path = PathBuf::from(path);
         FileLock::exclusive(&path).map_err(|source| StoreError::Io { path, source })
@@ -172,10 +211,7 @@ impl Store {
             if !name.ends_with(".json") || name.starts_with(".tmp-") {
                 continue;
             }
-            let bytes = fs_err::read(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
-            records.push(
-                serde_json::from_slice(&bytes).map_err(|source| StoreError::BadRecord { path, source })?,
-            );
+            records.push(read_record(&path)?);
         }
         records.sort_by(|a: &ImageRecord, b| a.tag.cmp(&b.tag));
         Ok(records)
@@ -203,69 +239,79 @@ impl Store {
         self.collect_garbage()
     }
 
-    fn layer_dir(&self, fs: FsType) -> PathBuf {
-        self.root.join("layers").join(format!("{fs}-v{RECIPE_VERSION}"))
+    fn layer_dir(&self, fs: FsType, recipe: u32) -> PathBuf {
+        self.root.join("layers").join(format!("{fs}-v{recipe}"))
     }
 
-    /// Where the blob of `chain_id` for `fs` lives.
-    pub fn layer_path(&self, fs: FsType, chain_id: &Digest) -> PathBuf {
-        self.layer_dir(fs).join(format!("{}.{fs}", chain_id.digest()))
+    /// Where the blob `id` lives, under the root the store was opened at.
+    pub fn blob_path(&self, id: &BlobId) -> PathBuf {
+        self.layer_dir(id.fs, id.recipe).join(format!("{}.{}", stem(id), id.fs))
     }
 
-    fn sidecar(&self, fs: FsType, chain_id: &Digest, ext: &str) -> PathBuf {
-        self.layer_dir(fs).join(format!("{}.{ext}", chain_id.digest()))
+    /// `<stem>.<ext>` beside the blob `id`: its `.json` record, its `.dirs` index.
+    fn sidecar(&self, id: &BlobId, ext: &str) -> PathBuf {
+        self.layer_dir(id.fs, id.recipe).join(format!("{}.{ext}", stem(id)))
     }
 
-    /// Where the squashed blob of the stack up to `chain_id` lives.
-    pub fn squash_path(&self, fs: FsType, chain_id: &Digest) -> PathBuf {
-        self.layer_dir(fs).join(format!("squash-{}.{fs}", chain_id.digest()))
+    /// `record` with the path of each of its blobs, for output to runtimes.
+    pub fn locate(&self, record: ImageRecord) -> Result<LocatedRecord, StoreError> {
+        let at = |id: Result<BlobId, InvalidDigest>| id.map(|id| self.blob_path(&id));
+        let located = record.map_blobs(
+            |l| Ok::<_, InvalidDigest>(Located { path: at(l.id())?, blob: l }),
+            |s| Ok(Located { path: at(s.id())?, blob: s }),
+        )?;
+        Ok(located)
     }
 
     /// The stored squashed blob of the stack up to `chain_id`, if published.
     pub fn squashed(&self, fs: FsType, chain_id: &Digest) -> Result<Option<SquashedBlob>, StoreError> {
-        if !self.squash_path(fs, chain_id).exists() {
+        let id = new_id(BlobKind::Squashed, fs, chain_id)?;
+        if !self.blob_path(&id).exists() {
             return Ok(None);
         }
-        let path = self.layer_dir(fs).join(format!("squash-{}.json", chain_id.digest()));
-        let bytes = fs_err::read(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
-        serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::BadRecord { path, source })
+        read_sidecar(&self.sidecar(&id, "json"))
     }
 
     /// The producer lock of a squashed blob.
     pub fn lock_squash(&self, fs: FsType, chain_id: &Digest) -> Result<FileLock, StoreError> {
-        let mut path = self.squash_path(fs, chain_id).into_os_string();
-        path.push(".lock");
-        let path = PathBuf::from(path);
-        FileLock::exclusive(&path).map_err(|source| StoreError::Io { path, source })
+        self.lock_blob(&new_id(BlobKind::Squashed, fs, chain_id)?)
     }
 
     /// Publishes a finished squashed blob (in `tmp/`) with its record.
-    pub fn publish_squash(&self, blob: &Path, record: &SquashedBlob) -> Result<(), StoreError> {
+    pub fn publish_squash(&self, blob: &Path, record: &SquashedBlob) -> Result<PathBuf, StoreError> {
+        let id = record.id()?;
         let json = serde_json::to_vec_pretty(record).expect("a squash record serializes");
-        let dir = self.layer_dir(record.fs);
-        write_atomic(&dir.join(format!("squash-{}.json", record.chain_id.digest())), &json)?;
-        let file =
-            fs_err::File::open(blob).map_err(|e| StoreError::Io { path: blob.to_owned(), source: e })?;
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444)).map_err(io_at(blob))?;
-        file.sync_all().map_err(io_at(blob))?;
-        rename_durably(blob, &record.path)
+        write_atomic(&self.sidecar(&id, "json"), &json)?;
+        let dest = self.blob_path(&id);
+        publish_blob(blob, &dest)?;
+        Ok(dest)
     }
 
-    /// The stored layer, if its blob is published.
+    /// The stored layer, if its blob and both sidecars are published. A blob without its
+    /// sidecars (a GC interrupted midway, a hand edit) counts as not stored: the next build
+    /// converts it again.
     pub fn layer(&self, fs: FsType, chain_id: &Digest) -> Result<Option<LayerRecord>, StoreError> {
-        if !self.layer_path(fs, chain_id).exists() {
+        let id = new_id(BlobKind::Layer, fs, chain_id)?;
+        if !self.blob_path(&id).exists() || !self.sidecar(&id, "dirs").exists() {
             return Ok(None);
         }
-        let path = self.sidecar(fs, chain_id, "json");
-        let bytes = fs_err::read(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
-        serde_json::from_slice(&bytes).map(Some).map_err(|source| StoreError::BadRecord { path, source })
+        read_sidecar(&self.sidecar(&id, "json"))
     }
 
     /// The directories of the stack up to `chain_id`.
     pub fn dir_index(&self, fs: FsType, chain_id: &Digest) -> Result<DirIndex, StoreError> {
-        let path = self.sidecar(fs, chain_id, "dirs");
+        let path = self.sidecar(&new_id(BlobKind::Layer, fs, chain_id)?, "dirs");
         let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
         DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
+    }
+
+    /// Where `run`'s cache keeps the ELF kernel unpacked from the bzImage whose sha256 is
+    /// `bzimage` (`vm/vmlinux-<hex>`); creates `vm/`. Publish it with [`write_atomic`].
+    pub fn vmlinux_path(&self, bzimage: &Digest) -> Result<PathBuf, StoreError> {
+        let hex = crate::digest::require_sha256("kernel image digest", bzimage)?;
+        let dir = self.root.join("vm");
+        fs_err::create_dir_all(&dir).map_err(io_at(&dir))?;
+        Ok(dir.join(format!("vmlinux-{}", hex.digest())))
     }
 
     /// A fresh staging directory under `tmp/`, removed when dropped.
@@ -281,19 +327,16 @@ impl Store {
         dirs: &DirIndex,
         record: &LayerRecord,
     ) -> Result<PathBuf, StoreError> {
-        let dir = self.layer_dir(record.fs);
+        let id = BlobId::new(BlobKind::Layer, record.fs, record.recipe, &record.chain_id)?;
+        let dir = self.layer_dir(id.fs, id.recipe);
         fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
         let mut text = Vec::new();
         dirs.write_to(&mut text).map_err(io_at(&dir))?;
-        write_atomic(&self.sidecar(record.fs, &record.chain_id, "dirs"), &text)?;
+        write_atomic(&self.sidecar(&id, "dirs"), &text)?;
         let json = serde_json::to_vec_pretty(record).expect("a layer record serializes");
-        write_atomic(&self.sidecar(record.fs, &record.chain_id, "json"), &json)?;
-        let dest = self.layer_path(record.fs, &record.chain_id);
-        let file =
-            fs_err::File::open(blob).map_err(|e| StoreError::Io { path: blob.to_owned(), source: e })?;
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444)).map_err(io_at(blob))?;
-        file.sync_all().map_err(io_at(blob))?;
-        rename_durably(blob, &dest)?;
+        write_atomic(&self.sidecar(&id, "json"), &json)?;
+        let dest = self.blob_path(&id);
+        publish_blob(blob, &dest)?;
         Ok(dest)
     }
 
@@ -303,6 +346,7 @@ impl Store {
 
     /// Writes (or replaces) the record of `record.tag`.
     pub fn put_record(&self, record: &ImageRecord) -> Result<(), StoreError> {
+        record.blobs()?;
         let mut json = serde_json::to_vec_pretty(record).expect("an image record serializes");
         json.push(b'\n');
         write_atomic(&self.record_path(&record.tag), &json)
@@ -311,15 +355,69 @@ impl Store {
     /// The record of `tag`.
     pub fn get(&self, tag: &str) -> Result<ImageRecord, StoreError> {
         let path = self.record_path(tag);
-        let bytes = match fs_err::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StoreError::NoSuchTag(tag.to_string()));
+        match read_record(&path) {
+            Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Err(StoreError::NoSuchTag(tag.to_string()))
             }
-            Err(e) => return Err(StoreError::Io { path, source: e }),
-        };
-        serde_json::from_slice(&bytes).map_err(|source| StoreError::BadRecord { path, source })
+            r => r,
+        }
     }
+}
+
+/// The id of the current recipe's blob of `chain_id`.
+fn new_id(kind: BlobKind, fs: FsType, chain_id: &Digest) -> Result<BlobId, StoreError> {
+    Ok(BlobId::new(kind, fs, RECIPE_VERSION, chain_id)?)
+}
+
+/// A blob's file name without extension: `<chain hex>` or `squash-<chain hex>`.
+fn stem(id: &BlobId) -> String {
+    match id.kind {
+        BlobKind::Layer => id.chain_id.digest().to_string(),
+        BlobKind::Squashed => format!("squash-{}", id.chain_id.digest()),
+    }
+}
+
+/// The id of the blob file `dir_name/file_name`, if it is one (not a sidecar or lock).
+fn parse_blob_name(dir_name: &str, file_name: &str) -> Option<(BlobId, bool)> {
+    let (fs, recipe) = dir_name.split_once("-v")?;
+    let fs = <FsType as clap::ValueEnum>::value_variants().iter().copied().find(|f| f.name() == fs)?;
+    let recipe: u32 = recipe.parse().ok()?;
+    let (stem, ext) = file_name.split_once('.')?;
+    let (kind, hex) = match stem.strip_prefix("squash-") {
+        Some(hex) => (BlobKind::Squashed, hex),
+        None => (BlobKind::Layer, stem),
+    };
+    let chain_id = hex.parse().ok()?;
+    Some((BlobId { kind, fs, recipe, chain_id }, ext == fs.name()))
+}
+
+/// An image record, its blob ids checked.
+fn read_record(path: &Path) -> Result<ImageRecord, StoreError> {
+    let bytes = fs_err::read(path).map_err(io_at(path))?;
+    let record: ImageRecord = serde_json::from_slice(&bytes)
+        .map_err(|source| StoreError::BadRecord { path: path.to_owned(), source })?;
+    record.blobs().map_err(|source| StoreError::BadRecordDigest { path: path.to_owned(), source })?;
+    Ok(record)
+}
+
+/// A blob's `.json` sidecar; `None` when it is missing (the blob then counts as not stored).
+fn read_sidecar<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+    let bytes = match fs_err::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::Io { path: path.to_owned(), source: e }),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| StoreError::BadRecord { path: path.to_owned(), source })
+}
+
+/// Makes the finished blob `blob` read-only and durable, then renames it to `dest`.
+fn publish_blob(blob: &Path, dest: &Path) -> Result<(), StoreError> {
+    let file = fs_err::File::open(blob).map_err(|e| StoreError::Io { path: blob.to_owned(), source: e })?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444)).map_err(io_at(blob))?;
+    file.sync_all().map_err(io_at(blob))?;
+    rename_durably(blob, dest)
 }
 
 /// Tag → file name: bytes outside `[A-Za-z0-9._-]` become `%XX`, so every tag maps to one
@@ -384,5 +482,38 @@ mod tests {
         fs_err::write(dir.path().join("meta.json"), "{\"format\": 99}").unwrap();
         let err = Store::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("format 99"), "{err}");
+    }
+
+    #[test]
+    fn open_refuses_an_old_format_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        fs_err::write(dir.path().join("meta.json"), "{\"format\": 1}").unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::OldFormat { found: 1, .. }), "{err}");
+        assert!(err.to_string().contains("older vmrootfs"), "{err}");
+    }
+
+    #[test]
+    fn blob_names_parse_back_to_their_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let chain: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
+        for kind in [BlobKind::Layer, BlobKind::Squashed] {
+            for fs in [FsType::Erofs, FsType::Ext4] {
+                let id = BlobId::new(kind, fs, 7, &chain).unwrap();
+                let path = store.blob_path(&id);
+                let dir_name = path.parent().unwrap().file_name().unwrap().to_str().unwrap();
+                let name = path.file_name().unwrap().to_str().unwrap();
+                assert_eq!(parse_blob_name(dir_name, name), Some((id.clone(), true)), "{}", path.display());
+                let json = store.sidecar(&id, "json");
+                assert_eq!(
+                    parse_blob_name(dir_name, json.file_name().unwrap().to_str().unwrap()),
+                    Some((id, false))
+                );
+            }
+        }
+        assert_eq!(parse_blob_name("erofs-v2", ".tmp-abc"), None);
+        assert_eq!(parse_blob_name("erofs-v2", "notahash.erofs"), None);
+        assert_eq!(parse_blob_name("zfs-v2", &format!("{}.zfs", "ab".repeat(32))), None);
     }
 }

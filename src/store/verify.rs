@@ -30,8 +30,8 @@ impl Store {
         };
         let mut blobs: BTreeMap<PathBuf, (FsType, String, Vec<String>)> = BTreeMap::new();
         for r in &records {
-            for (path, fs, sha) in r.blobs() {
-                let entry = blobs.entry(path.to_owned()).or_insert((fs, sha.to_string(), Vec::new()));
+            for (id, sha) in r.blobs()? {
+                let entry = blobs.entry(self.blob_path(&id)).or_insert((id.fs, sha.to_string(), Vec::new()));
                 entry.2.push(r.tag.clone());
             }
         }

@@ -95,19 +95,6 @@ sync
 reboot -f
 "#;
 
-/// The cache file name of the initramfs for `kernel`: it changes with `/init` and [`MODULES`],
-/// so a cache written by another version of vmrootfs is not reused.
-pub fn cache_name(kernel: &Kernel) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(INIT.as_bytes());
-    for m in MODULES {
-        h.update(b"\0");
-        h.update(m.as_bytes());
-    }
-    format!("initramfs-{}-{}.cpio", kernel.version, &hex::encode(h.finalize())[..16])
-}
-
 /// Writes the initramfs for `kernel` to `out`.
 pub fn build(kernel: &Kernel, busybox: &Path, out: &Path) -> Result<(), VmError> {
     let io = |path: &Path| {

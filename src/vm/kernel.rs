@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::VmError;
+use crate::store::Store;
 
 /// A kernel to boot.
 #[derive(Debug, Clone)]
@@ -33,14 +34,15 @@ impl Kernel {
         Ok(Kernel { image, version, modules })
     }
 
-    /// The uncompressed ELF kernel, extracted once into `cache_dir`.
-    pub fn vmlinux(&self, cache_dir: &Path) -> Result<PathBuf, VmError> {
-        let out = cache_dir.join(format!("vmlinux-{}", self.version));
+    /// The uncompressed ELF kernel, extracted once into the store's `vm/` cache, keyed by the
+    /// sha256 of the bzImage's bytes: a kernel updated under the same file name gets its own.
+    pub fn vmlinux(&self, store: &Store) -> Result<PathBuf, VmError> {
+        let bz =
+            fs_err::read(&self.image).map_err(|source| VmError::Io { path: self.image.clone(), source })?;
+        let out = store.vmlinux_path(&crate::digest::sha256_of(&bz))?;
         if out.exists() {
             return Ok(out);
         }
-        let bz =
-            fs_err::read(&self.image).map_err(|source| VmError::Io { path: self.image.clone(), source })?;
         // The payload starts at a compression magic; try each place one occurs.
         let magics: [(&[u8], &str); 3] =
             [(b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b\x08", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd")];
@@ -48,9 +50,7 @@ impl Kernel {
             for at in bz.windows(magic.len()).enumerate().filter(|(_, w)| w == &magic).map(|(i, _)| i).take(4)
             {
                 if let Some(elf) = decompress(tool, &bz[at..]) {
-                    let tmp = cache_dir.join(format!(".vmlinux-{}.{}", self.version, std::process::id()));
-                    fs_err::write(&tmp, &elf).map_err(|source| VmError::Io { path: tmp.clone(), source })?;
-                    fs_err::rename(&tmp, &out).map_err(|source| VmError::Io { path: out.clone(), source })?;
+                    crate::store::write_atomic(&out, &elf)?;
                     return Ok(out);
                 }
             }
@@ -93,4 +93,39 @@ fn newest_vmlinuz() -> Result<PathBuf, VmError> {
 fn version_key(p: &Path) -> Vec<u64> {
     let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     name.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake bzImage: some setup bytes, then a gzip payload that unpacks to "an ELF".
+    fn fake_bzimage(elf: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(elf).unwrap();
+        let mut out = b"MZ setup code ".to_vec();
+        out.extend(gz.finish().unwrap());
+        out
+    }
+
+    /// Item 12 of issue 10: a kernel updated in place (same file name, new bytes) gets a new
+    /// cache entry, not the stale vmlinux of the old one.
+    #[test]
+    fn a_changed_kernel_with_the_same_name_gets_a_new_vmlinux() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vmlinuz-6.1.0-test");
+        let kernel =
+            Kernel { image: image.clone(), version: "6.1.0-test".into(), modules: dir.path().into() };
+        let cache = Store::open(dir.path().join("store")).unwrap();
+
+        fs_err::write(&image, fake_bzimage(b"\x7fELF old kernel")).unwrap();
+        let old = kernel.vmlinux(&cache).unwrap();
+        assert_eq!(fs_err::read(&old).unwrap(), b"\x7fELF old kernel");
+
+        fs_err::write(&image, fake_bzimage(b"\x7fELF new kernel")).unwrap();
+        let new = kernel.vmlinux(&cache).unwrap();
+        assert_ne!(old, new, "a new cache entry for new kernel bytes");
+        assert_eq!(fs_err::read(&new).unwrap(), b"\x7fELF new kernel", "not the stale vmlinux");
+    }
 }

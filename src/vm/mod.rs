@@ -176,20 +176,20 @@ pub fn run(
     }
     let qemu = Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2")?;
     let kernel = Kernel::find(opts.kernel.as_deref())?;
-    let cache = store.root().join("vm");
-    fs_err::create_dir_all(&cache).map_err(|source| VmError::Io { path: cache.clone(), source })?;
-    let vmlinux = kernel.vmlinux(&cache)?;
+    let vmlinux = kernel.vmlinux(store)?;
     let busybox = Path::new(BUSYBOX);
     if !is_static(busybox)? {
         return Err(VmError::NoStaticBusybox(busybox.to_owned()));
     }
-    let base = cache.join(initramfs::cache_name(&kernel));
-    if !base.exists() {
-        initramfs::build(&kernel, busybox, &base)?;
-    }
-    let lowers: Vec<(PathBuf, String)> = match (&record.squashed, opts.squashed) {
+    // The initramfs is made afresh for each run, from the files it holds: naming a cached copy
+    // by the content of its inputs would mean reading all of them, which is most of the work.
+    let staging = store.staging("vm-")?;
+    let base = staging.path().join("base.cpio");
+    initramfs::build(&kernel, busybox, &base)?;
+    let located = store.locate(record.clone())?;
+    let lowers: Vec<(PathBuf, String)> = match (&located.squashed, opts.squashed) {
         (Some(s), true) => vec![(s.path.clone(), s.fs.to_string())],
-        _ => record.lowers.iter().map(|l| (l.path.clone(), l.fs.to_string())).collect(),
+        _ => located.lowers.iter().map(|l| (l.path.clone(), l.fs.to_string())).collect(),
     };
     let command = if opts.command.is_empty() {
         [record.config.entrypoint.clone(), record.config.cmd.clone()].concat()
@@ -199,8 +199,7 @@ pub fn run(
     if command.is_empty() {
         return Err(VmError::NoCommand);
     }
-    // initramfs = cached base archive + a small one with this run's settings.
-    let staging = store.staging("vm-")?;
+    // initramfs = the base archive + a small one with this run's settings.
     let initrd = staging.path().join("initrd.cpio");
     let mut bytes = fs_err::read(&base).map_err(|source| VmError::Io { path: base.clone(), source })?;
     let mut extra = cpio::CpioWriter::new(Vec::new());
