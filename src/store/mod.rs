@@ -4,7 +4,8 @@
 //! ```text
 //! <root>/                               $VMROOTFS_STORE, else $XDG_DATA_HOME/vmrootfs,
 //!   meta.json                           else ~/.local/share/vmrootfs
-//!                                       {"format": 2}; another format is refused
+//!                                       {"format": 2}; format 1 is upgraded on open
+//!                                       (records only, see upgrade.rs); another is refused
 //!   .lock                               the store lock
 //!   layers/<fs>-v<N>/<chain hex>.<fs>       layer blob, read-only; N = recipe version
 //!   layers/<fs>-v<N>/<chain hex>.dirs       directories of the stack up to this layer
@@ -62,6 +63,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::Digest;
 
 mod gc;
+mod upgrade;
 mod verify;
 
 pub use gc::GcReport;
@@ -88,11 +90,8 @@ pub enum StoreError {
     },
     #[error("store {path} has format {found}, this vmrootfs reads format {FORMAT}")]
     UnknownFormat { path: PathBuf, found: String },
-    #[error(
-        "store {path} has format {found}, written by an older vmrootfs; this one reads format {FORMAT} \
-         only: move the store aside (or remove it) and build the images again"
-    )]
-    OldFormat { path: PathBuf, found: u32 },
+    #[error("cannot upgrade record {path} to store format {FORMAT}: {reason}")]
+    Unupgradable { path: PathBuf, reason: String },
     #[error("no image tagged {0:?} in the store")]
     NoSuchTag(String),
     #[error("corrupt record {path}")]
@@ -152,7 +151,7 @@ impl Store {
                     .unwrap_or_else(|| "unreadable".to_string());
                 match found.parse::<u32>() {
                     Ok(n) if n == FORMAT => {}
-                    Ok(n) if n < FORMAT => return Err(StoreError::OldFormat { path: meta, found: n }),
+                    Ok(1) => Store { root: root.clone() }.upgrade_from_1(&meta)?,
                     _ => return Err(StoreError::UnknownFormat { path: meta, found }),
                 }
             }
@@ -482,15 +481,6 @@ mod tests {
         fs_err::write(dir.path().join("meta.json"), "{\"format\": 99}").unwrap();
         let err = Store::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("format 99"), "{err}");
-    }
-
-    #[test]
-    fn open_refuses_an_old_format_clearly() {
-        let dir = tempfile::tempdir().unwrap();
-        fs_err::write(dir.path().join("meta.json"), "{\"format\": 1}").unwrap();
-        let err = Store::open(dir.path()).unwrap_err();
-        assert!(matches!(err, StoreError::OldFormat { found: 1, .. }), "{err}");
-        assert!(err.to_string().contains("older vmrootfs"), "{err}");
     }
 
     #[test]
