@@ -160,3 +160,18 @@ fn a_closed_stdout_is_a_quiet_success() {
         assert!(stderr.is_empty(), "{args:?}: nothing on stderr: {stderr}");
     }
 }
+
+/// A layer's own `lost+found` is its content and stays, in both filesystems; the one mke2fs
+/// adds to every ext4 image is removed (it would show in the merged root).
+#[test]
+fn only_the_lost_and_found_mke2fs_adds_is_removed() {
+    for fs in ["erofs", "ext4"] {
+        let own = [dir("lost+found", 0o700), file("hello", "x")];
+        let (_dir, stack) = build_and_mount(&format!("lf-own-{fs}"), &own, fs);
+        let m = std::fs::metadata(stack.root().join("lost+found"));
+        assert!(m.as_ref().is_ok_and(|m| m.is_dir() && m.mode() & 0o7777 == 0o700), "{fs}: kept: {m:?}");
+        drop(stack);
+        let (_dir, stack) = build_and_mount(&format!("lf-none-{fs}"), &[file("hello", "x")], fs);
+        assert!(!stack.root().join("lost+found").exists(), "{fs}: no lost+found of mke2fs's");
+    }
+}
