@@ -45,13 +45,42 @@ pub enum SquashError {
     },
 }
 
-/// Mounts, unmounted in reverse order when dropped.
-struct Mounts(Vec<PathBuf>);
+/// The lowers and the overlay, mounted under a directory of their own. [`Mounts::unmount`]
+/// unmounts them in reverse order and then removes the directory — unless an unmount fails:
+/// then the directory stays (removing it would reach into a live mount) and the error says so.
+/// Dropped without `unmount` (on an error path), it does the same and warns on stderr.
+struct Mounts {
+    points: Vec<PathBuf>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Mounts {
+    fn unmount(mut self) -> Result<(), ToolError> {
+        let result = self.unmount_all();
+        self.points.clear(); // reported here, not again by Drop
+        result
+    }
+
+    /// Unmounts in reverse order; on the first failure leaves the rest (and the directory).
+    fn unmount_all(&mut self) -> Result<(), ToolError> {
+        while let Some(m) = self.points.last() {
+            if let Err(e) = tool::run("umount", Command::new("umount").arg(m)) {
+                if let Some(dir) = self.dir.take() {
+                    let _still_mounted_below = dir.keep(); // never remove it
+                }
+                return Err(e);
+            }
+            self.points.pop();
+        }
+        self.dir.take();
+        Ok(())
+    }
+}
 
 impl Drop for Mounts {
     fn drop(&mut self) {
-        for m in self.0.iter().rev() {
-            let _ = Command::new("umount").arg(m).status();
+        if let Err(e) = self.unmount_all() {
+            eprintln!("warning: {e}; left mounted (and not removed): {:?}", self.points);
         }
     }
 }
@@ -73,22 +102,24 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
         let path = path.to_owned();
         move |source| SquashError::Io { path, source }
     };
-    let mut mounts = Mounts(Vec::new());
+    let mnt = store.staging("squash-mnt-")?;
+    let mnt_dir = mnt.path().to_owned();
+    let mut mounts = Mounts { points: Vec::new(), dir: Some(mnt) };
     let mut dirs = Vec::new();
     for (i, l) in lowers.iter().enumerate() {
-        let mp = work.path().join(format!("l{i}"));
+        let mp = mnt_dir.join(format!("l{i}"));
         fs_err::create_dir(&mp).map_err(io(&mp))?;
         let blob = store.blob_path(&l.id().map_err(StoreError::from)?);
         mount(&["-t", l.fs.name(), "-o", "loop,ro"], &blob, &mp)?;
-        mounts.0.push(mp.clone());
+        mounts.points.push(mp.clone());
         dirs.push(mp.display().to_string());
     }
-    let merged = work.path().join("merged");
+    let merged = mnt_dir.join("merged");
     fs_err::create_dir(&merged).map_err(io(&merged))?;
     dirs.reverse();
     let opts = format!("ro,lowerdir={}", dirs.join(":"));
     mount(&["-t", "overlay", "-o", &opts], Path::new("overlay"), &merged)?;
-    mounts.0.push(merged.clone());
+    mounts.points.push(merged.clone());
 
     let out = work.path().join("blob");
     let seed = crate::digest::sha256_of(format!("squash {top}").as_bytes());
@@ -97,7 +128,7 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     copy_tree(&merged, &mut normalizer)?;
     let copy_err = |source| SquashError::Copy { path: "/".into(), source };
     let (finished, sink) = normalizer.finish(&DirIndex::default()).map_err(copy_err)?;
-    drop(mounts);
+    mounts.unmount()?;
     let making = sink.into_inner().map_err(|e| copy_err(NormalizeError::Write(e.into_error())))?;
     making.finish(&finished.stats)?;
     let record = SquashedBlob {
@@ -111,26 +142,28 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     Ok(record)
 }
 
-fn meta_of(path: &Path, m: &std::fs::Metadata) -> EntryMeta {
+/// An entry's metadata, every xattr included: one that cannot be read is an error, never
+/// silently left out of the squashed blob.
+fn meta_of(path: &Path, m: &std::fs::Metadata) -> Result<EntryMeta, SquashError> {
+    let err = |source: rustix::io::Errno| SquashError::Io { path: path.to_owned(), source: source.into() };
     let mut xattrs = Vec::new();
-    let mut names = vec![0u8; 64 * 1024];
-    let n = rustix::fs::llistxattr(path, &mut names).unwrap_or(0);
+    let mut names = vec![0u8; 64 * 1024]; // XATTR_LIST_MAX
+    let n = rustix::fs::llistxattr(path, &mut names).map_err(err)?;
     for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let mut value = vec![0u8; 64 * 1024];
-        if let Ok(len) = rustix::fs::lgetxattr(path, name, &mut value) {
-            value.truncate(len);
-            xattrs.push((name.to_vec(), value));
-        }
+        let mut value = vec![0u8; 64 * 1024]; // XATTR_SIZE_MAX
+        let len = rustix::fs::lgetxattr(path, name, &mut value).map_err(err)?;
+        value.truncate(len);
+        xattrs.push((name.to_vec(), value));
     }
     xattrs.sort();
-    EntryMeta {
+    Ok(EntryMeta {
         mode: m.mode() & 0o7777,
         uid: m.uid(),
         gid: m.gid(),
         mtime_sec: m.mtime(),
         mtime_nsec: m.mtime_nsec() as u32,
         xattrs,
-    }
+    })
 }
 
 /// Streams the merged tree at `root` into `tree`, every attribute and hardlink kept.
@@ -142,7 +175,7 @@ fn copy_tree<W: std::io::Write>(root: &Path, tree: &mut Normalizer<W>) -> Result
         let rel = path.strip_prefix(root).expect("under the root").as_os_str().as_bytes().to_vec();
         let m = std::fs::symlink_metadata(path)
             .map_err(|source| SquashError::Io { path: path.to_owned(), source })?;
-        let meta = meta_of(path, &m);
+        let meta = meta_of(path, &m)?;
         let ft = m.file_type();
         let err = |source| SquashError::Copy { path: crate::layer::path::display(&rel), source };
         if !ft.is_dir() && m.nlink() > 1 {
