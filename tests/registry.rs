@@ -392,6 +392,8 @@ enum Fault {
 struct FaultProxy {
     addr: String,
     requests: Arc<Mutex<Vec<String>>>,
+    /// The registry behind it, stopped with the proxy.
+    upstream: Option<Registry>,
 }
 
 impl FaultProxy {
@@ -410,7 +412,7 @@ impl FaultProxy {
                 });
             }
         });
-        FaultProxy { addr, requests }
+        FaultProxy { addr, requests, upstream: None }
     }
 }
 
@@ -483,11 +485,11 @@ fn faulty_build(fault: Fault) -> (bool, String, FaultProxy, PathBuf, String, tem
         assert!(ok, "{err}");
         r["lowers"][0]["digest"].as_str().unwrap().to_string()
     };
-    let proxy = FaultProxy::start(reg.addr.clone(), layout_manifest.clone(), fault);
+    let mut proxy = FaultProxy::start(reg.addr.clone(), layout_manifest.clone(), fault);
     let dir = scratch("reg-fault");
     let store = dir.path().join("store");
     let (ok, _, err) = run(vmrootfs(&store).args(["build", &format!("{}/lab/bb:1", proxy.addr)]));
-    std::mem::forget(reg); // keep serving until the test ends
+    proxy.upstream = Some(reg); // serves until the test drops the proxy, then is killed
     (ok, err, proxy, store, layout_manifest, dir)
 }
 
