@@ -293,20 +293,8 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
     let (ok, _, err) = run(vmrootfs(&store).arg("gc"));
     assert!(ok, "{err}");
     assert_eq!(tmp_entries(&store), 0);
-    let stale = std::fs::read_dir("/dev/shm")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.strip_prefix("vmrootfs-stage-")
-                .and_then(|r| r.split('-').next())
-                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-        })
-        .count();
-    assert_eq!(stale, 0, "gc removes tmpfs staging of killed builds");
     let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
     assert!(ok, "{err}");
-    let _ = Command::new("true").status();
 }
 
 /// The blob paths a store reached at `store` gives for tag `tag` (`inspect --json`).
