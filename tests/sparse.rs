@@ -14,6 +14,11 @@ use fixture::*;
 /// A GNU tar layer (`--sparse`, GNU format) holding `name`: `logical` bytes, all holes but a
 /// marker at the start and the end.
 fn sparse_layer(dir: &Path, name: &str, logical: u64) -> Layer {
+    sparse_layer_as(dir, name, logical, &["--format=gnu"])
+}
+
+/// The same, written by GNU tar with `format` options (e.g. PAX sparse versions).
+fn sparse_layer_as(dir: &Path, name: &str, logical: u64, format: &[&str]) -> Layer {
     let src = dir.join("src");
     std::fs::create_dir_all(&src).unwrap();
     let f = std::fs::File::create(src.join(name)).unwrap();
@@ -22,7 +27,9 @@ fn sparse_layer(dir: &Path, name: &str, logical: u64) -> Layer {
     std::os::unix::fs::FileExt::write_all_at(&f, b"tail", logical - 4).unwrap();
     let tar = dir.join("layer.tar");
     let ok = Command::new("tar")
-        .args(["--sparse", "--format=gnu", "--owner=0", "--group=0", "--mtime=@1700000000", "-cf"])
+        .arg("--sparse")
+        .args(format)
+        .args(["--owner=0", "--group=0", "--mtime=@1700000000", "-cf"])
         .arg(&tar)
         .arg("-C")
         .arg(&src)
@@ -125,4 +132,30 @@ fn a_multi_gb_sparse_file_within_the_bound_stays_sparse_in_ext4() {
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut tail, logical - 4).unwrap();
     assert_eq!((&head, &tail), (b"head", b"tail"));
+}
+
+/// PAX sparse members (`tar --sparse --format=posix`, formats 0.0, 0.1 and 1.0) convert to the
+/// file they stand for: its real name and size, equal contents, in both filesystems.
+#[test]
+fn pax_sparse_members_of_every_version_convert() {
+    let logical: u64 = 24 << 20;
+    for version in ["0.0", "0.1", "1.0"] {
+        let dir = scratch(&format!("pax-sparse-{version}"));
+        let layout = dir.path().join("layout");
+        let args = ["--format=posix", &format!("--sparse-version={version}")];
+        oci_layout(&layout, "t", &[sparse_layer_as(dir.path(), "holey", logical, &args)]);
+        for fs in ["erofs", "ext4"] {
+            let lowers = build_lowers(&dir.path().join(format!("store-{fs}")), &layout, fs);
+            let stack = MountedStack::mount(&lowers);
+            let names: Vec<String> = std::fs::read_dir(stack.root())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(names, ["holey"], "{version} {fs}: the real name, no GNUSparseFile.N");
+            let data = std::fs::read(stack.root().join("holey")).unwrap();
+            assert_eq!(data.len() as u64, logical, "{version} {fs}");
+            assert_eq!((&data[..4], &data[data.len() - 4..]), (&b"head"[..], &b"tail"[..]), "{version} {fs}");
+            assert!(data[4..data.len() - 4].iter().all(|&b| b == 0), "{version} {fs}: holes read as zeros");
+        }
+    }
 }

@@ -6,6 +6,7 @@ use std::io::Read;
 
 use super::EntryError;
 use super::meta::EntryMeta;
+use super::sparse::PaxSparse;
 
 /// Header fields with PAX overrides (`mtime` with nanoseconds, large `uid`/`gid`,
 /// `SCHILY.xattr.*`).
@@ -37,7 +38,7 @@ pub fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, E
                 }
                 b"uid" => meta.uid = num()?,
                 b"gid" => meta.gid = num()?,
-                k if k.starts_with(b"GNU.sparse.") => return Err(EntryError::PaxSparse),
+                k if k.starts_with(b"GNU.sparse.") => {} // see [`pax_sparse`]
                 k => {
                     if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
                         meta.xattrs.push((name.to_vec(), value.to_vec()));
@@ -48,6 +49,18 @@ pub fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, E
     }
     meta.xattrs.sort();
     Ok(meta)
+}
+
+/// The sparse layout of a PAX sparse member (`GNU.sparse.*` records), if it is one.
+pub fn pax_sparse<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<PaxSparse>, EntryError> {
+    let Some(pax) = entry.pax_extensions().map_err(EntryError::Header)? else {
+        return Ok(None);
+    };
+    let records: Vec<(Vec<u8>, Vec<u8>)> = pax
+        .map(|r| r.map(|r| (r.key_bytes().to_vec(), r.value_bytes().to_vec())))
+        .collect::<Result<_, _>>()
+        .map_err(EntryError::Header)?;
+    PaxSparse::from_records(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
 }
 
 /// Device major and minor of a character or block device header (ustar and GNU headers keep

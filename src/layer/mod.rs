@@ -12,6 +12,7 @@ pub mod meta;
 pub mod normalize;
 pub mod path;
 pub mod pax;
+pub mod sparse;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::sync::OnceLock;
@@ -60,8 +61,8 @@ pub enum EntryError {
     Normalize(#[from] NormalizeError),
     #[error("unsupported tar entry type {0:?}")]
     UnsupportedType(char),
-    #[error("PAX sparse files (GNU.sparse.*) are not supported")]
-    PaxSparse,
+    #[error("bad PAX sparse map: {0}")]
+    BadSparseMap(String),
     #[error("bad PAX record {0:?}")]
     BadPax(String),
     #[error("bad header")]
@@ -292,8 +293,14 @@ fn apply_entry<R: Read, W: Write>(
     let link = || entry::entry_link(entry);
     let kind = match kind {
         T::Regular | T::Continuous | T::GNUSparse => {
-            let size = entry.size();
-            return Ok(normalizer.entry(&raw_path, EntryKind::File { size, data: entry }, &meta)?);
+            let stored = entry.size();
+            if let Some(sparse) = entry::pax_sparse(entry)? {
+                let path = sparse.name.clone().unwrap_or(raw_path);
+                let size = sparse.real_size;
+                let mut data = sparse.expand(entry, stored)?;
+                return Ok(normalizer.entry(&path, EntryKind::File { size, data: &mut data }, &meta)?);
+            }
+            return Ok(normalizer.entry(&raw_path, EntryKind::File { size: stored, data: entry }, &meta)?);
         }
         T::Directory => EntryKind::Dir,
         T::Symlink => return Ok(normalizer.entry(&raw_path, EntryKind::Symlink(&link()), &meta)?),
