@@ -51,7 +51,7 @@ impl PaxSparse {
                         .filter(|s| !s.is_empty())
                         .map(|s| s.trim().parse().map_err(|_| bad()))
                         .collect::<Result<_, _>>()?;
-                    if nums.len() % 2 != 0 {
+                    if !nums.len().is_multiple_of(2) {
                         return Err(bad());
                     }
                     map_01 = Some(nums.chunks(2).map(|p| (p[0], p[1])).collect::<Vec<_>>());
