@@ -6,7 +6,7 @@ CARGO ?= cargo
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DEMO_STORE ?= target/demo-store
 
-.PHONY: all deps deps-run build demo test bench lint clean
+.PHONY: all deps deps-run build demo test fuzz bench lint clean
 
 all: build
 
@@ -36,6 +36,12 @@ demo: build
 # to check that conversion needs no privileges.
 test: deps
 	$(SUDO) $(CARGO) test --locked --all-targets -- --test-threads=2
+
+# A longer run of the mutation fuzzer (tests/fuzz.rs) from a new seed; failing cases are saved
+# under tests/fuzz-regressions/, which `make test` replays.
+fuzz: deps
+	FUZZ_CASES=$${FUZZ_CASES:-300000} FUZZ_SEED=$${FUZZ_SEED:-$$(date +%s)} FUZZ_SAVE=1 \
+	  $(CARGO) test --locked --test fuzz mutated -- --nocapture
 
 bench: deps build
 	$(SUDO) bench/bench.sh
