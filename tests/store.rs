@@ -475,3 +475,47 @@ fn a_zero_layer_image_gives_a_clear_answer_not_a_panic() {
     let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
     assert!(ok, "{err}");
 }
+
+/// The store's lock protocol as the commands keep it: a build runs beside a holder of the
+/// shared store lock; `gc` and `rm` wait for it ("waiting for lock on …") and finish once it
+/// is released; a build waits for a holder of the exclusive lock.
+#[test]
+fn commands_keep_the_store_lock_protocol() {
+    let dir = scratch("lock-protocol");
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[small_layer("a")]);
+    let store = dir.path().join("store");
+    build(&store, &layout, "first");
+    let spawn = |args: &[&str]| {
+        vmrootfs(&store).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let still_running = |child: &mut std::process::Child| {
+        std::thread::sleep(Duration::from_millis(1500));
+        child.try_wait().unwrap().is_none()
+    };
+    let finish = |child: std::process::Child| {
+        let out = child.wait_with_output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let spec = format!("oci:{}:t", layout.display());
+
+    let shared = vmrootfs::Store::open(&store).unwrap().lock_shared().unwrap();
+    let (ok, err) = finish(spawn(&["build", &spec, "--tag", "second"]));
+    assert!(ok, "a build runs beside a shared holder: {err}");
+    let mut gc = spawn(&["gc"]);
+    let mut rm = spawn(&["rm", "first"]);
+    assert!(still_running(&mut gc), "gc waits for the shared holder");
+    assert!(still_running(&mut rm), "rm waits for the shared holder");
+    drop(shared);
+    for (name, child) in [("gc", gc), ("rm", rm)] {
+        let (ok, err) = finish(child);
+        assert!(ok && err.contains("waiting for lock on"), "{name}: {err}");
+    }
+
+    let exclusive = vmrootfs::Store::open(&store).unwrap().lock_exclusive().unwrap();
+    let mut b = spawn(&["build", &spec, "--tag", "third"]);
+    assert!(still_running(&mut b), "a build waits for the exclusive holder");
+    drop(exclusive);
+    let (ok, err) = finish(b);
+    assert!(ok && err.contains("waiting for lock on"), "build: {err}");
+}
