@@ -41,7 +41,8 @@ enum Command {
     ///   oci-archive:FILE[:TAG]      a tar of an OCI image layout
     ///   docker-archive:FILE[:REF]   a `docker save` tar
     ///
-    /// Layers already in the store are not converted again. Examples:
+    /// Layers already in the store are not converted again. Needs no root (only --squash does:
+    /// it mounts the blobs). Examples:
     ///   vmrootfs build alpine:3.20
     ///   vmrootfs build oci-archive:testdata/busybox.oci.tar:busybox --tag busybox
     ///   vmrootfs build oci:./layout:v1 --fs ext4 --json

@@ -26,9 +26,9 @@ pub const RECIPE_VERSION: u32 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FsType {
-    /// EROFS made with mkfs.erofs (erofs-utils ≥ 1.5), uncompressed.
+    /// EROFS made with mkfs.erofs --tar=f (erofs-utils ≥ 1.8), uncompressed.
     Erofs,
-    /// ext4 made with mkfs.ext4 -d (e2fsprogs ≥ 1.47.0), no journal.
+    /// ext4 made with mke2fs -d from the layer stream (e2fsprogs ≥ 1.47.1), no journal.
     Ext4,
 }
 
