@@ -274,6 +274,9 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
         std::thread::sleep(Duration::from_millis(*d as u64 * 8)); // 0..2 s
         let _ = child.kill();
         let _ = child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        let left = live_processes_mentioning(&store);
+        assert!(left.is_empty(), "tools outlived the killed build {i}: {left:?}");
         let (ok, _, err) = run(vmrootfs(&store).arg("ls"));
         assert!(ok, "ls after kill {i}: {err}");
         let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
@@ -295,6 +298,26 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
     assert_eq!(tmp_entries(&store), 0);
     let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
     assert!(ok, "{err}");
+}
+
+/// Command lines of running (not zombie) processes that name `path`.
+fn live_processes_mentioning(path: &Path) -> Vec<String> {
+    let needle = path.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let dir = entry.path();
+        let (Ok(stat), Ok(cmdline)) =
+            (std::fs::read_to_string(dir.join("stat")), std::fs::read(dir.join("cmdline")))
+        else {
+            continue; // not a process, or gone meanwhile
+        };
+        let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if state != Some("Z") && cmdline.contains(&needle) {
+            found.push(cmdline);
+        }
+    }
+    found
 }
 
 /// The blob paths a store reached at `store` gives for tag `tag` (`inspect --json`).

@@ -70,9 +70,26 @@ impl Tool {
         Ok(Tool { name, path, version })
     }
 
-    /// A command for this tool; run it with [`run`].
+    /// A command for this tool; run it with [`run`]. The tool dies with the thread that
+    /// starts it, so a vmrootfs killed outright (SIGKILL, OOM) leaves no mkfs or QEMU behind
+    /// still writing into the store.
     pub fn command(&self) -> Command {
-        Command::new(&self.path)
+        let mut cmd = Command::new(&self.path);
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the child between fork and exec and calls only
+        // async-signal-safe functions (prctl, getppid, _exit).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(1); // the parent died before prctl took effect
+                }
+                Ok(())
+            });
+        }
+        cmd
     }
 }
 
