@@ -123,17 +123,7 @@ fn dir_entry(path: &str) -> Entry {
 /// A hung guest is ended at the timeout, with an error that says so.
 #[test]
 fn run_ends_a_hung_guest_at_the_timeout() {
-    let dir = scratch("boot-timeout");
-    let store = dir.path().join("store");
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
-    let (ok, _, err) = run(vmrootfs(&store).args([
-        "-q",
-        "build",
-        &format!("oci-archive:{}:busybox", demo.display()),
-        "--tag",
-        "bb",
-    ]));
-    assert!(ok, "{err}");
+    let (_dir, store) = busybox_store("boot-timeout");
     let started = std::time::Instant::now();
     let (ok, _, err) = run(vmrootfs(&store).args(["run", "bb", "--timeout", "20", "--", "sleep", "600"]));
     assert!(!ok);

@@ -43,6 +43,16 @@ fn sparse_layer_as(dir: &Path, name: &str, logical: u64, format: &[&str]) -> Lay
     Layer::from_tar(&bytes)
 }
 
+/// `path` reads as `sparse_layer` made it: `logical` bytes, `head` and `tail` markers, zeros
+/// between.
+fn assert_marked_holes(path: &Path, logical: u64, what: &str) {
+    let data = std::fs::read(path).unwrap();
+    assert_eq!(data.len() as u64, logical, "{what}");
+    assert_eq!(&data[..4], b"head", "{what}");
+    assert_eq!(&data[data.len() - 4..], b"tail", "{what}");
+    assert!(data[4..data.len() - 4].iter().all(|&b| b == 0), "{what}: holes read as zeros");
+}
+
 /// Bytes allocated on disk under `path` (what `du` counts).
 fn du_bytes(path: &Path) -> u64 {
     let m = std::fs::symlink_metadata(path).unwrap();
@@ -95,11 +105,7 @@ fn a_sparse_file_within_the_bound_converts_with_equal_contents() {
         let lowers = build_lowers(&dir.path().join(format!("store-{fs}")), &layout, fs);
         let stack = MountedStack::mount(&lowers);
         let path = stack.root().join("holey");
-        let data = std::fs::read(&path).unwrap();
-        assert_eq!(data.len() as u64, logical, "{fs}");
-        assert_eq!(&data[..4], b"head", "{fs}");
-        assert_eq!(&data[data.len() - 4..], b"tail", "{fs}");
-        assert!(data[4..data.len() - 4].iter().all(|&b| b == 0), "{fs}: holes read as zeros");
+        assert_marked_holes(&path, logical, fs);
         if fs == "ext4" {
             let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
             assert!(allocated <= 64 << 10, "ext4 keeps the holes: {allocated} bytes allocated");
@@ -152,10 +158,7 @@ fn pax_sparse_members_of_every_version_convert() {
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect();
             assert_eq!(names, ["holey"], "{version} {fs}: the real name, no GNUSparseFile.N");
-            let data = std::fs::read(stack.root().join("holey")).unwrap();
-            assert_eq!(data.len() as u64, logical, "{version} {fs}");
-            assert_eq!((&data[..4], &data[data.len() - 4..]), (&b"head"[..], &b"tail"[..]), "{version} {fs}");
-            assert!(data[4..data.len() - 4].iter().all(|&b| b == 0), "{version} {fs}: holes read as zeros");
+            assert_marked_holes(&stack.root().join("holey"), logical, &format!("{version} {fs}"));
         }
     }
 }

@@ -93,9 +93,11 @@ impl Ext4 {
         let mkfs_at = std::time::Instant::now();
 
         let fixup_err = |source| BackendError::Fixup { path: out.to_owned(), source };
-        let paths = Image::open(out).and_then(|image| image.walk()).map_err(fixup_err)?;
-        self.add_xattrs_and_drop_lost_found(out, work, &paths, &wanted)?;
+        // One handle for the walk and the fix-up: debugfs's writes in between reach it
+        // through the page cache.
         let image = Image::open(out).map_err(fixup_err)?;
+        let paths = image.walk().map_err(fixup_err)?;
+        self.add_xattrs_and_drop_lost_found(out, work, &paths, &wanted)?;
         for (path, ino) in &paths {
             let Some(meta) = wanted.get(path) else {
                 continue; // mke2fs's own lost+found, removed above

@@ -16,7 +16,7 @@ use std::path::Path;
 use crate::layer::meta::EntryMeta;
 
 const SB_OFFSET: u64 = 1024;
-pub const ROOT_INO: u32 = 2;
+const ROOT_INO: u32 = 2;
 const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_CSUM_SEED: u32 = 0x2000;

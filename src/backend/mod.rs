@@ -149,9 +149,7 @@ impl Making {
             _ => unreachable!("a job belongs to its backend"),
         }
     }
-}
 
-impl Making {
     /// After a failed write: the tool's own error, when it exited with one.
     pub fn failure(self) -> Option<BackendError> {
         match self.job {
