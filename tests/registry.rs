@@ -35,11 +35,7 @@ fn free_port() -> u16 {
 impl Registry {
     fn start(htpasswd: Option<(&str, &str)>) -> Registry {
         let dir = scratch("registry");
-        let addr = format!("127.0.0.1:{}", free_port());
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.path().join("data").display()
-        );
+        let mut auth = String::new();
         if let Some((user, pass)) = htpasswd {
             let out = Command::new("htpasswd")
                 .args(["-Bbn", user, pass])
@@ -48,9 +44,27 @@ impl Registry {
             assert!(out.status.success());
             let file = dir.path().join("htpasswd");
             std::fs::write(&file, out.stdout).unwrap();
-            config +=
-                &format!("auth:\n  htpasswd:\n    realm: vmrootfs-test\n    path: {}\n", file.display());
+            auth = format!("auth:\n  htpasswd:\n    realm: vmrootfs-test\n    path: {}\n", file.display());
         }
+        Registry::launch(dir, auth)
+    }
+
+    /// A registry that trusts `tokens`' tokens (distribution's token auth).
+    fn start_token(tokens: &TokenServer) -> Registry {
+        let auth = format!(
+            "auth:\n  token:\n    realm: http://{}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+            tokens.addr,
+            tokens.dir.path().join("cert.pem").display()
+        );
+        Registry::launch(scratch("registry"), auth)
+    }
+
+    fn launch(dir: tempfile::TempDir, auth: String) -> Registry {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{auth}",
+            dir.path().join("data").display()
+        );
         let cfg = dir.path().join("config.yml");
         std::fs::write(&cfg, config).unwrap();
         let log = dir.path().join("log");
@@ -378,8 +392,12 @@ fn base64_encode(data: &[u8]) -> String {
 /// What the proxy does to GETs of one blob.
 #[derive(Clone, Copy, PartialEq)]
 enum Fault {
+    /// Nothing: the proxy only records.
+    None,
     /// Close the connection halfway through the body, the first time.
     CutOnce,
+    /// Send half the body, stall this long, then close the connection, the first time.
+    StallOnce(Duration),
     /// Answer 500 the first time.
     ServerErrorOnce,
     /// Flip a byte of the gzip header's MTIME field in the body, every time: the stream still
@@ -388,7 +406,7 @@ enum Fault {
 }
 
 /// A one-request-per-connection HTTP proxy in front of a registry that injects `fault` into
-/// responses for `blob`; it records the request lines it saw.
+/// responses for `blob`. It records each request as `REQUEST-LINE [Range: …] auth=[…] -> STATUS`.
 struct FaultProxy {
     addr: String,
     requests: Arc<Mutex<Vec<String>>>,
@@ -414,6 +432,10 @@ impl FaultProxy {
         });
         FaultProxy { addr, requests, upstream: None }
     }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
 }
 
 fn read_head(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
@@ -428,6 +450,14 @@ fn read_head(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(head)
 }
 
+/// The value of header `name` in a request head's lines.
+fn header<'a>(lines: &[&'a str], name: &str) -> Option<&'a str> {
+    lines.iter().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
 fn proxy_one(
     mut client: TcpStream,
     upstream: &str,
@@ -439,24 +469,32 @@ fn proxy_one(
     let head = String::from_utf8_lossy(&read_head(&mut client)?).into_owned();
     let mut lines: Vec<&str> = head.split("\r\n").filter(|l| !l.is_empty()).collect();
     let request_line = lines.first().copied().unwrap_or_default().to_string();
-    let range = lines.iter().find(|l| l.to_ascii_lowercase().starts_with("range:")).map(|l| l.to_string());
-    seen.lock().unwrap().push(format!("{request_line} {}", range.unwrap_or_default()));
+    let range = header(&lines, "range").map(|r| format!("Range: {r} ")).unwrap_or_default();
+    let auth = header(&lines, "authorization").unwrap_or_default().to_string();
     lines.retain(|l| !l.to_ascii_lowercase().starts_with("connection:"));
     let forwarded = format!("{}\r\nConnection: close\r\n\r\n", lines.join("\r\n"));
     let mut up = TcpStream::connect(upstream)?;
     up.write_all(forwarded.as_bytes())?;
     let mut response = Vec::new();
     up.read_to_end(&mut response)?;
+    let status =
+        String::from_utf8_lossy(&response[..response.len().min(12)]).chars().skip(9).collect::<String>();
+    seen.lock().unwrap().push(format!("{request_line} {range}auth=[{auth}] -> {status}"));
     let is_blob = request_line.starts_with("GET ") && request_line.contains(&format!("/blobs/{blob}"));
-    if is_blob {
+    if is_blob && status.starts_with('2') {
         let n = hits.fetch_add(1, Ordering::SeqCst);
         let body_at =
             response.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4).unwrap_or(response.len());
+        let half = body_at + (response.len() - body_at) / 2;
         match fault {
             Fault::CutOnce if n == 0 => {
-                let half = body_at + (response.len() - body_at) / 2;
                 client.write_all(&response[..half])?;
                 return Ok(()); // dropped: the connection closes mid-body
+            }
+            Fault::StallOnce(pause) if n == 0 => {
+                client.write_all(&response[..half])?;
+                std::thread::sleep(pause);
+                return Ok(());
             }
             Fault::ServerErrorOnce if n == 0 => {
                 client.write_all(
@@ -473,24 +511,44 @@ fn proxy_one(
     client.write_all(&response)
 }
 
+/// The demo image's busybox layer digest (the big blob of `testdata/busybox.oci.tar`).
+fn demo_layer_digest() -> String {
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    let dir = scratch("reg-fault-probe");
+    let (ok, r, err) =
+        build_json(&dir.path().join("s"), &[&format!("oci-archive:{}:busybox", demo.display())]);
+    assert!(ok, "{err}");
+    r["lowers"][0]["digest"].as_str().unwrap().to_string()
+}
+
+/// Builds `lab/bb:1` (the demo image, already pushed to `reg`) through a proxy injecting `fault`,
+/// with `args` and `env` added to the build; the proxy stays up until dropped.
+fn build_through_proxy(
+    reg: &Registry,
+    fault: Fault,
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> (bool, String, FaultProxy, PathBuf, String, tempfile::TempDir) {
+    let blob = demo_layer_digest();
+    let proxy = FaultProxy::start(reg.addr.clone(), blob.clone(), fault);
+    let dir = scratch("reg-fault");
+    let store = dir.path().join("store");
+    let mut cmd = vmrootfs(&store);
+    cmd.args(["build", &format!("{}/lab/bb:1", proxy.addr)]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (ok, _, err) = run(&mut cmd);
+    (ok, err, proxy, store, blob, dir)
+}
+
 fn faulty_build(fault: Fault) -> (bool, String, FaultProxy, PathBuf, String, tempfile::TempDir) {
     let reg = Registry::start(None);
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
     reg.push(&format!("oci-archive:{}:busybox", demo.display()), "lab/bb:1", None, false);
-    // The busybox layer, the big one of the demo image.
-    let layout_manifest = {
-        let dir = scratch("reg-fault-probe");
-        let (ok, r, err) =
-            build_json(&dir.path().join("s"), &[&format!("oci-archive:{}:busybox", demo.display())]);
-        assert!(ok, "{err}");
-        r["lowers"][0]["digest"].as_str().unwrap().to_string()
-    };
-    let mut proxy = FaultProxy::start(reg.addr.clone(), layout_manifest.clone(), fault);
-    let dir = scratch("reg-fault");
-    let store = dir.path().join("store");
-    let (ok, _, err) = run(vmrootfs(&store).args(["build", &format!("{}/lab/bb:1", proxy.addr)]));
-    proxy.upstream = Some(reg); // serves until the test drops the proxy, then is killed
-    (ok, err, proxy, store, layout_manifest, dir)
+    let mut built = build_through_proxy(&reg, fault, &[], &[]);
+    built.2.upstream = Some(reg); // serves until the test drops the proxy, then is killed
+    built
 }
 
 #[test]
@@ -498,7 +556,7 @@ fn a_cut_connection_resumes_with_a_range_request() {
     let (ok, err, proxy, _, blob, _dir) = faulty_build(Fault::CutOnce);
     assert!(ok, "{err}");
     assert!(err.contains("resuming"), "{err}");
-    let requests = proxy.requests.lock().unwrap().clone();
+    let requests = proxy.requests();
     let ranged: Vec<&String> = requests
         .iter()
         .filter(|r| r.contains(&format!("/blobs/{blob}")) && r.to_ascii_lowercase().contains("range: bytes="))
@@ -510,8 +568,7 @@ fn a_cut_connection_resumes_with_a_range_request() {
 fn a_server_error_is_retried() {
     let (ok, err, proxy, _, blob, _dir) = faulty_build(Fault::ServerErrorOnce);
     assert!(ok, "{err}");
-    let gets =
-        proxy.requests.lock().unwrap().iter().filter(|r| r.contains(&format!("/blobs/{blob}"))).count();
+    let gets = proxy.requests().iter().filter(|r| r.contains(&format!("/blobs/{blob}"))).count();
     assert_eq!(gets, 2, "the 500 and the retry");
 }
 
@@ -533,4 +590,349 @@ fn wrong_bytes_are_rejected_and_nothing_is_published() {
         .collect();
     assert!(blobs.is_empty(), "no blob published: {blobs:?}");
     assert_eq!(std::fs::read_dir(store.join("tmp")).unwrap().count(), 0);
+}
+
+const TOKEN_SERVICE: &str = "vmrootfs-test";
+const TOKEN_ISSUER: &str = "vmrootfs-test-issuer";
+/// distribution accepts a token until 60 s after its `exp` (its clock-skew leeway).
+const REGISTRY_LEEWAY_SECS: i64 = 60;
+
+/// Who may have a token, and for how long.
+#[derive(Clone)]
+struct TokenPolicy {
+    user: &'static str,
+    password: &'static str,
+    /// The refresh token (docker's `identitytoken`) the OAuth2 grant accepts.
+    refresh_token: &'static str,
+    /// How long the registry accepts a token.
+    lifetime_secs: i64,
+    /// What the answer's `expires_in` claims (a server may claim more than the truth).
+    claimed_expires_in: i64,
+}
+
+const POLICY: TokenPolicy = TokenPolicy {
+    user: "vm",
+    password: "s3cret",
+    refresh_token: "vmrootfs-refresh-7f3a9c",
+    lifetime_secs: 300,
+    claimed_expires_in: 300,
+};
+
+/// A token server of distribution's token auth (the flow Docker Hub, GHCR and Quay use) for
+/// registries started with [`Registry::start_token`]. It signs RS256 JWTs with a throwaway key
+/// (`openssl`), gives pull,push tokens for Basic credentials (GET) and for the refresh token
+/// (POST, OAuth2 `refresh_token` grant), empty ones to anonymous clients, and answers a wrong
+/// password as Docker Hub does. It records each request as `METHOD TARGET auth=[…] body=[…]`.
+struct TokenServer {
+    addr: String,
+    dir: tempfile::TempDir,
+    requests: Arc<Mutex<Vec<String>>>,
+    issued: Arc<AtomicUsize>,
+}
+
+impl TokenServer {
+    fn start(policy: TokenPolicy) -> TokenServer {
+        let dir = scratch("token-server");
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=vmrootfs-test-token",
+            ])
+            .arg("-keyout")
+            .arg(dir.path().join("key.pem"))
+            .arg("-out")
+            .arg(dir.path().join("cert.pem"))
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(dir.path().join("cert.pem"))
+            .output()
+            .unwrap();
+        assert!(der.status.success());
+        let x5c = base64_encode(&der.stdout);
+        let key = dir.path().join("key.pem");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let issued = Arc::new(AtomicUsize::new(0));
+        let (seen, count) = (requests.clone(), issued.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = serve_token(conn, &policy, &key, &x5c, &seen, &count);
+            }
+        });
+        TokenServer { addr, dir, requests, issued }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn base64url(data: &[u8]) -> String {
+    base64_encode(data).trim_end_matches('=').replace('+', "-").replace('/', "_")
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap_or(b'?'));
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `key=value&…` pairs, decoded.
+fn form_pairs(s: &str) -> Vec<(String, String)> {
+    s.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
+fn serve_token(
+    mut conn: TcpStream,
+    policy: &TokenPolicy,
+    key: &Path,
+    x5c: &str,
+    seen: &Mutex<Vec<String>>,
+    issued: &AtomicUsize,
+) -> std::io::Result<()> {
+    let head = String::from_utf8_lossy(&read_head(&mut conn)?).into_owned();
+    let lines: Vec<&str> = head.split("\r\n").filter(|l| !l.is_empty()).collect();
+    let mut parts = lines.first().copied().unwrap_or_default().split(' ');
+    let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let auth = header(&lines, "authorization").unwrap_or_default().to_string();
+    let length: usize = header(&lines, "content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body)?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    seen.lock().unwrap().push(format!("{method} {target} auth=[{auth}] body=[{body}]"));
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let params = form_pairs(if method == "POST" { &body } else { query });
+    let param = |k: &str| params.iter().find(|(pk, _)| pk == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let basic = format!("Basic {}", base64_encode(format!("{}:{}", policy.user, policy.password).as_bytes()));
+    // Who is asking, and under which JSON field the token goes back (OAuth2 says access_token).
+    let grant = match (method, auth.as_str()) {
+        ("POST", _)
+            if param("grant_type") == "refresh_token" && param("refresh_token") == policy.refresh_token =>
+        {
+            Ok(("access_token", true))
+        }
+        ("POST", _) => {
+            Err(r#"{"error":"invalid_grant","error_description":"the refresh token is not valid"}"#)
+        }
+        ("GET", "") => Ok(("token", false)),
+        ("GET", a) if a == basic => Ok(("token", true)),
+        _ => Err(r#"{"details":"incorrect username or password"}"#), // Docker Hub's words
+    };
+    let (status, json) = match grant {
+        Err(refusal) => (401, refusal.to_string()),
+        Ok((field, authenticated)) => {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+            let scope = param("scope");
+            let mut access = Vec::new();
+            if authenticated
+                && let Some((name, actions)) =
+                    scope.strip_prefix("repository:").and_then(|r| r.rsplit_once(':'))
+            {
+                let actions: Vec<&str> = actions.split(',').collect();
+                access.push(serde_json::json!({"type": "repository", "name": name, "actions": actions}));
+            }
+            let n = issued.fetch_add(1, Ordering::SeqCst);
+            let claims = serde_json::json!({
+                "iss": TOKEN_ISSUER, "sub": policy.user, "aud": TOKEN_SERVICE,
+                "exp": now + policy.lifetime_secs - REGISTRY_LEEWAY_SECS,
+                "nbf": now - 1, "iat": now, "jti": format!("token-{n}"), "access": access,
+            });
+            let jwt = sign_jwt(key, x5c, &claims)?;
+            (200, serde_json::json!({field: jwt, "expires_in": policy.claimed_expires_in}).to_string())
+        }
+    };
+    let reason = if status == 200 { "OK" } else { "Unauthorized" };
+    write!(
+        conn,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+        json.len()
+    )
+}
+
+/// An RS256 JWT of `claims`, signed with `key` (PEM), its certificate in the `x5c` header.
+fn sign_jwt(key: &Path, x5c: &str, claims: &serde_json::Value) -> std::io::Result<String> {
+    let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
+    let signing =
+        format!("{}.{}", base64url(header.to_string().as_bytes()), base64url(claims.to_string().as_bytes()));
+    let mut sign = Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    sign.stdin.take().unwrap().write_all(signing.as_bytes())?;
+    let signature = sign.wait_with_output()?.stdout;
+    Ok(format!("{signing}.{}", base64url(&signature)))
+}
+
+/// A token registry holding the demo image as `lab/bb:1`, and its token server.
+fn token_registry(policy: TokenPolicy) -> (TokenServer, Registry) {
+    let tokens = TokenServer::start(policy.clone());
+    let reg = Registry::start_token(&tokens);
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    let creds = format!("{}:{}", policy.user, policy.password);
+    reg.push(&format!("oci-archive:{}:busybox", demo.display()), "lab/bb:1", Some(&creds), false);
+    (tokens, reg)
+}
+
+/// Item 20: a wrong password is reported in the token server's words; the right one works,
+/// reaches only the token server, and the registry sees only bearer tokens; anonymous access to
+/// a private repository still says how to log in.
+#[test]
+fn bearer_auth_reports_the_token_servers_refusal_and_sends_credentials_only_there() {
+    let (tokens, reg) = token_registry(POLICY);
+    let no_config = scratch("no-docker-config");
+    let env = [("DOCKER_CONFIG", no_config.path())];
+
+    let (ok, err, ..) = build_through_proxy(&reg, Fault::None, &["--creds", "vm:wrong"], &env);
+    assert!(!ok);
+    assert!(
+        err.contains("incorrect username or password")
+            && err.contains(&format!("http://{}/token", tokens.addr)),
+        "the token server's refusal, naming it: {err}"
+    );
+
+    let (ok, err, proxy, ..) = build_through_proxy(&reg, Fault::None, &["--creds", "vm:s3cret"], &env);
+    assert!(ok, "{err}");
+    let basic = base64_encode(b"vm:s3cret");
+    let to_registry = proxy.requests();
+    assert!(!to_registry.is_empty());
+    assert!(
+        to_registry.iter().all(|r| !r.contains(&basic) && !r.contains("auth=[Basic")),
+        "the password never reached the registry: {to_registry:#?}"
+    );
+    assert!(
+        to_registry
+            .iter()
+            .filter(|r| r.contains("/blobs/"))
+            .all(|r| r.contains("auth=[Bearer ") && r.ends_with("-> 200")),
+        "blobs were fetched with a bearer token: {to_registry:#?}"
+    );
+    let to_tokens = tokens.requests();
+    let pulls: Vec<&String> = to_tokens
+        .iter()
+        .filter(|r| r.contains(&basic) && r.contains("scope=repository%3Alab%2Fbb%3Apull&"))
+        .collect();
+    assert_eq!(pulls.len(), 1, "one pull-scoped token for the build: {to_tokens:#?}");
+
+    let (ok, err, ..) = build_through_proxy(&reg, Fault::None, &[], &env);
+    assert!(!ok);
+    assert!(err.contains("refused access") && err.contains("--creds"), "anonymous: {err}");
+}
+
+/// Item 20: an `identitytoken` from config.json is exchanged at the token server (OAuth2
+/// `refresh_token` grant) and never sent to the registry; a refused one is reported as such.
+#[test]
+fn an_identity_token_is_exchanged_at_the_token_server_never_sent_to_the_registry() {
+    let (tokens, reg) = token_registry(POLICY);
+    let docker = scratch("docker-config");
+    let config = |token: &str, addr: &str| {
+        std::fs::write(
+            docker.path().join("config.json"),
+            format!(r#"{{"auths": {{"{addr}": {{"auth": "", "identitytoken": "{token}"}}}}}}"#),
+        )
+        .unwrap()
+    };
+    let blob = demo_layer_digest();
+    let proxy = FaultProxy::start(reg.addr.clone(), blob, Fault::None);
+    config(POLICY.refresh_token, &proxy.addr);
+    let dir = scratch("reg-identity");
+    let (ok, _, err) = run(vmrootfs(&dir.path().join("s"))
+        .args(["build", &format!("{}/lab/bb:1", proxy.addr)])
+        .env("DOCKER_CONFIG", docker.path()));
+    assert!(ok, "{err}");
+    let to_registry = proxy.requests();
+    assert!(
+        to_registry.iter().all(|r| !r.contains(POLICY.refresh_token)),
+        "the identity token never reached the registry: {to_registry:#?}"
+    );
+    let grants: Vec<String> = tokens
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.starts_with("POST /token")
+                && r.contains("grant_type=refresh_token")
+                && r.contains(&format!("refresh_token={}", POLICY.refresh_token))
+        })
+        .collect();
+    assert_eq!(grants.len(), 1, "one refresh_token grant: {:#?}", tokens.requests());
+
+    config("a-revoked-token", &proxy.addr);
+    let (ok, _, err) = run(vmrootfs(&dir.path().join("s2"))
+        .args(["build", &format!("{}/lab/bb:1", proxy.addr)])
+        .env("DOCKER_CONFIG", docker.path()));
+    assert!(!ok);
+    assert!(
+        err.contains("refused the identity token") && err.contains("the refresh token is not valid"),
+        "{err}"
+    );
+}
+
+/// Item 20: a token that runs out while a download stalls is renewed when the download resumes:
+/// by its `expires_in` when the server tells the truth (no request is refused), and after the
+/// registry's 401 when it claims more than the registry grants.
+#[test]
+fn a_token_that_expires_during_a_stalled_download_is_renewed_on_resume() {
+    for claimed in [3, 300] {
+        let policy = TokenPolicy { lifetime_secs: 3, claimed_expires_in: claimed, ..POLICY };
+        let (tokens, reg) = token_registry(policy);
+        let before = tokens.issued.load(Ordering::SeqCst);
+        let (ok, err, proxy, _, blob, _dir) = build_through_proxy(
+            &reg,
+            Fault::StallOnce(Duration::from_secs(5)),
+            &["--creds", "vm:s3cret"],
+            &[],
+        );
+        assert!(ok, "expires_in {claimed}: {err}");
+        assert!(err.contains("resuming"), "{err}");
+        let requests = proxy.requests();
+        let ranged: Vec<&String> = requests
+            .iter()
+            .filter(|r| r.contains(&format!("/blobs/{blob}")) && r.contains("Range: bytes="))
+            .collect();
+        let refused = ranged.iter().filter(|r| r.ends_with("-> 401")).count();
+        assert!(
+            ranged.last().is_some_and(|r| r.ends_with("-> 206")),
+            "the resumed request succeeded: {requests:#?}"
+        );
+        let issued = tokens.issued.load(Ordering::SeqCst) - before;
+        assert!(issued >= 2, "a new token after the stall (expires_in {claimed}): {issued} issued");
+        if claimed == 3 {
+            assert_eq!(refused, 0, "renewed before the registry had to refuse: {requests:#?}");
+        } else {
+            assert_eq!(refused, 1, "one 401, then a renewed token: {requests:#?}");
+        }
+    }
 }

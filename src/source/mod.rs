@@ -7,6 +7,7 @@
 //! | `docker-archive:FILE[:REF]`| `docker save` tar ([`docker_archive`])      |
 
 mod archive;
+mod auth;
 pub mod docker_archive;
 pub mod oci;
 pub mod registry;
@@ -37,6 +38,14 @@ pub enum SourceError {
         "registry {registry} refused access: give credentials with --creds USER:PASS or `docker login {registry}` (config.json)"
     )]
     Unauthorized { registry: String },
+    #[error("registry {registry} denied pulling {repository} with the credentials given")]
+    Denied { registry: String, repository: String },
+    #[error("the token server {realm} refused {who} for registry {registry} (HTTP {status}): {detail}")]
+    TokenRefused { realm: String, registry: String, who: String, status: u16, detail: String },
+    #[error(
+        "registry {registry} has no token server (its /v2/ asks for no bearer token), so the identity token from config.json cannot be used there; give credentials with --creds USER:PASS"
+    )]
+    IdentityTokenWithoutTokenServer { registry: String },
     #[error("credential helper {helper} failed for registry {registry}: {detail}")]
     CredentialHelper { registry: String, helper: String, detail: String },
     #[error("reading the credentials for registry {registry} from {path}: {detail}")]

@@ -1,5 +1,6 @@
 //! Registries (OCI distribution API) through `oci-client`, behind a small tokio runtime: the
-//! rest of vmrootfs stays synchronous. Layer blobs stream through a bounded channel into the
+//! rest of vmrootfs stays synchronous. Authorization (tokens and their renewal) is
+//! [`super::auth`]'s. Layer blobs stream through a bounded channel into the
 //! converting thread; a cut connection resumes with a Range request from the last byte
 //! received, and connection errors, 5xx and 429 are retried with backoff. The bytes are
 //! checked against the layer digest by the converter, so nothing unchecked is published.
@@ -12,12 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::Reference;
+use oci_client::client::BlobResponse;
 use oci_client::errors::OciDistributionError;
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
 use oci_spec::image::{Digest, ImageConfiguration, ImageIndex, ImageManifest};
 
+use super::auth::{Authorizer, Credential, Session};
 use super::oci::select_platform;
 use super::{ImageSource, LayerRef, ResolvedImage, SourceError};
 use crate::digest;
@@ -42,10 +43,11 @@ pub struct RegistryOptions {
 
 pub struct RegistrySource {
     reference: Reference,
-    client: Client,
-    auth: RegistryAuth,
+    authorizer: Arc<Authorizer>,
     rt: Arc<tokio::runtime::Runtime>,
     spec: String,
+    /// Whether credentials were given (a 401 then means "denied", not "log in").
+    with_credentials: bool,
 }
 
 /// Plain HTTP for localhost, 127.0.0.0/8 and hosts given with `--insecure-registry`, as docker.
@@ -79,28 +81,31 @@ const HELPER_NOT_FOUND: &str = "credentials not found in native keychain";
 /// else anonymous. Without a config.json, or with no entry for the registry, access is
 /// anonymous; a config that cannot be read or a helper that fails is an error (going
 /// anonymous would hide why a pull is refused, or pull another image than the user's).
-fn auth_for(registry: &str, opts: &RegistryOptions) -> Result<RegistryAuth, SourceError> {
+fn auth_for(registry: &str, opts: &RegistryOptions) -> Result<Credential, SourceError> {
     use docker_credential::CredentialRetrievalError as E;
     if let Some((u, p)) = &opts.creds {
-        return Ok(RegistryAuth::Basic(u.clone(), p.clone()));
+        return Ok(Credential::Basic { user: u.clone(), password: p.clone() });
     }
     let Some(path) = docker_config() else {
         // Neither $DOCKER_CONFIG nor $HOME: there is no config.json to read.
-        return Ok(RegistryAuth::Anonymous);
+        return Ok(Credential::Anonymous);
     };
     let config = match std::fs::read(&path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(RegistryAuth::Anonymous),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Credential::Anonymous),
         Err(source) => return Err(SourceError::Io { path, source }),
     };
     let server = if registry == "docker.io" { "https://index.docker.io/v1/" } else { registry };
     let registry = registry.to_string();
     match docker_credential::get_credential_from_reader(&config[..], server) {
-        Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => Ok(RegistryAuth::Basic(u, p)),
-        Ok(docker_credential::DockerCredential::IdentityToken(t)) => Ok(RegistryAuth::Bearer(t)),
-        Err(E::NoCredentialConfigured) => Ok(RegistryAuth::Anonymous),
+        Ok(docker_credential::DockerCredential::UsernamePassword(user, password)) => {
+            Ok(Credential::Basic { user, password })
+        }
+        // A refresh token for the registry's token server, never for the registry itself.
+        Ok(docker_credential::DockerCredential::IdentityToken(t)) => Ok(Credential::IdentityToken(t)),
+        Err(E::NoCredentialConfigured) => Ok(Credential::Anonymous),
         Err(E::HelperFailure { stdout, .. }) if stdout.contains(HELPER_NOT_FOUND) => {
-            Ok(RegistryAuth::Anonymous)
+            Ok(Credential::Anonymous)
         }
         Err(E::HelperFailure { helper, stdout, stderr }) => {
             let said = if stderr.trim().is_empty() { stdout } else { stderr };
@@ -135,35 +140,28 @@ impl RegistrySource {
         let reference =
             Reference::from_str(text).map_err(|e| SourceError::BadReference(format!("{text}: {e}")))?;
         let registry = reference.resolve_registry().to_string();
-        let mut http = Vec::new();
-        if insecure(&registry, &opts.insecure) {
-            http.push(registry.clone());
-        }
-        let client = Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(http),
-            platform_resolver: None,
-            ..Default::default()
-        });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .map_err(|source| SourceError::Io { path: "tokio runtime".into(), source })?;
-        let auth = auth_for(reference.registry(), opts)?;
+        let credential = auth_for(reference.registry(), opts)?;
+        let with_credentials = !matches!(credential, Credential::Anonymous);
+        let plain_http = insecure(&registry, &opts.insecure);
+        let authorizer = Authorizer::new(&registry, reference.repository(), credential, plain_http);
         Ok(RegistrySource {
             spec: format!("docker://{}", reference.whole()),
             reference,
-            client,
-            auth,
+            authorizer: Arc::new(authorizer),
             rt: Arc::new(rt),
+            with_credentials,
         })
     }
 
     fn registry_error(&self, e: OciDistributionError, what: &str) -> SourceError {
-        let registry = self.reference.registry().to_string();
         match e {
             OciDistributionError::UnauthorizedError { .. }
-            | OciDistributionError::AuthenticationFailure(_) => SourceError::Unauthorized { registry },
+            | OciDistributionError::AuthenticationFailure(_) => self.unauthorized(),
             OciDistributionError::ServerError { code: 404, .. } => SourceError::NotFound(what.to_string()),
             OciDistributionError::RegistryError { envelope, .. }
                 if envelope
@@ -179,19 +177,36 @@ impl RegistrySource {
                         || format!("{:?}", e.code).to_uppercase().contains("DENIED")
                 }) =>
             {
-                SourceError::Unauthorized { registry }
+                self.unauthorized()
             }
             e => SourceError::Registry { what: what.to_string(), detail: e.to_string() },
         }
     }
 
-    /// A manifest or index by tag or digest, retried on transient errors.
+    /// A 401 for the user: log in, or (with credentials) not allowed.
+    fn unauthorized(&self) -> SourceError {
+        let registry = self.reference.registry().to_string();
+        if self.with_credentials {
+            SourceError::Denied { registry, repository: self.reference.repository().to_string() }
+        } else {
+            SourceError::Unauthorized { registry }
+        }
+    }
+
+    /// A manifest or index by tag or digest, retried on transient errors; a 401 renews the
+    /// token once.
     fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, String), SourceError> {
         let mut attempt = 0;
+        let mut session = self.rt.block_on(self.authorizer.session())?;
+        let mut renewed = false;
         loop {
-            let result = self.rt.block_on(self.client.pull_manifest_raw(reference, &self.auth, ACCEPT));
+            let result = self.rt.block_on(session.client.pull_manifest_raw(reference, &session.auth, ACCEPT));
             match result {
                 Ok((bytes, digest)) => return Ok((bytes.to_vec(), digest)),
+                Err(OciDistributionError::UnauthorizedError { .. }) if session.renewable() && !renewed => {
+                    session = self.rt.block_on(self.authorizer.renew(&session))?;
+                    renewed = true;
+                }
                 Err(e) if retryable(&e) && attempt < RETRIES => {
                     std::thread::sleep(backoff(attempt));
                     attempt += 1;
@@ -217,28 +232,40 @@ impl RegistrySource {
 
     fn open_blob(&self, digest: String, size: Option<u64>) -> Result<BlobReader, SourceError> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let client = self.client.clone();
+        let authorizer = self.authorizer.clone();
         let reference = self.reference.clone();
-        let auth = self.auth.clone();
-        self.rt.spawn(download(client, reference, auth, digest, size, tx));
+        self.rt.spawn(download(authorizer, reference, digest, size, tx));
         Ok(BlobReader { rx, chunk: bytes::Bytes::new() })
     }
 }
 
-/// Streams one blob into `tx`, resuming after cuts and retrying transient errors.
+/// Streams one blob into `tx`, resuming after cuts and retrying transient errors. Each
+/// (re)connection takes the authorizer's current session, so a resumed download carries a
+/// renewed token; a 401 renews it once more.
 async fn download(
-    client: Client,
+    authorizer: Arc<Authorizer>,
     reference: Reference,
-    auth: RegistryAuth,
     digest: String,
     size: Option<u64>,
     tx: tokio::sync::mpsc::Sender<io::Result<bytes::Bytes>>,
 ) {
-    client.store_auth_if_needed(reference.resolve_registry(), &auth).await;
     let mut offset = 0u64;
     let mut failures = 0u32;
     let fail = |msg: String| io::Error::other(msg);
+    let mut refused: Option<Session> = None;
     loop {
+        let session = match &refused {
+            Some(stale) => authorizer.renew(stale).await,
+            None => authorizer.session().await,
+        };
+        let session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(fail(format!("fetching blob {digest}: {e}")))).await;
+                return;
+            }
+        };
+        let client = &session.client;
         let response = if offset == 0 {
             client.pull_blob_stream(&reference, digest.as_str()).await.map(|s| (s.stream, 0))
         } else {
@@ -251,6 +278,12 @@ async fn download(
         };
         let (mut stream, mut skip) = match response {
             Ok(r) => r,
+            Err(OciDistributionError::UnauthorizedError { .. })
+                if session.renewable() && refused.is_none() =>
+            {
+                refused = Some(session.clone());
+                continue;
+            }
             Err(e) if retryable(&e) && failures < RETRIES => {
                 crate::progress::info(&format!("retrying blob {digest}: {e}"));
                 tokio::time::sleep(backoff(failures)).await;
@@ -262,6 +295,7 @@ async fn download(
                 return;
             }
         };
+        refused = None;
         let mut cut = None;
         while let Some(chunk) = stream.next().await {
             match chunk {
