@@ -83,6 +83,25 @@ fn docker_archive_of_another_platform_needs_that_platform() {
     assert_eq!(hello_of(&r), "arm64");
 }
 
+/// A single-manifest OCI layout (no index to choose from) is held to `--platform` as a docker
+/// archive is; the error says which platform to ask for.
+#[test]
+fn an_oci_layout_of_another_platform_needs_that_platform() {
+    let dir = scratch("oci-platform");
+    let layout = dir.path().join("layout");
+    oci_layout_arch(&layout, "t", &[Layer::gzip(&[file("hello", "arm64")])], "arm64");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, _, err) = build_json(&dir.path().join("s"), &[&spec, "--platform", "linux/amd64"]);
+    assert!(!ok, "an arm64 image built for linux/amd64");
+    assert!(
+        err.contains("holds an image for linux/arm64, not linux/amd64") && err.contains("--platform"),
+        "{err}"
+    );
+    let (ok, r, err) = build_json(&dir.path().join("s"), &[&spec, "--platform", "linux/arm64"]);
+    assert!(ok, "{err}");
+    assert_eq!(r["platform"], "linux/arm64");
+}
+
 /// Builds a one-layer layout of `entries` with `fs` and mounts the result.
 fn build_and_mount(name: &str, entries: &[Entry], fs: &str) -> (tempfile::TempDir, MountedStack) {
     let dir = scratch(name);

@@ -117,14 +117,7 @@ impl ImageSource for DockerArchive {
         if let Some(expected) = digest_from_name(&entry.config) {
             digest::check("config", &expected, &config_digest)?;
         }
-        let (os, arch) = (config.os().to_string(), config.architecture().to_string());
-        if !platform.matches(&os, &arch, config.variant().as_deref()) {
-            return Err(SourceError::WrongPlatform {
-                source_name: self.spec.clone(),
-                wanted: platform.to_string(),
-                found: config_platform(&config),
-            });
-        }
+        super::check_config_platform(&config, platform, &self.spec)?;
         let mut layers = Vec::with_capacity(entry.layers.len());
         for name in &entry.layers {
             let digest = match digest_from_name(name) {

@@ -154,6 +154,24 @@ impl ResolvedImage {
     }
 }
 
+/// A manifest reached without an index must be for `platform`, as an index entry of another
+/// platform would not be taken either. A config that names no platform is taken as it is.
+pub(crate) fn check_config_platform(
+    config: &ImageConfiguration,
+    platform: &Platform,
+    source_name: &str,
+) -> Result<(), SourceError> {
+    let (os, arch) = (config.os().to_string(), config.architecture().to_string());
+    if os.is_empty() || arch.is_empty() || platform.matches(&os, &arch, config.variant().as_deref()) {
+        return Ok(());
+    }
+    Err(SourceError::WrongPlatform {
+        source_name: source_name.to_string(),
+        wanted: platform.to_string(),
+        found: oci::config_platform(config),
+    })
+}
+
 /// Somewhere images come from.
 pub trait ImageSource: Send + Sync {
     /// The canonical spelling, recorded in image records.

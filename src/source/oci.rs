@@ -128,11 +128,13 @@ impl ImageSource for OciSource {
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
         let (index, _): (ImageIndex, _) = read_json(self.layout.open("index.json")?, "index.json")?;
         let mut desc = self.pick_manifest(&index)?;
+        let mut via_index = false;
         for _ in 0..4 {
             let media_type = desc.media_type().to_string();
             if INDEX_TYPES.contains(&media_type.as_str()) {
                 let (nested, _): (ImageIndex, _) = self.read_blob(&desc, "index")?;
                 desc = select_platform(&nested, platform)?;
+                via_index = true;
                 continue;
             }
             if !MANIFEST_TYPES.contains(&media_type.as_str()) {
@@ -140,6 +142,9 @@ impl ImageSource for OciSource {
             }
             let (manifest, _): (ImageManifest, _) = self.read_blob(&desc, "manifest")?;
             let (config, _): (ImageConfiguration, _) = self.read_blob(manifest.config(), "config")?;
+            if !via_index {
+                super::check_config_platform(&config, platform, &self.describe())?;
+            }
             return ResolvedImage::from_manifest(desc.digest().clone(), &manifest, config, blob_path);
         }
         Err(SourceError::UnsupportedManifest("index nested too deeply".to_string()))

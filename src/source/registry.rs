@@ -380,6 +380,7 @@ impl ImageSource for RegistrySource {
             let want: Digest = want.parse().map_err(|_| SourceError::BadDigest(want.to_string()))?;
             digest::check("pinned manifest or index", &want, &digest::sha256_of(&bytes))?;
         }
+        let mut via_index = false;
         for _ in 0..3 {
             let (media_type, schema, is_index) = media_type_of(&bytes);
             if schema == Some(1) {
@@ -395,6 +396,7 @@ impl ImageSource for RegistrySource {
                 let by_digest = self.reference.clone_with_digest(desc.digest().to_string());
                 (bytes, _) = self.manifest(&by_digest)?;
                 digest::check("manifest", desc.digest(), &digest::sha256_of(&bytes))?;
+                via_index = true;
                 continue;
             }
             if let Some(mt) = media_type.filter(|mt| !super::oci::is_manifest_type(mt)) {
@@ -405,6 +407,9 @@ impl ImageSource for RegistrySource {
             let config_bytes = self.small_blob(manifest.config().digest())?;
             let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
                 .map_err(|source| SourceError::Json { what: "config".into(), source })?;
+            if !via_index {
+                super::check_config_platform(&config, platform, &self.spec)?;
+            }
             return ResolvedImage::from_manifest(found, &manifest, config, |d| d.to_string());
         }
         Err(SourceError::UnsupportedManifest("index nested too deeply".into()))
