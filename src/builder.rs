@@ -46,6 +46,16 @@ pub enum BuildError {
     SquashNeedsRoot,
     #[error("--squash: the image has no layers, so there is nothing to flatten (build it without --squash)")]
     SquashNoLayers,
+    #[error("layer {digest}")]
+    Pull {
+        digest: Digest,
+        #[source]
+        source: Box<crate::pull::PullError>,
+    },
+    #[error("the image is an EROFS image (its layers are EROFS already): it cannot give --fs {fs} blobs")]
+    ErofsImageIsErofs { fs: FsType },
+    #[error("--squash is not supported for EROFS images yet: build without it")]
+    ErofsImageNoSquash,
 }
 
 /// What went wrong with one layer.
@@ -117,7 +127,8 @@ impl Default for BuildOptions {
 pub struct Builder {
     store: Store,
     opts: BuildOptions,
-    backend: Backend,
+    /// Found when a layer first needs converting: pulling an EROFS image needs no tools.
+    backend: std::sync::OnceLock<Backend>,
 }
 
 /// Directory index of each layer being converted, handed from a layer to the one above.
@@ -166,10 +177,17 @@ struct Plan<'a> {
 }
 
 impl Builder {
-    /// Checks the backend's tools up front.
     pub fn new(store: Store, opts: BuildOptions) -> Result<Builder, BuildError> {
-        let backend = Backend::detect(opts.fs)?;
-        Ok(Builder { store, opts, backend })
+        Ok(Builder { store, opts, backend: std::sync::OnceLock::new() })
+    }
+
+    /// The backend of `--fs`, its tools checked the first time (before any layer is fetched).
+    fn backend(&self) -> Result<&Backend, BuildError> {
+        if let Some(b) = self.backend.get() {
+            return Ok(b);
+        }
+        let detected = Backend::detect(self.opts.fs)?;
+        Ok(self.backend.get_or_init(|| detected))
     }
 
     pub fn store(&self) -> &Store {
@@ -190,6 +208,9 @@ impl Builder {
         }
         // Shared store lock for the whole build: no GC between publishing blobs and the record.
         let _store_lock = self.store.lock_shared()?;
+        if let Some(erofs) = &image.erofs {
+            return self.store_erofs_image(spec, tag, &*source, &image, erofs, reporter);
+        }
         for l in &image.layers {
             layer::check_media_type(&l.media_type)
                 .map_err(|e| BuildError::Layer { digest: l.digest.clone(), source: Box::new(e.into()) })?;
@@ -201,6 +222,9 @@ impl Builder {
         let total = chain.len();
         for (i, l) in image.layers.iter().enumerate().filter(|(i, _)| stored[*i].is_some()) {
             reporter.cached(i, total, &l.digest);
+        }
+        if !missing.is_empty() || self.opts.squash {
+            self.backend()?;
         }
         let plan = Plan {
             source: &*source,
@@ -246,10 +270,61 @@ impl Builder {
             if !squash_cached && !rustix::process::geteuid().is_root() {
                 return Err(BuildError::SquashNeedsRoot);
             }
-            record.squashed = Some(crate::squash::squash(&self.store, &self.backend, &record.lowers)?);
+            record.squashed = Some(crate::squash::squash(&self.store, self.backend()?, &record.lowers)?);
         }
+        // What `push` needs to republish the image: the source's own manifest and config.
+        if let Some(bytes) = &image.manifest_bytes {
+            self.store.put_source_json(&image.manifest_digest, bytes)?;
+        }
+        self.store.put_source_json(&image.config_digest, &image.config_bytes)?;
         self.store.put_record(&record)?;
         Ok(BuildResult { record: self.store.locate(record)?, cached: missing.is_empty() && squash_cached })
+    }
+
+    /// Builds an image that is EROFS already: its blobs are stored as they are ([`crate::pull`]).
+    fn store_erofs_image(
+        &self,
+        spec: &str,
+        tag: Option<&str>,
+        source: &dyn ImageSource,
+        image: &ResolvedImage,
+        layers: &[crate::erofs_image::ErofsLayer],
+        reporter: &Reporter,
+    ) -> Result<BuildResult, BuildError> {
+        if self.opts.fs != FsType::Erofs {
+            return Err(BuildError::ErofsImageIsErofs { fs: self.opts.fs });
+        }
+        if self.opts.squash {
+            return Err(BuildError::ErofsImageNoSquash);
+        }
+        let (lowers, cached) = crate::pull::pull(
+            &self.store,
+            source,
+            image,
+            layers,
+            self.opts.jobs,
+            self.opts.max_layer_bytes,
+            reporter,
+        )
+        .map_err(|(digest, e)| BuildError::Pull { digest, source: Box::new(e) })?;
+        let record = ImageRecord {
+            tag: tag.unwrap_or(spec).to_string(),
+            source: source.describe(),
+            manifest_digest: image.manifest_digest.clone(),
+            config_digest: image.config_digest.clone(),
+            platform: image.platform.clone(),
+            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            size: lowers.iter().map(|l| l.size).sum(),
+            lowers,
+            config: RuntimeConfig::from(&image.config),
+            squashed: None,
+        };
+        if let Some(bytes) = &image.manifest_bytes {
+            self.store.put_source_json(&image.manifest_digest, bytes)?;
+        }
+        self.store.put_source_json(&image.config_digest, &image.config_bytes)?;
+        self.store.put_record(&record)?;
+        Ok(BuildResult { record: self.store.locate(record)?, cached })
     }
 
     /// Converts the `missing` layers, `jobs` at a time; the first real failure wins.
@@ -320,7 +395,8 @@ impl Builder {
         let result = (|| {
             let work = self.store.staging("layer-")?;
             let out = work.path().join("blob");
-            let making = self.backend.start(&plan.chain[i], &out, work.path())?;
+            let backend = self.backend.get().expect("detected before any layer converts");
+            let making = backend.start(&plan.chain[i], &out, work.path())?;
             let mut normalizer = Normalizer::new(
                 std::io::BufWriter::with_capacity(1 << 20, making),
                 self.opts.max_layer_bytes,
@@ -368,7 +444,7 @@ impl Builder {
                 recipe: RECIPE_VERSION,
                 size,
                 blob_sha256,
-                tool: self.backend.describe(),
+                tool: backend.describe(),
             };
             self.store.publish_layer(&out, &merged, &record)?;
             Ok(record)

@@ -90,6 +90,37 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Passes bytes through to a writer and feeds them to SHA-256 on the way.
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: io::Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        Self { inner, hasher: Sha256::new(), bytes: 0 }
+    }
+
+    /// The `sha256:` digest and length of everything written, and the writer.
+    pub fn finish(self) -> (Digest, u64, W) {
+        (sha256_digest(&self.hasher.finalize()), self.bytes, self.inner)
+    }
+}
+
+impl<W: io::Write> io::Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// `sha256:<hex>` of a finished hash.
 pub fn sha256_digest(hash: &[u8]) -> Digest {
     format!("sha256:{}", hex::encode(hash)).parse().expect("a sha256 hex string is a valid digest")

@@ -3,10 +3,13 @@
 pub mod backend;
 pub mod builder;
 pub mod digest;
+pub mod erofs_image;
 pub mod layer;
 pub mod lock;
 pub mod platform;
 pub mod progress;
+pub mod pull;
+pub mod push;
 pub mod record;
 pub mod source;
 pub mod squash;

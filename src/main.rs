@@ -66,16 +66,43 @@ enum Command {
         /// without overlayfs or with more layers than drives.
         #[arg(long)]
         squash: bool,
-        /// Registry credentials for every registry [default: docker's config.json, else none].
-        #[arg(long, value_name = "USER:PASS")]
-        creds: Option<String>,
-        /// Speak plain HTTP to this registry host (localhost and 127.0.0.0/8 always are).
-        #[arg(long, value_name = "HOST")]
-        insecure_registry: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
         /// Refuse a layer that unpacks to more than this (K, M, G suffixes).
         #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
         max_layer_size: u64,
         /// Print the build result as JSON on stdout (and nothing else).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish a stored EROFS image in the EROFS image layer format
+    ///
+    /// DEST is one of:
+    ///   REF, docker://REF        a registry repository and tag: 127.0.0.1:5000/lab/app:erofs
+    ///   oci:DIR[:TAG]            an OCI image layout directory (created or added to)
+    ///   oci-archive:FILE[:TAG]   a tar of an OCI image layout (written whole, then renamed)
+    ///
+    /// Layers go out as `application/vnd.erofs` (or `+zstd` with --zstd), `os.features`
+    /// holds "erofs", and vmrootfs annotations say which tar layer each blob was made from,
+    /// so another host's `vmrootfs build DEST` stores the blobs without converting. The bytes
+    /// are reproducible: pushing twice gives the same manifest digest. An image built from a
+    /// registry names its source manifest as `subject` (found through the referrers API or
+    /// the `sha256-<hex>` fallback tag; see `build --use-converted`). ext4 images are refused.
+    /// Examples:
+    ///   vmrootfs push busybox 127.0.0.1:5000/lab/busybox:erofs
+    ///   vmrootfs push debian oci-archive:debian-erofs.tar:v1 --zstd
+    #[command(verbatim_doc_comment)]
+    Push {
+        /// The stored image (its tag).
+        tag: String,
+        /// Where to publish it (see above).
+        dest: String,
+        /// Compress the layers with zstd (`application/vnd.erofs+zstd`).
+        #[arg(long)]
+        zstd: bool,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Print what was pushed as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -142,6 +169,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How to reach registries.
+#[derive(clap::Args)]
+struct RegistryArgs {
+    /// Registry credentials for every registry [default: docker's config.json, else none].
+    #[arg(long, value_name = "USER:PASS")]
+    creds: Option<String>,
+    /// Speak plain HTTP to this registry host (localhost and 127.0.0.0/8 always are).
+    #[arg(long, value_name = "HOST")]
+    insecure_registry: Vec<String>,
+}
+
+impl RegistryArgs {
+    fn options(self) -> anyhow::Result<vmrootfs::source::RegistryOptions> {
+        let creds = match self.creds {
+            Some(c) => {
+                let (user, pass) = c.split_once(':').context("--creds takes USER:PASS")?;
+                Some((user.to_string(), pass.to_string()))
+            }
+            None => None,
+        };
+        Ok(vmrootfs::source::RegistryOptions { creds, insecure: self.insecure_registry })
+    }
 }
 
 fn main() -> ExitCode {
@@ -267,8 +318,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             platform,
             jobs,
             squash,
-            creds,
-            insecure_registry,
+            registry,
             max_layer_size,
             json,
         } => {
@@ -281,11 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             if let Some(j) = jobs {
                 opts.jobs = j.max(1);
             }
-            if let Some(c) = creds {
-                let (user, pass) = c.split_once(':').context("--creds takes USER:PASS")?;
-                opts.registry.creds = Some((user.to_string(), pass.to_string()));
-            }
-            opts.registry.insecure = insecure_registry;
+            opts.registry = registry.options()?;
             let builder = Builder::new(store, opts)?;
             let reporter = Reporter::new();
             let result = builder.build(&source, tag.as_deref(), &reporter)?;
@@ -306,6 +352,22 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 for (i, l) in r.lowers.iter().enumerate() {
                     writeln!(out, "  {i}: {}", l.path.display())?;
                 }
+            }
+        }
+        Command::Push { tag, dest, zstd, registry, json } => {
+            let store = open_store(cli.store)?;
+            let opts = vmrootfs::push::PushOptions { zstd, registry: registry.options()? };
+            let pushed = vmrootfs::push::push(&store, &tag, &dest, &opts)?;
+            if json {
+                print_json(&pushed)?;
+            } else {
+                let sent = pushed.layers.iter().filter(|l| !l.existed).count();
+                writeln!(
+                    std::io::stdout().lock(),
+                    "{dest}: {} ({} layers, {sent} sent)",
+                    pushed.manifest_digest,
+                    pushed.layers.len()
+                )?;
             }
         }
         Command::Ls { json } => {

@@ -70,6 +70,23 @@ impl Reporter {
 
     /// A layer whose conversion starts now.
     pub fn layer(&self, index: usize, total: usize, digest: &Digest, size: Option<u64>) -> LayerProgress {
+        self.start(index, total, digest, size, ("unpacking", "converting", "converted"))
+    }
+
+    /// A ready-made layer blob (an EROFS image's) whose download starts now.
+    pub fn fetch(&self, index: usize, total: usize, digest: &Digest, size: Option<u64>) -> LayerProgress {
+        self.start(index, total, digest, size, ("fetching", "fetching", "fetched, no conversion,"))
+    }
+
+    /// `words`: the bar's first message, the line's "…ing", the line's "…ed".
+    fn start(
+        &self,
+        index: usize,
+        total: usize,
+        digest: &Digest,
+        size: Option<u64>,
+        words: (&'static str, &'static str, &'static str),
+    ) -> LayerProgress {
         let label = format!("layer {}/{total} {}", index + 1, short(digest));
         let bar = self.bars.as_ref().map(|m| {
             let bar = m.add(match size {
@@ -84,13 +101,13 @@ impl Reporter {
                 .progress_chars("=> "),
             );
             bar.set_prefix(label.clone());
-            bar.set_message("unpacking");
+            bar.set_message(words.0);
             bar
         });
         if bar.is_none() {
-            self.line(&format!("{label}: converting"));
+            self.line(&format!("{label}: {}", words.1));
         }
-        LayerProgress { bar, label, start: Instant::now(), quiet: verbosity() == 0 }
+        LayerProgress { bar, label, start: Instant::now(), quiet: verbosity() == 0, done: words.2 }
     }
 }
 
@@ -100,6 +117,8 @@ pub struct LayerProgress {
     label: String,
     start: Instant,
     quiet: bool,
+    /// What the last line says happened ("converted").
+    done: &'static str,
 }
 
 impl LayerProgress {
@@ -119,8 +138,9 @@ impl LayerProgress {
 
     pub fn done(&self, blob_size: u64) {
         let msg = format!(
-            "{}: converted in {:.1}s, blob {}",
+            "{}: {} in {:.1}s, blob {}",
             self.label,
+            self.done,
             self.start.elapsed().as_secs_f64(),
             mib(blob_size)
         );

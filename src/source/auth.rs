@@ -61,6 +61,15 @@ impl Session {
     pub fn renewable(&self) -> bool {
         self.renewable
     }
+
+    /// `request` with this session's credentials, for requests made without oci-client.
+    pub fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            RegistryAuth::Bearer(token) => request.bearer_auth(token),
+            RegistryAuth::Basic(user, password) => request.basic_auth(user, Some(password)),
+            RegistryAuth::Anonymous => request,
+        }
+    }
 }
 
 /// Hands out sessions for one repository of one registry, renewing tokens as they run out.
@@ -82,13 +91,20 @@ struct State {
 }
 
 impl Authorizer {
-    pub fn new(registry: &str, repository: &str, credential: Credential, plain_http: bool) -> Self {
+    /// For `actions` (`pull`, or `pull,push`) on `repository` of `registry`.
+    pub fn new(
+        registry: &str,
+        repository: &str,
+        actions: &str,
+        credential: Credential,
+        plain_http: bool,
+    ) -> Self {
         let scheme = if plain_http { "http" } else { "https" };
         Authorizer {
             http: reqwest::Client::new(),
             registry: registry.to_string(),
             base_url: format!("{scheme}://{registry}"),
-            scope: format!("repository:{repository}:pull"),
+            scope: format!("repository:{repository}:{actions}"),
             credential,
             plain_http,
             state: tokio::sync::Mutex::new(State::default()),
@@ -159,6 +175,16 @@ impl Authorizer {
         };
         state.session = Some(session.clone());
         Ok(session)
+    }
+
+    /// `https://host[:port]` (or `http://` for plain-HTTP registries).
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// The HTTP client the authorizer's own requests use.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     /// `GET /v2/`: what the registry asks for.

@@ -133,6 +133,7 @@ impl ImageSource for DockerArchive {
                 media_type: "application/vnd.docker.image.rootfs.diff.tar".to_string(),
                 digest,
                 size: None,
+                annotations: Default::default(),
                 location: name.clone(),
             });
         }
@@ -143,8 +144,11 @@ impl ImageSource for DockerArchive {
             config_digest,
             platform: config_platform(&config),
             config,
+            config_bytes: bytes,
+            manifest_bytes: None,
             layers,
             diff_ids,
+            erofs: None,
         })
     }
 

@@ -7,19 +7,21 @@
 //! | `docker-archive:FILE[:REF]`| `docker save` tar ([`docker_archive`])      |
 
 mod archive;
-mod auth;
+pub(crate) mod auth;
 pub mod docker_archive;
 pub mod oci;
 pub mod registry;
 
 pub use registry::RegistryOptions;
 
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::{Digest, ImageConfiguration};
 
 use crate::digest::{DigestMismatch, InvalidDigest};
+use crate::erofs_image::{self, ErofsLayer};
 use crate::platform::Platform;
 
 /// Largest manifest, index or config accepted (they are read into memory).
@@ -90,6 +92,8 @@ pub enum SourceError {
     InvalidDigest(#[from] InvalidDigest),
     #[error(transparent)]
     Digest(#[from] DigestMismatch),
+    #[error("EROFS image: {0}")]
+    ErofsFormat(#[from] erofs_image::FormatError),
 }
 
 pub(crate) fn io_at(path: &Path) -> impl FnOnce(io::Error) -> SourceError + '_ {
@@ -103,6 +107,8 @@ pub struct LayerRef {
     /// Digest of the (possibly compressed) blob; checked while streaming.
     pub digest: Digest,
     pub size: Option<u64>,
+    /// The descriptor's annotations (EROFS images carry DiffIDs and dm-verity data here).
+    pub annotations: BTreeMap<String, String>,
     /// Where the source finds the blob (a path inside its directory or archive).
     pub(crate) location: String,
 }
@@ -115,16 +121,24 @@ pub struct ResolvedImage {
     pub config: ImageConfiguration,
     pub platform: String,
     pub layers: Vec<LayerRef>,
-    /// Diff IDs from the config, one per layer.
+    /// Diff IDs from the config, one per layer (for an EROFS image, per the format's rules).
     pub diff_ids: Vec<Digest>,
+    /// The manifest as the source served it (none for a docker archive, which has none).
+    pub manifest_bytes: Option<Vec<u8>>,
+    /// The config as the source served it.
+    pub config_bytes: Vec<u8>,
+    /// For an image of EROFS layers (already converted, by vmrootfs or another producer):
+    /// each layer's classification. `None` for tar layers.
+    pub erofs: Option<Vec<ErofsLayer>>,
 }
 
 impl ResolvedImage {
     /// The image a manifest describes; `location` says where the source finds a layer blob.
     pub(crate) fn from_manifest(
         manifest_digest: Digest,
+        manifest_bytes: Vec<u8>,
         manifest: &oci_spec::image::ImageManifest,
-        config: ImageConfiguration,
+        (config, config_bytes): (ImageConfiguration, Vec<u8>),
         location: impl Fn(&Digest) -> String,
     ) -> Result<ResolvedImage, SourceError> {
         // Only sha256 digests go on: they are what every check and store name is made of.
@@ -140,16 +154,43 @@ impl ResolvedImage {
                 media_type: l.media_type().to_string(),
                 digest: l.digest().clone(),
                 size: Some(l.size()),
+                annotations: l.annotations().clone().unwrap_or_default().into_iter().collect(),
                 location: location(l.digest()),
             })
             .collect();
+        let media_types: Vec<&str> = layers.iter().map(|l| l.media_type.as_str()).collect();
+        let (diff_ids, erofs) = if erofs_image::is_erofs_manifest(&media_types) {
+            let configured: Vec<Digest> = config
+                .rootfs()
+                .diff_ids()
+                .iter()
+                .enumerate()
+                .map(|(i, d)| crate::digest::parse_sha256(&format!("config rootfs.diff_ids[{i}]"), d))
+                .collect::<Result<_, _>>()?;
+            let descriptors: Vec<erofs_image::Descriptor<'_>> = layers
+                .iter()
+                .map(|l| erofs_image::Descriptor {
+                    media_type: &l.media_type,
+                    digest: &l.digest,
+                    annotations: &l.annotations,
+                })
+                .collect();
+            let features = config.os_features().clone().unwrap_or_default();
+            let classified = erofs_image::classify(&descriptors, Some(&configured), &features)?;
+            (classified.iter().map(|l| l.diff_id.clone()).collect(), Some(classified))
+        } else {
+            (diff_ids(&config, layers.len())?, None)
+        };
         Ok(ResolvedImage {
             manifest_digest,
             config_digest: manifest.config().digest().clone(),
             platform: oci::config_platform(&config),
-            diff_ids: diff_ids(&config, layers.len())?,
+            diff_ids,
             config,
+            config_bytes,
+            manifest_bytes: Some(manifest_bytes),
             layers,
+            erofs,
         })
     }
 }

@@ -140,12 +140,18 @@ impl ImageSource for OciSource {
             if !MANIFEST_TYPES.contains(&media_type.as_str()) {
                 return Err(SourceError::UnsupportedManifest(media_type));
             }
-            let (manifest, _): (ImageManifest, _) = self.read_blob(&desc, "manifest")?;
-            let (config, _): (ImageConfiguration, _) = self.read_blob(manifest.config(), "config")?;
+            let (manifest, manifest_bytes): (ImageManifest, _) = self.read_blob(&desc, "manifest")?;
+            let (config, config_bytes): (ImageConfiguration, _) = self.read_blob(manifest.config(), "config")?;
             if !via_index {
                 super::check_config_platform(&config, platform, &self.describe())?;
             }
-            return ResolvedImage::from_manifest(desc.digest().clone(), &manifest, config, blob_path);
+            return ResolvedImage::from_manifest(
+                desc.digest().clone(),
+                manifest_bytes,
+                &manifest,
+                (config, config_bytes),
+                blob_path,
+            );
         }
         Err(SourceError::UnsupportedManifest("index nested too deeply".to_string()))
     }

@@ -51,7 +51,7 @@ pub struct RegistrySource {
 }
 
 /// Plain HTTP for localhost, 127.0.0.0/8 and hosts given with `--insecure-registry`, as docker.
-fn insecure(registry: &str, extra: &[String]) -> bool {
+pub(crate) fn insecure(registry: &str, extra: &[String]) -> bool {
     let host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
     host == "localhost"
         || Ipv4Addr::from_str(host).is_ok_and(|ip| ip.octets()[0] == 127)
@@ -81,7 +81,7 @@ const HELPER_NOT_FOUND: &str = "credentials not found in native keychain";
 /// else anonymous. Without a config.json, or with no entry for the registry, access is
 /// anonymous; a config that cannot be read or a helper that fails is an error (going
 /// anonymous would hide why a pull is refused, or pull another image than the user's).
-fn auth_for(registry: &str, opts: &RegistryOptions) -> Result<Credential, SourceError> {
+pub(crate) fn auth_for(registry: &str, opts: &RegistryOptions) -> Result<Credential, SourceError> {
     use docker_credential::CredentialRetrievalError as E;
     if let Some((u, p)) = &opts.creds {
         return Ok(Credential::Basic { user: u.clone(), password: p.clone() });
@@ -148,7 +148,7 @@ impl RegistrySource {
         let credential = auth_for(reference.registry(), opts)?;
         let with_credentials = !matches!(credential, Credential::Anonymous);
         let plain_http = insecure(&registry, &opts.insecure);
-        let authorizer = Authorizer::new(&registry, reference.repository(), credential, plain_http);
+        let authorizer = Authorizer::new(&registry, reference.repository(), "pull", credential, plain_http);
         Ok(RegistrySource {
             spec: format!("docker://{}", reference.whole()),
             reference,
@@ -410,7 +410,9 @@ impl ImageSource for RegistrySource {
             if !via_index {
                 super::check_config_platform(&config, platform, &self.spec)?;
             }
-            return ResolvedImage::from_manifest(found, &manifest, config, |d| d.to_string());
+            return ResolvedImage::from_manifest(found, bytes, &manifest, (config, config_bytes), |d| {
+                d.to_string()
+            });
         }
         Err(SourceError::UnsupportedManifest("index nested too deeply".into()))
     }

@@ -21,6 +21,8 @@ pub struct GcReport {
     pub tmp: usize,
     /// Files removed from `run`'s cache `vm/` (rebuilt on demand).
     pub vm: usize,
+    /// Kept source manifests and configs no record names any more.
+    pub sources: usize,
 }
 
 /// The files of one blob id found in a layer directory.
@@ -81,6 +83,22 @@ impl Store {
                 }
                 for path in &files.others {
                     remove(path)?;
+                }
+            }
+        }
+        let sources = self.root.join("sources");
+        if sources.exists() {
+            let kept: HashSet<String> = records
+                .iter()
+                .flat_map(|r| [&r.manifest_digest, &r.config_digest])
+                .map(|d| format!("{}.json", d.digest()))
+                .collect();
+            for entry in fs_err::read_dir(&sources).map_err(io_at(&sources))? {
+                let path = entry.map_err(io_at(&sources))?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                if !kept.contains(&name) {
+                    remove(&path)?;
+                    report.sources += 1;
                 }
             }
         }

@@ -14,6 +14,8 @@
 //!   layers/<fs>-v<N>/squash-<chain hex>.<fs>  the whole stack flattened (`build --squash`),
 //!                                       with its `.json` record and `.lock`
 //!   images/<escaped tag>.json           ImageRecord, one per tag
+//!   sources/<sha256 hex>.json           a source manifest or config, as the source served
+//!                                       it, kept for `push` while a record names it
 //!   vm/                                 `run`'s cache, rebuilt on demand, emptied by gc
 //!     vmlinux-<bzImage sha256 hex>      the kernel unpacked to its ELF, keyed by content
 //!                                       (the initramfs is made per run, in tmp/)
@@ -311,6 +313,60 @@ impl Store {
         let dir = self.root.join("vm");
         fs_err::create_dir_all(&dir).map_err(io_at(&dir))?;
         Ok(dir.join(format!("vmlinux-{}", hex.digest())))
+    }
+
+    /// Keeps a source manifest or config (`bytes`, whose sha256 is `digest`) for `push`.
+    pub fn put_source_json(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.source_json_path(digest)?;
+        if path.exists() {
+            return Ok(());
+        }
+        let dir = path.parent().expect("a sources/ path");
+        fs_err::create_dir_all(dir).map_err(io_at(dir))?;
+        write_atomic(&path, bytes)
+    }
+
+    /// A kept source manifest or config, if this store has it (stores older than `push`, and
+    /// docker archives' manifests, have none).
+    pub fn source_json(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.source_json_path(digest)?;
+        match fs_err::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Io { path, source: e }),
+        }
+    }
+
+    fn source_json_path(&self, digest: &Digest) -> Result<PathBuf, StoreError> {
+        let hex = crate::digest::require_sha256("source manifest or config digest", digest)?;
+        Ok(self.root.join("sources").join(format!("{}.json", hex.digest())))
+    }
+
+    /// The stored layer blob `id` (of any recipe), if its blob and record are published; the
+    /// directory index is not required (layers pulled ready-made have none).
+    pub fn layer_blob(&self, id: &BlobId) -> Result<Option<LayerRecord>, StoreError> {
+        if !self.blob_path(id).exists() {
+            return Ok(None);
+        }
+        read_sidecar(&self.sidecar(id, "json"))
+    }
+
+    /// Publishes a layer blob pulled ready-made (`blob`, in `tmp/`) with its record; it has no
+    /// directory index, so a tar build that needs one converts the layer again (same bytes).
+    pub fn publish_pulled_layer(&self, blob: &Path, record: &LayerRecord) -> Result<PathBuf, StoreError> {
+        let id = BlobId::new(BlobKind::Layer, record.fs, record.recipe, &record.chain_id)?;
+        let dir = self.layer_dir(id.fs, id.recipe);
+        fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
+        let json = serde_json::to_vec_pretty(record).expect("a layer record serializes");
+        write_atomic(&self.sidecar(&id, "json"), &json)?;
+        let dest = self.blob_path(&id);
+        publish_blob(blob, &dest)?;
+        Ok(dest)
+    }
+
+    /// The layer lock of blob `id` (of any recipe).
+    pub fn lock_layer_blob(&self, id: &BlobId) -> Result<FileLock, StoreError> {
+        self.lock_blob(id)
     }
 
     /// A fresh staging directory under `tmp/`, removed when dropped.

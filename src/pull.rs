@@ -1,0 +1,229 @@
+//! Building an image that is already EROFS (the EROFS image layer format, as `push` writes
+//! it): the layer blobs are streamed into the store as they are — checked against the
+//! descriptor digest, decompressed for `+zstd` and checked against the layer's DiffID — with
+//! no mkfs at all, in parallel, up to `jobs` at a time.
+//!
+//! A blob made by vmrootfs (its `dev.vmrootfs.source.chain-id` and `dev.vmrootfs.recipe`
+//! annotations) is stored under the key a local conversion of its tar layer uses, so pulling
+//! the converted image and building the tar image store nothing twice. This trusts the
+//! image's producer for the tar layers it names (see the README's trust model). A blob from
+//! another producer is stored under its own chain ID as recipe [`IMPORTED_RECIPE`].
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use oci_spec::image::Digest;
+
+use crate::backend::FsType;
+use crate::digest::{self, HashingReader, HashingWriter};
+use crate::erofs_image::{self, ErofsLayer, Role};
+use crate::progress::Reporter;
+use crate::record::{BlobId, BlobKind, LayerRecord, Lower};
+use crate::source::{ImageSource, LayerRef, ResolvedImage};
+use crate::store::{Store, StoreError};
+
+/// The recipe version recorded for EROFS blobs vmrootfs did not make: they are stored as they
+/// came (`layers/erofs-v0/`), keyed by their own chain ID.
+pub const IMPORTED_RECIPE: u32 = 0;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PullError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error("reading the blob")]
+    Read(#[source] io::Error),
+    #[error("streaming the blob into {path}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Digest(#[from] digest::DigestMismatch),
+    #[error("the blob is {found} bytes, not the {expected} its descriptor says")]
+    Size { expected: u64, found: u64 },
+    #[error("the layer unpacks to more than --max-layer-size ({max} bytes)")]
+    TooLarge { max: u64 },
+    #[error("annotation {key} = {value:?} is not {expected}")]
+    BadAnnotation { key: &'static str, value: String, expected: &'static str },
+    #[error(transparent)]
+    InvalidDigest(#[from] digest::InvalidDigest),
+}
+
+/// Where one pulled layer goes in the store, and what its record says.
+struct Target {
+    id: BlobId,
+    /// The diff ID recorded: the tar layer's for vmrootfs blobs, else the EROFS layer's.
+    diff_id: Digest,
+    tool: String,
+}
+
+/// The store key of layer `i` (see the module doc).
+fn target(image: &ResolvedImage, chain: &[Digest], i: usize, spec: &str) -> Result<Target, PullError> {
+    let a = &image.layers[i].annotations;
+    let annotated = |key: &'static str| -> Result<Option<Digest>, PullError> {
+        a.get(key)
+            .map(|v| {
+                v.parse::<Digest>().map_err(|_| PullError::BadAnnotation { key, value: v.clone(), expected: "a digest" })
+            })
+            .transpose()
+    };
+    let made_by = a.get(erofs_image::TOOL).map(|t| format!(", made by {t}")).unwrap_or_default();
+    let tool = format!("pulled from {spec}{made_by}");
+    match (annotated(erofs_image::SOURCE_CHAIN_ID)?, annotated(erofs_image::SOURCE_DIFF_ID)?, a.get(erofs_image::RECIPE)) {
+        (Some(chain_id), Some(diff_id), Some(recipe)) => {
+            let recipe = recipe.parse().map_err(|_| PullError::BadAnnotation {
+                key: erofs_image::RECIPE,
+                value: recipe.clone(),
+                expected: "a recipe version number",
+            })?;
+            Ok(Target { id: BlobId::new(BlobKind::Layer, FsType::Erofs, recipe, &chain_id)?, diff_id, tool })
+        }
+        _ => Ok(Target {
+            id: BlobId::new(BlobKind::Layer, FsType::Erofs, IMPORTED_RECIPE, &chain[i])?,
+            diff_id: image.diff_ids[i].clone(),
+            tool,
+        }),
+    }
+}
+
+/// Stores the layers of the EROFS image `image` (classified as `layers`); the lowers of its
+/// record, base first, and whether every blob was stored already.
+pub fn pull(
+    store: &Store,
+    source: &dyn ImageSource,
+    image: &ResolvedImage,
+    layers: &[ErofsLayer],
+    jobs: usize,
+    max_layer_bytes: u64,
+    reporter: &Reporter,
+) -> Result<(Vec<Lower>, bool), (Digest, PullError)> {
+    let chain = digest::chain_ids(&image.diff_ids);
+    let spec = source.describe();
+    let wanted: Vec<usize> = (0..layers.len()).filter(|&i| layers[i].role == Role::Lower).collect();
+    let total = wanted.len();
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::new());
+    let fetched = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1).min(total.max(1)) {
+            s.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(&i) = wanted.get(k) else { break };
+                    let layer = &image.layers[i];
+                    let result = (|| {
+                        let t = target(image, &chain, i, &spec)?;
+                        let (record, was_stored) = fetch_one(store, source, layer, &layers[i], &t, k, total, max_layer_bytes, reporter)?;
+                        if !was_stored {
+                            fetched.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(Lower {
+                            fs: FsType::Erofs,
+                            recipe: t.id.recipe,
+                            chain_id: record.chain_id,
+                            diff_id: record.diff_id,
+                            digest: layer.digest.clone(),
+                            size: record.size,
+                            blob_sha256: record.blob_sha256,
+                        })
+                    })();
+                    results.lock().expect("lock").push((k, result.map_err(|e| (layer.digest.clone(), e))));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().expect("lock");
+    results.sort_by_key(|(k, _)| *k);
+    let lowers = results.into_iter().map(|(_, r)| r).collect::<Result<Vec<_>, _>>()?;
+    Ok((lowers, fetched.load(Ordering::SeqCst) == 0))
+}
+
+/// One layer: the stored record if the store has it, else fetched, checked and published.
+#[allow(clippy::too_many_arguments)]
+fn fetch_one(
+    store: &Store,
+    source: &dyn ImageSource,
+    layer: &LayerRef,
+    classified: &ErofsLayer,
+    t: &Target,
+    index: usize,
+    total: usize,
+    max_layer_bytes: u64,
+    reporter: &Reporter,
+) -> Result<(LayerRecord, bool), PullError> {
+    if let Some(r) = store.layer_blob(&t.id)? {
+        reporter.cached(index, total, &layer.digest);
+        return Ok((r, true));
+    }
+    let _lock = store.lock_layer_blob(&t.id)?;
+    if let Some(r) = store.layer_blob(&t.id)? {
+        reporter.cached(index, total, &layer.digest);
+        return Ok((r, true));
+    }
+    let progress = reporter.fetch(index, total, &layer.digest, layer.size);
+    let result = (|| {
+        let work = store.staging("pull-")?;
+        let out = work.path().join("blob");
+        let file = fs_err::File::create(&out).map_err(|e| PullError::Write { path: out.clone(), source: e })?;
+        let mut sink = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file));
+        let counted = Counting { inner: source.open_layer(layer)?, progress: &|n| progress.inc(n) };
+        let mut raw = HashingReader::new(counted);
+        let limit = max_layer_bytes.saturating_add(1);
+        let copied = if classified.zstd {
+            let decoder = zstd::stream::Decoder::new(&mut raw).map_err(PullError::Read)?;
+            io::copy(&mut decoder.take(limit), &mut sink)
+        } else {
+            io::copy(&mut (&mut raw).take(limit), &mut sink)
+        };
+        let n = copied.map_err(|e| PullError::Write { path: out.clone(), source: e })?;
+        if n > max_layer_bytes {
+            return Err(PullError::TooLarge { max: max_layer_bytes });
+        }
+        let (found, read, _) = raw.finish().map_err(PullError::Read)?;
+        if let Some(expected) = layer.size
+            && expected != read
+        {
+            return Err(PullError::Size { expected, found: read });
+        }
+        digest::check("layer blob", &layer.digest, &found)?;
+        let (unpacked, size, writer) = sink.finish();
+        let file = writer.into_inner().map_err(|e| PullError::Write { path: out.clone(), source: e.into_error() })?;
+        file.sync_all().map_err(|e| PullError::Write { path: out.clone(), source: e })?;
+        digest::check("layer DiffID (uncompressed digest)", &classified.diff_id, &unpacked)?;
+        let record = LayerRecord {
+            chain_id: t.id.chain_id.clone().into(),
+            diff_id: t.diff_id.clone(),
+            fs: FsType::Erofs,
+            recipe: t.id.recipe,
+            size,
+            blob_sha256: unpacked.digest().to_string(),
+            tool: t.tool.clone(),
+        };
+        store.publish_pulled_layer(&out, &record)?;
+        Ok(record)
+    })();
+    match &result {
+        Ok(r) => progress.done(r.size),
+        Err(_) => progress.failed(),
+    }
+    result.map(|r| (r, false))
+}
+
+/// Counts bytes read, for progress.
+struct Counting<'a, R> {
+    inner: R,
+    progress: &'a dyn Fn(u64),
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.progress)(n as u64);
+        Ok(n)
+    }
+}

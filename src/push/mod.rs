@@ -1,0 +1,286 @@
+//! `push TAG DEST`: publishes a stored EROFS image in the EROFS image layer format
+//! ([`crate::erofs_image`]) — to a registry, an OCI layout directory or an OCI archive — so
+//! that other hosts pull ready-to-attach blobs instead of converting.
+//!
+//! The bytes are deterministic: the config is the source's own with `rootfs.diff_ids` of the
+//! EROFS layers and `erofs` in `os.features` (kept key order, no timestamps), the layer
+//! descriptors carry only content-derived annotations, and `--zstd` compresses at a fixed
+//! level, so pushing twice gives the same manifest digest. When the source came from a
+//! registry, the manifest's `subject` names the source manifest, so the converted image can be
+//! found from it (the referrers API, or the fallback tag `sha256-<hex>` on registries without
+//! it; see [`registry`]).
+
+mod layout;
+mod registry;
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::Digest;
+use serde::Serialize;
+
+use crate::backend::FsType;
+use crate::digest;
+use crate::erofs_image::{self, ProducedLayer};
+use crate::record::ImageRecord;
+use crate::source::RegistryOptions;
+use crate::store::{Store, StoreError};
+
+pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+/// zstd level of `--zstd` layers: fixed, so the bytes are reproducible.
+const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PushError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "{tag} is an {fs} image: only EROFS images can be pushed (the EROFS image layer format carries EROFS layers only); build it with --fs erofs"
+    )]
+    NotErofs { tag: String, fs: FsType },
+    #[error(
+        "the store has no copy of {tag}'s source config {digest} (it was built by an older vmrootfs); build it again to push it"
+    )]
+    NoSourceConfig { tag: String, digest: Digest },
+    #[error("the source config of {tag} is not a JSON object")]
+    BadSourceConfig { tag: String },
+    #[error("bad destination {0:?}: expected REGISTRY/REPO[:TAG], oci:DIR[:TAG] or oci-archive:FILE[:TAG]")]
+    BadDestination(String),
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pushing to {destination}: {detail}")]
+    Registry { destination: String, detail: String },
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> PushError + '_ {
+    move |source| PushError::Io { path: path.to_owned(), source }
+}
+
+/// How to push.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// Publish `application/vnd.erofs+zstd` layers (compressed) rather than raw ones.
+    pub zstd: bool,
+    pub registry: RegistryOptions,
+}
+
+/// Where a push goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Registry(String),
+    Layout { dir: PathBuf, tag: String },
+    Archive { file: PathBuf, tag: String },
+}
+
+impl Destination {
+    pub fn parse(spec: &str) -> Result<Destination, PushError> {
+        let split = |rest: &str| -> (PathBuf, String) {
+            match rest.rsplit_once(':') {
+                Some((path, tag)) if !path.is_empty() && is_tag(tag) => (path.into(), tag.to_string()),
+                _ => (rest.into(), "latest".to_string()),
+            }
+        };
+        if let Some(rest) = spec.strip_prefix("oci:") {
+            let (dir, tag) = split(rest);
+            return Ok(Destination::Layout { dir, tag });
+        }
+        if let Some(rest) = spec.strip_prefix("oci-archive:") {
+            let (file, tag) = split(rest);
+            return Ok(Destination::Archive { file, tag });
+        }
+        let reference = spec.strip_prefix("docker://").unwrap_or(spec);
+        if reference.is_empty() || reference.contains(char::is_whitespace) {
+            return Err(PushError::BadDestination(spec.to_string()));
+        }
+        Ok(Destination::Registry(reference.to_string()))
+    }
+}
+
+/// An OCI tag: `[A-Za-z0-9_][A-Za-z0-9._-]{0,127}`.
+fn is_tag(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 128
+        && chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+}
+
+/// One blob to publish: its descriptor and the file holding its bytes.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub path: PathBuf,
+}
+
+/// What a push published.
+#[derive(Debug, Clone, Serialize)]
+pub struct Pushed {
+    pub destination: String,
+    pub manifest_digest: String,
+    pub manifest_size: u64,
+    pub config_digest: String,
+    pub layers: Vec<PushedLayer>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PushedLayer {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    /// Whether the destination had it already (nothing was sent).
+    pub existed: bool,
+}
+
+/// The image to publish, composed: its layer blobs, config and manifest bytes.
+pub struct Composed {
+    pub layers: Vec<Blob>,
+    pub config: Vec<u8>,
+    pub manifest: Vec<u8>,
+    /// The source manifest's descriptor when it is the manifest's `subject`.
+    pub subject: Option<serde_json::Value>,
+    /// The platform of an index entry naming the manifest, `erofs` in its `os.features`.
+    pub platform: serde_json::Value,
+    /// Compressed layers live here until the push ends.
+    _work: Option<tempfile::TempDir>,
+}
+
+/// Publishes the image `tag` of `store` to `dest`.
+pub fn push(store: &Store, tag: &str, dest: &str, opts: &PushOptions) -> Result<Pushed, PushError> {
+    let dest_parsed = Destination::parse(dest)?;
+    // Shared store lock: no gc while the blobs are read.
+    let _lock = store.lock_shared()?;
+    let record = store.get(tag)?;
+    let composed = compose(store, &record, opts.zstd)?;
+    let layers = match &dest_parsed {
+        Destination::Registry(reference) => registry::push(reference, &composed, &opts.registry)?,
+        Destination::Layout { dir, tag } => layout::write_dir(dir, tag, &composed)?,
+        Destination::Archive { file, tag } => layout::write_archive(file, tag, &composed)?,
+    };
+    Ok(Pushed {
+        destination: dest.to_string(),
+        manifest_digest: digest::sha256_of(&composed.manifest).to_string(),
+        manifest_size: composed.manifest.len() as u64,
+        config_digest: digest::sha256_of(&composed.config).to_string(),
+        layers,
+    })
+}
+
+/// The layer blobs, config and manifest of `record` in the EROFS image layer format.
+pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Composed, PushError> {
+    if let Some(l) = record.lowers.iter().find(|l| l.fs != FsType::Erofs) {
+        return Err(PushError::NotErofs { tag: record.tag.clone(), fs: l.fs });
+    }
+    let config_source = store
+        .source_json(&record.config_digest)?
+        .ok_or_else(|| PushError::NoSourceConfig { tag: record.tag.clone(), digest: record.config_digest.clone() })?;
+    let work = if zstd { Some(store.staging("push-")?) } else { None };
+    let mut blobs = Vec::new();
+    let mut produced = Vec::new();
+    for (i, lower) in record.lowers.iter().enumerate() {
+        let path = store.blob_path(&lower.id().map_err(StoreError::from)?);
+        let diff_id = digest::parse_sha256("stored blob sha256", &format!("sha256:{}", lower.blob_sha256))
+            .map_err(StoreError::from)?;
+        let (blob_path, blob_digest, size) = match &work {
+            Some(dir) => {
+                let out = dir.path().join(format!("layer-{i}.zst"));
+                let (d, n) = compress(&path, &out)?;
+                (out, d, n)
+            }
+            None => (path, diff_id.clone(), lower.size),
+        };
+        produced.push(ProducedLayer {
+            digest: blob_digest.clone(),
+            size,
+            diff_id,
+            zstd,
+            source_chain_id: lower.chain_id.clone(),
+            source_diff_id: lower.diff_id.clone(),
+            source_digest: lower.digest.clone(),
+            recipe: lower.recipe,
+            tool: store.layer_blob(&lower.id().map_err(StoreError::from)?)?.map(|r| r.tool).unwrap_or_default(),
+            verity: None,
+        });
+        blobs.push(Blob {
+            media_type: if zstd { erofs_image::MEDIA_TYPE_ZSTD } else { erofs_image::MEDIA_TYPE }.to_string(),
+            digest: blob_digest,
+            size,
+            path: blob_path,
+        });
+    }
+    let config = erofs_config(&config_source, &produced).ok_or(PushError::BadSourceConfig { tag: record.tag.clone() })?;
+    let subject = if record.source.starts_with("docker://") {
+        store.source_json(&record.manifest_digest)?.map(|bytes| {
+            let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
+                .unwrap_or_else(|| MANIFEST_TYPE.to_string());
+            serde_json::json!({
+                "mediaType": media_type,
+                "digest": record.manifest_digest.to_string(),
+                "size": bytes.len(),
+            })
+        })
+    } else {
+        None
+    };
+    let mut manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": CONFIG_TYPE, "digest": digest::sha256_of(&config).to_string(), "size": config.len()},
+        "layers": erofs_image::produce(&produced),
+        "annotations": {
+            erofs_image::SOURCE_MANIFEST: record.manifest_digest.to_string(),
+            erofs_image::RECIPE: produced.first().map(|p| p.recipe).unwrap_or(crate::backend::RECIPE_VERSION).to_string(),
+        },
+    });
+    if let Some(s) = &subject {
+        manifest["subject"] = s.clone();
+    }
+    let manifest = serde_json::to_vec(&manifest).expect("a manifest serializes");
+    let mut parts = record.platform.splitn(3, '/');
+    let mut platform = serde_json::json!({
+        "os": parts.next().unwrap_or_default(),
+        "architecture": parts.next().unwrap_or_default(),
+        "os.features": [erofs_image::OS_FEATURE],
+    });
+    if let Some(variant) = parts.next() {
+        platform["variant"] = variant.into();
+    }
+    Ok(Composed { layers: blobs, config, manifest, subject, platform, _work: work })
+}
+
+/// The source config with the EROFS layers' DiffIDs and `erofs` in `os.features`.
+fn erofs_config(source: &[u8], layers: &[ProducedLayer]) -> Option<Vec<u8>> {
+    let mut config: serde_json::Value = serde_json::from_slice(source).ok()?;
+    let obj = config.as_object_mut()?;
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.to_string()).collect();
+    obj.insert("rootfs".into(), serde_json::json!({"type": "layers", "diff_ids": diff_ids}));
+    let features = obj.entry("os.features").or_insert_with(|| serde_json::json!([]));
+    let list = features.as_array_mut()?;
+    if !list.iter().any(|f| f == erofs_image::OS_FEATURE) {
+        list.push(erofs_image::OS_FEATURE.into());
+    }
+    Some(serde_json::to_vec(&config).expect("a config serializes"))
+}
+
+/// zstd-compresses `from` into `to`; the compressed digest and size.
+fn compress(from: &Path, to: &Path) -> Result<(Digest, u64), PushError> {
+    let input = fs_err::File::open(from).map_err(io_at(from))?;
+    let out = fs_err::File::create(to).map_err(io_at(to))?;
+    let mut hashing = digest::HashingWriter::new(io::BufWriter::with_capacity(1 << 20, out));
+    let mut encoder = zstd::stream::Encoder::new(&mut hashing, ZSTD_LEVEL).map_err(io_at(to))?;
+    io::copy(&mut io::BufReader::with_capacity(1 << 20, input), &mut encoder).map_err(io_at(from))?;
+    encoder.finish().map_err(io_at(to))?;
+    let (d, n, mut w) = hashing.finish();
+    w.flush().map_err(io_at(to))?;
+    Ok((d, n))
+}
