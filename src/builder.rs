@@ -108,6 +108,9 @@ pub struct BuildOptions {
     pub squash: bool,
     /// Credentials and plain-HTTP hosts for registry sources.
     pub registry: crate::source::RegistryOptions,
+    /// Pull an EROFS image `vmrootfs push` made from the source (a referrer of its manifest,
+    /// same recipe) instead of converting, when the registry has one (erofs only).
+    pub use_converted: bool,
 }
 
 impl Default for BuildOptions {
@@ -119,6 +122,7 @@ impl Default for BuildOptions {
             max_layer_bytes: 64 << 30,
             squash: false,
             registry: Default::default(),
+            use_converted: false,
         }
     }
 }
@@ -210,6 +214,17 @@ impl Builder {
         let _store_lock = self.store.lock_shared()?;
         if let Some(erofs) = &image.erofs {
             return self.store_erofs_image(spec, tag, &*source, &image, erofs, reporter);
+        }
+        let wants_converted = self.opts.use_converted && self.opts.fs == FsType::Erofs && !self.opts.squash;
+        if wants_converted
+            && let Some(converted) = source.converted(&image.manifest_digest, RECIPE_VERSION)?
+        {
+            reporter.line(&format!("using the converted image {converted} (--use-converted)"));
+            let source = source::open(&converted, &self.opts.registry)?;
+            let image = source.resolve(&self.opts.platform)?;
+            if let Some(erofs) = &image.erofs {
+                return self.store_erofs_image(spec, tag, &*source, &image, erofs, reporter);
+            }
         }
         for l in &image.layers {
             layer::check_media_type(&l.media_type)
@@ -306,7 +321,7 @@ impl Builder {
             self.opts.max_layer_bytes,
             reporter,
         )
-        .map_err(|(digest, e)| BuildError::Pull { digest, source: Box::new(e) })?;
+        .map_err(|(digest, source)| BuildError::Pull { digest, source })?;
         let record = ImageRecord {
             tag: tag.unwrap_or(spec).to_string(),
             source: source.describe(),
@@ -401,6 +416,9 @@ impl Builder {
                 std::io::BufWriter::with_capacity(1 << 20, making),
                 self.opts.max_layer_bytes,
             );
+            if i == 0 {
+                normalizer = normalizer.base_layer();
+            }
             let blob = plan.source.open_layer(layer)?;
             let streamed = layer::stream(
                 blob,

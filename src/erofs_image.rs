@@ -116,6 +116,11 @@ pub fn classify(
     if !os_features.iter().any(|f| f == OS_FEATURE) {
         return Err(FormatError::NoOsFeature);
     }
+    let last = layers.len() - 1;
+    if layers[last].annotations.get(ROLE).is_some_and(|r| r == "device" || r == "overlay-data") {
+        let role = &layers[last].annotations[ROLE];
+        return Err(FormatError::NotMountableLast { index: last, what: format!("role {role}") });
+    }
     let mut out = Vec::with_capacity(layers.len());
     for (index, l) in layers.iter().enumerate() {
         let role = match l.media_type {
@@ -181,7 +186,6 @@ pub fn classify(
         }
         out.push(ErofsLayer { role, zstd, diff_id });
     }
-    let last = layers.len() - 1;
     if out[last].role != Role::Lower {
         return Err(FormatError::NotMountableLast { index: last, what: layers[last].media_type.to_string() });
     }
@@ -252,7 +256,11 @@ mod tests {
     fn classify_one(media: &str, ann: &[(&str, &str)]) -> Result<Vec<ErofsLayer>, FormatError> {
         let a: BTreeMap<String, String> = ann.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let digest = d('a');
-        classify(&[Descriptor { media_type: media, digest: &digest, annotations: &a }], None, &["erofs".into()])
+        classify(
+            &[Descriptor { media_type: media, digest: &digest, annotations: &a }],
+            None,
+            &["erofs".into()],
+        )
     }
 
     #[test]
@@ -276,6 +284,9 @@ mod tests {
             classify_one(MEDIA_TYPE, &[(VERITY_HASH_OFFSET, "12k")]),
             Err(FormatError::BadAnnotation { .. })
         ));
-        assert!(matches!(classify_one(MEDIA_TYPE, &[(ROLE, "sidecar")]), Err(FormatError::UnknownRole { .. })));
+        assert!(matches!(
+            classify_one(MEDIA_TYPE, &[(ROLE, "sidecar")]),
+            Err(FormatError::UnknownRole { .. })
+        ));
     }
 }

@@ -68,6 +68,11 @@ enum Command {
         squash: bool,
         #[command(flatten)]
         registry: RegistryArgs,
+        /// For a registry image: if the repository has an EROFS image `vmrootfs push` made from
+        /// it with this vmrootfs's recipe (found as a referrer of its manifest), pull that
+        /// instead of converting. Trusts whoever can push to the repository (see the README).
+        #[arg(long)]
+        use_converted: bool,
         /// Refuse a layer that unpacks to more than this (K, M, G suffixes).
         #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
         max_layer_size: u64,
@@ -319,6 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             jobs,
             squash,
             registry,
+            use_converted,
             max_layer_size,
             json,
         } => {
@@ -332,6 +338,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 opts.jobs = j.max(1);
             }
             opts.registry = registry.options()?;
+            opts.use_converted = use_converted;
             let builder = Builder::new(store, opts)?;
             let reporter = Reporter::new();
             let result = builder.build(&source, tag.as_deref(), &reporter)?;

@@ -10,8 +10,8 @@
 //! another producer is stored under its own chain ID as recipe [`IMPORTED_RECIPE`].
 
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use oci_spec::image::Digest;
 
@@ -68,13 +68,21 @@ fn target(image: &ResolvedImage, chain: &[Digest], i: usize, spec: &str) -> Resu
     let annotated = |key: &'static str| -> Result<Option<Digest>, PullError> {
         a.get(key)
             .map(|v| {
-                v.parse::<Digest>().map_err(|_| PullError::BadAnnotation { key, value: v.clone(), expected: "a digest" })
+                v.parse::<Digest>().map_err(|_| PullError::BadAnnotation {
+                    key,
+                    value: v.clone(),
+                    expected: "a digest",
+                })
             })
             .transpose()
     };
     let made_by = a.get(erofs_image::TOOL).map(|t| format!(", made by {t}")).unwrap_or_default();
     let tool = format!("pulled from {spec}{made_by}");
-    match (annotated(erofs_image::SOURCE_CHAIN_ID)?, annotated(erofs_image::SOURCE_DIFF_ID)?, a.get(erofs_image::RECIPE)) {
+    match (
+        annotated(erofs_image::SOURCE_CHAIN_ID)?,
+        annotated(erofs_image::SOURCE_DIFF_ID)?,
+        a.get(erofs_image::RECIPE),
+    ) {
         (Some(chain_id), Some(diff_id), Some(recipe)) => {
             let recipe = recipe.parse().map_err(|_| PullError::BadAnnotation {
                 key: erofs_image::RECIPE,
@@ -101,7 +109,7 @@ pub fn pull(
     jobs: usize,
     max_layer_bytes: u64,
     reporter: &Reporter,
-) -> Result<(Vec<Lower>, bool), (Digest, PullError)> {
+) -> Result<(Vec<Lower>, bool), (Digest, Box<PullError>)> {
     let chain = digest::chain_ids(&image.diff_ids);
     let spec = source.describe();
     let wanted: Vec<usize> = (0..layers.len()).filter(|&i| layers[i].role == Role::Lower).collect();
@@ -118,7 +126,17 @@ pub fn pull(
                     let layer = &image.layers[i];
                     let result = (|| {
                         let t = target(image, &chain, i, &spec)?;
-                        let (record, was_stored) = fetch_one(store, source, layer, &layers[i], &t, k, total, max_layer_bytes, reporter)?;
+                        let (record, was_stored) = fetch_one(
+                            store,
+                            source,
+                            layer,
+                            &layers[i],
+                            &t,
+                            k,
+                            total,
+                            max_layer_bytes,
+                            reporter,
+                        )?;
                         if !was_stored {
                             fetched.fetch_add(1, Ordering::SeqCst);
                         }
@@ -132,7 +150,10 @@ pub fn pull(
                             blob_sha256: record.blob_sha256,
                         })
                     })();
-                    results.lock().expect("lock").push((k, result.map_err(|e| (layer.digest.clone(), e))));
+                    results
+                        .lock()
+                        .expect("lock")
+                        .push((k, result.map_err(|e| (layer.digest.clone(), Box::new(e)))));
                 }
             });
         }
@@ -169,7 +190,8 @@ fn fetch_one(
     let result = (|| {
         let work = store.staging("pull-")?;
         let out = work.path().join("blob");
-        let file = fs_err::File::create(&out).map_err(|e| PullError::Write { path: out.clone(), source: e })?;
+        let file =
+            fs_err::File::create(&out).map_err(|e| PullError::Write { path: out.clone(), source: e })?;
         let mut sink = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file));
         let counted = Counting { inner: source.open_layer(layer)?, progress: &|n| progress.inc(n) };
         let mut raw = HashingReader::new(counted);
@@ -192,7 +214,9 @@ fn fetch_one(
         }
         digest::check("layer blob", &layer.digest, &found)?;
         let (unpacked, size, writer) = sink.finish();
-        let file = writer.into_inner().map_err(|e| PullError::Write { path: out.clone(), source: e.into_error() })?;
+        let file = writer
+            .into_inner()
+            .map_err(|e| PullError::Write { path: out.clone(), source: e.into_error() })?;
         file.sync_all().map_err(|e| PullError::Write { path: out.clone(), source: e })?;
         digest::check("layer DiffID (uncompressed digest)", &classified.diff_id, &unpacked)?;
         let record = LayerRecord {

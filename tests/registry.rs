@@ -6,49 +6,15 @@ mod fixture;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fixture::registry::{Registry, base64_encode};
 use fixture::*;
 
-/// A docker-registry process on a free loopback port; killed on drop.
-struct Registry {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl Registry {
-    fn start(htpasswd: Option<(&str, &str)>) -> Registry {
-        let dir = scratch("registry");
-        let mut auth = String::new();
-        if let Some((user, pass)) = htpasswd {
-            let out = Command::new("htpasswd")
-                .args(["-Bbn", user, pass])
-                .output()
-                .expect("htpasswd (apache2-utils)");
-            assert!(out.status.success());
-            let file = dir.path().join("htpasswd");
-            std::fs::write(&file, out.stdout).unwrap();
-            auth = format!("auth:\n  htpasswd:\n    realm: vmrootfs-test\n    path: {}\n", file.display());
-        }
-        Registry::launch(dir, auth)
-    }
-
     /// A registry that trusts `tokens`' tokens (distribution's token auth).
     fn start_token(tokens: &TokenServer) -> Registry {
         let auth = format!(
@@ -57,51 +23,6 @@ impl Registry {
             tokens.dir.path().join("cert.pem").display()
         );
         Registry::launch(scratch("registry"), auth)
-    }
-
-    fn launch(dir: tempfile::TempDir, auth: String) -> Registry {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let config = format!(
-            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{auth}",
-            dir.path().join("data").display()
-        );
-        let cfg = dir.path().join("config.yml");
-        std::fs::write(&cfg, config).unwrap();
-        let log = dir.path().join("log");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&cfg)
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
-            .spawn()
-            .expect("docker-registry");
-        for _ in 0..100 {
-            if TcpStream::connect(&addr).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Registry { child, addr, log, _dir: dir }
-    }
-
-    /// `skopeo copy` of an OCI layout image into this registry, digests preserved.
-    fn push(&self, src: &str, repo: &str, creds: Option<&str>, all: bool) {
-        let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "-q", "--dest-tls-verify=false", "--preserve-digests"]);
-        if all {
-            cmd.arg("--all");
-        }
-        if let Some(c) = creds {
-            cmd.args(["--dest-creds", c]);
-        }
-        let out = cmd.arg(src).arg(format!("docker://{}/{repo}", self.addr)).output().unwrap();
-        assert!(out.status.success(), "skopeo push: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// GET requests for blob `digest` in the access log so far.
-    fn blob_gets(&self, digest: &str) -> usize {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        log.lines().filter(|l| l.contains("\"GET ") && l.contains(&format!("/blobs/{digest}"))).count()
     }
 }
 
@@ -371,22 +292,6 @@ fn missing_image_names_the_reference() {
     let (ok, _, err) = run(vmrootfs(&scratch("reg-404").path().join("s")).args(["build", &reference]));
     assert!(!ok);
     assert!(err.contains(&reference) && err.contains("not found"), "{err}");
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// What the proxy does to GETs of one blob.

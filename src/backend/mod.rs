@@ -20,7 +20,9 @@ use tool::ToolError;
 /// Version of the layer → blob recipe. Bump it whenever a blob's bytes or meaning change; it
 /// is part of every stored blob's path (`layers/<fs>-v<N>/`). 2: made from the normalized
 /// stream (erofs-utils ≥ 1.8 `--tar=f`, e2fsprogs ≥ 1.47.1 `mke2fs -d TAR`), without root.
-pub const RECIPE_VERSION: u32 = 2;
+/// 3: a base layer keeps no whiteouts or opaque markers (they hide nothing there; the EROFS
+/// image layer format forbids them).
+pub const RECIPE_VERSION: u32 = 3;
 
 /// Filesystem type of the blobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]

@@ -112,6 +112,8 @@ pub struct Normalizer<W: Write> {
     file_bytes: u64,
     limit: u64,
     buf: Vec<u8>,
+    /// The image's base layer: nothing below for whiteouts or opaque markers to hide.
+    base: bool,
 }
 
 impl<W: Write> Normalizer<W> {
@@ -126,7 +128,15 @@ impl<W: Write> Normalizer<W> {
             file_bytes: 0,
             limit,
             buf: vec![0; 256 * 1024],
+            base: false,
         }
+    }
+
+    /// For the image's base layer: its whiteouts and opaque markers hide nothing, so they are
+    /// dropped (the EROFS image layer format forbids them there, §3.6).
+    pub fn base_layer(mut self) -> Self {
+        self.base = true;
+        self
     }
 
     /// The sink, for a stream that ends in failure.
@@ -349,6 +359,10 @@ impl<W: Write> Normalizer<W> {
                 dirs.insert(p.clone(), (final_meta(p, own), own.is_none()));
             }
         }
+        if self.base {
+            self.opaque.clear();
+            self.nodes.retain(|_, n| !matches!(n, Node::Whiteout { .. }));
+        }
         for (p, (meta, implicit)) in &dirs {
             let opaque = self.opaque.contains(p);
             if *implicit || opaque {
@@ -499,6 +513,21 @@ mod tests {
             "{entries:?}"
         );
         assert!(!has("r", '3'), "a whiteout of this layer's own file is dropped: {entries:?}");
+    }
+
+    #[test]
+    fn a_base_layer_keeps_no_whiteouts_or_opaque_markers() {
+        let mut n = Normalizer::new(Vec::new(), u64::MAX).base_layer();
+        n.entry(b"etc/.wh.motd", EntryKind::Fifo, &meta(0)).unwrap();
+        n.entry(b"d/", EntryKind::Dir, &meta(0o711)).unwrap();
+        n.entry(b"d/.wh..wh..opq", EntryKind::Fifo, &meta(0)).unwrap();
+        file(&mut n, "d/f").unwrap();
+        let (_, out) = n.finish(&DirIndex::default()).unwrap();
+        let entries = entries(&out);
+        assert!(!entries.iter().any(|(p, ..)| p == "etc/motd"), "no whiteout: {entries:?}");
+        assert!(entries.iter().all(|(.., opaque)| !opaque), "no opaque marker: {entries:?}");
+        assert!(entries.iter().any(|(p, t, m, _)| p == "d/" && *t == '5' && *m == 0o711), "{entries:?}");
+        assert!(entries.iter().any(|(p, ..)| p == "d/f"), "{entries:?}");
     }
 
     #[test]

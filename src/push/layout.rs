@@ -71,10 +71,9 @@ pub fn write_dir(dir: &Path, tag: &str, composed: &Composed) -> Result<Vec<Pushe
         }
         Err(e) => return Err(PushError::Io { path: index_path, source: e }),
     };
-    let manifests = index
-        .get_mut("manifests")
-        .and_then(|m| m.as_array_mut())
-        .ok_or_else(|| PushError::Io { path: index_path.clone(), source: io::Error::other("no manifests list") })?;
+    let manifests = index.get_mut("manifests").and_then(|m| m.as_array_mut()).ok_or_else(|| {
+        PushError::Io { path: index_path.clone(), source: io::Error::other("no manifests list") }
+    })?;
     manifests.retain(|m| m["annotations"][REF_NAME] != tag);
     manifests.push(index_entry(composed, tag));
     write_new(&index_path, &serde_json::to_vec(&index).expect("an index serializes"))?;

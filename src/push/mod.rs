@@ -179,9 +179,9 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
     if let Some(l) = record.lowers.iter().find(|l| l.fs != FsType::Erofs) {
         return Err(PushError::NotErofs { tag: record.tag.clone(), fs: l.fs });
     }
-    let config_source = store
-        .source_json(&record.config_digest)?
-        .ok_or_else(|| PushError::NoSourceConfig { tag: record.tag.clone(), digest: record.config_digest.clone() })?;
+    let config_source = store.source_json(&record.config_digest)?.ok_or_else(|| {
+        PushError::NoSourceConfig { tag: record.tag.clone(), digest: record.config_digest.clone() }
+    })?;
     let work = if zstd { Some(store.staging("push-")?) } else { None };
     let mut blobs = Vec::new();
     let mut produced = Vec::new();
@@ -206,7 +206,10 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
             source_diff_id: lower.diff_id.clone(),
             source_digest: lower.digest.clone(),
             recipe: lower.recipe,
-            tool: store.layer_blob(&lower.id().map_err(StoreError::from)?)?.map(|r| r.tool).unwrap_or_default(),
+            tool: store
+                .layer_blob(&lower.id().map_err(StoreError::from)?)?
+                .map(|r| r.tool)
+                .unwrap_or_default(),
             verity: None,
         });
         blobs.push(Blob {
@@ -216,7 +219,8 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
             path: blob_path,
         });
     }
-    let config = erofs_config(&config_source, &produced).ok_or(PushError::BadSourceConfig { tag: record.tag.clone() })?;
+    let config = erofs_config(&config_source, &produced)
+        .ok_or(PushError::BadSourceConfig { tag: record.tag.clone() })?;
     let subject = if record.source.starts_with("docker://") {
         store.source_json(&record.manifest_digest)?.map(|bytes| {
             let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)

@@ -43,7 +43,8 @@ impl Target {
         let mut session: Session = self.authorizer.session().await?;
         let mut renewed = false;
         loop {
-            let response = session.authorize(build(self.authorizer.http())).send().await.map_err(|e| self.err(e))?;
+            let response =
+                session.authorize(build(self.authorizer.http())).send().await.map_err(|e| self.err(e))?;
             if response.status() == StatusCode::UNAUTHORIZED && session.renewable() && !renewed {
                 session = self.authorizer.renew(&session).await?;
                 renewed = true;
@@ -129,7 +130,9 @@ impl Target {
                     .filter(|v| v.get("manifests").is_some_and(|m| m.is_array()))
                     .ok_or_else(|| self.err(format!("the referrers tag {tag} names no image index")))?
             }
-            StatusCode::NOT_FOUND => serde_json::json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": []}),
+            StatusCode::NOT_FOUND => {
+                serde_json::json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": []})
+            }
             _ => return Err(self.refused(&format!("reading the referrers tag {tag}"), r).await),
         };
         let list = index["manifests"].as_array_mut().expect("checked above");
@@ -144,14 +147,27 @@ impl Target {
 }
 
 /// Pushes `composed` to the registry reference `reference`.
-pub fn push(reference: &str, composed: &Composed, opts: &RegistryOptions) -> Result<Vec<PushedLayer>, PushError> {
-    let parsed = Reference::from_str(reference)
-        .map_err(|e| PushError::BadDestination(format!("{reference}: {e}")))?;
+pub fn push(
+    reference: &str,
+    composed: &Composed,
+    opts: &RegistryOptions,
+) -> Result<Vec<PushedLayer>, PushError> {
+    let parsed =
+        Reference::from_str(reference).map_err(|e| PushError::BadDestination(format!("{reference}: {e}")))?;
     let registry = parsed.resolve_registry().to_string();
     let credential = auth_for(parsed.registry(), opts)?;
-    let authorizer =
-        Authorizer::new(&registry, parsed.repository(), "pull,push", credential, insecure(&registry, &opts.insecure));
-    let target = Target { authorizer, repository: parsed.repository().to_string(), destination: reference.to_string() };
+    let authorizer = Authorizer::new(
+        &registry,
+        parsed.repository(),
+        "pull,push",
+        credential,
+        insecure(&registry, &opts.insecure),
+    );
+    let target = Target {
+        authorizer,
+        repository: parsed.repository().to_string(),
+        destination: reference.to_string(),
+    };
     let name = parsed.digest().or(parsed.tag()).unwrap_or("latest").to_string();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -163,7 +179,11 @@ pub fn push(reference: &str, composed: &Composed, opts: &RegistryOptions) -> Res
             let d = blob.digest.to_string();
             let existed = target.has_blob(&d).await?;
             if existed {
-                crate::progress::info(&format!("layer {}/{} {d}: already in the registry", i + 1, composed.layers.len()));
+                crate::progress::info(&format!(
+                    "layer {}/{} {d}: already in the registry",
+                    i + 1,
+                    composed.layers.len()
+                ));
             } else {
                 crate::progress::info(&format!(
                     "layer {}/{} {d}: pushing {:.1} MB",
@@ -180,7 +200,12 @@ pub fn push(reference: &str, composed: &Composed, opts: &RegistryOptions) -> Res
                 };
                 target.upload(&d, blob.size, body).await?;
             }
-            pushed.push(PushedLayer { media_type: blob.media_type.clone(), digest: d, size: blob.size, existed });
+            pushed.push(PushedLayer {
+                media_type: blob.media_type.clone(),
+                digest: d,
+                size: blob.size,
+                existed,
+            });
         }
         let config_digest = digest::sha256_of(&composed.config).to_string();
         if !target.has_blob(&config_digest).await? {
@@ -189,7 +214,8 @@ pub fn push(reference: &str, composed: &Composed, opts: &RegistryOptions) -> Res
         }
         let indexed = target.put_manifest(&name, super::MANIFEST_TYPE, &composed.manifest).await?;
         if let (Some(subject), false) = (&composed.subject, indexed) {
-            let manifest: serde_json::Value = serde_json::from_slice(&composed.manifest).expect("our manifest");
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&composed.manifest).expect("our manifest");
             let entry = serde_json::json!({
                 "mediaType": super::MANIFEST_TYPE,
                 "digest": digest::sha256_of(&composed.manifest).to_string(),

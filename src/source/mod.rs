@@ -221,6 +221,12 @@ pub trait ImageSource: Send + Sync {
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError>;
     /// Opens a layer blob's raw bytes; the caller checks them against `layer.digest`.
     fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read + Send + '_>, SourceError>;
+    /// An EROFS image `vmrootfs push` made from the manifest `manifest` with recipe `recipe`,
+    /// published beside it (a referrer), as a source spelling; `None` if there is none or the
+    /// source cannot tell (only registries can).
+    fn converted(&self, _manifest: &Digest, _recipe: u32) -> Result<Option<String>, SourceError> {
+        Ok(None)
+    }
 }
 
 /// Parses a source spelling (see the module table); anything else is a registry reference.

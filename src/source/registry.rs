@@ -22,6 +22,7 @@ use super::auth::{Authorizer, Credential, Session};
 use super::oci::select_platform;
 use super::{ImageSource, LayerRef, ResolvedImage, SourceError};
 use crate::digest;
+use crate::erofs_image;
 use crate::platform::Platform;
 
 const ACCEPT: &[&str] = &[
@@ -419,6 +420,28 @@ impl ImageSource for RegistrySource {
 
     fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read + Send + '_>, SourceError> {
         Ok(Box::new(self.open_blob(layer.location.clone(), layer.size)?))
+    }
+
+    /// The referrers of `manifest` (the referrers API, else the `sha256-<hex>` fallback tag):
+    /// the first image manifest vmrootfs pushed from it with `recipe`.
+    fn converted(&self, manifest: &Digest, recipe: u32) -> Result<Option<String>, SourceError> {
+        let subject = self.reference.clone_with_digest(manifest.to_string());
+        let session = self.rt.block_on(self.authorizer.session())?;
+        let index = self
+            .rt
+            .block_on(session.client.pull_referrers(&subject, None))
+            .map_err(|e| self.registry_error(e, &format!("referrers of {manifest}")))?;
+        let recipe = recipe.to_string();
+        let found = index.manifests.iter().find(|m| {
+            let a = m.annotations.as_ref();
+            let says = |k: &str, v: &str| a.and_then(|a| a.get(k)).is_some_and(|x| x == v);
+            m.media_type == "application/vnd.oci.image.manifest.v1+json"
+                && says(erofs_image::SOURCE_MANIFEST, manifest.as_ref())
+                && says(erofs_image::RECIPE, &recipe)
+        });
+        Ok(found.map(|m| {
+            format!("docker://{}/{}@{}", self.reference.registry(), self.reference.repository(), m.digest)
+        }))
     }
 }
 
