@@ -192,7 +192,8 @@ fn fetch_one(
         let out = work.path().join("blob");
         let file =
             fs_err::File::create(&out).map_err(|e| PullError::Write { path: out.clone(), source: e })?;
-        let mut sink = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, file));
+        // A raw blob is its own uncompressed data: one hash does for both digests.
+        let mut sink = MaybeHashing::new(io::BufWriter::with_capacity(1 << 20, file), classified.zstd);
         let counted = Counting { inner: source.open_layer(layer)?, progress: &|n| progress.inc(n) };
         let mut raw = HashingReader::new(counted);
         let limit = max_layer_bytes.saturating_add(1);
@@ -218,6 +219,7 @@ fn fetch_one(
             .into_inner()
             .map_err(|e| PullError::Write { path: out.clone(), source: e.into_error() })?;
         file.sync_all().map_err(|e| PullError::Write { path: out.clone(), source: e })?;
+        let unpacked = unpacked.unwrap_or(found);
         digest::check("layer DiffID (uncompressed digest)", &classified.diff_id, &unpacked)?;
         let record = LayerRecord {
             chain_id: t.id.chain_id.clone().into(),
@@ -236,6 +238,49 @@ fn fetch_one(
         Err(_) => progress.failed(),
     }
     result.map(|r| (r, false))
+}
+
+/// A writer that hashes what passes (for `+zstd` blobs) or only counts it (raw ones).
+enum MaybeHashing<W> {
+    Hashing(HashingWriter<W>),
+    Counting(W, u64),
+}
+
+impl<W: io::Write> MaybeHashing<W> {
+    fn new(inner: W, hash: bool) -> Self {
+        if hash { MaybeHashing::Hashing(HashingWriter::new(inner)) } else { MaybeHashing::Counting(inner, 0) }
+    }
+
+    /// The digest (if hashed), the bytes written and the writer.
+    fn finish(self) -> (Option<Digest>, u64, W) {
+        match self {
+            MaybeHashing::Hashing(h) => {
+                let (d, n, w) = h.finish();
+                (Some(d), n, w)
+            }
+            MaybeHashing::Counting(w, n) => (None, n, w),
+        }
+    }
+}
+
+impl<W: io::Write> io::Write for MaybeHashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            MaybeHashing::Hashing(h) => h.write(buf),
+            MaybeHashing::Counting(w, n) => {
+                let k = w.write(buf)?;
+                *n += k as u64;
+                Ok(k)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            MaybeHashing::Hashing(h) => h.flush(),
+            MaybeHashing::Counting(w, _) => w.flush(),
+        }
+    }
 }
 
 /// Counts bytes read, for progress.

@@ -174,39 +174,42 @@ pub fn push(
         .build()
         .map_err(|e| PushError::Io { path: "tokio runtime".into(), source: e })?;
     rt.block_on(async {
-        let mut pushed = Vec::new();
-        for (i, blob) in composed.layers.iter().enumerate() {
-            let d = blob.digest.to_string();
-            let existed = target.has_blob(&d).await?;
-            if existed {
-                crate::progress::info(&format!(
-                    "layer {}/{} {d}: already in the registry",
-                    i + 1,
-                    composed.layers.len()
-                ));
-            } else {
-                crate::progress::info(&format!(
-                    "layer {}/{} {d}: pushing {:.1} MB",
-                    i + 1,
-                    composed.layers.len(),
-                    blob.size as f64 / 1e6
-                ));
-                // Each attempt reads the file afresh from its start.
-                let body = || match std::fs::File::open(&blob.path) {
-                    Ok(f) => reqwest::Body::from(tokio::fs::File::from_std(f)),
-                    // Gone meanwhile (the store lock forbids it): the registry sees a short body
-                    // and refuses the digest.
-                    Err(_) => reqwest::Body::from(Vec::new()),
-                };
-                target.upload(&d, blob.size, body).await?;
+        // All layers at once, as docker and skopeo do: the registry, not one stream, is the limit.
+        let total = composed.layers.len();
+        let uploads = composed.layers.iter().enumerate().map(|(i, blob)| {
+            let target = &target;
+            async move {
+                let d = blob.digest.to_string();
+                let existed = target.has_blob(&d).await?;
+                if existed {
+                    crate::progress::info(&format!("layer {}/{total} {d}: already in the registry", i + 1));
+                } else {
+                    crate::progress::info(&format!(
+                        "layer {}/{total} {d}: pushing {:.1} MB",
+                        i + 1,
+                        blob.size as f64 / 1e6
+                    ));
+                    // Each attempt reads the file afresh from its start, in 1 MiB chunks.
+                    let body = || match std::fs::File::open(&blob.path) {
+                        Ok(f) => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                            tokio::fs::File::from_std(f),
+                            1 << 20,
+                        )),
+                        // Gone meanwhile (the store lock forbids it): the registry sees a short
+                        // body and refuses the digest.
+                        Err(_) => reqwest::Body::from(Vec::new()),
+                    };
+                    target.upload(&d, blob.size, body).await?;
+                }
+                Ok::<_, PushError>(PushedLayer {
+                    media_type: blob.media_type.clone(),
+                    digest: d,
+                    size: blob.size,
+                    existed,
+                })
             }
-            pushed.push(PushedLayer {
-                media_type: blob.media_type.clone(),
-                digest: d,
-                size: blob.size,
-                existed,
-            });
-        }
+        });
+        let pushed = futures_util::future::try_join_all(uploads).await?;
         let config_digest = digest::sha256_of(&composed.config).to_string();
         if !target.has_blob(&config_digest).await? {
             let bytes = composed.config.clone();
