@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use oci_spec::image::Digest;
 
 use crate::backend::tool::ToolError;
-use crate::backend::{Backend, BackendError, FsType, RECIPE_VERSION};
+use crate::backend::{Backend, BackendError, FsType};
 use crate::digest::{self, chain_ids};
 use crate::layer::dirindex::DirIndex;
 use crate::layer::normalize::{NormalizeError, Normalizer};
@@ -46,6 +46,12 @@ pub enum BuildError {
     SquashNeedsRoot,
     #[error("--squash: the image has no layers, so there is nothing to flatten (build it without --squash)")]
     SquashNoLayers,
+    #[error("merging the image")]
+    Merge(#[from] crate::merge::MergeError),
+    #[error("--merge makes EROFS metadata over EROFS layer blobs: build with --fs erofs")]
+    MergeNeedsErofs,
+    #[error("--merge: the image has no layers, so there is nothing to merge (build it without --merge)")]
+    MergeNoLayers,
 }
 
 /// What went wrong with one layer.
@@ -96,6 +102,8 @@ pub struct BuildOptions {
     pub max_layer_bytes: u64,
     /// Also make one flattened blob of the whole image.
     pub squash: bool,
+    /// Also make one merged EROFS metadata blob over the layer blobs (EROFS only).
+    pub merge: bool,
     /// Credentials and plain-HTTP hosts for registry sources.
     pub registry: crate::source::RegistryOptions,
 }
@@ -108,6 +116,7 @@ impl Default for BuildOptions {
             jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             max_layer_bytes: 64 << 30,
             squash: false,
+            merge: false,
             registry: Default::default(),
         }
     }
@@ -169,6 +178,9 @@ impl Builder {
     /// Checks the backend's tools up front.
     pub fn new(store: Store, opts: BuildOptions) -> Result<Builder, BuildError> {
         let backend = Backend::detect(opts.fs)?;
+        if opts.merge && opts.fs != FsType::Erofs {
+            return Err(BuildError::MergeNeedsErofs);
+        }
         Ok(Builder { store, opts, backend })
     }
 
@@ -187,6 +199,9 @@ impl Builder {
         let image = source.resolve(&self.opts.platform)?;
         if self.opts.squash && image.layers.is_empty() {
             return Err(BuildError::SquashNoLayers);
+        }
+        if self.opts.merge && image.layers.is_empty() {
+            return Err(BuildError::MergeNoLayers);
         }
         // Shared store lock for the whole build: no GC between publishing blobs and the record.
         let _store_lock = self.store.lock_shared()?;
@@ -238,6 +253,7 @@ impl Builder {
             lowers,
             config: RuntimeConfig::from(&image.config),
             squashed: None,
+            merged: None,
         };
         let mut squash_cached = true;
         if self.opts.squash {
@@ -248,8 +264,16 @@ impl Builder {
             }
             record.squashed = Some(crate::squash::squash(&self.store, &self.backend, &record.lowers)?);
         }
+        let mut merge_cached = true;
+        if self.opts.merge {
+            let Backend::Erofs(erofs) = &self.backend else { return Err(BuildError::MergeNeedsErofs) };
+            let top = chain.last().ok_or(BuildError::MergeNoLayers)?;
+            merge_cached = self.store.merged(top)?.is_some();
+            record.merged = Some(crate::merge::merge(&self.store, erofs, &record.lowers)?);
+        }
         self.store.put_record(&record)?;
-        Ok(BuildResult { record: self.store.locate(record)?, cached: missing.is_empty() && squash_cached })
+        let cached = missing.is_empty() && squash_cached && merge_cached;
+        Ok(BuildResult { record: self.store.locate(record)?, cached })
     }
 
     /// Converts the `missing` layers, `jobs` at a time; the first real failure wins.
@@ -365,7 +389,7 @@ impl Builder {
                 chain_id: plan.chain[i].clone(),
                 diff_id: plan.image.diff_ids[i].clone(),
                 fs: self.opts.fs,
-                recipe: RECIPE_VERSION,
+                recipe: self.opts.fs.recipe(),
                 size,
                 blob_sha256,
                 tool: self.backend.describe(),

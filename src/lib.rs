@@ -5,6 +5,7 @@ pub mod builder;
 pub mod digest;
 pub mod layer;
 pub mod lock;
+pub mod merge;
 pub mod platform;
 pub mod progress;
 pub mod record;
