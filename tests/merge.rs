@@ -1,0 +1,166 @@
+//! The merged blob in the store (`build --merge`): cached by the top chain ID, shared layers
+//! stay shared, kept by gc while an image references it, removed with its last image, checked
+//! by verify together with its layer blobs; and the commands that need it say so when it is
+//! missing. (Its tree against the reference, and booting it: tests/fidelity.rs `merged_erofs`
+//! and tests/boot.rs `boot_merged`.)
+
+mod fixture;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use fixture::*;
+
+fn small_layer(name: &str) -> Layer {
+    Layer::gzip(&[dir(name, 0o755), file(&format!("{name}/file"), name)])
+}
+
+/// Builds `layout:t` as `tag` with `extra` flags; returns the result JSON.
+fn build(store: &Path, layout: &Path, tag: &str, extra: &[&str]) -> serde_json::Value {
+    let (ok, out, err) = run(vmrootfs(store)
+        .args(["build", &format!("oci:{}:t", layout.display()), "--tag", tag, "--json"])
+        .args(extra));
+    assert!(ok, "build {tag}: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn merged_path(result: &serde_json::Value) -> PathBuf {
+    PathBuf::from(result["merged"]["path"].as_str().expect("a merged blob in the result"))
+}
+
+/// Every file under `layers/` (blobs, sidecars, locks).
+fn layer_files(store: &Path) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    for dir in std::fs::read_dir(store.join("layers")).unwrap() {
+        for e in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            out.insert(e.unwrap().path());
+        }
+    }
+    out
+}
+
+#[test]
+fn merged_blobs_are_cached_kept_by_gc_and_go_with_their_last_image() {
+    let dir = scratch("merge-gc");
+    let base = small_layer("base");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    oci_layout(&a, "t", &[base.clone(), small_layer("one")]);
+    oci_layout(&b, "t", &[base, small_layer("two")]);
+    let store = dir.path().join("store");
+    let ra = build(&store, &a, "a", &["--merge"]);
+    let rb = build(&store, &b, "b", &["--merge"]);
+    assert_eq!(ra["lowers"][0]["path"], rb["lowers"][0]["path"], "the base blob is shared");
+    let (ma, mb) = (merged_path(&ra), merged_path(&rb));
+    assert_ne!(ma, mb, "one merged blob per stack");
+    assert_eq!(ra["merged"]["chain_id"], ra["lowers"][1]["chain_id"], "keyed by the top chain ID");
+    assert!(ma.starts_with(store.join("layers/erofs-v3")), "{}", ma.display());
+
+    // Built again: nothing converted, nothing merged, the same blob.
+    let again = build(&store, &a, "a2", &["--merge"]);
+    assert_eq!(again["cached"], true);
+    assert_eq!(merged_path(&again), ma);
+    // The same stack without --merge is not cached as merged, but reuses the layers.
+    assert_eq!(build(&store, &a, "plain", &[])["merged"], serde_json::Value::Null);
+
+    let before = layer_files(&store);
+    let (ok, _, err) = run(vmrootfs(&store).arg("gc"));
+    assert!(ok, "{err}");
+    assert_eq!(layer_files(&store), before, "gc keeps referenced merged blobs and their files");
+
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "a", "a2"]));
+    assert!(ok, "{err}");
+    assert!(!ma.exists(), "a's merged blob goes with its last merged image");
+    let stem = ma.file_name().unwrap().to_str().unwrap().split('.').next().unwrap().to_string();
+    let left: Vec<_> = layer_files(&store)
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&stem))
+        .collect();
+    assert!(left.is_empty(), "its record and lock go too: {left:?}");
+    assert!(mb.exists(), "b's stays");
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "b", "plain"]));
+    assert!(ok, "{err}");
+    assert_eq!(layer_files(&store), BTreeSet::new());
+}
+
+#[test]
+fn verify_checks_the_merged_blob_with_its_layers() {
+    let dir = scratch("merge-verify");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    let merged = merged_path(&build(&store, &layout, "t", &["--merge"]));
+    // fsck.erofs of a merged blob without its devices fails: passing means they were given.
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "a fresh merged image verifies: {err}");
+
+    let mut bytes = std::fs::read(&merged).unwrap();
+    bytes[1024 + 0x30] ^= 0x01; // a byte of the superblock's UUID
+    std::fs::set_permissions(&merged, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(&merged, &bytes).unwrap();
+    let (ok, out, err) = run(vmrootfs(&store).args(["verify", "--json"]));
+    assert!(!ok, "verify fails");
+    let bad: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(bad.as_array().unwrap().len(), 1, "only the merged blob: {bad}\n{err}");
+    assert_eq!(bad[0]["path"], merged.display().to_string());
+}
+
+#[test]
+fn merge_and_its_users_say_what_is_missing() {
+    let dir = scratch("merge-errors");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x")]);
+    let store = dir.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, _, err) = run(vmrootfs(&store).args(["build", &spec, "--fs", "ext4", "--merge"]));
+    assert!(!ok && err.contains("--merge") && err.contains("--fs erofs"), "{err}");
+
+    build(&store, &layout, "plain", &[]);
+    let disk = dir.path().join("disk.vmdk");
+    let (ok, _, err) = run(vmrootfs(&store).args(["export", "plain", "--single-disk"]).arg(&disk));
+    assert!(!ok && err.contains("plain has no merged blob: build it with --merge"), "{err}");
+    assert!(!disk.exists());
+    let (ok, _, err) = run(vmrootfs(&store).args(["run", "plain", "--merged", "--", "true"]));
+    assert!(!ok && err.contains("plain has no merged blob"), "{err}");
+}
+
+/// The VMDK names the stored blobs, merged first, and the raw disk is those bytes in that
+/// order; both are replaced atomically and readable by a runtime not running as us.
+#[test]
+fn export_writes_the_blobs_in_device_table_order() {
+    let dir = scratch("merge-export");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y"), small_layer("z")]);
+    let store = dir.path().join("store");
+    let result = build(&store, &layout, "t", &["--merge"]);
+    let mut blobs = vec![merged_path(&result)];
+    blobs.extend(lowers_of(&result).into_iter().map(|(p, _)| p));
+
+    let raw = dir.path().join("disk.img");
+    std::fs::write(&raw, b"an older export").unwrap();
+    let (ok, out, err) =
+        run(vmrootfs(&store).args(["export", "t", "--json", "--raw", "--single-disk"]).arg(&raw));
+    assert!(ok, "{err}");
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let want: Vec<u8> = blobs.iter().flat_map(|b| std::fs::read(b).unwrap()).collect();
+    assert_eq!(std::fs::read(&raw).unwrap(), want, "the blobs concatenated, merged first");
+    assert_eq!(done["disk_bytes"], want.len());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&raw).unwrap().permissions().mode() & 0o777, 0o644);
+
+    let vmdk = dir.path().join("disk.vmdk");
+    let (ok, _, err) = run(vmrootfs(&store).args(["export", "t", "--single-disk"]).arg(&vmdk));
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&vmdk).unwrap();
+    let named: Vec<PathBuf> = text
+        .lines()
+        .filter(|l| l.starts_with("RW "))
+        .map(|l| PathBuf::from(l.split('"').nth(1).unwrap()))
+        .collect();
+    assert_eq!(named, blobs, "{text}");
+    let tmp: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".tmp-"))
+        .collect();
+    assert!(tmp.is_empty(), "no temp files left beside the exports: {tmp:?}");
+}
