@@ -14,6 +14,8 @@ use vmrootfs::{BuildOptions, Builder, FsType, Platform, Store};
 /// Each layer becomes an EROFS or ext4 image that a microVM runtime (Firecracker, Cloud
 /// Hypervisor, QEMU, libkrun) attaches as a read-only drive and stacks with overlayfs
 /// (`lowerdir=top:…:base`). Blobs live in a content-addressed store shared by all images.
+/// `build --merge` and `export --single-disk` hand a runtime short of drives the whole image
+/// as one drive instead, over the same blobs.
 #[derive(Parser)]
 #[command(version, propagate_version = true)]
 struct Cli {
@@ -118,7 +120,9 @@ enum Command {
     /// The lowers are attached read-only and stacked with overlayfs under a tmpfs upper; the
     /// command (default: the image's entrypoint and cmd) runs with the image's env, working
     /// directory and user. Prints its stdout and stderr on ours and exits with its status.
-    /// Holds the store lock while the guest runs (rm and gc wait). Examples:
+    /// With --merged the image is one drive (see `build --merge`) mounted as one read-only
+    /// EROFS filesystem, no overlayfs. Holds the store lock while the guest runs (rm and gc
+    /// wait). Examples:
     ///   vmrootfs run busybox -- cat /etc/motd
     ///   vmrootfs run debian --timeout 120 -- python3 -c 'print(42)'
     #[command(verbatim_doc_comment)]
@@ -149,7 +153,7 @@ enum Command {
     ///
     /// The disk is the merged metadata blob followed by the layer blobs, base first; the
     /// blob's device table maps each layer where it starts on it, so the guest mounts it as
-    /// one EROFS filesystem (Linux ≥ 6.3: `mount -t erofs /dev/vda /mnt`). By default FILE is
+    /// one EROFS filesystem (Linux ≥ 6.4: `mount -t erofs /dev/vda /mnt`). By default FILE is
     /// a VMDK descriptor whose flat extents point at the stored blobs (nothing copied; for
     /// QEMU and runtimes that read VMDK; valid while the image is in the store and the store
     /// does not move). With --raw FILE is one raw image, the blobs copied (for Firecracker

@@ -100,7 +100,7 @@ fn boot_check(fs: &str, form: Form) {
         );
     }
     if form == Form::Merged {
-        // Alone (kernel >= 6.3) or with a loop device per layer over the one disk (older).
+        // Alone (kernel >= 6.4) or with a loop device per layer over the one disk (older).
         let how = stderr.lines().find(|l| l.contains("vmrootfs-init: merged image mounted from /dev/vda"));
         assert!(how.is_some(), "/init did not say how it mounted the merged disk:\n{stderr}");
         eprintln!("{}", how.unwrap_or_default());

@@ -164,3 +164,51 @@ fn export_writes_the_blobs_in_device_table_order() {
         .collect();
     assert!(tmp.is_empty(), "no temp files left beside the exports: {tmp:?}");
 }
+
+/// A store whose image was recorded with recipe-2 EROFS blobs (inlined tails, which merging
+/// cannot reference) keeps working: the old image inspects and verifies, a `--merge` build of
+/// the same source converts into the current recipe and merges, and gc drops the old blobs
+/// once no record names them.
+#[test]
+fn an_image_of_recipe_2_blobs_keeps_working_beside_merged_ones() {
+    let dir = scratch("merge-old-recipe");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    build(&store, &layout, "old", &[]);
+    // Make it a recipe-2 store, as vmrootfs before recipe 3 left it.
+    std::fs::rename(store.join("layers/erofs-v3"), store.join("layers/erofs-v2")).unwrap();
+    let as_recipe_2 = |path: &Path| {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        match v.get_mut("lowers") {
+            Some(lowers) => lowers.as_array_mut().unwrap().iter_mut().for_each(|l| l["recipe"] = 2.into()),
+            None => v["recipe"] = 2.into(),
+        }
+        std::fs::write(path, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    as_recipe_2(&store.join("images/old.json"));
+    for e in std::fs::read_dir(store.join("layers/erofs-v2")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "json") {
+            as_recipe_2(&p);
+        }
+    }
+    let (ok, out, err) = run(vmrootfs(&store).args(["inspect", "old", "--json"]));
+    assert!(ok, "{err}");
+    assert!(out.contains("layers/erofs-v2/"), "{out}");
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{err}");
+
+    let merged = build(&store, &layout, "new", &["--merge"]);
+    assert_eq!(merged["cached"], false, "recipe-2 blobs are not reused");
+    for (path, _) in lowers_of(&merged) {
+        assert!(path.starts_with(store.join("layers/erofs-v3")), "{}", path.display());
+    }
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "old"]));
+    assert!(ok, "{err}");
+    let left: Vec<_> = std::fs::read_dir(store.join("layers/erofs-v2")).unwrap().collect();
+    assert!(left.is_empty(), "the recipe-2 blobs go with the last record naming them: {left:?}");
+    assert!(merged_path(&merged).exists());
+}

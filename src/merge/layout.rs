@@ -7,7 +7,7 @@
 //!   and mtime from the top layer blob's root inode.
 //! - Device `i + 1` is layer `i`; its slot's `mapped_blkaddr` says where that device starts
 //!   when the metadata image and the layer images are concatenated, in that order, on one
-//!   disk (a kernel ≥ 6.3 then mounts the disk alone). [`set_device_table`] writes the
+//!   disk (a kernel ≥ 6.4 then mounts the disk alone). [`set_device_table`] writes the
 //!   addresses from the images' sizes (and checks each slot's block count), so the layout does
 //!   not depend on what a given erofs-utils version leaves there.
 //!

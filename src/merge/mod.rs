@@ -13,7 +13,7 @@
 //! The blob serves three ways: mounted with one device per layer (`mount -t erofs -o
 //! device=L0,device=L1,… merged`, device order = lowers order, base first), or as one disk
 //! that is the blob followed by the layer blobs ([`disk`]: a VMDK descriptor of flat extents
-//! over the stored files, or a raw concatenated copy), which a kernel ≥ 6.3 mounts alone.
+//! over the stored files, or a raw concatenated copy), which a kernel ≥ 6.4 mounts alone.
 
 pub mod disk;
 pub mod layout;

@@ -11,7 +11,7 @@ use super::cpio::CpioWriter;
 use super::kernel::Kernel;
 
 /// Modules the guest loads, in this order; each after its dependencies.
-/// (`loop`: for a merged image on a kernel before 6.3, see `/init`.)
+/// (`loop`: for a merged image on a kernel before 6.4, see `/init`.)
 const MODULES: &[&str] =
     &["virtio_mmio", "virtio_blk", "virtio_console", "crc32c_generic", "ext4", "erofs", "overlay", "loop"];
 
@@ -57,7 +57,7 @@ disk() {
 }
 mkdir -p /newroot
 if [ -n "$MERGED" ]; then
-  # One disk: the merged metadata, then the layer images. A kernel >= 6.3 maps the layers by
+  # One disk: the merged metadata, then the layer images. A kernel >= 6.4 maps the layers by
   # the device table alone; an older one needs a device per layer: a read-only loop device
   # over the layer's part of the disk. The root stays read-only (no overlayfs).
   dev=$(disk merged) || fail "no disk with serial merged"
