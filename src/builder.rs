@@ -345,10 +345,15 @@ impl Builder {
             let work = self.store.staging("layer-")?;
             let out = work.path().join("blob");
             let making = self.backend.start(&plan.chain[i], &out, work.path())?;
+            // EROFS layers above the base mark their new directories opaque, so that
+            // `build --merge` shows what overlayfs shows (see `Normalizer::opaque_new_dirs`).
+            let erofs = fs == FsType::Erofs;
             let mut normalizer = Normalizer::new(
                 std::io::BufWriter::with_capacity(1 << 20, making),
                 self.opts.max_layer_bytes,
-            );
+            )
+            .opaque_new_dirs(erofs && i > 0)
+            .marker_only_on_repeat(erofs);
             let blob = plan.source.open_layer(layer)?;
             let streamed = layer::stream(
                 blob,
@@ -394,7 +399,7 @@ impl Builder {
                 blob_sha256,
                 tool: self.backend.describe(),
             };
-            self.store.publish_layer(&out, &merged, &record)?;
+            self.store.publish_layer(&out, &merged, &finished.own, &record)?;
             Ok(record)
         })();
         match &result {

@@ -212,3 +212,103 @@ fn an_image_of_recipe_2_blobs_keeps_working_beside_merged_ones() {
     assert!(left.is_empty(), "the recipe-2 blobs go with the last record naming them: {left:?}");
     assert!(merged_path(&merged).exists());
 }
+
+/// `PaxFile` entry `path` with the xattr `name=value`.
+fn with_xattr(path: &str, name: &str, value: &[u8]) -> Entry {
+    Entry::PaxFile {
+        path: path.as_bytes().to_vec(),
+        data: path.as_bytes().to_vec(),
+        pax: vec![(format!("SCHILY.xattr.{name}"), value.to_vec())],
+    }
+}
+
+/// The merged blob applies the layers as overlayfs stacks them: on layers that whiteout,
+/// recreate (a directory removed by one layer and made again by a later one included: the
+/// files it had below stay hidden), make opaque, turn files into directories and back, and
+/// change a lower directory's mode or a file's xattrs, the merged tree (one device per layer)
+/// equals the overlay stack of the same blobs.
+#[test]
+fn merged_tree_equals_the_overlay_stack_on_tricky_layers() {
+    let work = scratch("merge-tricky");
+    let l0 = Layer::gzip(&[
+        dir("a", 0o755),
+        file("a/x", "x0"),
+        file("a/y", "y0"),
+        dir("d", 0o755),
+        file("d/f", "f0"),
+        file("top", "a file below"),
+        dir("e", 0o755),
+        file("e/z", "z0"),
+        with_xattr("attr", "user.a", b"1"),
+        dir("gone", 0o755),
+        file("gone/inside", "i"),
+        dir("gone/sub", 0o755),
+        file("gone/sub/deep", "d"),
+    ]);
+    let l1 = Layer::gzip(&[
+        dir("a", 0o700),
+        file("a/.wh.x", ""),
+        dir("d", 0o755),
+        file("d/.wh..wh..opq", ""),
+        file("d/g", "g1"),
+        dir("top", 0o750),
+        file("top/inner", "a dir above"),
+        file("e", "a file above"),
+        with_xattr("attr", "user.b", b"2"),
+        file(".wh.gone", ""),
+    ]);
+    let l2 = Layer::gzip(&[
+        dir("a", 0o700),
+        file("a/x", "x2, back"),
+        dir("gone", 0o711),
+        file("gone/new", "n2"),
+        dir("e", 0o755),
+        file("e/again", "a dir again"),
+    ]);
+    let layout = work.path().join("l");
+    oci_layout(&layout, "t", &[l0, l1, l2]);
+    let store = work.path().join("store");
+    let result = build(&store, &layout, "t", &["--merge"]);
+    let lowers = lowers_of(&result);
+    let layers: Vec<PathBuf> = lowers.iter().map(|(p, _)| p.clone()).collect();
+    let stack = MountedStack::mount(&lowers);
+    let merged = MountedErofs::mount(&merged_path(&result), &layers);
+    let diffs = fixture::treediff::diff_trees(stack.root(), merged.root());
+    assert!(diffs.is_empty(), "merged tree differs from the overlay stack:\n{}", diffs.join("\n"));
+    // And the stack is what the layers say (so the comparison compares something).
+    let root = merged.root();
+    assert_eq!(std::fs::read_to_string(root.join("a/x")).unwrap(), "x2, back");
+    assert!(!root.join("d/f").exists() && root.join("d/g").exists(), "d is opaque");
+    assert!(root.join("top").is_dir() && root.join("e/again").is_file() && !root.join("e/z").exists());
+    assert!(root.join("gone/new").exists());
+    assert!(
+        !root.join("gone/inside").exists() && !root.join("gone/sub").exists(),
+        "removed, then made again"
+    );
+}
+
+/// A directory made opaque by one layer and added to by a later one: rebuild mode would bring
+/// back what the opaque directory hides, so the merge is refused, saying where and why, and
+/// nothing is recorded; the image still builds without --merge.
+#[test]
+fn a_directory_made_opaque_and_then_added_to_is_refused() {
+    let work = scratch("merge-refused");
+    let l0 = Layer::gzip(&[dir("o", 0o755), file("o/old", "hidden by layer 2")]);
+    let l1 = Layer::gzip(&[dir("o", 0o755), file("o/.wh..wh..opq", ""), file("o/mid", "m")]);
+    let l2 = Layer::gzip(&[dir("o", 0o755), file("o/new", "n")]);
+    let layout = work.path().join("l");
+    oci_layout(&layout, "t", &[l0, l1, l2]);
+    let store = work.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, _, err) = run(vmrootfs(&store).args(["build", &spec, "--tag", "t", "--merge"]));
+    assert!(!ok, "the merge is refused");
+    assert!(
+        err.contains("directory /o: mkfs.erofs' rebuild mode would merge layer 3's directory with layer 1's")
+            && err.contains("--squash"),
+        "{err}"
+    );
+    let (ok, out, err) = run(vmrootfs(&store).arg("ls"));
+    assert!(ok && !out.contains("\nt "), "nothing recorded: {out}{err}");
+    let plain = build(&store, &layout, "t", &[]);
+    assert_eq!(plain["merged"], serde_json::Value::Null);
+}

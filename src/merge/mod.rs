@@ -15,6 +15,7 @@
 //! that is the blob followed by the layer blobs ([`disk`]: a VMDK descriptor of flat extents
 //! over the stored files, or a raw concatenated copy), which a kernel ≥ 6.4 mounts alone.
 
+pub mod check;
 pub mod disk;
 pub mod layout;
 
@@ -63,6 +64,14 @@ pub enum MergeError {
     NotMerged { tag: String },
     #[error("{path}: a VMDK descriptor cannot name a path with a double quote or a line break")]
     UnquotablePath { path: PathBuf },
+    #[error(
+        "directory /{path}: mkfs.erofs' rebuild mode would merge layer {top}'s directory with layer {below}'s, which overlayfs does not (an opaque directory or a removal at or below layer {stop} hides it); this image cannot be merged (use --squash, or the layer stack)",
+        path = crate::layer::path::display(&.0.path),
+        top = .0.top + 1,
+        stop = .0.stop + 1,
+        below = .0.below + 1
+    )]
+    Unmergeable(check::Unmergeable),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> MergeError + '_ {
@@ -87,6 +96,16 @@ pub fn merge(store: &Store, erofs: &Erofs, lowers: &[Lower]) -> Result<MergedBlo
     let _lock = store.lock_merge(top)?;
     if let Some(done) = store.merged(top)? {
         return Ok(done);
+    }
+    let mut views = Vec::with_capacity(lowers.len());
+    let mut own = Vec::with_capacity(lowers.len());
+    for l in lowers {
+        let id = l.id().map_err(StoreError::from)?;
+        views.push(store.stack_dirs(&id)?);
+        own.push(store.own_dirs(&id)?);
+    }
+    if let Some(bad) = check::unmergeable(&views, &own) {
+        return Err(MergeError::Unmergeable(bad));
     }
     let work = store.staging("merge-")?;
     let out = work.path().join("blob");

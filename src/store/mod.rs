@@ -10,6 +10,8 @@
 //!   layers/<fs>-v<N>/<chain hex>.<fs>       layer blob, read-only; N = recipe version
 //!   layers/<fs>-v<N>/<chain hex>.dirs       directories of the stack up to this layer
 //!   layers/<fs>-v<N>/<chain hex>.json       LayerRecord: size and sha256 of the blob
+//!   layers/<fs>-v<N>/<chain hex>.own        the layer's own directories, which are opaque
+//!                                       (needed for EROFS layers: `build --merge`)
 //!   layers/<fs>-v<N>/<chain hex>.<fs>.lock  the layer lock
 //!   layers/<fs>-v<N>/squash-<chain hex>.<fs>  the whole stack flattened (`build --squash`),
 //!                                       with its `.json` record and `.lock`
@@ -74,6 +76,7 @@ pub use verify::BadBlob;
 use crate::backend::FsType;
 use crate::digest::InvalidDigest;
 use crate::layer::dirindex::DirIndex;
+use crate::layer::owndirs::OwnDirs;
 use crate::lock::FileLock;
 use crate::record::{
     BlobId, BlobKind, ImageRecord, LayerRecord, Located, LocatedRecord, MergedBlob, SquashedBlob,
@@ -323,12 +326,30 @@ impl Store {
         if !self.blob_path(&id).exists() || !self.sidecar(&id, "dirs").exists() {
             return Ok(None);
         }
+        // An EROFS layer is merged from its `.own`; ext4 blobs made before it existed stay.
+        if fs == FsType::Erofs && !self.sidecar(&id, "own").exists() {
+            return Ok(None);
+        }
         read_sidecar(&self.sidecar(&id, "json"))
     }
 
     /// The directories of the stack up to `chain_id`.
     pub fn dir_index(&self, fs: FsType, chain_id: &Digest) -> Result<DirIndex, StoreError> {
         let path = self.sidecar(&new_id(BlobKind::Layer, fs, chain_id)?, "dirs");
+        let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
+        DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
+    }
+
+    /// The own directories of the layer blob `id` (its `.own` sidecar).
+    pub fn own_dirs(&self, id: &BlobId) -> Result<OwnDirs, StoreError> {
+        let path = self.sidecar(id, "own");
+        let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
+        OwnDirs::read_from(io::BufReader::new(file)).map_err(io_at(&path))
+    }
+
+    /// The directories of the stack up to the layer blob `id` (its `.dirs` sidecar).
+    pub fn stack_dirs(&self, id: &BlobId) -> Result<DirIndex, StoreError> {
+        let path = self.sidecar(id, "dirs");
         let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
         DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
     }
@@ -348,16 +369,21 @@ impl Store {
         tempfile::Builder::new().prefix(prefix).tempdir_in(&tmp).map_err(io_at(&tmp))
     }
 
-    /// Publishes a finished blob (`blob`, in `tmp/`) with its directory index and record.
+    /// Publishes a finished blob (`blob`, in `tmp/`) with its own directories, its directory
+    /// index and its record.
     pub fn publish_layer(
         &self,
         blob: &Path,
         dirs: &DirIndex,
+        own: &OwnDirs,
         record: &LayerRecord,
     ) -> Result<PathBuf, StoreError> {
         let id = BlobId::new(BlobKind::Layer, record.fs, record.recipe, &record.chain_id)?;
         let dir = self.layer_dir(id.fs, id.recipe);
         fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
+        let mut text = Vec::new();
+        own.write_to(&mut text).map_err(io_at(&dir))?;
+        write_atomic(&self.sidecar(&id, "own"), &text)?;
         let mut text = Vec::new();
         dirs.write_to(&mut text).map_err(io_at(&dir))?;
         write_atomic(&self.sidecar(&id, "dirs"), &text)?;
