@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use oci_spec::image::Digest;
 
 use crate::backend::tool::ToolError;
-use crate::backend::{Backend, BackendError, FsType, RECIPE_VERSION};
+use crate::backend::{Backend, BackendError, FsType};
 use crate::digest::{self, chain_ids};
 use crate::layer::dirindex::DirIndex;
 use crate::layer::normalize::{NormalizeError, Normalizer};
@@ -54,8 +54,14 @@ pub enum BuildError {
     },
     #[error("the image is an EROFS image (its layers are EROFS already): it cannot give --fs {fs} blobs")]
     ErofsImageIsErofs { fs: FsType },
-    #[error("--squash is not supported for EROFS images yet: build without it")]
+    #[error("--squash and --merge are not supported for EROFS images yet: build without them")]
     ErofsImageNoSquash,
+    #[error("merging the image")]
+    Merge(#[from] crate::merge::MergeError),
+    #[error("--merge makes EROFS metadata over EROFS layer blobs: build with --fs erofs")]
+    MergeNeedsErofs,
+    #[error("--merge: the image has no layers, so there is nothing to merge (build it without --merge)")]
+    MergeNoLayers,
 }
 
 /// What went wrong with one layer.
@@ -106,6 +112,8 @@ pub struct BuildOptions {
     pub max_layer_bytes: u64,
     /// Also make one flattened blob of the whole image.
     pub squash: bool,
+    /// Also make one merged EROFS metadata blob over the layer blobs (EROFS only).
+    pub merge: bool,
     /// Credentials and plain-HTTP hosts for registry sources.
     pub registry: crate::source::RegistryOptions,
     /// Pull an EROFS image `vmrootfs push` made from the source (a referrer of its manifest,
@@ -121,6 +129,7 @@ impl Default for BuildOptions {
             jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             max_layer_bytes: 64 << 30,
             squash: false,
+            merge: false,
             registry: Default::default(),
             use_converted: false,
         }
@@ -182,6 +191,9 @@ struct Plan<'a> {
 
 impl Builder {
     pub fn new(store: Store, opts: BuildOptions) -> Result<Builder, BuildError> {
+        if opts.merge && opts.fs != FsType::Erofs {
+            return Err(BuildError::MergeNeedsErofs);
+        }
         Ok(Builder { store, opts, backend: std::sync::OnceLock::new() })
     }
 
@@ -210,6 +222,9 @@ impl Builder {
         if self.opts.squash && image.layers.is_empty() {
             return Err(BuildError::SquashNoLayers);
         }
+        if self.opts.merge && image.layers.is_empty() {
+            return Err(BuildError::MergeNoLayers);
+        }
         // Shared store lock for the whole build: no GC between publishing blobs and the record.
         let _store_lock = self.store.lock_shared()?;
         if let Some(erofs) = &image.erofs {
@@ -217,7 +232,7 @@ impl Builder {
         }
         let wants_converted = self.opts.use_converted && self.opts.fs == FsType::Erofs && !self.opts.squash;
         if wants_converted
-            && let Some(converted) = source.converted(&image.manifest_digest, RECIPE_VERSION)?
+            && let Some(converted) = source.converted(&image.manifest_digest, FsType::Erofs.recipe())?
         {
             reporter.line(&format!("using the converted image {converted} (--use-converted)"));
             let source = source::open(&converted, &self.opts.registry)?;
@@ -277,6 +292,7 @@ impl Builder {
             lowers,
             config: RuntimeConfig::from(&image.config),
             squashed: None,
+            merged: None,
         };
         let mut squash_cached = true;
         if self.opts.squash {
@@ -287,13 +303,21 @@ impl Builder {
             }
             record.squashed = Some(crate::squash::squash(&self.store, self.backend()?, &record.lowers)?);
         }
+        let mut merge_cached = true;
+        if self.opts.merge {
+            let Backend::Erofs(erofs) = self.backend()? else { return Err(BuildError::MergeNeedsErofs) };
+            let top = chain.last().ok_or(BuildError::MergeNoLayers)?;
+            merge_cached = self.store.merged(top)?.is_some();
+            record.merged = Some(crate::merge::merge(&self.store, erofs, &record.lowers)?);
+        }
         // What `push` needs to republish the image: the source's own manifest and config.
         if let Some(bytes) = &image.manifest_bytes {
             self.store.put_source_json(&image.manifest_digest, bytes)?;
         }
         self.store.put_source_json(&image.config_digest, &image.config_bytes)?;
         self.store.put_record(&record)?;
-        Ok(BuildResult { record: self.store.locate(record)?, cached: missing.is_empty() && squash_cached })
+        let cached = missing.is_empty() && squash_cached && merge_cached;
+        Ok(BuildResult { record: self.store.locate(record)?, cached })
     }
 
     /// Builds an image that is EROFS already: its blobs are stored as they are ([`crate::pull`]).
@@ -309,7 +333,7 @@ impl Builder {
         if self.opts.fs != FsType::Erofs {
             return Err(BuildError::ErofsImageIsErofs { fs: self.opts.fs });
         }
-        if self.opts.squash {
+        if self.opts.squash || self.opts.merge {
             return Err(BuildError::ErofsImageNoSquash);
         }
         let (lowers, cached) = crate::pull::pull(
@@ -333,6 +357,7 @@ impl Builder {
             lowers,
             config: RuntimeConfig::from(&image.config),
             squashed: None,
+            merged: None,
         };
         if let Some(bytes) = &image.manifest_bytes {
             self.store.put_source_json(&image.manifest_digest, bytes)?;
@@ -412,11 +437,18 @@ impl Builder {
             let out = work.path().join("blob");
             let backend = self.backend.get().expect("detected before any layer converts");
             let making = backend.start(&plan.chain[i], &out, work.path())?;
+            // EROFS layers above the base mark their new directories opaque, so that
+            // `build --merge` shows what overlayfs shows (see `Normalizer::opaque_new_dirs`);
+            // an EROFS base layer keeps no whiteouts or opaque markers (the EROFS image layer
+            // format forbids them there; see `Normalizer::base_layer`).
+            let erofs = fs == FsType::Erofs;
             let mut normalizer = Normalizer::new(
                 std::io::BufWriter::with_capacity(1 << 20, making),
                 self.opts.max_layer_bytes,
-            );
-            if i == 0 {
+            )
+            .opaque_new_dirs(erofs && i > 0)
+            .marker_only_on_repeat(erofs);
+            if erofs && i == 0 {
                 normalizer = normalizer.base_layer();
             }
             let blob = plan.source.open_layer(layer)?;
@@ -459,12 +491,12 @@ impl Builder {
                 chain_id: plan.chain[i].clone(),
                 diff_id: plan.image.diff_ids[i].clone(),
                 fs: self.opts.fs,
-                recipe: RECIPE_VERSION,
+                recipe: self.opts.fs.recipe(),
                 size,
                 blob_sha256,
                 tool: backend.describe(),
             };
-            self.store.publish_layer(&out, &merged, &record)?;
+            self.store.publish_layer(&out, &merged, &finished.own, &record)?;
             Ok(record)
         })();
         match &result {

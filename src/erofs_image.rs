@@ -33,7 +33,7 @@ pub const SOURCE_DIFF_ID: &str = "dev.vmrootfs.source.diff-id";
 pub const SOURCE_DIGEST: &str = "dev.vmrootfs.source.digest";
 /// The manifest the image was converted from (also its `subject`, for registry sources).
 pub const SOURCE_MANIFEST: &str = "dev.vmrootfs.source.manifest";
-/// vmrootfs's recipe version of the blobs (`RECIPE_VERSION`).
+/// vmrootfs's recipe version of the blobs (`FsType::recipe`).
 pub const RECIPE: &str = "dev.vmrootfs.recipe";
 /// The tool that made a blob, e.g. `mkfs.erofs 1.8.6`.
 pub const TOOL: &str = "dev.vmrootfs.tool";

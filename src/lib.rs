@@ -6,6 +6,7 @@ pub mod digest;
 pub mod erofs_image;
 pub mod layer;
 pub mod lock;
+pub mod merge;
 pub mod platform;
 pub mod progress;
 pub mod pull;

@@ -14,6 +14,8 @@ use vmrootfs::{BuildOptions, Builder, FsType, Platform, Store};
 /// Each layer becomes an EROFS or ext4 image that a microVM runtime (Firecracker, Cloud
 /// Hypervisor, QEMU, libkrun) attaches as a read-only drive and stacks with overlayfs
 /// (`lowerdir=top:…:base`). Blobs live in a content-addressed store shared by all images.
+/// `build --merge` and `export --single-disk` hand a runtime short of drives the whole image
+/// as one drive instead, over the same blobs.
 #[derive(Parser)]
 #[command(version, propagate_version = true)]
 struct Cli {
@@ -66,6 +68,11 @@ enum Command {
         /// without overlayfs or with more layers than drives.
         #[arg(long)]
         squash: bool,
+        /// Also make one EROFS metadata blob of the merged tree (whiteouts applied) over the
+        /// layer blobs, no file data copied: one drive per image with `export --single-disk`
+        /// or `run --merged`. EROFS only; needs no root.
+        #[arg(long)]
+        merge: bool,
         #[command(flatten)]
         registry: RegistryArgs,
         /// For a registry image: if the repository has an EROFS image `vmrootfs push` made from
@@ -145,7 +152,9 @@ enum Command {
     /// The lowers are attached read-only and stacked with overlayfs under a tmpfs upper; the
     /// command (default: the image's entrypoint and cmd) runs with the image's env, working
     /// directory and user. Prints its stdout and stderr on ours and exits with its status.
-    /// Holds the store lock while the guest runs (rm and gc wait). Examples:
+    /// With --merged the image is one drive (see `build --merge`) mounted as one read-only
+    /// EROFS filesystem, no overlayfs. Holds the store lock while the guest runs (rm and gc
+    /// wait). Examples:
     ///   vmrootfs run busybox -- cat /etc/motd
     ///   vmrootfs run debian --timeout 120 -- python3 -c 'print(42)'
     #[command(verbatim_doc_comment)]
@@ -161,11 +170,40 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
         /// Boot the squashed blob (see `build --squash`) instead of the layer stack.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "merged")]
         squashed: bool,
+        /// Boot the merged image (see `build --merge`) through one drive, a VMDK over the
+        /// stored blobs, mounted as one EROFS filesystem: no overlayfs in the guest, and the
+        /// root is read-only.
+        #[arg(long)]
+        merged: bool,
         /// The command and its arguments.
         #[arg(last = true)]
         command: Vec<String>,
+    },
+    /// Write a merged image (see `build --merge`) as one disk for a runtime
+    ///
+    /// The disk is the merged metadata blob followed by the layer blobs, base first; the
+    /// blob's device table maps each layer where it starts on it, so the guest mounts it as
+    /// one EROFS filesystem (Linux ≥ 6.4: `mount -t erofs /dev/vda /mnt`). By default FILE is
+    /// a VMDK descriptor whose flat extents point at the stored blobs (nothing copied; for
+    /// QEMU and runtimes that read VMDK; valid while the image is in the store and the store
+    /// does not move). With --raw FILE is one raw image, the blobs copied (for Firecracker
+    /// and runtimes that take raw files only). Examples:
+    ///   vmrootfs export deb --single-disk deb.vmdk
+    ///   vmrootfs export deb --single-disk deb.img --raw
+    #[command(verbatim_doc_comment)]
+    Export {
+        tag: String,
+        /// Where to write the disk (replaced atomically).
+        #[arg(long, value_name = "FILE", required = true)]
+        single_disk: PathBuf,
+        /// One raw file (a copy of every blob) instead of a VMDK descriptor.
+        #[arg(long)]
+        raw: bool,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the record of a tag: its lowers (base first), filesystem and OCI config.
     Inspect {
@@ -303,7 +341,7 @@ fn print_table(records: &[vmrootfs::ImageRecord]) -> anyhow::Result<()> {
 /// Runs a command; `Some(status)` when the process should exit with the guest's status.
 fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
     match cli.command {
-        Command::Run { tag, kernel, memory, timeout, squashed, command } => {
+        Command::Run { tag, kernel, memory, timeout, squashed, merged, command } => {
             let store = open_store(cli.store)?;
             let opts = vmrootfs::vm::RunOptions {
                 kernel,
@@ -311,6 +349,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 timeout: std::time::Duration::from_secs(timeout),
                 command,
                 squashed,
+                merged,
             };
             let status =
                 vmrootfs::vm::run(&store, &tag, &opts, &mut std::io::stdout(), &mut std::io::stderr())?;
@@ -323,14 +362,20 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             platform,
             jobs,
             squash,
+            merge,
             registry,
             use_converted,
             max_layer_size,
             json,
         } => {
             let store = open_store(cli.store)?;
-            let mut opts =
-                BuildOptions { fs, max_layer_bytes: max_layer_size, squash, ..BuildOptions::default() };
+            let mut opts = BuildOptions {
+                fs,
+                max_layer_bytes: max_layer_size,
+                squash,
+                merge,
+                ..BuildOptions::default()
+            };
             if let Some(p) = platform {
                 opts.platform = p;
             }
@@ -358,6 +403,12 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 )?;
                 for (i, l) in r.lowers.iter().enumerate() {
                     writeln!(out, "  {i}: {}", l.path.display())?;
+                }
+                if let Some(s) = &r.squashed {
+                    writeln!(out, "  squashed: {}", s.path.display())?;
+                }
+                if let Some(m) = &r.merged {
+                    writeln!(out, "  merged: {} ({:.1} KiB)", m.path.display(), m.size as f64 / 1024.0)?;
                 }
             }
         }
@@ -406,6 +457,23 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             }
             progress::info("all blobs match their records and pass fsck");
         }
+        Command::Export { tag, single_disk, raw, json } => {
+            use vmrootfs::merge::disk::{self, DiskFormat};
+            let store = open_store(cli.store)?;
+            let format = if raw { DiskFormat::Raw } else { DiskFormat::Vmdk };
+            let done = disk::export(&store, &tag, &single_disk, format)?;
+            if json {
+                print_json(&done)?;
+            } else {
+                writeln!(
+                    std::io::stdout().lock(),
+                    "{} ({}, a disk of {:.1} MiB)",
+                    done.path.display(),
+                    if raw { "raw" } else { "VMDK descriptor over the stored blobs" },
+                    done.disk_bytes as f64 / (1 << 20) as f64
+                )?;
+            }
+        }
         Command::Inspect { tag, json } => {
             let store = open_store(cli.store)?;
             let record = store.locate(store.get(&tag)?)?;
@@ -425,6 +493,9 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 }
                 if let Some(s) = &record.squashed {
                     writeln!(out, "squashed:  {} {}", s.fs, s.path.display())?;
+                }
+                if let Some(m) = &record.merged {
+                    writeln!(out, "merged:    {} {}", m.fs, m.path.display())?;
                 }
                 writeln!(out, "entrypoint: {:?}  cmd: {:?}", record.config.entrypoint, record.config.cmd)?;
             }

@@ -14,11 +14,13 @@ use serde::{Deserialize, Serialize};
 use crate::backend::FsType;
 use crate::digest::{self, InvalidDigest};
 
-/// Which of a stack's blobs: one layer's, or the whole stack flattened (`build --squash`).
+/// Which of a stack's blobs: one layer's, the whole stack flattened (`build --squash`), or the
+/// merged metadata over the stack's layer blobs (`build --merge`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlobKind {
     Layer,
     Squashed,
+    Merged,
 }
 
 /// What identifies a blob in the store; the store derives its path from this alone.
@@ -26,7 +28,7 @@ pub enum BlobKind {
 pub struct BlobId {
     pub kind: BlobKind,
     pub fs: FsType,
-    /// The recipe version that made it ([`crate::backend::RECIPE_VERSION`] for new blobs).
+    /// The recipe version that made it ([`FsType::recipe`] for new blobs).
     pub recipe: u32,
     /// Chain ID of the layer (for a squashed blob: of the top layer), validated sha256.
     pub chain_id: Sha256Digest,
@@ -104,7 +106,7 @@ impl Lower {
 /// The record stored for a tag (`images/<escaped tag>.json`): `ImageRecord` as stored, with
 /// blob identities only; [`LocatedRecord`] (the same with each blob's path) for output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageRecord<L = Lower, S = SquashedBlob> {
+pub struct ImageRecord<L = Lower, S = SquashedBlob, M = MergedBlob> {
     pub tag: String,
     pub source: String,
     pub manifest_digest: Digest,
@@ -119,18 +121,23 @@ pub struct ImageRecord<L = Lower, S = SquashedBlob> {
     /// overlayfs or with more layers than drives.
     #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
     pub squashed: Option<S>,
+    /// One EROFS metadata blob presenting the merged tree over the lowers' blobs
+    /// (`build --merge`): one drive for the whole image with `export --single-disk`.
+    #[serde(default = "Option::default", skip_serializing_if = "Option::is_none")]
+    pub merged: Option<M>,
 }
 
 /// An image record with the store path of each blob: what runtimes get.
-pub type LocatedRecord = ImageRecord<Located<Lower>, Located<SquashedBlob>>;
+pub type LocatedRecord = ImageRecord<Located<Lower>, Located<SquashedBlob>, Located<MergedBlob>>;
 
-impl<L, S> ImageRecord<L, S> {
-    /// The same record with each lower and the squashed blob mapped.
-    pub fn map_blobs<L2, S2, E>(
+impl<L, S, M> ImageRecord<L, S, M> {
+    /// The same record with each lower, the squashed and the merged blob mapped.
+    pub fn map_blobs<L2, S2, M2, E>(
         self,
         mut lower: impl FnMut(L) -> Result<L2, E>,
         squashed: impl FnOnce(S) -> Result<S2, E>,
-    ) -> Result<ImageRecord<L2, S2>, E> {
+        merged: impl FnOnce(M) -> Result<M2, E>,
+    ) -> Result<ImageRecord<L2, S2, M2>, E> {
         Ok(ImageRecord {
             tag: self.tag,
             source: self.source,
@@ -142,17 +149,19 @@ impl<L, S> ImageRecord<L, S> {
             size: self.size,
             config: self.config,
             squashed: self.squashed.map(squashed).transpose()?,
+            merged: self.merged.map(merged).transpose()?,
         })
     }
 }
 
 impl ImageRecord {
-    /// Every blob the record references (the lowers and the squashed blob), with the sha256
-    /// hex the record gives for it.
+    /// Every blob the record references (the lowers, the squashed and the merged blob), with
+    /// the sha256 hex the record gives for it.
     pub fn blobs(&self) -> Result<Vec<(BlobId, &str)>, InvalidDigest> {
         let lowers = self.lowers.iter().map(|l| Ok((l.id()?, l.blob_sha256.as_str())));
         let squashed = self.squashed.iter().map(|s| Ok((s.id()?, s.blob_sha256.as_str())));
-        lowers.chain(squashed).collect()
+        let merged = self.merged.iter().map(|m| Ok((m.id()?, m.blob_sha256.as_str())));
+        lowers.chain(squashed).chain(merged).collect()
     }
 }
 
@@ -171,6 +180,27 @@ pub struct SquashedBlob {
 impl SquashedBlob {
     pub fn id(&self) -> Result<BlobId, InvalidDigest> {
         BlobId::new(BlobKind::Squashed, self.fs, self.recipe, &self.chain_id)
+    }
+}
+
+/// The merged metadata blob of an image (EROFS only), keyed by the image's top chain ID. It
+/// holds no file data: its device table names the stack's layer blobs, base first, as devices
+/// 1…n, each mapped (`mapped_blkaddr`) where it follows the blob and the layers below in one
+/// concatenation, so the same blob serves a mount with one device per layer and one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergedBlob {
+    pub fs: FsType,
+    /// Recipe version of the blob (that of the layer blobs it references).
+    pub recipe: u32,
+    /// Chain ID of the top layer: the blob is the merged tree of that whole stack.
+    pub chain_id: Digest,
+    pub size: u64,
+    pub blob_sha256: String,
+}
+
+impl MergedBlob {
+    pub fn id(&self) -> Result<BlobId, InvalidDigest> {
+        BlobId::new(BlobKind::Merged, self.fs, self.recipe, &self.chain_id)
     }
 }
 

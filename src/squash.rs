@@ -133,7 +133,7 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     making.finish(&finished.stats)?;
     let record = SquashedBlob {
         fs,
-        recipe: crate::backend::RECIPE_VERSION,
+        recipe: fs.recipe(),
         chain_id: top.clone(),
         size: fs_err::metadata(&out).map_err(io(&out))?.len(),
         blob_sha256: crate::digest::sha256_file_hex(&out).map_err(io(&out))?,

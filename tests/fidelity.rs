@@ -192,3 +192,68 @@ fn squashed_erofs() {
 fn squashed_ext4() {
     check_squashed("ext4");
 }
+
+/// `build --merge`: the merged metadata blob over the layer blobs equals the reference when
+/// mounted with one device per layer and as each single disk (raw through a loop device, and
+/// the VMDK, which QEMU reads as the same bytes as the raw disk); the same stack gives the same
+/// blob in another store.
+#[test]
+fn merged_erofs() {
+    let dir = scratch("merged");
+    let result = build_with(&dir.path().join("store"), &source("oci"), "erofs", &["--merge"]);
+    let merged = &result["merged"];
+    assert_eq!(merged["chain_id"], result["lowers"][3]["chain_id"], "keyed by the top chain ID");
+    let blob = PathBuf::from(merged["path"].as_str().unwrap());
+    assert_eq!(vmrootfs::digest::sha256_file_hex(&blob).unwrap(), merged["blob_sha256"].as_str().unwrap());
+    let layers: Vec<PathBuf> = lowers(&result).into_iter().map(|(p, _)| p).collect();
+    let reference = image().join("reference/rootfs");
+    let data: u64 = layers.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    let meta = std::fs::metadata(&blob).unwrap().len();
+    assert!(meta * 50 < data, "metadata only: {meta} bytes over {data} bytes of layers");
+
+    let multi = MountedErofs::mount(&blob, &layers);
+    let diffs = diff_trees(&reference, multi.root());
+    assert!(
+        diffs.is_empty(),
+        "merged (one device per layer) differs from umoci unpack:\n{}",
+        diffs.join("\n")
+    );
+    drop(multi);
+
+    let store = dir.path().join("store");
+    let raw = dir.path().join("disk.img");
+    let vmdk = dir.path().join("disk.vmdk");
+    let (ok, _, err) = run(vmrootfs(&store).args(["export", "t", "--single-disk"]).arg(&raw).arg("--raw"));
+    assert!(ok, "export --raw: {err}");
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), meta + data, "the blobs, concatenated");
+    let single = MountedErofs::mount(&raw, &[]);
+    let diffs = diff_trees(&reference, single.root());
+    assert!(diffs.is_empty(), "merged raw single disk differs from umoci unpack:\n{}", diffs.join("\n"));
+    // diff_trees leaves out trusted.overlay.* (overlayfs hides them); no overlayfs hides them
+    // here, so none may be left (--ovlfs-strip=1).
+    let (ok, out, err) = run(std::process::Command::new("getfattr")
+        .args(["-R", "-h", "-d", "-m", "^trusted\\.overlay\\."])
+        .arg(single.root()));
+    assert!(ok, "getfattr: {err}");
+    assert_eq!(out.trim(), "", "overlayfs xattrs left in the merged tree");
+    drop(single);
+
+    let (ok, _, err) = run(vmrootfs(&store).args(["export", "t", "--single-disk"]).arg(&vmdk));
+    assert!(ok, "export (VMDK): {err}");
+    let text = std::fs::read_to_string(&vmdk).unwrap();
+    let extents: Vec<&str> = text.lines().filter(|l| l.starts_with("RW ")).collect();
+    assert_eq!(extents.len(), 5, "the merged blob, then four layers:\n{text}");
+    assert!(extents[0].contains(blob.to_str().unwrap()), "{text}");
+    for (line, layer) in extents[1..].iter().zip(&layers) {
+        assert!(line.contains(layer.to_str().unwrap()), "{line} is not {}", layer.display());
+    }
+    let (ok, out, err) = run(std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "vmdk", "-F", "raw"])
+        .arg(&vmdk)
+        .arg(&raw));
+    assert!(ok, "qemu-img compare: {out}{err}");
+    assert!(out.contains("Images are identical"), "{out}");
+
+    let again = build_with(&dir.path().join("store2"), &source("oci"), "erofs", &["--merge"]);
+    assert_eq!(again["merged"]["blob_sha256"], merged["blob_sha256"], "reproducible merged blob");
+}

@@ -5,6 +5,8 @@
 
 mod erofs;
 mod ext4;
+
+pub use erofs::{Erofs, fix_build_time};
 pub mod ext4_fixup;
 pub mod tool;
 
@@ -17,12 +19,19 @@ use serde::{Deserialize, Serialize};
 use crate::layer::meta::TreeStats;
 use tool::ToolError;
 
-/// Version of the layer → blob recipe. Bump it whenever a blob's bytes or meaning change; it
-/// is part of every stored blob's path (`layers/<fs>-v<N>/`). 2: made from the normalized
-/// stream (erofs-utils ≥ 1.8 `--tar=f`, e2fsprogs ≥ 1.47.1 `mke2fs -d TAR`), without root.
-/// 3: a base layer keeps no whiteouts or opaque markers (they hide nothing there; the EROFS
-/// image layer format forbids them).
-pub const RECIPE_VERSION: u32 = 3;
+/// Version of the layer → blob recipe of each filesystem ([`FsType::recipe`]). Bump it whenever
+/// that filesystem's blob bytes or meaning change; it is part of every stored blob's path
+/// (`layers/<fs>-v<N>/`), so blobs of an older recipe stay usable by the records naming them
+/// and are collected once unused.
+///
+/// - 2: made from the normalized stream (erofs-utils ≥ 1.8 `--tar=f`, e2fsprogs ≥ 1.47.1
+///   `mke2fs -d TAR`), without root. Still ext4's.
+/// - 3 (EROFS only): no inlined file tails (`-E noinline_data`), the layout `mkfs.erofs`'
+///   rebuild mode takes as a source, so `build --merge` can reference the layer blobs' data;
+///   new directories above the base opaque; a base layer keeps no whiteouts or opaque markers
+///   (they hide nothing there, and the EROFS image layer format forbids them).
+pub const EROFS_RECIPE: u32 = 3;
+pub const EXT4_RECIPE: u32 = 2;
 
 /// Filesystem type of the blobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -39,6 +48,15 @@ impl FsType {
         match self {
             FsType::Erofs => "erofs",
             FsType::Ext4 => "ext4",
+        }
+    }
+
+    /// The version of this filesystem's layer → blob recipe that new blobs are made with.
+    /// Per filesystem: recipe 3 changed only EROFS blobs, so ext4 stores keep their blobs.
+    pub fn recipe(self) -> u32 {
+        match self {
+            FsType::Erofs => EROFS_RECIPE,
+            FsType::Ext4 => EXT4_RECIPE,
         }
     }
 }
@@ -226,11 +244,19 @@ fn uuid_from(digest: &Digest, offset: usize) -> String {
     format!("{}-{}-4{}-8{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
 }
 
-/// Checks an image with its filesystem's own checker (`fsck.erofs`, `e2fsck -fn`).
-pub fn fsck(fs: FsType, image: &Path) -> Result<(), ToolError> {
+/// Checks an image with its filesystem's own checker (`fsck.erofs`, `e2fsck -fn`). `devices`
+/// are the extra devices of a multi-device EROFS image (a merged image's layer blobs, in
+/// device-table order), empty for a self-contained one.
+pub fn fsck(fs: FsType, image: &Path, devices: &[PathBuf]) -> Result<(), ToolError> {
     let (tool, mut cmd) = match fs {
         FsType::Erofs => {
-            ("fsck.erofs", tool::Tool::find("fsck.erofs", "erofs-utils", &["-V"], "1.5")?.command())
+            let mut c = tool::Tool::find("fsck.erofs", "erofs-utils", &["-V"], "1.5")?.command();
+            for d in devices {
+                let mut arg = std::ffi::OsString::from("--device=");
+                arg.push(d);
+                c.arg(arg);
+            }
+            ("fsck.erofs", c)
         }
         FsType::Ext4 => {
             let mut c = tool::Tool::find("e2fsck", "e2fsprogs", &["-V"], "1.47.0")?.command();

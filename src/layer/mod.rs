@@ -10,6 +10,7 @@ pub mod dirindex;
 pub mod entry;
 pub mod meta;
 pub mod normalize;
+pub mod owndirs;
 pub mod path;
 pub mod pax;
 pub mod sparse;

@@ -27,6 +27,7 @@ use std::io::{self, Read, Write};
 
 use super::dirindex::{DirIndex, DirMeta, NodeKind};
 use super::meta::{BLOCK, EntryMeta, TreeStats, is_reserved_xattr};
+use super::owndirs::OwnDirs;
 use super::path::{self, EntryAction, PathError, ancestors};
 use super::pax::{TarKind, TarWriter};
 
@@ -97,6 +98,8 @@ enum Node {
 pub struct FinishedLayer {
     /// The merged directories of the stack up to this layer (stored as the `.dirs` sidecar).
     pub merged: DirIndex,
+    /// The layer's own directories and which are opaque (the `.own` sidecar of EROFS layers).
+    pub own: OwnDirs,
     pub stats: TreeStats,
 }
 
@@ -107,6 +110,12 @@ pub struct Normalizer<W: Write> {
     /// The root's own metadata, when the tar lists it.
     root: Option<EntryMeta>,
     opaque: BTreeSet<Vec<u8>>,
+    /// Mark opaque every directory the stack below does not have (see
+    /// [`Normalizer::opaque_new_dirs`]).
+    opaque_new: bool,
+    /// A directory written a second time (to mark it opaque) carries only the marker (see
+    /// [`Normalizer::marker_only_on_repeat`]).
+    marker_only: bool,
     stats: TreeStats,
     /// Bytes of file data so far (logical: holes of sparse members count), and the bound.
     file_bytes: u64,
@@ -124,6 +133,8 @@ impl<W: Write> Normalizer<W> {
             nodes: HashMap::new(),
             root: None,
             opaque: BTreeSet::new(),
+            opaque_new: false,
+            marker_only: false,
             stats: TreeStats { inodes: 1, dirs: 1, ..Default::default() },
             file_bytes: 0,
             limit,
@@ -136,6 +147,27 @@ impl<W: Write> Normalizer<W> {
     /// dropped (the EROFS image layer format forbids them there, §3.6).
     pub fn base_layer(mut self) -> Self {
         self.base = true;
+        self
+    }
+
+    /// Also marks opaque (`trusted.overlay.opaque=y`) each directory of the layer that is not a
+    /// directory in the stack below (`lower` of [`Normalizer::finish`]), for a layer above the
+    /// base. It changes nothing overlayfs shows — below such a directory there is nothing it
+    /// would merge with — but `mkfs.erofs`' rebuild mode (`build --merge`) merges a directory
+    /// with every lower layer's directory of that path unless it is opaque, so without the
+    /// marker a directory removed by a whiteout and made again by a later layer would bring
+    /// the removed files back into the merged image.
+    pub fn opaque_new_dirs(mut self, on: bool) -> Self {
+        self.opaque_new = on;
+        self
+    }
+
+    /// A directory the tar listed, which finishing marks opaque and so writes again, is
+    /// written again with the opaque marker as its only xattr: `mkfs.erofs --tar` adds a
+    /// repeated entry's xattrs to those it has, so repeating the directory's own xattrs would
+    /// give it each of them twice.
+    pub fn marker_only_on_repeat(mut self, on: bool) -> Self {
+        self.marker_only = on;
         self
     }
 
@@ -363,11 +395,26 @@ impl<W: Write> Normalizer<W> {
             self.opaque.clear();
             self.nodes.retain(|_, n| !matches!(n, Node::Whiteout { .. }));
         }
+        if self.opaque_new {
+            for p in dirs.keys().filter(|p| !p.is_empty() && lower.get(p).is_none()) {
+                self.opaque.insert(p.clone());
+            }
+        }
+        let own = {
+            let mut own = OwnDirs::default();
+            for p in dirs.keys() {
+                own.insert(p.clone(), self.opaque.contains(p));
+            }
+            own
+        };
         for (p, (meta, implicit)) in &dirs {
             let opaque = self.opaque.contains(p);
             if *implicit || opaque {
                 let mut m = meta.clone();
                 if opaque {
+                    if !*implicit && self.marker_only {
+                        m.xattrs.clear();
+                    }
                     m.xattrs.push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
                     m.xattrs.sort();
                 }
@@ -402,7 +449,7 @@ impl<W: Write> Normalizer<W> {
         });
         let stats = self.stats;
         let out = self.out.finish().map_err(NormalizeError::Write)?;
-        Ok((FinishedLayer { merged, stats }, out))
+        Ok((FinishedLayer { merged, own, stats }, out))
     }
 }
 

@@ -243,7 +243,7 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
         "layers": erofs_image::produce(&produced),
         "annotations": {
             erofs_image::SOURCE_MANIFEST: record.manifest_digest.to_string(),
-            erofs_image::RECIPE: produced.first().map(|p| p.recipe).unwrap_or(crate::backend::RECIPE_VERSION).to_string(),
+            erofs_image::RECIPE: produced.first().map(|p| p.recipe).unwrap_or(FsType::Erofs.recipe()).to_string(),
         },
     });
     if let Some(s) = &subject {

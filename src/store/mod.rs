@@ -10,9 +10,13 @@
 //!   layers/<fs>-v<N>/<chain hex>.<fs>       layer blob, read-only; N = recipe version
 //!   layers/<fs>-v<N>/<chain hex>.dirs       directories of the stack up to this layer
 //!   layers/<fs>-v<N>/<chain hex>.json       LayerRecord: size and sha256 of the blob
+//!   layers/<fs>-v<N>/<chain hex>.own        the layer's own directories, which are opaque
+//!                                       (needed for EROFS layers: `build --merge`)
 //!   layers/<fs>-v<N>/<chain hex>.<fs>.lock  the layer lock
 //!   layers/<fs>-v<N>/squash-<chain hex>.<fs>  the whole stack flattened (`build --squash`),
 //!                                       with its `.json` record and `.lock`
+//!   layers/erofs-v<N>/merged-<chain hex>.erofs  merged metadata over the stack's layer blobs
+//!                                       (`build --merge`), with its `.json` and `.lock`
 //!   images/<escaped tag>.json           ImageRecord, one per tag
 //!   sources/<sha256 hex>.json           a source manifest or config, as the source served
 //!                                       it, kept for `push` while a record names it
@@ -71,11 +75,14 @@ mod verify;
 pub use gc::GcReport;
 pub use verify::BadBlob;
 
-use crate::backend::{FsType, RECIPE_VERSION};
+use crate::backend::FsType;
 use crate::digest::InvalidDigest;
 use crate::layer::dirindex::DirIndex;
+use crate::layer::owndirs::OwnDirs;
 use crate::lock::FileLock;
-use crate::record::{BlobId, BlobKind, ImageRecord, LayerRecord, Located, LocatedRecord, SquashedBlob};
+use crate::record::{
+    BlobId, BlobKind, ImageRecord, LayerRecord, Located, LocatedRecord, MergedBlob, SquashedBlob,
+};
 
 /// Version of the on-disk layout written in `meta.json`. 2: records name blobs by identity
 /// (no paths), sha256 chain IDs only.
@@ -260,6 +267,7 @@ impl Store {
         let located = record.map_blobs(
             |l| Ok::<_, InvalidDigest>(Located { path: at(l.id())?, blob: l }),
             |s| Ok(Located { path: at(s.id())?, blob: s }),
+            |m| Ok(Located { path: at(m.id())?, blob: m }),
         )?;
         Ok(located)
     }
@@ -288,6 +296,30 @@ impl Store {
         Ok(dest)
     }
 
+    /// The stored merged blob of the stack up to `chain_id`, if published.
+    pub fn merged(&self, chain_id: &Digest) -> Result<Option<MergedBlob>, StoreError> {
+        let id = new_id(BlobKind::Merged, FsType::Erofs, chain_id)?;
+        if !self.blob_path(&id).exists() {
+            return Ok(None);
+        }
+        read_sidecar(&self.sidecar(&id, "json"))
+    }
+
+    /// The producer lock of a merged blob.
+    pub fn lock_merge(&self, chain_id: &Digest) -> Result<FileLock, StoreError> {
+        self.lock_blob(&new_id(BlobKind::Merged, FsType::Erofs, chain_id)?)
+    }
+
+    /// Publishes a finished merged blob (in `tmp/`) with its record.
+    pub fn publish_merge(&self, blob: &Path, record: &MergedBlob) -> Result<PathBuf, StoreError> {
+        let id = record.id()?;
+        let json = serde_json::to_vec_pretty(record).expect("a merge record serializes");
+        write_atomic(&self.sidecar(&id, "json"), &json)?;
+        let dest = self.blob_path(&id);
+        publish_blob(blob, &dest)?;
+        Ok(dest)
+    }
+
     /// The stored layer, if its blob and both sidecars are published. A blob without its
     /// sidecars (a GC interrupted midway, a hand edit) counts as not stored: the next build
     /// converts it again.
@@ -296,12 +328,30 @@ impl Store {
         if !self.blob_path(&id).exists() || !self.sidecar(&id, "dirs").exists() {
             return Ok(None);
         }
+        // An EROFS layer is merged from its `.own`; ext4 blobs made before it existed stay.
+        if fs == FsType::Erofs && !self.sidecar(&id, "own").exists() {
+            return Ok(None);
+        }
         read_sidecar(&self.sidecar(&id, "json"))
     }
 
     /// The directories of the stack up to `chain_id`.
     pub fn dir_index(&self, fs: FsType, chain_id: &Digest) -> Result<DirIndex, StoreError> {
         let path = self.sidecar(&new_id(BlobKind::Layer, fs, chain_id)?, "dirs");
+        let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
+        DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
+    }
+
+    /// The own directories of the layer blob `id` (its `.own` sidecar).
+    pub fn own_dirs(&self, id: &BlobId) -> Result<OwnDirs, StoreError> {
+        let path = self.sidecar(id, "own");
+        let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
+        OwnDirs::read_from(io::BufReader::new(file)).map_err(io_at(&path))
+    }
+
+    /// The directories of the stack up to the layer blob `id` (its `.dirs` sidecar).
+    pub fn stack_dirs(&self, id: &BlobId) -> Result<DirIndex, StoreError> {
+        let path = self.sidecar(id, "dirs");
         let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
         DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
     }
@@ -375,16 +425,21 @@ impl Store {
         tempfile::Builder::new().prefix(prefix).tempdir_in(&tmp).map_err(io_at(&tmp))
     }
 
-    /// Publishes a finished blob (`blob`, in `tmp/`) with its directory index and record.
+    /// Publishes a finished blob (`blob`, in `tmp/`) with its own directories, its directory
+    /// index and its record.
     pub fn publish_layer(
         &self,
         blob: &Path,
         dirs: &DirIndex,
+        own: &OwnDirs,
         record: &LayerRecord,
     ) -> Result<PathBuf, StoreError> {
         let id = BlobId::new(BlobKind::Layer, record.fs, record.recipe, &record.chain_id)?;
         let dir = self.layer_dir(id.fs, id.recipe);
         fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
+        let mut text = Vec::new();
+        own.write_to(&mut text).map_err(io_at(&dir))?;
+        write_atomic(&self.sidecar(&id, "own"), &text)?;
         let mut text = Vec::new();
         dirs.write_to(&mut text).map_err(io_at(&dir))?;
         write_atomic(&self.sidecar(&id, "dirs"), &text)?;
@@ -421,14 +476,16 @@ impl Store {
 
 /// The id of the current recipe's blob of `chain_id`.
 fn new_id(kind: BlobKind, fs: FsType, chain_id: &Digest) -> Result<BlobId, StoreError> {
-    Ok(BlobId::new(kind, fs, RECIPE_VERSION, chain_id)?)
+    Ok(BlobId::new(kind, fs, fs.recipe(), chain_id)?)
 }
 
-/// A blob's file name without extension: `<chain hex>` or `squash-<chain hex>`.
+/// A blob's file name without extension: `<chain hex>`, `squash-<chain hex>` or
+/// `merged-<chain hex>`.
 fn stem(id: &BlobId) -> String {
     match id.kind {
         BlobKind::Layer => id.chain_id.digest().to_string(),
         BlobKind::Squashed => format!("squash-{}", id.chain_id.digest()),
+        BlobKind::Merged => format!("merged-{}", id.chain_id.digest()),
     }
 }
 
@@ -438,9 +495,12 @@ fn parse_blob_name(dir_name: &str, file_name: &str) -> Option<(BlobId, bool)> {
     let fs = <FsType as clap::ValueEnum>::value_variants().iter().copied().find(|f| f.name() == fs)?;
     let recipe: u32 = recipe.parse().ok()?;
     let (stem, ext) = file_name.split_once('.')?;
-    let (kind, hex) = match stem.strip_prefix("squash-") {
-        Some(hex) => (BlobKind::Squashed, hex),
-        None => (BlobKind::Layer, stem),
+    let (kind, hex) = if let Some(hex) = stem.strip_prefix("squash-") {
+        (BlobKind::Squashed, hex)
+    } else if let Some(hex) = stem.strip_prefix("merged-") {
+        (BlobKind::Merged, hex)
+    } else {
+        (BlobKind::Layer, stem)
     };
     let chain_id = hex.parse().ok()?;
     Some((BlobId { kind, fs, recipe, chain_id }, ext == fs.name()))
@@ -491,9 +551,18 @@ pub fn escape_tag(tag: &str) -> String {
 
 /// Temp file beside `path` → write → fsync → rename → fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` writes into the temp file (for outputs too big to hold in
+/// memory, such as a single-disk image). `path` must have a parent directory.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
+) -> Result<(), StoreError> {
     let dir = path.parent().expect("store paths have a parent");
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_at(dir))?;
-    tmp.write_all(bytes).map_err(io_at(tmp.path()))?;
+    write(tmp.as_file_mut()).map_err(io_at(tmp.path()))?;
     tmp.as_file().sync_all().map_err(io_at(path))?;
     tmp.persist(path).map_err(|e| StoreError::Io { path: path.to_owned(), source: e.error })?;
     sync_dir(dir)
@@ -544,7 +613,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let chain: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
-        for kind in [BlobKind::Layer, BlobKind::Squashed] {
+        for kind in [BlobKind::Layer, BlobKind::Squashed, BlobKind::Merged] {
             for fs in [FsType::Erofs, FsType::Ext4] {
                 let id = BlobId::new(kind, fs, 7, &chain).unwrap();
                 let path = store.blob_path(&id);

@@ -11,11 +11,13 @@ use super::cpio::CpioWriter;
 use super::kernel::Kernel;
 
 /// Modules the guest loads, in this order; each after its dependencies.
+/// (`loop`: for a merged image on a kernel before 6.4, see `/init`.)
 const MODULES: &[&str] =
-    &["virtio_mmio", "virtio_blk", "virtio_console", "crc32c_generic", "ext4", "erofs", "overlay"];
+    &["virtio_mmio", "virtio_blk", "virtio_console", "crc32c_generic", "ext4", "erofs", "overlay", "loop"];
 
 /// The `/init` script. A second cpio the host writes per run holds `/vmrootfs/run` (sets
-/// `LOWERS`, `FS<i>`, `USERSPEC`) and `/vmrootfs/exec.sh` (runs the command in the image).
+/// `LOWERS` and `FS<i>`, or `MERGED` and `MERGED_OFFSETS`; and `USERSPEC`) and
+/// `/vmrootfs/exec.sh` (runs the command in the image).
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -44,27 +46,47 @@ exec 3>"$out" 4>"$err" 5>"$st"
 rm -f "$out" "$err" "$st"
 fail() { echo "vmrootfs-init: $*" >&4; echo 125 >&5; reboot -f; }
 # Disks by virtio serial (lower0 = base), never by order.
-lowerdir=""
-i=0
-while [ "$i" -lt "$LOWERS" ]; do
-  dev=""
+disk() {
   for t in 1 2 3 4 5 6 7 8 9 10; do
     for b in /sys/block/vd*; do
-      [ "$(cat "$b/serial" 2>/dev/null)" = "lower$i" ] && dev="/dev/${b##*/}"
+      [ "$(cat "$b/serial" 2>/dev/null)" = "$1" ] && { echo "/dev/${b##*/}"; return 0; }
     done
-    [ -n "$dev" ] && break
     sleep 0.1
   done
-  [ -n "$dev" ] || fail "no disk with serial lower$i"
-  mkdir -p "/lower/$i"
-  eval fs=\$FS$i
-  mount -t "$fs" -o ro "$dev" "/lower/$i" || fail "mount $dev ($fs)"
-  lowerdir="/lower/$i${lowerdir:+:$lowerdir}"
-  i=$((i + 1))
-done
-mount -t tmpfs -o mode=0755 rw /rw
-mkdir -p /rw/upper /rw/work /newroot
-mount -t overlay overlay -o "lowerdir=$lowerdir,upperdir=/rw/upper,workdir=/rw/work" /newroot || fail "overlay"
+  return 1
+}
+mkdir -p /newroot
+if [ -n "$MERGED" ]; then
+  # One disk: the merged metadata, then the layer images. A kernel >= 6.4 maps the layers by
+  # the device table alone; an older one needs a device per layer: a read-only loop device
+  # over the layer's part of the disk. The root stays read-only (no overlayfs).
+  dev=$(disk merged) || fail "no disk with serial merged"
+  if mount -t erofs -o ro "$dev" /newroot 2>/dev/null; then
+    echo "vmrootfs-init: merged image mounted from $dev alone"
+  else
+    opts=ro
+    for off in $MERGED_OFFSETS; do
+      l=$(losetup -f) && losetup -r -o "$off" "$l" "$dev" || fail "losetup $dev at $off"
+      opts="$opts,device=$l"
+    done
+    mount -t erofs -o "$opts" "$dev" /newroot || fail "mount $dev ($opts)"
+    echo "vmrootfs-init: merged image mounted from $dev with loop devices at its layers"
+  fi
+else
+  lowerdir=""
+  i=0
+  while [ "$i" -lt "$LOWERS" ]; do
+    dev=$(disk "lower$i") || fail "no disk with serial lower$i"
+    mkdir -p "/lower/$i"
+    eval fs=\$FS$i
+    mount -t "$fs" -o ro "$dev" "/lower/$i" || fail "mount $dev ($fs)"
+    lowerdir="/lower/$i${lowerdir:+:$lowerdir}"
+    i=$((i + 1))
+  done
+  mount -t tmpfs -o mode=0755 rw /rw
+  mkdir -p /rw/upper /rw/work
+  mount -t overlay overlay -o "lowerdir=$lowerdir,upperdir=/rw/upper,workdir=/rw/work" /newroot || fail "overlay"
+fi
 # The image may have no shell: the command starts through busybox kept in the guest's /dev.
 mkdir -p /dev/.vmrootfs && cp /bin/busybox /dev/.vmrootfs/busybox
 for d in proc sys dev; do mkdir -p "/newroot/$d" && mount --bind "/$d" "/newroot/$d"; done

@@ -3,7 +3,9 @@
 //! Each lower is a read-only virtio-blk drive whose serial is `lower<i>` (base = 0); the
 //! initramfs ([`initramfs`]) loads the modules, mounts the lowers by serial, stacks them with
 //! overlayfs under a tmpfs upper and runs the command with the image's env, working
-//! directory and user.
+//! directory and user. With `--merged` there is one drive, serial `merged`: a VMDK descriptor
+//! (in the run's staging directory) over the merged blob and the layer blobs
+//! ([`crate::merge::disk`]), mounted as one read-only EROFS filesystem, no overlayfs.
 //!
 //! The command's output and status never pass through the serial console, which carries only
 //! the kernel's and `/init`'s diagnostics: three virtio-serial ports, found by name in the
@@ -63,6 +65,8 @@ pub enum VmError {
     BadStatus { path: PathBuf, found: String },
     #[error("{tag} has no squashed blob: build it with --squash")]
     NoSquashed { tag: String },
+    #[error(transparent)]
+    Merge(#[from] crate::merge::MergeError),
 }
 
 /// Names of the guest's virtio-serial ports (`/sys/class/virtio-ports/*/name`).
@@ -81,6 +85,17 @@ pub struct RunOptions {
     pub command: Vec<String>,
     /// Boot the squashed blob instead of the layer stack.
     pub squashed: bool,
+    /// Boot the merged image through one drive (a VMDK over the stored blobs), no overlayfs.
+    pub merged: bool,
+}
+
+/// The drives of a run.
+enum Drives {
+    /// One raw drive per lower (or the squashed blob alone), serial `lower<i>`, with its fs.
+    Lowers(Vec<(PathBuf, String)>),
+    /// One VMDK drive, serial `merged`: the merged blob then the layer blobs, which start at
+    /// these byte offsets of the disk.
+    Merged { vmdk: PathBuf, layer_offsets: Vec<u64> },
 }
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -114,10 +129,19 @@ fn is_static(path: &Path) -> Result<bool, VmError> {
 
 /// The per-run part of the initramfs: `/vmrootfs/run` (what to mount) and
 /// `/vmrootfs/exec.sh` (how to start the command inside the image).
-fn run_files(record: &ImageRecord, lowers: &[(PathBuf, String)], command: &[String]) -> (String, String) {
-    let mut run = format!("LOWERS={}\n", lowers.len());
-    for (i, (_, fs)) in lowers.iter().enumerate() {
-        run += &format!("FS{i}={fs}\n");
+fn run_files(record: &ImageRecord, drives: &Drives, command: &[String]) -> (String, String) {
+    let mut run = String::new();
+    match drives {
+        Drives::Lowers(lowers) => {
+            run += &format!("LOWERS={}\n", lowers.len());
+            for (i, (_, fs)) in lowers.iter().enumerate() {
+                run += &format!("FS{i}={fs}\n");
+            }
+        }
+        Drives::Merged { layer_offsets, .. } => {
+            let offsets: Vec<String> = layer_offsets.iter().map(u64::to_string).collect();
+            run += &format!("MERGED=1\nMERGED_OFFSETS='{}'\n", offsets.join(" "));
+        }
     }
     let c = &record.config;
     run += &format!("USERSPEC={}\n", sq(&c.user));
@@ -174,6 +198,9 @@ pub fn run(
     if opts.squashed && record.squashed.is_none() {
         return Err(VmError::NoSquashed { tag: tag.to_string() });
     }
+    if opts.merged && record.merged.is_none() {
+        return Err(crate::merge::MergeError::NotMerged { tag: tag.to_string() }.into());
+    }
     let qemu = Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2")?;
     let kernel = Kernel::find(opts.kernel.as_deref())?;
     let vmlinux = kernel.vmlinux(store)?;
@@ -187,9 +214,17 @@ pub fn run(
     let base = staging.path().join("base.cpio");
     initramfs::build(&kernel, busybox, &base)?;
     let located = store.locate(record.clone())?;
-    let lowers: Vec<(PathBuf, String)> = match (&located.squashed, opts.squashed) {
-        (Some(s), true) => vec![(s.path.clone(), s.fs.to_string())],
-        _ => located.lowers.iter().map(|l| (l.path.clone(), l.fs.to_string())).collect(),
+    let drives = if opts.merged {
+        let extents = crate::merge::disk::extents(&located)?;
+        let vmdk = staging.path().join("merged.vmdk");
+        let text = crate::merge::disk::vmdk_descriptor(&extents, 0)?;
+        fs_err::write(&vmdk, text).map_err(|source| VmError::Io { path: vmdk.clone(), source })?;
+        Drives::Merged { vmdk, layer_offsets: crate::merge::disk::offsets(&extents)[1..].to_vec() }
+    } else {
+        Drives::Lowers(match (&located.squashed, opts.squashed) {
+            (Some(s), true) => vec![(s.path.clone(), s.fs.to_string())],
+            _ => located.lowers.iter().map(|l| (l.path.clone(), l.fs.to_string())).collect(),
+        })
     };
     let command = if opts.command.is_empty() {
         [record.config.entrypoint.clone(), record.config.cmd.clone()].concat()
@@ -203,7 +238,7 @@ pub fn run(
     let initrd = staging.path().join("initrd.cpio");
     let mut bytes = fs_err::read(&base).map_err(|source| VmError::Io { path: base.clone(), source })?;
     let mut extra = cpio::CpioWriter::new(Vec::new());
-    let (run_vars, exec) = run_files(&record, &lowers, &command);
+    let (run_vars, exec) = run_files(&record, &drives, &command);
     let io = |source| VmError::Io { path: initrd.clone(), source };
     extra.file("vmrootfs/run", 0o644, run_vars.as_bytes()).map_err(io)?;
     extra.file("vmrootfs/exec.sh", 0o644, exec.as_bytes()).map_err(io)?;
@@ -235,11 +270,21 @@ pub fn run(
         cmd.arg("-bios").arg(qboot);
     }
     cmd.arg("-kernel").arg(&vmlinux).arg("-initrd").arg(&initrd).arg("-append").arg(&append);
-    for (i, (path, _)) in lowers.iter().enumerate() {
-        cmd.arg("-drive")
-            .arg(format!("id=l{i},file={},format=raw,if=none,readonly=on", qemu_opt(path)))
-            .arg("-device")
-            .arg(format!("virtio-blk-device,drive=l{i},serial=lower{i}"));
+    match &drives {
+        Drives::Lowers(lowers) => {
+            for (i, (path, _)) in lowers.iter().enumerate() {
+                cmd.arg("-drive")
+                    .arg(format!("id=l{i},file={},format=raw,if=none,readonly=on", qemu_opt(path)))
+                    .arg("-device")
+                    .arg(format!("virtio-blk-device,drive=l{i},serial=lower{i}"));
+            }
+        }
+        Drives::Merged { vmdk, .. } => {
+            cmd.arg("-drive")
+                .arg(format!("id=m,file={},format=vmdk,if=none,readonly=on", qemu_opt(vmdk)))
+                .arg("-device")
+                .arg("virtio-blk-device,drive=m,serial=merged");
+        }
     }
     let stdout_fifo = Fifo::create(&staging.path().join("stdout"))?;
     let stderr_fifo = Fifo::create(&staging.path().join("stderr"))?;

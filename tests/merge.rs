@@ -1,0 +1,314 @@
+//! The merged blob in the store (`build --merge`): cached by the top chain ID, shared layers
+//! stay shared, kept by gc while an image references it, removed with its last image, checked
+//! by verify together with its layer blobs; and the commands that need it say so when it is
+//! missing. (Its tree against the reference, and booting it: tests/fidelity.rs `merged_erofs`
+//! and tests/boot.rs `boot_merged`.)
+
+mod fixture;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use fixture::*;
+
+fn small_layer(name: &str) -> Layer {
+    Layer::gzip(&[dir(name, 0o755), file(&format!("{name}/file"), name)])
+}
+
+/// Builds `layout:t` as `tag` with `extra` flags; returns the result JSON.
+fn build(store: &Path, layout: &Path, tag: &str, extra: &[&str]) -> serde_json::Value {
+    let (ok, out, err) = run(vmrootfs(store)
+        .args(["build", &format!("oci:{}:t", layout.display()), "--tag", tag, "--json"])
+        .args(extra));
+    assert!(ok, "build {tag}: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn merged_path(result: &serde_json::Value) -> PathBuf {
+    PathBuf::from(result["merged"]["path"].as_str().expect("a merged blob in the result"))
+}
+
+/// Every file under `layers/` (blobs, sidecars, locks).
+fn layer_files(store: &Path) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    for dir in std::fs::read_dir(store.join("layers")).unwrap() {
+        for e in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            out.insert(e.unwrap().path());
+        }
+    }
+    out
+}
+
+#[test]
+fn merged_blobs_are_cached_kept_by_gc_and_go_with_their_last_image() {
+    let dir = scratch("merge-gc");
+    let base = small_layer("base");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    oci_layout(&a, "t", &[base.clone(), small_layer("one")]);
+    oci_layout(&b, "t", &[base, small_layer("two")]);
+    let store = dir.path().join("store");
+    let ra = build(&store, &a, "a", &["--merge"]);
+    let rb = build(&store, &b, "b", &["--merge"]);
+    assert_eq!(ra["lowers"][0]["path"], rb["lowers"][0]["path"], "the base blob is shared");
+    let (ma, mb) = (merged_path(&ra), merged_path(&rb));
+    assert_ne!(ma, mb, "one merged blob per stack");
+    assert_eq!(ra["merged"]["chain_id"], ra["lowers"][1]["chain_id"], "keyed by the top chain ID");
+    assert!(ma.starts_with(store.join("layers/erofs-v3")), "{}", ma.display());
+
+    // Built again: nothing converted, nothing merged, the same blob.
+    let again = build(&store, &a, "a2", &["--merge"]);
+    assert_eq!(again["cached"], true);
+    assert_eq!(merged_path(&again), ma);
+    // The same stack without --merge is not cached as merged, but reuses the layers.
+    assert_eq!(build(&store, &a, "plain", &[])["merged"], serde_json::Value::Null);
+
+    let before = layer_files(&store);
+    let (ok, _, err) = run(vmrootfs(&store).arg("gc"));
+    assert!(ok, "{err}");
+    assert_eq!(layer_files(&store), before, "gc keeps referenced merged blobs and their files");
+
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "a", "a2"]));
+    assert!(ok, "{err}");
+    assert!(!ma.exists(), "a's merged blob goes with its last merged image");
+    let stem = ma.file_name().unwrap().to_str().unwrap().split('.').next().unwrap().to_string();
+    let left: Vec<_> = layer_files(&store)
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&stem))
+        .collect();
+    assert!(left.is_empty(), "its record and lock go too: {left:?}");
+    assert!(mb.exists(), "b's stays");
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "b", "plain"]));
+    assert!(ok, "{err}");
+    assert_eq!(layer_files(&store), BTreeSet::new());
+}
+
+#[test]
+fn verify_checks_the_merged_blob_with_its_layers() {
+    let dir = scratch("merge-verify");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    let merged = merged_path(&build(&store, &layout, "t", &["--merge"]));
+    // fsck.erofs of a merged blob without its devices fails: passing means they were given.
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "a fresh merged image verifies: {err}");
+
+    let mut bytes = std::fs::read(&merged).unwrap();
+    bytes[1024 + 0x30] ^= 0x01; // a byte of the superblock's UUID
+    std::fs::set_permissions(&merged, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(&merged, &bytes).unwrap();
+    let (ok, out, err) = run(vmrootfs(&store).args(["verify", "--json"]));
+    assert!(!ok, "verify fails");
+    let bad: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(bad.as_array().unwrap().len(), 1, "only the merged blob: {bad}\n{err}");
+    assert_eq!(bad[0]["path"], merged.display().to_string());
+}
+
+#[test]
+fn merge_and_its_users_say_what_is_missing() {
+    let dir = scratch("merge-errors");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x")]);
+    let store = dir.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, _, err) = run(vmrootfs(&store).args(["build", &spec, "--fs", "ext4", "--merge"]));
+    assert!(!ok && err.contains("--merge") && err.contains("--fs erofs"), "{err}");
+
+    build(&store, &layout, "plain", &[]);
+    let disk = dir.path().join("disk.vmdk");
+    let (ok, _, err) = run(vmrootfs(&store).args(["export", "plain", "--single-disk"]).arg(&disk));
+    assert!(!ok && err.contains("plain has no merged blob: build it with --merge"), "{err}");
+    assert!(!disk.exists());
+    let (ok, _, err) = run(vmrootfs(&store).args(["run", "plain", "--merged", "--", "true"]));
+    assert!(!ok && err.contains("plain has no merged blob"), "{err}");
+}
+
+/// The VMDK names the stored blobs, merged first, and the raw disk is those bytes in that
+/// order; both are replaced atomically and readable by a runtime not running as us.
+#[test]
+fn export_writes_the_blobs_in_device_table_order() {
+    let dir = scratch("merge-export");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y"), small_layer("z")]);
+    let store = dir.path().join("store");
+    let result = build(&store, &layout, "t", &["--merge"]);
+    let mut blobs = vec![merged_path(&result)];
+    blobs.extend(lowers_of(&result).into_iter().map(|(p, _)| p));
+
+    let raw = dir.path().join("disk.img");
+    std::fs::write(&raw, b"an older export").unwrap();
+    let (ok, out, err) =
+        run(vmrootfs(&store).args(["export", "t", "--json", "--raw", "--single-disk"]).arg(&raw));
+    assert!(ok, "{err}");
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let want: Vec<u8> = blobs.iter().flat_map(|b| std::fs::read(b).unwrap()).collect();
+    assert_eq!(std::fs::read(&raw).unwrap(), want, "the blobs concatenated, merged first");
+    assert_eq!(done["disk_bytes"], want.len());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&raw).unwrap().permissions().mode() & 0o777, 0o644);
+
+    let vmdk = dir.path().join("disk.vmdk");
+    let (ok, _, err) = run(vmrootfs(&store).args(["export", "t", "--single-disk"]).arg(&vmdk));
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&vmdk).unwrap();
+    let named: Vec<PathBuf> = text
+        .lines()
+        .filter(|l| l.starts_with("RW "))
+        .map(|l| PathBuf::from(l.split('"').nth(1).unwrap()))
+        .collect();
+    assert_eq!(named, blobs, "{text}");
+    let tmp: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".tmp-"))
+        .collect();
+    assert!(tmp.is_empty(), "no temp files left beside the exports: {tmp:?}");
+}
+
+/// A store whose image was recorded with recipe-2 EROFS blobs (inlined tails, which merging
+/// cannot reference) keeps working: the old image inspects and verifies, a `--merge` build of
+/// the same source converts into the current recipe and merges, and gc drops the old blobs
+/// once no record names them.
+#[test]
+fn an_image_of_recipe_2_blobs_keeps_working_beside_merged_ones() {
+    let dir = scratch("merge-old-recipe");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    build(&store, &layout, "old", &[]);
+    // Make it a recipe-2 store, as vmrootfs before recipe 3 left it.
+    std::fs::rename(store.join("layers/erofs-v3"), store.join("layers/erofs-v2")).unwrap();
+    let as_recipe_2 = |path: &Path| {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        match v.get_mut("lowers") {
+            Some(lowers) => lowers.as_array_mut().unwrap().iter_mut().for_each(|l| l["recipe"] = 2.into()),
+            None => v["recipe"] = 2.into(),
+        }
+        std::fs::write(path, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    as_recipe_2(&store.join("images/old.json"));
+    for e in std::fs::read_dir(store.join("layers/erofs-v2")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "json") {
+            as_recipe_2(&p);
+        }
+    }
+    let (ok, out, err) = run(vmrootfs(&store).args(["inspect", "old", "--json"]));
+    assert!(ok, "{err}");
+    assert!(out.contains("layers/erofs-v2/"), "{out}");
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{err}");
+
+    let merged = build(&store, &layout, "new", &["--merge"]);
+    assert_eq!(merged["cached"], false, "recipe-2 blobs are not reused");
+    for (path, _) in lowers_of(&merged) {
+        assert!(path.starts_with(store.join("layers/erofs-v3")), "{}", path.display());
+    }
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "old"]));
+    assert!(ok, "{err}");
+    let left: Vec<_> = std::fs::read_dir(store.join("layers/erofs-v2")).unwrap().collect();
+    assert!(left.is_empty(), "the recipe-2 blobs go with the last record naming them: {left:?}");
+    assert!(merged_path(&merged).exists());
+}
+
+/// `PaxFile` entry `path` with the xattr `name=value`.
+fn with_xattr(path: &str, name: &str, value: &[u8]) -> Entry {
+    Entry::PaxFile {
+        path: path.as_bytes().to_vec(),
+        data: path.as_bytes().to_vec(),
+        pax: vec![(format!("SCHILY.xattr.{name}"), value.to_vec())],
+    }
+}
+
+/// The merged blob applies the layers as overlayfs stacks them: on layers that whiteout,
+/// recreate (a directory removed by one layer and made again by a later one included: the
+/// files it had below stay hidden), make opaque, turn files into directories and back, and
+/// change a lower directory's mode or a file's xattrs, the merged tree (one device per layer)
+/// equals the overlay stack of the same blobs.
+#[test]
+fn merged_tree_equals_the_overlay_stack_on_tricky_layers() {
+    let work = scratch("merge-tricky");
+    let l0 = Layer::gzip(&[
+        dir("a", 0o755),
+        file("a/x", "x0"),
+        file("a/y", "y0"),
+        dir("d", 0o755),
+        file("d/f", "f0"),
+        file("top", "a file below"),
+        dir("e", 0o755),
+        file("e/z", "z0"),
+        with_xattr("attr", "user.a", b"1"),
+        dir("gone", 0o755),
+        file("gone/inside", "i"),
+        dir("gone/sub", 0o755),
+        file("gone/sub/deep", "d"),
+    ]);
+    let l1 = Layer::gzip(&[
+        dir("a", 0o700),
+        file("a/.wh.x", ""),
+        dir("d", 0o755),
+        file("d/.wh..wh..opq", ""),
+        file("d/g", "g1"),
+        dir("top", 0o750),
+        file("top/inner", "a dir above"),
+        file("e", "a file above"),
+        with_xattr("attr", "user.b", b"2"),
+        file(".wh.gone", ""),
+    ]);
+    let l2 = Layer::gzip(&[
+        dir("a", 0o700),
+        file("a/x", "x2, back"),
+        dir("gone", 0o711),
+        file("gone/new", "n2"),
+        dir("e", 0o755),
+        file("e/again", "a dir again"),
+    ]);
+    let layout = work.path().join("l");
+    oci_layout(&layout, "t", &[l0, l1, l2]);
+    let store = work.path().join("store");
+    let result = build(&store, &layout, "t", &["--merge"]);
+    let lowers = lowers_of(&result);
+    let layers: Vec<PathBuf> = lowers.iter().map(|(p, _)| p.clone()).collect();
+    let stack = MountedStack::mount(&lowers);
+    let merged = MountedErofs::mount(&merged_path(&result), &layers);
+    let diffs = fixture::treediff::diff_trees(stack.root(), merged.root());
+    assert!(diffs.is_empty(), "merged tree differs from the overlay stack:\n{}", diffs.join("\n"));
+    // And the stack is what the layers say (so the comparison compares something).
+    let root = merged.root();
+    assert_eq!(std::fs::read_to_string(root.join("a/x")).unwrap(), "x2, back");
+    assert!(!root.join("d/f").exists() && root.join("d/g").exists(), "d is opaque");
+    assert!(root.join("top").is_dir() && root.join("e/again").is_file() && !root.join("e/z").exists());
+    assert!(root.join("gone/new").exists());
+    assert!(
+        !root.join("gone/inside").exists() && !root.join("gone/sub").exists(),
+        "removed, then made again"
+    );
+}
+
+/// A directory made opaque by one layer and added to by a later one: rebuild mode would bring
+/// back what the opaque directory hides, so the merge is refused, saying where and why, and
+/// nothing is recorded; the image still builds without --merge.
+#[test]
+fn a_directory_made_opaque_and_then_added_to_is_refused() {
+    let work = scratch("merge-refused");
+    let l0 = Layer::gzip(&[dir("o", 0o755), file("o/old", "hidden by layer 2")]);
+    let l1 = Layer::gzip(&[dir("o", 0o755), file("o/.wh..wh..opq", ""), file("o/mid", "m")]);
+    let l2 = Layer::gzip(&[dir("o", 0o755), file("o/new", "n")]);
+    let layout = work.path().join("l");
+    oci_layout(&layout, "t", &[l0, l1, l2]);
+    let store = work.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, _, err) = run(vmrootfs(&store).args(["build", &spec, "--tag", "t", "--merge"]));
+    assert!(!ok, "the merge is refused");
+    assert!(
+        err.contains("directory /o: mkfs.erofs' rebuild mode would merge layer 3's directory with layer 1's")
+            && err.contains("--squash"),
+        "{err}"
+    );
+    let (ok, out, err) = run(vmrootfs(&store).arg("ls"));
+    assert!(ok && !out.contains("\nt "), "nothing recorded: {out}{err}");
+    let plain = build(&store, &layout, "t", &[]);
+    assert_eq!(plain["merged"], serde_json::Value::Null);
+}
