@@ -144,6 +144,29 @@ pub struct Builder {
     backend: std::sync::OnceLock<Backend>,
 }
 
+/// The record of `image` from `source` with `lowers`, tagged `tag` (default: `spec`).
+fn new_record(
+    spec: &str,
+    tag: Option<&str>,
+    source: &dyn ImageSource,
+    image: &ResolvedImage,
+    lowers: Vec<Lower>,
+) -> ImageRecord {
+    ImageRecord {
+        tag: tag.unwrap_or(spec).to_string(),
+        source: source.describe(),
+        manifest_digest: image.manifest_digest.clone(),
+        config_digest: image.config_digest.clone(),
+        platform: image.platform.clone(),
+        created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        size: lowers.iter().map(|l| l.size).sum(),
+        lowers,
+        config: RuntimeConfig::from(&image.config),
+        squashed: None,
+        merged: None,
+    }
+}
+
 /// Directory index of each layer being converted, handed from a layer to the one above.
 struct DirSlots {
     state: Mutex<Vec<Slot>>,
@@ -281,19 +304,7 @@ impl Builder {
                 blob_sha256: rec.blob_sha256,
             });
         }
-        let mut record = ImageRecord {
-            tag: tag.unwrap_or(spec).to_string(),
-            source: source.describe(),
-            manifest_digest: image.manifest_digest.clone(),
-            config_digest: image.config_digest.clone(),
-            platform: image.platform.clone(),
-            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            size: lowers.iter().map(|l| l.size).sum(),
-            lowers,
-            config: RuntimeConfig::from(&image.config),
-            squashed: None,
-            merged: None,
-        };
+        let mut record = new_record(spec, tag, &*source, &image, lowers);
         let mut squash_cached = true;
         if self.opts.squash {
             let top = chain.last().ok_or(BuildError::SquashNoLayers)?;
@@ -310,14 +321,20 @@ impl Builder {
             merge_cached = self.store.merged(top)?.is_some();
             record.merged = Some(crate::merge::merge(&self.store, erofs, &record.lowers)?);
         }
-        // What `push` needs to republish the image: the source's own manifest and config.
+        self.put_record(&image, &record)?;
+        let cached = missing.is_empty() && squash_cached && merge_cached;
+        Ok(BuildResult { record: self.store.locate(record)?, cached })
+    }
+
+    /// Records `record`, keeping the source's own manifest and config beside it (what `push`
+    /// needs to republish the image).
+    fn put_record(&self, image: &ResolvedImage, record: &ImageRecord) -> Result<(), BuildError> {
         if let Some(bytes) = &image.manifest_bytes {
             self.store.put_source_json(&image.manifest_digest, bytes)?;
         }
         self.store.put_source_json(&image.config_digest, &image.config_bytes)?;
-        self.store.put_record(&record)?;
-        let cached = missing.is_empty() && squash_cached && merge_cached;
-        Ok(BuildResult { record: self.store.locate(record)?, cached })
+        self.store.put_record(record)?;
+        Ok(())
     }
 
     /// Builds an image that is EROFS already: its blobs are stored as they are ([`crate::pull`]).
@@ -346,24 +363,8 @@ impl Builder {
             reporter,
         )
         .map_err(|(digest, source)| BuildError::Pull { digest, source })?;
-        let record = ImageRecord {
-            tag: tag.unwrap_or(spec).to_string(),
-            source: source.describe(),
-            manifest_digest: image.manifest_digest.clone(),
-            config_digest: image.config_digest.clone(),
-            platform: image.platform.clone(),
-            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            size: lowers.iter().map(|l| l.size).sum(),
-            lowers,
-            config: RuntimeConfig::from(&image.config),
-            squashed: None,
-            merged: None,
-        };
-        if let Some(bytes) = &image.manifest_bytes {
-            self.store.put_source_json(&image.manifest_digest, bytes)?;
-        }
-        self.store.put_source_json(&image.config_digest, &image.config_bytes)?;
-        self.store.put_record(&record)?;
+        let record = new_record(spec, tag, source, image, lowers);
+        self.put_record(image, &record)?;
         Ok(BuildResult { record: self.store.locate(record)?, cached })
     }
 
