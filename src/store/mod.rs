@@ -11,6 +11,11 @@
 //!   layers/<fs>-v<N>/<chain hex>.dirs       directories of the stack up to this layer
 //!   layers/<fs>-v<N>/<chain hex>.json       LayerRecord: size and sha256 of the blob
 //!   layers/<fs>-v<N>/<chain hex>.<fs>.lock  the layer lock
+//!   layers/<fs>-v<N>/<chain hex>.verity     the blob's dm-verity tree (`build --verity`):
+//!                                       superblock + hash blocks, as appended to the blob
+//!                                       in a pushed layer (see crate::verity)
+//!   layers/<fs>-v<N>/<chain hex>.verity.json  its VerityInfo; written after the tree, so a
+//!                                       tree whose .verity.json exists is complete
 //!   layers/<fs>-v<N>/squash-<chain hex>.<fs>  the whole stack flattened (`build --squash`),
 //!                                       with its `.json` record and `.lock`
 //!   images/<escaped tag>.json           ImageRecord, one per tag
@@ -74,6 +79,7 @@ use crate::digest::InvalidDigest;
 use crate::layer::dirindex::DirIndex;
 use crate::lock::FileLock;
 use crate::record::{BlobId, BlobKind, ImageRecord, LayerRecord, Located, LocatedRecord, SquashedBlob};
+use crate::verity::VerityInfo;
 
 /// Version of the on-disk layout written in `meta.json`. 2: records name blobs by identity
 /// (no paths), sha256 chain IDs only.
@@ -256,8 +262,12 @@ impl Store {
     pub fn locate(&self, record: ImageRecord) -> Result<LocatedRecord, StoreError> {
         let at = |id: Result<BlobId, InvalidDigest>| id.map(|id| self.blob_path(&id));
         let located = record.map_blobs(
-            |l| Ok::<_, InvalidDigest>(Located { path: at(l.id())?, blob: l }),
-            |s| Ok(Located { path: at(s.id())?, blob: s }),
+            |l| {
+                let id = l.id()?;
+                let verity_tree = l.verity.as_ref().map(|_| self.sidecar(&id, "verity"));
+                Ok::<_, InvalidDigest>(Located { path: self.blob_path(&id), verity_tree, blob: l })
+            },
+            |s| Ok(Located { path: at(s.id())?, verity_tree: None, blob: s }),
         )?;
         Ok(located)
     }
@@ -295,6 +305,37 @@ impl Store {
             return Ok(None);
         }
         read_sidecar(&self.sidecar(&id, "json"))
+    }
+
+    /// The stored dm-verity tree of a layer blob, if published (its `.verity.json` exists).
+    pub fn layer_verity(&self, fs: FsType, chain_id: &Digest) -> Result<Option<VerityInfo>, StoreError> {
+        let id = new_id(BlobKind::Layer, fs, chain_id)?;
+        if !self.sidecar(&id, "verity").exists() {
+            return Ok(None);
+        }
+        read_sidecar(&self.sidecar(&id, "verity.json"))
+    }
+
+    /// Publishes the dm-verity tree `tree` (in `tmp/`) of a published layer blob, then its
+    /// record. The caller holds the layer lock.
+    pub fn publish_verity(
+        &self,
+        fs: FsType,
+        chain_id: &Digest,
+        tree: &Path,
+        info: &VerityInfo,
+    ) -> Result<PathBuf, StoreError> {
+        let id = new_id(BlobKind::Layer, fs, chain_id)?;
+        let dest = self.sidecar(&id, "verity");
+        publish_blob(tree, &dest)?;
+        let json = serde_json::to_vec_pretty(info).expect("a verity record serializes");
+        write_atomic(&self.sidecar(&id, "verity.json"), &json)?;
+        Ok(dest)
+    }
+
+    /// Where the dm-verity tree of the blob `id` lives (see [`Store::publish_verity`]).
+    pub fn verity_tree_path(&self, id: &BlobId) -> PathBuf {
+        self.sidecar(id, "verity")
     }
 
     /// The directories of the stack up to `chain_id`.
