@@ -20,13 +20,22 @@ exit 3
 "#;
 
 fn boot_check(fs: &str, squash: bool) {
+    boot_check_in(fs, squash, false);
+}
+
+/// Builds the real image (with `--squash`, `--verity` as asked) into a new store, boots it and
+/// checks the stack from inside; returns the store's directory (the store is `store` in it).
+fn boot_check_in(fs: &str, squash: bool, verity: bool) -> tempfile::TempDir {
     let spec = format!("oci:{}/oci:test", image().display());
-    let dir = scratch(&format!("boot-{fs}-{squash}"));
+    let dir = scratch(&format!("boot-{fs}-{squash}-{verity}"));
     let store = dir.path().join("store");
     let mut build = vmrootfs(&store);
     build.args(["-q", "build", &spec, "--tag", "deb", "--fs", fs]);
     if squash {
         build.arg("--squash");
+    }
+    if verity {
+        build.arg("--verity");
     }
     let (ok, _, err) = run(&mut build);
     assert!(ok, "build: {err}");
@@ -60,6 +69,71 @@ fn boot_check(fs: &str, squash: bool) {
             stdout.lines().any(|l| l.trim() == want),
             "missing {want:?} in guest output:\n{stdout}\n{stderr}"
         );
+    }
+    dir
+}
+
+/// One byte of a file flipped, and flipped back when dropped (also when the test fails).
+struct Flipped {
+    path: std::path::PathBuf,
+    at: u64,
+}
+
+impl Flipped {
+    fn new(path: &Path, at: u64) -> Flipped {
+        flip(path, at);
+        Flipped { path: path.to_owned(), at }
+    }
+}
+
+impl Drop for Flipped {
+    fn drop(&mut self) {
+        flip(&self.path, self.at);
+    }
+}
+
+fn flip(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    // The store's blobs are read-only; root may write them anyway.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+}
+
+#[test]
+fn boot_verity_stack_and_a_flipped_byte_names_the_lower() {
+    let dir = boot_check_in("erofs", false, true);
+    let store = dir.path().join("store");
+    let (ok, out, err) = run(vmrootfs(&store).args(["inspect", "deb", "--json"]));
+    assert!(ok, "inspect: {err}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for l in record["lowers"].as_array().unwrap() {
+        assert!(l["verity"]["root_digest"].is_string(), "a --verity lower has a root digest: {l}");
+    }
+    // A block in the middle of python3.11, which only lower 1 (layer 2) holds.
+    let lowers = lowers_of(&record);
+    let (blob, chain) = (&lowers[1].0, record["lowers"][1]["chain_id"].as_str().unwrap());
+    let stack = MountedStack::mount(&lowers[1..2]);
+    let file = std::fs::read(stack.lower(0).join("usr/bin/python3.11")).unwrap();
+    drop(stack);
+    let block = &file[1 << 20..(1 << 20) + 4096];
+    let bytes = std::fs::read(blob).unwrap();
+    let at = bytes.chunks(4096).position(|c| c == block).expect("python3.11's block in the blob") * 4096;
+    drop(bytes);
+    let flipped = Flipped::new(blob, at as u64 + 100);
+    let reads = "cat /usr/bin/python3.11 > /dev/null; echo cat $?";
+    let out =
+        vmrootfs(&store).args(["run", "deb", "--timeout", "240", "--", "sh", "-c", reads]).output().unwrap();
+    drop(flipped);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "run of a corrupt lower fails\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("cat 1"), "the guest's read fails: {stdout}\n{stderr}");
+    let named = format!("lower 1 (chain {chain}");
+    assert!(stderr.contains("dm-verity") && stderr.contains(&named), "run names the lower: {stderr}");
+    for other in [0, 2, 3] {
+        assert!(!stderr.contains(&format!("lower {other} (")), "only lower 1 is named: {stderr}");
     }
 }
 
@@ -254,4 +328,9 @@ fn run_status_and_streams_are_out_of_band() {
     assert_eq!(out.status.code(), Some(7), "the command's status\nstdout:\n{stdout}\nstderr:\n{stderr}");
     assert_eq!(stdout, "VMROOTFS-EXIT 0\na\r\nno newline", "stdout, byte for byte\nstderr:\n{stderr}");
     assert!(stderr.lines().any(|l| l == "err-only"), "stderr: {stderr}");
+}
+
+#[test]
+fn boot_verity_ext4_stack() {
+    boot_check_in("ext4", false, true);
 }
