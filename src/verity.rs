@@ -270,16 +270,38 @@ fn compute<S: TreeSink>(
         root: None,
         sink,
     };
-    let mut whole = Sha256::new();
-    let mut reader = io::BufReader::with_capacity(1 << 20, file);
-    let mut block = vec![0u8; BLOCK_SIZE as usize];
-    for _ in 0..data_blocks {
-        reader.read_exact(&mut block).map_err(io_at(blob))?;
-        whole.update(&block);
-        let h = levels.hash(&block);
-        levels.push(0, h).map_err(io)?;
-    }
-    let root = levels.finish().map_err(io)?;
+    // The blob's own sha256 on a second thread, fed the chunks the tree is made of: the two
+    // hashes take the time of one when a core is free.
+    const CHUNK: u64 = 256 * BLOCK_SIZE;
+    let mut file = file;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::sync::Arc<Vec<u8>>>(4);
+    let (read, whole) = std::thread::scope(|s| {
+        let hasher = s.spawn(move || {
+            let mut whole = Sha256::new();
+            for chunk in rx {
+                whole.update(&chunk[..]);
+            }
+            whole
+        });
+        let read = (|| {
+            let mut left = size;
+            while left > 0 {
+                let mut chunk = vec![0u8; left.min(CHUNK) as usize];
+                file.read_exact(&mut chunk).map_err(io_at(blob))?;
+                left -= chunk.len() as u64;
+                for block in chunk.chunks(BLOCK_SIZE as usize) {
+                    let h = levels.hash(block);
+                    levels.push(0, h).map_err(io)?;
+                }
+                // Fails only if the hasher panicked, which its join below reports.
+                let _ = tx.send(std::sync::Arc::new(chunk));
+            }
+            drop(tx);
+            levels.finish().map_err(io)
+        })();
+        (read, hasher.join().expect("the hasher thread does not panic"))
+    });
+    let root = read?;
     let built = BuiltTree {
         info: VerityInfo {
             hash_offset: size,
