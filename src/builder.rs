@@ -235,7 +235,12 @@ impl Builder {
                 (true, Some(v)) => Some(v),
                 (true, None) => {
                     let (v, made) = self.ensure_verity(&chain[i])?;
-                    trees_made += usize::from(made);
+                    if made {
+                        trees_made += 1;
+                        let short = &image.layers[i].digest.digest()[..12];
+                        reporter
+                            .line(&format!("layer {}/{total} sha256:{short}: dm-verity tree made", i + 1));
+                    }
                     Some(v)
                 }
             };

@@ -123,7 +123,10 @@ enum Command {
     /// The lowers are attached read-only and stacked with overlayfs under a tmpfs upper; the
     /// command (default: the image's entrypoint and cmd) runs with the image's env, working
     /// directory and user. Prints its stdout and stderr on ours and exits with its status.
-    /// Holds the store lock while the guest runs (rm and gc wait). Examples:
+    /// Holds the store lock while the guest runs (rm and gc wait). Lowers built with --verity
+    /// are opened through dm-verity in the guest (needs dmsetup on the host): a block that
+    /// does not match the recorded root digest fails the guest's read, and run then fails
+    /// naming the lower. Examples:
     ///   vmrootfs run busybox -- cat /etc/motd
     ///   vmrootfs run debian --timeout 120 -- python3 -c 'print(42)'
     #[command(verbatim_doc_comment)]

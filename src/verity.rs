@@ -411,7 +411,25 @@ mod tests {
         std::fs::write(&blob, &bad).unwrap();
         let found = check(&blob, &chain, &tree).unwrap();
         assert_ne!(found.root_digest, built.info.root_digest);
-        // Level 0's block of data block 200, level 1's block and the top.
+        // Level 0's block of data block 200 and the top level's block.
         assert_eq!(found.differing_tree_blocks, 2);
+    }
+
+    #[test]
+    fn check_finds_a_changed_tree_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, vec![5u8; 200 * 4096]).unwrap();
+        let chain: Digest = format!("sha256:{}", "ef".repeat(32)).parse().unwrap();
+        let tree = dir.path().join("tree");
+        let built = build_tree(&blob, &chain, &tree).unwrap();
+        let mut bytes = std::fs::read(&tree).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&tree, &bytes).unwrap();
+        let found = check(&blob, &chain, &tree).unwrap();
+        assert_eq!((found.root_digest, found.differing_tree_blocks), (built.info.root_digest, 1));
+        std::fs::write(&tree, &bytes[..4096]).unwrap();
+        assert!(check(&blob, &chain, &tree).unwrap().differing_tree_blocks > 0, "a cut tree differs");
     }
 }
