@@ -38,6 +38,8 @@ pub enum VerityError {
     NotAligned { path: PathBuf, size: u64 },
     #[error("{path} is empty: dm-verity needs at least one data block")]
     Empty { path: PathBuf },
+    #[error(transparent)]
+    Digest(#[from] crate::digest::InvalidDigest),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> VerityError + '_ {
@@ -240,7 +242,7 @@ fn compute<S: TreeSink>(
     chain_id: &Digest,
     sink: &mut S,
 ) -> Result<(BuiltTree, Sha256), VerityError> {
-    let salt = salt_for(chain_id).expect("a stored blob's chain ID is sha256");
+    let salt = salt_for(chain_id)?;
     let file = fs_err::File::open(blob).map_err(io_at(blob))?;
     let size = file.metadata().map_err(io_at(blob))?.len();
     if size == 0 {
