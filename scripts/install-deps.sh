@@ -2,9 +2,11 @@
 # Installs the Debian packages vmrootfs needs, when missing (called by `make`).
 # usage: install-deps.sh run|all   (run: what `build` needs; all: also boot, tests, bench)
 #   run:  erofs-utils (1.8 built from source), e2fsprogs >= 1.47.1 (mkfs, fsck, debugfs), libarchive13
-#   boot: qemu-system-x86, qboot (qemu-system-data), linux-image-amd64, busybox-static
+#   boot: qemu-system-x86, qboot (qemu-system-data), linux-image-amd64, busybox-static,
+#         dmsetup (for `run` of --verity images)
 #   test: umoci, skopeo, debootstrap, attr, libcap2-bin, python3, docker-registry,
-#         apache2-utils (htpasswd); bench: time, bc
+#         apache2-utils (htpasswd), cryptsetup-bin (veritysetup), openssl (token server);
+#         bench: time, bc
 # erofs-utils 1.8 is built from Debian trixie's source (scripts/build-erofs-utils.sh) and its
 # mkfs.erofs installed as /usr/local/bin/mkfs.erofs, ahead of Debian 12's 1.5 on PATH: 1.5
 # holds every inode in memory (337 MB for a 2.4 GB layer of 56,000 files; 1.8: 105 MB).
@@ -21,7 +23,7 @@ installed() { dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^instal
 
 want=(erofs-utils e2fsprogs libarchive13)
 [ "${1:-all}" = all ] && want+=(umoci skopeo debootstrap busybox-static attr libcap2-bin python3 time bc docker-registry apache2-utils
-                                zstd xz-utils ca-certificates linux-image-amd64)
+                                zstd xz-utils ca-certificates linux-image-amd64 dmsetup cryptsetup-bin openssl)
 missing=()
 for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
 need_qemu=0; [ "${1:-all}" = all ] && ! installed qemu-system-x86 && need_qemu=1

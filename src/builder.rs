@@ -24,6 +24,7 @@ use crate::progress::Reporter;
 use crate::record::{BuildResult, ImageRecord, LayerRecord, Lower, RuntimeConfig};
 use crate::source::{self, ImageSource, ResolvedImage, SourceError};
 use crate::store::{Store, StoreError};
+use crate::verity::VerityInfo;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -37,6 +38,12 @@ pub enum BuildError {
     #[error("layer {digest}")]
     Layer {
         digest: Digest,
+        #[source]
+        source: Box<LayerFailure>,
+    },
+    #[error("dm-verity tree of the stored layer {chain_id}")]
+    Verity {
+        chain_id: Digest,
         #[source]
         source: Box<LayerFailure>,
     },
@@ -80,6 +87,8 @@ pub enum LayerFailure {
     Store(#[from] StoreError),
     #[error("hashing the finished blob")]
     Hash(#[source] std::io::Error),
+    #[error("making the dm-verity tree")]
+    Verity(#[from] crate::verity::VerityError),
     #[error("the layer below failed")]
     LowerFailed,
 }
@@ -114,6 +123,8 @@ pub struct BuildOptions {
     pub squash: bool,
     /// Also make one merged EROFS metadata blob over the layer blobs (EROFS only).
     pub merge: bool,
+    /// Give every layer blob a dm-verity tree (kept beside it; see [`crate::verity`]).
+    pub verity: bool,
     /// Credentials and plain-HTTP hosts for registry sources.
     pub registry: crate::source::RegistryOptions,
     /// Pull an EROFS image `vmrootfs push` made from the source (a referrer of its manifest,
@@ -130,6 +141,7 @@ impl Default for BuildOptions {
             max_layer_bytes: 64 << 30,
             squash: false,
             merge: false,
+            verity: false,
             registry: Default::default(),
             use_converted: false,
         }
@@ -290,10 +302,25 @@ impl Builder {
         };
         let converted = self.convert_all(&plan, &missing)?;
         let mut lowers = Vec::with_capacity(total);
+        let mut trees_made = 0;
         for i in 0..total {
-            let rec =
-                stored[i].clone().or_else(|| converted.iter().find(|(j, _)| *j == i).map(|(_, r)| r.clone()));
+            let done = converted.iter().find(|(j, ..)| *j == i);
+            let rec = stored[i].clone().or_else(|| done.map(|(_, r, _)| r.clone()));
             let rec = rec.expect("every layer is stored or converted");
+            let verity = match (self.opts.verity, done.and_then(|(_, _, v)| v.clone())) {
+                (false, _) => None,
+                (true, Some(v)) => Some(v),
+                (true, None) => {
+                    let (v, made) = self.ensure_verity(&chain[i])?;
+                    if made {
+                        trees_made += 1;
+                        let short = &image.layers[i].digest.digest()[..12];
+                        reporter
+                            .line(&format!("layer {}/{total} sha256:{short}: dm-verity tree made", i + 1));
+                    }
+                    Some(v)
+                }
+            };
             lowers.push(Lower {
                 fs,
                 recipe: rec.recipe,
@@ -302,6 +329,7 @@ impl Builder {
                 digest: image.layers[i].digest.clone(),
                 size: rec.size,
                 blob_sha256: rec.blob_sha256,
+                verity,
             });
         }
         let mut record = new_record(spec, tag, &*source, &image, lowers);
@@ -322,7 +350,7 @@ impl Builder {
             record.merged = Some(crate::merge::merge(&self.store, erofs, &record.lowers)?);
         }
         self.put_record(&image, &record)?;
-        let cached = missing.is_empty() && squash_cached && merge_cached;
+        let cached = missing.is_empty() && squash_cached && merge_cached && trees_made == 0;
         Ok(BuildResult { record: self.store.locate(record)?, cached })
     }
 
@@ -363,9 +391,42 @@ impl Builder {
             reporter,
         )
         .map_err(|(digest, source)| BuildError::Pull { digest, source })?;
+        let mut lowers = lowers;
+        let mut cached = cached;
+        if self.opts.verity {
+            // Layers pulled without a tree get one here, as a local `build --verity` would.
+            for l in lowers.iter_mut().filter(|l| l.verity.is_none() && l.recipe == FsType::Erofs.recipe()) {
+                let (info, made) = self.ensure_verity(&l.chain_id)?;
+                cached &= !made;
+                l.verity = Some(info);
+            }
+        }
         let record = new_record(spec, tag, source, image, lowers);
         self.put_record(image, &record)?;
         Ok(BuildResult { record: self.store.locate(record)?, cached })
+    }
+
+    /// The dm-verity tree of the stored layer `chain_id`, made now if missing (under the
+    /// layer lock, looking again once it is held); true when it was made.
+    fn ensure_verity(&self, chain_id: &Digest) -> Result<(crate::verity::VerityInfo, bool), BuildError> {
+        let fs = self.opts.fs;
+        if let Some(v) = self.store.layer_verity(fs, chain_id)? {
+            return Ok((v, false));
+        }
+        let _layer_lock = self.store.lock_layer(fs, chain_id)?;
+        if let Some(v) = self.store.layer_verity(fs, chain_id)? {
+            return Ok((v, false));
+        }
+        let layer_failure =
+            |e: LayerFailure| BuildError::Verity { chain_id: chain_id.clone(), source: Box::new(e) };
+        let work = self.store.staging("verity-")?;
+        let tree = work.path().join("tree");
+        let id = crate::record::BlobId::new(crate::record::BlobKind::Layer, fs, fs.recipe(), chain_id)
+            .map_err(StoreError::from)?;
+        let built = crate::verity::build_tree(&self.store.blob_path(&id), chain_id, &tree)
+            .map_err(|e| layer_failure(e.into()))?;
+        self.store.publish_verity(fs, chain_id, &tree, &built.info)?;
+        Ok((built.info, true))
     }
 
     /// Converts the `missing` layers, `jobs` at a time; the first real failure wins.
@@ -373,7 +434,7 @@ impl Builder {
         &self,
         plan: &Plan<'_>,
         missing: &[usize],
-    ) -> Result<Vec<(usize, LayerRecord)>, BuildError> {
+    ) -> Result<Vec<(usize, LayerRecord, Option<VerityInfo>)>, BuildError> {
         let next = AtomicUsize::new(0);
         let done = Mutex::new(Vec::new());
         let failed = Mutex::new(Vec::new());
@@ -384,7 +445,7 @@ impl Builder {
                         let k = next.fetch_add(1, Ordering::SeqCst);
                         let Some(&i) = missing.get(k) else { break };
                         match self.convert_one(plan, i) {
-                            Ok(rec) => done.lock().expect("lock").push((i, rec)),
+                            Ok((rec, verity)) => done.lock().expect("lock").push((i, rec, verity)),
                             Err(e) => {
                                 plan.cancel.store(true, Ordering::SeqCst);
                                 plan.slots.set(i, Slot::Failed);
@@ -416,7 +477,13 @@ impl Builder {
         plan.slots.wait(i - 1).ok_or(LayerFailure::LowerFailed)
     }
 
-    fn convert_one(&self, plan: &Plan<'_>, i: usize) -> Result<LayerRecord, LayerFailure> {
+    /// Converts layer `i` (and, with `--verity`, makes its tree in the same read as the
+    /// blob's hash).
+    fn convert_one(
+        &self,
+        plan: &Plan<'_>,
+        i: usize,
+    ) -> Result<(LayerRecord, Option<VerityInfo>), LayerFailure> {
         let layer = &plan.image.layers[i];
         let fs = self.opts.fs;
         // The layer lock, then a second look: another build may have made the blob meanwhile.
@@ -429,7 +496,7 @@ impl Builder {
                 plan.chain.len(),
                 layer.digest
             ));
-            return Ok(record);
+            return Ok((record, None));
         }
         let progress = plan.reporter.layer(i, plan.chain.len(), &layer.digest, layer.size);
         let started = std::time::Instant::now();
@@ -486,7 +553,13 @@ impl Builder {
                 self.opts.fs,
                 streamed_at.elapsed().as_secs_f64()
             ));
-            let blob_sha256 = digest::sha256_file_hex(&out).map_err(LayerFailure::Hash)?;
+            let tree = work.path().join("tree");
+            let (blob_sha256, verity) = if self.opts.verity {
+                let built = crate::verity::build_tree(&out, &plan.chain[i], &tree)?;
+                (built.blob_sha256, Some(built.info))
+            } else {
+                (digest::sha256_file_hex(&out).map_err(LayerFailure::Hash)?, None)
+            };
             let size = fs_err::metadata(&out).map_err(LayerFailure::Hash)?.len();
             let record = LayerRecord {
                 chain_id: plan.chain[i].clone(),
@@ -498,10 +571,13 @@ impl Builder {
                 tool: backend.describe(),
             };
             self.store.publish_layer(&out, &merged, &finished.own, &record)?;
-            Ok(record)
+            if let Some(v) = &verity {
+                self.store.publish_verity(fs, &plan.chain[i], &tree, v)?;
+            }
+            Ok((record, verity))
         })();
         match &result {
-            Ok(r) => progress.done(r.size),
+            Ok((r, _)) => progress.done(r.size),
             Err(_) => progress.failed(),
         }
         result

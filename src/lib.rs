@@ -15,6 +15,7 @@ pub mod record;
 pub mod source;
 pub mod squash;
 pub mod store;
+pub mod verity;
 pub mod vm;
 
 pub use backend::FsType;

@@ -73,6 +73,15 @@ enum Command {
         /// or `run --merged`. EROFS only; needs no root.
         #[arg(long)]
         merge: bool,
+        /// Give each layer blob a dm-verity hash tree (4096-byte blocks, sha256, salt = the
+        /// chain ID, so the root digest is the same on every host), recorded with its root
+        /// digest and hash offset. `run` then opens every lower through dm-verity in the guest:
+        /// a block that does not match its hash fails the read, and `run` names the lower.
+        /// `verify` recomputes the trees. The tree is kept beside the blob (no second copy
+        /// of it); a plain build of the same image shares the blobs; `push` appends it to
+        /// each layer with the org.erofs.dmverity.* annotations.
+        #[arg(long)]
+        verity: bool,
         #[command(flatten)]
         registry: RegistryArgs,
         /// For a registry image: if the repository has an EROFS image `vmrootfs push` made from
@@ -140,6 +149,8 @@ enum Command {
     },
     /// Re-hash the blobs of TAGs (default: all) against their records and fsck them.
     ///
+    /// A lower built with --verity also has its dm-verity tree recomputed from the blob: the
+    /// root digest must equal the recorded one and the stored tree the recomputed one.
     /// Exits non-zero and names each bad blob if any is missing, altered or corrupt.
     Verify {
         tags: Vec<String>,
@@ -154,7 +165,9 @@ enum Command {
     /// directory and user. Prints its stdout and stderr on ours and exits with its status.
     /// With --merged the image is one drive (see `build --merge`) mounted as one read-only
     /// EROFS filesystem, no overlayfs. Holds the store lock while the guest runs (rm and gc
-    /// wait). Examples:
+    /// wait). Lowers built with --verity are opened through dm-verity in the guest (needs
+    /// dmsetup on the host): a block that does not match the recorded root digest fails the
+    /// guest's read, and run then fails naming the lower. Examples:
     ///   vmrootfs run busybox -- cat /etc/motd
     ///   vmrootfs run debian --timeout 120 -- python3 -c 'print(42)'
     #[command(verbatim_doc_comment)]
@@ -363,6 +376,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             jobs,
             squash,
             merge,
+            verity,
             registry,
             use_converted,
             max_layer_size,
@@ -374,6 +388,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 max_layer_bytes: max_layer_size,
                 squash,
                 merge,
+                verity,
                 ..BuildOptions::default()
             };
             if let Some(p) = platform {
@@ -403,6 +418,9 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 )?;
                 for (i, l) in r.lowers.iter().enumerate() {
                     writeln!(out, "  {i}: {}", l.path.display())?;
+                    if let Some(v) = &l.verity {
+                        writeln!(out, "     verity root {} at {}", v.root_digest, v.hash_offset)?;
+                    }
                 }
                 if let Some(s) = &r.squashed {
                     writeln!(out, "  squashed: {}", s.path.display())?;
@@ -490,6 +508,16 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 writeln!(out, "lowers (base first):")?;
                 for l in &record.lowers {
                     writeln!(out, "  {} {} {}", l.fs, l.chain_id, l.path.display())?;
+                    if let Some(v) = &l.verity {
+                        writeln!(
+                            out,
+                            "    dm-verity: root {} hash_offset {} salt {} tree {}",
+                            v.root_digest,
+                            v.hash_offset,
+                            v.salt,
+                            l.verity_tree.as_deref().unwrap_or(std::path::Path::new("?")).display()
+                        )?;
+                    }
                 }
                 if let Some(s) = &record.squashed {
                     writeln!(out, "squashed:  {} {}", s.fs, s.path.display())?;

@@ -52,6 +52,10 @@ pub enum PullError {
     BadAnnotation { key: &'static str, value: String, expected: &'static str },
     #[error(transparent)]
     InvalidDigest(#[from] digest::InvalidDigest),
+    #[error(transparent)]
+    Verity(#[from] crate::verity::VerityError),
+    #[error("its dm-verity tree gives root digest {found}, not the annotated {annotated}")]
+    VerityMismatch { annotated: String, found: String },
 }
 
 /// Where one pulled layer goes in the store, and what its record says.
@@ -148,6 +152,7 @@ pub fn pull(
                             digest: layer.digest.clone(),
                             size: record.size,
                             blob_sha256: record.blob_sha256,
+                            verity: store.layer_verity_of(&t.id)?,
                         })
                     })();
                     results
@@ -221,16 +226,56 @@ fn fetch_one(
         file.sync_all().map_err(|e| PullError::Write { path: out.clone(), source: e })?;
         let unpacked = unpacked.unwrap_or(found);
         digest::check("layer DiffID (uncompressed digest)", &classified.diff_id, &unpacked)?;
+        let chain_id: Digest = t.id.chain_id.clone().into();
+        // A vmrootfs layer with a dm-verity tree: the blob and its tree are stored apart, as a
+        // local `build --verity` keeps them, the tree checked against the annotated root.
+        let tree = work.path().join("tree");
+        let verity = match verity_of(layer)? {
+            Some((hash_offset, root)) if t.id.recipe != IMPORTED_RECIPE => {
+                if hash_offset % crate::verity::BLOCK_SIZE != 0 || hash_offset > size {
+                    return Err(PullError::BadAnnotation {
+                        key: erofs_image::VERITY_HASH_OFFSET,
+                        value: hash_offset.to_string(),
+                        expected: "a multiple of 4096 within the layer",
+                    });
+                }
+                split_off(&out, hash_offset, &tree)?;
+                let checked = crate::verity::check(&out, &chain_id, &tree)?;
+                if checked.root_digest != root || checked.differing_tree_blocks != 0 {
+                    return Err(PullError::VerityMismatch {
+                        annotated: root.to_string(),
+                        found: checked.root_digest.to_string(),
+                    });
+                }
+                Some(crate::verity::VerityInfo {
+                    hash_offset,
+                    root_digest: root,
+                    salt: hex::encode(crate::verity::salt_for(&chain_id)?),
+                    block_size: crate::verity::BLOCK_SIZE,
+                    algorithm: "sha256".into(),
+                    tree_size: size - hash_offset,
+                    tree_sha256: digest::sha256_file_hex(&tree).map_err(PullError::Read)?,
+                    sha256: unpacked.digest().to_string(),
+                })
+            }
+            _ => None,
+        };
         let record = LayerRecord {
-            chain_id: t.id.chain_id.clone().into(),
+            chain_id,
             diff_id: t.diff_id.clone(),
             fs: FsType::Erofs,
             recipe: t.id.recipe,
-            size,
-            blob_sha256: unpacked.digest().to_string(),
+            size: verity.as_ref().map_or(size, |v| v.hash_offset),
+            blob_sha256: match &verity {
+                Some(_) => digest::sha256_file_hex(&out).map_err(PullError::Read)?,
+                None => unpacked.digest().to_string(),
+            },
             tool: t.tool.clone(),
         };
         store.publish_pulled_layer(&out, &record)?;
+        if let Some(v) = &verity {
+            store.publish_verity_of(&t.id, &tree, v)?;
+        }
         Ok(record)
     })();
     match &result {
@@ -238,6 +283,42 @@ fn fetch_one(
         Err(_) => progress.failed(),
     }
     result.map(|r| (r, false))
+}
+
+/// The `org.erofs.dmverity.*` annotations of a layer: `(hash_offset, root digest)`, when it
+/// has a tree of 4096-byte blocks (the only size vmrootfs makes and checks).
+fn verity_of(layer: &LayerRef) -> Result<Option<(u64, Digest)>, PullError> {
+    let a = &layer.annotations;
+    let (Some(offset), Some(root)) =
+        (a.get(erofs_image::VERITY_HASH_OFFSET), a.get(erofs_image::VERITY_ROOT_DIGEST))
+    else {
+        return Ok(None);
+    };
+    if a.get(erofs_image::VERITY_BLOCK_SIZE).is_some_and(|b| b != "4096") {
+        return Ok(None);
+    }
+    let bad = |key: &'static str, value: &str, expected: &'static str| PullError::BadAnnotation {
+        key,
+        value: value.to_string(),
+        expected,
+    };
+    let offset = offset.parse().map_err(|_| bad(erofs_image::VERITY_HASH_OFFSET, offset, "a byte offset"))?;
+    let root = root.parse().map_err(|_| bad(erofs_image::VERITY_ROOT_DIGEST, root, "a digest"))?;
+    Ok(Some((offset, root)))
+}
+
+/// Moves the bytes of `file` from `at` on into the new file `tail`, and cuts `file` there.
+fn split_off(file: &std::path::Path, at: u64, tail: &std::path::Path) -> Result<(), PullError> {
+    let write_err = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| PullError::Write { path, source }
+    };
+    let mut from = fs_err::OpenOptions::new().read(true).write(true).open(file).map_err(write_err(file))?;
+    io::Seek::seek(&mut from, io::SeekFrom::Start(at)).map_err(write_err(file))?;
+    let mut to = fs_err::File::create(tail).map_err(write_err(tail))?;
+    io::copy(&mut from, &mut to).map_err(write_err(tail))?;
+    from.set_len(at).map_err(write_err(file))?;
+    Ok(())
 }
 
 /// A writer that hashes what passes (for `+zstd` blobs) or only counts it (raw ones).

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::FsType;
 use crate::digest::{self, InvalidDigest};
+use crate::verity::VerityInfo;
 
 /// Which of a stack's blobs: one layer's, the whole stack flattened (`build --squash`), or the
 /// merged metadata over the stack's layer blobs (`build --merge`).
@@ -45,6 +46,10 @@ impl BlobId {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Located<T> {
     pub path: PathBuf,
+    /// The blob's dm-verity tree (`build --verity`): the hash device of a dm-verity table
+    /// whose data device is `path`, or the bytes that follow the blob in the pushed layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity_tree: Option<PathBuf>,
     #[serde(flatten)]
     pub blob: T,
 }
@@ -70,6 +75,9 @@ pub struct Lower {
     pub size: u64,
     /// sha256 hex of the blob file, for integrity checks.
     pub blob_sha256: String,
+    /// The blob's dm-verity tree (`build --verity`), kept beside it in the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<VerityInfo>,
 }
 
 /// What a runtime needs from the OCI config to start the image's process.

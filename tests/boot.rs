@@ -33,8 +33,14 @@ enum Form {
 }
 
 fn boot_check(fs: &str, form: Form) {
+    boot_check_in(fs, form, false);
+}
+
+/// Builds the real image (as `form` asks, with `--verity` if asked) into a new store, boots it
+/// and checks the tree from inside; returns the store's directory (the store is `store` in it).
+fn boot_check_in(fs: &str, form: Form, verity: bool) -> tempfile::TempDir {
     let spec = format!("oci:{}/oci:test", image().display());
-    let dir = scratch(&format!("boot-{fs}-{form:?}"));
+    let dir = scratch(&format!("boot-{fs}-{form:?}-{verity}"));
     let store = dir.path().join("store");
     let mut build = vmrootfs(&store);
     build.args(["-q", "build", &spec, "--tag", "deb", "--fs", fs]);
@@ -46,6 +52,9 @@ fn boot_check(fs: &str, form: Form) {
         Form::Merged => {
             build.arg("--merge");
         }
+    }
+    if verity {
+        build.arg("--verity");
     }
     let (ok, _, err) = run(&mut build);
     assert!(ok, "build: {err}");
@@ -89,6 +98,8 @@ fn boot_check(fs: &str, form: Form) {
     }
     // The drives the guest sees and what its root is.
     let (disks, root) = match form {
+        // --verity adds the drive of the trees.
+        Form::Stack if verity => ("disks: 5", "root: overlay"),
         Form::Stack => ("disks: 4", "root: overlay"),
         Form::Squashed => ("disks: 1", "root: overlay"),
         Form::Merged => ("disks: 1", "root: erofs"),
@@ -104,6 +115,71 @@ fn boot_check(fs: &str, form: Form) {
         let how = stderr.lines().find(|l| l.contains("vmrootfs-init: merged image mounted from /dev/vda"));
         assert!(how.is_some(), "/init did not say how it mounted the merged disk:\n{stderr}");
         eprintln!("{}", how.unwrap_or_default());
+    }
+    dir
+}
+
+/// One byte of a file flipped, and flipped back when dropped (also when the test fails).
+struct Flipped {
+    path: std::path::PathBuf,
+    at: u64,
+}
+
+impl Flipped {
+    fn new(path: &Path, at: u64) -> Flipped {
+        flip(path, at);
+        Flipped { path: path.to_owned(), at }
+    }
+}
+
+impl Drop for Flipped {
+    fn drop(&mut self) {
+        flip(&self.path, self.at);
+    }
+}
+
+fn flip(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    // The store's blobs are read-only; root may write them anyway.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+}
+
+#[test]
+fn boot_verity_stack_and_a_flipped_byte_names_the_lower() {
+    let dir = boot_check_in("erofs", Form::Stack, true);
+    let store = dir.path().join("store");
+    let (ok, out, err) = run(vmrootfs(&store).args(["inspect", "deb", "--json"]));
+    assert!(ok, "inspect: {err}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for l in record["lowers"].as_array().unwrap() {
+        assert!(l["verity"]["root_digest"].is_string(), "a --verity lower has a root digest: {l}");
+    }
+    // A block in the middle of python3.11, which only lower 1 (layer 2) holds.
+    let lowers = lowers_of(&record);
+    let (blob, chain) = (&lowers[1].0, record["lowers"][1]["chain_id"].as_str().unwrap());
+    let stack = MountedStack::mount(&lowers[1..2]);
+    let file = std::fs::read(stack.lower(0).join("usr/bin/python3.11")).unwrap();
+    drop(stack);
+    let block = &file[1 << 20..(1 << 20) + 4096];
+    let bytes = std::fs::read(blob).unwrap();
+    let at = bytes.chunks(4096).position(|c| c == block).expect("python3.11's block in the blob") * 4096;
+    drop(bytes);
+    let flipped = Flipped::new(blob, at as u64 + 100);
+    let reads = "cat /usr/bin/python3.11 > /dev/null; echo cat $?";
+    let out =
+        vmrootfs(&store).args(["run", "deb", "--timeout", "240", "--", "sh", "-c", reads]).output().unwrap();
+    drop(flipped);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "run of a corrupt lower fails\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("cat 1"), "the guest's read fails: {stdout}\n{stderr}");
+    let named = format!("lower 1 (chain {chain}");
+    assert!(stderr.contains("dm-verity") && stderr.contains(&named), "run names the lower: {stderr}");
+    for other in [0, 2, 3] {
+        assert!(!stderr.contains(&format!("lower {other} (")), "only lower 1 is named: {stderr}");
     }
 }
 
@@ -305,4 +381,9 @@ fn run_status_and_streams_are_out_of_band() {
     assert_eq!(out.status.code(), Some(7), "the command's status\nstdout:\n{stdout}\nstderr:\n{stderr}");
     assert_eq!(stdout, "VMROOTFS-EXIT 0\na\r\nno newline", "stdout, byte for byte\nstderr:\n{stderr}");
     assert!(stderr.lines().any(|l| l == "err-only"), "stderr: {stderr}");
+}
+
+#[test]
+fn boot_verity_ext4_stack() {
+    boot_check_in("ext4", Form::Stack, true);
 }

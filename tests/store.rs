@@ -548,3 +548,111 @@ fn commands_keep_the_store_lock_protocol() {
     let (ok, err) = finish(b);
     assert!(ok && err.contains("waiting for lock on"), "build: {err}");
 }
+
+/// `build --verity` of the real image into `store` (with `extra` arguments); the result.
+fn build_real(store: &Path, extra: &[&str]) -> serde_json::Value {
+    let spec = format!("oci:{}/oci:test", image().display());
+    let (ok, out, err) = run(vmrootfs(store).args(["build", &spec, "--tag", "deb", "--json"]).args(extra));
+    assert!(ok, "build {extra:?}: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `blob ‖ tree` of a lower (the layer `push` uploads), written to `out`.
+fn blob_and_tree(lower: &serde_json::Value, out: &Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(lower["path"].as_str().unwrap()).unwrap();
+    bytes.extend(std::fs::read(lower["verity_tree"].as_str().unwrap()).unwrap());
+    std::fs::write(out, &bytes).unwrap();
+    bytes
+}
+
+/// `veritysetup verify --hash-offset` of `blob ‖ tree` with the recorded root digest: the
+/// layout and annotations of the EROFS image layer format (§3.5).
+fn veritysetup_verify(combined: &Path, verity: &serde_json::Value) -> (bool, String) {
+    let root = verity["root_digest"].as_str().unwrap().strip_prefix("sha256:").unwrap();
+    let offset = format!("--hash-offset={}", verity["hash_offset"]);
+    let (ok, _, err) =
+        run(Command::new("veritysetup").args(["verify", &offset]).arg(combined).arg(combined).arg(root));
+    (ok, err)
+}
+
+#[test]
+fn verity_trees_are_reproducible_accepted_by_veritysetup_and_checked_by_verify() {
+    let dir = scratch("verity");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let ra = build_real(&a, &["--verity"]);
+    // Store b: a plain build first; --verity then adds only the trees, beside the same blobs.
+    let plain = build_real(&b, &[]);
+    assert!(plain["lowers"][0].get("verity").is_none(), "a plain build records no tree");
+    let rb = build_real(&b, &["--verity"]);
+    assert_eq!(rb["cached"], false, "making the trees is work");
+    assert_eq!(build_real(&b, &["--verity"])["cached"], true, "stored trees: no work");
+    let la = ra["lowers"].as_array().unwrap();
+    let lb = rb["lowers"].as_array().unwrap();
+    assert_eq!(la.len(), 4);
+    for (i, (x, y)) in la.iter().zip(lb).enumerate() {
+        assert_eq!(y["path"], plain["lowers"][i]["path"], "lower {i}: the plain blob is shared");
+        assert_eq!(x["blob_sha256"], y["blob_sha256"], "lower {i}: same blob in both stores");
+        assert_eq!(x["verity"], y["verity"], "lower {i}: same tree record (root digest) in both stores");
+        let v = &x["verity"];
+        assert_eq!(v["hash_offset"], x["size"], "lower {i}: the tree follows the blob");
+        assert_eq!(v["hash_offset"].as_u64().unwrap() % 4096, 0);
+        assert_eq!(
+            v["salt"].as_str().unwrap(),
+            x["chain_id"].as_str().unwrap().strip_prefix("sha256:").unwrap()
+        );
+        let (ca, cb) = (dir.path().join(format!("a{i}")), dir.path().join(format!("b{i}")));
+        let bytes = blob_and_tree(x, &ca);
+        assert!(bytes == blob_and_tree(y, &cb), "lower {i}: blob ‖ tree byte-identical across stores");
+        assert_eq!(
+            sha256(&bytes),
+            format!("sha256:{}", v["sha256"].as_str().unwrap()),
+            "lower {i}: recorded sha256 of blob ‖ tree"
+        );
+        let (ok, err) = veritysetup_verify(&ca, v);
+        assert!(ok, "lower {i}: veritysetup verify accepts the recorded offset and root: {err}");
+        std::fs::remove_file(&cb).unwrap();
+    }
+    let (ok, out, err) = run(vmrootfs(&a).args(["inspect", "deb", "--json"]));
+    assert!(ok, "{err}");
+    let inspected: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(inspected["lowers"], ra["lowers"], "inspect --json gives the same lowers as build --json");
+    // The data part of each verity lower is the filesystem: the stack equals the reference.
+    let stack = MountedStack::mount(&lowers_of(&ra));
+    let diffs = diff_trees(&image().join("reference/rootfs"), stack.root());
+    assert!(diffs.is_empty(), "the verity stack differs from umoci unpack:\n{}", diffs.join("\n"));
+    drop(stack);
+
+    let (ok, _, err) = run(vmrootfs(&a).arg("verify"));
+    assert!(ok, "a fresh --verity store verifies: {err}");
+    // One flipped byte in lower 2's data.
+    let victim = PathBuf::from(la[2]["path"].as_str().unwrap());
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::set_permissions(&victim, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(&victim, &bytes).unwrap();
+    let (ok, _, err) = run(vmrootfs(&a).arg("verify"));
+    assert!(!ok, "verify fails");
+    let named = format!("lower 2 (chain {}): dm-verity root digest", la[2]["chain_id"].as_str().unwrap());
+    assert!(err.contains(&named), "verify names the lower whose root digest changed: {err}");
+    assert!(!err.contains("lower 0 (") && !err.contains("lower 1 (") && !err.contains("lower 3 ("), "{err}");
+    let bad = dir.path().join("bad");
+    blob_and_tree(&la[2], &bad);
+    let (ok, _) = veritysetup_verify(&bad, &la[2]["verity"]);
+    assert!(!ok, "veritysetup verify refuses the flipped byte too");
+}
+
+#[test]
+fn ext4_lowers_get_verity_trees_too() {
+    let dir = scratch("verity-ext4");
+    let result = build_real(&dir.path().join("s"), &["--verity", "--fs", "ext4"]);
+    for (i, l) in result["lowers"].as_array().unwrap().iter().enumerate() {
+        let combined = dir.path().join(format!("l{i}"));
+        blob_and_tree(l, &combined);
+        let (ok, err) = veritysetup_verify(&combined, &l["verity"]);
+        assert!(ok, "ext4 lower {i}: veritysetup verify accepts it: {err}");
+        std::fs::remove_file(&combined).unwrap();
+    }
+    let (ok, _, err) = run(vmrootfs(&dir.path().join("s")).arg("verify"));
+    assert!(ok, "{err}");
+}

@@ -149,8 +149,8 @@ pub struct Composed {
     pub subject: Option<serde_json::Value>,
     /// The platform of an index entry naming the manifest, `erofs` in its `os.features`.
     pub platform: serde_json::Value,
-    /// Compressed layers live here until the push ends.
-    _work: Option<tempfile::TempDir>,
+    /// Compressed and dm-verity layers live here until the push ends.
+    _work: tempfile::TempDir,
 }
 
 /// Publishes the image `tag` of `store` to `dest`.
@@ -182,20 +182,29 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
     let config_source = store.source_json(&record.config_digest)?.ok_or_else(|| {
         PushError::NoSourceConfig { tag: record.tag.clone(), digest: record.config_digest.clone() }
     })?;
-    let work = if zstd { Some(store.staging("push-")?) } else { None };
+    // Compressed layers and `blob ‖ tree` of dm-verity layers are made here.
+    let work = store.staging("push-")?;
     let mut blobs = Vec::new();
     let mut produced = Vec::new();
     for (i, lower) in record.lowers.iter().enumerate() {
-        let path = store.blob_path(&lower.id().map_err(StoreError::from)?);
-        let diff_id = digest::parse_sha256("stored blob sha256", &format!("sha256:{}", lower.blob_sha256))
+        let id = lower.id().map_err(StoreError::from)?;
+        let mut path = store.blob_path(&id);
+        let mut data_sha256 = lower.blob_sha256.clone();
+        let mut data_size = lower.size;
+        if let Some(v) = &lower.verity {
+            // The layer is the blob with its tree appended (spec §3.5).
+            let joined = work.path().join(format!("layer-{i}.verity"));
+            concat(&[&path, &store.verity_tree_path(&id)], &joined)?;
+            (path, data_sha256, data_size) = (joined, v.sha256.clone(), v.hash_offset + v.tree_size);
+        }
+        let diff_id = digest::parse_sha256("stored blob sha256", &format!("sha256:{data_sha256}"))
             .map_err(StoreError::from)?;
-        let (blob_path, blob_digest, size) = match &work {
-            Some(dir) => {
-                let out = dir.path().join(format!("layer-{i}.zst"));
-                let (d, n) = compress(&path, &out)?;
-                (out, d, n)
-            }
-            None => (path, diff_id.clone(), lower.size),
+        let (blob_path, blob_digest, size) = if zstd {
+            let out = work.path().join(format!("layer-{i}.zst"));
+            let (d, n) = compress(&path, &out)?;
+            (out, d, n)
+        } else {
+            (path, diff_id.clone(), data_size)
         };
         produced.push(ProducedLayer {
             digest: blob_digest.clone(),
@@ -210,7 +219,7 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
                 .layer_blob(&lower.id().map_err(StoreError::from)?)?
                 .map(|r| r.tool)
                 .unwrap_or_default(),
-            verity: None,
+            verity: lower.verity.as_ref().map(|v| (v.hash_offset, v.root_digest.to_string())),
         });
         blobs.push(Blob {
             media_type: if zstd { erofs_image::MEDIA_TYPE_ZSTD } else { erofs_image::MEDIA_TYPE }.to_string(),
@@ -274,6 +283,16 @@ fn erofs_config(source: &[u8], layers: &[ProducedLayer]) -> Option<Vec<u8>> {
         list.push(erofs_image::OS_FEATURE.into());
     }
     Some(serde_json::to_vec(&config).expect("a config serializes"))
+}
+
+/// Writes the files `parts` one after another into `to`.
+fn concat(parts: &[&Path], to: &Path) -> Result<(), PushError> {
+    let mut out = fs_err::File::create(to).map_err(io_at(to))?;
+    for part in parts {
+        let mut f = fs_err::File::open(part).map_err(io_at(part))?;
+        io::copy(&mut f, &mut out).map_err(io_at(to))?;
+    }
+    Ok(())
 }
 
 /// zstd-compresses `from` into `to`; the compressed digest and size.

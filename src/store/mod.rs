@@ -13,6 +13,11 @@
 //!   layers/<fs>-v<N>/<chain hex>.own        the layer's own directories, which are opaque
 //!                                       (needed for EROFS layers: `build --merge`)
 //!   layers/<fs>-v<N>/<chain hex>.<fs>.lock  the layer lock
+//!   layers/<fs>-v<N>/<chain hex>.verity     the blob's dm-verity tree (`build --verity`):
+//!                                       superblock + hash blocks, as appended to the blob
+//!                                       in a pushed layer (see crate::verity)
+//!   layers/<fs>-v<N>/<chain hex>.verity.json  its VerityInfo; written after the tree, so a
+//!                                       tree whose .verity.json exists is complete
 //!   layers/<fs>-v<N>/squash-<chain hex>.<fs>  the whole stack flattened (`build --squash`),
 //!                                       with its `.json` record and `.lock`
 //!   layers/erofs-v<N>/merged-<chain hex>.erofs  merged metadata over the stack's layer blobs
@@ -83,6 +88,7 @@ use crate::lock::FileLock;
 use crate::record::{
     BlobId, BlobKind, ImageRecord, LayerRecord, Located, LocatedRecord, MergedBlob, SquashedBlob,
 };
+use crate::verity::VerityInfo;
 
 /// Version of the on-disk layout written in `meta.json`. 2: records name blobs by identity
 /// (no paths), sha256 chain IDs only.
@@ -265,9 +271,13 @@ impl Store {
     pub fn locate(&self, record: ImageRecord) -> Result<LocatedRecord, StoreError> {
         let at = |id: Result<BlobId, InvalidDigest>| id.map(|id| self.blob_path(&id));
         let located = record.map_blobs(
-            |l| Ok::<_, InvalidDigest>(Located { path: at(l.id())?, blob: l }),
-            |s| Ok(Located { path: at(s.id())?, blob: s }),
-            |m| Ok(Located { path: at(m.id())?, blob: m }),
+            |l| {
+                let id = l.id()?;
+                let verity_tree = l.verity.as_ref().map(|_| self.sidecar(&id, "verity"));
+                Ok::<_, InvalidDigest>(Located { path: self.blob_path(&id), verity_tree, blob: l })
+            },
+            |s| Ok(Located { path: at(s.id())?, verity_tree: None, blob: s }),
+            |m| Ok(Located { path: at(m.id())?, verity_tree: None, blob: m }),
         )?;
         Ok(located)
     }
@@ -333,6 +343,50 @@ impl Store {
             return Ok(None);
         }
         read_sidecar(&self.sidecar(&id, "json"))
+    }
+
+    /// The stored dm-verity tree of a layer blob, if published (its `.verity.json` exists).
+    pub fn layer_verity(&self, fs: FsType, chain_id: &Digest) -> Result<Option<VerityInfo>, StoreError> {
+        self.layer_verity_of(&new_id(BlobKind::Layer, fs, chain_id)?)
+    }
+
+    /// The dm-verity record of the layer blob `id` (of any recipe), if its tree is published.
+    pub fn layer_verity_of(&self, id: &BlobId) -> Result<Option<VerityInfo>, StoreError> {
+        if !self.sidecar(id, "verity").exists() {
+            return Ok(None);
+        }
+        read_sidecar(&self.sidecar(id, "verity.json"))
+    }
+
+    /// Publishes the dm-verity tree `tree` (in `tmp/`) of a published layer blob, then its
+    /// record. The caller holds the layer lock.
+    pub fn publish_verity(
+        &self,
+        fs: FsType,
+        chain_id: &Digest,
+        tree: &Path,
+        info: &VerityInfo,
+    ) -> Result<PathBuf, StoreError> {
+        self.publish_verity_of(&new_id(BlobKind::Layer, fs, chain_id)?, tree, info)
+    }
+
+    /// [`Store::publish_verity`] for the layer blob `id` (of any recipe).
+    pub fn publish_verity_of(
+        &self,
+        id: &BlobId,
+        tree: &Path,
+        info: &VerityInfo,
+    ) -> Result<PathBuf, StoreError> {
+        let dest = self.sidecar(id, "verity");
+        publish_blob(tree, &dest)?;
+        let json = serde_json::to_vec_pretty(info).expect("a verity record serializes");
+        write_atomic(&self.sidecar(id, "verity.json"), &json)?;
+        Ok(dest)
+    }
+
+    /// Where the dm-verity tree of the blob `id` lives (see [`Store::publish_verity`]).
+    pub fn verity_tree_path(&self, id: &BlobId) -> PathBuf {
+        self.sidecar(id, "verity")
     }
 
     /// The directories of the stack up to `chain_id`.

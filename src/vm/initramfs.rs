@@ -2,6 +2,12 @@
 //! their dependencies, in load order) and an `/init` that mounts the lowers by virtio serial,
 //! stacks them under a tmpfs upper and runs the command, its stdout, stderr and status each on
 //! its own virtio-serial port (see [`super`]).
+//!
+//! For an image with dm-verity lowers it also holds the dm-mod and dm-verity modules and the
+//! host's `dmsetup` with the shared libraries `ldd` names for it: `/init` opens each such
+//! lower as a dm-verity device (data on the lower's drive, hashes on the `hashes` drive) and
+//! mounts that. The kernel's `dm-mod.create=` would need device-mapper built in (Debian
+//! builds it as a module), and busybox has no way to issue the DM ioctls.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -15,9 +21,16 @@ use super::kernel::Kernel;
 const MODULES: &[&str] =
     &["virtio_mmio", "virtio_blk", "virtio_console", "crc32c_generic", "ext4", "erofs", "overlay", "loop"];
 
+/// Modules added for dm-verity lowers.
+const DM_MODULES: &[&str] = &["dm_mod", "dm_verity"];
+
 /// The `/init` script. A second cpio the host writes per run holds `/vmrootfs/run` (sets
-/// `LOWERS` and `FS<i>`, or `MERGED` and `MERGED_OFFSETS`; and `USERSPEC`) and
-/// `/vmrootfs/exec.sh` (runs the command in the image).
+/// `LOWERS`, `FS<i>` and for a dm-verity lower `VERITY<i>` = "data blocks, hash start block on
+/// the `hashes` drive, root digest hex, salt hex"; or `MERGED` and `MERGED_OFFSETS`; and
+/// `USERSPEC`) and `/vmrootfs/exec.sh` (runs the command in the image).
+///
+/// Status port protocol: zero or more `corrupt <i>` lines (lower `i`'s dm-verity device saw
+/// a block that does not match its hash), then the exit status.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -44,8 +57,19 @@ st=$(port vmrootfs.status) || fail "no virtio port vmrootfs.status"
 # Only /init holds the ports: the command inherits stdout (3) and stderr (4), never the status (5).
 exec 3>"$out" 4>"$err" 5>"$st"
 rm -f "$out" "$err" "$st"
-fail() { echo "vmrootfs-init: $*" >&4; echo 125 >&5; reboot -f; }
-# Disks by virtio serial (lower0 = base), never by order.
+# dm-verity marks a device that read a block not matching its hash: "verity C" in its status.
+corrupt() {
+  j=0
+  while [ "$j" -lt "$LOWERS" ]; do
+    eval v=\$VERITY$j
+    if [ -n "$v" ] && dmsetup status "lower$j" 2>/dev/null | grep -q " verity C"; then
+      echo "corrupt $j" >&5
+    fi
+    j=$((j + 1))
+  done
+}
+fail() { echo "vmrootfs-init: $*" >&4; corrupt; echo 125 >&5; reboot -f; }
+# The /dev node of the disk whose virtio serial is $1 (lower0 = base), never by order.
 disk() {
   for t in 1 2 3 4 5 6 7 8 9 10; do
     for b in /sys/block/vd*; do
@@ -79,6 +103,18 @@ else
     dev=$(disk "lower$i") || fail "no disk with serial lower$i"
     mkdir -p "/lower/$i"
     eval fs=\$FS$i
+    eval verity=\$VERITY$i
+    if [ -n "$verity" ]; then
+      hashes=$(disk hashes) || fail "no disk with serial hashes"
+      set -- $verity
+      dmsetup create "lower$i" --readonly --noudevsync \
+        --table "0 $(($1 * 8)) verity 1 $dev $hashes 4096 4096 $1 $2 sha256 $3 $4" \
+        || fail "dm-verity on lower$i ($dev)"
+      dm=""
+      for d in /sys/block/dm-*; do [ "$(cat "$d/dm/name")" = "lower$i" ] && dm="/dev/${d##*/}"; done
+      [ -b "$dm" ] || fail "no dm device for lower$i"
+      dev=$dm
+    fi
     mount -t "$fs" -o ro "$dev" "/lower/$i" || fail "mount $dev ($fs)"
     lowerdir="/lower/$i${lowerdir:+:$lowerdir}"
     i=$((i + 1))
@@ -111,14 +147,15 @@ echo VMROOTFS-BEGIN
 chroot /newroot /dev/.vmrootfs/busybox sh /dev/.vmrootfs/exec.sh >&3 2>&4 3>&- 4>&- 5>&-
 status=$?
 exec 3>&- 4>&-
+corrupt
 echo "$status" >&5
 exec 5>&-
 sync
 reboot -f
 "#;
 
-/// Writes the initramfs for `kernel` to `out`.
-pub fn build(kernel: &Kernel, busybox: &Path, out: &Path) -> Result<(), VmError> {
+/// Writes the initramfs for `kernel` to `out`; with `dmsetup`, what dm-verity lowers need.
+pub fn build(kernel: &Kernel, busybox: &Path, dmsetup: Option<&Path>, out: &Path) -> Result<(), VmError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| VmError::Io { path, source }
@@ -132,7 +169,26 @@ pub fn build(kernel: &Kernel, busybox: &Path, out: &Path) -> Result<(), VmError>
     w(cpio.file("bin/busybox", 0o755, &bb))?;
     w(cpio.symlink("bin/sh", "busybox"))?;
     w(cpio.file("init", 0o755, INIT.as_bytes()))?;
-    let order = module_order(&kernel.modules)?;
+    let mut wanted = MODULES.to_vec();
+    if let Some(dmsetup) = dmsetup {
+        wanted.extend_from_slice(DM_MODULES);
+        let mut dirs = BTreeSet::new();
+        for lib in shared_libraries(dmsetup)? {
+            let rel = lib.strip_prefix("/").unwrap_or(&lib);
+            for dir in
+                rel.ancestors().skip(1).filter(|d| !d.as_os_str().is_empty()).collect::<Vec<_>>().iter().rev()
+            {
+                if dirs.insert(dir.to_path_buf()) {
+                    w(cpio.dir(&dir.to_string_lossy()))?;
+                }
+            }
+            let data = fs_err::read(&lib).map_err(io(&lib))?;
+            w(cpio.file(&rel.to_string_lossy(), 0o755, &data))?;
+        }
+        let data = fs_err::read(dmsetup).map_err(io(dmsetup))?;
+        w(cpio.file("bin/dmsetup", 0o755, &data))?;
+    }
+    let order = module_order(&kernel.modules, &wanted)?;
     let mut names = Vec::new();
     for rel in &order {
         let path = kernel.modules.join(rel);
@@ -148,8 +204,24 @@ pub fn build(kernel: &Kernel, busybox: &Path, out: &Path) -> Result<(), VmError>
     fs_err::rename(&tmp, out).map_err(io(out))
 }
 
-/// The module files for [`MODULES`] and their dependencies, dependencies first.
-fn module_order(modules: &Path) -> Result<Vec<String>, VmError> {
+/// The shared libraries (and the dynamic loader) `ldd` lists for `binary`.
+fn shared_libraries(binary: &Path) -> Result<Vec<std::path::PathBuf>, VmError> {
+    let out = crate::backend::tool::run("ldd", std::process::Command::new("ldd").arg(binary))?;
+    Ok(parse_ldd(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The paths in `ldd` output: `name => /path (addr)` and `/path (addr)`; the vDSO has none.
+fn parse_ldd(text: &str) -> Vec<std::path::PathBuf> {
+    text.lines()
+        .filter_map(|l| {
+            let target = l.split_once("=>").map_or(l, |(_, t)| t);
+            target.split_whitespace().next().filter(|p| p.starts_with('/')).map(Into::into)
+        })
+        .collect()
+}
+
+/// The module files for `wanted` and their dependencies, dependencies first.
+fn module_order(modules: &Path, wanted: &[&str]) -> Result<Vec<String>, VmError> {
     let dep_path = modules.join("modules.dep");
     let text =
         fs_err::read_to_string(&dep_path).map_err(|source| VmError::Io { path: dep_path.clone(), source })?;
@@ -178,11 +250,28 @@ fn module_order(modules: &Path) -> Result<Vec<String>, VmError> {
         }
         order.push(m.to_string());
     }
-    for name in MODULES {
+    for name in wanted {
         // Built into the kernel when modules.dep does not list it.
         if let Some((m, _)) = find(name) {
             visit(m, &deps, &mut seen, &mut order);
         }
     }
     Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_gives_the_library_paths() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibdevmapper.so.1.02.1 => /lib/x86_64-linux-gnu/libdevmapper.so.1.02.1 (0x00007f)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(text),
+            vec![
+                std::path::PathBuf::from("/lib/x86_64-linux-gnu/libdevmapper.so.1.02.1"),
+                std::path::PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
+    }
 }

@@ -18,6 +18,16 @@
 //!
 //! The shared store lock is held from reading the record until QEMU has exited, so `rm` and
 //! `gc` wait for the guest instead of deleting its drives and staging directory.
+//!
+//! # dm-verity
+//!
+//! A lower built with `--verity` is opened in the guest as a dm-verity device before it is
+//! mounted: its blob is the data device, and its tree (superblock skipped) sits on one more
+//! read-only drive, serial `hashes`, holding the trees of all such lowers one after another
+//! (copied into the run's staging directory: one drive, not one per lower). Every block the
+//! guest reads is checked against the recorded root digest; a mismatch fails the read (EIO).
+//! `/init` then reports the lower on the status port, and `run` fails with
+//! [`VmError::Corrupt`] naming it, whatever the command's status.
 
 mod cpio;
 pub mod initramfs;
@@ -67,6 +77,11 @@ pub enum VmError {
     NoSquashed { tag: String },
     #[error(transparent)]
     Merge(#[from] crate::merge::MergeError),
+    #[error(
+        "dm-verity in the guest found blocks that do not match their hashes in {}: the blob is corrupt (`vmrootfs verify {tag}` rechecks it)",
+        .lowers.iter().map(|(i, c, p)| format!("lower {i} (chain {c}, {})", p.display())).collect::<Vec<_>>().join(", ")
+    )]
+    Corrupt { tag: String, lowers: Vec<(usize, oci_spec::image::Digest, PathBuf)> },
 }
 
 /// Names of the guest's virtio-serial ports (`/sys/class/virtio-ports/*/name`).
@@ -91,8 +106,9 @@ pub struct RunOptions {
 
 /// The drives of a run.
 enum Drives {
-    /// One raw drive per lower (or the squashed blob alone), serial `lower<i>`, with its fs.
-    Lowers(Vec<(PathBuf, String)>),
+    /// One raw drive per lower (or the squashed blob alone), serial `lower<i>`, with its fs
+    /// and dm-verity table (the trees then go on one more drive, serial `hashes`).
+    Lowers(Vec<Drive>),
     /// One VMDK drive, serial `merged`: the merged blob then the layer blobs, which start at
     /// these byte offsets of the disk.
     Merged { vmdk: PathBuf, layer_offsets: Vec<u64> },
@@ -134,13 +150,19 @@ fn run_files(record: &ImageRecord, drives: &Drives, command: &[String]) -> (Stri
     match drives {
         Drives::Lowers(lowers) => {
             run += &format!("LOWERS={}\n", lowers.len());
-            for (i, (_, fs)) in lowers.iter().enumerate() {
-                run += &format!("FS{i}={fs}\n");
+            for (i, d) in lowers.iter().enumerate() {
+                run += &format!("FS{i}={}\n", d.fs);
+                if let Some(v) = &d.verity {
+                    run += &format!(
+                        "VERITY{i}={}\n",
+                        sq(&format!("{} {} {} {}", v.data_blocks, v.hash_start, v.root, v.salt))
+                    );
+                }
             }
         }
         Drives::Merged { layer_offsets, .. } => {
             let offsets: Vec<String> = layer_offsets.iter().map(u64::to_string).collect();
-            run += &format!("MERGED=1\nMERGED_OFFSETS='{}'\n", offsets.join(" "));
+            run += &format!("LOWERS=0\nMERGED=1\nMERGED_OFFSETS='{}'\n", offsets.join(" "));
         }
     }
     let c = &record.config;
@@ -183,6 +205,45 @@ exec /dev/.vmrootfs/busybox env -i {env} "$cmd" {args}
     (run, exec)
 }
 
+/// One lower's drive, as the guest gets it.
+struct Drive {
+    path: PathBuf,
+    fs: String,
+    verity: Option<VerityTable>,
+}
+
+/// What the guest's dm-verity table of a lower needs.
+struct VerityTable {
+    tree: PathBuf,
+    data_blocks: u64,
+    /// Block of the `hashes` drive where the lower's hash blocks begin (after its superblock).
+    hash_start: u64,
+    root: String,
+    salt: String,
+}
+
+/// Writes the trees of the dm-verity lowers one after another into `out` (the `hashes`
+/// drive), filling in where each one's hash blocks begin.
+fn write_hashes(drives: &mut [Drive], out: &Path) -> Result<(), VmError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| VmError::Io { path, source }
+    };
+    let mut file = fs_err::File::create(out).map_err(io(out))?;
+    const BS: u64 = crate::verity::BLOCK_SIZE;
+    let mut written = 0; // bytes, always whole blocks
+    for v in drives.iter_mut().filter_map(|d| d.verity.as_mut()) {
+        let mut tree = fs_err::File::open(&v.tree).map_err(io(&v.tree))?;
+        v.hash_start = written / BS + 1; // the superblock's block comes first
+        let n = std::io::copy(&mut tree, &mut file).map_err(io(out))?;
+        // A tree is whole blocks; should one not be, the next still starts on a block.
+        let pad = n.div_ceil(BS) * BS - n;
+        file.write_all(&vec![0; pad as usize]).map_err(io(out))?;
+        written += n + pad;
+    }
+    file.sync_all().map_err(io(out))
+}
+
 /// Boots the image tagged `tag` and runs the command; its stdout goes to `out`, its stderr to
 /// `err`. Returns its exit status. Holds the shared store lock until the guest has ended.
 pub fn run(
@@ -211,10 +272,8 @@ pub fn run(
     // The initramfs is made afresh for each run, from the files it holds: naming a cached copy
     // by the content of its inputs would mean reading all of them, which is most of the work.
     let staging = store.staging("vm-")?;
-    let base = staging.path().join("base.cpio");
-    initramfs::build(&kernel, busybox, &base)?;
     let located = store.locate(record.clone())?;
-    let drives = if opts.merged {
+    let mut drives = if opts.merged {
         let extents = crate::merge::disk::extents(&located)?;
         let vmdk = staging.path().join("merged.vmdk");
         let text = crate::merge::disk::vmdk_descriptor(&extents, 0)?;
@@ -222,10 +281,34 @@ pub fn run(
         Drives::Merged { vmdk, layer_offsets: crate::merge::disk::offsets(&extents)[1..].to_vec() }
     } else {
         Drives::Lowers(match (&located.squashed, opts.squashed) {
-            (Some(s), true) => vec![(s.path.clone(), s.fs.to_string())],
-            _ => located.lowers.iter().map(|l| (l.path.clone(), l.fs.to_string())).collect(),
+            (Some(s), true) => vec![Drive { path: s.path.clone(), fs: s.fs.to_string(), verity: None }],
+            _ => located
+                .lowers
+                .iter()
+                .map(|l| Drive {
+                    path: l.path.clone(),
+                    fs: l.fs.to_string(),
+                    verity: l.verity.as_ref().zip(l.verity_tree.as_ref()).map(|(v, tree)| VerityTable {
+                        tree: tree.clone(),
+                        data_blocks: v.data_blocks(),
+                        hash_start: 0,
+                        root: v.root_hex().to_string(),
+                        salt: v.salt.clone(),
+                    }),
+                })
+                .collect(),
         })
     };
+    let hashes = staging.path().join("hashes.img");
+    let any_verity = matches!(&drives, Drives::Lowers(l) if l.iter().any(|d| d.verity.is_some()));
+    let dmsetup = if let (true, Drives::Lowers(lowers)) = (any_verity, &mut drives) {
+        write_hashes(lowers, &hashes)?;
+        Some(Tool::find("dmsetup", "dmsetup", &["--version"], "1.02")?.path)
+    } else {
+        None
+    };
+    let base = staging.path().join("base.cpio");
+    initramfs::build(&kernel, busybox, dmsetup.as_deref(), &base)?;
     let command = if opts.command.is_empty() {
         [record.config.entrypoint.clone(), record.config.cmd.clone()].concat()
     } else {
@@ -239,6 +322,7 @@ pub fn run(
     let mut bytes = fs_err::read(&base).map_err(|source| VmError::Io { path: base.clone(), source })?;
     let mut extra = cpio::CpioWriter::new(Vec::new());
     let (run_vars, exec) = run_files(&record, &drives, &command);
+    crate::progress::debug(&format!("guest settings: {}", run_vars.replace('\n', "; ")));
     let io = |source| VmError::Io { path: initrd.clone(), source };
     extra.file("vmrootfs/run", 0o644, run_vars.as_bytes()).map_err(io)?;
     extra.file("vmrootfs/exec.sh", 0o644, exec.as_bytes()).map_err(io)?;
@@ -272,9 +356,9 @@ pub fn run(
     cmd.arg("-kernel").arg(&vmlinux).arg("-initrd").arg(&initrd).arg("-append").arg(&append);
     match &drives {
         Drives::Lowers(lowers) => {
-            for (i, (path, _)) in lowers.iter().enumerate() {
+            for (i, d) in lowers.iter().enumerate() {
                 cmd.arg("-drive")
-                    .arg(format!("id=l{i},file={},format=raw,if=none,readonly=on", qemu_opt(path)))
+                    .arg(format!("id=l{i},file={},format=raw,if=none,readonly=on", qemu_opt(&d.path)))
                     .arg("-device")
                     .arg(format!("virtio-blk-device,drive=l{i},serial=lower{i}"));
             }
@@ -285,6 +369,12 @@ pub fn run(
                 .arg("-device")
                 .arg("virtio-blk-device,drive=m,serial=merged");
         }
+    }
+    if any_verity {
+        cmd.arg("-drive")
+            .arg(format!("id=hashes,file={},format=raw,if=none,readonly=on", qemu_opt(&hashes)))
+            .arg("-device")
+            .arg("virtio-blk-device,drive=hashes,serial=hashes");
     }
     let stdout_fifo = Fifo::create(&staging.path().join("stdout"))?;
     let stderr_fifo = Fifo::create(&staging.path().join("stderr"))?;
@@ -308,7 +398,16 @@ pub fn run(
         .spawn()
         .map_err(|source| ToolError::Spawn { tool: "qemu-system-x86_64".into(), source })?;
     let tail = follow(child, opts.timeout, [stdout_fifo, stderr_fifo], out, err)?;
-    read_status(&status_file, tail)
+    let status = read_status(&status_file, tail)?;
+    if !status.corrupt.is_empty() {
+        let lowers = status
+            .corrupt
+            .iter()
+            .map(|&i| (i, record.lowers[i].chain_id.clone(), located.lowers[i].path.clone()))
+            .collect();
+        return Err(VmError::Corrupt { tag: tag.to_string(), lowers });
+    }
+    Ok(status.code)
 }
 
 /// A path as a QEMU option value (a `,` is written `,,`).
@@ -455,13 +554,47 @@ fn on_stream(sinks: &mut [&mut dyn Write; 2], event: Event, open: &mut usize) {
     }
 }
 
+/// What `/init` wrote to its status port (see [`initramfs`]).
+#[derive(Debug, PartialEq, Eq)]
+struct GuestStatus {
+    code: i32,
+    /// Lowers whose dm-verity device found a corrupt block.
+    corrupt: Vec<usize>,
+}
+
 /// The status `/init` wrote to its port; none means the guest stopped before the command ended.
-fn read_status(path: &Path, console_tail: String) -> Result<i32, VmError> {
+fn read_status(path: &Path, console_tail: String) -> Result<GuestStatus, VmError> {
     let text =
         fs_err::read_to_string(path).map_err(|source| VmError::Io { path: path.to_owned(), source })?;
-    let found = text.trim();
-    if found.is_empty() {
+    if text.trim().is_empty() {
         return Err(VmError::NoStatus(console_tail));
     }
-    found.parse().map_err(|_| VmError::BadStatus { path: path.to_owned(), found: found.to_string() })
+    parse_status(&text)
+        .ok_or_else(|| VmError::BadStatus { path: path.to_owned(), found: text.trim().to_string() })
+}
+
+/// `corrupt <i>` lines, then the exit status; anything else is malformed.
+fn parse_status(text: &str) -> Option<GuestStatus> {
+    let mut lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let code = lines.pop()?.parse().ok()?;
+    let corrupt =
+        lines.iter().map(|l| l.strip_prefix("corrupt ")?.parse().ok()).collect::<Option<Vec<usize>>>()?;
+    Some(GuestStatus { code, corrupt })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_port_lines() {
+        assert_eq!(parse_status("3\n"), Some(GuestStatus { code: 3, corrupt: vec![] }));
+        assert_eq!(
+            parse_status("corrupt 2\ncorrupt 0\n1\n"),
+            Some(GuestStatus { code: 1, corrupt: vec![2, 0] })
+        );
+        assert_eq!(parse_status("corrupt x\n1\n"), None);
+        assert_eq!(parse_status("hello\n"), None);
+        assert_eq!(parse_status("1\ncorrupt 2\n"), None);
+    }
 }

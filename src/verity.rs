@@ -1,0 +1,437 @@
+//! dm-verity hash trees for layer blobs (`build --verity`), computed here rather than by
+//! `veritysetup format` (same bytes; see [`build_tree`] for why).
+//!
+//! The tree of a blob of `hash_offset` bytes (a multiple of 4096) is what the EROFS image
+//! layer format (§3.5) appends to it: a 4096-byte block holding the dm-verity superblock
+//! (veritysetup's format, version 1), then the hash levels, top level first, as
+//! `veritysetup format --hash-offset=<hash_offset> blob blob` writes them. Data and hash
+//! blocks are 4096 bytes, the hash is sha256 of `salt ‖ block` (hash type 1); the salt and
+//! superblock UUID come from the chain ID, so the same blob always gets the same tree and root
+//! digest. The kernel's table then reads `hash_start_block = hash_offset / 4096 + 1`.
+//!
+//! The store keeps the tree beside the blob (see [`crate::store`]): `blob ‖ tree` is the
+//! pushed layer, and `run` hands the trees to the guest on one extra drive.
+
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::Digest;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// dm-verity data and hash block size.
+pub const BLOCK_SIZE: u64 = 4096;
+/// `log2(BLOCK_SIZE / 32)`: sha256 hashes per hash block, as a shift.
+const HASHES_PER_BLOCK_BITS: u32 = 7;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerityError {
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: {size} bytes is not a whole number of {BLOCK_SIZE}-byte dm-verity blocks")]
+    NotAligned { path: PathBuf, size: u64 },
+    #[error("{path} is empty: dm-verity needs at least one data block")]
+    Empty { path: PathBuf },
+    #[error(transparent)]
+    Digest(#[from] crate::digest::InvalidDigest),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> VerityError + '_ {
+    move |source| VerityError::Io { path: path.to_owned(), source }
+}
+
+/// What a lower's record says about its tree (`lowers[].verity` in image records and
+/// `--json`); what `push` writes as the `org.erofs.dmverity.*` annotations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerityInfo {
+    /// Where the tree begins in `blob ‖ tree`, in bytes: the blob's size, a multiple of
+    /// `block_size` (`org.erofs.dmverity.hash_offset`). The tree covers `[0, hash_offset)`.
+    pub hash_offset: u64,
+    /// Root digest, `sha256:<64 hex>` (`org.erofs.dmverity.root_digest`); the hex part is what
+    /// `veritysetup` and the kernel table take.
+    pub root_digest: Digest,
+    /// The salt, 64 hex digits (the chain ID's 32 bytes); also in the tree's superblock.
+    pub salt: String,
+    /// Data and hash block size in bytes: 4096 (`org.erofs.dmverity.block_size`).
+    pub block_size: u64,
+    /// Hash algorithm: `sha256`.
+    pub algorithm: String,
+    /// Bytes of the tree: the superblock block plus the hash blocks.
+    pub tree_size: u64,
+    /// sha256 hex of the tree's bytes.
+    pub tree_sha256: String,
+    /// sha256 hex of `blob ‖ tree`: the digest of the layer `push` uploads.
+    pub sha256: String,
+}
+
+impl VerityInfo {
+    /// The root digest's 64 hex digits.
+    pub fn root_hex(&self) -> &str {
+        self.root_digest.digest()
+    }
+
+    /// Data blocks the tree covers.
+    pub fn data_blocks(&self) -> u64 {
+        self.hash_offset / BLOCK_SIZE
+    }
+}
+
+/// The tree of one blob, with the blob's own sha256 (hashed in the same read).
+#[derive(Debug, Clone)]
+pub struct BuiltTree {
+    pub info: VerityInfo,
+    /// sha256 hex of the blob (`[0, hash_offset)`).
+    pub blob_sha256: String,
+}
+
+/// The salt of a chain ID's trees: its 32 bytes.
+pub fn salt_for(chain_id: &Digest) -> Result<[u8; 32], crate::digest::InvalidDigest> {
+    let hex = crate::digest::require_sha256("chain_id", chain_id)?;
+    let mut salt = [0u8; 32];
+    hex::decode_to_slice(hex.digest(), &mut salt).expect("a sha256 digest is 64 hex digits");
+    Ok(salt)
+}
+
+/// Superblock UUID of a chain ID's trees: bytes 16..32 of sha256("vmrootfs verity" ‖ chain ID).
+fn uuid_for(chain_id: &Digest) -> [u8; 16] {
+    let h = Sha256::new().chain_update(b"vmrootfs verity ").chain_update(chain_id.to_string()).finalize();
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&h[16..32]);
+    u[6] = (u[6] & 0x0f) | 0x40; // version 4
+    u[8] = (u[8] & 0x3f) | 0x80; // RFC 4122 variant
+    u
+}
+
+/// Hash blocks per level for `data_blocks` data blocks, level 0 (hashes of data blocks)
+/// first; the kernel's `verity_ctr` arithmetic. Empty for a single data block: its hash is
+/// the root.
+fn level_blocks(data_blocks: u64) -> Vec<u64> {
+    let mut levels = 0u32;
+    while HASHES_PER_BLOCK_BITS * levels < 64 && (data_blocks - 1) >> (HASHES_PER_BLOCK_BITS * levels) != 0 {
+        levels += 1;
+    }
+    (0..levels)
+        .map(|i| {
+            let shift = (i + 1) * HASHES_PER_BLOCK_BITS;
+            (data_blocks + (1u64 << shift) - 1) >> shift
+        })
+        .collect()
+}
+
+/// Bytes of the tree of a blob of `hash_offset` bytes (superblock block included).
+pub fn tree_size(hash_offset: u64) -> u64 {
+    (1 + level_blocks(hash_offset / BLOCK_SIZE).iter().sum::<u64>()) * BLOCK_SIZE
+}
+
+/// veritysetup's on-disk superblock (512 bytes, little-endian), at the start of the tree.
+fn superblock(uuid: &[u8; 16], salt: &[u8], data_blocks: u64) -> Vec<u8> {
+    let mut sb = Vec::with_capacity(512);
+    sb.extend_from_slice(b"verity\0\0");
+    sb.extend_from_slice(&1u32.to_le_bytes()); // version
+    sb.extend_from_slice(&1u32.to_le_bytes()); // hash type: salt first
+    sb.extend_from_slice(uuid);
+    let mut alg = [0u8; 32];
+    alg[..6].copy_from_slice(b"sha256");
+    sb.extend_from_slice(&alg);
+    sb.extend_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+    sb.extend_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+    sb.extend_from_slice(&data_blocks.to_le_bytes());
+    sb.extend_from_slice(&(salt.len() as u16).to_le_bytes());
+    sb.extend_from_slice(&[0u8; 6]);
+    let mut s = [0u8; 256];
+    s[..salt.len()].copy_from_slice(salt);
+    sb.extend_from_slice(&s);
+    sb.resize(512, 0);
+    sb
+}
+
+/// Where computed tree blocks go: written to the tree file, or compared with a stored one.
+trait TreeSink {
+    fn put(&mut self, offset: u64, block: &[u8]) -> io::Result<()>;
+}
+
+struct WriteTo<'a>(&'a std::fs::File);
+
+impl TreeSink for WriteTo<'_> {
+    fn put(&mut self, offset: u64, block: &[u8]) -> io::Result<()> {
+        self.0.write_all_at(block, offset)
+    }
+}
+
+/// Compares with a stored tree; counts the blocks that differ (or cannot be read).
+struct CompareWith<'a> {
+    file: &'a std::fs::File,
+    differing: u64,
+    buf: Vec<u8>,
+}
+
+impl TreeSink for CompareWith<'_> {
+    fn put(&mut self, offset: u64, block: &[u8]) -> io::Result<()> {
+        self.buf.resize(block.len(), 0);
+        match self.file.read_exact_at(&mut self.buf, offset) {
+            Ok(()) if self.buf == block => {}
+            Ok(()) => self.differing += 1,
+            // A stored tree shorter than it should be differs; other errors are errors.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => self.differing += 1,
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+}
+
+/// The streaming tree computation: one partial hash block per level, each full block put at
+/// its place and its hash passed up.
+struct Levels<'a, S> {
+    salted: Sha256,
+    /// Block index in the tree of each level's first block.
+    start: Vec<u64>,
+    written: Vec<u64>,
+    pending: Vec<Vec<u8>>,
+    root: Option<[u8; 32]>,
+    sink: &'a mut S,
+}
+
+impl<S: TreeSink> Levels<'_, S> {
+    fn hash(&self, block: &[u8]) -> [u8; 32] {
+        self.salted.clone().chain_update(block).finalize().into()
+    }
+
+    fn push(&mut self, level: usize, hash: [u8; 32]) -> io::Result<()> {
+        if level == self.start.len() {
+            self.root = Some(hash);
+            return Ok(());
+        }
+        self.pending[level].extend_from_slice(&hash);
+        if self.pending[level].len() == BLOCK_SIZE as usize {
+            self.flush(level)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, level: usize) -> io::Result<()> {
+        let mut block = std::mem::take(&mut self.pending[level]);
+        block.resize(BLOCK_SIZE as usize, 0);
+        let at = (self.start[level] + self.written[level]) * BLOCK_SIZE;
+        self.sink.put(at, &block)?;
+        self.written[level] += 1;
+        let h = self.hash(&block);
+        self.push(level + 1, h)
+    }
+
+    /// Flushes the partial blocks, lowest level first; returns the root digest.
+    fn finish(mut self) -> io::Result<[u8; 32]> {
+        for level in 0..self.start.len() {
+            if !self.pending[level].is_empty() {
+                self.flush(level)?;
+            }
+        }
+        Ok(self.root.expect("the top level has one block, whose hash is the root"))
+    }
+}
+
+/// Computes the tree of `blob` for `chain_id` into `sink`, hashing the blob on the way.
+/// Also returns the sha256 state after the blob's bytes, to go on with the tree's.
+fn compute<S: TreeSink>(
+    blob: &Path,
+    chain_id: &Digest,
+    sink: &mut S,
+) -> Result<(BuiltTree, Sha256), VerityError> {
+    let salt = salt_for(chain_id)?;
+    let file = fs_err::File::open(blob).map_err(io_at(blob))?;
+    let size = file.metadata().map_err(io_at(blob))?.len();
+    if size == 0 {
+        return Err(VerityError::Empty { path: blob.to_owned() });
+    }
+    if size % BLOCK_SIZE != 0 {
+        return Err(VerityError::NotAligned { path: blob.to_owned(), size });
+    }
+    let data_blocks = size / BLOCK_SIZE;
+    let blocks = level_blocks(data_blocks);
+    let mut start = vec![0u64; blocks.len()];
+    let mut next = 1; // block 0 holds the superblock
+    for level in (0..blocks.len()).rev() {
+        start[level] = next;
+        next += blocks[level];
+    }
+    let sb = superblock(&uuid_for(chain_id), &salt, data_blocks);
+    let mut sb_block = sb;
+    sb_block.resize(BLOCK_SIZE as usize, 0);
+    let io = |source| VerityError::Io { path: blob.to_owned(), source };
+    sink.put(0, &sb_block).map_err(io)?;
+    let mut levels = Levels {
+        salted: Sha256::new_with_prefix(salt),
+        written: vec![0; blocks.len()],
+        pending: vec![Vec::with_capacity(BLOCK_SIZE as usize); blocks.len()],
+        start,
+        root: None,
+        sink,
+    };
+    // The blob's own sha256 on a second thread, fed the chunks the tree is made of: the two
+    // hashes take the time of one when a core is free.
+    const CHUNK: u64 = 256 * BLOCK_SIZE;
+    let mut file = file;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::sync::Arc<Vec<u8>>>(4);
+    let (read, whole) = std::thread::scope(|s| {
+        let hasher = s.spawn(move || {
+            let mut whole = Sha256::new();
+            for chunk in rx {
+                whole.update(&chunk[..]);
+            }
+            whole
+        });
+        let read = (|| {
+            let mut left = size;
+            while left > 0 {
+                let mut chunk = vec![0u8; left.min(CHUNK) as usize];
+                file.read_exact(&mut chunk).map_err(io_at(blob))?;
+                left -= chunk.len() as u64;
+                for block in chunk.chunks(BLOCK_SIZE as usize) {
+                    let h = levels.hash(block);
+                    levels.push(0, h).map_err(io)?;
+                }
+                // Fails only if the hasher panicked, which its join below reports.
+                let _ = tx.send(std::sync::Arc::new(chunk));
+            }
+            drop(tx);
+            levels.finish().map_err(io)
+        })();
+        (read, hasher.join().expect("the hasher thread does not panic"))
+    });
+    let root = read?;
+    let built = BuiltTree {
+        info: VerityInfo {
+            hash_offset: size,
+            root_digest: format!("sha256:{}", hex::encode(root)).parse().expect("sha256:<hex> is a digest"),
+            salt: hex::encode(salt),
+            block_size: BLOCK_SIZE,
+            algorithm: "sha256".into(),
+            tree_size: next * BLOCK_SIZE,
+            tree_sha256: String::new(),
+            sha256: String::new(),
+        },
+        blob_sha256: hex::encode(whole.clone().finalize()),
+    };
+    Ok((built, whole))
+}
+
+/// Fills in the digests of the tree and of `blob ‖ tree` (`whole`: the state after the
+/// blob's bytes), reading the tree back.
+fn digests(info: &mut VerityInfo, mut whole: Sha256, tree: &Path) -> Result<(), VerityError> {
+    let bytes = fs_err::read(tree).map_err(io_at(tree))?;
+    info.tree_sha256 = hex::encode(Sha256::digest(&bytes));
+    whole.update(&bytes);
+    info.sha256 = hex::encode(whole.finalize());
+    Ok(())
+}
+
+/// Writes the tree of `blob` (a filesystem image of whole 4096-byte blocks) for `chain_id`
+/// to the new file `tree`. One read of the blob, single-threaded sha256: on this machine
+/// (sha-ni) it takes less time than `veritysetup format` and needs no tool; `veritysetup
+/// verify` accepts what it writes (tests/store.rs).
+pub fn build_tree(blob: &Path, chain_id: &Digest, tree: &Path) -> Result<BuiltTree, VerityError> {
+    let out = fs_err::File::create_new(tree).map_err(io_at(tree))?;
+    let (mut built, whole) = compute(blob, chain_id, &mut WriteTo(out.file()))?;
+    out.set_len(built.info.tree_size).map_err(io_at(tree))?;
+    out.sync_all().map_err(io_at(tree))?;
+    digests(&mut built.info, whole, tree)?;
+    Ok(built)
+}
+
+/// What [`check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// The root digest recomputed from the blob.
+    pub root_digest: Digest,
+    /// Blocks of the stored tree that differ from the recomputed one.
+    pub differing_tree_blocks: u64,
+    /// sha256 hex of the blob.
+    pub blob_sha256: String,
+}
+
+/// Recomputes the tree of `blob` and compares it, block by block, with the stored `tree`.
+pub fn check(blob: &Path, chain_id: &Digest, tree: &Path) -> Result<Checked, VerityError> {
+    let file = fs_err::File::open(tree).map_err(io_at(tree))?;
+    let mut sink = CompareWith { file: file.file(), differing: 0, buf: Vec::new() };
+    let (built, _) = compute(blob, chain_id, &mut sink)?;
+    let stored = file.metadata().map_err(io_at(tree))?.len();
+    let extra = u64::from(stored != built.info.tree_size);
+    Ok(Checked {
+        root_digest: built.info.root_digest,
+        differing_tree_blocks: sink.differing + extra,
+        blob_sha256: built.blob_sha256,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn level_sizes_follow_the_kernel() {
+        assert_eq!(level_blocks(1), Vec::<u64>::new());
+        assert_eq!(level_blocks(2), vec![1]);
+        assert_eq!(level_blocks(128), vec![1]);
+        assert_eq!(level_blocks(129), vec![2, 1]);
+        assert_eq!(level_blocks(128 * 128), vec![128, 1]);
+        assert_eq!(level_blocks(128 * 128 + 1), vec![129, 2, 1]);
+        assert_eq!(tree_size(4096), 4096);
+        assert_eq!(tree_size(2 * 4096), 2 * 4096);
+    }
+
+    #[test]
+    fn superblock_layout() {
+        let sb = superblock(&[7; 16], &[0xab; 32], 5);
+        assert_eq!(sb.len(), 512);
+        assert_eq!(&sb[..8], b"verity\0\0");
+        assert_eq!(&sb[64..72], &[0, 0x10, 0, 0, 0, 0x10, 0, 0]);
+        assert_eq!(&sb[72..80], &5u64.to_le_bytes());
+        assert_eq!(&sb[80..82], &32u16.to_le_bytes());
+        assert_eq!(&sb[88..120], &[0xab; 32]);
+    }
+
+    #[test]
+    fn check_finds_a_flipped_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("blob");
+        let data: Vec<u8> = (0..300 * 4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&blob, &data).unwrap();
+        let chain: Digest = format!("sha256:{}", "cd".repeat(32)).parse().unwrap();
+        let tree = dir.path().join("tree");
+        let built = build_tree(&blob, &chain, &tree).unwrap();
+        assert_eq!(built.info.tree_size, tree_size(data.len() as u64));
+        assert_eq!(std::fs::metadata(&tree).unwrap().len(), built.info.tree_size);
+        let ok = check(&blob, &chain, &tree).unwrap();
+        assert_eq!((ok.root_digest.clone(), ok.differing_tree_blocks), (built.info.root_digest.clone(), 0));
+        let mut bad = data.clone();
+        bad[200 * 4096 + 17] ^= 1;
+        std::fs::write(&blob, &bad).unwrap();
+        let found = check(&blob, &chain, &tree).unwrap();
+        assert_ne!(found.root_digest, built.info.root_digest);
+        // Level 0's block of data block 200 and the top level's block.
+        assert_eq!(found.differing_tree_blocks, 2);
+    }
+
+    #[test]
+    fn check_finds_a_changed_tree_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, vec![5u8; 200 * 4096]).unwrap();
+        let chain: Digest = format!("sha256:{}", "ef".repeat(32)).parse().unwrap();
+        let tree = dir.path().join("tree");
+        let built = build_tree(&blob, &chain, &tree).unwrap();
+        let mut bytes = std::fs::read(&tree).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&tree, &bytes).unwrap();
+        let found = check(&blob, &chain, &tree).unwrap();
+        assert_eq!((found.root_digest, found.differing_tree_blocks), (built.info.root_digest, 1));
+        std::fs::write(&tree, &bytes[..4096]).unwrap();
+        assert!(check(&blob, &chain, &tree).unwrap().differing_tree_blocks > 0, "a cut tree differs");
+    }
+}
