@@ -45,6 +45,7 @@ fuzz: deps
 
 bench: deps build
 	$(SUDO) bench/bench.sh
+	$(SUDO) bench/erofs-image.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

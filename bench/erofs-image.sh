@@ -5,7 +5,9 @@
 #   erofs-pull       vmrootfs build REG/lab/test:erofs (the pushed EROFS image: download only)
 #   vmrootfs-push    vmrootfs push of the converted image (raw layers)
 #   skopeo-push      skopeo copy of the same manifest and blobs (from `push oci:DIR`)
-# and the ratios the issue sets targets for (pull ≤ 0.5× cold build; push ≤ 1.2× skopeo).
+#   local-build      vmrootfs build oci:… of the test image (cold), and the same with --verity
+# and the ratios the issue sets targets for (pull ≤ 0.5× cold build; push ≤ 1.2× skopeo;
+# dm-verity ≤ 10% of a cold build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -51,8 +53,16 @@ for i in $(seq "$RUNS"); do
   start_registry; ours+=("$(seconds "$BIN" -q --store "$W/src" push src "$ADDR/lab/push:erofs")")
   start_registry; theirs+=("$(seconds skopeo copy -q --dest-tls-verify=false --preserve-digests "oci:$W/layout:erofs" "docker://$ADDR/lab/push:erofs")")
 done
+plain=() verity=()
+for i in $(seq "$RUNS"); do
+  rm -rf "$W/s"; sync; plain+=("$(seconds "$BIN" -q --store "$W/s" build "oci:$IMG/oci:test")")
+  rm -rf "$W/s"; sync; verity+=("$(seconds "$BIN" -q --store "$W/s" build "oci:$IMG/oci:test" --verity)")
+done
 c=$(median "${cold[@]}") p=$(median "${pull[@]}") o=$(median "${ours[@]}") t=$(median "${theirs[@]}")
 printf '%-16s %8s\n' row seconds
-printf '%-16s %8.2f\n' cold-tar-build "$c" erofs-pull "$p" vmrootfs-push "$o" skopeo-push "$t"
+lp=$(median "${plain[@]}") lv=$(median "${verity[@]}")
+printf '%-16s %8.2f\n' cold-tar-build "$c" erofs-pull "$p" vmrootfs-push "$o" skopeo-push "$t" \
+  local-build "$lp" local-build-verity "$lv"
 printf 'pull / cold build = %.2f (target <= 0.5)\n' "$(echo "$p / $c" | bc -l)"
 printf 'push / skopeo     = %.2f (target <= 1.2)\n' "$(echo "$o / $t" | bc -l)"
+printf 'verity cost       = %+.1f%% (target <= 10%%)\n' "$(echo "($lv - $lp) * 100 / $lp" | bc -l)"
