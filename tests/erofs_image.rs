@@ -8,7 +8,7 @@ mod fixture;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use fixture::registry::Registry;
+use fixture::registry::{Registry, reg_get};
 use fixture::treediff::diff_trees;
 use fixture::*;
 
@@ -502,17 +502,6 @@ fn use_converted_pulls_the_referrer_and_never_fetches_the_tar_layers() {
     assert!(!err.contains("using the converted image"), "{err}");
     assert_eq!(fetched(&reg, "lab/plain"), 4, "without a converted image the tar layers are fetched");
     assert_eq!(blob_hashes(&r), blob_hashes(&built));
-}
-
-/// A raw GET against a registry.
-fn reg_get(addr: &str, path: &str, accept: &str) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// Must-show 1, dm-verity: a `--verity` build pushed raw and `--zstd` carries each tree after

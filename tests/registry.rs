@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fixture::registry::{Registry, base64_encode};
+use fixture::registry::{Registry, base64_encode, reg_get};
 use fixture::*;
 
 impl Registry {
@@ -87,16 +87,6 @@ fn pull_equals_layout_build_and_fetches_nothing_twice() {
     assert!(err.matches("stored, skipped").count() == 4, "skipped layers are reported: {err}");
     let after: Vec<usize> = layers.iter().map(|d| reg.blob_gets(d)).collect();
     assert_eq!(before, after, "the second build downloaded no layer blob");
-}
-
-/// A raw GET against a registry (for checking what it serves).
-fn reg_get(addr: &str, path: &str, accept: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// Two platforms in one index: --platform picks one; a missing one lists what there is.
