@@ -284,11 +284,7 @@ impl Store {
 
     /// The stored squashed blob of the stack up to `chain_id`, if published.
     pub fn squashed(&self, fs: FsType, chain_id: &Digest) -> Result<Option<SquashedBlob>, StoreError> {
-        let id = new_id(BlobKind::Squashed, fs, chain_id)?;
-        if !self.blob_path(&id).exists() {
-            return Ok(None);
-        }
-        read_sidecar(&self.sidecar(&id, "json"))
+        self.published_record(&new_id(BlobKind::Squashed, fs, chain_id)?)
     }
 
     /// The producer lock of a squashed blob.
@@ -298,21 +294,12 @@ impl Store {
 
     /// Publishes a finished squashed blob (in `tmp/`) with its record.
     pub fn publish_squash(&self, blob: &Path, record: &SquashedBlob) -> Result<PathBuf, StoreError> {
-        let id = record.id()?;
-        let json = serde_json::to_vec_pretty(record).expect("a squash record serializes");
-        write_atomic(&self.sidecar(&id, "json"), &json)?;
-        let dest = self.blob_path(&id);
-        publish_blob(blob, &dest)?;
-        Ok(dest)
+        self.publish_with_record(blob, &record.id()?, record)
     }
 
     /// The stored merged blob of the stack up to `chain_id`, if published.
     pub fn merged(&self, chain_id: &Digest) -> Result<Option<MergedBlob>, StoreError> {
-        let id = new_id(BlobKind::Merged, FsType::Erofs, chain_id)?;
-        if !self.blob_path(&id).exists() {
-            return Ok(None);
-        }
-        read_sidecar(&self.sidecar(&id, "json"))
+        self.published_record(&new_id(BlobKind::Merged, FsType::Erofs, chain_id)?)
     }
 
     /// The producer lock of a merged blob.
@@ -322,10 +309,30 @@ impl Store {
 
     /// Publishes a finished merged blob (in `tmp/`) with its record.
     pub fn publish_merge(&self, blob: &Path, record: &MergedBlob) -> Result<PathBuf, StoreError> {
-        let id = record.id()?;
-        let json = serde_json::to_vec_pretty(record).expect("a merge record serializes");
-        write_atomic(&self.sidecar(&id, "json"), &json)?;
-        let dest = self.blob_path(&id);
+        self.publish_with_record(blob, &record.id()?, record)
+    }
+
+    /// The `.json` record of the blob `id`, if the blob is published (a blob without its
+    /// record counts as not stored).
+    fn published_record<T: serde::de::DeserializeOwned>(&self, id: &BlobId) -> Result<Option<T>, StoreError> {
+        if !self.blob_path(id).exists() {
+            return Ok(None);
+        }
+        read_sidecar(&self.sidecar(id, "json"))
+    }
+
+    /// Publishes `blob` (in `tmp/`) as the blob `id`: its `.json` record first, then the blob.
+    fn publish_with_record(
+        &self,
+        blob: &Path,
+        id: &BlobId,
+        record: &impl serde::Serialize,
+    ) -> Result<PathBuf, StoreError> {
+        let dir = self.layer_dir(id.fs, id.recipe);
+        fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
+        let json = serde_json::to_vec_pretty(record).expect("a blob record serializes");
+        write_atomic(&self.sidecar(id, "json"), &json)?;
+        let dest = self.blob_path(id);
         publish_blob(blob, &dest)?;
         Ok(dest)
     }
@@ -342,7 +349,7 @@ impl Store {
         if fs == FsType::Erofs && !self.sidecar(&id, "own").exists() {
             return Ok(None);
         }
-        read_sidecar(&self.sidecar(&id, "json"))
+        self.published_record(&id)
     }
 
     /// The stored dm-verity tree of a layer blob, if published (its `.verity.json` exists).
@@ -449,23 +456,14 @@ impl Store {
     /// The stored layer blob `id` (of any recipe), if its blob and record are published; the
     /// directory index is not required (layers pulled ready-made have none).
     pub fn layer_blob(&self, id: &BlobId) -> Result<Option<LayerRecord>, StoreError> {
-        if !self.blob_path(id).exists() {
-            return Ok(None);
-        }
-        read_sidecar(&self.sidecar(id, "json"))
+        self.published_record(id)
     }
 
     /// Publishes a layer blob pulled ready-made (`blob`, in `tmp/`) with its record; it has no
     /// directory index, so a tar build that needs one converts the layer again (same bytes).
     pub fn publish_pulled_layer(&self, blob: &Path, record: &LayerRecord) -> Result<PathBuf, StoreError> {
         let id = BlobId::new(BlobKind::Layer, record.fs, record.recipe, &record.chain_id)?;
-        let dir = self.layer_dir(id.fs, id.recipe);
-        fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
-        let json = serde_json::to_vec_pretty(record).expect("a layer record serializes");
-        write_atomic(&self.sidecar(&id, "json"), &json)?;
-        let dest = self.blob_path(&id);
-        publish_blob(blob, &dest)?;
-        Ok(dest)
+        self.publish_with_record(blob, &id, record)
     }
 
     /// The layer lock of blob `id` (of any recipe).
@@ -497,11 +495,7 @@ impl Store {
         let mut text = Vec::new();
         dirs.write_to(&mut text).map_err(io_at(&dir))?;
         write_atomic(&self.sidecar(&id, "dirs"), &text)?;
-        let json = serde_json::to_vec_pretty(record).expect("a layer record serializes");
-        write_atomic(&self.sidecar(&id, "json"), &json)?;
-        let dest = self.blob_path(&id);
-        publish_blob(blob, &dest)?;
-        Ok(dest)
+        self.publish_with_record(blob, &id, record)
     }
 
     fn record_path(&self, tag: &str) -> PathBuf {
