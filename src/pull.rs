@@ -230,7 +230,8 @@ fn fetch_one(
         // A vmrootfs layer with a dm-verity tree: the blob and its tree are stored apart, as a
         // local `build --verity` keeps them, the tree checked against the annotated root.
         let tree = work.path().join("tree");
-        let verity = match verity_of(layer)? {
+        // The blob's own sha256: the DiffID's, unless a tree came after it (`check` hashes it).
+        let (verity, blob_sha256) = match verity_of(layer)? {
             Some((hash_offset, root)) if t.id.recipe != IMPORTED_RECIPE => {
                 if hash_offset % crate::verity::BLOCK_SIZE != 0 || hash_offset > size {
                     return Err(PullError::BadAnnotation {
@@ -247,7 +248,7 @@ fn fetch_one(
                         found: checked.root_digest.to_string(),
                     });
                 }
-                Some(crate::verity::VerityInfo {
+                let info = crate::verity::VerityInfo {
                     hash_offset,
                     root_digest: root,
                     salt: hex::encode(crate::verity::salt_for(&chain_id)?),
@@ -256,9 +257,10 @@ fn fetch_one(
                     tree_size: size - hash_offset,
                     tree_sha256: digest::sha256_file_hex(&tree).map_err(PullError::Read)?,
                     sha256: unpacked.digest().to_string(),
-                })
+                };
+                (Some(info), checked.blob_sha256)
             }
-            _ => None,
+            _ => (None, unpacked.digest().to_string()),
         };
         let record = LayerRecord {
             chain_id,
@@ -266,10 +268,7 @@ fn fetch_one(
             fs: FsType::Erofs,
             recipe: t.id.recipe,
             size: verity.as_ref().map_or(size, |v| v.hash_offset),
-            blob_sha256: match &verity {
-                Some(_) => digest::sha256_file_hex(&out).map_err(PullError::Read)?,
-                None => unpacked.digest().to_string(),
-            },
+            blob_sha256,
             tool: t.tool.clone(),
         };
         store.publish_pulled_layer(&out, &record)?;
