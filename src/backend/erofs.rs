@@ -55,13 +55,18 @@ impl Erofs {
         format!("mkfs.erofs {}", self.mkfs.version)
     }
 
+    /// mkfs.erofs with what every image needs to be reproducible: the C locale, no
+    /// `SOURCE_DATE_EPOCH` from the environment (times come from the stream), quiet.
+    fn mkfs_command(&self) -> std::process::Command {
+        let mut cmd = self.mkfs.command();
+        cmd.env("LC_ALL", "C").env_remove("SOURCE_DATE_EPOCH").arg("--quiet");
+        cmd
+    }
+
     /// Starts mkfs.erofs on `out`, reading the stream from its stdin.
     pub fn start(&self, chain_id: &Digest, out: &Path) -> Result<tool::Streaming, BackendError> {
-        let mut cmd = self.mkfs.command();
-        cmd.env("LC_ALL", "C")
-            .env_remove("SOURCE_DATE_EPOCH")
-            .arg("--quiet")
-            .arg("--tar=f")
+        let mut cmd = self.mkfs_command();
+        cmd.arg("--tar=f")
             .arg("-Eforce-inode-extended,noinline_data")
             .arg(format!("-U{}", super::uuid_from(chain_id, 0)))
             .arg(out);
@@ -76,11 +81,8 @@ impl Erofs {
     /// layer, so each keeps its mtime. The UUID comes from `seed`; the build time and the root
     /// directory need fixing afterwards (see [`crate::merge`]).
     pub fn merge(&self, seed: &Digest, out: &Path, layers: &[PathBuf]) -> Result<(), ToolError> {
-        let mut cmd = self.mkfs.command();
-        cmd.env("LC_ALL", "C")
-            .env_remove("SOURCE_DATE_EPOCH")
-            .arg("--quiet")
-            .arg("--ovlfs-strip=1")
+        let mut cmd = self.mkfs_command();
+        cmd.arg("--ovlfs-strip=1")
             .arg("-Eforce-inode-extended")
             .arg(format!("-U{}", super::uuid_from(seed, 0)))
             .arg(out)
