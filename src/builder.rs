@@ -381,7 +381,7 @@ impl Builder {
         if self.opts.squash || self.opts.merge {
             return Err(BuildError::ErofsImageNoSquash);
         }
-        let (lowers, cached) = crate::pull::pull(
+        let (mut lowers, mut cached) = crate::pull::pull(
             &self.store,
             source,
             image,
@@ -391,8 +391,6 @@ impl Builder {
             reporter,
         )
         .map_err(|(digest, source)| BuildError::Pull { digest, source })?;
-        let mut lowers = lowers;
-        let mut cached = cached;
         if self.opts.verity {
             // Layers pulled without a tree get one here, as a local `build --verity` would.
             for l in lowers.iter_mut().filter(|l| l.verity.is_none() && l.recipe == FsType::Erofs.recipe()) {

@@ -215,10 +215,7 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
             source_diff_id: lower.diff_id.clone(),
             source_digest: lower.digest.clone(),
             recipe: lower.recipe,
-            tool: store
-                .layer_blob(&lower.id().map_err(StoreError::from)?)?
-                .map(|r| r.tool)
-                .unwrap_or_default(),
+            tool: store.layer_blob(&id)?.map(|r| r.tool).unwrap_or_default(),
             verity: lower.verity.as_ref().map(|v| (v.hash_offset, v.root_digest.to_string())),
         });
         blobs.push(Blob {
