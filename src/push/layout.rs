@@ -44,7 +44,7 @@ pub fn write_dir(dir: &Path, tag: &str, composed: &Composed) -> Result<Vec<Pushe
         let existed = dest.metadata().is_ok_and(|m| m.len() == blob.size);
         if !existed {
             let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&blobs).map_err(io_at(&blobs))?;
-            fs_err::copy(&blob.path, tmp.path()).map_err(io_at(&blob.path))?;
+            io::copy(&mut blob.open()?, &mut tmp.as_file()).map_err(io_at(tmp.path()))?;
             tmp.persist(&dest).map_err(|e| PushError::Io { path: dest.clone(), source: e.error })?;
         }
         pushed.push(PushedLayer {
@@ -96,8 +96,7 @@ pub fn write_archive(file: &Path, tag: &str, composed: &Composed) -> Result<Vec<
     add("oci-layout", LAYOUT.len() as u64, &mut &LAYOUT[..])?;
     let mut pushed = Vec::new();
     for blob in &composed.layers {
-        let mut f = fs_err::File::open(&blob.path).map_err(io_at(&blob.path))?;
-        add(&blob_name(&blob.digest), blob.size, &mut f)?;
+        add(&blob_name(&blob.digest), blob.size, &mut blob.open()?)?;
         pushed.push(PushedLayer {
             media_type: blob.media_type.clone(),
             digest: blob.digest.to_string(),

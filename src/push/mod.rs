@@ -112,13 +112,26 @@ fn is_tag(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
-/// One blob to publish: its descriptor and the file holding its bytes.
+/// One blob to publish: its descriptor and the files whose bytes, one after another, it is
+/// (a stored blob, then its dm-verity tree if it has one; or a compressed copy).
 #[derive(Debug, Clone)]
 pub struct Blob {
     pub media_type: String,
     pub digest: Digest,
     pub size: u64,
-    pub path: PathBuf,
+    pub parts: Vec<PathBuf>,
+}
+
+impl Blob {
+    /// The blob's bytes, read from its parts in order.
+    pub fn open(&self) -> Result<Box<dyn io::Read>, PushError> {
+        let mut reader: Box<dyn io::Read> = Box::new(io::empty());
+        for part in &self.parts {
+            let f = fs_err::File::open(part).map_err(io_at(part))?;
+            reader = Box::new(io::Read::chain(reader, f));
+        }
+        Ok(reader)
+    }
 }
 
 /// What a push published.
@@ -149,7 +162,7 @@ pub struct Composed {
     pub subject: Option<serde_json::Value>,
     /// The platform of an index entry naming the manifest, `erofs` in its `os.features`.
     pub platform: serde_json::Value,
-    /// Compressed and dm-verity layers live here until the push ends.
+    /// Compressed layers live here until the push ends.
     _work: tempfile::TempDir,
 }
 
@@ -188,27 +201,32 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
     let mut produced = Vec::new();
     for (i, lower) in record.lowers.iter().enumerate() {
         let id = lower.id().map_err(StoreError::from)?;
-        let mut path = store.blob_path(&id);
+        let mut parts = vec![store.blob_path(&id)];
         let mut data_sha256 = lower.blob_sha256.clone();
         let mut data_size = lower.size;
         if let Some(v) = &lower.verity {
             // The layer is the blob with its tree appended (spec §3.5).
-            let joined = work.path().join(format!("layer-{i}.verity"));
-            concat(&[&path, &store.verity_tree_path(&id)], &joined)?;
-            (path, data_sha256, data_size) = (joined, v.sha256.clone(), v.hash_offset + v.tree_size);
+            parts.push(store.verity_tree_path(&id));
+            (data_sha256, data_size) = (v.sha256.clone(), v.hash_offset + v.tree_size);
         }
         let diff_id = digest::parse_sha256("stored blob sha256", &format!("sha256:{data_sha256}"))
             .map_err(StoreError::from)?;
-        let (blob_path, blob_digest, size) = if zstd {
+        let data = Blob {
+            media_type: erofs_image::MEDIA_TYPE.into(),
+            digest: diff_id.clone(),
+            size: data_size,
+            parts,
+        };
+        let blob = if zstd {
             let out = work.path().join(format!("layer-{i}.zst"));
-            let (d, n) = compress(&path, &out)?;
-            (out, d, n)
+            let (digest, size) = compress(&data, &out)?;
+            Blob { media_type: erofs_image::MEDIA_TYPE_ZSTD.into(), digest, size, parts: vec![out] }
         } else {
-            (path, diff_id.clone(), data_size)
+            data
         };
         produced.push(ProducedLayer {
-            digest: blob_digest.clone(),
-            size,
+            digest: blob.digest.clone(),
+            size: blob.size,
             diff_id,
             zstd,
             source_chain_id: lower.chain_id.clone(),
@@ -218,12 +236,7 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
             tool: store.layer_blob(&id)?.map(|r| r.tool).unwrap_or_default(),
             verity: lower.verity.as_ref().map(|v| (v.hash_offset, v.root_digest.to_string())),
         });
-        blobs.push(Blob {
-            media_type: if zstd { erofs_image::MEDIA_TYPE_ZSTD } else { erofs_image::MEDIA_TYPE }.to_string(),
-            digest: blob_digest,
-            size,
-            path: blob_path,
-        });
+        blobs.push(blob);
     }
     let config = erofs_config(&config_source, &produced)
         .ok_or(PushError::BadSourceConfig { tag: record.tag.clone() })?;
@@ -282,23 +295,13 @@ fn erofs_config(source: &[u8], layers: &[ProducedLayer]) -> Option<Vec<u8>> {
     Some(serde_json::to_vec(&config).expect("a config serializes"))
 }
 
-/// Writes the files `parts` one after another into `to`.
-fn concat(parts: &[&Path], to: &Path) -> Result<(), PushError> {
-    let mut out = fs_err::File::create(to).map_err(io_at(to))?;
-    for part in parts {
-        let mut f = fs_err::File::open(part).map_err(io_at(part))?;
-        io::copy(&mut f, &mut out).map_err(io_at(to))?;
-    }
-    Ok(())
-}
-
-/// zstd-compresses `from` into `to`; the compressed digest and size.
-fn compress(from: &Path, to: &Path) -> Result<(Digest, u64), PushError> {
-    let input = fs_err::File::open(from).map_err(io_at(from))?;
+/// zstd-compresses the blob `from` into `to`; the compressed digest and size.
+fn compress(from: &Blob, to: &Path) -> Result<(Digest, u64), PushError> {
+    let input = from.open()?;
     let out = fs_err::File::create(to).map_err(io_at(to))?;
     let mut hashing = digest::HashingWriter::new(io::BufWriter::with_capacity(1 << 20, out));
     let mut encoder = zstd::stream::Encoder::new(&mut hashing, ZSTD_LEVEL).map_err(io_at(to))?;
-    io::copy(&mut io::BufReader::with_capacity(1 << 20, input), &mut encoder).map_err(io_at(from))?;
+    io::copy(&mut io::BufReader::with_capacity(1 << 20, input), &mut encoder).map_err(io_at(to))?;
     encoder.finish().map_err(io_at(to))?;
     let (d, n, mut w) = hashing.finish();
     w.flush().map_err(io_at(to))?;

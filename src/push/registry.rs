@@ -9,6 +9,8 @@
 
 use std::str::FromStr;
 
+use futures_util::StreamExt;
+
 use oci_client::Reference;
 use reqwest::StatusCode;
 
@@ -189,15 +191,22 @@ pub fn push(
                         i + 1,
                         blob.size as f64 / 1e6
                     ));
-                    // Each attempt reads the file afresh from its start, in 1 MiB chunks.
-                    let body = || match std::fs::File::open(&blob.path) {
-                        Ok(f) => reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
-                            tokio::fs::File::from_std(f),
-                            1 << 20,
-                        )),
-                        // Gone meanwhile (the store lock forbids it): the registry sees a short
-                        // body and refuses the digest.
-                        Err(_) => reqwest::Body::from(Vec::new()),
+                    // Each attempt reads the parts afresh from their start, in 1 MiB chunks.
+                    let body = || {
+                        let files: Result<Vec<_>, _> = blob.parts.iter().map(std::fs::File::open).collect();
+                        match files {
+                            Ok(files) => {
+                                reqwest::Body::wrap_stream(futures_util::stream::iter(files).flat_map(|f| {
+                                    tokio_util::io::ReaderStream::with_capacity(
+                                        tokio::fs::File::from_std(f),
+                                        1 << 20,
+                                    )
+                                }))
+                            }
+                            // Gone meanwhile (the store lock forbids it): the registry sees a
+                            // short body and refuses the digest.
+                            Err(_) => reqwest::Body::from(Vec::new()),
+                        }
                     };
                     target.upload(&d, blob.size, body).await?;
                 }
