@@ -13,6 +13,11 @@
 //! the layer blobs from one metadata image. On the test image it costs 5% more bytes
 //! (README, "Merged images").
 //!
+//! File data lands in stream order (`--sort=none`, recipe 4) as it arrives, then the
+//! metadata after it: the default (`--sort=path`) first buffers all data in the image and then
+//! moves it into path order once the stream has ended, which doubled the data written and kept
+//! mkfs busy 0.7 s after the end of the test image's 200 MiB base layer.
+//!
 //! erofs-utils 1.5 (Debian 12's own) has no tar input; `make deps` builds 1.8 from Debian's
 //! source.
 
@@ -67,6 +72,7 @@ impl Erofs {
     pub fn start(&self, chain_id: &Digest, out: &Path) -> Result<tool::Streaming, BackendError> {
         let mut cmd = self.mkfs_command();
         cmd.arg("--tar=f")
+            .arg("--sort=none")
             .arg("-Eforce-inode-extended,noinline_data")
             .arg(format!("-U{}", super::uuid_from(chain_id, 0)))
             .arg(out);
@@ -97,7 +103,8 @@ impl Erofs {
     }
 }
 
-/// Sets the superblock's build time to 0 and recomputes the superblock checksum.
+/// Sets the superblock's build time to 0 and recomputes the superblock checksum (not synced:
+/// publishing the blob does that).
 pub fn fix_build_time(image: &Path) -> io::Result<()> {
     let f = File::options().read(true).write(true).open(image)?;
     let mut block = vec![0u8; SB_BLOCK];
@@ -113,6 +120,5 @@ pub fn fix_build_time(image: &Path) -> io::Result<()> {
         let crc = !crc32c::crc32c_append(0, sb);
         sb[4..8].copy_from_slice(&crc.to_le_bytes());
     }
-    f.write_all_at(&block, 0)?;
-    f.sync_all()
+    f.write_all_at(&block, 0)
 }

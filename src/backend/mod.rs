@@ -30,7 +30,11 @@ use tool::ToolError;
 ///   rebuild mode takes as a source, so `build --merge` can reference the layer blobs' data;
 ///   new directories above the base opaque; a base layer keeps no whiteouts or opaque markers
 ///   (they hide nothing there, and the EROFS image layer format forbids them).
-pub const EROFS_RECIPE: u32 = 3;
+/// - 4 (EROFS only): file data in stream order (`--sort=none`), written once as it arrives
+///   instead of moved into path order at the end.
+pub const EROFS_RECIPE: u32 = 4;
+/// The first EROFS recipe without inlined file tails: its blobs and later ones can be merged.
+pub const EROFS_MERGEABLE_RECIPE: u32 = 3;
 pub const EXT4_RECIPE: u32 = 2;
 
 /// Filesystem type of the blobs.
@@ -52,7 +56,7 @@ impl FsType {
     }
 
     /// The version of this filesystem's layer → blob recipe that new blobs are made with.
-    /// Per filesystem: recipe 3 changed only EROFS blobs, so ext4 stores keep their blobs.
+    /// Per filesystem: recipes 3 and 4 changed only EROFS blobs, so ext4 stores keep theirs.
     pub fn recipe(self) -> u32 {
         match self {
             FsType::Erofs => EROFS_RECIPE,

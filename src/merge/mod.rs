@@ -45,7 +45,7 @@ pub enum MergeError {
     NotErofs { chain_id: Digest, fs: FsType },
     #[error(
         "layer {chain_id} was made by EROFS recipe {recipe}, whose inlined file tails mkfs.erofs cannot reference (recipe {} or later: build the image again)",
-        crate::backend::EROFS_RECIPE
+        crate::backend::EROFS_MERGEABLE_RECIPE
     )]
     OldRecipe { chain_id: Digest, recipe: u32 },
     #[error("{path}")]
@@ -89,7 +89,7 @@ pub fn merge(store: &Store, erofs: &Erofs, lowers: &[Lower]) -> Result<MergedBlo
         if l.fs != FsType::Erofs {
             return Err(MergeError::NotErofs { chain_id: l.chain_id.clone(), fs: l.fs });
         }
-        if l.recipe < crate::backend::EROFS_RECIPE {
+        if l.recipe < crate::backend::EROFS_MERGEABLE_RECIPE {
             return Err(MergeError::OldRecipe { chain_id: l.chain_id.clone(), recipe: l.recipe });
         }
     }
