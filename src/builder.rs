@@ -1,11 +1,15 @@
 //! The build: source → resolved image → one blob per layer (in parallel, skipping stored
 //! layers) → image record.
 //!
-//! Layers convert concurrently, up to `jobs` at a time, taken base first. A layer's tree is
-//! unpacked without waiting for anyone; only before giving its implicit parent directories
-//! their metadata does it wait for the directory index of the layer below (ready as soon as
-//! that layer is unpacked, long before its mkfs ends). Taking layers base first means the
-//! layer waited for has always started, so the wait cannot deadlock.
+//! Layers convert concurrently, taken base first: up to `jobs` stream at a time (download,
+//! decompress, normalize into mkfs: the CPU work). A layer's stream is written without waiting
+//! for anyone; only before giving its implicit parent directories their metadata does it
+//! wait for the directory index of the layer below (ready as soon as that layer has
+//! streamed, before its mkfs ends). A layer waiting so gives its turn to stream to the next
+//! layer, and up to `2 × jobs` layers are under way at once: an upper layer, small beside the
+//! base, would otherwise idle a core until the base had streamed. Taking layers base first,
+//! and never waiting for a lower layer while holding a turn, means the layer waited for has
+//! always started and can finish, so the wait cannot deadlock.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -115,7 +119,7 @@ fn tool_failure(sink: std::io::BufWriter<crate::backend::Making>, failure: Layer
 pub struct BuildOptions {
     pub fs: FsType,
     pub platform: Platform,
-    /// Layers converted at once (default: the number of CPUs).
+    /// Layers streamed at once (default: the number of CPUs).
     pub jobs: usize,
     /// Most bytes a layer may unpack to; more fails the build (decompression bombs).
     pub max_layer_bytes: u64,
@@ -213,6 +217,37 @@ impl DirSlots {
     }
 }
 
+/// Turns to stream a layer: `jobs` of them, each held while one layer streams.
+struct Turns {
+    free: Mutex<usize>,
+    returned: Condvar,
+}
+
+impl Turns {
+    fn new(n: usize) -> Turns {
+        Turns { free: Mutex::new(n.max(1)), returned: Condvar::new() }
+    }
+
+    /// Waits for a turn; it is given back when the guard drops.
+    fn take(&self) -> Turn<'_> {
+        let mut free = self.free.lock().expect("turn lock");
+        while *free == 0 {
+            free = self.returned.wait(free).expect("turn lock");
+        }
+        *free -= 1;
+        Turn(self)
+    }
+}
+
+struct Turn<'a>(&'a Turns);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().expect("turn lock") += 1;
+        self.0.returned.notify_one();
+    }
+}
+
 /// Everything one layer conversion needs to know about the image.
 struct Plan<'a> {
     source: &'a dyn ImageSource,
@@ -220,6 +255,7 @@ struct Plan<'a> {
     chain: &'a [Digest],
     stored: &'a [Option<LayerRecord>],
     slots: DirSlots,
+    turns: Turns,
     cancel: AtomicBool,
     reporter: &'a Reporter,
 }
@@ -297,6 +333,7 @@ impl Builder {
             chain: &chain,
             stored: &stored,
             slots: DirSlots { state: Mutex::new(vec![Slot::Pending; total]), ready: Condvar::new() },
+            turns: Turns::new(self.opts.jobs),
             cancel: AtomicBool::new(false),
             reporter,
         };
@@ -427,7 +464,7 @@ impl Builder {
         Ok((built.info, true))
     }
 
-    /// Converts the `missing` layers, `jobs` at a time; the first real failure wins.
+    /// Converts the `missing` layers, `jobs` streaming at a time; the first real failure wins.
     fn convert_all(
         &self,
         plan: &Plan<'_>,
@@ -437,7 +474,7 @@ impl Builder {
         let done = Mutex::new(Vec::new());
         let failed = Mutex::new(Vec::new());
         std::thread::scope(|s| {
-            for _ in 0..self.opts.jobs.max(1).min(missing.len()) {
+            for _ in 0..(2 * self.opts.jobs.max(1)).min(missing.len()) {
                 s.spawn(|| {
                     loop {
                         let k = next.fetch_add(1, Ordering::SeqCst);
@@ -502,6 +539,8 @@ impl Builder {
             let work = self.store.staging("layer-")?;
             let out = work.path().join("blob");
             let backend = self.backend.get().expect("detected before any layer converts");
+            let turn = plan.turns.take();
+            let writeback = crate::writeback::Writeback::follow(&out);
             let making = backend.start(&plan.chain[i], &out, work.path())?;
             // EROFS layers above the base mark their new directories opaque, so that
             // `build --merge` shows what overlayfs shows (see `Normalizer::opaque_new_dirs`);
@@ -531,6 +570,7 @@ impl Builder {
             if let Err(e) = streamed {
                 return Err(tool_failure(normalizer.into_inner(), e.into()));
             }
+            drop(turn);
             let streamed_at = std::time::Instant::now();
             let lower = self.lower_dirs(plan, i)?;
             let (finished, sink) = match normalizer.finish(&lower) {
@@ -544,6 +584,7 @@ impl Builder {
             let making =
                 sink.into_inner().map_err(|e| LayerFailure::from(LayerError::Output(e.into_error())))?;
             making.finish(&finished.stats)?;
+            writeback.finish();
             crate::progress::debug(&format!(
                 "layer {}: streamed in {:.2}s, waited for the layer below and {} for {:.2}s",
                 i + 1,

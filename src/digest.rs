@@ -61,16 +61,92 @@ pub struct DigestMismatch {
     pub found: String,
 }
 
-/// Passes bytes through and feeds them to SHA-256 on the way.
+/// SHA-256 computed on a thread of its own once a stream passes [`OffThread::CHUNK`]
+/// bytes: a layer's stream is read, hashed (blob digest), decompressed, hashed again (diff ID)
+/// and normalized on one thread, where the two hashes were 0.2 s of the test image's 1.2 s
+/// base layer. Bytes are copied into chunks the thread hashes and hands back for reuse.
+pub struct OffThread {
+    pending: Vec<u8>,
+    worker: Option<HashWorker>,
+}
+
+struct HashWorker {
+    chunks: std::sync::mpsc::SyncSender<Vec<u8>>,
+    spent: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: std::thread::JoinHandle<Sha256>,
+}
+
+impl OffThread {
+    /// Bytes handed to the thread at a time.
+    const CHUNK: usize = 256 << 10;
+
+    pub fn new() -> Self {
+        OffThread { pending: Vec::new(), worker: None }
+    }
+
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let room = Self::CHUNK - self.pending.len();
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            self.pending.extend_from_slice(now);
+            bytes = rest;
+            if self.pending.len() == Self::CHUNK {
+                self.ship();
+            }
+        }
+    }
+
+    fn ship(&mut self) {
+        let worker = self.worker.get_or_insert_with(|| {
+            let (chunks, received) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+            let (give_back, spent) = std::sync::mpsc::channel();
+            let thread = std::thread::spawn(move || {
+                let mut hasher = Sha256::new();
+                for chunk in received {
+                    hasher.update(&chunk);
+                    let _ = give_back.send(chunk);
+                }
+                hasher
+            });
+            HashWorker { chunks, spent, thread }
+        });
+        let mut next = worker.spent.try_recv().unwrap_or_else(|_| Vec::with_capacity(Self::CHUNK));
+        next.clear();
+        let full = std::mem::replace(&mut self.pending, next);
+        // Fails only if the thread panicked, which finalize reports.
+        let _ = worker.chunks.send(full);
+    }
+
+    /// The hash of every byte given.
+    pub fn finalize(self) -> [u8; 32] {
+        let mut hasher = match self.worker {
+            None => Sha256::new(),
+            Some(w) => {
+                drop(w.chunks);
+                w.thread.join().expect("the hashing thread does not panic")
+            }
+        };
+        hasher.update(&self.pending);
+        hasher.finalize().into()
+    }
+}
+
+impl Default for OffThread {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Passes bytes through and feeds them to SHA-256 ([`OffThread`]) on the way.
 pub struct HashingReader<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: OffThread,
     bytes: u64,
 }
 
 impl<R: Read> HashingReader<R> {
     pub fn new(inner: R) -> Self {
-        Self { inner, hasher: Sha256::new(), bytes: 0 }
+        Self { inner, hasher: OffThread::new(), bytes: 0 }
     }
 
     /// Reads what is left to the end (a tar reader stops before trailing padding) and returns
@@ -90,16 +166,16 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// Passes bytes through to a writer and feeds them to SHA-256 on the way.
+/// Passes bytes through to a writer and feeds them to SHA-256 ([`OffThread`]) on the way.
 pub struct HashingWriter<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: OffThread,
     bytes: u64,
 }
 
 impl<W: io::Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        Self { inner, hasher: Sha256::new(), bytes: 0 }
+        Self { inner, hasher: OffThread::new(), bytes: 0 }
     }
 
     /// The `sha256:` digest and length of everything written, and the writer.

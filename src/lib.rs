@@ -17,6 +17,7 @@ pub mod squash;
 pub mod store;
 pub mod verity;
 pub mod vm;
+pub mod writeback;
 
 pub use backend::FsType;
 pub use builder::{BuildError, BuildOptions, Builder};

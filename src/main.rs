@@ -61,7 +61,7 @@ enum Command {
         /// Platform to pick from a multi-platform index, os/arch[/variant] [default: the host's].
         #[arg(long)]
         platform: Option<Platform>,
-        /// Layers converted at once [default: number of CPUs].
+        /// Layers streamed (downloaded, decompressed, converted) at once [default: number of CPUs].
         #[arg(long, short)]
         jobs: Option<usize>,
         /// Also make one flattened blob of the whole image (whiteouts applied), for runtimes
