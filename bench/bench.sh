@@ -4,7 +4,7 @@
 # containerd's EROFS differ and matchlock do) and the shell pipeline (bench/shell-pipeline.sh),
 # in one run. vmrootfs rows run in three environments: as root on this host; with /dev/shm a
 # 64 MiB tmpfs (as in a container CI job; *-shm64); as uid 65534 without capabilities (*-nobody).
-# Each row: median wall time of RUNS (3) runs, the largest peak memory of the runs — the sum of
+# Each row: median wall time of RUNS (3) runs, the peak memory of one more run — the sum of
 # the RSS of every process of the command plus the tmpfs bytes it uses (bench/measure.py) —
 # and the ratio to the floor. BIG=1 adds one ~2 GiB layer of 20,000 files (big-* rows, one run
 # each, ratio to that layer's own floor).
@@ -40,19 +40,25 @@ layers=$(for l in $layers; do printf "%s " "$LAYOUT/blobs/sha256/$(basename "$l"
 cat $layers > /dev/null   # every row starts with the layer blobs in the page cache
 
 declare -A MEDIAN MEM
-# measure NAME SETUP CMD: runs SETUP (untimed) then CMD, RUNS times.
+# measure NAME SETUP CMD: runs SETUP (untimed) then CMD, RUNS times timed, then once more
+# under bench/measure.py for the peak memory. Timed runs are not sampled: the sampler reads
+# /proc every 10 ms, which on 2 cores takes CPU from the command and slowed parallel rows
+# more than sequential ones.
 measure() {
-  local name=$1 setup=$2 cmd=$3 times=() mem=0
+  local name=$1 setup=$2 cmd=$3 times=() t0 mib
   for _ in $(seq "$RUNS"); do
     eval "$setup"
-    python3 bench/measure.py "$OUT/time.txt" -- bash -c "$cmd" >/dev/null 2>"$OUT/stderr.txt" ||
+    t0=$EPOCHREALTIME
+    bash -c "$cmd" >/dev/null 2>"$OUT/stderr.txt" ||
       { cat "$OUT/stderr.txt" >&2; echo "bench: $name failed" >&2; exit 1; }
-    read -r secs mib < "$OUT/time.txt"
-    times+=("$secs")
-    mem=$(echo "if ($mib > $mem) $mib else $mem" | bc -l)
+    times+=("$(echo "$EPOCHREALTIME - $t0" | bc -l | xargs printf '%.3f')")
   done
+  eval "$setup"
+  python3 bench/measure.py "$OUT/time.txt" -- bash -c "$cmd" >/dev/null 2>"$OUT/stderr.txt" ||
+    { cat "$OUT/stderr.txt" >&2; echo "bench: $name failed" >&2; exit 1; }
+  read -r _ mib < "$OUT/time.txt"
   MEDIAN[$name]=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p")
-  MEM[$name]=$mem
+  MEM[$name]=$mib
   printf '  %-24s %s\n' "$name" "${times[*]}" >&2
 }
 

@@ -585,13 +585,7 @@ impl Builder {
                 sink.into_inner().map_err(|e| LayerFailure::from(LayerError::Output(e.into_error())))?;
             making.finish(&finished.stats)?;
             writeback.finish();
-            crate::progress::debug(&format!(
-                "layer {}: streamed in {:.2}s, waited for the layer below and {} for {:.2}s",
-                i + 1,
-                (streamed_at - started).as_secs_f64(),
-                self.opts.fs,
-                streamed_at.elapsed().as_secs_f64()
-            ));
+            let made_at = std::time::Instant::now();
             let tree = work.path().join("tree");
             let (blob_sha256, verity) = if self.opts.verity {
                 let built = crate::verity::build_tree(&out, &plan.chain[i], &tree)?;
@@ -599,6 +593,7 @@ impl Builder {
             } else {
                 (digest::sha256_file_hex(&out).map_err(LayerFailure::Hash)?, None)
             };
+            let hashed_at = std::time::Instant::now();
             let size = fs_err::metadata(&out).map_err(LayerFailure::Hash)?.len();
             let record = LayerRecord {
                 chain_id: plan.chain[i].clone(),
@@ -613,6 +608,17 @@ impl Builder {
             if let Some(v) = &verity {
                 self.store.publish_verity(fs, &plan.chain[i], &tree, v)?;
             }
+            crate::progress::debug(&format!(
+                "layer {}: streamed in {:.2}s, waited for the layer below and {} for {:.2}s, \
+                 hashed{} in {:.2}s, synced and published in {:.2}s",
+                i + 1,
+                (streamed_at - started).as_secs_f64(),
+                self.opts.fs,
+                (made_at - streamed_at).as_secs_f64(),
+                if self.opts.verity { " (and made its dm-verity tree)" } else { "" },
+                (hashed_at - made_at).as_secs_f64(),
+                hashed_at.elapsed().as_secs_f64()
+            ));
             Ok((record, verity))
         })();
         match &result {

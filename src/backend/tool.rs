@@ -153,6 +153,12 @@ impl Streaming {
             .spawn()
             .map_err(spawn_err)?;
         let stdin = child.stdin.take();
+        if let Some(s) = &stdin {
+            // A 1 MiB pipe (the unprivileged maximum) instead of 64 KiB: 16 times fewer
+            // switches between the stream and the tool. Best effort; the default works too.
+            // SAFETY: a valid pipe descriptor; F_SETPIPE_SZ only resizes its buffer.
+            unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(s), libc::F_SETPIPE_SZ, 1 << 20) };
+        }
         Ok(Streaming { tool: tool.to_string(), child, stdin, stderr })
     }
 
