@@ -197,16 +197,17 @@ fn fetch_one(
         let out = work.path().join("blob");
         let file =
             fs_err::File::create(&out).map_err(|e| PullError::Write { path: out.clone(), source: e })?;
+        let writeback = crate::writeback::Writeback::follow(&out);
         // A raw blob is its own uncompressed data: one hash does for both digests.
-        let mut sink = MaybeHashing::new(io::BufWriter::with_capacity(1 << 20, file), classified.zstd);
+        let mut sink = MaybeHashing::new(file, classified.zstd);
         let counted = Counting { inner: source.open_layer(layer)?, progress: &|n| progress.inc(n) };
         let mut raw = HashingReader::new(counted);
         let limit = max_layer_bytes.saturating_add(1);
         let copied = if classified.zstd {
             let decoder = zstd::stream::Decoder::new(&mut raw).map_err(PullError::Read)?;
-            io::copy(&mut decoder.take(limit), &mut sink)
+            copy_in_large_pieces(&mut decoder.take(limit), &mut sink)
         } else {
-            io::copy(&mut (&mut raw).take(limit), &mut sink)
+            copy_in_large_pieces(&mut (&mut raw).take(limit), &mut sink)
         };
         let n = copied.map_err(|e| PullError::Write { path: out.clone(), source: e })?;
         if n > max_layer_bytes {
@@ -219,10 +220,8 @@ fn fetch_one(
             return Err(PullError::Size { expected, found: read });
         }
         digest::check("layer blob", &layer.digest, &found)?;
-        let (unpacked, size, writer) = sink.finish();
-        let file = writer
-            .into_inner()
-            .map_err(|e| PullError::Write { path: out.clone(), source: e.into_error() })?;
+        let (unpacked, size, file) = sink.finish();
+        writeback.finish();
         file.sync_all().map_err(|e| PullError::Write { path: out.clone(), source: e })?;
         let unpacked = unpacked.unwrap_or(found);
         digest::check("layer DiffID (uncompressed digest)", &classified.diff_id, &unpacked)?;
@@ -360,6 +359,29 @@ impl<W: io::Write> io::Write for MaybeHashing<W> {
             MaybeHashing::Hashing(h) => h.flush(),
             MaybeHashing::Counting(w, _) => w.flush(),
         }
+    }
+}
+
+/// `io::copy` through a 1 MiB buffer instead of 8 KiB, written straight to the file: a copy
+/// of each byte fewer (no `BufWriter`) and a write a MiB rather than 128 of them.
+fn copy_in_large_pieces(from: &mut impl Read, to: &mut impl io::Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match from.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(total);
+        }
+        to.write_all(&buf[..filled])?;
+        total += filled as u64;
     }
 }
 

@@ -7,11 +7,8 @@
 //! the subject>` names an index listing the subject's referrers, and the pushed manifest is
 //! added to it.
 
-use std::str::FromStr;
-
 use futures_util::StreamExt;
 
-use oci_client::Reference;
 use reqwest::StatusCode;
 
 use super::{Composed, PushError, PushedLayer};
@@ -154,8 +151,8 @@ pub fn push(
     composed: &Composed,
     opts: &RegistryOptions,
 ) -> Result<Vec<PushedLayer>, PushError> {
-    let parsed =
-        Reference::from_str(reference).map_err(|e| PushError::BadDestination(format!("{reference}: {e}")))?;
+    let parsed = crate::source::reference::parse(reference)
+        .map_err(|e| PushError::BadDestination(format!("{reference}: {e}")))?;
     let registry = parsed.resolve_registry().to_string();
     let credential = auth_for(parsed.registry(), opts)?;
     let authorizer = Authorizer::new(

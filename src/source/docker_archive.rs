@@ -3,7 +3,6 @@
 
 use std::io::Read;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use oci_spec::image::{Digest, ImageConfiguration};
 use serde::Deserialize;
@@ -43,7 +42,7 @@ fn digest_from_name(name: &str) -> Option<Digest> {
 
 /// A reference as docker completes it (`app` → `docker.io/library/app:latest`).
 fn canonical(reference: &str) -> Option<String> {
-    oci_client::Reference::from_str(reference).ok().map(|r| r.whole())
+    super::reference::parse(reference).ok().map(|r| r.whole())
 }
 
 impl DockerArchive {

@@ -10,6 +10,7 @@ mod archive;
 pub(crate) mod auth;
 pub mod docker_archive;
 pub mod oci;
+pub mod reference;
 pub mod registry;
 
 pub use registry::RegistryOptions;

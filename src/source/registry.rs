@@ -139,7 +139,7 @@ impl RegistrySource {
     pub fn new(spec: &str, opts: &RegistryOptions) -> Result<Self, SourceError> {
         let text = spec.strip_prefix("docker://").unwrap_or(spec);
         let reference =
-            Reference::from_str(text).map_err(|e| SourceError::BadReference(format!("{text}: {e}")))?;
+            super::reference::parse(text).map_err(|e| SourceError::BadReference(format!("{text}: {e}")))?;
         let registry = reference.resolve_registry().to_string();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -232,7 +232,7 @@ impl RegistrySource {
     }
 
     fn open_blob(&self, digest: String, size: Option<u64>) -> Result<BlobReader, SourceError> {
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (tx, rx) = tokio::sync::mpsc::channel(512);
         let authorizer = self.authorizer.clone();
         let reference = self.reference.clone();
         self.rt.spawn(download(authorizer, reference, digest, size, tx));
@@ -267,15 +267,15 @@ async fn download(
             }
         };
         let client = &session.client;
-        let response = if offset == 0 {
-            client.pull_blob_stream(&reference, digest.as_str()).await.map(|s| (s.stream, 0))
-        } else {
-            match client.pull_blob_stream_partial(&reference, digest.as_str(), offset, None).await {
-                Ok(BlobResponse::Partial(s)) => Ok((s.stream, 0)),
-                // The registry ignored the Range header: skip what we already have.
-                Ok(BlobResponse::Full(s)) => Ok((s.stream, offset)),
-                Err(e) => Err(e),
-            }
+        // Always a range (`bytes=0-` at first): oci-client then leaves the stream unhashed
+        // (every reader of it checks the digest itself), where a plain GET hashed every blob
+        // a second time, on the runtime's threads.
+        let response = match client.pull_blob_stream_partial(&reference, digest.as_str(), offset, None).await
+        {
+            Ok(BlobResponse::Partial(s)) => Ok((s.stream, 0)),
+            // The registry ignored the Range header: skip what we already have.
+            Ok(BlobResponse::Full(s)) => Ok((s.stream, offset)),
+            Err(e) => Err(e),
         };
         let (mut stream, mut skip) = match response {
             Ok(r) => r,
@@ -474,7 +474,7 @@ mod tests {
             ("127.0.0.1:5000/lab/img:tag", "127.0.0.1:5000", "lab/img", Some("tag")),
             ("ghcr.io/org/app:v1", "ghcr.io", "org/app", Some("v1")),
         ] {
-            let r = Reference::from_str(input).unwrap();
+            let r = crate::source::reference::parse(input).unwrap();
             assert_eq!((r.registry(), r.repository(), r.tag()), (registry, repo, tag), "{input}");
         }
     }
