@@ -232,7 +232,7 @@ impl RegistrySource {
     }
 
     fn open_blob(&self, digest: String, size: Option<u64>) -> Result<BlobReader, SourceError> {
-        let (tx, rx) = tokio::sync::mpsc::channel(512);
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
         let authorizer = self.authorizer.clone();
         let reference = self.reference.clone();
         self.rt.spawn(download(authorizer, reference, digest, size, tx));
