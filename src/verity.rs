@@ -273,22 +273,26 @@ fn compute<S: TreeSink>(
         sink,
     };
     // The blob's own sha256 on a second thread, fed the chunks the tree is made of: the two
-    // hashes take the time of one when a core is free.
+    // hashes take the time of one when a core is free. Chunks go to it and come back to be
+    // filled again: a fresh 1 MiB buffer per chunk cost more in page faults than the hashing.
     const CHUNK: u64 = 256 * BLOCK_SIZE;
     let mut file = file;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<std::sync::Arc<Vec<u8>>>(4);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let (give_back, spent) = std::sync::mpsc::channel::<Vec<u8>>();
     let (read, whole) = std::thread::scope(|s| {
         let hasher = s.spawn(move || {
             let mut whole = Sha256::new();
             for chunk in rx {
                 whole.update(&chunk[..]);
+                let _ = give_back.send(chunk);
             }
             whole
         });
         let read = (|| {
             let mut left = size;
             while left > 0 {
-                let mut chunk = vec![0u8; left.min(CHUNK) as usize];
+                let mut chunk = spent.try_recv().unwrap_or_default();
+                chunk.resize(left.min(CHUNK) as usize, 0);
                 file.read_exact(&mut chunk).map_err(io_at(blob))?;
                 left -= chunk.len() as u64;
                 for block in chunk.chunks(BLOCK_SIZE as usize) {
@@ -296,7 +300,7 @@ fn compute<S: TreeSink>(
                     levels.push(0, h).map_err(io)?;
                 }
                 // Fails only if the hasher panicked, which its join below reports.
-                let _ = tx.send(std::sync::Arc::new(chunk));
+                let _ = tx.send(chunk);
             }
             drop(tx);
             levels.finish().map_err(io)
