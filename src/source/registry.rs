@@ -267,15 +267,18 @@ async fn download(
             }
         };
         let client = &session.client;
-        // Always a range (`bytes=0-` at first): oci-client then leaves the stream unhashed
-        // (every reader of it checks the digest itself), where a plain GET hashed every blob
-        // a second time, on the runtime's threads.
-        let response = match client.pull_blob_stream_partial(&reference, digest.as_str(), offset, None).await
-        {
-            Ok(BlobResponse::Partial(s)) => Ok((s.stream, 0)),
-            // The registry ignored the Range header: skip what we already have.
-            Ok(BlobResponse::Full(s)) => Ok((s.stream, offset)),
-            Err(e) => Err(e),
+        // A range (`bytes=0-` at first): oci-client then leaves the stream unhashed (every
+        // reader of it checks the digest itself), where a plain GET hashed every blob a second
+        // time, on the runtime's threads. An empty blob has no byte 0 to ask for.
+        let response = if size == Some(0) {
+            client.pull_blob_stream(&reference, digest.as_str()).await.map(|s| (s.stream, 0))
+        } else {
+            match client.pull_blob_stream_partial(&reference, digest.as_str(), offset, None).await {
+                Ok(BlobResponse::Partial(s)) => Ok((s.stream, 0)),
+                // The registry ignored the Range header: skip what we already have.
+                Ok(BlobResponse::Full(s)) => Ok((s.stream, offset)),
+                Err(e) => Err(e),
+            }
         };
         let (mut stream, mut skip) = match response {
             Ok(r) => r,
