@@ -341,8 +341,8 @@ fn digests(info: &mut VerityInfo, mut whole: Sha256, tree: &Path) -> Result<(), 
 pub fn build_tree(blob: &Path, chain_id: &Digest, tree: &Path) -> Result<BuiltTree, VerityError> {
     let out = fs_err::File::create_new(tree).map_err(io_at(tree))?;
     let (mut built, whole) = compute(blob, chain_id, &mut WriteTo(out.file()))?;
+    // Not synced here: publishing the tree does that.
     out.set_len(built.info.tree_size).map_err(io_at(tree))?;
-    out.sync_all().map_err(io_at(tree))?;
     digests(&mut built.info, whole, tree)?;
     Ok(built)
 }
