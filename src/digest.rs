@@ -64,7 +64,8 @@ pub struct DigestMismatch {
 /// SHA-256 computed on a thread of its own once a stream passes [`OffThread::CHUNK`]
 /// bytes: a layer's stream is read, hashed (blob digest), decompressed, hashed again (diff ID)
 /// and normalized on one thread, where the two hashes were 0.2 s of the test image's 1.2 s
-/// base layer. Bytes are copied into chunks the thread hashes and hands back for reuse.
+/// base layer. Bytes are copied into chunks ([`OffThread::update`]) or handed over whole
+/// ([`OffThread::update_owned`]); the thread hands chunks back for reuse ([`OffThread::spare`]).
 pub struct OffThread {
     pending: Vec<u8>,
     worker: Option<HashWorker>,
@@ -77,7 +78,7 @@ struct HashWorker {
 }
 
 impl OffThread {
-    /// Bytes handed to the thread at a time.
+    /// Bytes handed to the thread at a time by [`OffThread::update`].
     const CHUNK: usize = 256 << 10;
 
     pub fn new() -> Self {
@@ -86,17 +87,39 @@ impl OffThread {
 
     pub fn update(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
+            if self.pending.capacity() == 0 {
+                self.pending = self.spare();
+                self.pending.reserve(Self::CHUNK);
+            }
             let room = Self::CHUNK - self.pending.len();
             let (now, rest) = bytes.split_at(room.min(bytes.len()));
             self.pending.extend_from_slice(now);
             bytes = rest;
             if self.pending.len() == Self::CHUNK {
-                self.ship();
+                let full = std::mem::take(&mut self.pending);
+                self.send(full);
             }
         }
     }
 
-    fn ship(&mut self) {
+    /// Hashes `chunk` (after every byte given before) without copying it.
+    pub fn update_owned(&mut self, chunk: Vec<u8>) {
+        if !self.pending.is_empty() {
+            let part = std::mem::take(&mut self.pending);
+            self.send(part);
+        }
+        self.send(chunk);
+    }
+
+    /// An empty buffer to fill and give to [`OffThread::update_owned`]: one the thread has
+    /// hashed, when there is one.
+    pub fn spare(&mut self) -> Vec<u8> {
+        let mut v = self.worker.as_ref().and_then(|w| w.spent.try_recv().ok()).unwrap_or_default();
+        v.clear();
+        v
+    }
+
+    fn send(&mut self, chunk: Vec<u8>) {
         let worker = self.worker.get_or_insert_with(|| {
             let (chunks, received) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
             let (give_back, spent) = std::sync::mpsc::channel();
@@ -110,15 +133,12 @@ impl OffThread {
             });
             HashWorker { chunks, spent, thread }
         });
-        let mut next = worker.spent.try_recv().unwrap_or_else(|_| Vec::with_capacity(Self::CHUNK));
-        next.clear();
-        let full = std::mem::replace(&mut self.pending, next);
-        // Fails only if the thread panicked, which finalize reports.
-        let _ = worker.chunks.send(full);
+        // Fails only if the thread panicked, which `state` reports.
+        let _ = worker.chunks.send(chunk);
     }
 
-    /// The hash of every byte given.
-    pub fn finalize(self) -> [u8; 32] {
+    /// The hash state after every byte given (to go on hashing more).
+    pub fn state(self) -> Sha256 {
         let mut hasher = match self.worker {
             None => Sha256::new(),
             Some(w) => {
@@ -127,7 +147,12 @@ impl OffThread {
             }
         };
         hasher.update(&self.pending);
-        hasher.finalize().into()
+        hasher
+    }
+
+    /// The hash of every byte given.
+    pub fn finalize(self) -> [u8; 32] {
+        self.state().finalize().into()
     }
 }
 

@@ -273,40 +273,27 @@ fn compute<S: TreeSink>(
         sink,
     };
     // The blob's own sha256 on a second thread, fed the chunks the tree is made of: the two
-    // hashes take the time of one when a core is free. Chunks go to it and come back to be
-    // filled again: a fresh 1 MiB buffer per chunk cost more in page faults than the hashing.
+    // hashes take the time of one when a core is free. Chunks come back to be filled again: a
+    // fresh 1 MiB buffer per chunk cost more in page faults than the hashing.
     const CHUNK: u64 = 256 * BLOCK_SIZE;
     let mut file = file;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-    let (give_back, spent) = std::sync::mpsc::channel::<Vec<u8>>();
-    let (read, whole) = std::thread::scope(|s| {
-        let hasher = s.spawn(move || {
-            let mut whole = Sha256::new();
-            for chunk in rx {
-                whole.update(&chunk[..]);
-                let _ = give_back.send(chunk);
+    let mut whole = crate::digest::OffThread::new();
+    let read = (|| {
+        let mut left = size;
+        while left > 0 {
+            let mut chunk = whole.spare();
+            chunk.resize(left.min(CHUNK) as usize, 0);
+            file.read_exact(&mut chunk).map_err(io_at(blob))?;
+            left -= chunk.len() as u64;
+            for block in chunk.chunks(BLOCK_SIZE as usize) {
+                let h = levels.hash(block);
+                levels.push(0, h).map_err(io)?;
             }
-            whole
-        });
-        let read = (|| {
-            let mut left = size;
-            while left > 0 {
-                let mut chunk = spent.try_recv().unwrap_or_default();
-                chunk.resize(left.min(CHUNK) as usize, 0);
-                file.read_exact(&mut chunk).map_err(io_at(blob))?;
-                left -= chunk.len() as u64;
-                for block in chunk.chunks(BLOCK_SIZE as usize) {
-                    let h = levels.hash(block);
-                    levels.push(0, h).map_err(io)?;
-                }
-                // Fails only if the hasher panicked, which its join below reports.
-                let _ = tx.send(chunk);
-            }
-            drop(tx);
-            levels.finish().map_err(io)
-        })();
-        (read, hasher.join().expect("the hasher thread does not panic"))
-    });
+            whole.update_owned(chunk);
+        }
+        levels.finish().map_err(io)
+    })();
+    let whole = whole.state();
     let root = read?;
     let built = BuiltTree {
         info: VerityInfo {
