@@ -234,9 +234,48 @@ pub fn sha256_of(bytes: &[u8]) -> Digest {
 
 /// SHA-256 hex of a whole file, streamed.
 pub fn sha256_file_hex(path: &std::path::Path) -> io::Result<String> {
-    let mut reader = HashingReader::new(fs_err::File::open(path)?);
-    io::copy(&mut reader, &mut io::sink())?;
-    Ok(hex::encode(reader.hasher.finalize()))
+    let (state, _) = hash_in_chunks(&mut fs_err::File::open(path)?, |_| Ok(()))?;
+    Ok(hex::encode(state.finalize()))
+}
+
+/// Reads `from` to its end in 1 MiB chunks, shows each to `each` and hashes it on a thread of
+/// its own ([`OffThread`]): one read and no copy serve both. Returns the hash state after every
+/// byte (to go on hashing more) and the number of bytes.
+pub fn hash_in_chunks(
+    from: &mut impl Read,
+    mut each: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<(Sha256, u64)> {
+    const CHUNK: usize = 1 << 20;
+    let mut hasher = OffThread::new();
+    let mut total = 0u64;
+    loop {
+        let mut chunk = hasher.spare();
+        chunk.resize(CHUNK, 0);
+        let filled = read_full(from, &mut chunk)?;
+        chunk.truncate(filled);
+        if filled > 0 {
+            each(&chunk)?;
+            total += filled as u64;
+            hasher.update_owned(chunk);
+        }
+        if filled < CHUNK {
+            return Ok((hasher.state(), total));
+        }
+    }
+}
+
+/// Reads into all of `buf` unless the stream ends first; the bytes read.
+pub fn read_full(from: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match from.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// Checks `found` against `expected`; only sha256 digests are accepted as expectations.

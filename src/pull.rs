@@ -368,15 +368,7 @@ fn copy_in_large_pieces(from: &mut impl Read, to: &mut impl io::Write) -> io::Re
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            match from.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let filled = digest::read_full(from, &mut buf)?;
         if filled == 0 {
             return Ok(total);
         }

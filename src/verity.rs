@@ -12,7 +12,7 @@
 //! The store keeps the tree beside the blob (see [`crate::store`]): `blob ‖ tree` is the
 //! pushed layer, and `run` hands the trees to the guest on one extra drive.
 
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -273,28 +273,20 @@ fn compute<S: TreeSink>(
         sink,
     };
     // The blob's own sha256 on a second thread, fed the chunks the tree is made of: the two
-    // hashes take the time of one when a core is free. Chunks come back to be filled again: a
-    // fresh 1 MiB buffer per chunk cost more in page faults than the hashing.
-    const CHUNK: u64 = 256 * BLOCK_SIZE;
+    // hashes take the time of one when a core is free.
     let mut file = file;
-    let mut whole = crate::digest::OffThread::new();
-    let read = (|| {
-        let mut left = size;
-        while left > 0 {
-            let mut chunk = whole.spare();
-            chunk.resize(left.min(CHUNK) as usize, 0);
-            file.read_exact(&mut chunk).map_err(io_at(blob))?;
-            left -= chunk.len() as u64;
-            for block in chunk.chunks(BLOCK_SIZE as usize) {
-                let h = levels.hash(block);
-                levels.push(0, h).map_err(io)?;
-            }
-            whole.update_owned(chunk);
+    let (whole, read) = crate::digest::hash_in_chunks(&mut file, |chunk| {
+        for block in chunk.chunks(BLOCK_SIZE as usize) {
+            let h = levels.hash(block);
+            levels.push(0, h)?;
         }
-        levels.finish().map_err(io)
-    })();
-    let whole = whole.state();
-    let root = read?;
+        Ok(())
+    })
+    .map_err(io)?;
+    if read != size {
+        return Err(io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    let root = levels.finish().map_err(io)?;
     let built = BuiltTree {
         info: VerityInfo {
             hash_offset: size,
