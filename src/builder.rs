@@ -541,7 +541,7 @@ impl Builder {
             let backend = self.backend.get().expect("detected before any layer converts");
             let turn = plan.turns.take();
             let writeback = crate::writeback::Writeback::follow(&out);
-            let making = backend.start(&plan.chain[i], &out, work.path())?;
+            let making = backend.start(&plan.chain[i], &out)?;
             // EROFS layers above the base mark their new directories opaque, so that
             // `build --merge` shows what overlayfs shows (see `Normalizer::opaque_new_dirs`);
             // an EROFS base layer keeps no whiteouts or opaque markers (the EROFS image layer
@@ -583,7 +583,7 @@ impl Builder {
             progress.step(self.opts.fs.name());
             let making =
                 sink.into_inner().map_err(|e| LayerFailure::from(LayerError::Output(e.into_error())))?;
-            making.finish(&finished.stats)?;
+            making.finish()?;
             writeback.finish();
             let made_at = std::time::Instant::now();
             let tree = work.path().join("tree");

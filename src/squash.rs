@@ -123,14 +123,14 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
 
     let out = work.path().join("blob");
     let seed = crate::digest::sha256_of(format!("squash {top}").as_bytes());
-    let making = backend.start(&seed, &out, work.path())?;
+    let making = backend.start(&seed, &out)?;
     let mut normalizer = Normalizer::new(std::io::BufWriter::new(making), u64::MAX);
     copy_tree(&merged, &mut normalizer)?;
     let copy_err = |source| SquashError::Copy { path: "/".into(), source };
-    let (finished, sink) = normalizer.finish(&DirIndex::default()).map_err(copy_err)?;
+    let (_, sink) = normalizer.finish(&DirIndex::default()).map_err(copy_err)?;
     mounts.unmount()?;
     let making = sink.into_inner().map_err(|e| copy_err(NormalizeError::Write(e.into_error())))?;
-    making.finish(&finished.stats)?;
+    making.finish()?;
     let record = SquashedBlob {
         fs,
         recipe: fs.recipe(),

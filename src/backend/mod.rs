@@ -1,13 +1,12 @@
 //! Filesystem backends: one layer's normalized stream (a pax tar, see [`crate::layer::pax`])
-//! → one image file, made by an external tool reading the stream: `mkfs.erofs --tar=f` from a
-//! pipe; `mke2fs -d` from a spool file (it needs the image size up front, which the stream's
-//! counts give only once it has ended).
+//! → one image file, made as the stream is written: by `mkfs.erofs --tar=f` reading it from a
+//! pipe, or by vmrootfs's own ext4 writer reading it on a thread ([`ext4`]).
 
 mod erofs;
 mod ext4;
 
 pub use erofs::{Erofs, fix_build_time};
-pub mod ext4_fixup;
+pub use ext4::Ext4Error;
 pub mod tool;
 
 use std::io::Write;
@@ -16,7 +15,6 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::Digest;
 use serde::{Deserialize, Serialize};
 
-use crate::layer::meta::TreeStats;
 use tool::ToolError;
 
 /// Version of the layer → blob recipe of each filesystem ([`FsType::recipe`]). Bump it whenever
@@ -32,10 +30,12 @@ use tool::ToolError;
 ///   (they hide nothing there, and the EROFS image layer format forbids them).
 /// - 4 (EROFS only): file data in stream order (`--sort=none`), written once as it arrives
 ///   instead of moved into path order at the end.
+/// - 3 (ext4 only): written by vmrootfs itself ([`ext4`]) in one pass, file data in stream
+///   order, no superblock backups, images exactly as large as their content.
 pub const EROFS_RECIPE: u32 = 4;
 /// The first EROFS recipe without inlined file tails: its blobs and later ones can be merged.
 pub const EROFS_MERGEABLE_RECIPE: u32 = 3;
-pub const EXT4_RECIPE: u32 = 2;
+pub const EXT4_RECIPE: u32 = 3;
 
 /// Filesystem type of the blobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -43,7 +43,7 @@ pub const EXT4_RECIPE: u32 = 2;
 pub enum FsType {
     /// EROFS made with mkfs.erofs --tar=f (erofs-utils ≥ 1.8), uncompressed.
     Erofs,
-    /// ext4 made with mke2fs -d from the layer stream (e2fsprogs ≥ 1.47.1), no journal.
+    /// ext4 written by vmrootfs itself from the layer stream (no journal, no external tool).
     Ext4,
 }
 
@@ -56,7 +56,7 @@ impl FsType {
     }
 
     /// The version of this filesystem's layer → blob recipe that new blobs are made with.
-    /// Per filesystem: recipes 3 and 4 changed only EROFS blobs, so ext4 stores keep theirs.
+    /// Per filesystem: each counts its own changes.
     pub fn recipe(self) -> u32 {
         match self {
             FsType::Erofs => EROFS_RECIPE,
@@ -77,14 +77,19 @@ impl std::fmt::Display for FsType {
 pub enum BackendError {
     #[error(transparent)]
     Tool(#[from] ToolError),
+    #[error(transparent)]
+    Ext4(#[from] Ext4Error),
     #[error("writing {path}")]
-    Spool {
+    Write {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("xattr name {name:?} cannot be written to ext4 (debugfs takes names of printable ASCII)")]
-    XattrName { name: String },
+    #[error("reading the normalized layer stream")]
+    Stream {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("fixing up {path}")]
     Fixup {
         path: std::path::PathBuf,
@@ -105,7 +110,7 @@ impl Backend {
     pub fn detect(fs: FsType) -> Result<Backend, ToolError> {
         Ok(match fs {
             FsType::Erofs => Backend::Erofs(erofs::Erofs::detect()?),
-            FsType::Ext4 => Backend::Ext4(ext4::Ext4::detect()?),
+            FsType::Ext4 => Backend::Ext4(ext4::Ext4),
         })
     }
 
@@ -126,24 +131,13 @@ impl Backend {
 
     /// Starts making the image `out` of one layer's normalized stream, which the caller then
     /// writes into the returned [`Making`]. `chain_id` seeds the UUID and hash seed, so the
-    /// same stack gives the same bytes; `tmp` is a private scratch directory.
-    pub fn start(&self, chain_id: &Digest, out: &Path, tmp: &Path) -> Result<Making, BackendError> {
+    /// same stack gives the same bytes.
+    pub fn start(&self, chain_id: &Digest, out: &Path) -> Result<Making, BackendError> {
         let job = match self {
             Backend::Erofs(b) => Job::Erofs(b.start(chain_id, out)?),
-            Backend::Ext4(_) => {
-                let path = tmp.join("layer.tar");
-                let file = fs_err::File::create(&path)
-                    .map_err(|source| BackendError::Spool { path: path.clone(), source })?;
-                Job::Ext4 { spool: SparseSpool::new(file.into_parts().0), path }
-            }
+            Backend::Ext4(b) => Job::Ext4(b.start(chain_id, out)),
         };
-        Ok(Making {
-            backend: self.clone(),
-            job,
-            chain_id: chain_id.clone(),
-            out: out.to_owned(),
-            tmp: tmp.to_owned(),
-        })
+        Ok(Making { backend: self.clone(), job, out: out.to_owned() })
     }
 }
 
@@ -151,34 +145,29 @@ impl Backend {
 pub struct Making {
     backend: Backend,
     job: Job,
-    chain_id: Digest,
     out: PathBuf,
-    tmp: PathBuf,
 }
 
 enum Job {
     Erofs(tool::Streaming),
-    Ext4 { spool: SparseSpool, path: PathBuf },
+    Ext4(ext4::Streaming),
 }
 
 impl Making {
-    /// Ends the stream (whose counts are `stats`) and finishes the image.
-    pub fn finish(self, stats: &TreeStats) -> Result<(), BackendError> {
+    /// Ends the stream and finishes the image.
+    pub fn finish(self) -> Result<(), BackendError> {
         match (self.backend, self.job) {
             (Backend::Erofs(b), Job::Erofs(streaming)) => b.finish(streaming, &self.out),
-            (Backend::Ext4(b), Job::Ext4 { spool, path }) => {
-                spool.finish().map_err(|source| BackendError::Spool { path: path.clone(), source })?;
-                b.make_from_tar(&path, stats, &self.chain_id, &self.out, &self.tmp)
-            }
+            (Backend::Ext4(_), Job::Ext4(streaming)) => streaming.finish(),
             _ => unreachable!("a job belongs to its backend"),
         }
     }
 
-    /// After a failed write: the tool's own error, when it exited with one.
+    /// After a failed write: the tool's own error, when it stopped with one.
     pub fn failure(self) -> Option<BackendError> {
         match self.job {
             Job::Erofs(streaming) => streaming.finish().err().map(BackendError::Tool),
-            Job::Ext4 { .. } => None,
+            Job::Ext4(streaming) => streaming.failure(),
         }
     }
 }
@@ -187,65 +176,31 @@ impl Write for Making {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match &mut self.job {
             Job::Erofs(s) => s.write(buf),
-            Job::Ext4 { spool, .. } => spool.write(buf),
+            Job::Ext4(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match &mut self.job {
             Job::Erofs(s) => s.flush(),
-            Job::Ext4 { spool, .. } => spool.flush(),
+            Job::Ext4(s) => s.flush(),
         }
-    }
-}
-
-/// A spool file written sequentially in which every aligned 64 KiB run of zeros is left a
-/// hole: a sparse file in a layer (a few KB of tar for many GB of holes) costs no disk space
-/// or disk writes, and mke2fs, which skips zero blocks, keeps its holes.
-pub struct SparseSpool {
-    file: std::fs::File,
-    pos: u64,
-}
-
-impl SparseSpool {
-    const CHUNK: u64 = 64 << 10;
-
-    fn new(file: std::fs::File) -> Self {
-        SparseSpool { file, pos: 0 }
-    }
-
-    /// Sets the length (a trailing hole has no bytes written) and flushes to the page cache.
-    fn finish(self) -> std::io::Result<()> {
-        self.file.set_len(self.pos)
-    }
-}
-
-impl Write for SparseSpool {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        use std::os::unix::fs::FileExt;
-        let mut rest = buf;
-        while !rest.is_empty() {
-            let room = (Self::CHUNK - self.pos % Self::CHUNK) as usize;
-            let (piece, tail) = rest.split_at(room.min(rest.len()));
-            let whole_chunk = piece.len() as u64 == Self::CHUNK;
-            if !(whole_chunk && piece.iter().all(|&b| b == 0)) {
-                self.file.write_all_at(piece, self.pos)?;
-            }
-            self.pos += piece.len() as u64;
-            rest = tail;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
 /// A UUID made from bytes `offset..offset+16` of a sha256 digest.
+/// (version 4 and variant bits set).
 fn uuid_from(digest: &Digest, offset: usize) -> String {
     let h = &digest.digest()[offset * 2..offset * 2 + 32];
     format!("{}-{}-4{}-8{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+}
+
+/// [`uuid_from`] as 16 bytes.
+fn uuid_bytes(digest: &Digest, offset: usize) -> [u8; 16] {
+    let hex: Vec<u8> = uuid_from(digest, offset).bytes().filter(|&b| b != b'-').collect();
+    std::array::from_fn(|i| {
+        u8::from_str_radix(std::str::from_utf8(&hex[i * 2..i * 2 + 2]).unwrap(), 16).unwrap()
+    })
 }
 
 /// Checks an image with its filesystem's own checker (`fsck.erofs`, `e2fsck -fn`). `devices`

@@ -1,0 +1,700 @@
+//! An ext4 image written in one pass over a layer's entries.
+//!
+//! File data goes out as it arrives, block after block from a fixed start (a block of zeros
+//! is left a hole), so the data of the whole layer is one sequential write and nothing is
+//! staged. The tree (inodes, directory entries, xattrs) is kept in memory; when the entries
+//! end, [`ImageWriter::finish`] writes after the data every directory block, extent tree
+//! block and xattr block, then the bitmaps and inode tables of all groups (flex_bg lets them
+//! live anywhere), and last the superblock and group descriptors at the front. The image
+//! is exactly as large as its content: the size is known only at the end, and nothing had
+//! to know it before.
+//!
+//! ```text
+//! block 0: superblock │ 1..: group descriptors │ ..DATA_START: free │ file data, symlinks
+//!   │ directories, extent trees, xattr blocks │ block bitmaps │ inode bitmaps │ inode tables
+//! ```
+//!
+//! Reproducible: no clock, no randomness; inode numbers in entry order, directory entries
+//! in entry order, UUID and hash seed given by the caller.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::disk::{
+    self, BLOCK, BLOCKS_PER_GROUP, Dirent, EXTENTS_FL, EXTENTS_IN_BLOCK, EXTENTS_IN_INODE, Extent, FIRST_INO,
+    FileType, GroupDesc, INODE_SIZE, InodeFields, MAX_EXTENT_LEN, ROOT_INO, Xattrs,
+};
+use crate::layer::meta::EntryMeta;
+use crate::layer::path;
+
+/// Group descriptor blocks reserved before the data: 16 blocks of 128 descriptors, so an
+/// image of up to 2048 groups (256 GiB, or 64 Mi inodes).
+const GDT_RESERVED: u64 = 16;
+const DATA_START: u64 = 1 + GDT_RESERVED;
+const MAX_GROUPS: u32 = (GDT_RESERVED as usize * BLOCK / disk::DESC_SIZE) as u32;
+/// Most inodes per group: one bitmap block's bits.
+const MAX_INODES_PER_GROUP: u32 = (BLOCK * 8) as u32;
+const INODES_PER_BLOCK: u32 = (BLOCK / INODE_SIZE) as u32;
+/// ext4's most links to one inode.
+const MAX_LINKS: u32 = 65000;
+/// File data is read and written in pieces of this size.
+const CHUNK: usize = 1 << 20;
+
+/// Why an image could not be written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Ext4Error {
+    #[error("entry {path:?}: {problem}")]
+    Entry { path: String, problem: String },
+    #[error("the image needs {groups} block groups; vmrootfs writes at most {MAX_GROUPS} (256 GiB)")]
+    TooBig { groups: u64 },
+    #[error("reading entry {path:?}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing the image")]
+    Write(#[source] io::Error),
+}
+
+/// What an entry is.
+pub enum NewEntry<'a> {
+    Dir,
+    File {
+        size: u64,
+        data: &'a mut dyn Read,
+    },
+    Symlink(&'a [u8]),
+    /// Another name for the earlier non-directory at this layer path.
+    Hardlink(&'a [u8]),
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+}
+
+/// Owner, permissions, time and encoded xattrs of an inode.
+struct Attrs {
+    perm: u16,
+    uid: u32,
+    gid: u32,
+    mtime: (i64, u32),
+    xattrs: Xattrs,
+}
+
+enum Kind {
+    /// Reserved (1, 3–10) or no longer linked.
+    Unused,
+    Dir {
+        parent: u32,
+        children: Vec<(Vec<u8>, u32)>,
+    },
+    File {
+        size: u64,
+        extents: Vec<Extent>,
+    },
+    FastSymlink(Vec<u8>),
+    SlowSymlink {
+        len: u64,
+        block: u64,
+    },
+    Device {
+        kind: FileType,
+        i_block: [u8; 60],
+    },
+    Fifo,
+}
+
+struct Node {
+    kind: Kind,
+    attrs: Option<Attrs>,
+    links: u32,
+}
+
+impl Node {
+    fn file_type(&self) -> FileType {
+        match &self.kind {
+            Kind::Dir { .. } => FileType::Dir,
+            Kind::File { .. } => FileType::Regular,
+            Kind::FastSymlink(_) | Kind::SlowSymlink { .. } => FileType::Symlink,
+            Kind::Device { kind, .. } => *kind,
+            Kind::Fifo => FileType::Fifo,
+            Kind::Unused => unreachable!("only linked inodes are listed"),
+        }
+    }
+}
+
+/// An image being written: [`ImageWriter::add`] each entry, then [`ImageWriter::finish`].
+pub struct ImageWriter {
+    file: File,
+    /// The sequential writer of everything after the group descriptors.
+    out: BufWriter<File>,
+    /// Next block `out` writes.
+    next: u64,
+    /// Inode `n` is `nodes[n - 1]`.
+    nodes: Vec<Node>,
+    paths: HashMap<Vec<u8>, u32>,
+    chunk: Vec<u8>,
+    uuid: [u8; 16],
+    hash_seed: [u8; 16],
+    seed: u32,
+}
+
+fn entry_error(path: &[u8], problem: impl Into<String>) -> Ext4Error {
+    Ext4Error::Entry { path: path::display(path), problem: problem.into() }
+}
+
+impl ImageWriter {
+    /// Starts the image `out` (created, or truncated).
+    pub fn create(out: &Path, uuid: [u8; 16], hash_seed: [u8; 16]) -> io::Result<ImageWriter> {
+        let file = fs_err::File::create(out)?.into_parts().0;
+        let mut data = file.try_clone()?;
+        data.seek(SeekFrom::Start(DATA_START * BLOCK as u64))?;
+        let mut nodes: Vec<Node> =
+            (1..FIRST_INO).map(|_| Node { kind: Kind::Unused, attrs: None, links: 0 }).collect();
+        nodes[ROOT_INO as usize - 1] = Node {
+            kind: Kind::Dir { parent: ROOT_INO, children: Vec::new() },
+            attrs: Some(Attrs { perm: 0o755, uid: 0, gid: 0, mtime: (0, 0), xattrs: Xattrs::default() }),
+            links: 0,
+        };
+        Ok(ImageWriter {
+            file,
+            out: BufWriter::with_capacity(CHUNK, data),
+            next: DATA_START,
+            nodes,
+            paths: HashMap::from([(Vec::new(), ROOT_INO)]),
+            chunk: vec![0; CHUNK],
+            uuid,
+            hash_seed,
+            seed: disk::csum_seed(&uuid),
+        })
+    }
+
+    fn node(&mut self, ino: u32) -> &mut Node {
+        &mut self.nodes[ino as usize - 1]
+    }
+
+    fn is_dir(&self, ino: u32) -> bool {
+        matches!(self.nodes[ino as usize - 1].kind, Kind::Dir { .. })
+    }
+
+    /// Adds the entry at layer path `path` (`b""` is the root). A later entry for a path
+    /// replaces the earlier: a directory's metadata, or a non-directory altogether.
+    pub fn add(&mut self, path: &[u8], entry: NewEntry<'_>, meta: &EntryMeta) -> Result<(), Ext4Error> {
+        let attrs = || -> Result<Attrs, Ext4Error> {
+            Ok(Attrs {
+                perm: (meta.mode & 0o7777) as u16,
+                uid: meta.uid,
+                gid: meta.gid,
+                mtime: (meta.mtime_sec, meta.mtime_nsec),
+                xattrs: disk::xattrs(&meta.xattrs).map_err(|e| entry_error(path, e.to_string()))?,
+            })
+        };
+        let existing = self.paths.get(path).copied();
+        let existing_dir = existing.filter(|&i| self.is_dir(i));
+        if let NewEntry::Dir = entry
+            && let Some(ino) = existing_dir
+        {
+            self.node(ino).attrs = Some(attrs()?);
+            return Ok(());
+        }
+        if path.is_empty() || existing_dir.is_some() {
+            return Err(entry_error(path, "a non-directory cannot replace a directory"));
+        }
+        let (parent_path, name) = path::split_parent(path);
+        if name.len() > 255 {
+            return Err(entry_error(path, "name longer than 255 bytes"));
+        }
+        let parent = match self.paths.get(parent_path) {
+            Some(&p) if self.is_dir(p) => p,
+            _ => return Err(entry_error(path, "parent is not an earlier directory of the stream")),
+        };
+        if existing.is_some() && matches!(entry, NewEntry::Dir) {
+            return Err(entry_error(path, "a directory cannot replace a non-directory"));
+        }
+        let ino = match entry {
+            NewEntry::Hardlink(target) => {
+                let target_ino = match self.paths.get(target) {
+                    Some(&t) if !self.is_dir(t) => t,
+                    _ => return Err(entry_error(path, "hardlink target is not an earlier non-directory")),
+                };
+                if existing == Some(target_ino) {
+                    return Ok(());
+                }
+                if self.node(target_ino).links >= MAX_LINKS {
+                    return Err(entry_error(path, format!("more than {MAX_LINKS} links to one file")));
+                }
+                target_ino
+            }
+            other => {
+                let kind = self.new_kind(path, parent, other)?;
+                self.nodes.push(Node { kind, attrs: Some(attrs()?), links: 0 });
+                self.nodes.len() as u32
+            }
+        };
+        self.node(ino).links += 1;
+        self.paths.insert(path.to_vec(), ino);
+        let Kind::Dir { children, .. } = &mut self.nodes[parent as usize - 1].kind else { unreachable!() };
+        match existing {
+            Some(old) => {
+                let slot = children
+                    .iter_mut()
+                    .find(|(n, _)| n == name)
+                    .expect("a listed path is its parent's child");
+                slot.1 = ino;
+                let old = self.node(old);
+                old.links -= 1;
+                if old.links == 0 {
+                    *old = Node { kind: Kind::Unused, attrs: None, links: 0 };
+                }
+            }
+            None => children.push((name.to_vec(), ino)),
+        }
+        Ok(())
+    }
+
+    /// The inode kind of a new entry, writing its data.
+    fn new_kind(&mut self, path: &[u8], parent: u32, entry: NewEntry<'_>) -> Result<Kind, Ext4Error> {
+        let device = |kind, major, minor| {
+            disk::device_block(major, minor).map(|i_block| Kind::Device { kind, i_block }).ok_or_else(|| {
+                entry_error(path, format!("device {major}:{minor} is beyond what Linux numbers"))
+            })
+        };
+        Ok(match entry {
+            NewEntry::Dir => Kind::Dir { parent, children: Vec::new() },
+            NewEntry::File { size, data } => {
+                if size.div_ceil(BLOCK as u64) > u32::MAX as u64 {
+                    return Err(entry_error(path, "file larger than ext4's 16 TiB"));
+                }
+                let extents = self.file_data(size, data).map_err(|e| match e {
+                    DataError::Read(source) => Ext4Error::Read { path: path::display(path), source },
+                    DataError::Write(e) => Ext4Error::Write(e),
+                })?;
+                Kind::File { size, extents }
+            }
+            NewEntry::Symlink(target) if target.is_empty() => {
+                return Err(entry_error(path, "empty symlink target"));
+            }
+            NewEntry::Symlink(target) if target.len() < 60 => Kind::FastSymlink(target.to_vec()),
+            NewEntry::Symlink(target) if target.len() < BLOCK => {
+                let mut block = vec![0u8; BLOCK];
+                block[..target.len()].copy_from_slice(target);
+                self.out.write_all(&block).map_err(Ext4Error::Write)?;
+                self.next += 1;
+                Kind::SlowSymlink { len: target.len() as u64, block: self.next - 1 }
+            }
+            NewEntry::Symlink(_) => return Err(entry_error(path, "symlink target of 4096 bytes or more")),
+            NewEntry::Char { major, minor } => device(FileType::Char, major, minor)?,
+            NewEntry::Block { major, minor } => device(FileType::Block, major, minor)?,
+            NewEntry::Fifo => Kind::Fifo,
+            NewEntry::Hardlink(_) => unreachable!("linked, not made"),
+        })
+    }
+
+    /// Writes `size` bytes of `data` at the end of the data so far, all-zero blocks left
+    /// holes; returns the extents.
+    fn file_data(&mut self, size: u64, data: &mut dyn Read) -> Result<Vec<Extent>, DataError> {
+        let mut extents: Vec<Extent> = Vec::new();
+        let (mut left, mut logical) = (size, 0u64);
+        while left > 0 {
+            let want = left.min(CHUNK as u64) as usize;
+            let n = crate::digest::read_full(&mut &mut *data, &mut self.chunk[..want])
+                .map_err(DataError::Read)?;
+            if n < want {
+                return Err(DataError::Read(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("entry data ends {} bytes early", left - n as u64),
+                )));
+            }
+            left -= n as u64;
+            let padded = n.next_multiple_of(BLOCK);
+            self.chunk[n..padded].fill(0);
+            let blocks = padded / BLOCK;
+            let zero = |chunk: &[u8], b: usize| is_zero(&chunk[b * BLOCK..(b + 1) * BLOCK]);
+            let mut b = 0;
+            while b < blocks {
+                if zero(&self.chunk, b) {
+                    b += 1;
+                    continue;
+                }
+                let run = b;
+                while b < blocks && !zero(&self.chunk, b) {
+                    b += 1;
+                }
+                self.out.write_all(&self.chunk[run * BLOCK..b * BLOCK]).map_err(DataError::Write)?;
+                push_extent(&mut extents, (logical + run as u64) as u32, (b - run) as u32, self.next);
+                self.next += (b - run) as u64;
+            }
+            logical += blocks as u64;
+        }
+        Ok(extents)
+    }
+
+    /// Writes the metadata after the data, then the bitmaps, inode tables, group descriptors
+    /// and superblock, and sets the image's length.
+    pub fn finish(mut self) -> Result<(), Ext4Error> {
+        let data_end = self.next;
+        let mut inodes: Vec<Option<InodeOut>> = Vec::with_capacity(self.nodes.len());
+        for i in 0..self.nodes.len() {
+            inodes.push(self.place(i as u32 + 1).map_err(Ext4Error::Write)?);
+        }
+        let meta_end = self.next;
+        let g = geometry(meta_end, self.nodes.len() as u32)?;
+        let block_bitmaps = meta_end;
+        let inode_bitmaps = block_bitmaps + g.groups as u64;
+        let tables = inode_bitmaps + g.groups as u64;
+        let tables_end = tables + g.groups as u64 * g.table_blocks as u64;
+
+        let mut used = Bitmap::new(g.blocks);
+        used.set_range(0, 1 + g.gdt_blocks());
+        for node in &self.nodes {
+            match &node.kind {
+                Kind::File { extents, .. } => {
+                    for e in extents {
+                        used.set_range(e.start, e.start + e.len as u64);
+                    }
+                }
+                Kind::SlowSymlink { block, .. } => used.set_range(*block, block + 1),
+                _ => {}
+            }
+        }
+        used.set_range(data_end, tables_end);
+
+        let ipg = g.inodes_per_group as usize;
+        let mut descs = Vec::with_capacity(g.groups as usize * disk::DESC_SIZE);
+        let mut bitmaps = Vec::with_capacity(2 * g.groups as usize * BLOCK);
+        let mut inode_maps = Vec::with_capacity(g.groups as usize * BLOCK);
+        let mut totals = disk::Totals { free_blocks: 0, free_inodes: 0 };
+        for group in 0..g.groups {
+            let first = group as u64 * g.blocks_per_group;
+            let n = g.blocks_in_group(group);
+            let mut block_map = vec![0xFFu8; BLOCK];
+            let mut free_blocks = 0;
+            for b in 0..g.blocks_per_group {
+                let in_use = b >= n || used.get(first + b);
+                if !in_use {
+                    block_map[(b / 8) as usize] &= !(1 << (b % 8));
+                    free_blocks += (b < n) as u64;
+                }
+            }
+            let mut inode_map = vec![0xFFu8; BLOCK];
+            let (mut free_inodes, mut dirs, mut last_used) = (0u32, 0u16, 0usize);
+            for i in 0..ipg {
+                let ino = group as usize * ipg + i + 1;
+                let in_use = ino < FIRST_INO as usize || inodes.get(ino - 1).is_some_and(Option::is_some);
+                if in_use {
+                    last_used = i + 1;
+                    dirs += (ino <= self.nodes.len() && matches!(self.nodes[ino - 1].kind, Kind::Dir { .. }))
+                        as u16;
+                } else {
+                    inode_map[i / 8] &= !(1 << (i % 8));
+                    free_inodes += 1;
+                }
+            }
+            let desc = GroupDesc {
+                block_bitmap: (block_bitmaps + group as u64) as u32,
+                inode_bitmap: (inode_bitmaps + group as u64) as u32,
+                inode_table: (tables + group as u64 * g.table_blocks as u64) as u32,
+                free_blocks: free_blocks as u16,
+                free_inodes: free_inodes as u16,
+                used_dirs: dirs,
+                unused_inodes: (ipg - last_used) as u16,
+            };
+            descs.extend_from_slice(&desc.encode(
+                group,
+                &block_map[..(g.blocks_per_group / 8) as usize],
+                &inode_map[..ipg / 8],
+                self.seed,
+            ));
+            totals.free_blocks += free_blocks;
+            totals.free_inodes += free_inodes;
+            bitmaps.extend_from_slice(&block_map);
+            inode_maps.extend_from_slice(&inode_map);
+        }
+        bitmaps.extend_from_slice(&inode_maps);
+        let write = |r: io::Result<()>| r.map_err(Ext4Error::Write);
+        write(self.out.write_all(&bitmaps))?;
+        let mut table = vec![0u8; g.table_blocks as usize * BLOCK];
+        for group in 0..g.groups as usize {
+            table.fill(0);
+            for i in 0..ipg {
+                let ino = group * ipg + i + 1;
+                if let Some(Some(out)) = inodes.get(ino - 1) {
+                    let node = &self.nodes[ino - 1];
+                    table[i * INODE_SIZE..(i + 1) * INODE_SIZE]
+                        .copy_from_slice(&out.encode(node, ino as u32, self.seed));
+                }
+            }
+            write(self.out.write_all(&table))?;
+        }
+        write(self.out.flush())?;
+
+        let mut head = vec![0u8; (1 + g.gdt_blocks() as usize) * BLOCK];
+        head[1024..2048].copy_from_slice(&disk::superblock(&g, &totals, &self.uuid, &self.hash_seed));
+        head[BLOCK..BLOCK + descs.len()].copy_from_slice(&descs);
+        write(self.file.write_all_at(&head, 0))?;
+        write(self.file.set_len(g.blocks * BLOCK as u64))
+    }
+
+    /// Writes inode `ino`'s metadata blocks (directory blocks, extent tree, xattr block) at
+    /// the end of the image so far; `None` for an unused inode.
+    fn place(&mut self, ino: u32) -> io::Result<Option<InodeOut>> {
+        let node = &self.nodes[ino as usize - 1];
+        let Some(attrs) = &node.attrs else { return Ok(None) };
+        let xattr_block = attrs.xattrs.block.clone();
+        let mut out = InodeOut {
+            size: 0,
+            links: node.links as u16,
+            blocks: 0,
+            flags: 0,
+            i_block: [0; 60],
+            xattr_block: 0,
+        };
+        let extents = match &node.kind {
+            Kind::Unused => return Ok(None),
+            Kind::Dir { parent, children } => {
+                let entries: Vec<Dirent<'_>> = children
+                    .iter()
+                    .map(|(name, child)| Dirent {
+                        name,
+                        ino: *child,
+                        kind: self.nodes[*child as usize - 1].file_type(),
+                    })
+                    .collect();
+                let links = 2 + entries.iter().filter(|e| e.kind == FileType::Dir).count() as u32;
+                out.links = if links > MAX_LINKS { 1 } else { links as u16 };
+                let blocks = disk::dir_blocks(ino, *parent, &entries, self.seed);
+                let n = (blocks.len() / BLOCK) as u32;
+                self.out.write_all(&blocks)?;
+                let mut extents = Vec::new();
+                push_extent(&mut extents, 0, n, self.next);
+                self.next += n as u64;
+                out.size = n as u64 * BLOCK as u64;
+                Some(extents)
+            }
+            Kind::File { size, extents } => {
+                out.size = *size;
+                Some(extents.clone())
+            }
+            Kind::SlowSymlink { len, block } => {
+                out.size = *len;
+                Some(vec![Extent { logical: 0, len: 1, start: *block }])
+            }
+            Kind::FastSymlink(target) => {
+                out.size = target.len() as u64;
+                out.i_block[..target.len()].copy_from_slice(target);
+                None
+            }
+            Kind::Device { i_block, .. } => {
+                out.i_block = *i_block;
+                None
+            }
+            Kind::Fifo => None,
+        };
+        if let Some(extents) = extents {
+            out.flags = EXTENTS_FL;
+            out.blocks = extents.iter().map(|e| e.len as u64).sum::<u64>();
+            out.blocks += self.extent_tree(ino, &extents, &mut out.i_block)?;
+        }
+        if let Some(mut block) = xattr_block {
+            disk::seal_xattr_block(&mut block, self.next, self.seed);
+            self.out.write_all(&block)?;
+            out.xattr_block = self.next as u32;
+            self.next += 1;
+            out.blocks += 1;
+        }
+        Ok(Some(out))
+    }
+
+    /// Fills `i_block` with the root of an extent tree over `extents`, writing the tree's
+    /// other nodes (if more than fit in the inode); returns how many blocks they took.
+    fn extent_tree(&mut self, ino: u32, extents: &[Extent], i_block: &mut [u8; 60]) -> io::Result<u64> {
+        if extents.len() <= EXTENTS_IN_INODE {
+            disk::extent_node(i_block, EXTENTS_IN_INODE, 0, extents, &[]);
+            return Ok(0);
+        }
+        let start = self.next;
+        let mut block = vec![0u8; BLOCK];
+        let mut level: Vec<(u32, u64)> = Vec::new();
+        for leaves in extents.chunks(EXTENTS_IN_BLOCK) {
+            block.fill(0);
+            disk::extent_node(&mut block, EXTENTS_IN_BLOCK, 0, leaves, &[]);
+            disk::seal_extent_block(&mut block, ino, self.seed);
+            self.out.write_all(&block)?;
+            level.push((leaves[0].logical, self.next));
+            self.next += 1;
+        }
+        let mut depth = 1;
+        while level.len() > EXTENTS_IN_INODE {
+            let mut up = Vec::new();
+            for index in level.chunks(EXTENTS_IN_BLOCK) {
+                block.fill(0);
+                disk::extent_node(&mut block, EXTENTS_IN_BLOCK, depth, &[], index);
+                disk::seal_extent_block(&mut block, ino, self.seed);
+                self.out.write_all(&block)?;
+                up.push((index[0].0, self.next));
+                self.next += 1;
+            }
+            level = up;
+            depth += 1;
+        }
+        disk::extent_node(i_block, EXTENTS_IN_INODE, depth, &[], &level);
+        Ok(self.next - start)
+    }
+}
+
+enum DataError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// An inode's fields that placing its metadata decided.
+struct InodeOut {
+    size: u64,
+    links: u16,
+    blocks: u64,
+    flags: u32,
+    i_block: [u8; 60],
+    xattr_block: u32,
+}
+
+impl InodeOut {
+    fn encode(&self, node: &Node, ino: u32, seed: u32) -> [u8; INODE_SIZE] {
+        let a = node.attrs.as_ref().expect("placed inodes have attributes");
+        disk::inode(
+            &InodeFields {
+                kind: node.file_type(),
+                perm: a.perm,
+                uid: a.uid,
+                gid: a.gid,
+                size: self.size,
+                mtime: a.mtime,
+                links: self.links,
+                blocks: self.blocks,
+                flags: self.flags,
+                i_block: self.i_block,
+                xattr_block: self.xattr_block,
+                ibody: &a.xattrs.ibody,
+            },
+            ino,
+            seed,
+        )
+    }
+}
+
+/// Appends `len` blocks at logical `logical`, physical `start`, merging with the last extent
+/// when both continue it.
+fn push_extent(extents: &mut Vec<Extent>, mut logical: u32, mut len: u32, mut start: u64) {
+    if let Some(last) = extents.last_mut()
+        && last.logical + last.len == logical
+        && last.start + last.len as u64 == start
+    {
+        let take = len.min(MAX_EXTENT_LEN - last.len);
+        last.len += take;
+        (logical, len, start) = (logical + take, len - take, start + take as u64);
+    }
+    while len > 0 {
+        let take = len.min(MAX_EXTENT_LEN);
+        extents.push(Extent { logical, len: take, start });
+        (logical, len, start) = (logical + take, len - take, start + take as u64);
+    }
+}
+
+fn is_zero(block: &[u8]) -> bool {
+    block.chunks_exact(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+/// The smallest layout holding `content_end` blocks of content and `inodes` inodes, with
+/// each group's bitmaps and inode table after the content. Groups hold 32768 blocks, fewer
+/// when the inodes need more groups than the blocks do (a group has at most 32768 inodes).
+fn geometry(content_end: u64, inodes: u32) -> Result<disk::Geometry, Ext4Error> {
+    let mut groups =
+        content_end.div_ceil(BLOCKS_PER_GROUP).max(inodes.div_ceil(MAX_INODES_PER_GROUP) as u64).max(1);
+    loop {
+        if groups > MAX_GROUPS as u64 {
+            return Err(Ext4Error::TooBig { groups });
+        }
+        let ipg = inodes.div_ceil(groups as u32).next_multiple_of(INODES_PER_BLOCK).max(INODES_PER_BLOCK);
+        let table_blocks = ipg / INODES_PER_BLOCK;
+        let mut blocks = content_end + groups * (2 + table_blocks as u64);
+        let by_blocks = blocks.div_ceil(BLOCKS_PER_GROUP);
+        if by_blocks > groups {
+            groups = by_blocks;
+            continue;
+        }
+        let blocks_per_group =
+            if by_blocks == groups { BLOCKS_PER_GROUP } else { blocks.div_ceil(groups).next_multiple_of(8) };
+        // The last group must hold at least one block.
+        blocks = blocks.max((groups - 1) * blocks_per_group + 1);
+        return Ok(disk::Geometry {
+            blocks,
+            groups: groups as u32,
+            blocks_per_group,
+            inodes_per_group: ipg,
+            table_blocks,
+        });
+    }
+}
+
+/// A bit per block of the image.
+struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    fn new(bits: u64) -> Bitmap {
+        Bitmap(vec![0; bits.div_ceil(64) as usize])
+    }
+
+    fn set_range(&mut self, from: u64, to: u64) {
+        for b in from..to {
+            self.0[(b / 64) as usize] |= 1 << (b % 64);
+        }
+    }
+
+    fn get(&self, b: u64) -> bool {
+        self.0.get((b / 64) as usize).is_some_and(|w| w & (1 << (b % 64)) != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_merge_until_the_longest_and_split_at_holes() {
+        let mut e = Vec::new();
+        push_extent(&mut e, 0, 10, 100);
+        push_extent(&mut e, 10, 5, 110);
+        assert_eq!(e, [Extent { logical: 0, len: 15, start: 100 }]);
+        push_extent(&mut e, 20, 1, 115); // a hole of 5 blocks before
+        assert_eq!(e.len(), 2);
+        let mut e = Vec::new();
+        push_extent(&mut e, 0, MAX_EXTENT_LEN + 3, 7);
+        assert_eq!(e[1], Extent { logical: MAX_EXTENT_LEN, len: 3, start: 7 + MAX_EXTENT_LEN as u64 });
+    }
+
+    #[test]
+    fn geometry_fits_content_and_inodes() {
+        let g = geometry(100, 20).unwrap();
+        assert_eq!((g.groups, g.inodes_per_group, g.blocks_per_group), (1, 32, BLOCKS_PER_GROUP));
+        assert_eq!(g.blocks, 100 + 2 + 2);
+        // 100k inodes in a small image: groups of fewer blocks, none padded out.
+        let g = geometry(3000, 100_000).unwrap();
+        assert!(g.groups >= 4 && g.inodes_per_group <= MAX_INODES_PER_GROUP);
+        assert!(g.groups as u64 * g.inodes_per_group as u64 >= 100_000);
+        assert!(g.blocks < 3000 + 100_000 / 16 + 100, "{} blocks", g.blocks);
+        assert_eq!(g.blocks.div_ceil(g.blocks_per_group), g.groups as u64);
+        // Content across groups.
+        let g = geometry(5 * BLOCKS_PER_GROUP, 1000).unwrap();
+        assert_eq!(g.groups, 6);
+        assert!(matches!(geometry(300 << 18, 10), Err(Ext4Error::TooBig { .. })));
+    }
+}
