@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read, Write};
 
 use super::dirindex::{DirIndex, DirMeta, NodeKind};
-use super::meta::{BLOCK, EntryMeta, TreeStats, is_reserved_xattr};
+use super::meta::{EntryMeta, is_reserved_xattr};
 use super::owndirs::OwnDirs;
 use super::path::{self, EntryAction, PathError, ancestors};
 use super::pax::{TarKind, TarWriter};
@@ -100,7 +100,6 @@ pub struct FinishedLayer {
     pub merged: DirIndex,
     /// The layer's own directories and which are opaque (the `.own` sidecar of EROFS layers).
     pub own: OwnDirs,
-    pub stats: TreeStats,
 }
 
 /// Turns one layer's entries into the normalized stream written to `W`.
@@ -116,7 +115,6 @@ pub struct Normalizer<W: Write> {
     /// A directory written a second time (to mark it opaque) carries only the marker (see
     /// [`Normalizer::marker_only_on_repeat`]).
     marker_only: bool,
-    stats: TreeStats,
     /// Bytes of file data so far (logical: holes of sparse members count), and the bound.
     file_bytes: u64,
     limit: u64,
@@ -135,7 +133,6 @@ impl<W: Write> Normalizer<W> {
             opaque: BTreeSet::new(),
             opaque_new: false,
             marker_only: false,
-            stats: TreeStats { inodes: 1, dirs: 1, ..Default::default() },
             file_bytes: 0,
             limit,
             buf: vec![0; 256 * 1024],
@@ -208,7 +205,7 @@ impl<W: Write> Normalizer<W> {
                     self.opaque.insert(path.to_vec());
                 }
                 Some(Node::NonDir) => return Err(NormalizeError::TypeChange("non-directory")),
-                None => self.count_new(path, true),
+                None => {}
             }
             self.emit(path, TarKind::Dir, &meta)?;
             self.nodes.insert(path.to_vec(), Node::Dir(Some(meta)));
@@ -223,19 +220,14 @@ impl<W: Write> Normalizer<W> {
             if target == path {
                 return Ok(());
             }
-            self.replace_with_non_dir(path, false)?;
+            self.replace_with_non_dir(path)?;
             self.emit(path, TarKind::Hardlink(&target), &meta)?;
             return Ok(());
         }
-        self.replace_with_non_dir(path, true)?;
+        self.replace_with_non_dir(path)?;
         match kind {
             EntryKind::File { size, data } => self.file(path, size, data, &meta)?,
-            EntryKind::Symlink(target) => {
-                if target.len() >= 60 {
-                    self.stats.extra_blocks += 1;
-                }
-                self.emit(path, TarKind::Symlink(target), &meta)?
-            }
+            EntryKind::Symlink(target) => self.emit(path, TarKind::Symlink(target), &meta)?,
             EntryKind::Char { major, minor } => self.emit(path, TarKind::Char { major, minor }, &meta)?,
             EntryKind::Block { major, minor } => self.emit(path, TarKind::Block { major, minor }, &meta)?,
             EntryKind::Fifo => self.emit(path, TarKind::Fifo, &meta)?,
@@ -257,10 +249,7 @@ impl<W: Write> Normalizer<W> {
                     self.opaque.insert(anc.to_vec());
                     self.implicit_dir(anc)?;
                 }
-                None => {
-                    self.count_new(anc, true);
-                    self.implicit_dir(anc)?;
-                }
+                None => self.implicit_dir(anc)?,
             }
         }
         Ok(true)
@@ -274,12 +263,9 @@ impl<W: Write> Normalizer<W> {
 
     /// Bookkeeping before a non-directory takes `path`. A directory this layer already wrote
     /// cannot be taken back out of the stream, so a non-directory over it is refused.
-    fn replace_with_non_dir(&mut self, path: &[u8], new_inode: bool) -> Result<(), NormalizeError> {
-        match self.nodes.get(path) {
-            Some(Node::Dir(_)) => return Err(NormalizeError::TypeChange("directory")),
-            Some(_) => {}
-            None if new_inode => self.count_new(path, false),
-            None => self.stats.dirent_bytes += dirent_bytes(path),
+    fn replace_with_non_dir(&mut self, path: &[u8]) -> Result<(), NormalizeError> {
+        if let Some(Node::Dir(_)) = self.nodes.get(path) {
+            return Err(NormalizeError::TypeChange("directory"));
         }
         self.nodes.insert(path.to_vec(), Node::NonDir);
         Ok(())
@@ -296,7 +282,6 @@ impl<W: Write> Normalizer<W> {
         if self.file_bytes > self.limit {
             return Err(NormalizeError::TooLarge { limit: self.limit });
         }
-        self.stats.file_bytes += size;
         self.emit(path, TarKind::File { size }, meta)?;
         let mut left = size;
         while left > 0 {
@@ -308,10 +293,7 @@ impl<W: Write> Normalizer<W> {
                     format!("entry data ends {left} bytes early"),
                 )));
             }
-            let chunk = &self.buf[..n];
-            self.stats.data_blocks +=
-                chunk.chunks(BLOCK as usize).filter(|b| b.iter().any(|&x| x != 0)).count() as u64;
-            self.out.data(chunk).map_err(NormalizeError::Write)?;
+            self.out.data(&self.buf[..n]).map_err(NormalizeError::Write)?;
             left -= n as u64;
         }
         self.out.pad(size).map_err(NormalizeError::Write)
@@ -331,7 +313,6 @@ impl<W: Write> Normalizer<W> {
             }
             Some(_) => {}
             None => {
-                self.count_new(path, false);
                 self.nodes.insert(path.to_vec(), Node::Whiteout { mtime_sec });
             }
         }
@@ -349,10 +330,7 @@ impl<W: Write> Normalizer<W> {
                 Some(Node::Dir(_)) => {}
                 Some(Node::NonDir) => return Err(not_dir()),
                 Some(Node::Whiteout { .. }) => self.implicit_dir(dir)?,
-                None => {
-                    self.count_new(dir, true);
-                    self.implicit_dir(dir)?;
-                }
+                None => self.implicit_dir(dir)?,
             }
         }
         self.opaque.insert(dir.to_vec());
@@ -360,20 +338,7 @@ impl<W: Write> Normalizer<W> {
     }
 
     fn emit(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
-        let xattr_bytes: usize = meta.xattrs.iter().map(|(k, v)| k.len() + v.len() + 20).sum();
-        // ext4 keeps about 100 bytes of xattrs in a 256-byte inode; more takes a block.
-        if xattr_bytes > 96 {
-            self.stats.extra_blocks += 1;
-        }
         self.out.header(path, kind, meta).map_err(NormalizeError::Write)
-    }
-
-    fn count_new(&mut self, path: &[u8], dir: bool) {
-        self.stats.inodes += 1;
-        self.stats.dirent_bytes += dirent_bytes(path);
-        if dir {
-            self.stats.dirs += 1;
-        }
     }
 
     /// Ends the stream: gives implicit directories (and the root, if the tar did not list it)
@@ -447,14 +412,9 @@ impl<W: Write> Normalizer<W> {
             Some(_) => NodeKind::NonDir,
             None => NodeKind::Missing,
         });
-        let stats = self.stats;
         let out = self.out.finish().map_err(NormalizeError::Write)?;
-        Ok((FinishedLayer { merged, own, stats }, out))
+        Ok((FinishedLayer { merged, own }, out))
     }
-}
-
-fn dirent_bytes(path: &[u8]) -> u64 {
-    (8 + path::split_parent(path).1.len() as u64).next_multiple_of(4)
 }
 
 /// Reads until `buf` is full or the stream ends.

@@ -281,7 +281,7 @@ impl ImageWriter {
                 })?;
                 Kind::File { size, extents }
             }
-            NewEntry::Symlink(target) if target.is_empty() => {
+            NewEntry::Symlink([]) => {
                 return Err(entry_error(path, "empty symlink target"));
             }
             NewEntry::Symlink(target) if target.len() < 60 => Kind::FastSymlink(target.to_vec()),
