@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages vmrootfs needs, when missing (called by `make`).
 # usage: install-deps.sh run|all   (run: what `build` needs; all: also boot, tests, bench)
-#   run:  erofs-utils (1.8 built from source), e2fsprogs >= 1.47.1 (mkfs, fsck, debugfs), libarchive13
+#   run:  erofs-utils (1.8 built from source), e2fsprogs (e2fsck, for `verify` of ext4 blobs)
 #   boot: qemu-system-x86, qboot (qemu-system-data), linux-image-amd64, busybox-static,
 #         dmsetup (for `run` of --verity images)
 #   test: umoci, skopeo, debootstrap, attr, libcap2-bin, python3, docker-registry,
@@ -10,18 +10,17 @@
 # erofs-utils 1.8 is built from Debian trixie's source (scripts/build-erofs-utils.sh) and its
 # mkfs.erofs installed as /usr/local/bin/mkfs.erofs, ahead of Debian 12's 1.5 on PATH: 1.5
 # holds every inode in memory (337 MB for a 2.4 GB layer of 56,000 files; 1.8: 105 MB).
-# e2fsprogs ≥ 1.47.1 (mke2fs -d reads a tar; Debian 12 has 1.47.0) comes from bookworm-backports,
-# with libarchive13, which mke2fs loads for tar input. qemu-system-x86 comes from
+# vmrootfs writes ext4 itself: Debian 12's e2fsprogs 1.47.0 is enough. qemu-system-x86 comes from
 # bookworm-backports when this machine's qemu-utils does (Debian 12 images often ship
 # backports' qemu-utils, which the bookworm qemu-system-x86 conflicts with). The backports
-# source is added for those packages only.
+# source is added for that package only.
 set -euo pipefail
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive
 
 installed() { dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed'; }
 
-want=(erofs-utils e2fsprogs libarchive13)
+want=(erofs-utils e2fsprogs)
 [ "${1:-all}" = all ] && want+=(umoci skopeo debootstrap busybox-static attr libcap2-bin python3 time bc docker-registry apache2-utils
                                 zstd xz-utils ca-certificates linux-image-amd64 dmsetup cryptsetup-bin openssl)
 missing=()
@@ -41,12 +40,6 @@ backports() {
     $SUDO apt-get update -qq
   fi
 }
-e2fs_version=$(dpkg-query -W -f='${Version}' e2fsprogs 2>/dev/null || true)
-if ! dpkg --compare-versions "${e2fs_version:-0}" ge 1.47.1; then
-  backports
-  echo "installing: e2fsprogs >= 1.47.1 (bookworm-backports: mke2fs -d reads a tar)"
-  $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports e2fsprogs
-fi
 if [ $need_qemu -eq 1 ]; then
   if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q bpo; then
     backports

@@ -33,11 +33,10 @@ fn blob_hashes(result: &serde_json::Value) -> Vec<String> {
     lowers_of(result).iter().map(|(p, _)| vmrootfs::digest::sha256_file_hex(p).unwrap()).collect()
 }
 
-/// `vmrootfs` with mkfs.erofs (and mkfs.ext4) made unavailable.
+/// `vmrootfs` with mkfs.erofs made unavailable.
 fn vmrootfs_without_mkfs(store: &Path) -> std::process::Command {
     let mut cmd = vmrootfs(store);
-    cmd.env("VMROOTFS_TOOL_MKFS_EROFS", "/nonexistent/mkfs.erofs")
-        .env("VMROOTFS_TOOL_MKFS_EXT4", "/nonexistent/mkfs.ext4");
+    cmd.env("VMROOTFS_TOOL_MKFS_EROFS", "/nonexistent/mkfs.erofs");
     cmd
 }
 

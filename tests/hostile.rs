@@ -65,7 +65,7 @@ fn writing_through_a_symlink_is_refused() {
 }
 
 /// A directory entry over a symlink of the same layer: one path, two types in one tar, which
-/// is refused (mke2fs's tar reader would keep the link) — and nothing touches the link's target.
+/// is refused — and nothing touches the link's target.
 #[test]
 fn symlink_then_directory_entry_is_refused_and_follows_nothing() {
     let outside = scratch("outside-dir");

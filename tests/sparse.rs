@@ -115,8 +115,9 @@ fn a_sparse_file_within_the_bound_converts_with_equal_contents() {
     }
 }
 
-/// Within the bound, ext4 keeps a multi-GB file's holes all the way: the spool mke2fs reads is
-/// sparse too, so neither the blob nor the store's disk use grows with the file's size.
+/// Within the bound, ext4 keeps a multi-GB file's holes all the way: the writer skips zero
+/// blocks as they stream by, so neither the blob nor the store's disk use grows with the
+/// file's size.
 #[test]
 fn a_multi_gb_sparse_file_within_the_bound_stays_sparse_in_ext4() {
     let dir = scratch("sparse-big-ext4");

@@ -23,7 +23,7 @@ use tool::ToolError;
 /// and are collected once unused.
 ///
 /// - 2: made from the normalized stream (erofs-utils ≥ 1.8 `--tar=f`, e2fsprogs ≥ 1.47.1
-///   `mke2fs -d TAR`), without root. Still ext4's.
+///   `mke2fs -d TAR`), without root.
 /// - 3 (EROFS only): no inlined file tails (`-E noinline_data`), the layout `mkfs.erofs`'
 ///   rebuild mode takes as a source, so `build --merge` can reference the layer blobs' data;
 ///   new directories above the base opaque; a base layer keeps no whiteouts or opaque markers

@@ -1,4 +1,4 @@
-//! External tools (mkfs.erofs, mkfs.ext4, debugfs, fsck): found up front, version-checked,
+//! External tools (mkfs.erofs, fsck.erofs, e2fsck): found up front, version-checked,
 //! run with stdin closed — or, in streaming mode, fed through a pipe — their stderr tail kept
 //! for errors.
 

@@ -6,8 +6,8 @@
 //! - `.wh.NAME` becomes a whiteout (char 0:0) — unless this layer has an entry there: a
 //!   whiteout applies to lower layers only (OCI image spec), so a directory of this layer
 //!   becomes opaque and anything else stays, whichever comes first in the tar. Whiteouts are
-//!   written at the end of the stream, so no tool ever sees a name change type (mke2fs's tar
-//!   reader cannot turn a device into a directory). A whiteout below a non-directory of this
+//!   written at the end of the stream, so no backend ever sees a name change type (a device
+//!   cannot become a directory). A whiteout below a non-directory of this
 //!   layer is redundant (the non-directory hides everything below it) and dropped.
 //! - `.wh..wh..opq` in D becomes `trusted.overlay.opaque=y` on D; other `.wh..wh.*` markers
 //!   are dropped, and so are `trusted.overlay.*`/`user.overlay.*` xattrs from the tar.
@@ -47,8 +47,8 @@ pub enum NormalizeError {
     OpaqueOnNonDir(String),
     #[error("entry would replace the layer root with a non-directory")]
     RootNotDir,
-    /// One tar, two types at one path: mke2fs's tar reader cannot apply that (it leaves
-    /// unreachable inodes, or keeps the old type), and GNU tar refuses it too.
+    /// One tar, two types at one path: GNU tar refuses it, and a directory already written
+    /// to the stream cannot be taken back.
     #[error("entry changes the type of a path this layer already wrote as a {0}")]
     TypeChange(&'static str),
     #[error(

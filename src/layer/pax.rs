@@ -1,5 +1,5 @@
 //! Writes the normalized layer stream: a POSIX pax tar that `mkfs.erofs --tar=f` and
-//! `mke2fs -d` read.
+//! vmrootfs's ext4 writer read.
 //!
 //! Each entry is a ustar header, preceded by a pax extended header (`x`) only when ustar cannot
 //! say something exactly: a long path or link target, nanoseconds or a negative/huge mtime,
@@ -37,7 +37,7 @@ impl TarKind<'_> {
     }
 }
 
-/// A pax tar writer over any byte sink (a pipe into mkfs, a spool file).
+/// A pax tar writer over any byte sink (a pipe into mkfs.erofs, the ext4 writer's thread).
 pub struct TarWriter<W: Write> {
     out: W,
     written: u64,
