@@ -28,6 +28,7 @@ use super::disk::{
     FileType, GroupDesc, INODE_SIZE, InodeFields, MAX_EXTENT_LEN, ROOT_INO, Xattrs,
 };
 use crate::layer::meta::EntryMeta;
+use crate::layer::normalize::EntryKind;
 use crate::layer::path;
 
 /// Group descriptor blocks reserved before the data: 16 blocks of 128 descriptors, so an
@@ -59,27 +60,6 @@ pub enum Ext4Error {
     },
     #[error("writing the image")]
     Write(#[source] io::Error),
-}
-
-/// What an entry is.
-pub enum NewEntry<'a> {
-    Dir,
-    File {
-        size: u64,
-        data: &'a mut dyn Read,
-    },
-    Symlink(&'a [u8]),
-    /// Another name for the earlier non-directory at this layer path.
-    Hardlink(&'a [u8]),
-    Char {
-        major: u32,
-        minor: u32,
-    },
-    Block {
-        major: u32,
-        minor: u32,
-    },
-    Fifo,
 }
 
 /// Owner, permissions, time and encoded xattrs of an inode.
@@ -187,9 +167,10 @@ impl ImageWriter {
         matches!(self.nodes[ino as usize - 1].kind, Kind::Dir { .. })
     }
 
-    /// Adds the entry at layer path `path` (`b""` is the root). A later entry for a path
-    /// replaces the earlier: a directory's metadata, or a non-directory altogether.
-    pub fn add(&mut self, path: &[u8], entry: NewEntry<'_>, meta: &EntryMeta) -> Result<(), Ext4Error> {
+    /// Adds the entry at layer path `path` (`b""` is the root; a hardlink's target is a layer
+    /// path too). A later entry for a path replaces the earlier: a directory's metadata, or a
+    /// non-directory altogether.
+    pub fn add(&mut self, path: &[u8], entry: EntryKind<'_>, meta: &EntryMeta) -> Result<(), Ext4Error> {
         let attrs = || -> Result<Attrs, Ext4Error> {
             Ok(Attrs {
                 perm: (meta.mode & 0o7777) as u16,
@@ -201,7 +182,7 @@ impl ImageWriter {
         };
         let existing = self.paths.get(path).copied();
         let existing_dir = existing.filter(|&i| self.is_dir(i));
-        if let NewEntry::Dir = entry
+        if let EntryKind::Dir = entry
             && let Some(ino) = existing_dir
         {
             self.node(ino).attrs = Some(attrs()?);
@@ -218,11 +199,11 @@ impl ImageWriter {
             Some(&p) if self.is_dir(p) => p,
             _ => return Err(entry_error(path, "parent is not an earlier directory of the stream")),
         };
-        if existing.is_some() && matches!(entry, NewEntry::Dir) {
+        if existing.is_some() && matches!(entry, EntryKind::Dir) {
             return Err(entry_error(path, "a directory cannot replace a non-directory"));
         }
         let ino = match entry {
-            NewEntry::Hardlink(target) => {
+            EntryKind::Hardlink(target) => {
                 let target_ino = match self.paths.get(target) {
                     Some(&t) if !self.is_dir(t) => t,
                     _ => return Err(entry_error(path, "hardlink target is not an earlier non-directory")),
@@ -263,15 +244,15 @@ impl ImageWriter {
     }
 
     /// The inode kind of a new entry, writing its data.
-    fn new_kind(&mut self, path: &[u8], parent: u32, entry: NewEntry<'_>) -> Result<Kind, Ext4Error> {
+    fn new_kind(&mut self, path: &[u8], parent: u32, entry: EntryKind<'_>) -> Result<Kind, Ext4Error> {
         let device = |kind, major, minor| {
             disk::device_block(major, minor).map(|i_block| Kind::Device { kind, i_block }).ok_or_else(|| {
                 entry_error(path, format!("device {major}:{minor} is beyond what Linux numbers"))
             })
         };
         Ok(match entry {
-            NewEntry::Dir => Kind::Dir { parent, children: Vec::new() },
-            NewEntry::File { size, data } => {
+            EntryKind::Dir => Kind::Dir { parent, children: Vec::new() },
+            EntryKind::File { size, data } => {
                 if size.div_ceil(BLOCK as u64) > u32::MAX as u64 {
                     return Err(entry_error(path, "file larger than ext4's 16 TiB"));
                 }
@@ -281,22 +262,22 @@ impl ImageWriter {
                 })?;
                 Kind::File { size, extents }
             }
-            NewEntry::Symlink([]) => {
+            EntryKind::Symlink([]) => {
                 return Err(entry_error(path, "empty symlink target"));
             }
-            NewEntry::Symlink(target) if target.len() < 60 => Kind::FastSymlink(target.to_vec()),
-            NewEntry::Symlink(target) if target.len() < BLOCK => {
+            EntryKind::Symlink(target) if target.len() < 60 => Kind::FastSymlink(target.to_vec()),
+            EntryKind::Symlink(target) if target.len() < BLOCK => {
                 let mut block = vec![0u8; BLOCK];
                 block[..target.len()].copy_from_slice(target);
                 self.out.write_all(&block).map_err(Ext4Error::Write)?;
                 self.next += 1;
                 Kind::SlowSymlink { len: target.len() as u64, block: self.next - 1 }
             }
-            NewEntry::Symlink(_) => return Err(entry_error(path, "symlink target of 4096 bytes or more")),
-            NewEntry::Char { major, minor } => device(FileType::Char, major, minor)?,
-            NewEntry::Block { major, minor } => device(FileType::Block, major, minor)?,
-            NewEntry::Fifo => Kind::Fifo,
-            NewEntry::Hardlink(_) => unreachable!("linked, not made"),
+            EntryKind::Symlink(_) => return Err(entry_error(path, "symlink target of 4096 bytes or more")),
+            EntryKind::Char { major, minor } => device(FileType::Char, major, minor)?,
+            EntryKind::Block { major, minor } => device(FileType::Block, major, minor)?,
+            EntryKind::Fifo => Kind::Fifo,
+            EntryKind::Hardlink(_) => unreachable!("linked, not made"),
         })
     }
 

@@ -16,8 +16,9 @@ use oci_spec::image::Digest;
 
 use super::BackendError;
 use crate::layer::entry::{self, entry_meta};
+use crate::layer::normalize::EntryKind;
 pub use image::Ext4Error;
-use image::{ImageWriter, NewEntry};
+use image::ImageWriter;
 
 /// Chunks of stream in flight between the builder and the writing thread.
 const IN_FLIGHT: usize = 8;
@@ -64,37 +65,29 @@ fn write_image(
         let mut e = e.map_err(bad)?;
         let raw = entry::entry_path(&e);
         let path = stream_path(&raw);
-        let meta = entry_meta(&mut e).map_err(|e| Ext4Error::Entry {
-            path: String::from_utf8_lossy(&raw).into_owned(),
-            problem: e.to_string(),
-        })?;
+        let refused =
+            |problem: String| Ext4Error::Entry { path: String::from_utf8_lossy(&raw).into_owned(), problem };
+        let meta = entry_meta(&mut e).map_err(|e| refused(e.to_string()))?;
         let link = stream_path(&entry::entry_link(&e));
-        let header = e.header();
-        let kind = header.entry_type();
-        let dev = || entry::device(header);
+        let kind = e.header().entry_type();
         let (major, minor) = if kind.is_character_special() || kind.is_block_special() {
-            dev().map_err(|err| Ext4Error::Entry {
-                path: String::from_utf8_lossy(&raw).into_owned(),
-                problem: err.to_string(),
-            })?
+            entry::device(e.header()).map_err(|e| refused(e.to_string()))?
         } else {
             (0, 0)
         };
         let size = e.size();
         let new = match kind {
-            tar::EntryType::Regular => NewEntry::File { size, data: &mut e },
-            tar::EntryType::Directory => NewEntry::Dir,
-            tar::EntryType::Symlink => NewEntry::Symlink(&link),
-            tar::EntryType::Link => NewEntry::Hardlink(&link),
-            tar::EntryType::Char => NewEntry::Char { major, minor },
-            tar::EntryType::Block => NewEntry::Block { major, minor },
-            tar::EntryType::Fifo => NewEntry::Fifo,
+            tar::EntryType::Regular => EntryKind::File { size, data: &mut e },
+            tar::EntryType::Directory => EntryKind::Dir,
+            tar::EntryType::Symlink => EntryKind::Symlink(&link),
+            tar::EntryType::Link => EntryKind::Hardlink(&link),
+            tar::EntryType::Char => EntryKind::Char { major, minor },
+            tar::EntryType::Block => EntryKind::Block { major, minor },
+            tar::EntryType::Fifo => EntryKind::Fifo,
             other => {
-                return Err(Ext4Error::Entry {
-                    path: String::from_utf8_lossy(&raw).into_owned(),
-                    problem: format!("unexpected entry type {other:?} in the normalized stream"),
-                }
-                .into());
+                return Err(
+                    refused(format!("unexpected entry type {other:?} in the normalized stream")).into()
+                );
             }
         };
         image.add(&path, new, &meta)?;
