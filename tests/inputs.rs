@@ -194,3 +194,47 @@ fn lost_and_found_is_there_only_when_the_layer_has_it() {
         assert!(!stack.root().join("lost+found").exists(), "{fs}: no lost+found of its own");
     }
 }
+
+/// A symlink after a pax header with `records`, as raw tar bytes.
+fn pax_symlink(path: &str, target: &str, records: &[(&str, &[u8])]) -> Entry {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions(records.iter().copied()).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o777);
+    h.set_size(0);
+    b.append_link(&mut h, path, target).unwrap();
+    Entry::Raw(b.get_ref().clone())
+}
+
+fn lgetxattr(path: &Path, name: &str) -> Vec<u8> {
+    let mut buf = vec![0u8; 1024];
+    let n = rustix::fs::lgetxattr(path, name, &mut buf).unwrap_or_else(|e| panic!("{name} of {path:?}: {e}"));
+    buf.truncate(n);
+    buf
+}
+
+/// PAX records are read by their length, as GNU tar and Go read them: a binary xattr value
+/// may hold newline bytes (`security.capability` with cap_dac_override and cap_fowner has
+/// 0x0A in its permitted word), and text in a value that looks like a record is part of the
+/// value — a `linkpath` hidden there does not retarget the link.
+#[test]
+fn pax_values_may_hold_newlines_and_hide_no_records() {
+    let cap: [u8; 20] = [0, 0, 0, 2, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let smuggled = b"x\n22 linkpath=/etc/evil\n";
+    let entries = [
+        Entry::PaxFile {
+            path: b"capped".to_vec(),
+            data: b"x".to_vec(),
+            pax: vec![("SCHILY.xattr.security.capability".into(), cap.to_vec())],
+        },
+        pax_symlink("link", "harmless", &[("SCHILY.xattr.trusted.note", smuggled)]),
+    ];
+    for fs in ["erofs", "ext4"] {
+        let (_dir, stack) = build_and_mount(&format!("pax-newline-{fs}"), &entries, fs);
+        let root = stack.root();
+        assert_eq!(lgetxattr(&root.join("capped"), "security.capability"), cap, "{fs}");
+        assert_eq!(std::fs::read_link(root.join("link")).unwrap(), Path::new("harmless"), "{fs}");
+        assert_eq!(lgetxattr(&root.join("link"), "trusted.note"), smuggled, "{fs}");
+    }
+}
