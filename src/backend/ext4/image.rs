@@ -217,8 +217,9 @@ impl ImageWriter {
                 target_ino
             }
             other => {
+                let attrs = Some(attrs()?);
                 let kind = self.new_kind(path, parent, other)?;
-                self.nodes.push(Node { kind, attrs: Some(attrs()?), links: 0 });
+                self.nodes.push(Node { kind, attrs, links: 0 });
                 self.nodes.len() as u32
             }
         };
