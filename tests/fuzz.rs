@@ -6,7 +6,9 @@
 //! normalized stream captured. Every case must end in time, without a panic, and either with
 //! one clean error or with a normalized stream that is safe and well formed: relative paths
 //! without `..`, every parent written as a directory before anything inside it, hardlinks
-//! only to earlier files, no `.wh.` names left.
+//! only to earlier files, no `.wh.` names left. Each such stream then goes through the ext4
+//! writer, which must end without a panic, with an image or one clean error; every
+//! `FSCK_EVERY`-th image must pass `e2fsck -fn`.
 //!
 //! `make test` runs `FUZZ_CASES` cases (default 3000, a few seconds) and replays every case
 //! saved under `tests/fuzz-regressions/`; `make fuzz` runs many more and saves failing cases
@@ -22,6 +24,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use fixture::*;
+use vmrootfs::FsType;
+use vmrootfs::backend::Backend;
 use vmrootfs::digest::sha256_of;
 use vmrootfs::layer::dirindex::DirIndex;
 use vmrootfs::layer::normalize::Normalizer;
@@ -29,6 +33,8 @@ use vmrootfs::layer::normalize::Normalizer;
 /// Longest a case may take (a debug build on a loaded 2-core machine included).
 const CASE_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_LAYER_BYTES: u64 = 64 << 20;
+/// One image in this many made from a fuzzed stream is checked by e2fsck.
+const FSCK_EVERY: usize = 8;
 
 /// xorshift64*: deterministic, so a run is repeatable from its seed.
 struct Rng(u64);
@@ -157,7 +163,7 @@ fn diff_id_of(blob: &[u8]) -> oci_spec::image::Digest {
 
 /// Runs one case: `Ok(true)` when it gave a normalized stream that passed the checks,
 /// `Ok(false)` for one clean error; `Err` says what went wrong with the case.
-fn check_case(blob: Vec<u8>) -> Result<bool, String> {
+fn check_case(blob: Vec<u8>, fsck: bool) -> Result<bool, String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let diff_id = diff_id_of(&blob);
@@ -177,14 +183,41 @@ fn check_case(blob: Vec<u8>) -> Result<bool, String> {
             Err(e) => Err(format!("{:#}", anyhow::Error::new(e))),
             Ok(()) => normalizer.finish(&DirIndex::default()).map(|(_, out)| out).map_err(|e| e.to_string()),
         };
+        let outcome = match outcome {
+            Ok(stream) => {
+                check_stream(&stream).and_then(|()| check_ext4(&stream, fsck)).map(|()| Some(stream))
+            }
+            Err(message) if message.trim().is_empty() => Err("an error without a message".into()),
+            Err(_) => Ok(None),
+        };
         let _ = tx.send(outcome);
     });
     match rx.recv_timeout(CASE_TIMEOUT) {
         Err(mpsc::RecvTimeoutError::Timeout) => Err(format!("no result within {CASE_TIMEOUT:?}")),
         Err(mpsc::RecvTimeoutError::Disconnected) => Err("panicked".into()),
-        Ok(Err(message)) if message.trim().is_empty() => Err("an error without a message".into()),
-        Ok(Err(_)) => Ok(false),
-        Ok(Ok(stream)) => check_stream(&stream).map(|()| true),
+        Ok(outcome) => outcome.map(|stream| stream.is_some()),
+    }
+}
+
+/// The ext4 writer on a well-formed normalized stream: an image (that e2fsck passes, when
+/// `fsck`) or one clean error.
+fn check_ext4(stream: &[u8], fsck: bool) -> Result<(), String> {
+    let dir = scratch("fuzz-ext4");
+    let image = dir.path().join("image");
+    let backend = Backend::detect(FsType::Ext4).map_err(|e| e.to_string())?;
+    let mut making = backend.start(&sha256_of(stream), &image).map_err(|e| e.to_string())?;
+    let made = match making.write_all(stream) {
+        Ok(()) => making.finish().map_err(|e| format!("{:#}", anyhow::Error::new(e))),
+        Err(e) => Err(making.failure().map_or(e.to_string(), |e| format!("{:#}", anyhow::Error::new(e)))),
+    };
+    match made {
+        Err(message) if message.trim().is_empty() => Err("ext4: an error without a message".into()),
+        Err(_) => Ok(()),
+        Ok(()) if !fsck => Ok(()),
+        Ok(()) => {
+            let (ok, out, err) = run(std::process::Command::new("e2fsck").arg("-fn").arg(&image));
+            if ok { Ok(()) } else { Err(format!("ext4: e2fsck -fn fails: {out}{err}")) }
+        }
     }
 }
 
@@ -254,7 +287,7 @@ fn saved_regressions_replay_cleanly() {
         if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("case-")) {
             continue;
         }
-        if let Err(why) = check_case(std::fs::read(&path).unwrap()) {
+        if let Err(why) = check_case(std::fs::read(&path).unwrap(), true) {
             failures.push(format!("{}: {why}", path.display()));
         }
     }
@@ -269,14 +302,14 @@ fn mutated_layers_end_cleanly() {
     let seeds = seeds();
     // The seeds themselves convert: the checks can pass.
     for s in &seeds {
-        assert_eq!(check_case(s.clone()), Ok(true), "a seed layer converts");
+        assert_eq!(check_case(s.clone(), true), Ok(true), "a seed layer converts");
     }
     let mut rng = Rng(seed | 1);
     let (mut failures, mut ok_streams) = (Vec::new(), 0usize);
     let started = std::time::Instant::now();
     for i in 0..cases {
         let blob = mutate(&mut rng, &seeds);
-        match check_case(blob.clone()) {
+        match check_case(blob.clone(), i % FSCK_EVERY == 0) {
             Ok(true) => ok_streams += 1,
             Ok(false) => {}
             Err(why) => {
