@@ -40,7 +40,7 @@ pub enum LayerError {
         #[source]
         source: EntryError,
     },
-    #[error("writing the normalized layer to mkfs")]
+    #[error("writing the normalized layer into its image")]
     Output(#[source] io::Error),
     #[error("cancelled because another layer failed")]
     Cancelled,
