@@ -2,7 +2,8 @@
 //! loop-mounted blob and by `e2fsck -fn`: an extent tree of more than one level, xattrs
 //! beyond the inode's room, a POSIX ACL, symlinks on both sides of the 60-byte inline limit,
 //! device numbers in both encodings, hardlinks to a file the layer then replaces, ids and
-//! times far from the usual, and more inodes than 32768-block groups could hold.
+//! times far from the usual, more inodes than 32768-block groups could hold, and hashed
+//! directories of one and two index levels.
 
 mod fixture;
 
@@ -13,6 +14,13 @@ use std::process::Command;
 use fixture::*;
 
 const MANY: usize = 40_000;
+/// Entries of 200-byte names: more leaf blocks than the index root lists (507), so the index
+/// has two levels.
+const LONG: usize = 12_000;
+
+fn long_name(i: usize) -> String {
+    format!("{i:05}{}", "n".repeat(195))
+}
 
 fn header(kind: tar::EntryType, mode: u32) -> tar::Header {
     let mut h = tar::Header::new_ustar();
@@ -94,7 +102,25 @@ fn edge_layer() -> Layer {
     for i in 0..MANY {
         append(&mut b, header(tar::EntryType::Regular, 0o644), &format!("many/f{i:05}"), b"");
     }
+    append(&mut b, header(tar::EntryType::Directory, 0o755), "long", b"");
+    for i in 0..LONG {
+        append(&mut b, header(tar::EntryType::Regular, 0o644), &format!("long/{}", long_name(i)), b"");
+    }
     Layer::from_tar(&b.into_inner().unwrap())
+}
+
+/// The htree root of directory `path` in `blob`: (indirect levels, entries), from debugfs.
+fn htree_root(blob: &Path, path: &str) -> (u32, u32) {
+    let (ok, out, err) = run(Command::new("debugfs").arg("-R").arg(format!("htree {path}")).arg(blob));
+    assert!(ok, "debugfs: {err}");
+    let field = |name: &str| -> u32 {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in {out}"));
+        line.rsplit(':').next().unwrap().trim().parse().unwrap()
+    };
+    (field("Indirect levels"), field("Number of entries (count)"))
 }
 
 fn lgetxattr(path: &Path, name: &str) -> Vec<u8> {
@@ -173,7 +199,19 @@ fn edge_cases_mount_as_written_and_pass_e2fsck() {
     assert_eq!((m.mtime(), m.mtime_nsec()), (4_102_444_800, 500_000_000));
 
     assert_eq!(std::fs::read_dir(root.join("many")).unwrap().count(), MANY);
-    assert!(root.join(format!("many/f{:05}", MANY - 1)).exists(), "the last name is found");
+    assert_eq!(std::fs::read_dir(root.join("long")).unwrap().count(), LONG);
+    for i in [0, 1, 4_999, MANY - 1] {
+        assert!(root.join(format!("many/f{i:05}")).exists(), "many/f{i:05} is found through the index");
+    }
+    for i in [0, 6_000, LONG - 1] {
+        assert!(root.join("long").join(long_name(i)).exists(), "long name {i} is found through the index");
+    }
+    assert!(!root.join("many/f99999").exists() && !root.join("long").join(long_name(LONG)).exists());
+    drop(stack);
+    assert_eq!(htree_root(blob, "/many").0, 0, "many: one index level");
+    let (levels, nodes) = htree_root(blob, "/long");
+    assert_eq!(levels, 1, "long: two index levels");
+    assert!(nodes >= 2, "long: the root lists {nodes} index nodes");
 }
 
 #[test]

@@ -21,6 +21,7 @@ const EXTRA_ISIZE: u16 = 32;
 const IBODY_START: usize = 128 + EXTRA_ISIZE as usize;
 
 const COMPAT_EXT_ATTR: u32 = 0x8;
+const COMPAT_DIR_INDEX: u32 = 0x20;
 /// Superblock backups only in the groups `s_backup_bgs` names, here none.
 const COMPAT_SPARSE_SUPER2: u32 = 0x200;
 const INCOMPAT_FILETYPE: u32 = 0x2;
@@ -33,14 +34,16 @@ const RO_COMPAT_EXTRA_ISIZE: u32 = 0x40;
 const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 
 pub const EXTENTS_FL: u32 = 0x80000;
+/// A directory with a hash index ([`super::htree`]).
+pub const INDEX_FL: u32 = 0x1000;
 const BG_INODE_ZEROED: u16 = 0x4;
 const EXTENT_MAGIC: u16 = 0xF30A;
 const XATTR_MAGIC: u32 = 0xEA02_0000;
 
-fn put16(b: &mut [u8], o: usize, v: u16) {
+pub(super) fn put16(b: &mut [u8], o: usize, v: u16) {
     b[o..o + 2].copy_from_slice(&v.to_le_bytes());
 }
-fn put32(b: &mut [u8], o: usize, v: u32) {
+pub(super) fn put32(b: &mut [u8], o: usize, v: u32) {
     b[o..o + 4].copy_from_slice(&v.to_le_bytes());
 }
 
@@ -110,7 +113,7 @@ pub fn superblock(g: &Geometry, t: &Totals, uuid: &[u8; 16], hash_seed: &[u8; 16
     put32(&mut sb, 0x4C, 1); // dynamic revision
     put32(&mut sb, 0x54, FIRST_INO);
     put16(&mut sb, 0x58, INODE_SIZE as u16);
-    put32(&mut sb, 0x5C, COMPAT_EXT_ATTR | COMPAT_SPARSE_SUPER2);
+    put32(&mut sb, 0x5C, COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | COMPAT_SPARSE_SUPER2);
     put32(&mut sb, 0x60, INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_FLEX_BG);
     put32(
         &mut sb,
@@ -123,7 +126,7 @@ pub fn superblock(g: &Geometry, t: &Totals, uuid: &[u8; 16], hash_seed: &[u8; 16
     );
     sb[0x68..0x78].copy_from_slice(uuid);
     sb[0xEC..0xFC].copy_from_slice(hash_seed);
-    sb[0xFC] = 1; // half_md4, should anyone index a directory
+    sb[0xFC] = super::htree::HALF_MD4;
     put32(&mut sb, 0x100, 0x000C); // default mount options: user_xattr, acl
     put16(&mut sb, 0x15C, EXTRA_ISIZE);
     put16(&mut sb, 0x15E, EXTRA_ISIZE);
@@ -334,15 +337,27 @@ pub fn dir_blocks(ino: u32, parent: u32, entries: &[Dirent<'_>], seed: u32) -> V
         Dirent { name: b".", ino, kind: FileType::Dir },
         Dirent { name: b"..", ino: parent, kind: FileType::Dir },
     ];
+    pack_dirents(ino, dot.iter().chain(entries), seed).0
+}
+
+/// `entries` of directory `ino` packed into blocks in their order, each block ending in its
+/// checksum tail; also the index of each block's first entry.
+pub fn pack_dirents<'a, 'n: 'a>(
+    ino: u32,
+    entries: impl Iterator<Item = &'a Dirent<'n>>,
+    seed: u32,
+) -> (Vec<u8>, Vec<usize>) {
     let mut out = vec![0u8; BLOCK];
+    let mut firsts = vec![0];
     let (mut block, mut at, mut last) = (0usize, 0usize, 0usize);
-    for e in dot.iter().chain(entries) {
+    for (i, e) in entries.enumerate() {
         let len = dirent_len(e.name.len());
         if at + len > DIR_SPACE {
             put16(&mut out, block + last + 4, (DIR_SPACE - last) as u16);
             seal_dir_block(&mut out[block..block + BLOCK], ino, seed);
             block += BLOCK;
             out.resize(block + BLOCK, 0);
+            firsts.push(i);
             at = 0;
         }
         let o = block + at;
@@ -356,7 +371,7 @@ pub fn dir_blocks(ino: u32, parent: u32, entries: &[Dirent<'_>], seed: u32) -> V
     }
     put16(&mut out, block + last + 4, (DIR_SPACE - last) as u16);
     seal_dir_block(&mut out[block..block + BLOCK], ino, seed);
-    out
+    (out, firsts)
 }
 
 fn seal_dir_block(block: &mut [u8], ino: u32, seed: u32) {

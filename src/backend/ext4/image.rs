@@ -25,8 +25,9 @@ use std::path::Path;
 
 use super::disk::{
     self, BLOCK, BLOCKS_PER_GROUP, Dirent, EXTENTS_FL, EXTENTS_IN_BLOCK, EXTENTS_IN_INODE, Extent, FIRST_INO,
-    FileType, GroupDesc, INODE_SIZE, InodeFields, MAX_EXTENT_LEN, ROOT_INO, Xattrs,
+    FileType, GroupDesc, INDEX_FL, INODE_SIZE, InodeFields, MAX_EXTENT_LEN, ROOT_INO, Xattrs,
 };
+use super::htree;
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
 use crate::layer::path;
@@ -454,7 +455,15 @@ impl ImageWriter {
                     .collect();
                 let links = 2 + entries.iter().filter(|e| e.kind == FileType::Dir).count() as u32;
                 out.links = if links > MAX_LINKS { 1 } else { links as u16 };
-                let blocks = disk::dir_blocks(ino, *parent, &entries, self.seed);
+                let mut blocks = disk::dir_blocks(ino, *parent, &entries, self.seed);
+                if blocks.len() > BLOCK {
+                    let seed = std::array::from_fn(|i| {
+                        u32::from_le_bytes(self.hash_seed[i * 4..][..4].try_into().unwrap())
+                    });
+                    blocks =
+                        htree::blocks(ino, *parent, &entries, self.seed, &seed).map_err(io::Error::other)?;
+                    out.flags = INDEX_FL;
+                }
                 let n = (blocks.len() / BLOCK) as u32;
                 self.out.write_all(&blocks)?;
                 let mut extents = Vec::new();
@@ -483,7 +492,7 @@ impl ImageWriter {
             Kind::Fifo => None,
         };
         if let Some(extents) = extents {
-            out.flags = EXTENTS_FL;
+            out.flags |= EXTENTS_FL;
             out.blocks = extents.iter().map(|e| e.len as u64).sum::<u64>();
             out.blocks += self.extent_tree(ino, &extents, &mut out.i_block)?;
         }

@@ -5,6 +5,7 @@
 //! [`disk`] for the structures.
 
 pub mod disk;
+pub mod htree;
 pub mod image;
 
 use std::io::{self, Read, Write};
