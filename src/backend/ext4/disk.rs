@@ -1,6 +1,6 @@
 //! ext4's on-disk structures, as vmrootfs writes them: 4 KiB blocks, 256-byte inodes, 32-byte
-//! group descriptors, extents, linear directories, xattrs in the inode and in one block, and
-//! metadata_csum checksums (crc32c) on all of them. Field offsets are the kernel's
+//! group descriptors, extents, directory blocks (indexed by [`super::htree`] beyond one),
+//! xattrs in the inode and in one block, and metadata_csum checksums (crc32c) on all of them. Field offsets are the kernel's
 //! (`fs/ext4/ext4.h`, `xattr.h`).
 
 pub const BLOCK: usize = 4096;
