@@ -265,7 +265,7 @@ pub fn hash_in_chunks(
 }
 
 /// Reads into all of `buf` unless the stream ends first; the bytes read.
-pub fn read_full(from: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+pub fn read_full<R: Read + ?Sized>(from: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match from.read(&mut buf[filled..]) {

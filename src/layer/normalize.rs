@@ -286,7 +286,7 @@ impl<W: Write> Normalizer<W> {
         let mut left = size;
         while left > 0 {
             let want = left.min(self.buf.len() as u64) as usize;
-            let n = read_full(data, &mut self.buf[..want]).map_err(NormalizeError::Data)?;
+            let n = crate::digest::read_full(data, &mut self.buf[..want]).map_err(NormalizeError::Data)?;
             if n == 0 {
                 return Err(NormalizeError::Data(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -415,20 +415,6 @@ impl<W: Write> Normalizer<W> {
         let out = self.out.finish().map_err(NormalizeError::Write)?;
         Ok((FinishedLayer { merged, own }, out))
     }
-}
-
-/// Reads until `buf` is full or the stream ends.
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

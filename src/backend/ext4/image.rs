@@ -290,8 +290,7 @@ impl ImageWriter {
         let (mut left, mut logical) = (size, 0u64);
         while left > 0 {
             let want = left.min(CHUNK as u64) as usize;
-            let n = crate::digest::read_full(&mut &mut *data, &mut self.chunk[..want])
-                .map_err(DataError::Read)?;
+            let n = crate::digest::read_full(data, &mut self.chunk[..want]).map_err(DataError::Read)?;
             if n < want {
                 return Err(DataError::Read(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
