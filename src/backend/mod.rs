@@ -188,19 +188,21 @@ impl Write for Making {
     }
 }
 
-/// A UUID made from bytes `offset..offset+16` of a sha256 digest.
-/// (version 4 and variant bits set).
-fn uuid_from(digest: &Digest, offset: usize) -> String {
-    let h = &digest.digest()[offset * 2..offset * 2 + 32];
-    format!("{}-{}-4{}-8{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+/// A UUID made from bytes `offset..offset+16` of a sha256 digest, with the version (4) and
+/// variant bits set.
+fn uuid_bytes(digest: &Digest, offset: usize) -> [u8; 16] {
+    let hex = &digest.digest()[offset * 2..offset * 2 + 32];
+    let mut b: [u8; 16] =
+        std::array::from_fn(|i| u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).expect("hex digest"));
+    b[6] = 0x40 | (b[6] & 0x0f);
+    b[8] = 0x80 | (b[8] & 0x0f);
+    b
 }
 
-/// [`uuid_from`] as 16 bytes.
-fn uuid_bytes(digest: &Digest, offset: usize) -> [u8; 16] {
-    let hex: Vec<u8> = uuid_from(digest, offset).bytes().filter(|&b| b != b'-').collect();
-    std::array::from_fn(|i| {
-        u8::from_str_radix(std::str::from_utf8(&hex[i * 2..i * 2 + 2]).unwrap(), 16).unwrap()
-    })
+/// [`uuid_bytes`] in its usual spelling (`8-4-4-4-12` hex digits).
+fn uuid_from(digest: &Digest, offset: usize) -> String {
+    let h: String = uuid_bytes(digest, offset).iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 /// Checks an image with its filesystem's own checker (`fsck.erofs`, `e2fsck -fn`). `devices`

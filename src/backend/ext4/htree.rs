@@ -21,14 +21,18 @@ pub const HALF_MD4: u8 = 1;
 #[error("directory of {0} entries is more than a two-level ext4 index holds")]
 pub struct TooManyEntries(pub usize);
 
-/// The blocks of the indexed directory `ino` (parent `parent`) holding `entries`.
+/// The blocks of the indexed directory `ino` (parent `parent`) holding `entries`; names are
+/// hashed with the superblock's `hash_seed`.
 pub fn blocks(
     ino: u32,
     parent: u32,
     entries: &[Dirent<'_>],
     csum_seed: u32,
-    hash_seed: &[u32; 4],
+    hash_seed: &[u8; 16],
 ) -> Result<Vec<u8>, TooManyEntries> {
+    let hash_seed: [u32; 4] =
+        std::array::from_fn(|i| u32::from_le_bytes(hash_seed[i * 4..][..4].try_into().unwrap()));
+    let hash_seed = &hash_seed;
     let mut sorted: Vec<(u32, &Dirent<'_>)> =
         entries.iter().map(|e| (name_hash(e.name, hash_seed), e)).collect();
     sorted.sort_by_key(|(hash, _)| *hash);

@@ -73,31 +73,17 @@ struct Attrs {
 }
 
 enum Kind {
-    /// Reserved (1, 3–10) or no longer linked.
-    Unused,
-    Dir {
-        parent: u32,
-        children: Vec<(Vec<u8>, u32)>,
-    },
-    File {
-        size: u64,
-        extents: Vec<Extent>,
-    },
+    Dir { parent: u32, children: Vec<(Vec<u8>, u32)> },
+    File { size: u64, extents: Vec<Extent> },
     FastSymlink(Vec<u8>),
-    SlowSymlink {
-        len: u64,
-        block: u64,
-    },
-    Device {
-        kind: FileType,
-        i_block: [u8; 60],
-    },
+    SlowSymlink { len: u64, block: u64 },
+    Device { kind: FileType, i_block: [u8; 60] },
     Fifo,
 }
 
 struct Node {
     kind: Kind,
-    attrs: Option<Attrs>,
+    attrs: Attrs,
     links: u32,
 }
 
@@ -109,7 +95,6 @@ impl Node {
             Kind::FastSymlink(_) | Kind::SlowSymlink { .. } => FileType::Symlink,
             Kind::Device { kind, .. } => *kind,
             Kind::Fifo => FileType::Fifo,
-            Kind::Unused => unreachable!("only linked inodes are listed"),
         }
     }
 }
@@ -121,8 +106,9 @@ pub struct ImageWriter {
     out: BufWriter<File>,
     /// Next block `out` writes.
     next: u64,
-    /// Inode `n` is `nodes[n - 1]`.
-    nodes: Vec<Node>,
+    /// Inode `n` is `nodes[n - 1]`; `None` for the reserved ones (1, 3–10) and any no longer
+    /// linked.
+    nodes: Vec<Option<Node>>,
     paths: HashMap<Vec<u8>, u32>,
     chunk: Vec<u8>,
     uuid: [u8; 16],
@@ -140,13 +126,12 @@ impl ImageWriter {
         let file = fs_err::File::create(out)?.into_parts().0;
         let mut data = file.try_clone()?;
         data.seek(SeekFrom::Start(DATA_START * BLOCK as u64))?;
-        let mut nodes: Vec<Node> =
-            (1..FIRST_INO).map(|_| Node { kind: Kind::Unused, attrs: None, links: 0 }).collect();
-        nodes[ROOT_INO as usize - 1] = Node {
+        let mut nodes: Vec<Option<Node>> = (1..FIRST_INO).map(|_| None).collect();
+        nodes[ROOT_INO as usize - 1] = Some(Node {
             kind: Kind::Dir { parent: ROOT_INO, children: Vec::new() },
-            attrs: Some(Attrs { perm: 0o755, uid: 0, gid: 0, mtime: (0, 0), xattrs: Xattrs::default() }),
+            attrs: Attrs { perm: 0o755, uid: 0, gid: 0, mtime: (0, 0), xattrs: Xattrs::default() },
             links: 0,
-        };
+        });
         Ok(ImageWriter {
             file,
             out: BufWriter::with_capacity(CHUNK, data),
@@ -160,12 +145,17 @@ impl ImageWriter {
         })
     }
 
-    fn node(&mut self, ino: u32) -> &mut Node {
-        &mut self.nodes[ino as usize - 1]
+    /// A linked inode (every inode a path names is one).
+    fn node(&self, ino: u32) -> &Node {
+        self.nodes[ino as usize - 1].as_ref().expect("a linked inode")
+    }
+
+    fn node_mut(&mut self, ino: u32) -> &mut Node {
+        self.nodes[ino as usize - 1].as_mut().expect("a linked inode")
     }
 
     fn is_dir(&self, ino: u32) -> bool {
-        matches!(self.nodes[ino as usize - 1].kind, Kind::Dir { .. })
+        matches!(self.node(ino).kind, Kind::Dir { .. })
     }
 
     /// Adds the entry at layer path `path` (`b""` is the root; a hardlink's target is a layer
@@ -186,7 +176,7 @@ impl ImageWriter {
         if let EntryKind::Dir = entry
             && let Some(ino) = existing_dir
         {
-            self.node(ino).attrs = Some(attrs()?);
+            self.node_mut(ino).attrs = attrs()?;
             return Ok(());
         }
         if path.is_empty() || existing_dir.is_some() {
@@ -218,15 +208,17 @@ impl ImageWriter {
                 target_ino
             }
             other => {
-                let attrs = Some(attrs()?);
+                let attrs = attrs()?;
                 let kind = self.new_kind(path, parent, other)?;
-                self.nodes.push(Node { kind, attrs, links: 0 });
+                self.nodes.push(Some(Node { kind, attrs, links: 0 }));
                 self.nodes.len() as u32
             }
         };
-        self.node(ino).links += 1;
+        self.node_mut(ino).links += 1;
         self.paths.insert(path.to_vec(), ino);
-        let Kind::Dir { children, .. } = &mut self.nodes[parent as usize - 1].kind else { unreachable!() };
+        let Kind::Dir { children, .. } = &mut self.node_mut(parent).kind else {
+            unreachable!("checked above")
+        };
         match existing {
             Some(old) => {
                 let slot = children
@@ -234,10 +226,9 @@ impl ImageWriter {
                     .find(|(n, _)| n == name)
                     .expect("a listed path is its parent's child");
                 slot.1 = ino;
-                let old = self.node(old);
-                old.links -= 1;
-                if old.links == 0 {
-                    *old = Node { kind: Kind::Unused, attrs: None, links: 0 };
+                self.node_mut(old).links -= 1;
+                if self.node(old).links == 0 {
+                    self.nodes[old as usize - 1] = None;
                 }
             }
             None => children.push((name.to_vec(), ino)),
@@ -331,14 +322,48 @@ impl ImageWriter {
         }
         let meta_end = self.next;
         let g = geometry(meta_end, self.nodes.len() as u32)?;
-        let block_bitmaps = meta_end;
+        let (descs, bitmaps, totals) = self.group_summaries(&g, &inodes, data_end, meta_end);
+        let ipg = g.inodes_per_group as usize;
+        let write = |r: io::Result<()>| r.map_err(Ext4Error::Write);
+        write(self.out.write_all(&bitmaps))?;
+        let mut table = vec![0u8; g.table_blocks as usize * BLOCK];
+        for group in 0..g.groups as usize {
+            table.fill(0);
+            for i in 0..ipg {
+                let ino = group * ipg + i + 1;
+                if let Some(Some(out)) = inodes.get(ino - 1) {
+                    let node = self.node(ino as u32);
+                    table[i * INODE_SIZE..(i + 1) * INODE_SIZE]
+                        .copy_from_slice(&out.encode(node, ino as u32, self.seed));
+                }
+            }
+            write(self.out.write_all(&table))?;
+        }
+        write(self.out.flush())?;
+
+        let mut head = vec![0u8; (1 + g.gdt_blocks() as usize) * BLOCK];
+        head[1024..2048].copy_from_slice(&disk::superblock(&g, &totals, &self.uuid, &self.hash_seed));
+        head[BLOCK..BLOCK + descs.len()].copy_from_slice(&descs);
+        write(self.file.write_all_at(&head, 0))?;
+        write(self.file.set_len(g.blocks * BLOCK as u64))
+    }
+
+    /// The group descriptors, the block and inode bitmaps of all groups (in that order, as
+    /// they are written from `block_bitmaps` on, the inode tables after them) and the free
+    /// counts, for the inodes `placed` and the data written up to `data_end`.
+    fn group_summaries(
+        &self,
+        g: &disk::Geometry,
+        placed: &[Option<InodeOut>],
+        data_end: u64,
+        block_bitmaps: u64,
+    ) -> (Vec<u8>, Vec<u8>, disk::Totals) {
         let inode_bitmaps = block_bitmaps + g.groups as u64;
         let tables = inode_bitmaps + g.groups as u64;
         let tables_end = tables + g.groups as u64 * g.table_blocks as u64;
-
         let mut used = Bitmap::new(g.blocks);
         used.set_range(0, 1 + g.gdt_blocks());
-        for node in &self.nodes {
+        for node in self.nodes.iter().flatten() {
             match &node.kind {
                 Kind::File { extents, .. } => {
                     for e in extents {
@@ -372,10 +397,10 @@ impl ImageWriter {
             let (mut free_inodes, mut dirs, mut last_used) = (0u32, 0u16, 0usize);
             for i in 0..ipg {
                 let ino = group as usize * ipg + i + 1;
-                let in_use = ino < FIRST_INO as usize || inodes.get(ino - 1).is_some_and(Option::is_some);
+                let in_use = ino < FIRST_INO as usize || placed.get(ino - 1).is_some_and(Option::is_some);
                 if in_use {
                     last_used = i + 1;
-                    dirs += (ino <= self.nodes.len() && matches!(self.nodes[ino - 1].kind, Kind::Dir { .. }))
+                    dirs += matches!(self.nodes.get(ino - 1), Some(Some(Node { kind: Kind::Dir { .. }, .. })))
                         as u16;
                 } else {
                     inode_map[i / 8] &= !(1 << (i % 8));
@@ -403,36 +428,14 @@ impl ImageWriter {
             inode_maps.extend_from_slice(&inode_map);
         }
         bitmaps.extend_from_slice(&inode_maps);
-        let write = |r: io::Result<()>| r.map_err(Ext4Error::Write);
-        write(self.out.write_all(&bitmaps))?;
-        let mut table = vec![0u8; g.table_blocks as usize * BLOCK];
-        for group in 0..g.groups as usize {
-            table.fill(0);
-            for i in 0..ipg {
-                let ino = group * ipg + i + 1;
-                if let Some(Some(out)) = inodes.get(ino - 1) {
-                    let node = &self.nodes[ino - 1];
-                    table[i * INODE_SIZE..(i + 1) * INODE_SIZE]
-                        .copy_from_slice(&out.encode(node, ino as u32, self.seed));
-                }
-            }
-            write(self.out.write_all(&table))?;
-        }
-        write(self.out.flush())?;
-
-        let mut head = vec![0u8; (1 + g.gdt_blocks() as usize) * BLOCK];
-        head[1024..2048].copy_from_slice(&disk::superblock(&g, &totals, &self.uuid, &self.hash_seed));
-        head[BLOCK..BLOCK + descs.len()].copy_from_slice(&descs);
-        write(self.file.write_all_at(&head, 0))?;
-        write(self.file.set_len(g.blocks * BLOCK as u64))
+        (descs, bitmaps, totals)
     }
 
     /// Writes inode `ino`'s metadata blocks (directory blocks, extent tree, xattr block) at
     /// the end of the image so far; `None` for an unused inode.
     fn place(&mut self, ino: u32) -> io::Result<Option<InodeOut>> {
-        let node = &self.nodes[ino as usize - 1];
-        let Some(attrs) = &node.attrs else { return Ok(None) };
-        let xattr_block = attrs.xattrs.block.clone();
+        let Some(node) = &self.nodes[ino as usize - 1] else { return Ok(None) };
+        let xattr_block = node.attrs.xattrs.block.clone();
         let mut out = InodeOut {
             size: 0,
             links: node.links as u16,
@@ -442,25 +445,17 @@ impl ImageWriter {
             xattr_block: 0,
         };
         let extents = match &node.kind {
-            Kind::Unused => return Ok(None),
             Kind::Dir { parent, children } => {
                 let entries: Vec<Dirent<'_>> = children
                     .iter()
-                    .map(|(name, child)| Dirent {
-                        name,
-                        ino: *child,
-                        kind: self.nodes[*child as usize - 1].file_type(),
-                    })
+                    .map(|(name, child)| Dirent { name, ino: *child, kind: self.node(*child).file_type() })
                     .collect();
                 let links = 2 + entries.iter().filter(|e| e.kind == FileType::Dir).count() as u32;
                 out.links = if links > MAX_LINKS { 1 } else { links as u16 };
                 let mut blocks = disk::dir_blocks(ino, *parent, &entries, self.seed);
                 if blocks.len() > BLOCK {
-                    let seed = std::array::from_fn(|i| {
-                        u32::from_le_bytes(self.hash_seed[i * 4..][..4].try_into().unwrap())
-                    });
-                    blocks =
-                        htree::blocks(ino, *parent, &entries, self.seed, &seed).map_err(io::Error::other)?;
+                    blocks = htree::blocks(ino, *parent, &entries, self.seed, &self.hash_seed)
+                        .map_err(io::Error::other)?;
                     out.flags = INDEX_FL;
                 }
                 let n = (blocks.len() / BLOCK) as u32;
@@ -559,7 +554,7 @@ struct InodeOut {
 
 impl InodeOut {
     fn encode(&self, node: &Node, ino: u32, seed: u32) -> [u8; INODE_SIZE] {
-        let a = node.attrs.as_ref().expect("placed inodes have attributes");
+        let a = &node.attrs;
         disk::inode(
             &InodeFields {
                 kind: node.file_type(),
