@@ -277,7 +277,7 @@ fn a_pushed_base_layer_holds_no_whiteouts() {
             if m.file_type().is_char_device() && m.rdev() == 0 {
                 whiteouts.push(e.strip_prefix(stack.root()).unwrap().to_path_buf());
             }
-            if m.is_dir() && xattr_of(&e, "trusted.overlay.opaque").is_some() {
+            if m.is_dir() && xattr(&e, "trusted.overlay.opaque").is_some() {
                 opaque.push(e.clone());
             }
         }
@@ -306,15 +306,6 @@ fn walk(root: &Path) -> Vec<PathBuf> {
         }
     }
     out
-}
-
-fn xattr_of(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let out = std::process::Command::new("getfattr")
-        .args(["--only-values", "-h", "-n", name])
-        .arg(path)
-        .output()
-        .ok()?;
-    out.status.success().then_some(out.stdout)
 }
 
 fn zstd_decode(bytes: &[u8], out: &mut Vec<u8>) {

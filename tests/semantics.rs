@@ -20,13 +20,6 @@ fn names(dir: &Path) -> Vec<String> {
 /// `cap_net_raw+ep` as a VFS_CAP_REVISION_2 `security.capability` value.
 const CAP_NET_RAW: [u8; 20] = [0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
-fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; 256];
-    let n = rustix::fs::lgetxattr(path, name, &mut buf).ok()?;
-    buf.truncate(n);
-    Some(buf)
-}
-
 fn layers() -> Vec<Layer> {
     let base = Layer::gzip(&[
         Entry::Dir { path: b"./".to_vec(), mode: 0o751, uid: 0, mtime: 1_500_000_000 },
