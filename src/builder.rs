@@ -27,7 +27,7 @@ use crate::platform::Platform;
 use crate::progress::Reporter;
 use crate::record::{BuildResult, ImageRecord, LayerRecord, Lower, RuntimeConfig};
 use crate::source::{self, ImageSource, ResolvedImage, SourceError};
-use crate::store::{Store, StoreError};
+use crate::store::{LayerSlot, LayerState, Store, StoreError};
 use crate::verity::VerityInfo;
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +95,11 @@ pub enum LayerFailure {
     Verity(#[from] crate::verity::VerityError),
     #[error("the layer below failed")]
     LowerFailed,
+    #[error(
+        "the stored blob {path} is not what its record names{}: `vmrootfs verify` says which images use it",
+        found.as_ref().map(|f| format!(" (its sha256 is {f})")).unwrap_or_default()
+    )]
+    DamagedBlob { path: std::path::PathBuf, found: Option<String> },
 }
 
 impl LayerFailure {
@@ -441,8 +446,10 @@ impl Builder {
         Ok(BuildResult { record: self.store.locate(record)?, cached })
     }
 
-    /// The dm-verity tree of the stored layer `chain_id`, made now if missing (under the
-    /// layer lock, looking again once it is held); true when it was made.
+    /// The dm-verity tree of the stored layer `chain_id`, made now if missing or not the tree
+    /// of the blob beside it (under the layer lock, looking again once it is held); true when
+    /// it was made. The blob must hash to what its record says: a tree of damaged bytes is
+    /// never made.
     fn ensure_verity(&self, chain_id: &Digest) -> Result<(crate::verity::VerityInfo, bool), BuildError> {
         let fs = self.opts.fs;
         if let Some(v) = self.store.layer_verity(fs, chain_id)? {
@@ -454,13 +461,25 @@ impl Builder {
         }
         let layer_failure =
             |e: LayerFailure| BuildError::Verity { chain_id: chain_id.clone(), source: Box::new(e) };
-        let work = self.store.staging("verity-")?;
-        let tree = work.path().join("tree");
         let id = crate::record::BlobId::new(crate::record::BlobKind::Layer, fs, fs.recipe(), chain_id)
             .map_err(StoreError::from)?;
-        let built = crate::verity::build_tree(&self.store.blob_path(&id), chain_id, &tree)
-            .map_err(|e| layer_failure(e.into()))?;
-        self.store.publish_verity(fs, chain_id, &tree, &built.info)?;
+        let blob = self.store.blob_path(&id);
+        let recorded = match self.store.layer_slot(&id)? {
+            LayerSlot::Published(r) => r.blob_sha256,
+            LayerSlot::Absent | LayerSlot::Damaged(_) => {
+                return Err(layer_failure(LayerFailure::DamagedBlob { path: blob, found: None }));
+            }
+        };
+        let work = self.store.staging("verity-")?;
+        let tree = work.path().join("tree");
+        let built = crate::verity::build_tree(&blob, chain_id, &tree).map_err(|e| layer_failure(e.into()))?;
+        if built.blob_sha256 != recorded {
+            return Err(layer_failure(LayerFailure::DamagedBlob {
+                path: blob,
+                found: Some(built.blob_sha256),
+            }));
+        }
+        self.store.publish_verity(fs, chain_id, &tree, &built.info, &recorded)?;
         Ok((built.info, true))
     }
 
@@ -523,15 +542,26 @@ impl Builder {
         let fs = self.opts.fs;
         // The layer lock, then a second look: another build may have made the blob meanwhile.
         let _layer_lock = self.store.lock_layer(fs, &plan.chain[i])?;
-        if let Some(record) = self.store.layer(fs, &plan.chain[i])? {
-            plan.slots.set(i, Slot::Ready(Arc::new(self.store.dir_index(fs, &plan.chain[i])?)));
-            plan.reporter.line(&format!(
-                "layer {}/{} {}: stored by another build meanwhile",
+        match self.store.layer_state(fs, &plan.chain[i])? {
+            LayerState::Ready(record) => {
+                plan.slots.set(i, Slot::Ready(Arc::new(self.store.dir_index(fs, &plan.chain[i])?)));
+                plan.reporter.line(&format!(
+                    "layer {}/{} {}: stored by another build meanwhile",
+                    i + 1,
+                    plan.chain.len(),
+                    layer.digest
+                ));
+                return Ok((record, None));
+            }
+            // Converted again; publishing replaces the blob only if it is damaged or the same
+            // bytes (a pulled blob, which has no sidecars).
+            LayerState::Unusable { why, .. } => plan.reporter.line(&format!(
+                "layer {}/{} {}: the stored blob cannot be reused as it is ({why}): converting it again",
                 i + 1,
                 plan.chain.len(),
                 layer.digest
-            ));
-            return Ok((record, None));
+            )),
+            LayerState::Absent => {}
         }
         let progress = plan.reporter.layer(i, plan.chain.len(), &layer.digest, layer.size);
         let started = std::time::Instant::now();
@@ -603,10 +633,12 @@ impl Builder {
                 size,
                 blob_sha256,
                 tool: backend.describe(),
+                dirs_sha256: None,
+                own_sha256: None,
             };
-            self.store.publish_layer(&out, &merged, &finished.own, &record)?;
+            let record = self.store.publish_layer(&out, &merged, &finished.own, &record)?;
             if let Some(v) = &verity {
-                self.store.publish_verity(fs, &plan.chain[i], &tree, v)?;
+                self.store.publish_verity(fs, &plan.chain[i], &tree, v, &record.blob_sha256)?;
             }
             crate::progress::debug(&format!(
                 "layer {}: streamed in {:.2}s, waited for the layer below and {} for {:.2}s, \

@@ -18,10 +18,11 @@ use oci_spec::image::Digest;
 use crate::backend::FsType;
 use crate::digest::{self, HashingReader, HashingWriter};
 use crate::erofs_image::{self, ErofsLayer, Role};
-use crate::progress::Reporter;
+use crate::progress::{LayerProgress, Reporter};
 use crate::record::{BlobId, BlobKind, LayerRecord, Lower};
 use crate::source::{ImageSource, LayerRef, ResolvedImage};
-use crate::store::{Store, StoreError};
+use crate::store::{LayerSlot, Store, StoreError};
+use crate::verity::VerityInfo;
 
 /// The recipe version recorded for EROFS blobs vmrootfs did not make: they are stored as they
 /// came (`layers/erofs-v0/`), keyed by their own chain ID.
@@ -56,6 +57,13 @@ pub enum PullError {
     Verity(#[from] crate::verity::VerityError),
     #[error("its dm-verity tree gives root digest {found}, not the annotated {annotated}")]
     VerityMismatch { annotated: String, found: String },
+    #[error(
+        "the store holds other bytes{} under the key its annotations claim ({path}) than this \
+         layer's blob (sha256 {pulled}); a layer with a dm-verity tree is only stored under the \
+         key its tree is salted for, so it is not pulled: `vmrootfs verify` the store, or pull \
+         into another store"
+    , if stored.is_empty() { String::new() } else { format!(" (sha256 {stored})") })]
+    ClaimedKeyTaken { path: std::path::PathBuf, stored: String, pulled: String },
 }
 
 /// Where one pulled layer goes in the store, and what its record says.
@@ -130,29 +138,31 @@ pub fn pull(
                     let layer = &image.layers[i];
                     let result = (|| {
                         let t = target(image, &chain, i, &spec)?;
-                        let (record, was_stored) = fetch_one(
+                        let pulled = fetch_one(
                             store,
                             source,
                             layer,
                             &layers[i],
                             &t,
+                            &chain[i],
                             k,
                             total,
                             max_layer_bytes,
                             reporter,
                         )?;
-                        if !was_stored {
+                        if !pulled.was_stored {
                             fetched.fetch_add(1, Ordering::SeqCst);
                         }
+                        let r = pulled.record;
                         Ok(Lower {
                             fs: FsType::Erofs,
-                            recipe: t.id.recipe,
-                            chain_id: record.chain_id,
-                            diff_id: record.diff_id,
+                            recipe: r.recipe,
+                            chain_id: r.chain_id,
+                            diff_id: r.diff_id,
                             digest: layer.digest.clone(),
-                            size: record.size,
-                            blob_sha256: record.blob_sha256,
-                            verity: store.layer_verity_of(&t.id)?,
+                            size: r.size,
+                            blob_sha256: r.blob_sha256,
+                            verity: pulled.verity,
                         })
                     })();
                     results
@@ -169,7 +179,40 @@ pub fn pull(
     Ok((lowers, fetched.load(Ordering::SeqCst) == 0))
 }
 
-/// One layer: the stored record if the store has it, else fetched, checked and published.
+/// A pulled layer: its record, its dm-verity tree, whether it was stored already.
+struct Pulled {
+    record: LayerRecord,
+    verity: Option<VerityInfo>,
+    was_stored: bool,
+}
+
+/// The layer as stored under `id`, if it is provably the bytes the descriptor names: the
+/// blob's sha256 is the layer's DiffID, or, for a layer with a dm-verity tree, the stored
+/// tree is the blob's, with the annotated root, and `blob ‖ tree` hashes to the DiffID.
+fn stored_as_named(
+    store: &Store,
+    id: &BlobId,
+    diff_id: &Digest,
+    verity: Option<&(u64, Digest)>,
+) -> Result<Option<Pulled>, PullError> {
+    let LayerSlot::Published(record) = store.layer_slot(id)? else { return Ok(None) };
+    let named = |sha256: &str| diff_id.to_string() == format!("sha256:{sha256}");
+    let found = match verity {
+        None => named(&record.blob_sha256).then_some(None),
+        Some((offset, root)) => store
+            .layer_verity_of(id)?
+            .filter(|v| named(&v.sha256) && v.hash_offset == *offset && v.root_digest == *root)
+            .map(Some),
+    };
+    Ok(found.map(|verity| Pulled { record, verity, was_stored: true }))
+}
+
+/// One layer: the stored blob if the store has the bytes its descriptor names under the key
+/// `t` (see [`target`]), else fetched, checked and published. Fetched bytes go under `t` when
+/// nothing is stored there; when the same blob is, only its missing dm-verity tree is
+/// published; when other bytes are, the layer is stored under the key of its own content
+/// (recipe [`IMPORTED_RECIPE`], the chain ID of this image's DiffIDs `own_chain`), and
+/// neither blob's record changes.
 #[allow(clippy::too_many_arguments)]
 fn fetch_one(
     store: &Store,
@@ -177,110 +220,190 @@ fn fetch_one(
     layer: &LayerRef,
     classified: &ErofsLayer,
     t: &Target,
+    own_chain: &Digest,
     index: usize,
     total: usize,
     max_layer_bytes: u64,
     reporter: &Reporter,
-) -> Result<(LayerRecord, bool), PullError> {
-    if let Some(r) = store.layer_blob(&t.id)? {
+) -> Result<Pulled, PullError> {
+    let annotated = verity_of(layer)?.filter(|_| t.id.recipe != IMPORTED_RECIPE);
+    if let Some(p) = stored_as_named(store, &t.id, &classified.diff_id, annotated.as_ref())? {
         reporter.cached(index, total, &layer.digest);
-        return Ok((r, true));
+        return Ok(p);
     }
     let _lock = store.lock_layer_blob(&t.id)?;
-    if let Some(r) = store.layer_blob(&t.id)? {
+    if let Some(p) = stored_as_named(store, &t.id, &classified.diff_id, annotated.as_ref())? {
         reporter.cached(index, total, &layer.digest);
-        return Ok((r, true));
+        return Ok(p);
     }
     let progress = reporter.fetch(index, total, &layer.digest, layer.size);
     let result = (|| {
         let work = store.staging("pull-")?;
-        let out = work.path().join("blob");
-        let file =
-            fs_err::File::create(&out).map_err(|e| PullError::Write { path: out.clone(), source: e })?;
-        let writeback = crate::writeback::Writeback::follow(&out);
-        // A raw blob is its own uncompressed data: one hash does for both digests.
-        let mut sink = MaybeHashing::new(file, classified.zstd);
-        let counted = Counting { inner: source.open_layer(layer)?, progress: &|n| progress.inc(n) };
-        let mut raw = HashingReader::new(counted);
-        let limit = max_layer_bytes.saturating_add(1);
-        let copied = if classified.zstd {
-            let decoder = zstd::stream::Decoder::new(&mut raw).map_err(PullError::Read)?;
-            copy_in_large_pieces(&mut decoder.take(limit), &mut sink)
-        } else {
-            copy_in_large_pieces(&mut (&mut raw).take(limit), &mut sink)
-        };
-        let n = copied.map_err(|e| PullError::Write { path: out.clone(), source: e })?;
-        if n > max_layer_bytes {
-            return Err(PullError::TooLarge { max: max_layer_bytes });
-        }
-        let (found, read, _) = raw.finish().map_err(PullError::Read)?;
-        if let Some(expected) = layer.size
-            && expected != read
-        {
-            return Err(PullError::Size { expected, found: read });
-        }
-        digest::check("layer blob", &layer.digest, &found)?;
-        let (unpacked, size, file) = sink.finish();
-        writeback.finish();
-        file.sync_all().map_err(|e| PullError::Write { path: out.clone(), source: e })?;
-        let unpacked = unpacked.unwrap_or(found);
-        digest::check("layer DiffID (uncompressed digest)", &classified.diff_id, &unpacked)?;
-        let chain_id: Digest = t.id.chain_id.clone().into();
-        // A vmrootfs layer with a dm-verity tree: the blob and its tree are stored apart, as a
-        // local `build --verity` keeps them, the tree checked against the annotated root.
-        let tree = work.path().join("tree");
-        // The blob's own sha256: the DiffID's, unless a tree came after it (`check` hashes it).
-        let (verity, blob_sha256) = match verity_of(layer)? {
-            Some((hash_offset, root)) if t.id.recipe != IMPORTED_RECIPE => {
-                if hash_offset % crate::verity::BLOCK_SIZE != 0 || hash_offset > size {
-                    return Err(PullError::BadAnnotation {
-                        key: erofs_image::VERITY_HASH_OFFSET,
-                        value: hash_offset.to_string(),
-                        expected: "a multiple of 4096 within the layer",
-                    });
+        let fetched =
+            fetch(source, layer, classified, t, annotated, work.path(), max_layer_bytes, &progress)?;
+        match store.layer_slot(&t.id)? {
+            LayerSlot::Absent => {
+                store.publish_pulled_layer(&fetched.blob, &fetched.record)?;
+                if let Some((tree, v)) = &fetched.verity {
+                    store.publish_verity_of(&t.id, tree, v, &fetched.record.blob_sha256)?;
                 }
-                split_off(&out, hash_offset, &tree)?;
-                let checked = crate::verity::check(&out, &chain_id, &tree)?;
-                if checked.root_digest != root || checked.differing_tree_blocks != 0 {
-                    return Err(PullError::VerityMismatch {
-                        annotated: root.to_string(),
-                        found: checked.root_digest.to_string(),
-                    });
-                }
-                let info = crate::verity::VerityInfo {
-                    hash_offset,
-                    root_digest: root,
-                    salt: hex::encode(crate::verity::salt_for(&chain_id)?),
-                    block_size: crate::verity::BLOCK_SIZE,
-                    algorithm: "sha256".into(),
-                    tree_size: size - hash_offset,
-                    tree_sha256: digest::sha256_file_hex(&tree).map_err(PullError::Read)?,
-                    sha256: unpacked.digest().to_string(),
-                };
-                (Some(info), checked.blob_sha256)
+                Ok(Pulled {
+                    record: fetched.record,
+                    verity: fetched.verity.map(|(_, v)| v),
+                    was_stored: false,
+                })
             }
-            _ => (None, unpacked.digest().to_string()),
-        };
-        let record = LayerRecord {
-            chain_id,
-            diff_id: t.diff_id.clone(),
-            fs: FsType::Erofs,
-            recipe: t.id.recipe,
-            size: verity.as_ref().map_or(size, |v| v.hash_offset),
-            blob_sha256,
-            tool: t.tool.clone(),
-        };
-        store.publish_pulled_layer(&out, &record)?;
-        if let Some(v) = &verity {
-            store.publish_verity_of(&t.id, &tree, v)?;
+            // The same blob, without the tree this layer has (never made, or its publication
+            // cut short): the tree is published beside it.
+            LayerSlot::Published(stored) if stored.blob_sha256 == fetched.record.blob_sha256 => {
+                if let Some((tree, v)) = &fetched.verity {
+                    store.publish_verity_of(&t.id, tree, v, &stored.blob_sha256)?;
+                }
+                Ok(Pulled { record: stored, verity: fetched.verity.map(|(_, v)| v), was_stored: false })
+            }
+            slot => {
+                let (stored, why) = match slot {
+                    LayerSlot::Published(r) => (r.blob_sha256, None),
+                    LayerSlot::Damaged(d) => (String::new(), Some(d)),
+                    LayerSlot::Absent => unreachable!("matched above"),
+                };
+                if fetched.verity.is_some() {
+                    return Err(PullError::ClaimedKeyTaken {
+                        path: store.blob_path(&t.id),
+                        stored,
+                        pulled: fetched.record.blob_sha256,
+                    });
+                }
+                reporter.line(&format!(
+                    "layer {}/{total} {}: the store holds other bytes{} under the key its annotations \
+                     claim ({}): kept under a key of its own",
+                    index + 1,
+                    layer.digest,
+                    why.map(|d| format!(" ({d})")).unwrap_or_default(),
+                    store.blob_path(&t.id).display()
+                ));
+                let own = BlobId::new(BlobKind::Layer, FsType::Erofs, IMPORTED_RECIPE, own_chain)?;
+                let _own_lock = store.lock_layer_blob(&own)?;
+                if let Some(p) = stored_as_named(store, &own, &classified.diff_id, None)? {
+                    return Ok(Pulled { was_stored: false, ..p });
+                }
+                let record = LayerRecord {
+                    chain_id: own_chain.clone(),
+                    diff_id: classified.diff_id.clone(),
+                    recipe: IMPORTED_RECIPE,
+                    ..fetched.record
+                };
+                store.publish_pulled_layer(&fetched.blob, &record)?;
+                Ok(Pulled { record, verity: None, was_stored: false })
+            }
         }
-        Ok(record)
     })();
     match &result {
-        Ok(r) => progress.done(r.size),
+        Ok(p) => progress.done(p.record.size),
         Err(_) => progress.failed(),
     }
-    result.map(|r| (r, false))
+    result
+}
+
+/// A layer fetched into staging, checked against its descriptor, DiffID and annotated root.
+struct Fetched {
+    blob: std::path::PathBuf,
+    /// Its record under the key `t` claims.
+    record: LayerRecord,
+    /// Its dm-verity tree (split off the blob) and the tree's record.
+    verity: Option<(std::path::PathBuf, VerityInfo)>,
+}
+
+/// Streams layer `layer` into `work` and checks it.
+#[allow(clippy::too_many_arguments)]
+fn fetch(
+    source: &dyn ImageSource,
+    layer: &LayerRef,
+    classified: &ErofsLayer,
+    t: &Target,
+    annotated: Option<(u64, Digest)>,
+    work: &std::path::Path,
+    max_layer_bytes: u64,
+    progress: &LayerProgress,
+) -> Result<Fetched, PullError> {
+    let out = work.join("blob");
+    let file = fs_err::File::create(&out).map_err(|e| PullError::Write { path: out.clone(), source: e })?;
+    let writeback = crate::writeback::Writeback::follow(&out);
+    // A raw blob is its own uncompressed data: one hash does for both digests.
+    let mut sink = MaybeHashing::new(file, classified.zstd);
+    let counted = Counting { inner: source.open_layer(layer)?, progress: &|n| progress.inc(n) };
+    let mut raw = HashingReader::new(counted);
+    let limit = max_layer_bytes.saturating_add(1);
+    let copied = if classified.zstd {
+        let decoder = zstd::stream::Decoder::new(&mut raw).map_err(PullError::Read)?;
+        copy_in_large_pieces(&mut decoder.take(limit), &mut sink)
+    } else {
+        copy_in_large_pieces(&mut (&mut raw).take(limit), &mut sink)
+    };
+    let n = copied.map_err(|e| PullError::Write { path: out.clone(), source: e })?;
+    if n > max_layer_bytes {
+        return Err(PullError::TooLarge { max: max_layer_bytes });
+    }
+    let (found, read, _) = raw.finish().map_err(PullError::Read)?;
+    if let Some(expected) = layer.size
+        && expected != read
+    {
+        return Err(PullError::Size { expected, found: read });
+    }
+    digest::check("layer blob", &layer.digest, &found)?;
+    let (unpacked, size, file) = sink.finish();
+    writeback.finish();
+    file.sync_all().map_err(|e| PullError::Write { path: out.clone(), source: e })?;
+    let unpacked = unpacked.unwrap_or(found);
+    digest::check("layer DiffID (uncompressed digest)", &classified.diff_id, &unpacked)?;
+    let chain_id: Digest = t.id.chain_id.clone().into();
+    // A vmrootfs layer with a dm-verity tree: the blob and its tree are stored apart, as a
+    // local `build --verity` keeps them, the tree checked against the annotated root.
+    let tree = work.join("tree");
+    // The blob's own sha256: the DiffID's, unless a tree came after it (`check` hashes it).
+    let (verity, blob_sha256) = match annotated {
+        Some((hash_offset, root)) => {
+            if hash_offset % crate::verity::BLOCK_SIZE != 0 || hash_offset > size {
+                return Err(PullError::BadAnnotation {
+                    key: erofs_image::VERITY_HASH_OFFSET,
+                    value: hash_offset.to_string(),
+                    expected: "a multiple of 4096 within the layer",
+                });
+            }
+            split_off(&out, hash_offset, &tree)?;
+            let checked = crate::verity::check(&out, &chain_id, &tree)?;
+            if checked.root_digest != root || checked.differing_tree_blocks != 0 {
+                return Err(PullError::VerityMismatch {
+                    annotated: root.to_string(),
+                    found: checked.root_digest.to_string(),
+                });
+            }
+            let info = crate::verity::VerityInfo {
+                hash_offset,
+                root_digest: root,
+                salt: hex::encode(crate::verity::salt_for(&chain_id)?),
+                block_size: crate::verity::BLOCK_SIZE,
+                algorithm: "sha256".into(),
+                tree_size: size - hash_offset,
+                tree_sha256: digest::sha256_file_hex(&tree).map_err(PullError::Read)?,
+                sha256: unpacked.digest().to_string(),
+            };
+            (Some((tree, info)), checked.blob_sha256)
+        }
+        None => (None, unpacked.digest().to_string()),
+    };
+    let record = LayerRecord {
+        chain_id,
+        diff_id: t.diff_id.clone(),
+        fs: FsType::Erofs,
+        recipe: t.id.recipe,
+        size: verity.as_ref().map_or(size, |(_, v)| v.hash_offset),
+        blob_sha256,
+        tool: t.tool.clone(),
+        dirs_sha256: None,
+        own_sha256: None,
+    };
+    Ok(Fetched { blob: out, record, verity })
 }
 
 /// The `org.erofs.dmverity.*` annotations of a layer: `(hash_offset, root digest)`, when it

@@ -232,4 +232,10 @@ pub struct LayerRecord {
     pub blob_sha256: String,
     /// The tool that made the blob, e.g. `mkfs.erofs 1.5`.
     pub tool: String,
+    /// sha256 hex of the `.dirs` sidecar (local conversions; pulled blobs have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirs_sha256: Option<String>,
+    /// sha256 hex of the `.own` sidecar (local conversions; pulled blobs have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_sha256: Option<String>,
 }

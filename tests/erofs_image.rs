@@ -556,3 +556,147 @@ fn verity_images_push_and_pull_with_their_trees() {
         assert!(ok, "{name}: verify of the pulled store: {err}");
     }
 }
+
+/// A one-layer image holding directory `name` with one file, built into `store` as tag
+/// `name` (with `extra` arguments) from a layout under `base`; the build result.
+fn small_image(base: &Path, store: &Path, name: &str, extra: &[&str]) -> serde_json::Value {
+    let layout = base.join(format!("layout-{name}"));
+    if !layout.exists() {
+        oci_layout(&layout, "t", &[Layer::gzip(&[dir_entry(name, 0o755), file(&format!("{name}/f"), name)])]);
+    }
+    let mut args = vec![format!("oci:{}:t", layout.display()), "--tag".into(), name.into()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, r, err) = build_json(store, &args);
+    assert!(ok, "build {name}: {err}");
+    r
+}
+
+/// `inspect --json` of `tag`.
+fn inspect(store: &Path, tag: &str) -> serde_json::Value {
+    let (ok, out, err) = run(vmrootfs(store).args(["inspect", tag, "--json"]));
+    assert!(ok, "inspect {tag}: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Issue 17 item 1: an EROFS image whose layer annotations claim the chain ID of a layer
+/// this store built from other bytes is pulled into its own blob: its record names the bytes
+/// its descriptor names, the first image's record and blob stay as they were, and `verify`
+/// passes both.
+#[test]
+fn a_pull_never_attaches_bytes_its_manifest_does_not_name() {
+    let tmp = scratch("erofs-claimed-key");
+    let base = tmp.path();
+    let store = base.join("store");
+    let a = small_image(base, &store, "a", &[]);
+    let a_before = inspect(&store, "a");
+    let producer = base.join("producer");
+    small_image(base, &producer, "b", &[]);
+    let layout = base.join("forged");
+    push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
+    let claimed = a["lowers"][0].clone();
+    rewrite(&layout, |manifest, _, _| {
+        let notes = &mut manifest["layers"][0]["annotations"];
+        notes["dev.vmrootfs.source.chain-id"] = claimed["chain_id"].clone();
+        notes["dev.vmrootfs.source.diff-id"] = claimed["diff_id"].clone();
+    });
+    let (_, manifest, _) = layout_image(&layout, "latest");
+    let named = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let reg = Registry::start(None);
+    reg.push(&format!("oci:{}:latest", layout.display()), "lab/forged:1", None, false);
+
+    let (ok, pulled, err) = build_json(&store, &[&format!("{}/lab/forged:1", reg.addr), "--tag", "b"]);
+    assert!(ok, "pull: {err}");
+    let lower = &pulled["lowers"][0];
+    let path = Path::new(lower["path"].as_str().unwrap());
+    assert_eq!(format!("sha256:{}", lower["blob_sha256"].as_str().unwrap()), named, "{pulled}");
+    assert_eq!(format!("sha256:{}", vmrootfs::digest::sha256_file_hex(path).unwrap()), named);
+    assert_ne!(lower["path"], a["lowers"][0]["path"], "a blob of its own");
+    assert_eq!(inspect(&store, "a"), a_before, "the first image's record is unchanged");
+    let a_path = Path::new(a["lowers"][0]["path"].as_str().unwrap());
+    assert_eq!(
+        vmrootfs::digest::sha256_file_hex(a_path).unwrap(),
+        a["lowers"][0]["blob_sha256"].as_str().unwrap(),
+        "the first image's blob is unchanged"
+    );
+    let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "verify passes both: {out}{err}");
+}
+
+/// Issue 17 item 5: a `--verity` image pulled into a store that has the plain blob of its
+/// layer, or whose tree publication was cut short, is stored with its tree.
+#[test]
+fn a_verity_pull_stores_its_tree_over_a_plain_blob_or_a_half_published_one() {
+    let tmp = scratch("erofs-verity-kept");
+    let base = tmp.path();
+    let producer = base.join("producer");
+    let built = small_image(base, &producer, "v", &["--verity"]);
+    let root = built["lowers"][0]["verity"]["root_digest"].clone();
+    assert!(root.is_string(), "{built}");
+    let layout = base.join("pushed");
+    push_json(&producer, &["v", &format!("oci:{}", layout.display())]);
+    let source = format!("oci:{}", layout.display());
+
+    let store = base.join("store");
+    small_image(base, &store, "v", &[]);
+    let (ok, pulled, err) = build_json(&store, &[&source, "--tag", "pulled"]);
+    assert!(ok, "pull over the plain blob: {err}");
+    assert_eq!(pulled["lowers"][0]["verity"]["root_digest"], root, "over a plain blob: {pulled}");
+    let tree = Path::new(pulled["lowers"][0]["verity_tree"].as_str().unwrap()).to_owned();
+    assert!(tree.exists(), "{}", tree.display());
+    let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{out}{err}");
+
+    // A pull killed after the tree was renamed into place, before its `.verity.json`.
+    let fresh = base.join("fresh");
+    let (ok, _, err) = build_json(&fresh, &[&source, "--tag", "first"]);
+    assert!(ok, "{err}");
+    let blob = Path::new(pulled["lowers"][0]["path"].as_str().unwrap());
+    let name = blob.file_name().unwrap().to_str().unwrap().replace(".erofs", ".verity.json");
+    let verity_json = fresh.join(blob.parent().unwrap().strip_prefix(&store).unwrap()).join(name);
+    std::fs::remove_file(&verity_json).unwrap();
+    let (ok, again, err) = build_json(&fresh, &[&source, "--tag", "second"]);
+    assert!(ok, "pull after a cut publication: {err}");
+    assert_eq!(again["lowers"][0]["verity"]["root_digest"], root, "after a cut publication: {again}");
+    assert!(verity_json.exists(), "the tree's record is published again");
+    let (ok, out, err) = run(vmrootfs(&fresh).arg("verify"));
+    assert!(ok, "{out}{err}");
+}
+
+/// Issue 17 item 2: a tar build of a layer whose key holds a pulled blob of other bytes never
+/// replaces it: the build fails naming the blob and how to proceed, and the pulled image
+/// still verifies. (A pulled blob of the same bytes is adopted: see
+/// `pushed_erofs_images_pull_without_mkfs_into_identical_blobs`.)
+#[test]
+fn a_local_conversion_never_replaces_a_pulled_blob() {
+    let tmp = scratch("erofs-no-replace");
+    let base = tmp.path();
+    let reference = small_image(base, &base.join("reference"), "a", &[]);
+    let producer = base.join("producer");
+    small_image(base, &producer, "b", &[]);
+    let layout = base.join("pushed");
+    push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
+    let claimed = reference["lowers"][0].clone();
+    rewrite(&layout, |manifest, _, _| {
+        let notes = &mut manifest["layers"][0]["annotations"];
+        notes["dev.vmrootfs.source.chain-id"] = claimed["chain_id"].clone();
+        notes["dev.vmrootfs.source.diff-id"] = claimed["diff_id"].clone();
+    });
+    let store = base.join("store");
+    let (ok, pulled, err) = build_json(&store, &[&format!("oci:{}", layout.display()), "--tag", "pulled"]);
+    assert!(ok, "{err}");
+    let before = inspect(&store, "pulled");
+
+    let (ok, _, err) =
+        build_json(&store, &[&format!("oci:{}:t", base.join("layout-a").display()), "--tag", "a"]);
+    assert!(!ok, "the conversion of other bytes is not published over the pulled blob");
+    assert!(err.contains("never replaced") && err.contains("vmrootfs rm"), "{err}");
+    assert_eq!(inspect(&store, "pulled"), before);
+    let path = Path::new(pulled["lowers"][0]["path"].as_str().unwrap());
+    assert_eq!(
+        vmrootfs::digest::sha256_file_hex(path).unwrap(),
+        pulled["lowers"][0]["blob_sha256"].as_str().unwrap()
+    );
+    let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{out}{err}");
+}

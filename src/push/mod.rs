@@ -233,7 +233,10 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
             source_diff_id: lower.diff_id.clone(),
             source_digest: lower.digest.clone(),
             recipe: lower.recipe,
-            tool: store.layer_blob(&id)?.map(|r| r.tool).unwrap_or_default(),
+            tool: match store.layer_slot(&id)? {
+                crate::store::LayerSlot::Published(r) => r.tool,
+                _ => String::new(),
+            },
             verity: lower.verity.as_ref().map(|v| (v.hash_offset, v.root_digest.to_string())),
         });
         blobs.push(blob);

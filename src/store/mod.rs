@@ -125,6 +125,59 @@ pub enum StoreError {
     Digest(#[from] InvalidDigest),
     #[error("no home directory: set VMROOTFS_STORE or pass --store")]
     NoHome,
+    #[error(
+        "{path} holds other bytes (sha256 {stored}, {tool}) than this conversion made (sha256 {new}); \
+         a published blob is never replaced: remove the images that use it (`vmrootfs rm`, \
+         `vmrootfs gc`) to convert the layer here"
+    )]
+    WouldReplace { path: PathBuf, stored: String, tool: String, new: String },
+}
+
+/// What the store holds under a layer key (see [`Store::layer_slot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerSlot {
+    Absent,
+    /// A blob with a readable record of its size.
+    Published(LayerRecord),
+    /// A blob that cannot be used as it is.
+    Damaged(LayerDamage),
+}
+
+/// What a tar build finds under a layer key (see [`Store::layer_state`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerState {
+    Absent,
+    Ready(LayerRecord),
+    /// A blob is there but cannot be reused as it is: a pulled blob (no sidecars) or a damaged
+    /// one. `record` is its readable record, if it has one.
+    Unusable {
+        record: Option<LayerRecord>,
+        why: LayerDamage,
+    },
+}
+
+/// Why a published layer blob cannot be used as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayerDamage {
+    #[error("{path} is missing")]
+    NoSidecar { path: PathBuf },
+    #[error("{path} is unreadable")]
+    UnreadableRecord { path: PathBuf },
+    #[error("{path} is {size} bytes, its record says {recorded}")]
+    WrongSize { path: PathBuf, size: u64, recorded: u64 },
+    #[error("{path} is not what its layer's record names")]
+    SidecarChanged { path: PathBuf },
+}
+
+/// A `.verity.json` sidecar: the tree's [`VerityInfo`] and the sha256 of the blob it is the
+/// tree of (absent in stores older than this field: such a tree is made again).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StoredVerity {
+    #[serde(default)]
+    blob_sha256: Option<String>,
+    #[serde(flatten)]
+    info: VerityInfo,
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -337,56 +390,138 @@ impl Store {
         Ok(dest)
     }
 
-    /// The stored layer, if its blob and both sidecars are published. A blob without its
-    /// sidecars (a GC interrupted midway, a hand edit) counts as not stored: the next build
-    /// converts it again.
+    /// The stored layer, if its blob, its record and its sidecars are published and look
+    /// undamaged (see [`Store::layer_state`]): what a tar build may reuse.
     pub fn layer(&self, fs: FsType, chain_id: &Digest) -> Result<Option<LayerRecord>, StoreError> {
-        let id = new_id(BlobKind::Layer, fs, chain_id)?;
-        if !self.blob_path(&id).exists() || !self.sidecar(&id, "dirs").exists() {
-            return Ok(None);
+        match self.layer_state(fs, chain_id)? {
+            LayerState::Ready(r) => Ok(Some(r)),
+            LayerState::Absent | LayerState::Unusable { .. } => Ok(None),
         }
-        // An EROFS layer is merged from its `.own`; ext4 blobs made before it existed stay.
-        if fs == FsType::Erofs && !self.sidecar(&id, "own").exists() {
-            return Ok(None);
-        }
-        self.published_record(&id)
     }
 
-    /// The stored dm-verity tree of a layer blob, if published (its `.verity.json` exists).
+    /// What the store holds under the current recipe's key of `chain_id`, for a tar build.
+    /// A layer is ready when its blob has the size its `.json` record gives and its `.dirs`
+    /// (and, for EROFS, `.own`) sidecars are there with the sha256 the record names; anything
+    /// else is unusable as it is, and the build converts the layer again (see
+    /// [`Store::publish_layer`] for what it may then replace).
+    pub fn layer_state(&self, fs: FsType, chain_id: &Digest) -> Result<LayerState, StoreError> {
+        let id = new_id(BlobKind::Layer, fs, chain_id)?;
+        let record = match self.layer_slot(&id)? {
+            LayerSlot::Absent => return Ok(LayerState::Absent),
+            LayerSlot::Damaged(why) => return Ok(LayerState::Unusable { record: None, why }),
+            LayerSlot::Published(r) => r,
+        };
+        let mut sidecars = vec![("dirs", record.dirs_sha256.clone())];
+        // An EROFS layer is merged from its `.own`; ext4 blobs made before it existed stay.
+        if fs == FsType::Erofs {
+            sidecars.push(("own", record.own_sha256.clone()));
+        }
+        for (ext, want) in sidecars {
+            let path = self.sidecar(&id, ext);
+            let found = match crate::digest::sha256_file_hex(&path) {
+                Ok(found) => found,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Ok(LayerState::Unusable {
+                        record: Some(record),
+                        why: LayerDamage::NoSidecar { path },
+                    });
+                }
+                Err(e) => return Err(StoreError::Io { path, source: e }),
+            };
+            if want.is_some_and(|want| want != found) {
+                return Ok(LayerState::Unusable {
+                    record: Some(record),
+                    why: LayerDamage::SidecarChanged { path },
+                });
+            }
+        }
+        Ok(LayerState::Ready(record))
+    }
+
+    /// The layer blob `id` and its `.json` record as published, checked only for what costs
+    /// nothing: the record parses and the blob file has the recorded size.
+    pub fn layer_slot(&self, id: &BlobId) -> Result<LayerSlot, StoreError> {
+        let blob = self.blob_path(id);
+        let size = match fs_err::metadata(&blob) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(LayerSlot::Absent),
+            Err(e) => return Err(StoreError::Io { path: blob, source: e }),
+        };
+        let path = self.sidecar(id, "json");
+        let record: LayerRecord = match read_sidecar(&path) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(LayerSlot::Damaged(LayerDamage::NoSidecar { path })),
+            Err(StoreError::BadRecord { .. }) => {
+                return Ok(LayerSlot::Damaged(LayerDamage::UnreadableRecord { path }));
+            }
+            Err(e) => return Err(e),
+        };
+        if record.size != size {
+            return Ok(LayerSlot::Damaged(LayerDamage::WrongSize {
+                path: blob,
+                size,
+                recorded: record.size,
+            }));
+        }
+        Ok(LayerSlot::Published(record))
+    }
+
+    /// The stored dm-verity tree of a layer blob of the current recipe (see
+    /// [`Store::layer_verity_of`]).
     pub fn layer_verity(&self, fs: FsType, chain_id: &Digest) -> Result<Option<VerityInfo>, StoreError> {
         self.layer_verity_of(&new_id(BlobKind::Layer, fs, chain_id)?)
     }
 
-    /// The dm-verity record of the layer blob `id` (of any recipe), if its tree is published.
+    /// The dm-verity record of the layer blob `id` (of any recipe), if its tree is published
+    /// and is the tree of the blob beside it: its `.verity.json` names the sha256 and size the
+    /// blob's record gives, and the tree file has the size it names. Anything else (a tree
+    /// published without its `.verity.json`, one left from other bytes, a damaged one) counts
+    /// as no tree, and the caller makes it again.
     pub fn layer_verity_of(&self, id: &BlobId) -> Result<Option<VerityInfo>, StoreError> {
-        if !self.sidecar(id, "verity").exists() {
-            return Ok(None);
-        }
-        read_sidecar(&self.sidecar(id, "verity.json"))
+        let LayerSlot::Published(record) = self.layer_slot(id)? else { return Ok(None) };
+        let tree = self.sidecar(id, "verity");
+        let tree_size = match fs_err::metadata(&tree) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::Io { path: tree, source: e }),
+        };
+        let stored: StoredVerity = match read_sidecar(&self.sidecar(id, "verity.json")) {
+            Ok(Some(v)) => v,
+            Ok(None) | Err(StoreError::BadRecord { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let beside = stored.blob_sha256.as_deref() == Some(record.blob_sha256.as_str())
+            && stored.info.hash_offset == record.size
+            && stored.info.tree_size == tree_size;
+        Ok(beside.then_some(stored.info))
     }
 
-    /// Publishes the dm-verity tree `tree` (in `tmp/`) of a published layer blob, then its
-    /// record. The caller holds the layer lock.
+    /// Publishes the dm-verity tree `tree` (in `tmp/`) of a published layer blob whose sha256
+    /// is `blob_sha256`, then its record. The caller holds the layer lock.
     pub fn publish_verity(
         &self,
         fs: FsType,
         chain_id: &Digest,
         tree: &Path,
         info: &VerityInfo,
+        blob_sha256: &str,
     ) -> Result<PathBuf, StoreError> {
-        self.publish_verity_of(&new_id(BlobKind::Layer, fs, chain_id)?, tree, info)
+        self.publish_verity_of(&new_id(BlobKind::Layer, fs, chain_id)?, tree, info, blob_sha256)
     }
 
-    /// [`Store::publish_verity`] for the layer blob `id` (of any recipe).
+    /// [`Store::publish_verity`] for the layer blob `id` (of any recipe). A tree already there
+    /// is replaced: it is not the tree of this blob, or the caller would have reused it.
     pub fn publish_verity_of(
         &self,
         id: &BlobId,
         tree: &Path,
         info: &VerityInfo,
+        blob_sha256: &str,
     ) -> Result<PathBuf, StoreError> {
         let dest = self.sidecar(id, "verity");
         publish_blob(tree, &dest)?;
-        let json = serde_json::to_vec_pretty(info).expect("a verity record serializes");
+        let stored = StoredVerity { blob_sha256: Some(blob_sha256.to_string()), info: info.clone() };
+        let json = serde_json::to_vec_pretty(&stored).expect("a verity record serializes");
         write_atomic(&self.sidecar(id, "verity.json"), &json)?;
         Ok(dest)
     }
@@ -453,12 +588,6 @@ impl Store {
         Ok(self.root.join("sources").join(format!("{}.json", hex.digest())))
     }
 
-    /// The stored layer blob `id` (of any recipe), if its blob and record are published; the
-    /// directory index is not required (layers pulled ready-made have none).
-    pub fn layer_blob(&self, id: &BlobId) -> Result<Option<LayerRecord>, StoreError> {
-        self.published_record(id)
-    }
-
     /// Publishes a layer blob pulled ready-made (`blob`, in `tmp/`) with its record; it has no
     /// directory index, so a tar build that needs one converts the layer again (same bytes).
     pub fn publish_pulled_layer(&self, blob: &Path, record: &LayerRecord) -> Result<PathBuf, StoreError> {
@@ -478,24 +607,43 @@ impl Store {
     }
 
     /// Publishes a finished blob (`blob`, in `tmp/`) with its own directories, its directory
-    /// index and its record.
+    /// index and its record (which gets their sha256); returns the record as published.
+    ///
+    /// A blob published under the same key with another sha256 in its readable record is
+    /// never replaced ([`StoreError::WouldReplace`]); one whose record is missing or
+    /// unreadable, or whose size is not the recorded one, is (it is damaged: see
+    /// [`Store::layer_state`]).
     pub fn publish_layer(
         &self,
         blob: &Path,
         dirs: &DirIndex,
         own: &OwnDirs,
         record: &LayerRecord,
-    ) -> Result<PathBuf, StoreError> {
+    ) -> Result<LayerRecord, StoreError> {
         let id = BlobId::new(BlobKind::Layer, record.fs, record.recipe, &record.chain_id)?;
+        if let LayerSlot::Published(stored) = self.layer_slot(&id)?
+            && stored.blob_sha256 != record.blob_sha256
+        {
+            return Err(StoreError::WouldReplace {
+                path: self.blob_path(&id),
+                stored: stored.blob_sha256,
+                tool: stored.tool,
+                new: record.blob_sha256.clone(),
+            });
+        }
         let dir = self.layer_dir(id.fs, id.recipe);
         fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
+        let mut record = record.clone();
         let mut text = Vec::new();
         own.write_to(&mut text).map_err(io_at(&dir))?;
+        record.own_sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&text)));
         write_atomic(&self.sidecar(&id, "own"), &text)?;
         let mut text = Vec::new();
         dirs.write_to(&mut text).map_err(io_at(&dir))?;
+        record.dirs_sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&text)));
         write_atomic(&self.sidecar(&id, "dirs"), &text)?;
-        self.publish_with_record(blob, &id, record)
+        self.publish_with_record(blob, &id, &record)?;
+        Ok(record)
     }
 
     fn record_path(&self, tag: &str) -> PathBuf {
