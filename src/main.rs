@@ -469,6 +469,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             }
             for b in &bad {
                 eprintln!("bad blob {} ({}): {}", b.path.display(), b.tags.join(", "), b.problem);
+                eprintln!("  to repair: {}", b.repair);
             }
             if !bad.is_empty() {
                 anyhow::bail!("{} bad blob(s)", bad.len());

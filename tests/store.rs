@@ -656,3 +656,125 @@ fn ext4_lowers_get_verity_trees_too() {
     let (ok, _, err) = run(vmrootfs(&dir.path().join("s")).arg("verify"));
     assert!(ok, "{err}");
 }
+
+/// Builds `layout:t` as `tag` with `extra` arguments: (success, result, stderr).
+fn build_with(store: &Path, layout: &Path, tag: &str, extra: &[&str]) -> (bool, serde_json::Value, String) {
+    let (ok, out, err) = run(vmrootfs(store)
+        .args(["build", &format!("oci:{}:t", layout.display()), "--tag", tag, "--json"])
+        .args(extra));
+    (ok, serde_json::from_str(&out).unwrap_or_default(), err)
+}
+
+/// Makes a store file writable and sets its bytes.
+fn overwrite(path: &Path, bytes: &[u8]) {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// `path` with `.ext` in place of the blob's extension (its sidecars).
+fn beside(path: &Path, ext: &str) -> PathBuf {
+    path.with_extension(ext)
+}
+
+/// Issue 17 item 3: `verify` checks a blob against every record naming it, not the first.
+#[test]
+fn verify_checks_every_record_that_names_a_blob() {
+    let dir = scratch("verify-every-record");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x")]);
+    let store = dir.path().join("store");
+    build(&store, &layout, "a");
+    build(&store, &layout, "b");
+    let record = store.join("images/b.json");
+    let mut b: serde_json::Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    b["lowers"][0]["blob_sha256"] = "00".repeat(32).into();
+    overwrite(&record, &serde_json::to_vec(&b).unwrap());
+    let (ok, out, err) = run(vmrootfs(&store).args(["verify", "--json"]));
+    assert!(!ok, "the record of b does not match its blob: {err}");
+    let bad: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(bad.as_array().unwrap().len(), 1, "{bad}");
+    assert_eq!(bad[0]["tags"], serde_json::json!(["b"]), "{bad}");
+    assert!(bad[0]["problem"].as_str().unwrap().contains(&"00".repeat(32)), "{bad}");
+}
+
+/// Issue 17 item 2 (trees): a `.verity.json` and tree that belong to other bytes are never
+/// reused for a blob: `build --verity` makes the blob's own tree.
+#[test]
+fn a_verity_tree_is_only_reused_beside_its_own_blob() {
+    let dir = scratch("verity-beside");
+    let (lx, ly) = (dir.path().join("x"), dir.path().join("y"));
+    oci_layout(&lx, "t", &[small_layer("x")]);
+    oci_layout(&ly, "t", &[small_layer("y")]);
+    let reference = dir.path().join("reference");
+    let (ok, want, err) = build_with(&reference, &lx, "x", &["--verity"]);
+    assert!(ok, "{err}");
+    let store = dir.path().join("store");
+    let x = build(&store, &lx, "x");
+    let (ok, y, err) = build_with(&store, &ly, "y", &["--verity"]);
+    assert!(ok, "{err}");
+    let (xp, yp) = (&lower_paths(&x)[0], &lower_paths(&y)[0]);
+    for ext in ["verity", "verity.json"] {
+        std::fs::copy(beside(yp, ext), beside(xp, ext)).unwrap();
+    }
+    let (ok, xv, err) = build_with(&store, &lx, "xv", &["--verity"]);
+    assert!(ok, "{err}");
+    assert_eq!(xv["lowers"][0]["verity"], want["lowers"][0]["verity"], "the blob's own tree: {err}");
+    let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{out}{err}");
+}
+
+/// Issue 17 item 21: `verify` reports each damaged file a record depends on (a layer's
+/// `.json`, `.dirs`, `.own`, `.verity.json`), naming it and how to repair it.
+#[test]
+fn verify_reports_damaged_sidecars_and_how_to_repair_them() {
+    let dir = scratch("verify-sidecars");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    let (ok, built, err) = build_with(&store, &layout, "t", &["--verity"]);
+    assert!(ok, "{err}");
+    let blob = &lower_paths(&built)[0];
+    for ext in ["json", "dirs", "own", "verity.json"] {
+        let path = beside(blob, ext);
+        let whole = std::fs::read(&path).unwrap();
+        overwrite(&path, &whole[..whole.len() / 2]);
+        let (ok, out, err) = run(vmrootfs(&store).args(["verify", "--json"]));
+        assert!(!ok, "a cut .{ext} is reported: {err}");
+        assert!(err.contains(&path.display().to_string()) && err.contains("to repair"), "{ext}: {err}");
+        let bad: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(bad[0]["repair"].as_str().unwrap().contains("vmrootfs build"), "{bad}");
+        overwrite(&path, &whole);
+    }
+    let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{out}{err}");
+}
+
+/// Issue 17 item 21: a build never reuses a blob one byte short or a cut dm-verity tree, and
+/// repairs a layer whose sidecars are damaged by converting it again.
+#[test]
+fn a_build_repairs_damaged_layers_instead_of_reusing_them() {
+    let dir = scratch("build-repairs");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    let (ok, built, err) = build_with(&store, &layout, "t", &["--verity"]);
+    assert!(ok, "{err}");
+    let blobs = lower_paths(&built);
+    let damages: [(&str, PathBuf); 4] = [
+        ("a cut .dirs", beside(&blobs[0], "dirs")),
+        ("a cut .json", beside(&blobs[1], "json")),
+        ("a blob one byte short", blobs[0].clone()),
+        ("a cut tree", beside(&blobs[1], "verity")),
+    ];
+    for (n, (what, path)) in damages.iter().enumerate() {
+        let whole = std::fs::read(path).unwrap();
+        let cut = if path == &blobs[0] { whole.len() - 1 } else { whole.len() / 2 };
+        overwrite(path, &whole[..cut]);
+        let (ok, again, err) = build_with(&store, &layout, &format!("t{n}"), &["--verity"]);
+        assert!(ok, "build after {what}: {err}");
+        assert_eq!(again["lowers"], built["lowers"], "{what}: the same blobs and trees");
+        assert_eq!(std::fs::read(path).unwrap(), whole, "{what} is repaired: {err}");
+        let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
+        assert!(ok, "verify after {what}: {out}{err}");
+    }
+}
