@@ -5,9 +5,11 @@
 //!
 //! A blob made by vmrootfs (its `dev.vmrootfs.source.chain-id` and `dev.vmrootfs.recipe`
 //! annotations) is stored under the key a local conversion of its tar layer uses, so pulling
-//! the converted image and building the tar image store nothing twice. This trusts the
-//! image's producer for the tar layers it names (see the README's trust model). A blob from
-//! another producer is stored under its own chain ID as recipe [`IMPORTED_RECIPE`].
+//! the converted image and building the tar image store nothing twice. The claimed key only
+//! selects bytes: what is stored there is reused only when it is the bytes the descriptor
+//! names, and a pulled blob that differs from it is kept under a key of its own (see
+//! [`fetch_one`]). A blob from another producer is stored under its own chain ID as recipe
+//! [`IMPORTED_RECIPE`].
 
 use std::io::{self, Read};
 use std::sync::Mutex;

@@ -9,15 +9,17 @@
 //!   .lock                               the store lock
 //!   layers/<fs>-v<N>/<chain hex>.<fs>       layer blob, read-only; N = recipe version
 //!   layers/<fs>-v<N>/<chain hex>.dirs       directories of the stack up to this layer
-//!   layers/<fs>-v<N>/<chain hex>.json       LayerRecord: size and sha256 of the blob
+//!   layers/<fs>-v<N>/<chain hex>.json       LayerRecord: size and sha256 of the blob, and
+//!                                       the sha256 of its .dirs and .own
 //!   layers/<fs>-v<N>/<chain hex>.own        the layer's own directories, which are opaque
 //!                                       (needed for EROFS layers: `build --merge`)
 //!   layers/<fs>-v<N>/<chain hex>.<fs>.lock  the layer lock
 //!   layers/<fs>-v<N>/<chain hex>.verity     the blob's dm-verity tree (`build --verity`):
 //!                                       superblock + hash blocks, as appended to the blob
 //!                                       in a pushed layer (see crate::verity)
-//!   layers/<fs>-v<N>/<chain hex>.verity.json  its VerityInfo; written after the tree, so a
-//!                                       tree whose .verity.json exists is complete
+//!   layers/<fs>-v<N>/<chain hex>.verity.json  its VerityInfo and the sha256 of the blob it
+//!                                       is the tree of; written after the tree, so a tree
+//!                                       whose .verity.json names the blob is complete
 //!   layers/<fs>-v<N>/squash-<chain hex>.<fs>  the whole stack flattened (`build --squash`),
 //!                                       with its `.json` record and `.lock`
 //!   layers/erofs-v<N>/merged-<chain hex>.erofs  merged metadata over the stack's layer blobs
@@ -51,6 +53,10 @@
 //! an image record is published only after all its blobs. A crash at any point leaves
 //! records that point at complete blobs, and garbage only in `tmp/` (and in stale
 //! `vmrootfs-stage-<pid>-*` directories of dead processes on tmpfs).
+//!
+//! A published blob is never replaced by other bytes: only a damaged one (see
+//! [`Store::layer_slot`]) or one of the same bytes is, and a tree is reused only beside the
+//! blob its `.verity.json` names.
 //!
 //! # Locks
 //!
