@@ -199,10 +199,12 @@ enum Command {
     /// The disk is the merged metadata blob followed by the layer blobs, base first; the
     /// blob's device table maps each layer where it starts on it, so the guest mounts it as
     /// one EROFS filesystem (Linux ≥ 6.4: `mount -t erofs /dev/vda /mnt`). By default FILE is
-    /// a VMDK descriptor whose flat extents point at the stored blobs (nothing copied; for
-    /// QEMU and runtimes that read VMDK; valid while the image is in the store and the store
-    /// does not move). With --raw FILE is one raw image, the blobs copied (for Firecracker
-    /// and runtimes that take raw files only). Examples:
+    /// a VMDK descriptor whose read-only (RDONLY) flat extents point at the stored blobs
+    /// (nothing copied; for runtimes that read VMDK and honour RDONLY, which QEMU does not:
+    /// it reads only RW extents; valid while the image is in the store and the store does not
+    /// move). With --raw FILE is one raw image, the blobs copied (for Firecracker, QEMU and
+    /// runtimes that take raw files only). An existing FILE is replaced only if it is a
+    /// regular file. Examples:
     ///   vmrootfs export deb --single-disk deb.vmdk
     ///   vmrootfs export deb --single-disk deb.img --raw
     #[command(verbatim_doc_comment)]

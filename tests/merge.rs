@@ -153,7 +153,7 @@ fn export_writes_the_blobs_in_device_table_order() {
     let text = std::fs::read_to_string(&vmdk).unwrap();
     let named: Vec<PathBuf> = text
         .lines()
-        .filter(|l| l.starts_with("RW "))
+        .filter(|l| l.contains(" FLAT "))
         .map(|l| PathBuf::from(l.split('"').nth(1).unwrap()))
         .collect();
     assert_eq!(named, blobs, "{text}");
@@ -311,4 +311,95 @@ fn a_directory_made_opaque_and_then_added_to_is_refused() {
     assert!(ok && !out.contains("\nt "), "nothing recorded: {out}{err}");
     let plain = build(&store, &layout, "t", &[]);
     assert_eq!(plain["merged"], serde_json::Value::Null);
+}
+
+/// The exported VMDK gives no runtime a way to write the store: every extent is `RDONLY`, and
+/// QEMU opening it read-write (as root, whom the blobs' 0444 mode does not stop) writes
+/// nothing into the shared blobs.
+#[test]
+fn exported_vmdk_extents_are_read_only() {
+    let dir = scratch("merge-export-ro");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    let result = build(&store, &layout, "t", &["--merge"]);
+    let mut blobs = vec![merged_path(&result)];
+    blobs.extend(lowers_of(&result).into_iter().map(|(p, _)| p));
+    let before: Vec<Vec<u8>> = blobs.iter().map(|b| std::fs::read(b).unwrap()).collect();
+
+    let vmdk = dir.path().join("disk.vmdk");
+    let (ok, _, err) = run(vmrootfs(&store).args(["export", "t", "--single-disk"]).arg(&vmdk));
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&vmdk).unwrap();
+    let extents: Vec<&str> = text.lines().filter(|l| l.contains(" FLAT ")).collect();
+    assert_eq!(extents.len(), blobs.len(), "{text}");
+    assert!(extents.iter().all(|l| l.starts_with("RDONLY ")), "read-only extents: {text}");
+
+    // Writes at the start (the merged blob) and in the last layer.
+    let last = before.iter().map(|b| b.len() as u64).sum::<u64>() - 4096;
+    for at in [0, last] {
+        let write = format!("write -P 0x41 {at} 512");
+        let (_, out, err) =
+            run(std::process::Command::new("qemu-io").args(["-f", "vmdk", "-c", &write]).arg(&vmdk));
+        assert!(!out.contains("wrote 512/512"), "qemu-io wrote through the VMDK at {at}: {out}{err}");
+    }
+    for (blob, bytes) in blobs.iter().zip(&before) {
+        assert!(
+            std::fs::read(blob).unwrap() == *bytes,
+            "{} changed through the exported VMDK",
+            blob.display()
+        );
+    }
+}
+
+/// `export` writes a new file and replaces only a regular file: a directory (`/` included), a
+/// device node, a FIFO or a symlink at the target is refused with an error naming it, and
+/// left as it was.
+#[test]
+fn export_refuses_targets_that_are_not_regular_files() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = scratch("merge-export-targets");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x")]);
+    let store = dir.path().join("store");
+    build(&store, &layout, "t", &["--merge"]);
+
+    let node = dir.path().join("null-node");
+    let status = std::process::Command::new("mknod").arg(&node).args(["c", "1", "3"]).status().unwrap();
+    assert!(status.success(), "mknod");
+    let fifo = dir.path().join("fifo");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let link = dir.path().join("link.img");
+    std::os::unix::fs::symlink(dir.path().join("elsewhere.img"), &link).unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let cases = [
+        (std::path::PathBuf::from("/"), "is a directory"),
+        (sub.clone(), "is a directory"),
+        (node.clone(), "is a character device"),
+        (fifo.clone(), "is a FIFO"),
+        (link.clone(), "is a symbolic link"),
+    ];
+    for (target, says) in &cases {
+        for raw in [true, false] {
+            let mut cmd = vmrootfs(&store);
+            cmd.args(["export", "t", "--single-disk"]).arg(target);
+            if raw {
+                cmd.arg("--raw");
+            }
+            let (ok, _, err) = run(&mut cmd);
+            assert!(!ok, "export onto {} (raw: {raw}) fails", target.display());
+            assert!(!err.contains("panicked"), "{err}");
+            assert!(
+                err.contains(&target.display().to_string()) && err.contains(says),
+                "export onto {} (raw: {raw}): {err}",
+                target.display()
+            );
+        }
+    }
+    assert!(std::fs::symlink_metadata(&node).unwrap().file_type().is_char_device(), "the node is kept");
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO is kept");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link is kept");
+    assert!(!dir.path().join("elsewhere.img").exists(), "nothing written through the link");
+    assert!(sub.is_dir());
 }

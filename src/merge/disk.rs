@@ -4,7 +4,8 @@
 //!
 //! - **VMDK** (QEMU, and runtimes that read VMDK descriptors): a text descriptor whose flat
 //!   extents point at the stored blobs; nothing is copied. It names them by absolute path, so
-//!   it stays valid while the image's record does and the store does not move.
+//!   it stays valid while the image's record does and the store does not move. Its extents
+//!   are `RDONLY`: no runtime writes the shared blobs through it (see [`ExtentAccess`]).
 //! - **raw** (Firecracker and every runtime that takes raw files only): one file, the blobs
 //!   concatenated; a copy of the whole image.
 
@@ -52,11 +53,26 @@ const SECTOR: u64 = 512;
 /// Largest extent of a `twoGbMaxExtentFlat` disk, in sectors (2 GiB).
 const MAX_EXTENT_SECTORS: u64 = (2 << 30) / SECTOR;
 
+/// What a VMDK's extents let a runtime do with the stored blobs they name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentAccess {
+    /// `RDONLY`: the descriptor itself forbids writes, whoever opens it and however (the
+    /// blobs' 0444 mode does not stop root). For every descriptor handed out (`export`).
+    ReadOnly,
+    /// `RW`: the only access QEMU (10 and before) reads; it skips `RDONLY` extents and then
+    /// finds no disk at all. Only for a descriptor QEMU alone opens, as a `readonly=on` drive,
+    /// in a run's private staging directory (`run --merged`).
+    QemuReadOnlyDrive,
+}
+
 /// A VMDK descriptor (`twoGbMaxExtentFlat`, flat extents of at most 2 GiB) of a disk made of
-/// `extents`. `cid` is the content id (any value that changes with the content). The extents
-/// are marked `RW`: QEMU 10 skips `RDONLY` ones (and then finds no extent at all); the blobs
-/// are read-only files and runtimes attach the disk read-only.
-pub fn vmdk_descriptor(extents: &[Extent], cid: u32) -> Result<String, MergeError> {
+/// `extents`, with `access` on each extent. `cid` is the content id (any value that changes
+/// with the content).
+pub fn vmdk_descriptor(extents: &[Extent], cid: u32, access: ExtentAccess) -> Result<String, MergeError> {
+    let access = match access {
+        ExtentAccess::ReadOnly => "RDONLY",
+        ExtentAccess::QemuReadOnlyDrive => "RW",
+    };
     let mut lines = String::new();
     let mut total = 0u64;
     for e in extents {
@@ -66,7 +82,7 @@ pub fn vmdk_descriptor(extents: &[Extent], cid: u32) -> Result<String, MergeErro
         let mut offset = 0;
         while offset < sectors {
             let n = (sectors - offset).min(MAX_EXTENT_SECTORS);
-            lines += &format!("RW {n} FLAT \"{name}\" {offset}\n");
+            lines += &format!("{access} {n} FLAT \"{name}\" {offset}\n");
             offset += n;
         }
         total += sectors;
@@ -120,17 +136,47 @@ fn cid_of(record: &LocatedRecord) -> u32 {
     hex.get(..8).and_then(|h| u32::from_str_radix(h, 16).ok()).unwrap_or(0)
 }
 
-/// Writes the single disk of the merged image tagged `tag` to `file` (replaced atomically),
-/// holding the shared store lock so no `gc` or `rm` removes a blob while it is read.
+/// Refuses an export target that exists and is not a regular file: the export replaces
+/// `file` by renaming a new file onto it, which would replace a device node, FIFO or symlink
+/// (and fails, or panics for `/`, on a directory).
+fn check_target(file: &Path) -> Result<(), MergeError> {
+    let kind = match fs_err::symlink_metadata(file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_at(file)(e)),
+        Ok(m) => m.file_type(),
+    };
+    use std::os::unix::fs::FileTypeExt;
+    let kind = if kind.is_file() {
+        return Ok(());
+    } else if kind.is_dir() {
+        "directory"
+    } else if kind.is_symlink() {
+        "symbolic link"
+    } else if kind.is_char_device() {
+        "character device"
+    } else if kind.is_block_device() {
+        "block device"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else {
+        "socket"
+    };
+    Err(MergeError::NotARegularFile { path: file.to_owned(), kind })
+}
+
+/// Writes the single disk of the merged image tagged `tag` to `file` (replaced atomically;
+/// only a regular file is replaced), holding the shared store lock so no `gc` or `rm` removes
+/// a blob while it is read.
 pub fn export(store: &Store, tag: &str, file: &Path, format: DiskFormat) -> Result<Exported, MergeError> {
+    let file = std::path::absolute(file).map_err(io_at(file))?;
+    check_target(&file)?;
     let _lock = store.lock_shared()?;
     let record = store.locate(store.get(tag)?)?;
     let extents = extents(&record)?;
     let disk_bytes = extents.iter().map(|e| e.bytes).sum();
-    let file = std::path::absolute(file).map_err(io_at(file))?;
     match format {
         DiskFormat::Vmdk => {
-            let text = vmdk_descriptor(&extents, cid_of(&record))?;
+            let text = vmdk_descriptor(&extents, cid_of(&record), ExtentAccess::ReadOnly)?;
             crate::store::write_atomic_with(&file, |out| {
                 out.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
                 out.write_all(text.as_bytes())
@@ -170,17 +216,19 @@ mod tests {
             Extent { path: "/s/merged-a.erofs".into(), bytes: 8192 },
             Extent { path: "/s/big.erofs".into(), bytes: (5 << 30) + 4096 },
         ];
-        let d = vmdk_descriptor(&extents, 0xabc).unwrap();
-        let ext: Vec<&str> = d.lines().filter(|l| l.starts_with("RW ")).collect();
+        let d = vmdk_descriptor(&extents, 0xabc, ExtentAccess::ReadOnly).unwrap();
+        let ext: Vec<&str> = d.lines().filter(|l| l.contains(" FLAT ")).collect();
         assert_eq!(
             ext,
             [
-                "RW 16 FLAT \"/s/merged-a.erofs\" 0",
-                "RW 4194304 FLAT \"/s/big.erofs\" 0",
-                "RW 4194304 FLAT \"/s/big.erofs\" 4194304",
-                "RW 2097160 FLAT \"/s/big.erofs\" 8388608",
+                "RDONLY 16 FLAT \"/s/merged-a.erofs\" 0",
+                "RDONLY 4194304 FLAT \"/s/big.erofs\" 0",
+                "RDONLY 4194304 FLAT \"/s/big.erofs\" 4194304",
+                "RDONLY 2097160 FLAT \"/s/big.erofs\" 8388608",
             ]
         );
+        let qemu = vmdk_descriptor(&extents, 0xabc, ExtentAccess::QemuReadOnlyDrive).unwrap();
+        assert_eq!(qemu, d.replace("RDONLY ", "RW "));
         assert!(d.starts_with("# Disk DescriptorFile\nversion=1\nCID=00000abc\n"), "{d}");
         assert_eq!(offsets(&extents), [0, 8192]);
     }
@@ -188,6 +236,9 @@ mod tests {
     #[test]
     fn vmdk_refuses_a_path_it_cannot_quote() {
         let e = [Extent { path: "/s/a\"b".into(), bytes: 4096 }];
-        assert!(matches!(vmdk_descriptor(&e, 0), Err(MergeError::UnquotablePath { .. })));
+        assert!(matches!(
+            vmdk_descriptor(&e, 0, ExtentAccess::ReadOnly),
+            Err(MergeError::UnquotablePath { .. })
+        ));
     }
 }

@@ -62,6 +62,10 @@ pub enum MergeError {
     },
     #[error("{tag} has no merged blob: build it with --merge")]
     NotMerged { tag: String },
+    #[error(
+        "{path} is a {kind}: export writes a new file and replaces only a regular file (remove it or choose another path)"
+    )]
+    NotARegularFile { path: PathBuf, kind: &'static str },
     #[error("{path}: a VMDK descriptor cannot name a path with a double quote or a line break")]
     UnquotablePath { path: PathBuf },
     #[error(

@@ -276,7 +276,9 @@ pub fn run(
     let mut drives = if opts.merged {
         let extents = crate::merge::disk::extents(&located)?;
         let vmdk = staging.path().join("merged.vmdk");
-        let text = crate::merge::disk::vmdk_descriptor(&extents, 0)?;
+        // QEMU reads only `RW` extents; the drive is attached `readonly=on` below.
+        let access = crate::merge::disk::ExtentAccess::QemuReadOnlyDrive;
+        let text = crate::merge::disk::vmdk_descriptor(&extents, 0, access)?;
         fs_err::write(&vmdk, text).map_err(|source| VmError::Io { path: vmdk.clone(), source })?;
         Drives::Merged { vmdk, layer_offsets: crate::merge::disk::offsets(&extents)[1..].to_vec() }
     } else {
