@@ -167,7 +167,15 @@ enum Command {
     /// EROFS filesystem, no overlayfs. Holds the store lock while the guest runs (rm and gc
     /// wait). Lowers built with --verity are opened through dm-verity in the guest (needs
     /// dmsetup on the host): a block that does not match the recorded root digest fails the
-    /// guest's read, and run then fails naming the lower. Examples:
+    /// guest's read, and run then fails naming the lower. --squashed and --merged of a
+    /// --verity image are refused: those blobs have no tree, so the guest could not check them.
+    ///
+    /// Exit status: the command's own, or
+    ///   125  run itself failed: no such image, missing tools, boot failure, timeout, a
+    ///        corrupt block (dm-verity), the guest could not start the command
+    ///   126  the command cannot be run (not executable, working directory missing)
+    ///   127  the command is not in the image's PATH
+    /// (as docker and podman do; the error on stderr says which failure it was). Examples:
     ///   vmrootfs run busybox -- cat /etc/motd
     ///   vmrootfs run debian --timeout 120 -- python3 -c 'print(42)'
     #[command(verbatim_doc_comment)]
@@ -253,8 +261,13 @@ impl RegistryArgs {
     }
 }
 
+/// `run`'s exit code for its own failures (docker's and podman's), so that they are not
+/// taken for the command's status: a command exits 1 far more often than 125.
+const RUN_FAILED: u8 = 125;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let is_run = matches!(cli.command, Command::Run { .. });
     progress::set_verbosity(if cli.quiet {
         0
     } else if cli.verbose {
@@ -275,7 +288,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if is_run { ExitCode::from(RUN_FAILED) } else { ExitCode::FAILURE }
         }
     }
 }

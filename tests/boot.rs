@@ -205,21 +205,29 @@ fn boot_merged() {
     boot_check("erofs", Form::Merged);
 }
 
+/// A layer with the host's static busybox as `/bin/busybox` and `applets` linked to it.
+fn busybox_entries(applets: &[&str]) -> Vec<Entry> {
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let mut entries = vec![
+        dir_entry("bin"),
+        Entry::File { path: b"bin/busybox".to_vec(), mode: 0o755, data: busybox, mtime: 1 },
+    ];
+    for applet in applets {
+        entries.push(symlink(&format!("bin/{applet}"), "busybox"));
+    }
+    entries
+}
+
 /// With no command, `run` starts the image's entrypoint + cmd with its env, working directory
 /// and user, and returns its status.
 #[test]
 fn run_uses_the_image_config() {
     let dir = scratch("boot-config");
-    let busybox = std::fs::read("/bin/busybox").unwrap();
-    let mut entries = vec![
-        dir_entry("bin"),
-        Entry::File { path: b"bin/busybox".to_vec(), mode: 0o755, data: busybox, mtime: 1 },
+    let mut entries = busybox_entries(&["sh", "id", "pwd", "echo"]);
+    entries.extend([
         dir_entry("work"),
         file("etc/passwd", "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"),
-    ];
-    for applet in ["sh", "id", "pwd", "echo"] {
-        entries.push(symlink(&format!("bin/{applet}"), "busybox"));
-    }
+    ]);
     let layout = dir.path().join("layout");
     oci_layout_with_config(
         &layout,
@@ -247,13 +255,30 @@ fn dir_entry(path: &str) -> Entry {
     dir(path, 0o755)
 }
 
+/// `run`'s exit code for its own failures (docker's and podman's): never a command's status
+/// of 1, so a script can tell "the guest's command failed" from "vmrootfs could not run it".
+const RUN_FAILED: i32 = 125;
+
+/// What fails before a guest starts exits with [`RUN_FAILED`], not 1.
+#[test]
+fn run_failures_before_the_boot_exit_125() {
+    let (_dir, store) = busybox_store("run-codes");
+    for args in [&["run", "missing", "--", "true"][..], &["run", "bb", "--merged", "--", "true"]] {
+        let out = vmrootfs(&store).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(RUN_FAILED), "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+    }
+}
+
 /// A hung guest is ended at the timeout, with an error that says so.
 #[test]
 fn run_ends_a_hung_guest_at_the_timeout() {
     let (_dir, store) = busybox_store("boot-timeout");
     let started = std::time::Instant::now();
-    let (ok, _, err) = run(vmrootfs(&store).args(["run", "bb", "--timeout", "20", "--", "sleep", "600"]));
-    assert!(!ok);
+    let out = vmrootfs(&store).args(["run", "bb", "--timeout", "20", "--", "sleep", "600"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(RUN_FAILED), "a timeout is run's own failure: {err}");
     assert!(err.contains("did not finish within 20s"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(60), "ended near the timeout");
 }
@@ -386,4 +411,53 @@ fn run_status_and_streams_are_out_of_band() {
 #[test]
 fn boot_verity_ext4_stack() {
     boot_check_in("ext4", Form::Stack, true);
+}
+
+/// The one-drive forms of a `--verity` image have no dm-verity in the guest (the squashed and
+/// the merged blob have no tree, and the merged disk reaches the layers without their trees):
+/// `run --squashed` and `run --merged` refuse it, saying why, rather than let the guest read a
+/// flipped byte as data. (The layer stack of the same image is checked in the guest:
+/// `boot_verity_stack_and_a_flipped_byte_names_the_lower`.)
+#[test]
+fn run_squashed_and_merged_of_a_verity_image_refuse_to_boot_unverified() {
+    let dir = scratch("boot-verity-forms");
+    let secret = "verity-protected-content-0123456789";
+    // dev, proc, sys: the merged root is read-only, so /init can only mount on directories
+    // the image has.
+    let data = [
+        dir_entry("dev"),
+        dir_entry("proc"),
+        dir_entry("sys"),
+        dir_entry("data"),
+        file("data/secret", secret),
+    ];
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[Layer::gzip(&busybox_entries(&["sh", "cat"])), Layer::gzip(&data)]);
+    let store = dir.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, out, err) = run(vmrootfs(&store)
+        .args(["-q", "build", &spec, "--tag", "v", "--verity", "--squash", "--merge", "--json"]));
+    assert!(ok, "build: {err}");
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for (flag, blob) in
+        [("--merged", &result["lowers"][1]["path"]), ("--squashed", &result["squashed"]["path"])]
+    {
+        let blob = Path::new(blob.as_str().expect("a blob path"));
+        let bytes = std::fs::read(blob).unwrap();
+        let at = bytes.windows(secret.len()).position(|w| w == secret.as_bytes()).expect("the file's data");
+        drop(bytes);
+        let flipped = Flipped::new(blob, at as u64);
+        let (ok, stdout, stderr) =
+            run(vmrootfs(&store).args(["run", "v", flag, "--timeout", "240", "--", "cat", "/data/secret"]));
+        drop(flipped);
+        assert!(
+            !ok,
+            "run {flag} of a verity image with a flipped byte fails\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("dm-verity") && stderr.contains(flag) && stderr.contains("v "),
+            "run {flag} says it cannot verify the image: {stderr}"
+        );
+        assert_eq!(stdout, "", "the guest read nothing");
+    }
 }

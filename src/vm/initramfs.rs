@@ -30,7 +30,8 @@ const DM_MODULES: &[&str] = &["dm_mod", "dm_verity"];
 /// `USERSPEC`) and `/vmrootfs/exec.sh` (runs the command in the image).
 ///
 /// Status port protocol: zero or more `corrupt <i>` lines (lower `i`'s dm-verity device saw
-/// a block that does not match its hash), then the exit status.
+/// a block that does not match its hash), then the exit status, or `failed` when `/init` could
+/// not start the command (why goes to the stderr port).
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -68,7 +69,7 @@ corrupt() {
     j=$((j + 1))
   done
 }
-fail() { echo "vmrootfs-init: $*" >&4; corrupt; echo 125 >&5; reboot -f; }
+fail() { echo "vmrootfs-init: $*" >&4; corrupt; echo failed >&5; reboot -f; }
 # The /dev node of the disk whose virtio serial is $1 (lower0 = base), never by order.
 disk() {
   for t in 1 2 3 4 5 6 7 8 9 10; do

@@ -28,6 +28,16 @@
 //! guest reads is checked against the recorded root digest; a mismatch fails the read (EIO).
 //! `/init` then reports the lower on the status port, and `run` fails with
 //! [`VmError::Corrupt`] naming it, whatever the command's status.
+//!
+//! The squashed and the merged blob have no tree, and the merged disk reaches the layer blobs
+//! without theirs: `run --squashed` and `run --merged` of a `--verity` image are refused
+//! ([`VmError::Unverifiable`]), never booted unchecked.
+//!
+//! # Failures
+//!
+//! `run` returns the command's status, or an error for a failure of its own (the CLI exits 125
+//! for those): a boot that fails, a guest that hangs past the timeout, a corrupt block, and
+//! an `/init` that cannot start the command (it writes `failed` instead of a status).
 
 mod cpio;
 pub mod initramfs;
@@ -78,10 +88,47 @@ pub enum VmError {
     #[error(transparent)]
     Merge(#[from] crate::merge::MergeError),
     #[error(
+        "{tag} is a --verity image, but {form}: it would boot with no dm-verity. Run its layer stack (without {}), whose lowers the guest opens through dm-verity",
+        form.flag()
+    )]
+    Unverifiable { tag: String, form: UnverifiableForm },
+    #[error("the guest could not start the command (its /init said why, above)")]
+    GuestSetup,
+    #[error(
         "dm-verity in the guest found blocks that do not match their hashes in {}: the blob is corrupt (`vmrootfs verify {tag}` rechecks it)",
         .lowers.iter().map(|(i, c, p)| format!("lower {i} (chain {c}, {})", p.display())).collect::<Vec<_>>().join(", ")
     )]
     Corrupt { tag: String, lowers: Vec<(usize, oci_spec::image::Digest, PathBuf)> },
+}
+
+/// A boot form that cannot check a `--verity` image's blocks in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnverifiableForm {
+    /// `run --squashed`: the squashed blob has no dm-verity tree.
+    Squashed,
+    /// `run --merged`: the merged metadata blob has no tree, and the one disk reaches the
+    /// layer blobs without theirs.
+    Merged,
+}
+
+impl UnverifiableForm {
+    fn flag(self) -> &'static str {
+        match self {
+            UnverifiableForm::Squashed => "--squashed",
+            UnverifiableForm::Merged => "--merged",
+        }
+    }
+}
+
+impl std::fmt::Display for UnverifiableForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UnverifiableForm::Squashed => "its squashed blob (run --squashed) has no dm-verity tree",
+            UnverifiableForm::Merged => {
+                "its merged blob (run --merged) has no dm-verity tree, and the merged disk reaches the layer blobs without theirs"
+            }
+        })
+    }
 }
 
 /// Names of the guest's virtio-serial ports (`/sys/class/virtio-ports/*/name`).
@@ -262,6 +309,14 @@ pub fn run(
     if opts.merged && record.merged.is_none() {
         return Err(crate::merge::MergeError::NotMerged { tag: tag.to_string() }.into());
     }
+    if record.lowers.iter().any(|l| l.verity.is_some()) {
+        if opts.squashed {
+            return Err(VmError::Unverifiable { tag: tag.to_string(), form: UnverifiableForm::Squashed });
+        }
+        if opts.merged {
+            return Err(VmError::Unverifiable { tag: tag.to_string(), form: UnverifiableForm::Merged });
+        }
+    }
     let qemu = Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2")?;
     let kernel = Kernel::find(opts.kernel.as_deref())?;
     let vmlinux = kernel.vmlinux(store)?;
@@ -409,7 +464,7 @@ pub fn run(
             .collect();
         return Err(VmError::Corrupt { tag: tag.to_string(), lowers });
     }
-    Ok(status.code)
+    status.code.ok_or(VmError::GuestSetup)
 }
 
 /// A path as a QEMU option value (a `,` is written `,,`).
@@ -559,7 +614,8 @@ fn on_stream(sinks: &mut [&mut dyn Write; 2], event: Event, open: &mut usize) {
 /// What `/init` wrote to its status port (see [`initramfs`]).
 #[derive(Debug, PartialEq, Eq)]
 struct GuestStatus {
-    code: i32,
+    /// The command's exit status; none when `/init` failed before it started the command.
+    code: Option<i32>,
     /// Lowers whose dm-verity device found a corrupt block.
     corrupt: Vec<usize>,
 }
@@ -575,10 +631,13 @@ fn read_status(path: &Path, console_tail: String) -> Result<GuestStatus, VmError
         .ok_or_else(|| VmError::BadStatus { path: path.to_owned(), found: text.trim().to_string() })
 }
 
-/// `corrupt <i>` lines, then the exit status; anything else is malformed.
+/// `corrupt <i>` lines, then the exit status or `failed`; anything else is malformed.
 fn parse_status(text: &str) -> Option<GuestStatus> {
     let mut lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let code = lines.pop()?.parse().ok()?;
+    let code = match lines.pop()? {
+        "failed" => None,
+        code => Some(code.parse().ok()?),
+    };
     let corrupt =
         lines.iter().map(|l| l.strip_prefix("corrupt ")?.parse().ok()).collect::<Option<Vec<usize>>>()?;
     Some(GuestStatus { code, corrupt })
@@ -590,11 +649,12 @@ mod tests {
 
     #[test]
     fn status_port_lines() {
-        assert_eq!(parse_status("3\n"), Some(GuestStatus { code: 3, corrupt: vec![] }));
+        assert_eq!(parse_status("3\n"), Some(GuestStatus { code: Some(3), corrupt: vec![] }));
         assert_eq!(
             parse_status("corrupt 2\ncorrupt 0\n1\n"),
-            Some(GuestStatus { code: 1, corrupt: vec![2, 0] })
+            Some(GuestStatus { code: Some(1), corrupt: vec![2, 0] })
         );
+        assert_eq!(parse_status("corrupt 1\nfailed\n"), Some(GuestStatus { code: None, corrupt: vec![1] }));
         assert_eq!(parse_status("corrupt x\n1\n"), None);
         assert_eq!(parse_status("hello\n"), None);
         assert_eq!(parse_status("1\ncorrupt 2\n"), None);
