@@ -271,6 +271,29 @@ fn run_failures_before_the_boot_exit_125() {
     }
 }
 
+/// An `/init` that cannot start the command (here: a user the image does not have) is run's
+/// own failure, reported as such, not a status the command might have returned.
+#[test]
+fn run_guest_setup_failure_exits_125() {
+    let dir = scratch("boot-setup-failure");
+    let layout = dir.path().join("layout");
+    oci_layout_with_config(
+        &layout,
+        "t",
+        &[Layer::gzip(&busybox_entries(&["sh", "true"]))],
+        serde_json::json!({ "Cmd": ["/bin/true"], "User": "nosuchuser" }),
+    );
+    let store = dir.path().join("store");
+    let (ok, _, err) =
+        run(vmrootfs(&store).args(["-q", "build", &format!("oci:{}:t", layout.display()), "--tag", "u"]));
+    assert!(ok, "{err}");
+    let out = vmrootfs(&store).args(["run", "u", "--timeout", "240"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(RUN_FAILED), "{err}");
+    assert!(err.contains("unknown user nosuchuser"), "/init says why: {err}");
+    assert!(err.contains("error: the guest could not start the command"), "{err}");
+}
+
 /// A hung guest is ended at the timeout, with an error that says so.
 #[test]
 fn run_ends_a_hung_guest_at_the_timeout() {
