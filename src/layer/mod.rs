@@ -32,6 +32,9 @@ pub enum LayerError {
     UnsupportedMediaType(String),
     #[error("corrupt or truncated layer stream")]
     Stream(#[source] io::Error),
+    /// The bytes stopped coming (the registry, the network), rather than being wrong.
+    #[error("downloading the layer")]
+    Download(#[source] io::Error),
     #[error(transparent)]
     Digest(#[from] DigestMismatch),
     #[error("entry {path:?}")]
@@ -52,6 +55,17 @@ pub enum LayerError {
     BlobTooLong { expected: u64 },
     #[error("layer blob is {found} bytes, not the {expected} bytes its descriptor says")]
     BlobTooShort { expected: u64, found: u64 },
+}
+
+impl LayerError {
+    /// A failure reading the layer's bytes: a download that failed, or bytes that are wrong.
+    fn from_stream(e: io::Error) -> LayerError {
+        if crate::source::registry::is_download_error(&e) {
+            LayerError::Download(e)
+        } else {
+            LayerError::Stream(e)
+        }
+    }
 }
 
 /// Why one tar entry was refused.
@@ -239,7 +253,8 @@ pub fn stream<W: Write>(
         _ => None,
     };
     let failed = |e: LayerError| fault().unwrap_or(e);
-    let decoder = Decoder::sniff(buffered).map_err(|e| failed(LayerError::Stream(e)))?;
+    let stream_error = |e: io::Error| failed(LayerError::from_stream(e));
+    let decoder = Decoder::sniff(buffered).map_err(stream_error)?;
     let limited = Limit { inner: decoder, left: max_bytes, hit: &hit };
     let mut archive = tar::Archive::new(HashingReader::new(limited));
     stream_entries(&mut archive, normalizer, cancel).map_err(&failed)?;
@@ -247,9 +262,8 @@ pub fn stream<W: Write>(
         return Err(e);
     }
     let finished = archive.into_inner().finish();
-    let (found_diff_id, _, limited) = finished.map_err(|e| failed(LayerError::Stream(e)))?;
-    let (found_digest, _, _) =
-        limited.inner.into_inner().into_inner().finish().map_err(|e| failed(LayerError::Stream(e)))?;
+    let (found_diff_id, _, limited) = finished.map_err(stream_error)?;
+    let (found_digest, _, _) = limited.inner.into_inner().into_inner().finish().map_err(stream_error)?;
     if let Some(e) = fault() {
         return Err(e);
     }
@@ -265,14 +279,14 @@ fn stream_entries<R: Read, W: Write>(
     normalizer: &mut Normalizer<W>,
     cancel: &AtomicBool,
 ) -> Result<(), LayerError> {
-    for entry in archive.entries().map_err(LayerError::Stream)? {
+    for entry in archive.entries().map_err(LayerError::from_stream)? {
         if cancel.load(Ordering::Relaxed) {
             return Err(LayerError::Cancelled);
         }
-        let mut entry = entry.map_err(LayerError::Stream)?;
+        let mut entry = entry.map_err(LayerError::from_stream)?;
         let raw_path = entry::entry_path(&entry);
         apply_entry(normalizer, &mut entry).map_err(|source| match source {
-            EntryError::Normalize(NormalizeError::Data(e)) => LayerError::Stream(e),
+            EntryError::Normalize(NormalizeError::Data(e)) => LayerError::from_stream(e),
             EntryError::Normalize(NormalizeError::Write(e)) => LayerError::Output(e),
             EntryError::Normalize(NormalizeError::TooLarge { limit }) => LayerError::TooLarge { limit },
             source => LayerError::Entry { path: path::display(&raw_path), source },

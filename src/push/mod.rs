@@ -56,6 +56,13 @@ pub enum PushError {
     },
     #[error("pushing to {destination}: {detail}")]
     Registry { destination: String, detail: String },
+    #[error("pushing to {destination}: {what}")]
+    Http {
+        destination: String,
+        what: String,
+        #[source]
+        source: crate::source::http::HttpError,
+    },
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
 }

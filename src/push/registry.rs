@@ -6,6 +6,10 @@
 //! `OCI-Subject` header), the distribution spec's fallback is kept: the tag `sha256-<hex of
 //! the subject>` names an index listing the subject's referrers, and the pushed manifest is
 //! added to it.
+//!
+//! Credentials go only to the registry that asked for them: an upload `Location` on another
+//! origin (scheme, host, port), a storage service say, gets the bytes without them, as docker
+//! authorizes only the hosts it has pinged.
 
 use futures_util::StreamExt;
 
@@ -14,7 +18,8 @@ use reqwest::StatusCode;
 use super::{Composed, PushError, PushedLayer};
 use crate::digest;
 use crate::source::RegistryOptions;
-use crate::source::auth::{Authorizer, Session};
+use crate::source::auth::Authorizer;
+use crate::source::http::{self, HttpError};
 use crate::source::registry::{auth_for, insecure};
 
 const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
@@ -34,45 +39,49 @@ impl Target {
         format!("{}/v2/{}/{path}", self.authorizer.base_url(), self.repository)
     }
 
-    /// Sends the request `build` makes with the current credentials; a 401 renews a token once.
-    async fn send(
-        &self,
-        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, PushError> {
-        let mut session: Session = self.authorizer.session().await?;
-        let mut renewed = false;
-        loop {
-            let response =
-                session.authorize(build(self.authorizer.http())).send().await.map_err(|e| self.err(e))?;
-            if response.status() == StatusCode::UNAUTHORIZED && session.renewable() && !renewed {
-                session = self.authorizer.renew(&session).await?;
-                renewed = true;
-                continue;
-            }
-            if response.status() == StatusCode::UNAUTHORIZED {
-                return Err(self.err("the registry refused the credentials for pushing (HTTP 401)"));
-            }
-            return Ok(response);
-        }
+    fn http_err(&self, what: impl Into<String>, source: HttpError) -> PushError {
+        PushError::Http { destination: self.destination.clone(), what: what.into(), source }
     }
 
-    /// A failed answer, with what the registry said.
+    /// Sends the request `build` makes to `url`: with the current credentials when `url` is
+    /// on the registry's own origin (a 401 renews them once), without any elsewhere.
+    async fn send(
+        &self,
+        url: &str,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, PushError> {
+        let ours = http::resolve(self.authorizer.base_url(), url)
+            .map(|u| http::origin(&u))
+            .map_err(|e| self.http_err(format!("sending to {url}"), e))?;
+        let registry = http::resolve(self.authorizer.base_url(), "/").map(|u| http::origin(&u));
+        let response = if registry.is_ok_and(|r| r == ours) {
+            self.authorizer.send(build, url, 0).await?
+        } else {
+            build(self.authorizer.http()).send().await.map_err(|source| {
+                self.http_err(format!("sending to {url}"), HttpError::Send { url: url.into(), source })
+            })?
+        };
+        if response.status() == StatusCode::UNAUTHORIZED {
+            return Err(self.err("the registry refused the credentials for pushing (HTTP 401)"));
+        }
+        Ok(response)
+    }
+
+    /// A failed answer, with (the start of) what the registry said.
     async fn refused(&self, what: &str, response: reqwest::Response) -> PushError {
-        let status = response.status();
-        let body = response.text().await.unwrap_or_default();
-        self.err(format!("{what}: HTTP {status}: {}", body.trim().chars().take(300).collect::<String>()))
+        self.http_err(what, http::status_error(response).await)
     }
 
     async fn has_blob(&self, d: &str) -> Result<bool, PushError> {
         let url = self.url(&format!("blobs/{d}"));
-        let r = self.send(|c| c.head(&url)).await?;
+        let r = self.send(&url, |c| c.head(&url)).await?;
         Ok(r.status().is_success())
     }
 
     /// Uploads a blob from `body` (one monolithic `PUT`).
     async fn upload(&self, d: &str, size: u64, body: impl Fn() -> reqwest::Body) -> Result<(), PushError> {
         let start = self.url("blobs/uploads/");
-        let r = self.send(|c| c.post(&start).header(reqwest::header::CONTENT_LENGTH, 0)).await?;
+        let r = self.send(&start, |c| c.post(&start).header(reqwest::header::CONTENT_LENGTH, 0)).await?;
         if r.status() != StatusCode::ACCEPTED {
             return Err(self.refused(&format!("starting the upload of {d}"), r).await);
         }
@@ -80,17 +89,14 @@ impl Target {
             .headers()
             .get(reqwest::header::LOCATION)
             .and_then(|l| l.to_str().ok())
-            .ok_or_else(|| self.err(format!("the upload of {d} got no Location")))?
-            .to_string();
-        let mut url = if location.starts_with('/') {
-            format!("{}{location}", self.authorizer.base_url())
-        } else {
-            location
-        };
-        url.push(if url.contains('?') { '&' } else { '?' });
-        url.push_str(&format!("digest={d}"));
+            .ok_or_else(|| self.err(format!("the upload of {d} got no Location")))?;
+        // Relative to the request it answers (RFC 9110), as distribution's own `uploads/…`.
+        let mut url = http::resolve(&start, location)
+            .map_err(|e| self.http_err(format!("starting the upload of {d}"), e))?;
+        url.query_pairs_mut().append_pair("digest", d);
+        let url = url.to_string();
         let r = self
-            .send(|c| {
+            .send(&url, |c| {
                 c.put(&url)
                     .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                     .header(reqwest::header::CONTENT_LENGTH, size)
@@ -108,7 +114,9 @@ impl Target {
     async fn put_manifest(&self, reference: &str, media_type: &str, bytes: &[u8]) -> Result<bool, PushError> {
         let url = self.url(&format!("manifests/{reference}"));
         let r = self
-            .send(|c| c.put(&url).header(reqwest::header::CONTENT_TYPE, media_type).body(bytes.to_vec()))
+            .send(&url, |c| {
+                c.put(&url).header(reqwest::header::CONTENT_TYPE, media_type).body(bytes.to_vec())
+            })
             .await?;
         if r.status() != StatusCode::CREATED {
             return Err(self.refused(&format!("putting the manifest {reference}"), r).await);
@@ -120,10 +128,12 @@ impl Target {
     async fn add_fallback_referrer(&self, subject: &str, entry: serde_json::Value) -> Result<(), PushError> {
         let tag = subject.replacen(':', "-", 1);
         let url = self.url(&format!("manifests/{tag}"));
-        let r = self.send(|c| c.get(&url).header(reqwest::header::ACCEPT, INDEX_TYPE)).await?;
+        let r = self.send(&url, |c| c.get(&url).header(reqwest::header::ACCEPT, INDEX_TYPE)).await?;
         let mut index = match r.status() {
             StatusCode::OK => {
-                let body = r.bytes().await.map_err(|e| self.err(e))?;
+                let body = http::read_capped(r, http::MAX_MANIFEST, "referrers index")
+                    .await
+                    .map_err(|e| self.http_err(format!("reading the referrers tag {tag}"), e))?;
                 serde_json::from_slice::<serde_json::Value>(&body)
                     .ok()
                     .filter(|v| v.get("manifests").is_some_and(|m| m.is_array()))

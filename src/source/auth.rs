@@ -9,9 +9,12 @@
 //! - a token is renewed when its `expires_in` runs out and when the registry answers 401, so
 //!   a download that resumes after a long stall carries a valid token.
 //!
-//! A `Basic` challenge gets the credentials directly; no challenge means open access. Each
-//! token gets its own oci-client [`Client`] (oci-client keeps one credential per client), in a
-//! [`Session`] the requests use.
+//! A `Basic` challenge gets the credentials directly; no challenge means open access, and no
+//! credentials are sent (a registry that later answers 401 with a challenge of its own gets
+//! what that challenge asks for). A token server is asked over HTTPS, or over plain HTTP only
+//! for a registry that is itself spoken to over plain HTTP: credentials never travel in
+//! cleartext for an HTTPS registry. Each token gets its own oci-client [`Client`] (oci-client
+//! keeps one credential per client), in a [`Session`] the requests use.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,7 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 
 use super::SourceError;
+use super::http::{self, HttpError};
 
 /// What the user gave to authenticate with.
 #[derive(Clone)]
@@ -72,9 +76,23 @@ impl Session {
     }
 }
 
+/// How [`Authorizer::send_hop`] sends a request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Hop {
+    /// To the registry, redirects followed by the HTTP client (which drops the credentials
+    /// when one leaves the registry's origin).
+    Follow,
+    /// To the registry's origin, a redirect returned as it is.
+    Registry,
+    /// To another origin (a redirect's target), without credentials, redirects returned.
+    Elsewhere,
+}
+
 /// Hands out sessions for one repository of one registry, renewing tokens as they run out.
 pub struct Authorizer {
     http: reqwest::Client,
+    /// For requests whose redirects the caller follows itself (see [`Hop`]).
+    http_one_hop: reqwest::Client,
     registry: String,
     base_url: String,
     scope: String,
@@ -101,7 +119,8 @@ impl Authorizer {
     ) -> Self {
         let scheme = if plain_http { "http" } else { "https" };
         Authorizer {
-            http: reqwest::Client::new(),
+            http: http::client(true),
+            http_one_hop: http::client(false),
             registry: registry.to_string(),
             base_url: format!("{scheme}://{registry}"),
             scope: format!("repository:{repository}:{actions}"),
@@ -123,13 +142,17 @@ impl Authorizer {
     }
 
     /// A new session after the registry refused `stale` (a token that expired early, say); if
-    /// another request renewed it meanwhile, that session.
-    pub async fn renew(&self, stale: &Session) -> Result<Session, SourceError> {
+    /// another request renewed it meanwhile, that session. `challenge` is the refusal's
+    /// `WWW-Authenticate`: the registry's own word on what it wants now.
+    pub async fn renew(&self, stale: &Session, challenge: Option<&str>) -> Result<Session, SourceError> {
         let mut state = self.state.lock().await;
         if let Some(s) = &state.session
             && s.generation != stale.generation
         {
             return Ok(s.clone());
+        }
+        if let Some(c) = challenge.and_then(parse_challenge) {
+            state.challenge = Some(c);
         }
         self.start_session(&mut state).await
     }
@@ -145,18 +168,22 @@ impl Authorizer {
         };
         let (auth, expires) = match (&challenge, &self.credential) {
             (Challenge::Bearer { realm, service }, _) => {
+                self.check_realm(realm)?;
                 let (token, lifetime) = self.token(realm, service.as_deref()).await?;
                 // Renew a little early: the token must still hold when the request arrives.
                 (RegistryAuth::Bearer(token), Some(Instant::now() + lifetime.mul_f64(0.9)))
             }
-            (_, Credential::Basic { user, password }) => {
+            (Challenge::Basic, Credential::Basic { user, password }) => {
                 (RegistryAuth::Basic(user.clone(), password.clone()), None)
             }
-            (_, Credential::IdentityToken(_)) => {
+            (Challenge::Basic, Credential::IdentityToken(_)) => {
                 // An identity token is for a token server only; this registry has none.
                 return Err(SourceError::IdentityTokenWithoutTokenServer { registry: self.registry.clone() });
             }
-            (_, Credential::Anonymous) => (RegistryAuth::Anonymous, None),
+            // Open access: the registry asked for nothing, so it gets nothing.
+            (Challenge::Open, _) | (Challenge::Basic, Credential::Anonymous) => {
+                (RegistryAuth::Anonymous, None)
+            }
         };
         let http = if self.plain_http { vec![self.registry.clone()] } else { Vec::new() };
         let client = Client::new(ClientConfig {
@@ -169,12 +196,75 @@ impl Authorizer {
         let session = Session {
             client,
             auth,
-            renewable: matches!(challenge, Challenge::Bearer { .. }),
+            // A token may have run out; an open registry may challenge on a later request.
+            renewable: matches!(challenge, Challenge::Bearer { .. } | Challenge::Open),
             expires,
             generation: state.generations,
         };
         state.session = Some(session.clone());
         Ok(session)
+    }
+
+    /// Sends the request `build` makes with the current credentials: a 401 renews them once
+    /// (with the challenge it carries), and up to `retries` transient failures (connection
+    /// errors, timeouts, 5xx, 429) are retried with backoff. The answer is returned whatever
+    /// its status.
+    pub async fn send(
+        &self,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+        url: &str,
+        retries: u32,
+    ) -> Result<reqwest::Response, SourceError> {
+        self.send_hop(build, url, retries, Hop::Follow).await
+    }
+
+    /// [`Self::send`], one hop of a redirect chain the caller follows: with the credentials
+    /// on the registry's origin, without them elsewhere.
+    pub async fn send_hop(
+        &self,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+        url: &str,
+        retries: u32,
+        hop: Hop,
+    ) -> Result<reqwest::Response, SourceError> {
+        let (client, with_credentials) = match hop {
+            Hop::Follow => (&self.http, true),
+            Hop::Registry => (&self.http_one_hop, true),
+            Hop::Elsewhere => (&self.http_one_hop, false),
+        };
+        let mut session = self.session().await?;
+        let (mut attempt, mut renewed) = (0, false);
+        loop {
+            let request = build(client);
+            let request = if with_credentials { session.authorize(request) } else { request };
+            match request.send().await {
+                Ok(r)
+                    if r.status() == reqwest::StatusCode::UNAUTHORIZED
+                        && with_credentials
+                        && session.renewable()
+                        && !renewed =>
+                {
+                    let challenge =
+                        r.headers().get(reqwest::header::WWW_AUTHENTICATE).and_then(|h| h.to_str().ok());
+                    session = self.renew(&session, challenge).await?;
+                    renewed = true;
+                }
+                Ok(r)
+                    if (r.status().is_server_error() || r.status().as_u16() == 429) && attempt < retries =>
+                {
+                    crate::progress::info(&format!("retrying {url}: HTTP {}", r.status()));
+                    tokio::time::sleep(super::registry::backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Ok(r) => return Ok(r),
+                Err(e) if http::transient(&e) && attempt < retries => {
+                    crate::progress::info(&format!("retrying {url}: {e}"));
+                    tokio::time::sleep(super::registry::backoff(attempt)).await;
+                    attempt += 1;
+                }
+                Err(source) => return Err(HttpError::Send { url: url.to_string(), source }.into()),
+            }
+        }
     }
 
     /// `https://host[:port]` (or `http://` for plain-HTTP registries).
@@ -185,6 +275,12 @@ impl Authorizer {
     /// The HTTP client the authorizer's own requests use.
     pub fn http(&self) -> &reqwest::Client {
         &self.http
+    }
+
+    /// The realm of a bearer challenge is asked for tokens, with the credentials: only over
+    /// HTTP(S), and over plain HTTP only when the registry itself is spoken to so.
+    fn check_realm(&self, realm: &str) -> Result<(), SourceError> {
+        check_realm(&self.registry, self.plain_http, realm)
     }
 
     /// `GET /v2/`: what the registry asks for.
@@ -226,11 +322,17 @@ impl Authorizer {
         };
         let response = self.send_retrying(build, realm).await?;
         let status = response.status();
-        let body = response.text().await.map_err(|e| SourceError::Registry {
-            what: format!("token server {realm}"),
-            detail: e.to_string(),
-        })?;
+        if status.is_server_error() {
+            let body = http::error_body(response).await;
+            return Err(SourceError::TokenServerFailed {
+                realm: realm.to_string(),
+                registry: self.registry.clone(),
+                status: status.as_u16(),
+                detail: http::printable(&body),
+            });
+        }
         if !status.is_success() {
+            let body = String::from_utf8_lossy(&http::error_body(response).await).into_owned();
             return Err(SourceError::TokenRefused {
                 realm: realm.to_string(),
                 registry: self.registry.clone(),
@@ -240,16 +342,19 @@ impl Authorizer {
                     Credential::IdentityToken(_) => "the identity token".into(),
                 },
                 status: status.as_u16(),
-                detail: refusal_reason(&body),
+                detail: http::printable(refusal_reason(&body).as_bytes()),
             });
         }
+        let body = http::read_capped(response, http::MAX_TOKEN_ANSWER, "token server answer").await?;
+        let body = String::from_utf8_lossy(&body);
         parse_token(&body).ok_or_else(|| SourceError::Registry {
             what: format!("token server {realm}"),
             detail: "its answer holds no token".into(),
         })
     }
 
-    /// Sends a request, retrying connection errors and 5xx answers with backoff.
+    /// Sends a request, retrying transient failures (connection errors, timeouts, 5xx and
+    /// 429 answers) with backoff.
     async fn send_retrying(
         &self,
         build: impl Fn() -> reqwest::RequestBuilder,
@@ -260,16 +365,29 @@ impl Authorizer {
             let result = build().send().await;
             let transient = match &result {
                 Ok(r) => r.status().is_server_error() || r.status().as_u16() == 429,
-                Err(_) => true,
+                Err(e) => http::transient(e),
             };
             if transient && attempt + 1 < TOKEN_ATTEMPTS {
                 tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 attempt += 1;
                 continue;
             }
-            return result
-                .map_err(|e| SourceError::Registry { what: url.to_string(), detail: e.to_string() });
+            return Ok(result.map_err(|source| HttpError::Send { url: url.to_string(), source })?);
         }
+    }
+}
+
+/// See [`Authorizer::check_realm`].
+fn check_realm(registry: &str, plain_http: bool, realm: &str) -> Result<(), SourceError> {
+    let scheme = reqwest::Url::parse(realm).map(|u| u.scheme().to_string()).unwrap_or_default();
+    match scheme.as_str() {
+        "https" => Ok(()),
+        "http" if plain_http => Ok(()),
+        "http" => Err(SourceError::PlainHttpTokenServer {
+            registry: registry.to_string(),
+            realm: realm.to_string(),
+        }),
+        _ => Err(SourceError::BadTokenServer { registry: registry.to_string(), realm: realm.to_string() }),
     }
 }
 
@@ -382,6 +500,23 @@ mod tests {
         assert_eq!(parse_challenge(r#"Basic realm="Registry Realm""#), Some(Challenge::Basic));
         assert_eq!(parse_challenge("Bearer service=x"), None, "a bearer challenge needs a realm");
         assert_eq!(parse_challenge("Negotiate abc"), None);
+    }
+
+    #[test]
+    fn token_servers_are_asked_no_less_safely_than_their_registry() {
+        assert!(check_realm("ghcr.io", false, "https://ghcr.io/token").is_ok());
+        assert!(check_realm("127.0.0.1:5000", true, "http://127.0.0.1:5001/token").is_ok());
+        assert!(check_realm("127.0.0.1:5000", true, "https://auth.example/token").is_ok());
+        let e = check_realm("reg.example", false, "http://auth.example/token").unwrap_err();
+        assert!(matches!(e, SourceError::PlainHttpTokenServer { .. }), "{e}");
+        assert!(
+            e.to_string().contains("reg.example") && e.to_string().contains("http://auth.example/token"),
+            "{e}"
+        );
+        for realm in ["ftp://auth.example/token", "/token", ""] {
+            let e = check_realm("127.0.0.1:5000", true, realm).unwrap_err();
+            assert!(matches!(e, SourceError::BadTokenServer { .. }), "{realm}: {e}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod archive;
 pub(crate) mod auth;
 pub mod docker_archive;
+pub mod http;
 pub mod oci;
 pub mod reference;
 pub mod registry;
@@ -28,6 +29,17 @@ use crate::platform::Platform;
 /// Largest manifest, index or config accepted (they are read into memory).
 pub const MAX_JSON: u64 = 16 << 20;
 
+/// Most layers an image may have. OCI sets no limit; Docker stops at 127 (overlay2 stacks no
+/// more) and the kernel's overlayfs at 500 lower directories. 1000 leaves room for every image
+/// those tools can make or stack, and for stacks only `--merge` or `--squash` can present,
+/// while a manifest of tens of thousands of layers — hours of conversion into an image no VM
+/// can attach — is refused before any layer is fetched.
+pub const MAX_LAYERS: usize = 1000;
+
+/// Indexes followed from a reference before the manifest (an index of indexes is allowed by
+/// OCI but rare; deeper nesting is refused rather than followed).
+pub const MAX_INDEX_DEPTH: usize = 3;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SourceError {
@@ -45,6 +57,26 @@ pub enum SourceError {
     Denied { registry: String, repository: String },
     #[error("the token server {realm} refused {who} for registry {registry} (HTTP {status}): {detail}")]
     TokenRefused { realm: String, registry: String, who: String, status: u16, detail: String },
+    #[error("the token server {realm} of registry {registry} failed (HTTP {status}): {detail}")]
+    TokenServerFailed { realm: String, registry: String, status: u16, detail: String },
+    #[error(
+        "registry {registry} is spoken to over HTTPS but asks for a token from {realm}, over plain HTTP: no credentials or tokens are sent in cleartext (use --insecure-registry {registry} if the registry is plain HTTP too)"
+    )]
+    PlainHttpTokenServer { registry: String, realm: String },
+    #[error("registry {registry} asks for a token from {realm:?}, which is not an http(s) URL")]
+    BadTokenServer { registry: String, realm: String },
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error("reading {what}")]
+    Read {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{manifest} has {layers} layers, more than the {MAX_LAYERS} vmrootfs takes")]
+    TooManyLayers { manifest: String, layers: usize },
+    #[error("{reference} is an index nested more than {MAX_INDEX_DEPTH} deep")]
+    IndexTooDeep { reference: String },
     #[error(
         "registry {registry} has no token server (its /v2/ asks for no bearer token), so the identity token from config.json cannot be used there; give credentials with --creds USER:PASS"
     )]
@@ -144,6 +176,12 @@ impl ResolvedImage {
     ) -> Result<ResolvedImage, SourceError> {
         // Only sha256 digests go on: they are what every check and store name is made of.
         crate::digest::require_sha256("manifest digest", &manifest_digest)?;
+        if manifest.layers().len() > MAX_LAYERS {
+            return Err(SourceError::TooManyLayers {
+                manifest: format!("manifest {manifest_digest}"),
+                layers: manifest.layers().len(),
+            });
+        }
         crate::digest::require_sha256("manifest config.digest", manifest.config().digest())?;
         for (i, l) in manifest.layers().iter().enumerate() {
             crate::digest::require_sha256(&format!("manifest layers[{i}].digest"), l.digest())?;

@@ -1,9 +1,12 @@
-//! Registries (OCI distribution API) through `oci-client`, behind a small tokio runtime: the
-//! rest of vmrootfs stays synchronous. Authorization (tokens and their renewal) is
-//! [`super::auth`]'s. Layer blobs stream through a bounded channel into the
-//! converting thread; a cut connection resumes with a Range request from the last byte
-//! received, and connection errors, 5xx and 429 are retried with backoff. The bytes are
-//! checked against the layer digest by the converter, so nothing unchecked is published.
+//! Registries (OCI distribution API), behind a small tokio runtime: the rest of vmrootfs stays
+//! synchronous. Authorization (tokens and their renewal) is [`super::auth`]'s; every request
+//! goes through [`super::http`]'s client (timeouts, caps). Manifests and indexes are read
+//! whole up to [`http::MAX_MANIFEST`]. Layer blobs stream through a bounded channel into the
+//! converting thread; a cut connection or a stall (fewer than [`http::STALL_MIN_BYTES`] in a
+//! stall timeout) resumes with a Range request from the last byte received, and connection
+//! errors, 5xx and 429 are retried with backoff; what can never work (a bad scheme, a
+//! redirect loop) is not. The bytes are checked against the layer digest by the converter,
+//! so nothing unchecked is published. Referrers are asked through `oci-client`.
 
 use std::io::{self, Read};
 use std::net::Ipv4Addr;
@@ -14,11 +17,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use oci_client::Reference;
-use oci_client::client::BlobResponse;
 use oci_client::errors::OciDistributionError;
 use oci_spec::image::{Digest, ImageConfiguration, ImageIndex, ImageManifest};
 
-use super::auth::{Authorizer, Credential, Session};
+use super::auth::{Authorizer, Credential, Hop};
+use super::http::{self, HttpError};
 use super::oci::select_platform;
 use super::{ImageSource, LayerRef, ResolvedImage, SourceError};
 use crate::digest;
@@ -32,6 +35,37 @@ const ACCEPT: &[&str] = &[
     "application/vnd.docker.distribution.manifest.v2+json",
 ];
 const RETRIES: u32 = 5;
+
+/// Why a blob download failed; it reaches the converter inside an `io::Error`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    #[error(
+        "blob {digest} from registry {registry} stalled: fewer than {} bytes arrived in {}, {attempts} times",
+        http::STALL_MIN_BYTES,
+        humantime::format_duration(*.window)
+    )]
+    Stalled { digest: String, registry: String, window: Duration, attempts: u32 },
+    #[error("fetching blob {digest} from registry {registry}")]
+    Failed {
+        digest: String,
+        registry: String,
+        #[source]
+        source: Box<SourceError>,
+    },
+}
+
+/// Whether `e` (from a layer's byte stream) is a failed download rather than bad bytes.
+pub fn is_download_error(e: &io::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|e| e as _);
+    while let Some(c) = cause {
+        if c.is::<FetchError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
 
 /// How to reach registries (`--creds`, `--insecure-registry`).
 #[derive(Debug, Clone, Default)]
@@ -123,15 +157,8 @@ pub(crate) fn auth_for(registry: &str, opts: &RegistryOptions) -> Result<Credent
     }
 }
 
-fn retryable(e: &OciDistributionError) -> bool {
-    match e {
-        OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => true,
-        OciDistributionError::ServerError { code, .. } => *code >= 500 || *code == 429,
-        _ => false,
-    }
-}
-
-fn backoff(attempt: u32) -> Duration {
+/// How long to wait before attempt `attempt + 1`.
+pub(crate) fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(200 << attempt.min(5))
 }
 
@@ -194,27 +221,24 @@ impl RegistrySource {
         }
     }
 
-    /// A manifest or index by tag or digest, retried on transient errors; a 401 renews the
-    /// token once.
-    fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, String), SourceError> {
-        let mut attempt = 0;
-        let mut session = self.rt.block_on(self.authorizer.session())?;
-        let mut renewed = false;
-        loop {
-            let result = self.rt.block_on(session.client.pull_manifest_raw(reference, &session.auth, ACCEPT));
-            match result {
-                Ok((bytes, digest)) => return Ok((bytes.to_vec(), digest)),
-                Err(OciDistributionError::UnauthorizedError { .. }) if session.renewable() && !renewed => {
-                    session = self.rt.block_on(self.authorizer.renew(&session))?;
-                    renewed = true;
-                }
-                Err(e) if retryable(&e) && attempt < RETRIES => {
-                    std::thread::sleep(backoff(attempt));
-                    attempt += 1;
-                }
-                Err(e) => return Err(self.registry_error(e, &reference.whole())),
+    /// A manifest or index by tag or digest, at most [`http::MAX_MANIFEST`] bytes; transient
+    /// errors are retried, a 401 renews the credentials once.
+    fn manifest(&self, reference: &Reference) -> Result<Vec<u8>, SourceError> {
+        let name = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let url = format!("{}/v2/{}/manifests/{name}", self.authorizer.base_url(), reference.repository());
+        self.rt.block_on(async {
+            let accept = ACCEPT.join(", ");
+            let response = self
+                .authorizer
+                .send(|c| c.get(&url).header(reqwest::header::ACCEPT, &accept), &url, RETRIES)
+                .await?;
+            match response.status().as_u16() {
+                200..=299 => Ok(http::read_capped(response, http::MAX_MANIFEST, "manifest or index").await?),
+                404 => Err(SourceError::NotFound(reference.whole())),
+                401 | 403 => Err(self.unauthorized()),
+                _ => Err(http::status_error(response).await.into()),
             }
-        }
+        })
     }
 
     /// A small blob (config), read whole and checked.
@@ -223,7 +247,7 @@ impl RegistrySource {
         self.open_blob(d.to_string(), None)?
             .take(super::MAX_JSON + 1)
             .read_to_end(&mut out)
-            .map_err(|e| SourceError::Registry { what: format!("blob {d}"), detail: e.to_string() })?;
+            .map_err(|source| SourceError::Read { what: format!("blob {d}"), source })?;
         if out.len() as u64 > super::MAX_JSON {
             return Err(SourceError::TooLarge { what: format!("blob {d}") });
         }
@@ -233,111 +257,168 @@ impl RegistrySource {
 
     fn open_blob(&self, digest: String, size: Option<u64>) -> Result<BlobReader, SourceError> {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let authorizer = self.authorizer.clone();
-        let reference = self.reference.clone();
-        self.rt.spawn(download(authorizer, reference, digest, size, tx));
+        let blob = Blob {
+            url: format!("{}/v2/{}/blobs/{digest}", self.authorizer.base_url(), self.reference.repository()),
+            registry: self.reference.registry().to_string(),
+            digest,
+            size,
+        };
+        self.rt.spawn(download(self.authorizer.clone(), blob, tx));
         Ok(BlobReader { rx, chunk: bytes::Bytes::new() })
     }
 }
 
-/// Streams one blob into `tx`, resuming after cuts and retrying transient errors. Each
-/// (re)connection takes the authorizer's current session, so a resumed download carries a
+/// One blob to download.
+struct Blob {
+    url: String,
+    registry: String,
+    digest: String,
+    size: Option<u64>,
+}
+
+impl Blob {
+    fn failed(&self, e: impl Into<SourceError>) -> io::Error {
+        io::Error::other(FetchError::Failed {
+            digest: self.digest.clone(),
+            registry: self.registry.clone(),
+            source: Box::new(e.into()),
+        })
+    }
+}
+
+/// Why one connection's body stopped before its end.
+enum Cut {
+    Stalled,
+    Failed(reqwest::Error),
+}
+
+/// Streams one blob into `tx`, resuming after cuts and stalls and retrying transient errors.
+/// Each (re)connection takes the authorizer's current session, so a resumed download carries a
 /// renewed token; a 401 renews it once more.
 async fn download(
     authorizer: Arc<Authorizer>,
-    reference: Reference,
-    digest: String,
-    size: Option<u64>,
+    blob: Blob,
     tx: tokio::sync::mpsc::Sender<io::Result<bytes::Bytes>>,
 ) {
+    let stall = http::stall_timeout();
     let mut offset = 0u64;
     let mut failures = 0u32;
-    let fail = |msg: String| io::Error::other(msg);
-    let mut refused: Option<Session> = None;
     loop {
-        let session = match &refused {
-            Some(stale) => authorizer.renew(stale).await,
-            None => authorizer.session().await,
-        };
-        let session = match session {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(Err(fail(format!("fetching blob {digest}: {e}")))).await;
-                return;
-            }
-        };
-        let client = &session.client;
-        // A range (`bytes=0-` at first): oci-client then leaves the stream unhashed (every
-        // reader of it checks the digest itself), where a plain GET hashed every blob a second
-        // time, on the runtime's threads. An empty blob has no byte 0 to ask for.
-        let response = if size == Some(0) {
-            client.pull_blob_stream(&reference, digest.as_str()).await.map(|s| (s.stream, 0))
-        } else {
-            match client.pull_blob_stream_partial(&reference, digest.as_str(), offset, None).await {
-                Ok(BlobResponse::Partial(s)) => Ok((s.stream, 0)),
-                // The registry ignored the Range header: skip what we already have.
-                Ok(BlobResponse::Full(s)) => Ok((s.stream, offset)),
-                Err(e) => Err(e),
-            }
-        };
-        let (mut stream, mut skip) = match response {
+        // A range (`bytes=0-` at first): a resumption asks for what is missing. An empty blob
+        // has no byte 0 to ask for.
+        let range = (blob.size != Some(0)).then(|| format!("bytes={offset}-"));
+        let response = match get_blob(&authorizer, &blob.url, range.as_deref()).await {
             Ok(r) => r,
-            Err(OciDistributionError::UnauthorizedError { .. })
-                if session.renewable() && refused.is_none() =>
-            {
-                refused = Some(session.clone());
-                continue;
-            }
-            Err(e) if retryable(&e) && failures < RETRIES => {
-                crate::progress::info(&format!("retrying blob {digest}: {e}"));
-                tokio::time::sleep(backoff(failures)).await;
-                failures += 1;
-                continue;
-            }
             Err(e) => {
-                let _ = tx.send(Err(fail(format!("fetching blob {digest}: {e}")))).await;
+                let _ = tx.send(Err(blob.failed(e))).await;
                 return;
             }
         };
-        refused = None;
-        let mut cut = None;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(mut b) => {
+        let mut skip = match response.status().as_u16() {
+            206 => 0,
+            // The registry ignored the Range header: skip what we already have.
+            200..=299 => offset,
+            404 => {
+                let _ =
+                    tx.send(Err(blob.failed(SourceError::NotFound(format!("blob {}", blob.digest))))).await;
+                return;
+            }
+            _ => {
+                let e = http::status_error(response).await;
+                let _ = tx.send(Err(blob.failed(e))).await;
+                return;
+            }
+        };
+        let mut stream = response.bytes_stream();
+        let mut window_end = tokio::time::Instant::now() + stall;
+        let mut window_bytes = 0u64;
+        let cut = loop {
+            match tokio::time::timeout_at(window_end, stream.next()).await {
+                Err(_) if window_bytes >= http::STALL_MIN_BYTES => {
+                    window_end = tokio::time::Instant::now() + stall;
+                    window_bytes = 0;
+                }
+                Err(_) => break Some(Cut::Stalled),
+                Ok(None) => break None,
+                Ok(Some(Err(e))) if e.is_timeout() => break Some(Cut::Stalled),
+                Ok(Some(Err(e))) => break Some(Cut::Failed(e)),
+                Ok(Some(Ok(mut b))) => {
                     if skip > 0 {
                         let n = (skip as usize).min(b.len());
                         b = b.slice(n..);
                         skip -= n as u64;
                     }
                     offset += b.len() as u64;
+                    window_bytes += b.len() as u64;
                     if !b.is_empty() && tx.send(Ok(b)).await.is_err() {
                         return;
                     }
                 }
-                Err(e) => {
-                    cut = Some(e);
-                    break;
-                }
             }
-        }
-        match cut {
+        };
+        let Some(cut) = cut else {
             // All bytes arrived (a failed digest check at the very end is reported by the
             // converter, which names both digests).
-            None => return,
-            Some(_) if size.is_some_and(|s| offset >= s) => return,
-            Some(e) if failures < RETRIES => {
-                crate::progress::info(&format!(
-                    "connection cut after {offset} bytes of {digest} ({e}); resuming"
-                ));
-                tokio::time::sleep(backoff(failures)).await;
-                failures += 1;
-            }
-            Some(e) => {
-                let _ = tx.send(Err(fail(format!("fetching blob {digest}: {e}")))).await;
-                return;
-            }
+            return;
+        };
+        if blob.size.is_some_and(|s| offset >= s) {
+            return;
         }
+        if failures < RETRIES {
+            let why = match &cut {
+                Cut::Stalled => format!("stalled for {}", humantime::format_duration(stall)),
+                Cut::Failed(e) => format!("connection cut: {e}"),
+            };
+            crate::progress::info(&format!("{} after {offset} bytes of {}; resuming", why, blob.digest));
+            tokio::time::sleep(backoff(failures)).await;
+            failures += 1;
+            continue;
+        }
+        let error = match cut {
+            Cut::Stalled => io::Error::other(FetchError::Stalled {
+                digest: blob.digest.clone(),
+                registry: blob.registry.clone(),
+                window: stall,
+                attempts: failures + 1,
+            }),
+            Cut::Failed(source) => blob.failed(HttpError::Read { url: blob.url.clone(), source }),
+        };
+        let _ = tx.send(Err(error)).await;
+        return;
     }
+}
+
+/// GETs `url` (with `range`), following redirects here: the credentials go to the registry's
+/// origin only, a target that is not http(s) or a loop fails at once, and an error names the
+/// hop that failed.
+async fn get_blob(
+    authorizer: &Authorizer,
+    url: &str,
+    range: Option<&str>,
+) -> Result<reqwest::Response, SourceError> {
+    let registry = http::resolve(url, "/")?;
+    let mut url = http::resolve(url, url)?;
+    for _ in 0..=http::MAX_REDIRECTS {
+        let hop = if http::origin(&url) == http::origin(&registry) { Hop::Registry } else { Hop::Elsewhere };
+        let request = |c: &reqwest::Client| {
+            let get = c.get(url.clone());
+            match range {
+                Some(r) => get.header(reqwest::header::RANGE, r),
+                None => get,
+            }
+        };
+        let response = authorizer.send_hop(request, url.as_str(), RETRIES, hop).await?;
+        let location = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
+        let (true, Some(location)) = (response.status().is_redirection(), location) else {
+            return Ok(response);
+        };
+        let next = http::resolve(url.as_str(), location)?;
+        if !matches!(next.scheme(), "http" | "https") {
+            return Err(HttpError::BadRedirect { from: url.to_string(), to: next.to_string() }.into());
+        }
+        url = next;
+    }
+    Err(HttpError::TooManyRedirects { url: url.to_string() }.into())
 }
 
 /// The converting thread's end of a blob download.
@@ -377,7 +458,7 @@ impl ImageSource for RegistrySource {
     }
 
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
-        let (mut bytes, _) = self.manifest(&self.reference)?;
+        let mut bytes = self.manifest(&self.reference)?;
         // A pinned reference names the bytes it fetched, an index or a manifest; what an index
         // leads to is checked against the index's descriptor below.
         if let Some(want) = self.reference.digest() {
@@ -385,7 +466,7 @@ impl ImageSource for RegistrySource {
             digest::check("pinned manifest or index", &want, &digest::sha256_of(&bytes))?;
         }
         let mut via_index = false;
-        for _ in 0..3 {
+        for _ in 0..=super::MAX_INDEX_DEPTH {
             let (media_type, schema, is_index) = media_type_of(&bytes);
             if schema == Some(1) {
                 return Err(SourceError::UnsupportedManifest(
@@ -398,7 +479,7 @@ impl ImageSource for RegistrySource {
                     .map_err(|source| SourceError::Json { what: "image index".into(), source })?;
                 let desc = select_platform(&index, platform)?;
                 let by_digest = self.reference.clone_with_digest(desc.digest().to_string());
-                (bytes, _) = self.manifest(&by_digest)?;
+                bytes = self.manifest(&by_digest)?;
                 digest::check("manifest", desc.digest(), &digest::sha256_of(&bytes))?;
                 via_index = true;
                 continue;
@@ -418,7 +499,7 @@ impl ImageSource for RegistrySource {
                 d.to_string()
             });
         }
-        Err(SourceError::UnsupportedManifest("index nested too deeply".into()))
+        Err(SourceError::IndexTooDeep { reference: self.reference.whole() })
     }
 
     fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read + Send + '_>, SourceError> {
