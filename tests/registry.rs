@@ -840,3 +840,589 @@ fn a_token_that_expires_during_a_stalled_download_is_renewed_on_resume() {
         }
     }
 }
+
+// Hostile registries (issue 17, items 6, 16, 17, 18): a scripted HTTP server per test, one
+// fault at a time.
+
+/// One request a hostile server received.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+type RawWriter = Box<dyn FnOnce(&mut TcpStream) -> std::io::Result<()> + Send>;
+
+/// What a hostile server answers.
+enum Reply {
+    /// A complete response: status, headers, body.
+    Full(u16, Vec<(String, String)>, Vec<u8>),
+    /// Whatever the writer sends; the connection is closed after it.
+    Raw(RawWriter),
+}
+
+fn reply(status: u16, headers: &[(&str, &str)], body: impl Into<Vec<u8>>) -> Reply {
+    Reply::Full(status, headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), body.into())
+}
+
+/// A scripted HTTP/1.1 server on loopback: `answer` decides each response.
+struct Hostile {
+    addr: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Hostile {
+    fn start(answer: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Hostile {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (log, answer) = (seen.clone(), Arc::new(answer));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (log, answer) = (log.clone(), answer.clone());
+                std::thread::spawn(move || {
+                    let _ = Hostile::serve(conn, &*answer, &log);
+                });
+            }
+        });
+        Hostile { addr, seen }
+    }
+
+    fn serve(
+        mut conn: TcpStream,
+        answer: &dyn Fn(&Seen) -> Reply,
+        log: &Mutex<Vec<Seen>>,
+    ) -> std::io::Result<()> {
+        loop {
+            let head = read_head(&mut conn)?;
+            if head.is_empty() {
+                return Ok(());
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let lines: Vec<&str> = head.split("\r\n").filter(|l| !l.is_empty()).collect();
+            let mut parts = lines.first().copied().unwrap_or_default().split(' ');
+            let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+            let headers: Vec<(String, String)> = lines[1..]
+                .iter()
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect();
+            let seen = Seen { method: method.into(), target: target.into(), headers };
+            if seen.header("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+                read_chunked(&mut conn)?;
+            } else {
+                let length: u64 = seen.header("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+                std::io::copy(&mut (&mut conn).take(length), &mut std::io::sink())?;
+            }
+            log.lock().unwrap().push(seen.clone());
+            match answer(&seen) {
+                Reply::Full(status, headers, body) => {
+                    let mut out = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n", body.len());
+                    for (k, v) in headers {
+                        out.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    out.push_str("\r\n");
+                    conn.write_all(out.as_bytes())?;
+                    if method != "HEAD" {
+                        conn.write_all(&body)?;
+                    }
+                }
+                Reply::Raw(write) => return write(&mut conn),
+            }
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Requests whose target contains `needle`.
+    fn hits(&self, needle: &str) -> Vec<Seen> {
+        self.seen().into_iter().filter(|s| s.target.contains(needle)).collect()
+    }
+}
+
+fn read_chunked(conn: &mut TcpStream) -> std::io::Result<()> {
+    loop {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            if conn.read(&mut b)? == 0 {
+                return Ok(());
+            }
+            line.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&line);
+        let size = u64::from_str_radix(text.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
+        std::io::copy(&mut (&mut *conn).take(size + 2), &mut std::io::sink())?;
+        if size == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Streams `prefix`, then `filler` again and again, at most `limit` bytes in all, counting
+/// what it sent in `sent`; stops when the client hangs up.
+fn endless(head: String, prefix: &'static [u8], filler: u8, limit: usize, sent: Arc<AtomicUsize>) -> Reply {
+    Reply::Raw(Box::new(move |conn| {
+        conn.write_all(head.as_bytes())?;
+        conn.write_all(prefix)?;
+        let chunk = vec![filler; 64 << 10];
+        while sent.load(Ordering::SeqCst) < limit {
+            conn.write_all(&chunk)?;
+            sent.fetch_add(chunk.len(), Ordering::SeqCst);
+        }
+        Ok(())
+    }))
+}
+
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+
+/// An image as a registry serves it: manifest, config and layers by digest.
+struct Served {
+    manifest: Vec<u8>,
+    blobs: Vec<(String, Vec<u8>)>,
+}
+
+impl Served {
+    /// An image of `layers` (base first); `extra` more layer descriptors repeat the first.
+    fn new(layers: &[Layer], extra: usize) -> Served {
+        let all: Vec<&Layer> = layers.iter().chain(std::iter::repeat_n(&layers[0], extra)).collect();
+        let diff_ids: Vec<&str> = all.iter().map(|l| l.diff_id.as_str()).collect();
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .unwrap();
+        let descs: Vec<_> = all
+            .iter()
+            .map(|l| serde_json::json!({"mediaType": l.media_type, "digest": l.digest, "size": l.blob.len()}))
+            .collect();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": sha256(&config), "size": config.len()},
+            "layers": descs,
+        }))
+        .unwrap();
+        let mut blobs = vec![(sha256(&config), config)];
+        blobs.extend(layers.iter().map(|l| (l.digest.clone(), l.blob.clone())));
+        Served { manifest, blobs }
+    }
+
+    /// The ordinary answer of an open registry holding this image as `lab/x` (any tag).
+    fn answer(&self, s: &Seen) -> Reply {
+        if s.target == "/v2/" {
+            return reply(200, &[], "{}");
+        }
+        if s.target.starts_with("/v2/lab/x/manifests/") {
+            return reply(200, &[("Content-Type", MANIFEST_TYPE)], self.manifest.clone());
+        }
+        for (d, bytes) in &self.blobs {
+            if s.target == format!("/v2/lab/x/blobs/{d}") {
+                return reply(200, &[], bytes.clone());
+            }
+        }
+        reply(404, &[], r#"{"errors":[{"code":"NOT_FOUND","message":"not here"}]}"#)
+    }
+}
+
+fn small_layer() -> Layer {
+    Layer::gzip(&[dir("etc", 0o755), file("etc/hello", "hello from a hostile registry\n")])
+}
+
+/// Runs `cmd`, killing it after `limit`: (exit status, or `None` if it had to be killed;
+/// stderr).
+fn run_bounded(cmd: &mut Command, limit: Duration) -> (Option<bool>, String) {
+    let mut child =
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status.success());
+        }
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status, reader.join().unwrap())
+}
+
+/// `vmrootfs build ADDR/lab/x:1` into a fresh store, with `args`, killed after a minute.
+fn build_from(addr: &str, args: &[&str], env: &[(&str, &str)]) -> (Option<bool>, String, tempfile::TempDir) {
+    let dir = scratch("hostile");
+    let no_config = dir.path().join("no-docker-config");
+    let mut cmd = vmrootfs(&dir.path().join("store"));
+    cmd.args(["build", &format!("{addr}/lab/x:1")]).args(args).env("DOCKER_CONFIG", &no_config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let (status, err) = run_bounded(&mut cmd, Duration::from_secs(60));
+    eprintln!("vmrootfs said: {err}");
+    (status, err, dir)
+}
+
+/// A store holding a small EROFS image tagged `lab/t:1`, ready to push.
+fn store_to_push() -> (tempfile::TempDir, PathBuf) {
+    let dir = scratch("hostile-push");
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[small_layer()]);
+    let store = dir.path().join("store");
+    let (ok, _, err) =
+        run(vmrootfs(&store).args(["build", &format!("oci:{}:t", layout.display()), "--tag", "lab/t:1"]));
+    assert!(ok, "{err}");
+    (dir, store)
+}
+
+/// A registry that takes pushes to `lab/t`: unless `open`, every request without credentials
+/// is answered with a Basic challenge; uploads go to `location(addr)`.
+fn push_registry(open: bool, location: impl Fn(&str) -> String + Send + Sync + 'static) -> Hostile {
+    let me = Arc::new(Mutex::new(String::new()));
+    let addr = me.clone();
+    let reg = Hostile::start(move |s| {
+        let authed = s.header("authorization").is_some();
+        match (s.method.as_str(), s.target.as_str()) {
+            (_, _) if !authed && !open => reply(401, &[("WWW-Authenticate", r#"Basic realm="hostile""#)], ""),
+            ("GET", "/v2/") => reply(200, &[], "{}"),
+            ("HEAD", _) => reply(404, &[], ""),
+            ("POST", "/v2/lab/t/blobs/uploads/") => {
+                let to = location(&addr.lock().unwrap());
+                reply(202, &[("Location", to.as_str())], "")
+            }
+            ("PUT", t) if t.contains("digest=") => reply(201, &[], ""),
+            ("PUT", t) if t.starts_with("/v2/lab/t/manifests/") => reply(201, &[], ""),
+            _ => reply(404, &[], ""),
+        }
+    });
+    *me.lock().unwrap() = reg.addr.clone();
+    reg
+}
+
+/// Item 6: an upload `Location` on another host gets the blob but not the credentials; the
+/// registry that asked for them gets them.
+#[test]
+fn push_sends_credentials_only_to_the_registry_that_asked_for_them() {
+    let (_dir, store) = store_to_push();
+    let elsewhere = Hostile::start(|s| match s.method.as_str() {
+        "PUT" => reply(201, &[], ""),
+        _ => reply(404, &[], ""),
+    });
+    let other = elsewhere.addr.clone();
+    let reg = push_registry(false, move |_| format!("http://{other}/upload/u0"));
+    let (ok, _, err) = run(vmrootfs(&store)
+        .args(["push", "lab/t:1", &format!("{}/lab/t:1", reg.addr)])
+        .args(["--creds", "vm:s3cret"]));
+    assert!(ok, "{err}");
+    let puts = elsewhere.seen();
+    assert!(!puts.is_empty(), "the blobs went to the upload host");
+    let leaked: Vec<&Seen> = puts.iter().filter(|s| s.header("authorization").is_some()).collect();
+    assert!(leaked.is_empty(), "no credentials to {}: {leaked:#?}", elsewhere.addr);
+    let basic = format!("Basic {}", base64_encode(b"vm:s3cret"));
+    assert!(
+        reg.hits("/blobs/uploads/").iter().any(|s| s.header("authorization") == Some(basic.as_str())),
+        "the registry that asked got them: {:#?}",
+        reg.seen()
+    );
+}
+
+/// Item 6: a registry whose `/v2/` asks for no credentials gets none, even when some are
+/// given: neither when pulling nor when pushing.
+#[test]
+fn no_credentials_to_a_registry_whose_challenge_asked_for_none() {
+    let image = Served::new(&[small_layer()], 0);
+    let reg = Hostile::start(move |s| image.answer(s));
+    let (status, err, _dir) = build_from(&reg.addr, &["--creds", "vm:s3cret"], &[]);
+    assert_eq!(status, Some(true), "{err}");
+    let sent: Vec<Seen> = reg.seen().into_iter().filter(|s| s.header("authorization").is_some()).collect();
+    assert!(sent.is_empty(), "credentials sent unasked when pulling: {sent:#?}");
+
+    let (_dir, store) = store_to_push();
+    let reg = push_registry(true, |_| "/v2/lab/t/blobs/uploads/u0".to_string());
+    let (ok, _, err) = run(vmrootfs(&store)
+        .args(["push", "lab/t:1", &format!("{}/lab/t:1", reg.addr)])
+        .args(["--creds", "vm:s3cret"]));
+    assert!(ok, "{err}");
+    let sent: Vec<Seen> = reg.seen().into_iter().filter(|s| s.header("authorization").is_some()).collect();
+    assert!(sent.is_empty(), "credentials sent unasked when pushing: {sent:#?}");
+}
+
+/// Item 16: a manifest of valid JSON followed by whitespace forever fails at the manifest cap,
+/// reading a bounded amount.
+#[test]
+fn an_endless_manifest_fails_at_the_cap_naming_it() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let reg = Hostile::start(move |s| {
+        if s.target.contains("/manifests/") {
+            let head =
+                format!("HTTP/1.1 200 OK\r\nContent-Type: {MANIFEST_TYPE}\r\nConnection: close\r\n\r\n");
+            endless(head, br#"{"schemaVersion":2}"#, b' ', 256 << 20, counter.clone())
+        } else {
+            reply(200, &[], "{}")
+        }
+    });
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains("manifest") && err.contains("larger than"), "{err}");
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(sent < 64 << 20, "the client hung up at the cap, not after {sent} bytes");
+}
+
+/// Item 16: an endless token response fails at the token cap, naming the token server.
+#[test]
+fn an_endless_token_response_fails_at_the_cap_naming_the_token_server() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let me = Arc::new(Mutex::new(String::new()));
+    let addr = me.clone();
+    let reg = Hostile::start(move |s| {
+        if s.target.starts_with("/token") {
+            let head =
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n".to_string();
+            endless(head, br#"{"token":""#, b'a', 256 << 20, counter.clone())
+        } else {
+            let challenge =
+                format!(r#"Bearer realm="http://{}/token",service="hostile""#, addr.lock().unwrap());
+            reply(401, &[("WWW-Authenticate", challenge.as_str())], "")
+        }
+    });
+    *me.lock().unwrap() = reg.addr.clone();
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains(&format!("http://{}/token", reg.addr)) && err.contains("larger than"), "{err}");
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(sent < 64 << 20, "the client hung up at the cap, not after {sent} bytes");
+}
+
+/// Item 16: an endless error body is cut, and the status still reported.
+#[test]
+fn an_endless_error_body_is_cut_and_the_status_reported() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let reg = Hostile::start(move |s| {
+        if s.target.contains("/manifests/") {
+            let head = "HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n".to_string();
+            endless(head, b"you asked wrong: ", b'x', 256 << 20, counter.clone())
+        } else {
+            reply(200, &[], "{}")
+        }
+    });
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains("400") && err.contains("you asked wrong"), "{err}");
+    assert!(err.len() < 4096, "the body is not printed whole: {} bytes", err.len());
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(sent < 64 << 20, "the client hung up at the cap, not after {sent} bytes");
+}
+
+/// Item 16: an image with more layers than the limit is refused before any layer is fetched.
+#[test]
+fn too_many_layers_are_refused_before_any_layer_is_fetched() {
+    let layer = small_layer();
+    let layer_digest = layer.digest.clone();
+    let image = Served::new(&[layer], 1000);
+    let reg = Hostile::start(move |s| image.answer(s));
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains("1001 layers") && err.contains("1000"), "{err}");
+    assert!(reg.hits(&layer_digest).is_empty(), "no layer fetched: {:#?}", reg.hits("/blobs/"));
+}
+
+/// Item 17: a blob that trickles is a stall: retried with a resume from the bytes received,
+/// then a failure naming the blob and the registry.
+#[test]
+fn a_trickling_blob_is_resumed_then_fails_naming_blob_and_registry() {
+    let layer = small_layer();
+    let digest = layer.digest.clone();
+    let blob = layer.blob.clone();
+    let image = Served::new(&[layer], 0);
+    let reg = Hostile::start(move |s| {
+        if !s.target.ends_with(&digest) {
+            return image.answer(s);
+        }
+        let blob = blob.clone();
+        Reply::Raw(Box::new(move |conn| {
+            write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", blob.len())?;
+            // One byte every half second, for at most 20 s.
+            for b in blob.iter().take(40) {
+                conn.write_all(&[*b])?;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Ok(())
+        }))
+    });
+    let digest = small_layer().digest;
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[("VMROOTFS_STALL_TIMEOUT", "2s")]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains(&digest) && err.contains(&reg.addr) && err.contains("stalled"), "{err}");
+    let gets = reg.hits(&digest);
+    assert!(gets.len() >= 2, "retried: {gets:#?}");
+    let resumed = gets[1].header("range").unwrap_or_default();
+    assert!(resumed.starts_with("bytes=") && resumed != "bytes=0-", "resumed after what arrived: {gets:#?}");
+}
+
+/// Item 17: a registry that accepts the connection and never answers is a stall too.
+#[test]
+fn a_registry_that_never_answers_fails_naming_it() {
+    let reg = Hostile::start(|_| {
+        Reply::Raw(Box::new(|_| {
+            std::thread::sleep(Duration::from_secs(50));
+            Ok(())
+        }))
+    });
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[("VMROOTFS_STALL_TIMEOUT", "1s")]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains(&reg.addr) && err.contains("timed out"), "{err}");
+}
+
+/// Item 18: a relative upload `Location` is resolved against the request URL.
+#[test]
+fn a_relative_upload_location_is_resolved_against_the_request() {
+    let (_dir, store) = store_to_push();
+    let reg = push_registry(false, |_| "uploads/u0".to_string());
+    let (ok, _, err) = run(vmrootfs(&store)
+        .args(["push", "lab/t:1", &format!("{}/lab/t:1", reg.addr)])
+        .args(["--creds", "vm:s3cret"]));
+    assert!(ok, "{err}");
+    let puts = reg.hits("/v2/lab/t/blobs/uploads/uploads/u0?digest=sha256");
+    assert!(!puts.is_empty(), "{:#?}", reg.seen());
+}
+
+/// A registry serving the small image whose layer blob is answered by `layer`.
+fn registry_with_layer(
+    layer_reply: impl Fn(&str, &Seen) -> Reply + Send + Sync + 'static,
+) -> (Hostile, String) {
+    let layer = small_layer();
+    let digest = layer.digest.clone();
+    let image = Served::new(&[layer], 0);
+    let me = Arc::new(Mutex::new(String::new()));
+    let addr = me.clone();
+    let d = digest.clone();
+    let reg = Hostile::start(move |s| {
+        if s.target.contains(&d) { layer_reply(&addr.lock().unwrap(), s) } else { image.answer(s) }
+    });
+    *me.lock().unwrap() = reg.addr.clone();
+    (reg, digest)
+}
+
+/// Item 18: a network error while reading a layer says what it was (a refused connection
+/// and its port), not "corrupt or truncated".
+#[test]
+fn a_refused_connection_for_a_layer_names_the_cause() {
+    let closed = fixture::registry::free_port();
+    let (reg, digest) = registry_with_layer(move |_, _| {
+        reply(307, &[("Location", &format!("http://127.0.0.1:{closed}/blob"))], "")
+    });
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains(&digest) && err.to_lowercase().contains("connection refused"), "{err}");
+    assert!(err.contains(&closed.to_string()), "names the port: {err}");
+    assert!(!err.contains("corrupt or truncated"), "{err}");
+}
+
+/// Item 18: a redirect loop is reported as one, once.
+#[test]
+fn a_redirect_loop_for_a_layer_is_named_and_not_retried() {
+    // Each answer sends the client one step further down an endless chain of redirects.
+    let (reg, _) = registry_with_layer(|addr, s| {
+        let next = format!("http://{addr}{}{}", s.target, if s.target.contains('?') { "a" } else { "?a" });
+        reply(302, &[("Location", next.as_str())], "")
+    });
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains("too many redirects"), "{err}");
+    let gets = reg.hits("/blobs/").len();
+    assert!(gets <= 12, "not retried: {gets} blob requests");
+}
+
+/// Item 18: a scheme that can never work is not retried.
+#[test]
+fn an_ftp_location_for_a_layer_is_refused_at_once() {
+    let (reg, digest) = registry_with_layer(|_, _| reply(302, &[("Location", "ftp://127.0.0.1/blob")], ""));
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains(&digest) && err.contains("ftp"), "{err}");
+    assert_eq!(reg.hits(&digest).len(), 1, "asked once");
+}
+
+/// Item 18: a token server failing (500) is a failure of the token server, not a refusal.
+#[test]
+fn a_token_servers_500_is_not_called_a_refusal() {
+    let me = Arc::new(Mutex::new(String::new()));
+    let addr = me.clone();
+    let reg = Hostile::start(move |s| {
+        if s.target.starts_with("/token") {
+            reply(500, &[], "database on fire")
+        } else {
+            let challenge = format!(r#"Bearer realm="http://{}/token""#, addr.lock().unwrap());
+            reply(401, &[("WWW-Authenticate", challenge.as_str())], "")
+        }
+    });
+    *me.lock().unwrap() = reg.addr.clone();
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(!err.contains("refused"), "{err}");
+    assert!(err.contains("500") && err.contains("database on fire") && err.contains("/token"), "{err}");
+}
+
+/// Item 18: bytes a registry sends in place of an error message reach the terminal escaped.
+#[test]
+fn garbage_from_a_registry_is_not_printed_raw() {
+    let (reg, _) =
+        registry_with_layer(|_, _| reply(403, &[], b"\x1b[2J\x1b]0;pwned\x07\x00\xff garbage".to_vec()));
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(!err.contains('\x1b') && !err.contains('\x07') && !err.contains('\0'), "{err:?}");
+    assert!(err.contains("garbage"), "{err}");
+}
+
+/// Item 18: an index nested deeper than vmrootfs follows says so.
+#[test]
+fn an_index_nested_too_deeply_says_so() {
+    let image = Served::new(&[small_layer()], 0);
+    let mut docs: Vec<(String, Vec<u8>)> = Vec::new();
+    let (mut inner, mut inner_type) = (image.manifest.clone(), MANIFEST_TYPE);
+    for _ in 0..4 {
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": INDEX_TYPE,
+            "manifests": [{"mediaType": inner_type, "digest": sha256(&inner), "size": inner.len(),
+                           "platform": {"os": "linux", "architecture": "amd64"}}],
+        }))
+        .unwrap();
+        docs.push((sha256(&inner), inner));
+        (inner, inner_type) = (index, INDEX_TYPE);
+    }
+    let top = inner;
+    let reg = Hostile::start(move |s| {
+        if s.target == "/v2/lab/x/manifests/1" {
+            return reply(200, &[("Content-Type", INDEX_TYPE)], top.clone());
+        }
+        for (d, doc) in &docs {
+            if s.target == format!("/v2/lab/x/manifests/{d}") {
+                let ty = if doc.windows(9).any(|w| w == b"manifests") { INDEX_TYPE } else { MANIFEST_TYPE };
+                return reply(200, &[("Content-Type", ty)], doc.clone());
+            }
+        }
+        image.answer(s)
+    });
+    let (status, err, _dir) = build_from(&reg.addr, &["--platform", "linux/amd64"], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains("nested") && !err.contains("unsupported manifest media type"), "{err}");
+}
