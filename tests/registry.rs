@@ -1426,3 +1426,24 @@ fn an_index_nested_too_deeply_says_so() {
     assert_eq!(status, Some(false), "{err}");
     assert!(err.contains("nested") && !err.contains("unsupported manifest media type"), "{err}");
 }
+
+/// Item 16: the referrers index (`build --use-converted`) is capped like any index.
+#[test]
+fn an_endless_referrers_index_fails_at_the_cap() {
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let image = Served::new(&[small_layer()], 0);
+    let reg = Hostile::start(move |s| {
+        if s.target.contains("/referrers/") {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Type: {INDEX_TYPE}\r\nConnection: close\r\n\r\n");
+            endless(head, br#"{"schemaVersion":2,"manifests":[]}"#, b' ', 256 << 20, counter.clone())
+        } else {
+            image.answer(s)
+        }
+    });
+    let (status, err, _dir) = build_from(&reg.addr, &["--use-converted"], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.contains("referrers index") && err.contains("larger than"), "{err}");
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(sent < 64 << 20, "the client hung up at the cap, not after {sent} bytes");
+}

@@ -13,13 +13,11 @@
 //! credentials are sent (a registry that later answers 401 with a challenge of its own gets
 //! what that challenge asks for). A token server is asked over HTTPS, or over plain HTTP only
 //! for a registry that is itself spoken to over plain HTTP: credentials never travel in
-//! cleartext for an HTTPS registry. Each token gets its own oci-client [`Client`] (oci-client
-//! keeps one credential per client), in a [`Session`] the requests use.
+//! cleartext for an HTTPS registry. The credentials of the moment are a [`Session`], which
+//! every request ([`Authorizer::send`]) carries.
 
 use std::time::{Duration, Instant};
 
-use oci_client::Client;
-use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 
 use super::SourceError;
@@ -49,10 +47,9 @@ enum Challenge {
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(60);
 const TOKEN_ATTEMPTS: u32 = 3;
 
-/// Credentials ready for requests: an oci-client holding them, and until when they hold.
+/// Credentials ready for requests, and until when they hold.
 #[derive(Clone)]
 pub struct Session {
-    pub client: Client,
     pub auth: RegistryAuth,
     /// Only bearer tokens can be renewed; a 401 with anything else is final.
     renewable: bool,
@@ -66,7 +63,7 @@ impl Session {
         self.renewable
     }
 
-    /// `request` with this session's credentials, for requests made without oci-client.
+    /// `request` with this session's credentials.
     pub fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         match &self.auth {
             RegistryAuth::Bearer(token) => request.bearer_auth(token),
@@ -185,16 +182,8 @@ impl Authorizer {
                 (RegistryAuth::Anonymous, None)
             }
         };
-        let http = if self.plain_http { vec![self.registry.clone()] } else { Vec::new() };
-        let client = Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(http),
-            platform_resolver: None,
-            ..Default::default()
-        });
-        client.store_auth_if_needed(&self.registry, &auth).await;
         state.generations += 1;
         let session = Session {
-            client,
             auth,
             // A token may have run out; an open registry may challenge on a later request.
             renewable: matches!(challenge, Challenge::Bearer { .. } | Challenge::Open),

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use oci_client::Reference;
-use oci_client::errors::OciDistributionError;
 use oci_spec::image::{Digest, ImageConfiguration, ImageIndex, ImageManifest};
 
 use super::auth::{Authorizer, Credential, Hop};
@@ -186,31 +185,6 @@ impl RegistrySource {
         })
     }
 
-    fn registry_error(&self, e: OciDistributionError, what: &str) -> SourceError {
-        match e {
-            OciDistributionError::UnauthorizedError { .. }
-            | OciDistributionError::AuthenticationFailure(_) => self.unauthorized(),
-            OciDistributionError::ServerError { code: 404, .. } => SourceError::NotFound(what.to_string()),
-            OciDistributionError::RegistryError { envelope, .. }
-                if envelope
-                    .errors
-                    .iter()
-                    .any(|e| format!("{:?}", e.code).to_uppercase().contains("UNKNOWN")) =>
-            {
-                SourceError::NotFound(what.to_string())
-            }
-            OciDistributionError::RegistryError { envelope, .. }
-                if envelope.errors.iter().any(|e| {
-                    format!("{:?}", e.code).to_uppercase().contains("UNAUTHORIZED")
-                        || format!("{:?}", e.code).to_uppercase().contains("DENIED")
-                }) =>
-            {
-                self.unauthorized()
-            }
-            e => SourceError::Registry { what: what.to_string(), detail: e.to_string() },
-        }
-    }
-
     /// A 401 for the user: log in, or (with credentials) not allowed.
     fn unauthorized(&self) -> SourceError {
         let registry = self.reference.registry().to_string();
@@ -239,6 +213,42 @@ impl RegistrySource {
                 _ => Err(http::status_error(response).await.into()),
             }
         })
+    }
+
+    /// The referrers index of `subject`: the referrers API's answer, else (a registry without
+    /// the API answers 404) the index under the fallback tag `sha256-<hex>`, else none.
+    fn referrers(&self, subject: &Digest) -> Result<Option<Vec<u8>>, SourceError> {
+        let url =
+            format!("{}/v2/{}/referrers/{subject}", self.authorizer.base_url(), self.reference.repository());
+        let answer = self.rt.block_on(async {
+            let accept = "application/vnd.oci.image.index.v1+json";
+            let response = self
+                .authorizer
+                .send(|c| c.get(&url).header(reqwest::header::ACCEPT, accept), &url, RETRIES)
+                .await?;
+            match response.status().as_u16() {
+                200..=299 => {
+                    Ok(Some(http::read_capped(response, http::MAX_MANIFEST, "referrers index").await?))
+                }
+                404 => Ok(None),
+                401 | 403 => Err(self.unauthorized()),
+                _ => Err(http::status_error(response).await.into()),
+            }
+        })?;
+        if answer.is_some() {
+            return Ok(answer);
+        }
+        let tag = subject.to_string().replacen(':', "-", 1);
+        let fallback = Reference::with_tag(
+            self.reference.registry().to_string(),
+            self.reference.repository().to_string(),
+            tag,
+        );
+        match self.manifest(&fallback) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(SourceError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// A small blob (config), read whole and checked.
@@ -509,22 +519,21 @@ impl ImageSource for RegistrySource {
     /// The referrers of `manifest` (the referrers API, else the `sha256-<hex>` fallback tag):
     /// the first image manifest vmrootfs pushed from it with `recipe`.
     fn converted(&self, manifest: &Digest, recipe: u32) -> Result<Option<String>, SourceError> {
-        let subject = self.reference.clone_with_digest(manifest.to_string());
-        let session = self.rt.block_on(self.authorizer.session())?;
-        let index = self
-            .rt
-            .block_on(session.client.pull_referrers(&subject, None))
-            .map_err(|e| self.registry_error(e, &format!("referrers of {manifest}")))?;
+        let Some(bytes) = self.referrers(manifest)? else {
+            return Ok(None);
+        };
+        let index: ImageIndex = serde_json::from_slice(&bytes)
+            .map_err(|source| SourceError::Json { what: format!("referrers of {manifest}"), source })?;
         let recipe = recipe.to_string();
-        let found = index.manifests.iter().find(|m| {
-            let a = m.annotations.as_ref();
+        let found = index.manifests().iter().find(|m| {
+            let a = m.annotations().as_ref();
             let says = |k: &str, v: &str| a.and_then(|a| a.get(k)).is_some_and(|x| x == v);
-            m.media_type == "application/vnd.oci.image.manifest.v1+json"
+            m.media_type().to_string() == "application/vnd.oci.image.manifest.v1+json"
                 && says(erofs_image::SOURCE_MANIFEST, manifest.as_ref())
                 && says(erofs_image::RECIPE, &recipe)
         });
         Ok(found.map(|m| {
-            format!("docker://{}/{}@{}", self.reference.registry(), self.reference.repository(), m.digest)
+            format!("docker://{}/{}@{}", self.reference.registry(), self.reference.repository(), m.digest())
         }))
     }
 }
