@@ -342,7 +342,14 @@ fn fetch(
     } else {
         copy_in_large_pieces(&mut (&mut raw).take(limit), &mut sink)
     };
-    let n = copied.map_err(|e| PullError::Write { path: out.clone(), source: e })?;
+    // The copy fails on either side: a failed download is a read, anything else the write.
+    let n = copied.map_err(|e| {
+        if crate::source::registry::is_download_error(&e) {
+            PullError::Read(e)
+        } else {
+            PullError::Write { path: out.clone(), source: e }
+        }
+    })?;
     if n > max_layer_bytes {
         return Err(PullError::TooLarge { max: max_layer_bytes });
     }

@@ -997,11 +997,14 @@ impl Served {
     fn new(layers: &[Layer], extra: usize) -> Served {
         let all: Vec<&Layer> = layers.iter().chain(std::iter::repeat_n(&layers[0], extra)).collect();
         let diff_ids: Vec<&str> = all.iter().map(|l| l.diff_id.as_str()).collect();
-        let config = serde_json::to_vec(&serde_json::json!({
+        let mut config = serde_json::json!({
             "architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        }))
-        .unwrap();
+        });
+        if layers[0].media_type.starts_with("application/vnd.erofs") {
+            config["os.features"] = serde_json::json!(["erofs"]);
+        }
+        let config = serde_json::to_vec(&config).unwrap();
         let descs: Vec<_> = all
             .iter()
             .map(|l| serde_json::json!({"mediaType": l.media_type, "digest": l.digest, "size": l.blob.len()}))
@@ -1446,4 +1449,31 @@ fn an_endless_referrers_index_fails_at_the_cap() {
     assert!(err.contains("referrers index") && err.contains("larger than"), "{err}");
     let sent = sent.load(Ordering::SeqCst);
     assert!(sent < 64 << 20, "the client hung up at the cap, not after {sent} bytes");
+}
+
+/// Item 18: a download failing while an EROFS layer is pulled (stored as it is, no conversion)
+/// is reported as reading the blob, with its cause, not as writing into the store.
+#[test]
+fn a_refused_connection_for_an_erofs_layer_is_a_read_error_naming_the_cause() {
+    let blob = noise(8192, 7);
+    let layer = Layer {
+        digest: sha256(&blob),
+        diff_id: sha256(&blob),
+        blob,
+        media_type: "application/vnd.erofs".into(),
+    };
+    let digest = layer.digest.clone();
+    let image = Served::new(&[layer], 0);
+    let closed = fixture::registry::free_port();
+    let reg = Hostile::start(move |s| {
+        if s.target.contains(&digest) {
+            reply(307, &[("Location", &format!("http://127.0.0.1:{closed}/blob"))], "")
+        } else {
+            image.answer(s)
+        }
+    });
+    let (status, err, _dir) = build_from(&reg.addr, &[], &[]);
+    assert_eq!(status, Some(false), "{err}");
+    assert!(err.to_lowercase().contains("connection refused") && err.contains(&closed.to_string()), "{err}");
+    assert!(err.contains("reading the blob") && !err.contains("streaming the blob into"), "{err}");
 }
