@@ -293,6 +293,7 @@ impl Builder {
         tag: Option<&str>,
         reporter: &Reporter,
     ) -> Result<BuildResult, BuildError> {
+        self.store.check_tag(tag.unwrap_or(spec))?;
         let source = source::open(spec, &self.opts.registry)?;
         let image = source.resolve(&self.opts.platform)?;
         if self.opts.squash && image.layers.is_empty() {
@@ -306,7 +307,16 @@ impl Builder {
         if let Some(erofs) = &image.erofs {
             return self.store_erofs_image(spec, tag, &*source, &image, erofs, reporter);
         }
-        let wants_converted = self.opts.use_converted && self.opts.fs == FsType::Erofs && !self.opts.squash;
+        // Squashed and merged blobs are made only over layers converted here (see
+        // `store_erofs_image`): with either, the image is converted, as if no converted one
+        // existed.
+        let flattens = self.opts.squash || self.opts.merge;
+        if self.opts.use_converted && flattens {
+            reporter.line(
+                "--use-converted is not used with --squash or --merge (they are made only from layers converted here): converting",
+            );
+        }
+        let wants_converted = self.opts.use_converted && self.opts.fs == FsType::Erofs && !flattens;
         if wants_converted
             && let Some(converted) = source.converted(&image.manifest_digest, FsType::Erofs.recipe())?
         {

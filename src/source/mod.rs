@@ -125,7 +125,7 @@ pub enum SourceError {
     InvalidDigest(#[from] InvalidDigest),
     #[error(transparent)]
     Digest(#[from] DigestMismatch),
-    #[error("EROFS image: {0}")]
+    #[error("EROFS image")]
     ErofsFormat(#[from] erofs_image::FormatError),
 }
 
@@ -389,5 +389,13 @@ mod tests {
         }
         assert!(matches!(open("dir:/x", &r), Err(SourceError::UnknownTransport(_))));
         assert!(matches!(open("oci:/nonexistent/dir:tag", &r), Err(SourceError::Io { .. })));
+    }
+
+    /// Item 25: an EROFS-format error's text appears once in the printed chain.
+    #[test]
+    fn an_erofs_format_error_prints_its_text_once() {
+        let err = anyhow::Error::from(SourceError::from(erofs_image::FormatError::NoLayers));
+        let text = format!("{err:#}");
+        assert_eq!(text.matches("the image has no layers").count(), 1, "{text}");
     }
 }

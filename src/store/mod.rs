@@ -36,6 +36,16 @@
 //! `<chain hex>` is the 64 hex digits of a sha256 chain ID: only sha256 digests are accepted
 //! from sources, so names need no algorithm.
 //!
+//! # Sharing and read-only stores
+//!
+//! A store is readable by everyone and written by its owner: directories are made `0755`,
+//! records, sidecars and `meta.json` `0644`, blobs and verity trees `0444`, lock files
+//! `0644`, whatever the umask (a group or a single user restricts access with the mode of
+//! the store's root, which vmrootfs leaves as it finds it). Another user, or anyone on a
+//! read-only mount of the store, runs the commands that only read it (`ls`, `inspect`,
+//! `verify`, `push`, `export` to a file elsewhere): [`Store::open`] creates nothing in a store
+//! it cannot write, and the shared store lock opens `.lock` read-only.
+//!
 //! # Identity, not location
 //!
 //! Records name each blob by its [`BlobId`] (kind, filesystem, recipe version, chain ID);
@@ -75,6 +85,7 @@
 //! "waiting for lock on …" first.
 
 use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::Digest;
@@ -100,6 +111,16 @@ use crate::verity::VerityInfo;
 /// (no paths), sha256 chain IDs only.
 pub const FORMAT: u32 = 2;
 
+/// The longest file name Linux filesystems take (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// Mode of the store's directories: everyone may read and search, the owner writes.
+const DIR_MODE: u32 = 0o755;
+/// Mode of records, sidecars, `meta.json` and kept sources: everyone may read.
+const FILE_MODE: u32 = 0o644;
+/// Mode of published blobs and verity trees: read-only for all, the owner included.
+const BLOB_MODE: u32 = 0o444;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -115,6 +136,10 @@ pub enum StoreError {
     Unupgradable { path: PathBuf, reason: String },
     #[error("no image tagged {0:?} in the store")]
     NoSuchTag(String),
+    #[error(
+        "tag {tag} is too long: its record's file name would be {len} bytes (each byte outside [A-Za-z0-9._-] takes 3), and a file name holds at most {NAME_MAX}; choose a shorter --tag"
+    )]
+    TagTooLong { tag: String, len: usize },
     #[error("corrupt record {path}")]
     BadRecord {
         path: PathBuf,
@@ -137,6 +162,25 @@ pub enum StoreError {
          `vmrootfs gc`) to convert the layer here"
     )]
     WouldReplace { path: PathBuf, stored: String, tool: String, new: String },
+    #[error(
+        "{} removed, but then {what}; run `vmrootfs gc` once that is fixed to remove what is left",
+        removed_tags(.removed)
+    )]
+    AfterRemoval {
+        /// The tags whose records are gone.
+        removed: Vec<String>,
+        what: String,
+        #[source]
+        source: Box<StoreError>,
+    },
+}
+
+/// `tag a was`, `tags a, b were`.
+fn removed_tags(tags: &[String]) -> String {
+    match tags {
+        [one] => format!("tag {one} was"),
+        many => format!("tags {} were", many.join(", ")),
+    }
 }
 
 /// What the store holds under a layer key (see [`Store::layer_slot`]).
@@ -194,6 +238,15 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Whether this process can write it; if not, it is only read (see [`Store::open`]).
+    writable: bool,
+}
+
+/// The store lock `.lock`, held until dropped. Empty for a store that this process cannot
+/// write and that has no lock file.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: Option<FileLock>,
 }
 
 impl Store {
@@ -207,12 +260,19 @@ impl Store {
         Ok(PathBuf::from(home).join(".local/share/vmrootfs"))
     }
 
-    /// Opens the store at `root`, creating it if needed; refuses an unknown format.
+    /// Opens the store at `root`, creating it if needed; refuses an unknown format. A store
+    /// the caller cannot write (a read-only mount, a mirror, another user's store) is opened
+    /// as it is, for the commands that only read it: nothing is created in it.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let root = std::path::absolute(root.into()).map_err(io_at(Path::new(".")))?;
-        for dir in ["layers", "images", "tmp"] {
-            let d = root.join(dir);
-            fs_err::create_dir_all(&d).map_err(|e| StoreError::Io { path: d.clone(), source: e })?;
+        if !root.exists() {
+            create_dir(&root)?;
+        }
+        let writable = is_writable(&root);
+        if writable {
+            for dir in ["layers", "images", "tmp"] {
+                create_dir(&root.join(dir))?;
+            }
         }
         let meta = root.join("meta.json");
         match fs_err::read(&meta) {
@@ -225,37 +285,60 @@ impl Store {
                     .unwrap_or_else(|| "unreadable".to_string());
                 match found.parse::<u32>() {
                     Ok(n) if n == FORMAT => {}
-                    Ok(1) => Store { root: root.clone() }.upgrade_from_1(&meta)?,
+                    Ok(1) => Store { root: root.clone(), writable }.upgrade_from_1(&meta)?,
                     _ => return Err(StoreError::UnknownFormat { path: meta, found }),
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && writable => {
                 write_atomic(&meta, format!("{{\"format\": {FORMAT}}}\n").as_bytes())?;
             }
             Err(e) => {
                 return Err(StoreError::Io { path: meta, source: e });
             }
         }
-        Ok(Store { root })
+        let store = Store { root, writable };
+        if writable {
+            // Made now, so that readers who cannot create it find it (see `lock_shared`).
+            drop(store.lock(true)?);
+        }
+        Ok(store)
+    }
+
+    /// Whether this process can write the store (see [`Store::open`]).
+    pub fn is_writable(&self) -> bool {
+        self.writable
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    fn lock(&self, shared: bool) -> Result<FileLock, StoreError> {
+    fn lock(&self, shared: bool) -> Result<StoreLock, StoreError> {
         let path = self.root.join(".lock");
-        let lock = if shared { FileLock::shared(&path) } else { FileLock::exclusive(&path) };
-        lock.map_err(|source| StoreError::Io { path, source })
+        let lock = match (shared, self.writable) {
+            (true, true) => FileLock::shared(&path),
+            // Read-only, so a reader needs no write access to the store.
+            (true, false) => match FileLock::shared_existing(&path) {
+                Ok(lock) => Ok(lock),
+                // A store this process cannot write and that has no lock file (every store
+                // opened writable has one): no lock to take, and none for us to make.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(StoreLock { _file: None }),
+                Err(e) => Err(e),
+            },
+            (false, _) => FileLock::exclusive(&path),
+        };
+        let lock = lock.map_err(|source| StoreError::Io { path, source })?;
+        Ok(StoreLock { _file: Some(lock) })
     }
 
-    /// The store lock, shared: held by builds.
-    pub fn lock_shared(&self) -> Result<FileLock, StoreError> {
+    /// The store lock, shared: held by builds and by the commands that read blobs (verify,
+    /// push, export, run). Needs no write access.
+    pub fn lock_shared(&self) -> Result<StoreLock, StoreError> {
         self.lock(true)
     }
 
     /// The store lock, exclusive: held by `rm` and `gc`.
-    pub fn lock_exclusive(&self) -> Result<FileLock, StoreError> {
+    pub fn lock_exclusive(&self) -> Result<StoreLock, StoreError> {
         self.lock(false)
     }
 
@@ -266,8 +349,7 @@ impl Store {
 
     /// The producer lock `<blob>.lock` of a blob.
     fn lock_blob(&self, id: &BlobId) -> Result<FileLock, StoreError> {
-        let dir = self.layer_dir(id.fs, id.recipe);
-        fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
+        create_dir(&self.layer_dir(id.fs, id.recipe))?;
         let mut path = self.blob_path(id).into_os_string();
         path.push(".lock");
         let path = PathBuf::from(path);
@@ -291,6 +373,9 @@ impl Store {
     }
 
     /// Removes the records of `tags` (all must exist), then collects what became garbage.
+    /// Everything that can be checked is checked before a record is deleted: the tags exist
+    /// and every record of the store reads (GC marks from all of them). A failure after a
+    /// record is gone says which tags were removed ([`StoreError::AfterRemoval`]).
     pub fn remove(&self, tags: &[String]) -> Result<GcReport, StoreError> {
         let _lock = self.lock_exclusive()?;
         for tag in tags {
@@ -298,12 +383,25 @@ impl Store {
                 return Err(StoreError::NoSuchTag(tag.clone()));
             }
         }
+        self.list()?;
+        let mut removed = Vec::new();
+        let after = |removed: &Vec<String>, what: String| {
+            let removed = removed.clone();
+            move |source| StoreError::AfterRemoval { removed, what, source: Box::new(source) }
+        };
         for tag in tags {
             let path = self.record_path(tag);
-            fs_err::remove_file(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
+            let result =
+                fs_err::remove_file(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e });
+            match result {
+                Ok(()) => removed.push(tag.clone()),
+                Err(e) if removed.is_empty() => return Err(e),
+                Err(e) => return Err(after(&removed, format!("removing tag {tag} failed"))(e)),
+            }
         }
-        sync_dir(&self.root.join("images"))?;
-        self.collect_garbage()
+        let images = self.root.join("images");
+        sync_dir(&images).map_err(after(&removed, "syncing the removal failed".into()))?;
+        self.collect_garbage().map_err(after(&removed, "collecting garbage failed".into()))
     }
 
     /// Deletes layer blobs no record references and clears `tmp/` (see [`gc`]).
@@ -387,8 +485,7 @@ impl Store {
         id: &BlobId,
         record: &impl serde::Serialize,
     ) -> Result<PathBuf, StoreError> {
-        let dir = self.layer_dir(id.fs, id.recipe);
-        fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
+        create_dir(&self.layer_dir(id.fs, id.recipe))?;
         let json = serde_json::to_vec_pretty(record).expect("a blob record serializes");
         write_atomic(&self.sidecar(id, "json"), &json)?;
         let dest = self.blob_path(id);
@@ -563,7 +660,7 @@ impl Store {
     pub fn vmlinux_path(&self, bzimage: &Digest) -> Result<PathBuf, StoreError> {
         let hex = crate::digest::require_sha256("kernel image digest", bzimage)?;
         let dir = self.root.join("vm");
-        fs_err::create_dir_all(&dir).map_err(io_at(&dir))?;
+        create_dir(&dir)?;
         Ok(dir.join(format!("vmlinux-{}", hex.digest())))
     }
 
@@ -573,8 +670,7 @@ impl Store {
         if path.exists() {
             return Ok(());
         }
-        let dir = path.parent().expect("a sources/ path");
-        fs_err::create_dir_all(dir).map_err(io_at(dir))?;
+        create_dir(path.parent().expect("a sources/ path"))?;
         write_atomic(&path, bytes)
     }
 
@@ -612,6 +708,17 @@ impl Store {
         tempfile::Builder::new().prefix(prefix).tempdir_in(&tmp).map_err(io_at(&tmp))
     }
 
+    /// A work directory for what is made from the store but not kept in it (`push`'s
+    /// compressed layers): [`Store::staging`], or the system's temp directory when this
+    /// process cannot write the store.
+    pub fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir, StoreError> {
+        if self.writable {
+            return self.staging(prefix);
+        }
+        let tmp = std::env::temp_dir();
+        tempfile::Builder::new().prefix(prefix).tempdir_in(&tmp).map_err(io_at(&tmp))
+    }
+
     /// Publishes a finished blob (`blob`, in `tmp/`) with its own directories, its directory
     /// index and its record (which gets their sha256); returns the record as published.
     ///
@@ -638,7 +745,7 @@ impl Store {
             });
         }
         let dir = self.layer_dir(id.fs, id.recipe);
-        fs_err::create_dir_all(&dir).map_err(|e| StoreError::Io { path: dir.clone(), source: e })?;
+        create_dir(&dir)?;
         let mut record = record.clone();
         let mut text = Vec::new();
         own.write_to(&mut text).map_err(io_at(&dir))?;
@@ -652,8 +759,18 @@ impl Store {
         Ok(record)
     }
 
+    /// Refuses a tag whose record could not be written (its file name too long), before a
+    /// build does any work for it.
+    pub fn check_tag(&self, tag: &str) -> Result<(), StoreError> {
+        let len = record_name(tag).len();
+        if len > NAME_MAX {
+            return Err(StoreError::TagTooLong { tag: tag.to_string(), len });
+        }
+        Ok(())
+    }
+
     fn record_path(&self, tag: &str) -> PathBuf {
-        self.root.join("images").join(format!("{}.json", escape_tag(tag)))
+        self.root.join("images").join(record_name(tag))
     }
 
     /// Writes (or replaces) the record of `record.tag`.
@@ -732,9 +849,30 @@ fn read_sidecar<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>
 /// Makes the finished blob `blob` read-only and durable, then renames it to `dest`.
 fn publish_blob(blob: &Path, dest: &Path) -> Result<(), StoreError> {
     let file = fs_err::File::open(blob).map_err(|e| StoreError::Io { path: blob.to_owned(), source: e })?;
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o444)).map_err(io_at(blob))?;
+    file.set_permissions(std::fs::Permissions::from_mode(BLOB_MODE)).map_err(io_at(blob))?;
     file.sync_all().map_err(io_at(blob))?;
     rename_durably(blob, dest)
+}
+
+/// Whether this process may create files in `dir`: false on a read-only mount and in a
+/// directory of another user.
+fn is_writable(dir: &Path) -> bool {
+    rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).is_ok()
+}
+
+/// Creates the store directory `dir` (and its parents) if missing, mode [`DIR_MODE`] whatever
+/// the umask (the sharing policy, see the module doc).
+fn create_dir(dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs_err::create_dir_all(dir).map_err(io_at(dir))?;
+    fs_err::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)).map_err(io_at(dir))
+}
+
+/// The file name of the record of `tag` in `images/`.
+fn record_name(tag: &str) -> String {
+    format!("{}.json", escape_tag(tag))
 }
 
 /// Tag → file name: bytes outside `[A-Za-z0-9._-]` become `%XX`, so every tag maps to one
@@ -764,6 +902,8 @@ pub fn write_atomic_with(
 ) -> Result<(), StoreError> {
     let dir = path.parent().expect("store paths have a parent");
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_at(dir))?;
+    // The temp file is made 0600; what is published is readable by all (the sharing policy).
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(FILE_MODE)).map_err(io_at(tmp.path()))?;
     write(tmp.as_file_mut()).map_err(io_at(tmp.path()))?;
     tmp.as_file().sync_all().map_err(io_at(path))?;
     tmp.persist(path).map_err(|e| StoreError::Io { path: path.to_owned(), source: e.error })?;
