@@ -700,3 +700,80 @@ fn a_local_conversion_never_replaces_a_pulled_blob() {
     let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
     assert!(ok, "{out}{err}");
 }
+
+/// Item 7: `push` to a layout checks the bytes it finds: a blob of the right size with wrong
+/// bytes is replaced, and every blob in the layout then hashes to its name.
+#[test]
+fn push_to_a_layout_replaces_a_present_blob_with_wrong_bytes() {
+    let dir = scratch("push-layout-bytes");
+    let store = dir.path().join("s");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    let (ok, _, err) =
+        build_json(&store, &[&format!("oci-archive:{}:busybox", demo.display()), "--tag", "bb"]);
+    assert!(ok, "{err}");
+    let layout = dir.path().join("layout");
+    let dest = format!("oci:{}", layout.display());
+    let first = push_json(&store, &["bb", &dest]);
+    let layer = first["layers"][0]["digest"].as_str().unwrap().to_string();
+    let path = layout.join("blobs/sha256").join(&layer[7..]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let again = push_json(&store, &["bb", &dest]);
+    assert_eq!(again["layers"][0]["existed"], false, "the damaged blob counts as absent: {again}");
+    for entry in std::fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(sha256(&std::fs::read(&p).unwrap()), format!("sha256:{name}"), "{}", p.display());
+    }
+}
+
+/// Item 7: `push` hashes what it writes: a stored blob whose bytes differ from its record
+/// fails the push to a layout and to an archive, naming the blob, and leaves no blob under a
+/// name its bytes do not have.
+#[test]
+fn push_to_a_layout_or_archive_refuses_a_stored_blob_that_differs_from_its_record() {
+    let dir = scratch("push-layout-hash");
+    let store = dir.path().join("s");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    let (ok, built, err) =
+        build_json(&store, &[&format!("oci-archive:{}:busybox", demo.display()), "--tag", "bb"]);
+    assert!(ok, "{err}");
+    let (blob, _) = lowers_of(&built).remove(0);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[5000] ^= 0xff;
+    std::fs::set_permissions(&blob, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(&blob, &bytes).unwrap();
+    let layout = dir.path().join("layout");
+    let archive = dir.path().join("bb.tar");
+    for dest in [format!("oci:{}", layout.display()), format!("oci-archive:{}", archive.display())] {
+        let (ok, _, err) = run(vmrootfs(&store).args(["push", "bb", &dest]));
+        assert!(!ok, "push to {dest} of a damaged blob succeeded");
+        assert!(err.contains(&blob.display().to_string()) && err.contains("sha256"), "{dest}: {err}");
+    }
+    assert!(!archive.exists(), "no archive written");
+    for entry in std::fs::read_dir(layout.join("blobs/sha256")).into_iter().flatten() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(sha256(&std::fs::read(&p).unwrap()), format!("sha256:{name}"), "{}", p.display());
+    }
+}
+
+/// Item 25: `--use-converted --merge` behaves like `--use-converted --squash`: with a converted
+/// image in the registry it converts locally (a merged blob needs the layers' own directory
+/// sidecars, which pulled blobs lack) and says why, rather than failing.
+#[test]
+fn use_converted_with_merge_falls_back_to_converting() {
+    let reg = Registry::start(None);
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    reg.push(&format!("oci-archive:{}:busybox", demo.display()), "lab/bb:1", None, false);
+    let dir = scratch("use-converted-merge");
+    let source = format!("{}/lab/bb:1", reg.addr);
+    let (ok, _, err) = build_json(&dir.path().join("a"), &[&source, "--tag", "src"]);
+    assert!(ok, "{err}");
+    push_json(&dir.path().join("a"), &["src", &format!("{}/lab/bb:erofs", reg.addr)]);
+    let (ok, merged, err) = build_json(&dir.path().join("b"), &[&source, "--use-converted", "--merge"]);
+    assert!(ok, "{err}");
+    assert!(merged["merged"]["path"].is_string(), "{merged}");
+    assert!(err.contains("--use-converted") && err.contains("--merge"), "says why it converts: {err}");
+}

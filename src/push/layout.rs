@@ -1,6 +1,11 @@
 //! Push destinations on disk: an OCI image layout directory (`oci:DIR[:TAG]`, added to or
 //! created) and an OCI archive (`oci-archive:FILE[:TAG]`, a tar of a layout, written whole
 //! beside FILE and renamed into place, so a failed push leaves no half archive).
+//!
+//! A blob's name is a claim until its bytes are hashed: every layer blob is hashed as it is
+//! written and must equal its name (else the push fails naming the stored file), and a blob
+//! already in a layout counts as present only when its bytes hash to its name (else it is
+//! replaced).
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -41,11 +46,17 @@ pub fn write_dir(dir: &Path, tag: &str, composed: &Composed) -> Result<Vec<Pushe
     let mut pushed = Vec::new();
     for blob in &composed.layers {
         let dest = dir.join(blob_name(&blob.digest));
-        let existed = dest.metadata().is_ok_and(|m| m.len() == blob.size);
+        let existed = holds(&dest, &blob.digest, blob.size)?;
         if !existed {
             let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&blobs).map_err(io_at(&blobs))?;
-            io::copy(&mut blob.open()?, &mut tmp.as_file()).map_err(io_at(tmp.path()))?;
-            tmp.persist(&dest).map_err(|e| PushError::Io { path: dest.clone(), source: e.error })?;
+            let out = io::BufWriter::with_capacity(1 << 20, tmp.as_file());
+            let mut hashing = digest::HashingWriter::new(out);
+            io::copy(&mut blob.open()?, &mut hashing).map_err(io_at(tmp.path()))?;
+            let (found, size, out) = hashing.finish();
+            out.into_inner()
+                .map_err(|e| PushError::Io { path: tmp.path().to_owned(), source: e.into_error() })?;
+            blob.check(&found, size)?;
+            publish(tmp, &dest)?;
         }
         pushed.push(PushedLayer {
             media_type: blob.media_type.clone(),
@@ -55,8 +66,9 @@ pub fn write_dir(dir: &Path, tag: &str, composed: &Composed) -> Result<Vec<Pushe
         });
     }
     for bytes in [&composed.config, &composed.manifest] {
-        let dest = dir.join(blob_name(&digest::sha256_of(bytes)));
-        if !dest.exists() {
+        let digest = digest::sha256_of(bytes);
+        let dest = dir.join(blob_name(&digest));
+        if !holds(&dest, &digest, bytes.len() as u64)? {
             write_new(&dest, bytes)?;
         }
     }
@@ -96,7 +108,11 @@ pub fn write_archive(file: &Path, tag: &str, composed: &Composed) -> Result<Vec<
     add("oci-layout", LAYOUT.len() as u64, &mut &LAYOUT[..])?;
     let mut pushed = Vec::new();
     for blob in &composed.layers {
-        add(&blob_name(&blob.digest), blob.size, &mut blob.open()?)?;
+        let mut hashing = digest::HashingReader::new(blob.open()?);
+        add(&blob_name(&blob.digest), blob.size, &mut hashing)?;
+        // To the end: bytes beyond the descriptor's size are a mismatch too.
+        let (found, size, _) = hashing.finish().map_err(io_at(&blob.parts[0]))?;
+        blob.check(&found, size)?;
         pushed.push(PushedLayer {
             media_type: blob.media_type.clone(),
             digest: blob.digest.to_string(),
@@ -118,11 +134,31 @@ pub fn write_archive(file: &Path, tag: &str, composed: &Composed) -> Result<Vec<
     Ok(pushed)
 }
 
+/// Whether the layout file `path` is the blob `digest` of `size` bytes: present with other
+/// bytes counts as absent (to be replaced).
+fn holds(path: &Path, digest: &oci_spec::image::Digest, size: u64) -> Result<bool, PushError> {
+    match fs_err::metadata(path) {
+        Ok(m) if m.len() != size => return Ok(false),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(PushError::Io { path: path.to_owned(), source: e }),
+    }
+    Ok(digest::sha256_file_hex(path).map_err(io_at(path))? == digest.digest())
+}
+
 /// `bytes` to `path` through a temp file and a rename.
 fn write_new(path: &Path, bytes: &[u8]) -> Result<(), PushError> {
     let dir = path.parent().expect("a layout path has a parent");
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_at(dir))?;
     tmp.write_all(bytes).map_err(io_at(path))?;
+    publish(tmp, path)
+}
+
+/// Renames the finished temp file `tmp` to `path`, readable by all (as `docker` and `skopeo`
+/// leave layout files).
+fn publish(tmp: tempfile::NamedTempFile, path: &Path) -> Result<(), PushError> {
+    let readable = std::os::unix::fs::PermissionsExt::from_mode(0o644);
+    tmp.as_file().set_permissions(readable).map_err(io_at(tmp.path()))?;
     tmp.persist(path).map_err(|e| PushError::Io { path: path.to_owned(), source: e.error })?;
     Ok(())
 }

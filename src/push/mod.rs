@@ -48,6 +48,8 @@ pub enum PushError {
     BadSourceConfig { tag: String },
     #[error("bad destination {0:?}: expected REGISTRY/REPO[:TAG], oci:DIR[:TAG] or oci-archive:FILE[:TAG]")]
     BadDestination(String),
+    #[error(transparent)]
+    StoredBlobChanged(Box<ChangedBlob>),
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -65,6 +67,20 @@ pub enum PushError {
     },
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
+}
+
+/// A stored blob whose bytes are not those its record names (found while pushing it).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stored blob {} is not what its record says (sha256 {found}, {found_size} bytes; the record says {expected}, {expected_size} bytes): nothing pushed under that name; `vmrootfs verify` checks the store",
+    .path.display()
+)]
+pub struct ChangedBlob {
+    pub path: PathBuf,
+    pub expected: Digest,
+    pub expected_size: u64,
+    pub found: Digest,
+    pub found_size: u64,
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> PushError + '_ {
@@ -130,6 +146,21 @@ pub struct Blob {
 }
 
 impl Blob {
+    /// Checks that the bytes read from the blob (their digest and size) are the blob its
+    /// descriptor names: a stored file that changed since its record was written fails here.
+    pub fn check(&self, found: &Digest, found_size: u64) -> Result<(), PushError> {
+        if *found == self.digest && found_size == self.size {
+            return Ok(());
+        }
+        Err(PushError::StoredBlobChanged(Box::new(ChangedBlob {
+            path: self.parts[0].clone(),
+            expected: self.digest.clone(),
+            expected_size: self.size,
+            found: found.clone(),
+            found_size,
+        })))
+    }
+
     /// The blob's bytes, read from its parts in order.
     pub fn open(&self) -> Result<Box<dyn io::Read>, PushError> {
         let mut reader: Box<dyn io::Read> = Box::new(io::empty());
@@ -203,7 +234,7 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
         PushError::NoSourceConfig { tag: record.tag.clone(), digest: record.config_digest.clone() }
     })?;
     // Compressed layers and `blob ‖ tree` of dm-verity layers are made here.
-    let work = store.staging("push-")?;
+    let work = store.scratch("push-")?;
     let mut blobs = Vec::new();
     let mut produced = Vec::new();
     for (i, lower) in record.lowers.iter().enumerate() {
@@ -306,13 +337,16 @@ fn erofs_config(source: &[u8], layers: &[ProducedLayer]) -> Option<Vec<u8>> {
 }
 
 /// zstd-compresses the blob `from` into `to`; the compressed digest and size.
+/// The uncompressed bytes are hashed on the way and checked against `from`'s digest.
 fn compress(from: &Blob, to: &Path) -> Result<(Digest, u64), PushError> {
-    let input = from.open()?;
+    let mut input = digest::HashingReader::new(io::BufReader::with_capacity(1 << 20, from.open()?));
     let out = fs_err::File::create(to).map_err(io_at(to))?;
     let mut hashing = digest::HashingWriter::new(io::BufWriter::with_capacity(1 << 20, out));
     let mut encoder = zstd::stream::Encoder::new(&mut hashing, ZSTD_LEVEL).map_err(io_at(to))?;
-    io::copy(&mut io::BufReader::with_capacity(1 << 20, input), &mut encoder).map_err(io_at(to))?;
+    io::copy(&mut input, &mut encoder).map_err(io_at(to))?;
     encoder.finish().map_err(io_at(to))?;
+    let (read, read_size, _) = input.finish().map_err(io_at(&from.parts[0]))?;
+    from.check(&read, read_size)?;
     let (d, n, mut w) = hashing.finish();
     w.flush().map_err(io_at(to))?;
     Ok((d, n))
