@@ -621,8 +621,13 @@ impl Builder {
             let merged = Arc::new(finished.merged);
             plan.slots.set(i, Slot::Ready(merged.clone()));
             progress.step(self.opts.fs.name());
-            let making =
-                sink.into_inner().map_err(|e| LayerFailure::from(LayerError::Output(e.into_error())))?;
+            let making = match sink.into_inner() {
+                Ok(making) => making,
+                Err(e) => {
+                    let (error, sink) = e.into_parts();
+                    return Err(tool_failure(sink, LayerError::Output(error).into()));
+                }
+            };
             making.finish()?;
             writeback.finish();
             let made_at = std::time::Instant::now();

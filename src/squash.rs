@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::backend::tool::{self, ToolError};
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Making};
 use crate::layer::dirindex::DirIndex;
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::{EntryKind, NormalizeError, Normalizer};
@@ -125,11 +125,19 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     let seed = crate::digest::sha256_of(format!("squash {top}").as_bytes());
     let making = backend.start(&seed, &out)?;
     let mut normalizer = Normalizer::new(std::io::BufWriter::new(making), u64::MAX);
-    copy_tree(&merged, &mut normalizer)?;
+    if let Err(e) = copy_tree(&merged, &mut normalizer) {
+        return Err(writer_failure(normalizer.into_inner(), e));
+    }
     let copy_err = |source| SquashError::Copy { path: "/".into(), source };
     let (_, sink) = normalizer.finish(&DirIndex::default()).map_err(copy_err)?;
     mounts.unmount()?;
-    let making = sink.into_inner().map_err(|e| copy_err(NormalizeError::Write(e.into_error())))?;
+    let making = match sink.into_inner() {
+        Ok(making) => making,
+        Err(e) => {
+            let (error, sink) = e.into_parts();
+            return Err(writer_failure(sink, copy_err(NormalizeError::Write(error))));
+        }
+    };
     making.finish()?;
     let record = SquashedBlob {
         fs,
@@ -140,6 +148,16 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     };
     store.publish_squash(&out, &record)?;
     Ok(record)
+}
+
+/// The error to report when writing the stream into the backend failed: the writer's own
+/// (mkfs exited, the disk is full), if it stopped with one, else `failure`.
+fn writer_failure(sink: std::io::BufWriter<Making>, failure: SquashError) -> SquashError {
+    if !matches!(failure, SquashError::Copy { source: NormalizeError::Write(_), .. }) {
+        return failure;
+    }
+    let (making, _) = sink.into_parts();
+    making.failure().map_or(failure, SquashError::Backend)
 }
 
 /// An entry's metadata, every xattr included: one that cannot be read is an error, never

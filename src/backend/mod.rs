@@ -85,6 +85,14 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    /// The filesystem of `path` filled up while a tool wrote it: the tool's later complaints
+    /// (checksums of what it could not write) are consequences, logged with `-v`.
+    #[error("writing {path}")]
+    NoSpace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading the normalized layer stream")]
     Stream {
         #[source]
@@ -156,20 +164,47 @@ enum Job {
 impl Making {
     /// Ends the stream and finishes the image.
     pub fn finish(self) -> Result<(), BackendError> {
-        match (self.backend, self.job) {
+        let result = match (self.backend, self.job) {
             (Backend::Erofs(b), Job::Erofs(streaming)) => b.finish(streaming, &self.out),
             (Backend::Ext4(_), Job::Ext4(streaming)) => streaming.finish(),
             _ => unreachable!("a job belongs to its backend"),
-        }
+        };
+        result.map_err(|e| at_output(&self.out, e))
     }
 
     /// After a failed write: the tool's own error, when it stopped with one.
     pub fn failure(self) -> Option<BackendError> {
-        match self.job {
+        let failure = match self.job {
             Job::Erofs(streaming) => streaming.finish().err().map(BackendError::Tool),
             Job::Ext4(streaming) => streaming.failure(),
-        }
+        };
+        failure.map(|e| at_output(&self.out, e))
     }
+}
+
+/// `err` of the writer of `out`, naming `out` where the writer did not, and a tool that failed
+/// on a full filesystem as the full filesystem (its first cause).
+fn at_output(out: &Path, err: BackendError) -> BackendError {
+    match err {
+        BackendError::Ext4(Ext4Error::Write(source)) => BackendError::Write { path: out.to_owned(), source },
+        BackendError::Tool(tool) if filesystem_full(out) => {
+            crate::progress::debug(&format!("on the full filesystem: {tool}"));
+            BackendError::NoSpace { path: out.to_owned(), source: rustix::io::Errno::NOSPC.into() }
+        }
+        e => e,
+    }
+}
+
+/// Free space below which a failed write to a filesystem is taken for a full one: less than
+/// one write of a tool's buffer can still land.
+const FULL_BELOW: u64 = 1 << 20;
+
+/// Whether the filesystem holding `file` is (nearly) out of blocks or out of inodes.
+fn filesystem_full(file: &Path) -> bool {
+    let dir = file.parent().unwrap_or(file);
+    // A filesystem that cannot even be asked is not known to be full: the tool's error stays.
+    rustix::fs::statvfs(dir)
+        .is_ok_and(|st| st.f_bavail.saturating_mul(st.f_frsize) < FULL_BELOW || st.f_favail == 0)
 }
 
 impl Write for Making {

@@ -47,7 +47,7 @@ impl Ext4 {
                 write_image(reader, &out, uuid, hash_seed)
             })
             .expect("spawning a thread");
-        Streaming { tx: Some(tx), spare, thread: Some(thread) }
+        Streaming { tx: Some(tx), spare, thread: Some(thread), stopped: None }
     }
 }
 
@@ -109,19 +109,24 @@ pub struct Streaming {
     tx: Option<SyncSender<Vec<u8>>>,
     spare: Receiver<Vec<u8>>,
     thread: Option<JoinHandle<Result<(), BackendError>>>,
+    /// The writer's error, once a write found it stopped (kept for [`Streaming::failure`]).
+    stopped: Option<BackendError>,
 }
 
 impl Streaming {
     /// Ends the stream and waits for the image.
     pub fn finish(mut self) -> Result<(), BackendError> {
         self.tx = None;
+        if let Some(e) = self.stopped.take() {
+            return Err(e);
+        }
         self.join().unwrap_or(Ok(()))
     }
 
     /// After a failed write: the writer's own error, when it stopped with one.
     pub fn failure(mut self) -> Option<BackendError> {
         self.tx = None;
-        self.join().and_then(Result::err)
+        self.stopped.take().or_else(|| self.join().and_then(Result::err))
     }
 
     fn join(&mut self) -> Option<Result<(), BackendError>> {
@@ -137,12 +142,10 @@ impl Write for Streaming {
         chunk.clear();
         chunk.extend_from_slice(buf);
         if tx.send(chunk).is_err() {
-            // The writer stopped: say why.
+            // The writer stopped: its error is the cause, given by `failure` (as a tool's is).
             self.tx = None;
-            return Err(match self.join() {
-                Some(Err(e)) => io::Error::new(io::ErrorKind::BrokenPipe, e),
-                _ => io::Error::from(io::ErrorKind::BrokenPipe),
-            });
+            self.stopped = self.join().and_then(Result::err);
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
         }
         Ok(buf.len())
     }
