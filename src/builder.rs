@@ -293,6 +293,7 @@ impl Builder {
         tag: Option<&str>,
         reporter: &Reporter,
     ) -> Result<BuildResult, BuildError> {
+        self.store.require_writable()?;
         self.store.check_tag(tag.unwrap_or(spec))?;
         let source = source::open(spec, &self.opts.registry)?;
         let image = source.resolve(&self.opts.platform)?;

@@ -93,10 +93,12 @@ fn a_read_only_store_serves_every_command_that_only_reads() {
     }
     assert!(out.join("layout/index.json").exists() && out.join("bb.tar").exists() && vmdk.exists());
     assert!(!ro.join("tmp").exists(), "nothing was created in the store");
-    // A build needs to write, and says where it could not.
-    let (ok, _, err) = run(vmrootfs(&ro).args(["build", &busybox(), "--tag", "again"]));
-    assert!(!ok);
-    assert!(err.contains(&ro.display().to_string()) && err.contains("Read-only file system"), "{err}");
+    // Commands that change the store refuse at once, naming it.
+    for args in [vec!["build", &busybox(), "--tag", "again"], vec!["rm", "bb"], vec!["gc"]] {
+        let (ok, _, err) = run(vmrootfs(&ro).args(&args));
+        assert!(!ok, "{args:?} on a read-only store succeeded");
+        assert!(err.contains(&format!("store {} is not writable", ro.display())), "{args:?}: {err}");
+    }
 }
 
 /// Item 23: a store built under umask 077 is readable by another user (uid 65534): its files

@@ -157,6 +157,10 @@ pub enum StoreError {
     #[error("no home directory: set VMROOTFS_STORE or pass --store")]
     NoHome,
     #[error(
+        "store {root} is not writable by this process (a read-only mount, or another user's store): it can be read (ls, inspect, verify, push, export), not changed"
+    )]
+    ReadOnly { root: PathBuf },
+    #[error(
         "{path} holds other bytes (sha256 {stored}, {tool}) than this conversion made (sha256 {new}); \
          a published blob is never replaced: remove the images that use it (`vmrootfs rm`, \
          `vmrootfs gc`) to convert the layer here"
@@ -309,6 +313,11 @@ impl Store {
         self.writable
     }
 
+    /// Refuses to start changing a store this process cannot write.
+    pub fn require_writable(&self) -> Result<(), StoreError> {
+        if self.writable { Ok(()) } else { Err(StoreError::ReadOnly { root: self.root.clone() }) }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -377,6 +386,7 @@ impl Store {
     /// and every record of the store reads (GC marks from all of them). A failure after a
     /// record is gone says which tags were removed ([`StoreError::AfterRemoval`]).
     pub fn remove(&self, tags: &[String]) -> Result<GcReport, StoreError> {
+        self.require_writable()?;
         let _lock = self.lock_exclusive()?;
         for tag in tags {
             if !self.record_path(tag).exists() {
@@ -406,6 +416,7 @@ impl Store {
 
     /// Deletes layer blobs no record references and clears `tmp/` (see [`gc`]).
     pub fn gc(&self) -> Result<GcReport, StoreError> {
+        self.require_writable()?;
         let _lock = self.lock_exclusive()?;
         self.collect_garbage()
     }
