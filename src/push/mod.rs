@@ -72,7 +72,7 @@ pub enum PushError {
 /// A stored blob whose bytes are not those its record names (found while pushing it).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "stored blob {} is not what its record says (sha256 {found}, {found_size} bytes; the record says {expected}, {expected_size} bytes): nothing pushed under that name; `vmrootfs verify` checks the store",
+    "stored blob {} is not what its record says ({found}, {found_size} bytes; the record says {expected}, {expected_size} bytes): nothing pushed under that name; `vmrootfs verify` checks the store",
     .path.display()
 )]
 pub struct ChangedBlob {
