@@ -483,7 +483,8 @@ impl Builder {
         };
         let work = self.store.staging("verity-")?;
         let tree = work.path().join("tree");
-        let built = crate::verity::build_tree(&blob, chain_id, &tree).map_err(|e| layer_failure(e.into()))?;
+        let salt = crate::verity::salt_for(chain_id).map_err(StoreError::from)?;
+        let built = crate::verity::build_tree(&blob, &salt, &tree).map_err(|e| layer_failure(e.into()))?;
         if built.blob_sha256 != recorded {
             return Err(layer_failure(LayerFailure::DamagedBlob {
                 path: blob,
@@ -634,7 +635,9 @@ impl Builder {
             let made_at = std::time::Instant::now();
             let tree = work.path().join("tree");
             let (blob_sha256, verity) = if self.opts.verity {
-                let built = crate::verity::build_tree(&out, &plan.chain[i], &tree)?;
+                let salt =
+                    crate::verity::salt_for(&plan.chain[i]).map_err(crate::verity::VerityError::from)?;
+                let built = crate::verity::build_tree(&out, &salt, &tree)?;
                 (built.blob_sha256, Some(built.info))
             } else {
                 (digest::sha256_file_hex(&out).map_err(LayerFailure::Hash)?, None)

@@ -59,13 +59,6 @@ pub enum PullError {
     Verity(#[from] crate::verity::VerityError),
     #[error("its dm-verity tree gives root digest {found}, not the annotated {annotated}")]
     VerityMismatch { annotated: String, found: String },
-    #[error(
-        "the store holds other bytes{} under the key its annotations claim ({path}) than this \
-         layer's blob (sha256 {pulled}); a layer with a dm-verity tree is only stored under the \
-         key its tree is salted for, so it is not pulled: `vmrootfs verify` the store, or pull \
-         into another store"
-    , if stored.is_empty() { String::new() } else { format!(" (sha256 {stored})") })]
-    ClaimedKeyTaken { path: std::path::PathBuf, stored: String, pulled: String },
 }
 
 /// Where one pulled layer goes in the store, and what its record says.
@@ -233,6 +226,14 @@ fn fetch_one(
         reporter.cached(index, total, &layer.digest);
         return Ok(p);
     }
+    // Kept apart by an earlier pull (see below): reused when it is the bytes named.
+    let own = BlobId::new(BlobKind::Layer, FsType::Erofs, IMPORTED_RECIPE, own_chain)?;
+    if own != t.id
+        && let Some(p) = stored_as_named(store, &own, &classified.diff_id, annotated.as_ref())?
+    {
+        reporter.cached(index, total, &layer.digest);
+        return Ok(p);
+    }
     let _lock = store.lock_layer_blob(&t.id)?;
     if let Some(p) = stored_as_named(store, &t.id, &classified.diff_id, annotated.as_ref())? {
         reporter.cached(index, total, &layer.digest);
@@ -242,69 +243,82 @@ fn fetch_one(
     let result = (|| {
         let work = store.staging("pull-")?;
         let fetched =
-            fetch(source, layer, classified, t, annotated, work.path(), max_layer_bytes, &progress)?;
-        match store.layer_slot(&t.id)? {
-            LayerSlot::Absent => {
-                store.publish_pulled_layer(&fetched.blob, &fetched.record)?;
-                if let Some((tree, v)) = &fetched.verity {
-                    store.publish_verity_of(&t.id, tree, v, &fetched.record.blob_sha256)?;
-                }
-                Ok(Pulled {
-                    record: fetched.record,
-                    verity: fetched.verity.map(|(_, v)| v),
-                    was_stored: false,
-                })
-            }
-            // The same blob, without the tree this layer has (never made, or its publication
-            // cut short): the tree is published beside it.
-            LayerSlot::Published(stored) if stored.blob_sha256 == fetched.record.blob_sha256 => {
-                if let Some((tree, v)) = &fetched.verity {
-                    store.publish_verity_of(&t.id, tree, v, &stored.blob_sha256)?;
-                }
-                Ok(Pulled { record: stored, verity: fetched.verity.map(|(_, v)| v), was_stored: false })
-            }
-            slot => {
-                let (stored, why) = match slot {
-                    LayerSlot::Published(r) => (r.blob_sha256, None),
-                    LayerSlot::Damaged(d) => (String::new(), Some(d)),
-                    LayerSlot::Absent => unreachable!("matched above"),
-                };
-                if fetched.verity.is_some() {
-                    return Err(PullError::ClaimedKeyTaken {
-                        path: store.blob_path(&t.id),
-                        stored,
-                        pulled: fetched.record.blob_sha256,
+            fetch(source, layer, classified, t, annotated.clone(), work.path(), max_layer_bytes, &progress)?;
+        let slot = store.layer_slot(&t.id)?;
+        // Under the claimed key only the tree a local `build --verity` makes there may go.
+        let apart_why = if !fetched.salted_for_key {
+            "its dm-verity tree is salted for another chain ID than the one its annotations claim".to_string()
+        } else {
+            match slot {
+                // The same blob, without the tree this layer has (never made, or its
+                // publication cut short): the tree is published beside it.
+                LayerSlot::Published(stored) if stored.blob_sha256 == fetched.record.blob_sha256 => {
+                    if let Some((tree, v)) = &fetched.verity {
+                        store.publish_verity_of(&t.id, tree, v, &stored.blob_sha256)?;
+                    }
+                    return Ok(Pulled {
+                        record: stored,
+                        verity: fetched.verity.map(|(_, v)| v),
+                        was_stored: false,
                     });
                 }
-                reporter.line(&format!(
-                    "layer {}/{total} {}: the store holds other bytes{} under the key its annotations \
-                     claim ({}): kept under a key of its own",
-                    index + 1,
-                    layer.digest,
-                    why.map(|d| format!(" ({d})")).unwrap_or_default(),
-                    store.blob_path(&t.id).display()
-                ));
-                let own = BlobId::new(BlobKind::Layer, FsType::Erofs, IMPORTED_RECIPE, own_chain)?;
-                let _own_lock = store.lock_layer_blob(&own)?;
-                if let Some(p) = stored_as_named(store, &own, &classified.diff_id, None)? {
-                    return Ok(Pulled { was_stored: false, ..p });
+                LayerSlot::Published(stored) => {
+                    format!(
+                        "the store holds other bytes (sha256 {}) under the key its annotations claim",
+                        stored.blob_sha256
+                    )
                 }
-                let record = LayerRecord {
-                    chain_id: own_chain.clone(),
-                    diff_id: classified.diff_id.clone(),
-                    recipe: IMPORTED_RECIPE,
-                    ..fetched.record
-                };
-                store.publish_pulled_layer(&fetched.blob, &record)?;
-                Ok(Pulled { record, verity: None, was_stored: false })
+                // Nothing there, or a damaged blob that no record expects other bytes of.
+                LayerSlot::Absent | LayerSlot::Damaged(_) => {
+                    match publish(store, &t.id, fetched.record.clone(), &fetched.verity, &fetched.blob) {
+                        Ok(p) => return Ok(p),
+                        Err(PullError::Store(e @ StoreError::WouldReplaceDamaged(_))) => {
+                            format!("the blob under the key its annotations claim is kept: {e}")
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
+        };
+        reporter.line(&format!(
+            "layer {}/{total} {}: {apart_why} ({}): kept under a key of its own",
+            index + 1,
+            layer.digest,
+            store.blob_path(&t.id).display()
+        ));
+        // An imported layer's key is its own: its lock is held already.
+        let _own_lock = if own == t.id { None } else { Some(store.lock_layer_blob(&own)?) };
+        if let Some(p) = stored_as_named(store, &own, &classified.diff_id, annotated.as_ref())? {
+            return Ok(Pulled { was_stored: false, ..p });
         }
+        let record = LayerRecord {
+            chain_id: own_chain.clone(),
+            diff_id: classified.diff_id.clone(),
+            recipe: IMPORTED_RECIPE,
+            ..fetched.record
+        };
+        publish(store, &own, record, &fetched.verity, &fetched.blob)
     })();
     match &result {
         Ok(p) => progress.done(p.record.size),
         Err(_) => progress.failed(),
     }
     result
+}
+
+/// Publishes a fetched blob as `id` with `record`, then its dm-verity tree, if it has one.
+fn publish(
+    store: &Store,
+    id: &BlobId,
+    record: LayerRecord,
+    verity: &Option<(std::path::PathBuf, VerityInfo)>,
+    blob: &std::path::Path,
+) -> Result<Pulled, PullError> {
+    store.publish_pulled_layer(blob, &record)?;
+    if let Some((tree, v)) = verity {
+        store.publish_verity_of(id, tree, v, &record.blob_sha256)?;
+    }
+    Ok(Pulled { record, verity: verity.as_ref().map(|(_, v)| v.clone()), was_stored: false })
 }
 
 /// A layer fetched into staging, checked against its descriptor, DiffID and annotated root.
@@ -314,6 +328,9 @@ struct Fetched {
     record: LayerRecord,
     /// Its dm-verity tree (split off the blob) and the tree's record.
     verity: Option<(std::path::PathBuf, VerityInfo)>,
+    /// False when its tree is salted otherwise than a local `build --verity` salts the tree of
+    /// the key `t` claims: such a tree is never stored under that key.
+    salted_for_key: bool,
 }
 
 /// Streams layer `layer` into `work` and checks it.
@@ -380,7 +397,10 @@ fn fetch(
                 });
             }
             split_off(&out, hash_offset, &tree)?;
-            let checked = crate::verity::check(&out, &chain_id, &tree)?;
+            // The tree is checked with the salt it carries: the root the annotation names is
+            // that of the tree the descriptor names, whatever key the layer is stored under.
+            let salt = crate::verity::tree_salt(&tree, hash_offset)?;
+            let checked = crate::verity::check(&out, &salt, &tree)?;
             if checked.root_digest != root || checked.differing_tree_blocks != 0 {
                 return Err(PullError::VerityMismatch {
                     annotated: root.to_string(),
@@ -390,7 +410,7 @@ fn fetch(
             let info = crate::verity::VerityInfo {
                 hash_offset,
                 root_digest: root,
-                salt: hex::encode(crate::verity::salt_for(&chain_id)?),
+                salt: hex::encode(&salt),
                 block_size: crate::verity::BLOCK_SIZE,
                 algorithm: "sha256".into(),
                 tree_size: size - hash_offset,
@@ -400,6 +420,10 @@ fn fetch(
             (Some((tree, info)), checked.blob_sha256)
         }
         None => (None, unpacked.digest().to_string()),
+    };
+    let salted_for_key = match &verity {
+        Some((_, v)) => v.salt == hex::encode(crate::verity::salt_for(&chain_id)?),
+        None => true,
     };
     let record = LayerRecord {
         chain_id,
@@ -412,7 +436,7 @@ fn fetch(
         dirs_sha256: None,
         own_sha256: None,
     };
-    Ok(Fetched { blob: out, record, verity })
+    Ok(Fetched { blob: out, record, verity, salted_for_key })
 }
 
 /// The `org.erofs.dmverity.*` annotations of a layer: `(hash_offset, root digest)`, when it

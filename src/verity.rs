@@ -5,9 +5,13 @@
 //! layer format (§3.5) appends to it: a 4096-byte block holding the dm-verity superblock
 //! (veritysetup's format, version 1), then the hash levels, top level first, as
 //! `veritysetup format --hash-offset=<hash_offset> blob blob` writes them. Data and hash
-//! blocks are 4096 bytes, the hash is sha256 of `salt ‖ block` (hash type 1); the salt and
-//! superblock UUID come from the chain ID, so the same blob always gets the same tree and root
-//! digest. The kernel's table then reads `hash_start_block = hash_offset / 4096 + 1`.
+//! blocks are 4096 bytes, the hash is sha256 of `salt ‖ block` (hash type 1). A tree is a
+//! function of its blob and its salt (the superblock UUID is derived from the salt): a tree
+//! made here is salted with the layer's chain ID ([`salt_for`]), so the same blob always gets
+//! the same tree and root digest; a pulled tree keeps the salt its superblock holds
+//! ([`tree_salt`]). Whoever checks or uses a stored tree takes the salt from its record
+//! ([`VerityInfo::salt_bytes`]), never from the key it is stored under. The kernel's table
+//! then reads `hash_start_block = hash_offset / 4096 + 1`.
 //!
 //! The store keeps the tree beside the blob (see [`crate::store`]): `blob ‖ tree` is the
 //! pushed layer, and `run` hands the trees to the guest on one extra drive.
@@ -24,6 +28,8 @@ use sha2::{Digest as _, Sha256};
 pub const BLOCK_SIZE: u64 = 4096;
 /// `log2(BLOCK_SIZE / 32)`: sha256 hashes per hash block, as a shift.
 const HASHES_PER_BLOCK_BITS: u32 = 7;
+/// Bytes of the superblock's salt field: the longest salt a tree can have.
+const MAX_SALT: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -40,6 +46,10 @@ pub enum VerityError {
     Empty { path: PathBuf },
     #[error(transparent)]
     Digest(#[from] crate::digest::InvalidDigest),
+    #[error("{path} does not begin with a dm-verity superblock of the kind vmrootfs reads ({what})")]
+    BadSuperblock { path: PathBuf, what: &'static str },
+    #[error("salt {salt:?} is not 1 to {MAX_SALT} bytes of hex")]
+    BadSalt { salt: String },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> VerityError + '_ {
@@ -56,7 +66,8 @@ pub struct VerityInfo {
     /// Root digest, `sha256:<64 hex>` (`org.erofs.dmverity.root_digest`); the hex part is what
     /// `veritysetup` and the kernel table take.
     pub root_digest: Digest,
-    /// The salt, 64 hex digits (the chain ID's 32 bytes); also in the tree's superblock.
+    /// The salt, in hex (for a tree made here, the chain ID's 32 bytes); also in the tree's
+    /// superblock. What the tree is checked with, and what the guest's table gets.
     pub salt: String,
     /// Data and hash block size in bytes: 4096 (`org.erofs.dmverity.block_size`).
     pub block_size: u64,
@@ -80,6 +91,16 @@ impl VerityInfo {
     pub fn data_blocks(&self) -> u64 {
         self.hash_offset / BLOCK_SIZE
     }
+
+    /// The salt's bytes.
+    pub fn salt_bytes(&self) -> Result<Vec<u8>, VerityError> {
+        let bad = || VerityError::BadSalt { salt: self.salt.clone() };
+        let salt = hex::decode(&self.salt).map_err(|_| bad())?;
+        if salt.is_empty() || salt.len() > MAX_SALT {
+            return Err(bad());
+        }
+        Ok(salt)
+    }
 }
 
 /// The tree of one blob, with the blob's own sha256 (hashed in the same read).
@@ -90,7 +111,7 @@ pub struct BuiltTree {
     pub blob_sha256: String,
 }
 
-/// The salt of a chain ID's trees: its 32 bytes.
+/// The salt of the trees made here for a layer: its chain ID's 32 bytes.
 pub fn salt_for(chain_id: &Digest) -> Result<[u8; 32], crate::digest::InvalidDigest> {
     let hex = crate::digest::require_sha256("chain_id", chain_id)?;
     let mut salt = [0u8; 32];
@@ -98,9 +119,11 @@ pub fn salt_for(chain_id: &Digest) -> Result<[u8; 32], crate::digest::InvalidDig
     Ok(salt)
 }
 
-/// Superblock UUID of a chain ID's trees: bytes 16..32 of sha256("vmrootfs verity" ‖ chain ID).
-fn uuid_for(chain_id: &Digest) -> [u8; 16] {
-    let h = Sha256::new().chain_update(b"vmrootfs verity ").chain_update(chain_id.to_string()).finalize();
+/// Superblock UUID of the trees salted with `salt`: bytes 16..32 of
+/// sha256("vmrootfs verity sha256:" ‖ salt hex). For a chain ID's salt that is
+/// sha256("vmrootfs verity " ‖ chain ID), the UUID trees have always had.
+fn uuid_for(salt: &[u8]) -> [u8; 16] {
+    let h = Sha256::new().chain_update(b"vmrootfs verity sha256:").chain_update(hex::encode(salt)).finalize();
     let mut u = [0u8; 16];
     u.copy_from_slice(&h[16..32]);
     u[6] = (u[6] & 0x0f) | 0x40; // version 4
@@ -149,6 +172,37 @@ fn superblock(uuid: &[u8; 16], salt: &[u8], data_blocks: u64) -> Vec<u8> {
     sb.extend_from_slice(&s);
     sb.resize(512, 0);
     sb
+}
+
+/// The salt in the superblock of the stored tree `tree` of a blob of `hash_offset` bytes.
+/// The superblock must be one vmrootfs writes (version 1, hash type 1, sha256, 4096-byte
+/// blocks, the blob's data blocks); [`check`] then compares the rest of it.
+pub fn tree_salt(tree: &Path, hash_offset: u64) -> Result<Vec<u8>, VerityError> {
+    let mut sb = [0u8; 512];
+    let file = fs_err::File::open(tree).map_err(io_at(tree))?;
+    file.file().read_exact_at(&mut sb, 0).map_err(io_at(tree))?;
+    let bad = |what| VerityError::BadSuperblock { path: tree.to_owned(), what };
+    let le32 = |at: usize| u32::from_le_bytes(sb[at..at + 4].try_into().expect("4 bytes"));
+    if &sb[..8] != b"verity\0\0" {
+        return Err(bad("no `verity` magic"));
+    }
+    if le32(8) != 1 || le32(12) != 1 {
+        return Err(bad("not version 1 with hash type 1"));
+    }
+    if sb[32..38] != *b"sha256" || sb[38..64].iter().any(|&b| b != 0) {
+        return Err(bad("not sha256"));
+    }
+    if le32(64) != BLOCK_SIZE as u32 || le32(68) != BLOCK_SIZE as u32 {
+        return Err(bad("blocks other than 4096 bytes"));
+    }
+    if u64::from_le_bytes(sb[72..80].try_into().expect("8 bytes")) != hash_offset / BLOCK_SIZE {
+        return Err(bad("its data block count is not the blob's"));
+    }
+    let salt_size = usize::from(u16::from_le_bytes([sb[80], sb[81]]));
+    if salt_size == 0 || salt_size > MAX_SALT {
+        return Err(bad("a salt of no bytes or more than 256"));
+    }
+    Ok(sb[88..88 + salt_size].to_vec())
 }
 
 /// Where computed tree blocks go: written to the tree file, or compared with a stored one.
@@ -235,14 +289,9 @@ impl<S: TreeSink> Levels<'_, S> {
     }
 }
 
-/// Computes the tree of `blob` for `chain_id` into `sink`, hashing the blob on the way.
+/// Computes the tree of `blob` salted with `salt` into `sink`, hashing the blob on the way.
 /// Also returns the sha256 state after the blob's bytes, to go on with the tree's.
-fn compute<S: TreeSink>(
-    blob: &Path,
-    chain_id: &Digest,
-    sink: &mut S,
-) -> Result<(BuiltTree, Sha256), VerityError> {
-    let salt = salt_for(chain_id)?;
+fn compute<S: TreeSink>(blob: &Path, salt: &[u8], sink: &mut S) -> Result<(BuiltTree, Sha256), VerityError> {
     let file = fs_err::File::open(blob).map_err(io_at(blob))?;
     let size = file.metadata().map_err(io_at(blob))?.len();
     if size == 0 {
@@ -259,7 +308,7 @@ fn compute<S: TreeSink>(
         start[level] = next;
         next += blocks[level];
     }
-    let sb = superblock(&uuid_for(chain_id), &salt, data_blocks);
+    let sb = superblock(&uuid_for(salt), salt, data_blocks);
     let mut sb_block = sb;
     sb_block.resize(BLOCK_SIZE as usize, 0);
     let io = |source| VerityError::Io { path: blob.to_owned(), source };
@@ -313,13 +362,13 @@ fn digests(info: &mut VerityInfo, mut whole: Sha256, tree: &Path) -> Result<(), 
     Ok(())
 }
 
-/// Writes the tree of `blob` (a filesystem image of whole 4096-byte blocks) for `chain_id`
-/// to the new file `tree`. One read of the blob, single-threaded sha256: on this machine
+/// Writes the tree of `blob` (a filesystem image of whole 4096-byte blocks) salted with `salt`
+/// (for a layer converted here, [`salt_for`] its chain ID) to the new file `tree`. One read of the blob, single-threaded sha256: on this machine
 /// (sha-ni) it takes less time than `veritysetup format` and needs no tool; `veritysetup
 /// verify` accepts what it writes (tests/store.rs).
-pub fn build_tree(blob: &Path, chain_id: &Digest, tree: &Path) -> Result<BuiltTree, VerityError> {
+pub fn build_tree(blob: &Path, salt: &[u8], tree: &Path) -> Result<BuiltTree, VerityError> {
     let out = fs_err::File::create_new(tree).map_err(io_at(tree))?;
-    let (mut built, whole) = compute(blob, chain_id, &mut WriteTo(out.file()))?;
+    let (mut built, whole) = compute(blob, salt, &mut WriteTo(out.file()))?;
     // Not synced here: publishing the tree does that.
     out.set_len(built.info.tree_size).map_err(io_at(tree))?;
     digests(&mut built.info, whole, tree)?;
@@ -337,11 +386,12 @@ pub struct Checked {
     pub blob_sha256: String,
 }
 
-/// Recomputes the tree of `blob` and compares it, block by block, with the stored `tree`.
-pub fn check(blob: &Path, chain_id: &Digest, tree: &Path) -> Result<Checked, VerityError> {
+/// Recomputes the tree of `blob` salted with `salt` (the salt its record gives) and compares
+/// it, block by block, with the stored `tree`.
+pub fn check(blob: &Path, salt: &[u8], tree: &Path) -> Result<Checked, VerityError> {
     let file = fs_err::File::open(tree).map_err(io_at(tree))?;
     let mut sink = CompareWith { file: file.file(), differing: 0, buf: Vec::new() };
-    let (built, _) = compute(blob, chain_id, &mut sink)?;
+    let (built, _) = compute(blob, salt, &mut sink)?;
     let stored = file.metadata().map_err(io_at(tree))?.len();
     let extra = u64::from(stored != built.info.tree_size);
     Ok(Checked {
@@ -379,6 +429,33 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_salt_gives_the_uuid_trees_always_had() {
+        let chain: Digest = format!("sha256:{}", "3c".repeat(32)).parse().unwrap();
+        let h = Sha256::new().chain_update(b"vmrootfs verity ").chain_update(chain.to_string()).finalize();
+        let mut old = [0u8; 16];
+        old.copy_from_slice(&h[16..32]);
+        old[6] = (old[6] & 0x0f) | 0x40;
+        old[8] = (old[8] & 0x3f) | 0x80;
+        assert_eq!(uuid_for(&salt_for(&chain).unwrap()), old);
+    }
+
+    #[test]
+    fn a_tree_is_checked_with_the_salt_its_superblock_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, vec![9u8; 3 * 4096]).unwrap();
+        let tree = dir.path().join("tree");
+        let salt = [0x5a; 32];
+        let built = build_tree(&blob, &salt, &tree).unwrap();
+        assert_eq!(tree_salt(&tree, 3 * 4096).unwrap(), salt);
+        let ok = check(&blob, &salt, &tree).unwrap();
+        assert_eq!((ok.root_digest, ok.differing_tree_blocks), (built.info.root_digest.clone(), 0));
+        let other = check(&blob, &[0x5b; 32], &tree).unwrap();
+        assert_ne!(other.root_digest, built.info.root_digest, "another salt, another tree");
+        assert!(tree_salt(&tree, 4 * 4096).is_err(), "a superblock for other data blocks");
+    }
+
+    #[test]
     fn check_finds_a_flipped_byte() {
         let dir = tempfile::tempdir().unwrap();
         let blob = dir.path().join("blob");
@@ -386,15 +463,15 @@ mod tests {
         std::fs::write(&blob, &data).unwrap();
         let chain: Digest = format!("sha256:{}", "cd".repeat(32)).parse().unwrap();
         let tree = dir.path().join("tree");
-        let built = build_tree(&blob, &chain, &tree).unwrap();
+        let built = build_tree(&blob, &salt_for(&chain).unwrap(), &tree).unwrap();
         assert_eq!(built.info.tree_size, tree_size(data.len() as u64));
         assert_eq!(std::fs::metadata(&tree).unwrap().len(), built.info.tree_size);
-        let ok = check(&blob, &chain, &tree).unwrap();
+        let ok = check(&blob, &salt_for(&chain).unwrap(), &tree).unwrap();
         assert_eq!((ok.root_digest.clone(), ok.differing_tree_blocks), (built.info.root_digest.clone(), 0));
         let mut bad = data.clone();
         bad[200 * 4096 + 17] ^= 1;
         std::fs::write(&blob, &bad).unwrap();
-        let found = check(&blob, &chain, &tree).unwrap();
+        let found = check(&blob, &salt_for(&chain).unwrap(), &tree).unwrap();
         assert_ne!(found.root_digest, built.info.root_digest);
         // Level 0's block of data block 200 and the top level's block.
         assert_eq!(found.differing_tree_blocks, 2);
@@ -407,14 +484,17 @@ mod tests {
         std::fs::write(&blob, vec![5u8; 200 * 4096]).unwrap();
         let chain: Digest = format!("sha256:{}", "ef".repeat(32)).parse().unwrap();
         let tree = dir.path().join("tree");
-        let built = build_tree(&blob, &chain, &tree).unwrap();
+        let built = build_tree(&blob, &salt_for(&chain).unwrap(), &tree).unwrap();
         let mut bytes = std::fs::read(&tree).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&tree, &bytes).unwrap();
-        let found = check(&blob, &chain, &tree).unwrap();
+        let found = check(&blob, &salt_for(&chain).unwrap(), &tree).unwrap();
         assert_eq!((found.root_digest, found.differing_tree_blocks), (built.info.root_digest, 1));
         std::fs::write(&tree, &bytes[..4096]).unwrap();
-        assert!(check(&blob, &chain, &tree).unwrap().differing_tree_blocks > 0, "a cut tree differs");
+        assert!(
+            check(&blob, &salt_for(&chain).unwrap(), &tree).unwrap().differing_tree_blocks > 0,
+            "a cut tree differs"
+        );
     }
 }

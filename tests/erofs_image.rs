@@ -594,12 +594,7 @@ fn a_pull_never_attaches_bytes_its_manifest_does_not_name() {
     small_image(base, &producer, "b", &[]);
     let layout = base.join("forged");
     push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
-    let claimed = a["lowers"][0].clone();
-    rewrite(&layout, |manifest, _, _| {
-        let notes = &mut manifest["layers"][0]["annotations"];
-        notes["dev.vmrootfs.source.chain-id"] = claimed["chain_id"].clone();
-        notes["dev.vmrootfs.source.diff-id"] = claimed["diff_id"].clone();
-    });
+    claim_key_of(&layout, &a["lowers"][0]);
     let (_, manifest, _) = layout_image(&layout, "latest");
     let named = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
     let reg = Registry::start(None);
@@ -676,12 +671,7 @@ fn a_local_conversion_never_replaces_a_pulled_blob() {
     small_image(base, &producer, "b", &[]);
     let layout = base.join("pushed");
     push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
-    let claimed = reference["lowers"][0].clone();
-    rewrite(&layout, |manifest, _, _| {
-        let notes = &mut manifest["layers"][0]["annotations"];
-        notes["dev.vmrootfs.source.chain-id"] = claimed["chain_id"].clone();
-        notes["dev.vmrootfs.source.diff-id"] = claimed["diff_id"].clone();
-    });
+    claim_key_of(&layout, &reference["lowers"][0]);
     let store = base.join("store");
     let (ok, pulled, err) = build_json(&store, &[&format!("oci:{}", layout.display()), "--tag", "pulled"]);
     assert!(ok, "{err}");
@@ -776,4 +766,110 @@ fn use_converted_with_merge_falls_back_to_converting() {
     assert!(ok, "{err}");
     assert!(merged["merged"]["path"].is_string(), "{merged}");
     assert!(err.contains("--use-converted") && err.contains("--merge"), "says why it converts: {err}");
+}
+
+/// `layout`'s `latest` image made to claim, in its layer annotations, the key of `claimed` (a
+/// lower of a build result): its chain ID and diff ID.
+fn claim_key_of(layout: &Path, claimed: &serde_json::Value) {
+    rewrite(layout, |manifest, _, _| {
+        let notes = &mut manifest["layers"][0]["annotations"];
+        notes["dev.vmrootfs.source.chain-id"] = claimed["chain_id"].clone();
+        notes["dev.vmrootfs.source.diff-id"] = claimed["diff_id"].clone();
+    });
+}
+
+/// sha256 of the files `parts`, one after another.
+fn sha256_of_files(parts: &[&Path]) -> String {
+    let bytes: Vec<u8> = parts.iter().flat_map(|p| std::fs::read(p).unwrap()).collect();
+    sha256(&bytes)
+}
+
+/// Issue 17 item 1, `--verity`: a verity image whose annotations claim the key of a layer this
+/// store built (with its own tree) from other bytes is stored under a key of its own with its
+/// own tree, checked with the salt that tree carries: its blob and tree are what its
+/// descriptor names, the first image's record, blob and tree stay as they were, and `verify`
+/// passes both.
+#[test]
+fn a_verity_pull_whose_claimed_key_holds_other_bytes_gets_a_key_of_its_own() {
+    let tmp = scratch("erofs-claimed-key-verity");
+    let base = tmp.path();
+    let store = base.join("store");
+    let a = small_image(base, &store, "a", &["--verity"]);
+    let a_before = inspect(&store, "a");
+    let producer = base.join("producer");
+    small_image(base, &producer, "b", &["--verity"]);
+    let layout = base.join("forged");
+    push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
+    claim_key_of(&layout, &a["lowers"][0]);
+    let (_, manifest, _) = layout_image(&layout, "latest");
+    let descriptor = &manifest["layers"][0];
+
+    let (ok, pulled, err) = build_json(&store, &[&format!("oci:{}", layout.display()), "--tag", "b"]);
+    assert!(ok, "pull: {err}");
+    let lower = &pulled["lowers"][0];
+    assert_ne!(lower["path"], a["lowers"][0]["path"], "a blob of its own: {pulled}");
+    let blob = Path::new(lower["path"].as_str().unwrap());
+    let tree = Path::new(lower["verity_tree"].as_str().unwrap());
+    assert_eq!(sha256_of_files(&[blob, tree]), descriptor["digest"].as_str().unwrap(), "blob ‖ tree");
+    assert_eq!(
+        lower["verity"]["root_digest"].as_str(),
+        descriptor["annotations"]["org.erofs.dmverity.root_digest"].as_str()
+    );
+    assert_eq!(inspect(&store, "a"), a_before, "the first image's record is unchanged");
+    let a_lower = &a["lowers"][0];
+    let a_blob = Path::new(a_lower["path"].as_str().unwrap());
+    let a_tree = Path::new(a_lower["verity_tree"].as_str().unwrap());
+    assert_eq!(
+        sha256_of_files(&[a_blob, a_tree]),
+        format!("sha256:{}", a_lower["verity"]["sha256"].as_str().unwrap()),
+        "the first image's blob and tree are unchanged"
+    );
+    let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "verify passes both: {out}{err}");
+}
+
+/// Issue 17 item 21: a pulled blob (other bytes than the tar layer's conversion, under the key
+/// it claims) whose `.json` is cut is not replaced by a tar build of that layer: the image
+/// records say what it held, so the build fails saying what to do and the blob is kept; the
+/// pulled image, built again, repairs it in place.
+#[test]
+fn a_blob_whose_json_is_cut_is_replaced_only_by_the_bytes_its_records_name() {
+    let tmp = scratch("erofs-cut-json");
+    let base = tmp.path();
+    let reference = small_image(base, &base.join("reference"), "a", &[]);
+    let producer = base.join("producer");
+    small_image(base, &producer, "b", &[]);
+    let layout = base.join("pushed");
+    push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
+    claim_key_of(&layout, &reference["lowers"][0]);
+    let store = base.join("store");
+    let source = format!("oci:{}", layout.display());
+    let (ok, pulled, err) = build_json(&store, &[&source, "--tag", "pulled"]);
+    assert!(ok, "{err}");
+    let blob = Path::new(pulled["lowers"][0]["path"].as_str().unwrap()).to_owned();
+    let claimed = Path::new(reference["lowers"][0]["path"].as_str().unwrap());
+    assert_eq!(
+        blob.strip_prefix(&store),
+        claimed.strip_prefix(base.join("reference")),
+        "under the claimed key"
+    );
+    let json = blob.with_extension("json");
+    let text = std::fs::read(&json).unwrap();
+    std::fs::write(&json, &text[..text.len() / 2]).unwrap();
+
+    let (ok, _, err) =
+        build_json(&store, &[&format!("oci:{}:t", base.join("layout-a").display()), "--tag", "a"]);
+    assert!(!ok, "the conversion of other bytes is not published over the damaged pulled blob");
+    assert!(err.contains("the records of pulled") && err.contains("it is kept"), "{err}");
+    assert_eq!(
+        vmrootfs::digest::sha256_file_hex(&blob).unwrap(),
+        pulled["lowers"][0]["blob_sha256"].as_str().unwrap(),
+        "the pulled blob is kept"
+    );
+
+    let (ok, again, err) = build_json(&store, &[&source, "--tag", "pulled"]);
+    assert!(ok, "pull again: {err}");
+    assert_eq!(again["lowers"][0]["path"], pulled["lowers"][0]["path"], "repaired in place: {again}");
+    let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{out}{err}");
 }

@@ -177,6 +177,8 @@ pub enum StoreError {
         #[source]
         source: Box<StoreError>,
     },
+    #[error(transparent)]
+    WouldReplaceDamaged(Box<DamagedBlobKept>),
 }
 
 /// `tag a was`, `tags a, b were`.
@@ -185,6 +187,24 @@ fn removed_tags(tags: &[String]) -> String {
         [one] => format!("tag {one} was"),
         many => format!("tags {} were", many.join(", ")),
     }
+}
+
+/// A damaged layer blob that image records name as other bytes than those about to replace it
+/// (see [`Store::publish_layer`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{path} cannot be used as it is ({why}), but the records of {} name its bytes as sha256 \
+     {expected}, not the sha256 {new} of the bytes made now: it is kept; build those images \
+     again from their sources, or remove them (`vmrootfs rm`, `vmrootfs gc`), then build this \
+     one again",
+    tags.join(", ")
+)]
+pub struct DamagedBlobKept {
+    pub path: PathBuf,
+    pub why: LayerDamage,
+    pub tags: Vec<String>,
+    pub expected: String,
+    pub new: String,
 }
 
 /// What the store holds under a layer key (see [`Store::layer_slot`]).
@@ -703,9 +723,49 @@ impl Store {
 
     /// Publishes a layer blob pulled ready-made (`blob`, in `tmp/`) with its record; it has no
     /// directory index, so a tar build that needs one converts the layer again (same bytes).
+    /// What is under its key already is replaced only as [`Store::publish_layer`] says.
     pub fn publish_pulled_layer(&self, blob: &Path, record: &LayerRecord) -> Result<PathBuf, StoreError> {
         let id = BlobId::new(BlobKind::Layer, record.fs, record.recipe, &record.chain_id)?;
+        self.check_replaceable(&id, &record.blob_sha256)?;
         self.publish_with_record(blob, &id, record)
+    }
+
+    /// Whether the layer blob `id` may be published as bytes of sha256 `new`: nothing is
+    /// there, or the same bytes are, or a damaged blob (see [`Store::layer_slot`]) that no
+    /// image record names as other bytes. Its `.json` may be what is damaged, so the image
+    /// records are what says which bytes it held. The caller holds the layer lock.
+    fn check_replaceable(&self, id: &BlobId, new: &str) -> Result<(), StoreError> {
+        match self.layer_slot(id)? {
+            LayerSlot::Absent => Ok(()),
+            LayerSlot::Published(stored) if stored.blob_sha256 == new => Ok(()),
+            LayerSlot::Published(stored) => Err(StoreError::WouldReplace {
+                path: self.blob_path(id),
+                stored: stored.blob_sha256,
+                tool: stored.tool,
+                new: new.to_string(),
+            }),
+            LayerSlot::Damaged(why) => {
+                let mut tags = Vec::new();
+                let mut expected = String::new();
+                for record in self.list()? {
+                    if let Some((_, sha256)) = record.blobs()?.into_iter().find(|(b, s)| b == id && *s != new)
+                    {
+                        expected = sha256.to_string();
+                        tags.push(record.tag.clone());
+                    }
+                }
+                if tags.is_empty() {
+                    return Ok(());
+                }
+                Err(StoreError::WouldReplaceDamaged(Box::new(DamagedBlobKept {
+                    path: self.blob_path(id),
+                    why,
+                    tags,
+                    expected,
+                    new: new.to_string(),
+                })))
+            }
+        }
     }
 
     /// The layer lock of blob `id` (of any recipe).
@@ -735,8 +795,9 @@ impl Store {
     ///
     /// A blob published under the same key with another sha256 in its readable record is
     /// never replaced ([`StoreError::WouldReplace`]); one whose record is missing or
-    /// unreadable, or whose size is not the recorded one, is (it is damaged: see
-    /// [`Store::layer_state`]).
+    /// unreadable, or whose size is not the recorded one (it is damaged: see
+    /// [`Store::layer_state`]), is replaced only when no image record names it as other bytes
+    /// ([`StoreError::WouldReplaceDamaged`]).
     pub fn publish_layer(
         &self,
         blob: &Path,
@@ -745,16 +806,7 @@ impl Store {
         record: &LayerRecord,
     ) -> Result<LayerRecord, StoreError> {
         let id = BlobId::new(BlobKind::Layer, record.fs, record.recipe, &record.chain_id)?;
-        if let LayerSlot::Published(stored) = self.layer_slot(&id)?
-            && stored.blob_sha256 != record.blob_sha256
-        {
-            return Err(StoreError::WouldReplace {
-                path: self.blob_path(&id),
-                stored: stored.blob_sha256,
-                tool: stored.tool,
-                new: record.blob_sha256.clone(),
-            });
-        }
+        self.check_replaceable(&id, &record.blob_sha256)?;
         let dir = self.layer_dir(id.fs, id.recipe);
         create_dir(&dir)?;
         let mut record = record.clone();

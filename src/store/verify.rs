@@ -115,7 +115,7 @@ impl Store {
                 let chain_id: Digest = check.id.chain_id.clone().into();
                 let lower = format!("lower {i} (chain {chain_id})");
                 let tree = self.verity_tree_path(&check.id);
-                problems.extend(check_tree(&lower, &path, &chain_id, &tree, v));
+                problems.extend(check_tree(&lower, &path, &tree, v));
                 problems.extend(self.check_verity_record(&lower, &check.id, v));
             }
             let affected: Vec<&Expected> = check
@@ -282,10 +282,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-/// What is wrong with the dm-verity tree `tree` of `lower` (blob `blob`), if anything.
-fn check_tree(lower: &str, blob: &Path, chain_id: &Digest, tree: &Path, want: &VerityInfo) -> Option<String> {
+/// What is wrong with the dm-verity tree `tree` of `lower` (blob `blob`), if anything: it is
+/// recomputed with the salt of the record `want`, as the guest's table uses it.
+fn check_tree(lower: &str, blob: &Path, tree: &Path, want: &VerityInfo) -> Option<String> {
     let root = &want.root_digest;
-    match crate::verity::check(blob, chain_id, tree) {
+    match want.salt_bytes().and_then(|salt| crate::verity::check(blob, &salt, tree)) {
         Err(e) => Some(format!("{lower}: cannot check its dm-verity tree: {}", error_chain(&e))),
         Ok(c) if &c.root_digest != root => Some(format!(
             "{lower}: dm-verity root digest of the blob is {}, record says {root}",
