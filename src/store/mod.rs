@@ -64,9 +64,9 @@
 //! records that point at complete blobs, and garbage only in `tmp/` (and in stale
 //! `vmrootfs-stage-<pid>-*` directories of dead processes on tmpfs).
 //!
-//! A published blob is never replaced by other bytes: only a damaged one (see
-//! [`Store::layer_slot`]) or one of the same bytes is, and a tree is reused only beside the
-//! blob its `.verity.json` names.
+//! A published blob is never replaced by other bytes: only one of the same bytes is, or a
+//! damaged one (see [`Store::layer_slot`]) by the bytes every image record naming it expects;
+//! a tree is reused only beside the blob its `.verity.json` names.
 //!
 //! # Locks
 //!
