@@ -7,6 +7,7 @@ pub mod erofs_image;
 pub mod layer;
 pub mod lock;
 pub mod merge;
+pub mod mountns;
 pub mod platform;
 pub mod progress;
 pub mod pull;

@@ -5,6 +5,9 @@
 //! applies whiteouts and opaque directories; the merged tree is walked into a normalized
 //! stream, as if it were one layer (every attribute kept, hardlinks kept), and made into one
 //! image by the backend. Cached by the image's top chain ID. Needs root (mounts).
+//!
+//! The mounting happens in a private mount namespace ([`crate::mountns`]): no mount of a
+//! squash is ever seen outside it, and none outlives it, however the build ends.
 
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
@@ -37,6 +40,8 @@ pub enum SquashError {
     },
     #[error("an image with no layers has nothing to flatten")]
     NoLayers,
+    #[error(transparent)]
+    MountNamespace(#[from] crate::mountns::MountNsError),
     #[error("{path}")]
     Io {
         path: PathBuf,
@@ -45,48 +50,8 @@ pub enum SquashError {
     },
 }
 
-/// The lowers and the overlay, mounted under a directory of their own. [`Mounts::unmount`]
-/// unmounts them in reverse order and then removes the directory — unless an unmount fails:
-/// then the directory stays (removing it would reach into a live mount) and the error says so.
-/// Dropped without `unmount` (on an error path), it does the same and warns on stderr.
-struct Mounts {
-    points: Vec<PathBuf>,
-    dir: Option<tempfile::TempDir>,
-}
-
-impl Mounts {
-    fn unmount(mut self) -> Result<(), ToolError> {
-        let result = self.unmount_all();
-        self.points.clear(); // reported here, not again by Drop
-        result
-    }
-
-    /// Unmounts in reverse order; on the first failure leaves the rest (and the directory).
-    fn unmount_all(&mut self) -> Result<(), ToolError> {
-        while let Some(m) = self.points.last() {
-            if let Err(e) = tool::run("umount", Command::new("umount").arg(m)) {
-                if let Some(dir) = self.dir.take() {
-                    let _still_mounted_below = dir.keep(); // never remove it
-                }
-                return Err(e);
-            }
-            self.points.pop();
-        }
-        self.dir.take();
-        Ok(())
-    }
-}
-
-impl Drop for Mounts {
-    fn drop(&mut self) {
-        if let Err(e) = self.unmount_all() {
-            eprintln!("warning: {e}; left mounted (and not removed): {:?}", self.points);
-        }
-    }
-}
-
-fn mount(args: &[&str], source: &Path, target: &Path) -> Result<(), ToolError> {
-    tool::run("mount", Command::new("mount").args(args).arg(source).arg(target)).map(|_| ())
+fn mount(args: &[&str], source: &Path, target: &Path, cwd: &Path) -> Result<(), ToolError> {
+    tool::run("mount", Command::new("mount").current_dir(cwd).args(args).arg(source).arg(target)).map(|_| ())
 }
 
 /// The squashed blob of `lowers` (base first), made unless stored.
@@ -98,47 +63,14 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
         return Ok(done);
     }
     let work = store.staging("squash-")?;
+    let mnt = store.staging("squash-mnt-")?;
+    let out = work.path().join("blob");
+    // The mounts exist only in this namespace: gone when it is, even if we are killed.
+    crate::mountns::in_private_namespace(|| flatten(store, backend, lowers, mnt.path(), &out))?;
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| SquashError::Io { path, source }
     };
-    let mnt = store.staging("squash-mnt-")?;
-    let mnt_dir = mnt.path().to_owned();
-    let mut mounts = Mounts { points: Vec::new(), dir: Some(mnt) };
-    let mut dirs = Vec::new();
-    for (i, l) in lowers.iter().enumerate() {
-        let mp = mnt_dir.join(format!("l{i}"));
-        fs_err::create_dir(&mp).map_err(io(&mp))?;
-        let blob = store.blob_path(&l.id().map_err(StoreError::from)?);
-        mount(&["-t", l.fs.name(), "-o", "loop,ro"], &blob, &mp)?;
-        mounts.points.push(mp.clone());
-        dirs.push(mp.display().to_string());
-    }
-    let merged = mnt_dir.join("merged");
-    fs_err::create_dir(&merged).map_err(io(&merged))?;
-    dirs.reverse();
-    let opts = format!("ro,lowerdir={}", dirs.join(":"));
-    mount(&["-t", "overlay", "-o", &opts], Path::new("overlay"), &merged)?;
-    mounts.points.push(merged.clone());
-
-    let out = work.path().join("blob");
-    let seed = crate::digest::sha256_of(format!("squash {top}").as_bytes());
-    let making = backend.start(&seed, &out)?;
-    let mut normalizer = Normalizer::new(std::io::BufWriter::new(making), u64::MAX);
-    if let Err(e) = copy_tree(&merged, &mut normalizer) {
-        return Err(writer_failure(normalizer.into_inner(), e));
-    }
-    let copy_err = |source| SquashError::Copy { path: "/".into(), source };
-    let (_, sink) = normalizer.finish(&DirIndex::default()).map_err(copy_err)?;
-    mounts.unmount()?;
-    let making = match sink.into_inner() {
-        Ok(making) => making,
-        Err(e) => {
-            let (error, sink) = e.into_parts();
-            return Err(writer_failure(sink, copy_err(NormalizeError::Write(error))));
-        }
-    };
-    making.finish()?;
     let record = SquashedBlob {
         fs,
         recipe: fs.recipe(),
@@ -148,6 +80,59 @@ pub fn squash(store: &Store, backend: &Backend, lowers: &[Lower]) -> Result<Squa
     };
     store.publish_squash(&out, &record)?;
     Ok(record)
+}
+
+/// Mounts `lowers` under `mnt` (`l<i>`, base = 0), stacks them with overlayfs and writes the
+/// merged tree as one image to `out`. Runs in a private mount namespace, which takes the
+/// mounts with it: nothing here unmounts.
+///
+/// The overlay's `lowerdir` names the lowers relative to `mnt` (the mount runs there): its
+/// options must fit in one page, which 128 absolute store paths do not, while `l<i>:` is at
+/// most 5 bytes a layer up to overlayfs's own limit of 500 lowers.
+fn flatten(
+    store: &Store,
+    backend: &Backend,
+    lowers: &[Lower],
+    mnt: &Path,
+    out: &Path,
+) -> Result<(), SquashError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SquashError::Io { path, source }
+    };
+    let mut names = Vec::new();
+    for (i, l) in lowers.iter().enumerate() {
+        let name = format!("l{i}");
+        let mp = mnt.join(&name);
+        fs_err::create_dir(&mp).map_err(io(&mp))?;
+        let blob = store.blob_path(&l.id().map_err(StoreError::from)?);
+        mount(&["-n", "-t", l.fs.name(), "-o", "loop,ro"], &blob, &mp, mnt)?;
+        names.push(name);
+    }
+    let merged = mnt.join("merged");
+    fs_err::create_dir(&merged).map_err(io(&merged))?;
+    names.reverse();
+    let opts = format!("ro,lowerdir={}", names.join(":"));
+    mount(&["-n", "-t", "overlay", "-o", &opts], Path::new("overlay"), &merged, mnt)?;
+
+    let top = &lowers.last().ok_or(SquashError::NoLayers)?.chain_id;
+    let seed = crate::digest::sha256_of(format!("squash {top}").as_bytes());
+    let making = backend.start(&seed, out)?;
+    let mut normalizer = Normalizer::new(std::io::BufWriter::new(making), u64::MAX);
+    if let Err(e) = copy_tree(&merged, &mut normalizer) {
+        return Err(writer_failure(normalizer.into_inner(), e));
+    }
+    let copy_err = |source| SquashError::Copy { path: "/".into(), source };
+    let (_, sink) = normalizer.finish(&DirIndex::default()).map_err(copy_err)?;
+    let making = match sink.into_inner() {
+        Ok(making) => making,
+        Err(e) => {
+            let (error, sink) = e.into_parts();
+            return Err(writer_failure(sink, copy_err(NormalizeError::Write(error))));
+        }
+    };
+    making.finish()?;
+    Ok(())
 }
 
 /// The error to report when writing the stream into the backend failed: the writer's own
