@@ -778,3 +778,137 @@ fn a_build_repairs_damaged_layers_instead_of_reusing_them() {
         assert!(ok, "verify after {what}: {out}{err}");
     }
 }
+/// Mount points under `under` in the mount table `mountinfo` (a /proc/…/mountinfo file),
+/// with their filesystem type.
+fn mounts_under(mountinfo: &Path, under: &Path) -> Vec<(String, String)> {
+    let Ok(text) = std::fs::read_to_string(mountinfo) else { return Vec::new() }; // gone meanwhile
+    let under = under.to_string_lossy().into_owned();
+    text.lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let point = fields.get(4)?.replace("\\040", " ");
+            let fstype = fields.iter().skip_while(|f| **f != "-").nth(1)?.to_string();
+            point.starts_with(&under).then_some((point, fstype))
+        })
+        .collect()
+}
+
+/// Loop devices whose backing file is under `under`.
+fn loops_under(under: &Path) -> Vec<String> {
+    let under = under.to_string_lossy().into_owned();
+    std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+        .filter(|f| f.starts_with(&under))
+        .collect()
+}
+
+/// Unmounts (lazily, deepest first) whatever a failing test left mounted under a directory.
+struct UnmountUnder(PathBuf);
+
+impl Drop for UnmountUnder {
+    fn drop(&mut self) {
+        let mut left = mounts_under(Path::new("/proc/self/mountinfo"), &self.0);
+        left.reverse();
+        for (point, _) in left {
+            let _ = Command::new("umount").arg("-l").arg(point).status();
+        }
+    }
+}
+
+/// Item 10 of issue 17: a `build --squash` SIGKILLed while its overlay is mounted leaves no
+/// mount (the mounts live in a mount namespace of its own, which dies with it) and no loop
+/// device; then `gc` and `rm` succeed.
+#[test]
+fn a_squash_killed_mid_way_leaves_no_mount_and_gc_and_rm_succeed() {
+    let dir = scratch("squash-kill");
+    let store = dir.path().join("store");
+    let _cleanup = UnmountUnder(dir.path().to_owned());
+    let layout = dir.path().join("layout");
+    let layers: Vec<Layer> = (0..3).map(|i| big_layer(&format!("big{i}"), 48 << 20, 7 + i)).collect();
+    oci_layout(&layout, "t", &layers);
+    build(&store, &layout, "t");
+    let mut child = vmrootfs(&store)
+        .args(["-q", "build", &format!("oci:{}:t", layout.display()), "--tag", "t", "--squash"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tmp = store.join("tmp");
+    // Mid-way: the squash's overlay is mounted, in whichever of its threads' mount tables.
+    let tasks = PathBuf::from(format!("/proc/{}/task", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let seen = loop {
+        let overlays: Vec<(String, String)> = std::fs::read_dir(&tasks)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|t| mounts_under(&t.path().join("mountinfo"), &tmp))
+            .filter(|(_, fstype)| fstype == "overlay")
+            .collect();
+        if !overlays.is_empty() || child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            break overlays;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(child.try_wait().unwrap().is_none(), "the squash ended before its overlay was seen");
+    assert!(!seen.is_empty(), "no overlay mount of the squash seen under {}", tmp.display());
+    eprintln!("killing the squash with {seen:?} mounted");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The kernel tears a dead namespace's mounts and their loop devices down on its own
+    // schedule: wait for it (bounded), never unmount by hand.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (!mounts_under(Path::new("/proc/self/mountinfo"), &store).is_empty()
+        || !loops_under(&store).is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = mounts_under(Path::new("/proc/self/mountinfo"), &store);
+    assert!(left.is_empty(), "mounts left after the killed squash: {left:?}");
+    let loops = loops_under(&store);
+    assert!(loops.is_empty(), "loop devices left after the killed squash: {loops:?}");
+    let (ok, _, err) = run(vmrootfs(&store).arg("gc"));
+    assert!(ok, "gc after the killed squash: {err}");
+    assert_eq!(tmp_entries(&store), 0, "gc cleared tmp/");
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "t"]));
+    assert!(ok, "rm after the killed squash: {err}");
+    assert_eq!(blobs_on_disk(&store), BTreeSet::new(), "rm removed the blobs of t");
+}
+
+/// Item 10 of issue 17: with something mounted under `tmp/` (as a killed squash of an older
+/// vmrootfs left it), `rm` and `gc` refuse before deleting anything, naming the mount; the
+/// tag and its blobs are still there, and once it is unmounted both succeed.
+#[test]
+fn rm_and_gc_refuse_before_deleting_anything_while_tmp_holds_a_mount() {
+    let dir = scratch("tmp-mount");
+    let store = dir.path().join("store");
+    let _cleanup = UnmountUnder(dir.path().to_owned());
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[small_layer("a"), small_layer("b")]);
+    build(&store, &layout, "t");
+    let blobs = blobs_on_disk(&store);
+    let point = store.join("tmp/squash-mnt-left/l0");
+    std::fs::create_dir_all(&point).unwrap();
+    let (ok, _, err) = run(Command::new("mount").args(["-t", "tmpfs", "-o", "ro", "left"]).arg(&point));
+    assert!(ok, "mount: {err}");
+    for args in [&["rm", "t"][..], &["gc"]] {
+        let (ok, _, err) = run(vmrootfs(&store).args(args));
+        assert!(!ok, "{args:?} succeeded with {} mounted", point.display());
+        assert!(
+            err.contains(point.to_str().unwrap()) && err.contains("nothing was removed"),
+            "{args:?}: {err}"
+        );
+        let (ok, out, _) = run(vmrootfs(&store).arg("ls"));
+        assert!(ok && out.contains('t'), "{args:?} removed the tag: {out}");
+        assert_eq!(blobs_on_disk(&store), blobs, "{args:?} deleted blobs");
+    }
+    let (ok, _, err) = run(Command::new("umount").arg(&point));
+    assert!(ok, "umount: {err}");
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "t"]));
+    assert!(ok, "rm once unmounted: {err}");
+    assert_eq!(blobs_on_disk(&store), BTreeSet::new());
+    assert_eq!(tmp_entries(&store), 0);
+}

@@ -34,6 +34,20 @@ struct BlobFiles {
 }
 
 impl Store {
+    /// Fails, before anything is deleted, when something is mounted under `tmp/`: clearing
+    /// it would stop half-way (`Read-only file system`, `Device or resource busy`). vmrootfs
+    /// mounts only in namespaces of its own (see [`crate::mountns`]), so such a mount is
+    /// someone else's, or an older version's.
+    pub(super) fn check_nothing_mounted_in_tmp(&self) -> Result<(), StoreError> {
+        let tmp = self.root.join("tmp");
+        let real = fs_err::canonicalize(&tmp).map_err(io_at(&tmp))?;
+        let table = Path::new("/proc/self/mountinfo");
+        let text = fs_err::read_to_string(table).map_err(io_at(table))?;
+        let mounts: Vec<PathBuf> =
+            text.lines().filter_map(mount_point).filter(|p| p.starts_with(&real) && *p != real).collect();
+        if mounts.is_empty() { Ok(()) } else { Err(StoreError::MountedInTmp { tmp, mounts }) }
+    }
+
     /// The collection itself; the caller holds the exclusive store lock.
     pub(super) fn collect_garbage(&self) -> Result<GcReport, StoreError> {
         let records = self.list()?;
@@ -122,6 +136,29 @@ impl Store {
     }
 }
 
+/// The mount point of a `/proc/self/mountinfo` line (5th field; `\ooo` octal escapes undone).
+fn mount_point(line: &str) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let field = line.split(' ').nth(4)?.as_bytes();
+    let mut bytes = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let octal =
+            field.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(std::str::from_utf8(o).ok()?, 8).ok());
+        match (field[i], octal) {
+            (b'\\', Some(b)) => {
+                bytes.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                bytes.push(b);
+                i += 1;
+            }
+        }
+    }
+    Some(std::ffi::OsString::from_vec(bytes).into())
+}
+
 fn remove(path: &Path) -> Result<(), StoreError> {
     fs_err::remove_file(path).map_err(|e| StoreError::Io { path: path.to_owned(), source: e })
 }
@@ -140,4 +177,16 @@ fn clear_dir(dir: &Path) -> Result<usize, StoreError> {
         n += 1;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_read_with_their_escapes_undone() {
+        let line = "36 35 98:0 / /mnt/a\\040b\\134c rw,noatime master:1 - ext3 /dev/root rw";
+        assert_eq!(mount_point(line), Some(PathBuf::from("/mnt/a b\\c")));
+        assert_eq!(mount_point("short line"), None);
+    }
 }

@@ -179,6 +179,11 @@ pub enum StoreError {
     },
     #[error(transparent)]
     WouldReplaceDamaged(Box<DamagedBlobKept>),
+    #[error(
+        "mounted under {tmp}: {} (left by a killed `build --squash` of an older vmrootfs?): nothing was removed; unmount them (umount -R) and run again",
+        .mounts.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    MountedInTmp { tmp: PathBuf, mounts: Vec<PathBuf> },
 }
 
 /// `tag a was`, `tags a, b were`.
@@ -408,6 +413,7 @@ impl Store {
     pub fn remove(&self, tags: &[String]) -> Result<GcReport, StoreError> {
         self.require_writable()?;
         let _lock = self.lock_exclusive()?;
+        self.check_nothing_mounted_in_tmp()?;
         for tag in tags {
             if !self.record_path(tag).exists() {
                 return Err(StoreError::NoSuchTag(tag.clone()));
@@ -438,6 +444,7 @@ impl Store {
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         self.require_writable()?;
         let _lock = self.lock_exclusive()?;
+        self.check_nothing_mounted_in_tmp()?;
         self.collect_garbage()
     }
 
