@@ -5,7 +5,9 @@
 //! overlayfs under a tmpfs upper and runs the command with the image's env, working
 //! directory and user. With `--merged` there is one drive, serial `merged`: a VMDK descriptor
 //! (in the run's staging directory) over the merged blob and the layer blobs
-//! ([`crate::merge::disk`]), mounted as one read-only EROFS filesystem, no overlayfs.
+//! ([`crate::merge::disk`]), mounted as one read-only EROFS filesystem, no overlayfs. A stack
+//! with more layers than microvm has drive slots ([`MICROVM_DRIVES`]) boots its merged image,
+//! else its squashed blob, and says so.
 //!
 //! The command's output and status never pass through the serial console, which carries only
 //! the kernel's and `/init`'s diagnostics: three virtio-serial ports, found by name in the
@@ -83,6 +85,10 @@ pub enum VmError {
     NoStatus(String),
     #[error("the guest reported a malformed status {found:?} in {path}")]
     BadStatus { path: PathBuf, found: String },
+    #[error(
+        "{tag} has {layers} layers, more drives than a microvm has slots for ({max}): build it with --merge (EROFS) or --squash, and `run` boots that as one drive"
+    )]
+    TooManyLayers { tag: String, layers: usize, max: usize },
     #[error("{tag} has no squashed blob: build it with --squash")]
     NoSquashed { tag: String },
     #[error(transparent)]
@@ -252,6 +258,38 @@ exec /dev/.vmrootfs/busybox env -i {env} "$cmd" {args}
     (run, exec)
 }
 
+/// Drives a microvm can take: its 24 virtio-mmio transports, less the virtio-serial device
+/// and the `hashes` drive of dm-verity lowers.
+pub const MICROVM_DRIVES: usize = 22;
+
+/// What `run` boots.
+struct BootForm {
+    merged: bool,
+    squashed: bool,
+    /// The layer stack was asked for, but has more layers than drive slots.
+    switched: bool,
+}
+
+impl BootForm {
+    /// The form `opts` asks for; a layer stack deeper than [`MICROVM_DRIVES`] boots its merged
+    /// image, else its squashed blob, else is refused saying how to make one.
+    fn choose(tag: &str, record: &ImageRecord, opts: &RunOptions) -> Result<BootForm, VmError> {
+        let asked = BootForm { merged: opts.merged, squashed: opts.squashed, switched: false };
+        if opts.merged || opts.squashed || record.lowers.len() <= MICROVM_DRIVES {
+            return Ok(asked);
+        }
+        match (&record.merged, &record.squashed) {
+            (Some(_), _) => Ok(BootForm { merged: true, squashed: false, switched: true }),
+            (None, Some(_)) => Ok(BootForm { merged: false, squashed: true, switched: true }),
+            (None, None) => Err(VmError::TooManyLayers {
+                tag: tag.to_string(),
+                layers: record.lowers.len(),
+                max: MICROVM_DRIVES,
+            }),
+        }
+    }
+}
+
 /// One lower's drive, as the guest gets it.
 struct Drive {
     path: PathBuf,
@@ -303,6 +341,16 @@ pub fn run(
     // Before reading the record: `rm` must not remove the tag between here and the boot.
     let _store_lock = store.lock_shared()?;
     let record = store.get(tag)?;
+    let form = BootForm::choose(tag, &record, opts)?;
+    if form.switched {
+        crate::progress::info(&format!(
+            "{tag}: {} layers need more drives than microvm's {} virtio-mmio slots: booting the {} image as one drive instead",
+            record.lowers.len(),
+            MICROVM_DRIVES,
+            if form.merged { "merged" } else { "squashed" }
+        ));
+    }
+    let opts = &RunOptions { merged: form.merged, squashed: form.squashed, ..opts.clone() };
     if opts.squashed && record.squashed.is_none() {
         return Err(VmError::NoSquashed { tag: tag.to_string() });
     }
