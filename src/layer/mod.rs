@@ -12,6 +12,7 @@ pub mod meta;
 pub mod normalize;
 pub mod owndirs;
 pub mod path;
+pub mod pathtree;
 pub mod pax;
 pub mod sparse;
 
