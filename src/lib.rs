@@ -4,6 +4,8 @@ pub mod backend;
 pub mod builder;
 pub mod digest;
 pub mod erofs_image;
+#[cfg(test)]
+mod heap_meter;
 pub mod layer;
 pub mod lock;
 pub mod merge;

@@ -1,7 +1,7 @@
 //! One layer's entries → the normalized stream: a clean pax tar that mkfs reads as is.
 //!
 //! The normalizer applies the layer semantics in one pass, holding only an index of the paths
-//! this layer made (no file data, no staging tree):
+//! this layer made (no file data, no staging tree; a [`PathTree`] and a few bytes per path):
 //!
 //! - `.wh.NAME` becomes a whiteout (char 0:0) — unless this layer has an entry there: a
 //!   whiteout applies to lower layers only (OCI image spec), so a directory of this layer
@@ -22,13 +22,14 @@
 //!
 //! The output never asks mkfs to follow a symlink or create anything outside its root.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 
 use super::dirindex::{DirIndex, DirMeta, NodeKind};
 use super::meta::{EntryMeta, is_reserved_xattr};
 use super::owndirs::OwnDirs;
-use super::path::{self, EntryAction, PathError, ancestors};
+use super::path::{self, EntryAction, PathError};
+use super::pathtree::{PathId, PathTree, PathTreeFull};
 use super::pax::{TarKind, TarWriter};
 
 /// Why an entry could not be normalized.
@@ -37,6 +38,8 @@ use super::pax::{TarKind, TarWriter};
 pub enum NormalizeError {
     #[error(transparent)]
     Path(#[from] PathError),
+    #[error(transparent)]
+    TooManyPaths(#[from] PathTreeFull),
     #[error("parent {0:?} is not a directory in this layer")]
     ParentNotDir(String),
     #[error("hardlink target {0:?} is not an earlier file of this layer")]
@@ -83,10 +86,11 @@ pub enum EntryKind<'a> {
 }
 
 /// What a path is in this layer so far.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 enum Node {
-    /// A directory; `None` while implicit (its metadata comes from the layers below).
-    Dir(Option<EntryMeta>),
+    /// A directory: its metadata in [`Normalizer::dir_metas`]; `None` while implicit (its
+    /// metadata comes from the layers below).
+    Dir(Option<u32>),
     NonDir,
     /// A whiteout, written at the end (with this mtime) unless the layer puts something here.
     Whiteout {
@@ -105,7 +109,14 @@ pub struct FinishedLayer {
 /// Turns one layer's entries into the normalized stream written to `W`.
 pub struct Normalizer<W: Write> {
     out: TarWriter<W>,
-    nodes: HashMap<Vec<u8>, Node>,
+    /// Every path this layer named; `nodes[id]` is what path `id` is (the root's is unused).
+    paths: PathTree,
+    nodes: Vec<Node>,
+    /// Metadata of the directories the tar lists.
+    dir_metas: Vec<EntryMeta>,
+    /// The parent directory of the last entry, known to be a directory with directories
+    /// above it (a directory never stops being one), so its siblings skip the walk.
+    last_parent: Option<(Vec<u8>, PathId)>,
     /// The root's own metadata, when the tar lists it.
     root: Option<EntryMeta>,
     opaque: BTreeSet<Vec<u8>>,
@@ -128,7 +139,10 @@ impl<W: Write> Normalizer<W> {
     pub fn new(out: W, limit: u64) -> Self {
         Normalizer {
             out: TarWriter::new(out),
-            nodes: HashMap::new(),
+            paths: PathTree::default(),
+            nodes: vec![Node::Dir(None)],
+            dir_metas: Vec::new(),
+            last_parent: None,
             root: None,
             opaque: BTreeSet::new(),
             opaque_new: false,
@@ -195,36 +209,49 @@ impl<W: Write> Normalizer<W> {
             self.root = Some(meta);
             return Ok(());
         }
-        if !self.parents(path)? {
+        let Some(parent) = self.parents(path)? else {
             return Err(NormalizeError::ParentNotDir(path::display(path::split_parent(path).0)));
-        }
+        };
+        let name = path::split_parent(path).1;
+        let existing = self.paths.child(parent, name);
         if let EntryKind::Dir = kind {
-            match self.nodes.get(path) {
-                Some(Node::Dir(_)) => {}
+            let own = match existing.map(|id| self.nodes[id as usize]) {
+                Some(Node::Dir(own)) => own,
                 Some(Node::Whiteout { .. }) => {
                     self.opaque.insert(path.to_vec());
+                    None
                 }
                 Some(Node::NonDir) => return Err(NormalizeError::TypeChange("non-directory")),
-                None => {}
-            }
+                None => None,
+            };
             self.emit(path, TarKind::Dir, &meta)?;
-            self.nodes.insert(path.to_vec(), Node::Dir(Some(meta)));
+            let at = match own {
+                Some(at) => {
+                    self.dir_metas[at as usize] = meta;
+                    at
+                }
+                None => {
+                    self.dir_metas.push(meta);
+                    (self.dir_metas.len() - 1) as u32
+                }
+            };
+            self.set(parent, name, existing, Node::Dir(Some(at)))?;
             return Ok(());
         }
         if let EntryKind::Hardlink(raw_target) = kind {
             let target = path::normalize(raw_target)
                 .map_err(|_| NormalizeError::LinkEscapes(path::display(raw_target)))?;
-            if !matches!(self.nodes.get(&target), Some(Node::NonDir)) {
+            if !matches!(self.paths.find(&target).map(|id| self.nodes[id as usize]), Some(Node::NonDir)) {
                 return Err(NormalizeError::BadHardlink(path::display(&target)));
             }
             if target == path {
                 return Ok(());
             }
-            self.replace_with_non_dir(path)?;
+            self.replace_with_non_dir(parent, name, existing)?;
             self.emit(path, TarKind::Hardlink(&target), &meta)?;
             return Ok(());
         }
-        self.replace_with_non_dir(path)?;
+        self.replace_with_non_dir(parent, name, existing)?;
         match kind {
             EntryKind::File { size, data } => self.file(path, size, data, &meta)?,
             EntryKind::Symlink(target) => self.emit(path, TarKind::Symlink(target), &meta)?,
@@ -236,38 +263,80 @@ impl<W: Write> Normalizer<W> {
         Ok(())
     }
 
-    /// Makes sure every ancestor of `path` is a directory of this layer, creating implicit
-    /// ones. Returns false when an ancestor is a non-directory of this layer.
-    fn parents(&mut self, path: &[u8]) -> Result<bool, NormalizeError> {
-        for anc in ancestors(path).skip(1) {
-            match self.nodes.get(anc) {
-                Some(Node::Dir(_)) => {}
-                Some(Node::NonDir) => return Ok(false),
-                Some(Node::Whiteout { .. }) => {
-                    // Whited out, then used as a parent in the same layer: the directory is
-                    // new here and hides the lower one.
-                    self.opaque.insert(anc.to_vec());
-                    self.implicit_dir(anc)?;
-                }
-                None => self.implicit_dir(anc)?,
+    /// Records that `name` in directory `parent` (path `existing`, when it has one) is `node`.
+    fn set(
+        &mut self,
+        parent: PathId,
+        name: &[u8],
+        existing: Option<PathId>,
+        node: Node,
+    ) -> Result<PathId, NormalizeError> {
+        Ok(match existing {
+            Some(id) => {
+                self.nodes[id as usize] = node;
+                id
             }
+            None => {
+                let id = self.paths.add_child(parent, name)?;
+                self.nodes.push(node);
+                id
+            }
+        })
+    }
+
+    /// Makes sure every ancestor of `path` is a directory of this layer, creating implicit
+    /// ones. Returns the parent, or `None` when an ancestor is a non-directory of this layer.
+    fn parents(&mut self, path: &[u8]) -> Result<Option<PathId>, NormalizeError> {
+        let dir = path::split_parent(path).0;
+        if let Some((last, id)) = &self.last_parent
+            && last.as_slice() == dir
+        {
+            return Ok(Some(*id));
         }
-        Ok(true)
+        let mut at = PathTree::ROOT;
+        for (end, name) in components(dir) {
+            let anc = &dir[..end];
+            let existing = self.paths.child(at, name);
+            match existing.map(|id| (id, self.nodes[id as usize])) {
+                Some((id, Node::Dir(_))) => {
+                    at = id;
+                    continue;
+                }
+                Some((_, Node::NonDir)) => return Ok(None),
+                // Whited out, then used as a parent in the same layer: the directory is new
+                // here and hides the lower one.
+                Some((_, Node::Whiteout { .. })) => {
+                    self.opaque.insert(anc.to_vec());
+                }
+                None => {}
+            }
+            self.implicit_dir(anc)?;
+            at = self.set(at, name, existing, Node::Dir(None))?;
+        }
+        self.last_parent = Some((dir.to_vec(), at));
+        Ok(Some(at))
     }
 
+    /// Writes the header of an implicit directory (the caller records it).
     fn implicit_dir(&mut self, path: &[u8]) -> Result<(), NormalizeError> {
-        self.emit(path, TarKind::Dir, &DirMeta::fallback())?;
-        self.nodes.insert(path.to_vec(), Node::Dir(None));
-        Ok(())
+        self.emit(path, TarKind::Dir, &DirMeta::fallback())
     }
 
-    /// Bookkeeping before a non-directory takes `path`. A directory this layer already wrote
-    /// cannot be taken back out of the stream, so a non-directory over it is refused.
-    fn replace_with_non_dir(&mut self, path: &[u8]) -> Result<(), NormalizeError> {
-        if let Some(Node::Dir(_)) = self.nodes.get(path) {
+    /// Bookkeeping before a non-directory takes `name` in `parent` (path `existing`). A
+    /// directory this layer already wrote cannot be taken back out of the stream, so a
+    /// non-directory over it is refused.
+    fn replace_with_non_dir(
+        &mut self,
+        parent: PathId,
+        name: &[u8],
+        existing: Option<PathId>,
+    ) -> Result<(), NormalizeError> {
+        if let Some(id) = existing
+            && let Node::Dir(_) = self.nodes[id as usize]
+        {
             return Err(NormalizeError::TypeChange("directory"));
         }
-        self.nodes.insert(path.to_vec(), Node::NonDir);
+        self.set(parent, name, existing, Node::NonDir)?;
         Ok(())
     }
 
@@ -304,16 +373,17 @@ impl<W: Write> Normalizer<W> {
         if path.is_empty() {
             return Err(NormalizeError::RootNotDir);
         }
-        if !self.parents(path)? {
+        let Some(parent) = self.parents(path)? else {
             return Ok(()); // below a non-directory of this layer: already hidden
-        }
-        match self.nodes.get(path) {
+        };
+        let name = path::split_parent(path).1;
+        match self.paths.child(parent, name).map(|id| self.nodes[id as usize]) {
             Some(Node::Dir(_)) => {
                 self.opaque.insert(path.to_vec());
             }
             Some(_) => {}
             None => {
-                self.nodes.insert(path.to_vec(), Node::Whiteout { mtime_sec });
+                self.set(parent, name, None, Node::Whiteout { mtime_sec })?;
             }
         }
         Ok(())
@@ -323,14 +393,18 @@ impl<W: Write> Normalizer<W> {
     fn opaque_marker(&mut self, dir: &[u8]) -> Result<(), NormalizeError> {
         if !dir.is_empty() {
             let not_dir = || NormalizeError::OpaqueOnNonDir(path::display(dir));
-            if !self.parents(dir)? {
+            let Some(parent) = self.parents(dir)? else {
                 return Err(not_dir());
-            }
-            match self.nodes.get(dir) {
+            };
+            let name = path::split_parent(dir).1;
+            let existing = self.paths.child(parent, name);
+            match existing.map(|id| self.nodes[id as usize]) {
                 Some(Node::Dir(_)) => {}
                 Some(Node::NonDir) => return Err(not_dir()),
-                Some(Node::Whiteout { .. }) => self.implicit_dir(dir)?,
-                None => self.implicit_dir(dir)?,
+                Some(Node::Whiteout { .. }) | None => {
+                    self.implicit_dir(dir)?;
+                    self.set(parent, name, existing, Node::Dir(None))?;
+                }
             }
         }
         self.opaque.insert(dir.to_vec());
@@ -346,51 +420,61 @@ impl<W: Write> Normalizer<W> {
     /// opaque directories, and writes the end of the archive. Returns the sink and what the
     /// next layer and the backend need.
     pub fn finish(mut self, lower: &DirIndex) -> Result<(FinishedLayer, W), NormalizeError> {
-        let final_meta = |p: &[u8], own: &Option<EntryMeta>| {
-            own.clone().or_else(|| lower.get(p).cloned()).unwrap_or_else(DirMeta::fallback)
+        let final_meta = |p: &[u8], own: Option<EntryMeta>| {
+            own.or_else(|| lower.get(p).cloned()).unwrap_or_else(DirMeta::fallback)
         };
-        let mut dirs: BTreeMap<Vec<u8>, (DirMeta, bool)> = BTreeMap::new();
-        dirs.insert(Vec::new(), (final_meta(b"", &self.root), self.root.is_none()));
-        for (p, node) in &self.nodes {
-            if let Node::Dir(own) = node {
-                dirs.insert(p.clone(), (final_meta(p, own), own.is_none()));
+        let root_implicit = self.root.is_none();
+        let mut dirs = vec![(Vec::new(), final_meta(b"", self.root.take()))];
+        for (id, node) in self.nodes.iter().enumerate().skip(1) {
+            if let Node::Dir(own) = *node {
+                let p = self.paths.path(id as PathId);
+                let own =
+                    own.map(|at| std::mem::replace(&mut self.dir_metas[at as usize], DirMeta::fallback()));
+                let meta = final_meta(&p, own);
+                dirs.push((p, meta));
             }
         }
+        self.dir_metas = Vec::new();
+        dirs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let layer_dirs: DirIndex = dirs.into_iter().collect();
+        // Whether the tar listed `p`, one of the layer's directories.
+        let (paths, nodes) = (&mut self.paths, &self.nodes);
+        let mut implicit = |p: &[u8]| match paths.find(p).map(|id| nodes[id as usize]) {
+            _ if p.is_empty() => root_implicit,
+            Some(Node::Dir(own)) => own.is_none(),
+            _ => unreachable!("a directory of the layer is in its tree"),
+        };
+        // The base layer's whiteouts hide nothing: left out of the stream and the tree.
+        let whiteouts_kept = !self.base;
         if self.base {
             self.opaque.clear();
-            self.nodes.retain(|_, n| !matches!(n, Node::Whiteout { .. }));
         }
         if self.opaque_new {
-            for p in dirs.keys().filter(|p| !p.is_empty() && lower.get(p).is_none()) {
+            for (p, _) in layer_dirs.iter().filter(|(p, _)| !p.is_empty() && lower.get(p).is_none()) {
                 self.opaque.insert(p.clone());
             }
         }
-        let own = {
-            let mut own = OwnDirs::default();
-            for p in dirs.keys() {
-                own.insert(p.clone(), self.opaque.contains(p));
-            }
-            own
-        };
-        for (p, (meta, implicit)) in &dirs {
+        let own: OwnDirs = layer_dirs.iter().map(|(p, _)| (p.clone(), self.opaque.contains(p))).collect();
+        for (p, meta) in layer_dirs.iter() {
             let opaque = self.opaque.contains(p);
-            if *implicit || opaque {
+            let implicit = implicit(p);
+            if implicit || opaque {
                 let mut m = meta.clone();
                 if opaque {
-                    if !*implicit && self.marker_only {
+                    if !implicit && self.marker_only {
                         m.xattrs.clear();
                     }
                     m.xattrs.push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
                     m.xattrs.sort();
                 }
-                self.emit(p, TarKind::Dir, &m)?;
+                self.out.header(p, TarKind::Dir, &m).map_err(NormalizeError::Write)?;
             }
         }
-        let mut whiteouts: Vec<(Vec<u8>, i64)> = self
-            .nodes
-            .iter()
-            .filter_map(|(p, n)| match n {
-                Node::Whiteout { mtime_sec } => Some((p.clone(), *mtime_sec)),
+        let mut whiteouts: Vec<(Vec<u8>, i64)> = (self.nodes.iter().enumerate())
+            .filter_map(|(id, n)| match n {
+                Node::Whiteout { mtime_sec } if whiteouts_kept => {
+                    Some((self.paths.path(id as PathId), *mtime_sec))
+                }
                 _ => None,
             })
             .collect();
@@ -399,22 +483,30 @@ impl<W: Write> Normalizer<W> {
             let meta = EntryMeta { mode: 0, uid: 0, gid: 0, mtime_sec, mtime_nsec: 0, xattrs: Vec::new() };
             self.emit(&p, TarKind::Char { major: 0, minor: 0 }, &meta)?;
         }
-        let layer_dirs: DirIndex = {
-            let mut d = DirIndex::default();
-            for (p, (meta, _)) in dirs {
-                d.insert(p, meta);
+        let (paths, nodes) = (&mut self.paths, &self.nodes);
+        let merged = lower.apply_layer(layer_dirs, &self.opaque, |p| {
+            match paths.find(p).map(|id| nodes[id as usize]) {
+                Some(Node::Dir(_)) => NodeKind::Dir,
+                Some(Node::Whiteout { .. }) if !whiteouts_kept => NodeKind::Missing,
+                Some(_) => NodeKind::NonDir,
+                None => NodeKind::Missing,
             }
-            d
-        };
-        let nodes = &self.nodes;
-        let merged = lower.apply_layer(&layer_dirs, &self.opaque, |p| match nodes.get(p) {
-            Some(Node::Dir(_)) => NodeKind::Dir,
-            Some(_) => NodeKind::NonDir,
-            None => NodeKind::Missing,
         });
         let out = self.out.finish().map_err(NormalizeError::Write)?;
         Ok((FinishedLayer { merged, own }, out))
     }
+}
+
+/// The names of a layer path with where each ends: `a/bc` → `(1, a)`, `(4, bc)`.
+fn components(path: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut start = 0;
+    path.split(|&b| b == b'/')
+        .map(move |name| {
+            let end = start + name.len();
+            start = end + 1;
+            (end, name)
+        })
+        .filter(|(_, name)| !name.is_empty())
 }
 
 #[cfg(test)]
@@ -565,5 +657,28 @@ mod tests {
         );
         assert!(entries.iter().any(|(p, t, _, o)| p == "w/" && *t == '5' && *o), "{entries:?}");
         assert!(!entries.iter().any(|(p, t, ..)| p == "w" && *t == '3'), "{entries:?}");
+    }
+
+    /// Issue 17 item 24: the normalizer held ~250 bytes per file (a map keyed by full paths).
+    #[test]
+    fn a_layer_of_small_files_takes_at_most_70_heap_bytes_per_entry() {
+        const FILES: usize = 200_000;
+        let (names, data) = ((0..FILES).map(|i| format!("data/d{:03}/file-{i:06}", i / 1000)), [b'x'; 64]);
+        let ((), peak) = crate::heap_meter::peak_during(|| {
+            let mut n = Normalizer::new(io::sink(), u64::MAX);
+            for (i, name) in names.enumerate() {
+                let size = (i % 64) as u64;
+                n.entry(
+                    name.as_bytes(),
+                    EntryKind::File { size, data: &mut &data[..size as usize] },
+                    &meta(0o644),
+                )
+                .unwrap();
+            }
+            let (done, _) = n.finish(&DirIndex::default()).unwrap();
+            assert_eq!(done.merged.iter().count(), 1 + 1 + FILES / 1000);
+        });
+        let per_entry = peak / FILES;
+        assert!(per_entry <= 70, "{per_entry} heap bytes per entry at the peak ({peak} for {FILES} files)");
     }
 }

@@ -12,6 +12,13 @@ pub struct OwnDirs {
     dirs: BTreeMap<Vec<u8>, bool>,
 }
 
+/// From directories and whether each is opaque.
+impl FromIterator<(Vec<u8>, bool)> for OwnDirs {
+    fn from_iter<I: IntoIterator<Item = (Vec<u8>, bool)>>(dirs: I) -> Self {
+        OwnDirs { dirs: dirs.into_iter().collect() }
+    }
+}
+
 impl OwnDirs {
     pub fn insert(&mut self, path: Vec<u8>, opaque: bool) {
         self.dirs.insert(path, opaque);
