@@ -2,7 +2,9 @@
 //!
 //! File data goes out as it arrives, block after block from a fixed start (a block of zeros
 //! is left a hole), so the data of the whole layer is one sequential write and nothing is
-//! staged. The tree (inodes, directory entries, xattrs) is kept in memory; when the entries
+//! staged. The tree (inodes, directory entries, xattrs) is kept in memory, compactly (names
+//! interned in a [`PathTree`], a directory's entries a list through its children's ids, a
+//! fixed-size record per inode, extents in one array: about 100 bytes a file); when the entries
 //! end, [`ImageWriter::finish`] writes after the data every directory block, extent tree
 //! block and xattr block, then the bitmaps and inode tables of all groups (flex_bg lets them
 //! live anywhere), and last the superblock and group descriptors at the front. The image
@@ -17,7 +19,6 @@
 //! Reproducible: no clock, no randomness; inode numbers in entry order, directory entries
 //! in entry order, UUID and hash seed given by the caller.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -31,6 +32,7 @@ use super::htree;
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
 use crate::layer::path;
+use crate::layer::pathtree::{PathId, PathTree};
 
 /// Group descriptor blocks reserved before the data: 16 blocks of 128 descriptors, so an
 /// image of up to 2048 groups (256 GiB, or 64 Mi inodes).
@@ -65,34 +67,79 @@ pub enum Ext4Error {
 
 /// Owner, permissions, time and encoded xattrs of an inode.
 struct Attrs {
-    perm: u16,
+    mtime_sec: i64,
     uid: u32,
     gid: u32,
-    mtime: (i64, u32),
-    xattrs: Xattrs,
+    mtime_nsec: u32,
+    perm: u16,
+    /// `None` for an inode without xattrs (most of them).
+    xattrs: Option<Box<Xattrs>>,
 }
 
+/// No path: the end of a directory's list of children (the root is no one's child).
+const NO_PATH: PathId = PathTree::ROOT;
+
 enum Kind {
-    Dir { parent: u32, children: Vec<(Vec<u8>, u32)> },
-    File { size: u64, extents: Vec<Extent> },
-    FastSymlink(Vec<u8>),
-    SlowSymlink { len: u64, block: u64 },
-    Device { kind: FileType, i_block: [u8; 60] },
+    /// Entries: the paths `first`, then each one's [`ImageWriter::next_sibling`] up to `last`,
+    /// in entry order ([`NO_PATH`] when empty).
+    Dir {
+        parent: u32,
+        first: PathId,
+        last: PathId,
+    },
+    /// Extents: `count` of [`ImageWriter::extents`] from `first`.
+    File {
+        size: u64,
+        first: u64,
+        count: u32,
+    },
+    /// Target: `len` bytes of [`ImageWriter::targets`] from `at`.
+    FastSymlink {
+        at: u64,
+        len: u8,
+    },
+    SlowSymlink {
+        len: u16,
+        block: u64,
+    },
+    Device {
+        kind: FileType,
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
+/// An inode: 56 bytes (the attributes flat, so that the link count fills their padding).
 struct Node {
     kind: Kind,
-    attrs: Attrs,
-    links: u32,
+    mtime_sec: i64,
+    xattrs: Option<Box<Xattrs>>,
+    uid: u32,
+    gid: u32,
+    mtime_nsec: u32,
+    perm: u16,
+    links: u16,
 }
 
 impl Node {
+    fn new(kind: Kind, attrs: Attrs) -> Node {
+        let mut node =
+            Node { kind, mtime_sec: 0, xattrs: None, uid: 0, gid: 0, mtime_nsec: 0, perm: 0, links: 0 };
+        node.set_attrs(attrs);
+        node
+    }
+
+    fn set_attrs(&mut self, a: Attrs) {
+        (self.mtime_sec, self.xattrs, self.uid, self.gid) = (a.mtime_sec, a.xattrs, a.uid, a.gid);
+        (self.mtime_nsec, self.perm) = (a.mtime_nsec, a.perm);
+    }
+
     fn file_type(&self) -> FileType {
         match &self.kind {
             Kind::Dir { .. } => FileType::Dir,
             Kind::File { .. } => FileType::Regular,
-            Kind::FastSymlink(_) | Kind::SlowSymlink { .. } => FileType::Symlink,
+            Kind::FastSymlink { .. } | Kind::SlowSymlink { .. } => FileType::Symlink,
             Kind::Device { kind, .. } => *kind,
             Kind::Fifo => FileType::Fifo,
         }
@@ -109,7 +156,15 @@ pub struct ImageWriter {
     /// Inode `n` is `nodes[n - 1]`; `None` for the reserved ones (1, 3–10) and any no longer
     /// linked.
     nodes: Vec<Option<Node>>,
-    paths: HashMap<Vec<u8>, u32>,
+    /// Every path of the image; `path_ino[id]` is path `id`'s inode, `next_sibling[id]` the
+    /// next entry of its directory.
+    paths: PathTree,
+    path_ino: Vec<u32>,
+    next_sibling: Vec<PathId>,
+    /// The extents of all files, each file's in a run.
+    extents: Vec<Extent>,
+    /// The targets of all fast symlinks, back to back.
+    targets: Vec<u8>,
     chunk: Vec<u8>,
     uuid: [u8; 16],
     hash_seed: [u8; 16],
@@ -127,17 +182,20 @@ impl ImageWriter {
         let mut data = file.try_clone()?;
         data.seek(SeekFrom::Start(DATA_START * BLOCK as u64))?;
         let mut nodes: Vec<Option<Node>> = (1..FIRST_INO).map(|_| None).collect();
-        nodes[ROOT_INO as usize - 1] = Some(Node {
-            kind: Kind::Dir { parent: ROOT_INO, children: Vec::new() },
-            attrs: Attrs { perm: 0o755, uid: 0, gid: 0, mtime: (0, 0), xattrs: Xattrs::default() },
-            links: 0,
-        });
+        nodes[ROOT_INO as usize - 1] = Some(Node::new(
+            Kind::Dir { parent: ROOT_INO, first: NO_PATH, last: NO_PATH },
+            Attrs { perm: 0o755, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0, xattrs: None },
+        ));
         Ok(ImageWriter {
             file,
             out: BufWriter::with_capacity(CHUNK, data),
             next: DATA_START,
             nodes,
-            paths: HashMap::from([(Vec::new(), ROOT_INO)]),
+            paths: PathTree::default(),
+            path_ino: vec![ROOT_INO],
+            next_sibling: vec![NO_PATH],
+            extents: Vec::new(),
+            targets: Vec::new(),
             chunk: vec![0; CHUNK],
             uuid,
             hash_seed,
@@ -163,31 +221,44 @@ impl ImageWriter {
     /// non-directory altogether.
     pub fn add(&mut self, path: &[u8], entry: EntryKind<'_>, meta: &EntryMeta) -> Result<(), Ext4Error> {
         let attrs = || -> Result<Attrs, Ext4Error> {
+            let xattrs = disk::xattrs(&meta.xattrs).map_err(|e| entry_error(path, e.to_string()))?;
+            let none = xattrs.ibody.is_empty() && xattrs.block.is_none();
             Ok(Attrs {
-                perm: (meta.mode & 0o7777) as u16,
+                mtime_sec: meta.mtime_sec,
                 uid: meta.uid,
                 gid: meta.gid,
-                mtime: (meta.mtime_sec, meta.mtime_nsec),
-                xattrs: disk::xattrs(&meta.xattrs).map_err(|e| entry_error(path, e.to_string()))?,
+                mtime_nsec: meta.mtime_nsec,
+                perm: (meta.mode & 0o7777) as u16,
+                xattrs: (!none).then(|| Box::new(xattrs)),
             })
         };
-        let existing = self.paths.get(path).copied();
+        // The parent's path and this path's, when they are there.
+        let (parent_id, existing_id) = if path.is_empty() {
+            (None, Some(PathTree::ROOT))
+        } else {
+            match self.paths.find_parent(path) {
+                Some((dir, name)) => (Some(dir), self.paths.child(dir, name)),
+                None => (None, None),
+            }
+        };
+        let existing = existing_id.map(|id| self.path_ino[id as usize]);
         let existing_dir = existing.filter(|&i| self.is_dir(i));
         if let EntryKind::Dir = entry
             && let Some(ino) = existing_dir
         {
-            self.node_mut(ino).attrs = attrs()?;
+            let attrs = attrs()?;
+            self.node_mut(ino).set_attrs(attrs);
             return Ok(());
         }
         if path.is_empty() || existing_dir.is_some() {
             return Err(entry_error(path, "a non-directory cannot replace a directory"));
         }
-        let (parent_path, name) = path::split_parent(path);
+        let name = path::split_parent(path).1;
         if name.len() > 255 {
             return Err(entry_error(path, "name longer than 255 bytes"));
         }
-        let parent = match self.paths.get(parent_path) {
-            Some(&p) if self.is_dir(p) => p,
+        let (parent_id, parent) = match parent_id.map(|id| (id, self.path_ino[id as usize])) {
+            Some((id, p)) if self.is_dir(p) => (id, p),
             _ => return Err(entry_error(path, "parent is not an earlier directory of the stream")),
         };
         if existing.is_some() && matches!(entry, EntryKind::Dir) {
@@ -195,14 +266,14 @@ impl ImageWriter {
         }
         let ino = match entry {
             EntryKind::Hardlink(target) => {
-                let target_ino = match self.paths.get(target) {
-                    Some(&t) if !self.is_dir(t) => t,
+                let target_ino = match self.paths.find(target).map(|id| self.path_ino[id as usize]) {
+                    Some(t) if !self.is_dir(t) => t,
                     _ => return Err(entry_error(path, "hardlink target is not an earlier non-directory")),
                 };
                 if existing == Some(target_ino) {
                     return Ok(());
                 }
-                if self.node(target_ino).links >= MAX_LINKS {
+                if u32::from(self.node(target_ino).links) >= MAX_LINKS {
                     return Err(entry_error(path, format!("more than {MAX_LINKS} links to one file")));
                 }
                 target_ino
@@ -210,61 +281,73 @@ impl ImageWriter {
             other => {
                 let attrs = attrs()?;
                 let kind = self.new_kind(path, parent, other)?;
-                self.nodes.push(Some(Node { kind, attrs, links: 0 }));
+                self.nodes.push(Some(Node::new(kind, attrs)));
                 self.nodes.len() as u32
             }
         };
         self.node_mut(ino).links += 1;
-        self.paths.insert(path.to_vec(), ino);
-        let Kind::Dir { children, .. } = &mut self.node_mut(parent).kind else {
-            unreachable!("checked above")
-        };
-        match existing {
-            Some(old) => {
-                let slot = children
-                    .iter_mut()
-                    .find(|(n, _)| n == name)
-                    .expect("a listed path is its parent's child");
-                slot.1 = ino;
+        match (existing_id, existing) {
+            (Some(id), Some(old)) => {
+                self.path_ino[id as usize] = ino;
                 self.node_mut(old).links -= 1;
                 if self.node(old).links == 0 {
                     self.nodes[old as usize - 1] = None;
                 }
             }
-            None => children.push((name.to_vec(), ino)),
+            _ => {
+                let id =
+                    self.paths.add_child(parent_id, name).map_err(|e| entry_error(path, e.to_string()))?;
+                self.path_ino.push(ino);
+                self.next_sibling.push(NO_PATH);
+                let Kind::Dir { first, last, .. } = &mut self.node_mut(parent).kind else {
+                    unreachable!("checked above")
+                };
+                let before = std::mem::replace(last, id);
+                if before == NO_PATH {
+                    *first = id;
+                } else {
+                    self.next_sibling[before as usize] = id;
+                }
+            }
         }
         Ok(())
     }
 
     /// The inode kind of a new entry, writing its data.
     fn new_kind(&mut self, path: &[u8], parent: u32, entry: EntryKind<'_>) -> Result<Kind, Ext4Error> {
-        let device = |kind, major, minor| {
-            disk::device_block(major, minor).map(|i_block| Kind::Device { kind, i_block }).ok_or_else(|| {
-                entry_error(path, format!("device {major}:{minor} is beyond what Linux numbers"))
-            })
+        let device = |kind, major, minor| match disk::device_block(major, minor) {
+            Some(_) => Ok(Kind::Device { kind, major, minor }),
+            None => Err(entry_error(path, format!("device {major}:{minor} is beyond what Linux numbers"))),
         };
         Ok(match entry {
-            EntryKind::Dir => Kind::Dir { parent, children: Vec::new() },
+            EntryKind::Dir => Kind::Dir { parent, first: NO_PATH, last: NO_PATH },
             EntryKind::File { size, data } => {
                 if size.div_ceil(BLOCK as u64) > u32::MAX as u64 {
                     return Err(entry_error(path, "file larger than ext4's 16 TiB"));
                 }
-                let extents = self.file_data(size, data).map_err(|e| match e {
+                let first = self.extents.len();
+                self.file_data(size, data).map_err(|e| match e {
                     DataError::Read(source) => Ext4Error::Read { path: path::display(path), source },
                     DataError::Write(e) => Ext4Error::Write(e),
                 })?;
-                Kind::File { size, extents }
+                let count = self.extents.len() - first;
+                // A file of at most 16 TiB has at most 2^32 blocks, so as many extents.
+                Kind::File { size, first: first as u64, count: count as u32 }
             }
             EntryKind::Symlink([]) => {
                 return Err(entry_error(path, "empty symlink target"));
             }
-            EntryKind::Symlink(target) if target.len() < 60 => Kind::FastSymlink(target.to_vec()),
+            EntryKind::Symlink(target) if target.len() < 60 => {
+                let at = self.targets.len() as u64;
+                self.targets.extend_from_slice(target);
+                Kind::FastSymlink { at, len: target.len() as u8 }
+            }
             EntryKind::Symlink(target) if target.len() < BLOCK => {
                 let mut block = vec![0u8; BLOCK];
                 block[..target.len()].copy_from_slice(target);
                 self.out.write_all(&block).map_err(Ext4Error::Write)?;
                 self.next += 1;
-                Kind::SlowSymlink { len: target.len() as u64, block: self.next - 1 }
+                Kind::SlowSymlink { len: target.len() as u16, block: self.next - 1 }
             }
             EntryKind::Symlink(_) => return Err(entry_error(path, "symlink target of 4096 bytes or more")),
             EntryKind::Char { major, minor } => device(FileType::Char, major, minor)?,
@@ -275,9 +358,9 @@ impl ImageWriter {
     }
 
     /// Writes `size` bytes of `data` at the end of the data so far, all-zero blocks left
-    /// holes; returns the extents.
-    fn file_data(&mut self, size: u64, data: &mut dyn Read) -> Result<Vec<Extent>, DataError> {
-        let mut extents: Vec<Extent> = Vec::new();
+    /// holes; appends its extents to [`ImageWriter::extents`].
+    fn file_data(&mut self, size: u64, data: &mut dyn Read) -> Result<(), DataError> {
+        let first = self.extents.len();
         let (mut left, mut logical) = (size, 0u64);
         while left > 0 {
             let want = left.min(CHUNK as u64) as usize;
@@ -304,40 +387,42 @@ impl ImageWriter {
                     b += 1;
                 }
                 self.out.write_all(&self.chunk[run * BLOCK..b * BLOCK]).map_err(DataError::Write)?;
-                push_extent(&mut extents, (logical + run as u64) as u32, (b - run) as u32, self.next);
+                push_extent(
+                    &mut self.extents,
+                    first,
+                    (logical + run as u64) as u32,
+                    (b - run) as u32,
+                    self.next,
+                );
                 self.next += (b - run) as u64;
             }
             logical += blocks as u64;
         }
-        Ok(extents)
+        Ok(())
     }
 
     /// Writes the metadata after the data, then the bitmaps, inode tables, group descriptors
     /// and superblock, and sets the image's length.
     pub fn finish(mut self) -> Result<(), Ext4Error> {
         let data_end = self.next;
-        let mut inodes: Vec<Option<InodeOut>> = Vec::with_capacity(self.nodes.len());
+        let mut placed = Placement::default();
         for i in 0..self.nodes.len() {
-            inodes.push(self.place(i as u32 + 1).map_err(Ext4Error::Write)?);
+            self.place(i as u32 + 1, &mut placed).map_err(Ext4Error::Write)?;
         }
         let meta_end = self.next;
         let g = geometry(meta_end, self.nodes.len() as u32)?;
-        let (descs, bitmaps, totals) = self.group_summaries(&g, &inodes, data_end, meta_end);
+        let (descs, bitmaps, totals) = self.group_summaries(&g, data_end, meta_end);
         let ipg = g.inodes_per_group as usize;
         let write = |r: io::Result<()>| r.map_err(Ext4Error::Write);
         write(self.out.write_all(&bitmaps))?;
-        let mut table = vec![0u8; g.table_blocks as usize * BLOCK];
-        for group in 0..g.groups as usize {
-            table.fill(0);
-            for i in 0..ipg {
-                let ino = group * ipg + i + 1;
-                if let Some(Some(out)) = inodes.get(ino - 1) {
-                    let node = self.node(ino as u32);
-                    table[i * INODE_SIZE..(i + 1) * INODE_SIZE]
-                        .copy_from_slice(&out.encode(node, ino as u32, self.seed));
-                }
-            }
-            write(self.out.write_all(&table))?;
+        // The inode tables of all groups, one after the other: inode by inode (through `out`'s
+        // buffer), not a group's table at a time (8 MiB).
+        for ino in 1..=g.groups as usize * ipg {
+            let inode = match self.nodes.get(ino - 1) {
+                Some(Some(node)) => self.encode(node, ino as u32, &placed),
+                _ => [0; INODE_SIZE],
+            };
+            write(self.out.write_all(&inode))?;
         }
         write(self.out.flush())?;
 
@@ -350,11 +435,10 @@ impl ImageWriter {
 
     /// The group descriptors, the block and inode bitmaps of all groups (in that order, as
     /// they are written from `block_bitmaps` on, the inode tables after them) and the free
-    /// counts, for the inodes `placed` and the data written up to `data_end`.
+    /// counts, for the data written up to `data_end`.
     fn group_summaries(
         &self,
         g: &disk::Geometry,
-        placed: &[Option<InodeOut>],
         data_end: u64,
         block_bitmaps: u64,
     ) -> (Vec<u8>, Vec<u8>, disk::Totals) {
@@ -365,8 +449,8 @@ impl ImageWriter {
         used.set_range(0, 1 + g.gdt_blocks());
         for node in self.nodes.iter().flatten() {
             match &node.kind {
-                Kind::File { extents, .. } => {
-                    for e in extents {
+                Kind::File { first, count, .. } => {
+                    for e in &self.extents[*first as usize..][..*count as usize] {
                         used.set_range(e.start, e.start + e.len as u64);
                     }
                 }
@@ -397,7 +481,7 @@ impl ImageWriter {
             let (mut free_inodes, mut dirs, mut last_used) = (0u32, 0u16, 0usize);
             for i in 0..ipg {
                 let ino = group as usize * ipg + i + 1;
-                let in_use = ino < FIRST_INO as usize || placed.get(ino - 1).is_some_and(Option::is_some);
+                let in_use = ino < FIRST_INO as usize || self.nodes.get(ino - 1).is_some_and(Option::is_some);
                 if in_use {
                     last_used = i + 1;
                     dirs += matches!(self.nodes.get(ino - 1), Some(Some(Node { kind: Kind::Dir { .. }, .. })))
@@ -432,81 +516,124 @@ impl ImageWriter {
     }
 
     /// Writes inode `ino`'s metadata blocks (directory blocks, extent tree, xattr block) at
-    /// the end of the image so far; `None` for an unused inode.
-    fn place(&mut self, ino: u32) -> io::Result<Option<InodeOut>> {
-        let Some(node) = &self.nodes[ino as usize - 1] else { return Ok(None) };
-        let xattr_block = node.attrs.xattrs.block.clone();
-        let mut out = InodeOut {
+    /// the end of the image so far, noting in `placed` where they went.
+    fn place(&mut self, ino: u32, placed: &mut Placement) -> io::Result<()> {
+        let Some(node) = &self.nodes[ino as usize - 1] else { return Ok(()) };
+        let extents = match node.kind {
+            Kind::Dir { parent, first, .. } => {
+                let mut entries: Vec<Dirent<'_>> = Vec::new();
+                let mut child = first;
+                while child != NO_PATH {
+                    let child_ino = self.path_ino[child as usize];
+                    entries.push(Dirent {
+                        name: self.paths.name(child),
+                        ino: child_ino,
+                        kind: self.node(child_ino).file_type(),
+                    });
+                    child = self.next_sibling[child as usize];
+                }
+                let links = 2 + entries.iter().filter(|e| e.kind == FileType::Dir).count() as u32;
+                let mut blocks = disk::dir_blocks(ino, parent, &entries, self.seed);
+                let indexed = blocks.len() > BLOCK;
+                if indexed {
+                    blocks = htree::blocks(ino, parent, &entries, self.seed, &self.hash_seed)
+                        .map_err(io::Error::other)?;
+                }
+                let dir = PlacedDir {
+                    start: self.next,
+                    blocks: (blocks.len() / BLOCK) as u32,
+                    indexed,
+                    links: if links > MAX_LINKS { 1 } else { links as u16 },
+                };
+                self.out.write_all(&blocks)?;
+                self.next += dir.blocks as u64;
+                placed.dirs.push((ino, dir));
+                dir.extents()
+            }
+            Kind::File { first, count, .. } => self.extents[first as usize..][..count as usize].to_vec(),
+            _ => Vec::new(),
+        };
+        if extents.len() > EXTENTS_IN_INODE {
+            let tree = self.extent_tree(ino, &extents)?;
+            placed.trees.push((ino, tree));
+        }
+        let block = self.nodes[ino as usize - 1].as_mut().and_then(|n| n.xattrs.as_mut()?.block.take());
+        if let Some(mut block) = block {
+            disk::seal_xattr_block(&mut block, self.next, self.seed);
+            self.out.write_all(&block)?;
+            placed.xattr_blocks.push((ino, self.next as u32));
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Inode `ino` as its table holds it.
+    fn encode(&self, node: &Node, ino: u32, placed: &Placement) -> [u8; INODE_SIZE] {
+        let a = node;
+        let mut f = InodeFields {
+            kind: node.file_type(),
+            perm: a.perm,
+            uid: a.uid,
+            gid: a.gid,
             size: 0,
-            links: node.links as u16,
+            mtime: (a.mtime_sec, a.mtime_nsec),
+            links: node.links,
             blocks: 0,
             flags: 0,
             i_block: [0; 60],
             xattr_block: 0,
+            ibody: a.xattrs.as_ref().map_or(&[], |x| &x.ibody),
         };
-        let extents = match &node.kind {
-            Kind::Dir { parent, children } => {
-                let entries: Vec<Dirent<'_>> = children
-                    .iter()
-                    .map(|(name, child)| Dirent { name, ino: *child, kind: self.node(*child).file_type() })
-                    .collect();
-                let links = 2 + entries.iter().filter(|e| e.kind == FileType::Dir).count() as u32;
-                out.links = if links > MAX_LINKS { 1 } else { links as u16 };
-                let mut blocks = disk::dir_blocks(ino, *parent, &entries, self.seed);
-                if blocks.len() > BLOCK {
-                    blocks = htree::blocks(ino, *parent, &entries, self.seed, &self.hash_seed)
-                        .map_err(io::Error::other)?;
-                    out.flags = INDEX_FL;
+        let extents: Option<Vec<Extent>> = match node.kind {
+            Kind::Dir { .. } => {
+                let dir = find(&placed.dirs, ino).expect("every directory is placed");
+                f.size = dir.blocks as u64 * BLOCK as u64;
+                f.links = dir.links;
+                if dir.indexed {
+                    f.flags = INDEX_FL;
                 }
-                let n = (blocks.len() / BLOCK) as u32;
-                self.out.write_all(&blocks)?;
-                let mut extents = Vec::new();
-                push_extent(&mut extents, 0, n, self.next);
-                self.next += n as u64;
-                out.size = n as u64 * BLOCK as u64;
-                Some(extents)
+                Some(dir.extents())
             }
-            Kind::File { size, extents } => {
-                out.size = *size;
-                Some(extents.clone())
+            Kind::File { size, first, count } => {
+                f.size = size;
+                Some(self.extents[first as usize..][..count as usize].to_vec())
             }
             Kind::SlowSymlink { len, block } => {
-                out.size = *len;
-                Some(vec![Extent { logical: 0, len: 1, start: *block }])
+                f.size = len as u64;
+                Some(vec![Extent { logical: 0, len: 1, start: block }])
             }
-            Kind::FastSymlink(target) => {
-                out.size = target.len() as u64;
-                out.i_block[..target.len()].copy_from_slice(target);
+            Kind::FastSymlink { at, len } => {
+                f.size = len as u64;
+                f.i_block[..len as usize].copy_from_slice(&self.targets[at as usize..][..len as usize]);
                 None
             }
-            Kind::Device { i_block, .. } => {
-                out.i_block = *i_block;
+            Kind::Device { major, minor, .. } => {
+                f.i_block = disk::device_block(major, minor).expect("checked when added");
                 None
             }
             Kind::Fifo => None,
         };
         if let Some(extents) = extents {
-            out.flags |= EXTENTS_FL;
-            out.blocks = extents.iter().map(|e| e.len as u64).sum::<u64>();
-            out.blocks += self.extent_tree(ino, &extents, &mut out.i_block)?;
+            f.flags |= EXTENTS_FL;
+            f.blocks = extents.iter().map(|e| e.len as u64).sum::<u64>();
+            match find(&placed.trees, ino) {
+                Some(tree) => {
+                    f.i_block = *tree.root;
+                    f.blocks += tree.blocks;
+                }
+                None => disk::extent_node(&mut f.i_block, EXTENTS_IN_INODE, 0, &extents, &[]),
+            }
         }
-        if let Some(mut block) = xattr_block {
-            disk::seal_xattr_block(&mut block, self.next, self.seed);
-            self.out.write_all(&block)?;
-            out.xattr_block = self.next as u32;
-            self.next += 1;
-            out.blocks += 1;
+        if let Some(&block) = find(&placed.xattr_blocks, ino) {
+            f.xattr_block = block;
+            f.blocks += 1;
         }
-        Ok(Some(out))
+        disk::inode(&f, ino, self.seed)
     }
 
-    /// Fills `i_block` with the root of an extent tree over `extents`, writing the tree's
-    /// other nodes (if more than fit in the inode); returns how many blocks they took.
-    fn extent_tree(&mut self, ino: u32, extents: &[Extent], i_block: &mut [u8; 60]) -> io::Result<u64> {
-        if extents.len() <= EXTENTS_IN_INODE {
-            disk::extent_node(i_block, EXTENTS_IN_INODE, 0, extents, &[]);
-            return Ok(0);
-        }
+    /// Writes the nodes of an extent tree over `extents` (more than fit in the inode) but its
+    /// root, which goes in the inode.
+    fn extent_tree(&mut self, ino: u32, extents: &[Extent]) -> io::Result<ExtentTree> {
         let start = self.next;
         let mut block = vec![0u8; BLOCK];
         let mut level: Vec<(u32, u64)> = Vec::new();
@@ -532,8 +659,9 @@ impl ImageWriter {
             level = up;
             depth += 1;
         }
-        disk::extent_node(i_block, EXTENTS_IN_INODE, depth, &[], &level);
-        Ok(self.next - start)
+        let mut root = Box::new([0u8; 60]);
+        disk::extent_node(&mut *root, EXTENTS_IN_INODE, depth, &[], &level);
+        Ok(ExtentTree { root, blocks: self.next - start })
     }
 }
 
@@ -542,44 +670,50 @@ enum DataError {
     Write(io::Error),
 }
 
-/// An inode's fields that placing its metadata decided.
-struct InodeOut {
-    size: u64,
-    links: u16,
-    blocks: u64,
-    flags: u32,
-    i_block: [u8; 60],
-    xattr_block: u32,
+/// Where [`ImageWriter::finish`] put what is not in a node: each list in inode order.
+#[derive(Default)]
+struct Placement {
+    dirs: Vec<(u32, PlacedDir)>,
+    trees: Vec<(u32, ExtentTree)>,
+    /// The block holding the xattrs that did not fit in the inode.
+    xattr_blocks: Vec<(u32, u32)>,
 }
 
-impl InodeOut {
-    fn encode(&self, node: &Node, ino: u32, seed: u32) -> [u8; INODE_SIZE] {
-        let a = &node.attrs;
-        disk::inode(
-            &InodeFields {
-                kind: node.file_type(),
-                perm: a.perm,
-                uid: a.uid,
-                gid: a.gid,
-                size: self.size,
-                mtime: a.mtime,
-                links: self.links,
-                blocks: self.blocks,
-                flags: self.flags,
-                i_block: self.i_block,
-                xattr_block: self.xattr_block,
-                ibody: &a.xattrs.ibody,
-            },
-            ino,
-            seed,
-        )
+/// The entry `ino` of a [`Placement`] list.
+fn find<T>(list: &[(u32, T)], ino: u32) -> Option<&T> {
+    list.binary_search_by_key(&ino, |(i, _)| *i).ok().map(|at| &list[at].1)
+}
+
+/// A directory's blocks, one run from `start`.
+#[derive(Clone, Copy)]
+struct PlacedDir {
+    start: u64,
+    blocks: u32,
+    /// A hashed (htree) directory.
+    indexed: bool,
+    links: u16,
+}
+
+impl PlacedDir {
+    fn extents(&self) -> Vec<Extent> {
+        let mut extents = Vec::new();
+        push_extent(&mut extents, 0, 0, self.blocks, self.start);
+        extents
     }
 }
 
-/// Appends `len` blocks at logical `logical`, physical `start`, merging with the last extent
-/// when both continue it.
-fn push_extent(extents: &mut Vec<Extent>, mut logical: u32, mut len: u32, mut start: u64) {
-    if let Some(last) = extents.last_mut()
+/// An extent tree written beside the inode: its root (the inode's `i_block`) and how many
+/// blocks its other nodes take.
+struct ExtentTree {
+    root: Box<[u8; 60]>,
+    blocks: u64,
+}
+
+/// Appends `len` blocks at logical `logical`, physical `start` to the extents of one file,
+/// `extents[first..]`, merging with its last extent when both continue it.
+fn push_extent(extents: &mut Vec<Extent>, first: usize, mut logical: u32, mut len: u32, mut start: u64) {
+    if extents.len() > first
+        && let Some(last) = extents.last_mut()
         && last.logical + last.len == logical
         && last.start + last.len as u64 == start
     {
@@ -656,14 +790,18 @@ mod tests {
     #[test]
     fn extents_merge_until_the_longest_and_split_at_holes() {
         let mut e = Vec::new();
-        push_extent(&mut e, 0, 10, 100);
-        push_extent(&mut e, 10, 5, 110);
+        push_extent(&mut e, 0, 0, 10, 100);
+        push_extent(&mut e, 0, 10, 5, 110);
         assert_eq!(e, [Extent { logical: 0, len: 15, start: 100 }]);
-        push_extent(&mut e, 20, 1, 115); // a hole of 5 blocks before
+        push_extent(&mut e, 0, 20, 1, 115); // a hole of 5 blocks before
         assert_eq!(e.len(), 2);
         let mut e = Vec::new();
-        push_extent(&mut e, 0, MAX_EXTENT_LEN + 3, 7);
+        push_extent(&mut e, 0, 0, MAX_EXTENT_LEN + 3, 7);
         assert_eq!(e[1], Extent { logical: MAX_EXTENT_LEN, len: 3, start: 7 + MAX_EXTENT_LEN as u64 });
+        // Another file's extents follow in the same array: never merged with the one before.
+        let mut e = vec![Extent { logical: 0, len: 1, start: 7 }];
+        push_extent(&mut e, 1, 1, 1, 8);
+        assert_eq!(e[1], Extent { logical: 1, len: 1, start: 8 });
     }
 
     #[test]
@@ -681,5 +819,42 @@ mod tests {
         let g = geometry(5 * BLOCKS_PER_GROUP, 1000).unwrap();
         assert_eq!(g.groups, 6);
         assert!(matches!(geometry(300 << 18, 10), Err(Ext4Error::TooBig { .. })));
+    }
+
+    /// Issue 17 item 24: the writer held ~400 bytes per file (paths as keys, names per
+    /// directory entry, a large record per inode, a vector of extents per file).
+    #[test]
+    fn a_layer_of_small_files_takes_at_most_180_heap_bytes_per_entry() {
+        const FILES: usize = 200_000;
+        let dir = tempfile::tempdir().unwrap();
+        let meta = |mode| EntryMeta {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 0,
+            xattrs: Vec::new(),
+        };
+        let data = [b'x'; 64];
+        let ((), peak) = crate::heap_meter::peak_during(|| {
+            let mut w = ImageWriter::create(&dir.path().join("image"), [1; 16], [2; 16]).unwrap();
+            w.add(b"data", EntryKind::Dir, &meta(0o755)).unwrap();
+            for i in 0..FILES {
+                if i % 1000 == 0 {
+                    w.add(format!("data/d{:03}", i / 1000).as_bytes(), EntryKind::Dir, &meta(0o755)).unwrap();
+                }
+                let size = (i % 64) as u64;
+                let name = format!("data/d{:03}/file-{i:06}", i / 1000);
+                w.add(
+                    name.as_bytes(),
+                    EntryKind::File { size, data: &mut &data[..size as usize] },
+                    &meta(0o644),
+                )
+                .unwrap();
+            }
+            w.finish().unwrap();
+        });
+        let per_entry = peak / FILES;
+        assert!(per_entry <= 180, "{per_entry} heap bytes per entry at the peak ({peak} for {FILES} files)");
     }
 }
