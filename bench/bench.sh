@@ -7,7 +7,9 @@
 # Each row: median wall time of RUNS (3) runs, the peak memory of one more run — the sum of
 # the RSS of every process of the command plus the tmpfs bytes it uses (bench/measure.py) —
 # and the ratio to the floor. BIG=1 adds one ~2 GiB layer of 20,000 files (big-* rows, one run
-# each, ratio to that layer's own floor).
+# each, ratio to that layer's own floor). The files1m-* and dirs300k-* rows (one run each, ratio
+# to their layer's own floor) build one layer of 1,000,000 small files and one of 300,000
+# directories (bench/make-many-entries.py): the memory a converter takes per entry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -105,6 +107,20 @@ if [ "${BIG:-0}" = 1 ]; then
   done
 fi
 
+# Many entries: one layer each, one run each.
+for kind in files1m dirs300k; do
+  MANY=$PWD/target/bench-$kind
+  [ -f "$MANY/index.json" ] || python3 bench/make-many-entries.py "$MANY" "${kind%%[0-9]*}" >&2
+  chmod -R a+rX "$MANY"
+  blob=$(ls -S "$MANY"/blobs/sha256/* | head -1)
+  cat "$blob" > /dev/null
+  RUNS=1 measure "$kind-floor" "true" "zcat $blob > /dev/null"
+  RUNS=1 measure "$kind-peer-erofs-tar" fresh "zcat $blob | $MKFS18 --quiet --tar=f --aufs $SCRATCH/many.erofs"
+  for fs in erofs ext4; do
+    RUNS=1 measure "$kind-vmrootfs-$fs" fresh "$(plain build oci:$MANY:${kind%%[0-9]*} --fs $fs)"
+  done
+done
+
 warm="$(plain build oci:$LAYOUT:test --fs erofs)"
 fresh; eval "$warm" >/dev/null
 # A warm build must report cached (no layer work) before it is timed.
@@ -126,10 +142,13 @@ floor=${MEDIAN[floor]}
               shell-erofs-tmpfs vmrootfs-erofs vmrootfs-erofs-shm64 vmrootfs-erofs-nobody \
               shell-ext4-tmpfs vmrootfs-ext4 vmrootfs-ext4-shm64 vmrootfs-ext4-nobody vmrootfs-warm-erofs \
               big-floor big-peer-erofs-tar big-vmrootfs-erofs big-vmrootfs-erofs-nobody \
-              big-vmrootfs-ext4 big-vmrootfs-ext4-nobody; do
+              big-vmrootfs-ext4 big-vmrootfs-ext4-nobody \
+              files1m-floor files1m-peer-erofs-tar files1m-vmrootfs-erofs files1m-vmrootfs-ext4 \
+              dirs300k-floor dirs300k-peer-erofs-tar dirs300k-vmrootfs-erofs dirs300k-vmrootfs-ext4; do
     case $name in big-*) [ "${BIG:-0}" = 1 ] || continue;; esac
     [ -n "${MEDIAN[$name]:-}" ] || { printf '%-22s %10s\n' "$name" "n/a"; continue; }
-    f=$floor; case $name in big-*) f=$bigfloor;; esac
+    f=$floor
+    case $name in big-*) f=$bigfloor;; files1m-*) f=${MEDIAN[files1m-floor]};; dirs300k-*) f=${MEDIAN[dirs300k-floor]};; esac
     printf '%-24s %10.2f %12.1f %9.2f\n' "$name" "${MEDIAN[$name]}" "${MEM[$name]}" \
       "$(echo "${MEDIAN[$name]} / $f" | bc -l)"
   done
