@@ -102,7 +102,8 @@ fn boot_check_in(fs: &str, form: Form, verity: bool) -> tempfile::TempDir {
         Form::Stack if verity => ("disks: 5", "root: overlay"),
         Form::Stack => ("disks: 4", "root: overlay"),
         Form::Squashed => ("disks: 1", "root: overlay"),
-        Form::Merged => ("disks: 1", "root: erofs"),
+        // The merged EROFS is the one lower under a tmpfs upper.
+        Form::Merged => ("disks: 1", "root: overlay"),
     };
     for want in [disks, root] {
         assert!(
@@ -199,7 +200,7 @@ fn boot_squashed() {
 }
 
 /// `run --merged`: the same checks through exactly one virtio-blk drive, the merged image
-/// mounted as the root, no overlayfs.
+/// mounted as the one lower of the root's overlayfs.
 #[test]
 fn boot_merged() {
     boot_check("erofs", Form::Merged);
@@ -483,4 +484,33 @@ fn run_squashed_and_merged_of_a_verity_image_refuse_to_boot_unverified() {
         );
         assert_eq!(stdout, "", "the guest read nothing");
     }
+}
+
+/// `run --merged` of an image with no `/dev`, `/proc` or `/sys` directory: the merged root is
+/// read-only EROFS, so `/init` stacks a tmpfs upper over it (as over the layer stack) and
+/// mounts them there; the command sees the image's files and the kernel's filesystems.
+#[test]
+fn run_merged_of_an_image_without_dev_proc_sys() {
+    let dir = scratch("boot-merged-bare");
+    let layout = dir.path().join("layout");
+    let data = [dir_entry("data"), file("data/hello", "from-the-top-layer\n")];
+    oci_layout(&layout, "t", &[Layer::gzip(&busybox_entries(&["sh", "cat", "ls"])), Layer::gzip(&data)]);
+    let store = dir.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, _, err) = run(vmrootfs(&store).args(["-q", "build", &spec, "--tag", "bare", "--merge"]));
+    assert!(ok, "build: {err}");
+    let script = "cat /data/hello; ls -d /proc/self /sys/block /dev/null";
+    let out = vmrootfs(&store)
+        .args(["run", "bare", "--merged", "-v", "--timeout", "240", "--", "sh", "-c", script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["from-the-top-layer", "/dev/null", "/proc/self", "/sys/block"],
+        "{stderr}"
+    );
+    assert!(stderr.contains("vmrootfs-init: merged image mounted from /dev/vda"), "{stderr}");
 }

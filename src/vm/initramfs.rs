@@ -81,12 +81,15 @@ disk() {
   return 1
 }
 mkdir -p /newroot
+lowerdir=""
 if [ -n "$MERGED" ]; then
   # One disk: the merged metadata, then the layer images. A kernel >= 6.4 maps the layers by
   # the device table alone; an older one needs a device per layer: a read-only loop device
-  # over the layer's part of the disk. The root stays read-only (no overlayfs).
+  # over the layer's part of the disk. The merged tree is then the one lower of the overlay
+  # below: a read-only root has no mount points for an image without /dev, /proc or /sys.
   dev=$(disk merged) || fail "no disk with serial merged"
-  if mount -t erofs -o ro "$dev" /newroot 2>/dev/null; then
+  mkdir -p /lower/merged
+  if mount -t erofs -o ro "$dev" /lower/merged 2>/dev/null; then
     echo "vmrootfs-init: merged image mounted from $dev alone"
   else
     opts=ro
@@ -94,11 +97,11 @@ if [ -n "$MERGED" ]; then
       l=$(losetup -f) && losetup -r -o "$off" "$l" "$dev" || fail "losetup $dev at $off"
       opts="$opts,device=$l"
     done
-    mount -t erofs -o "$opts" "$dev" /newroot || fail "mount $dev ($opts)"
+    mount -t erofs -o "$opts" "$dev" /lower/merged || fail "mount $dev ($opts)"
     echo "vmrootfs-init: merged image mounted from $dev with loop devices at its layers"
   fi
+  lowerdir=/lower/merged
 else
-  lowerdir=""
   i=0
   while [ "$i" -lt "$LOWERS" ]; do
     dev=$(disk "lower$i") || fail "no disk with serial lower$i"
@@ -120,10 +123,12 @@ else
     lowerdir="/lower/$i${lowerdir:+:$lowerdir}"
     i=$((i + 1))
   done
-  mount -t tmpfs -o mode=0755 rw /rw
-  mkdir -p /rw/upper /rw/work
-  mount -t overlay overlay -o "lowerdir=$lowerdir,upperdir=/rw/upper,workdir=/rw/work" /newroot || fail "overlay"
 fi
+# Writes go to a tmpfs upper: the lowers stay read-only, and the image's processes get a
+# writable root, whatever the form.
+mount -t tmpfs -o mode=0755 rw /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o "lowerdir=$lowerdir,upperdir=/rw/upper,workdir=/rw/work" /newroot || fail "overlay"
 # The image may have no shell: the command starts through busybox kept in the guest's /dev.
 mkdir -p /dev/.vmrootfs && cp /bin/busybox /dev/.vmrootfs/busybox
 for d in proc sys dev; do mkdir -p "/newroot/$d" && mount --bind "/$d" "/newroot/$d"; done

@@ -5,9 +5,10 @@
 //! overlayfs under a tmpfs upper and runs the command with the image's env, working
 //! directory and user. With `--merged` there is one drive, serial `merged`: a VMDK descriptor
 //! (in the run's staging directory) over the merged blob and the layer blobs
-//! ([`crate::merge::disk`]), mounted as one read-only EROFS filesystem, no overlayfs. A stack
-//! with more layers than microvm has drive slots ([`MICROVM_DRIVES`]) boots its merged image,
-//! else its squashed blob, and says so.
+//! ([`crate::merge::disk`]), mounted as one read-only EROFS filesystem: the one lower of
+//! the same overlayfs with a tmpfs upper (an image without `/dev`, `/proc` or `/sys` needs
+//! somewhere to mount them). A stack with more layers than microvm has drive slots
+//! ([`MICROVM_DRIVES`]) boots its merged image, else its squashed blob, and says so.
 //!
 //! The command's output and status never pass through the serial console, which carries only
 //! the kernel's and `/init`'s diagnostics: three virtio-serial ports, found by name in the
@@ -153,7 +154,7 @@ pub struct RunOptions {
     pub command: Vec<String>,
     /// Boot the squashed blob instead of the layer stack.
     pub squashed: bool,
-    /// Boot the merged image through one drive (a VMDK over the stored blobs), no overlayfs.
+    /// Boot the merged image through one drive (a VMDK over the stored blobs), its one lower.
     pub merged: bool,
 }
 
