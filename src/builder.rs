@@ -400,7 +400,7 @@ impl Builder {
             let Backend::Erofs(erofs) = self.backend()? else { return Err(BuildError::MergeNeedsErofs) };
             let top = chain.last().ok_or(BuildError::MergeNoLayers)?;
             merge_cached = self.store.merged(top)?.is_some();
-            record.merged = Some(crate::merge::merge(&self.store, erofs, &record.lowers)?);
+            record.merged = Some(crate::merge::merge(&self.store, erofs, &record.lowers, self.opts.verity)?);
         }
         self.put_record(&image, &record)?;
         let cached = missing.is_empty() && squash_cached && merge_cached && trees_made == 0;

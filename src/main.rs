@@ -77,7 +77,8 @@ enum Command {
         /// chain ID, so the root digest is the same on every host), recorded with its root
         /// digest and hash offset. `run` then opens every lower through dm-verity in the guest:
         /// a block that does not match its hash fails the read, and `run` names the lower.
-        /// `verify` recomputes the trees. The tree is kept beside the blob (no second copy
+        /// With --merge, the merged blob gets a tree too (`run --merged` checks it).
+        /// `verify` recomputes the layers' trees. The tree is kept beside the blob (no second copy
         /// of it); a plain build of the same image shares the blobs; `push` appends it to
         /// each layer with the org.erofs.dmverity.* annotations.
         #[arg(long)]
@@ -164,11 +165,13 @@ enum Command {
     /// command (default: the image's entrypoint and cmd) runs with the image's env, working
     /// directory and user. Prints its stdout and stderr on ours and exits with its status.
     /// With --merged the image is one drive (see `build --merge`) mounted as one read-only
-    /// EROFS filesystem, no overlayfs. Holds the store lock while the guest runs (rm and gc
-    /// wait). Lowers built with --verity are opened through dm-verity in the guest (needs
-    /// dmsetup on the host): a block that does not match the recorded root digest fails the
-    /// guest's read, and run then fails naming the lower. --squashed and --merged of a
-    /// --verity image are refused: those blobs have no tree, so the guest could not check them.
+    /// EROFS filesystem, the one lower under the tmpfs upper. Holds the store lock while the
+    /// guest runs (rm and gc wait). Lowers built with --verity are opened through dm-verity in
+    /// the guest (needs dmsetup on the host): a block that does not match the recorded root
+    /// digest fails the guest's read, and run then fails naming the blob. --merged of a
+    /// --verity image needs `build --merge --verity` (the merged blob's tree; the merged blob
+    /// and every layer then get a drive and dm-verity); --squashed of one is refused: the
+    /// squashed blob has no tree, so the guest could not check it.
     ///
     /// Exit status: the command's own, or
     ///   125  run itself failed: no such image, missing tools, boot failure, timeout, a

@@ -204,6 +204,10 @@ pub struct MergedBlob {
     pub chain_id: Digest,
     pub size: u64,
     pub blob_sha256: String,
+    /// The blob's dm-verity tree (`build --merge --verity`), kept beside it in the store; with
+    /// the layers' trees, every block `run --merged` reads is checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<VerityInfo>,
 }
 
 impl MergedBlob {

@@ -437,52 +437,105 @@ fn boot_verity_ext4_stack() {
     boot_check_in("ext4", Form::Stack, true);
 }
 
-/// The one-drive forms of a `--verity` image have no dm-verity in the guest (the squashed and
-/// the merged blob have no tree, and the merged disk reaches the layers without their trees):
-/// `run --squashed` and `run --merged` refuse it, saying why, rather than let the guest read a
-/// flipped byte as data. (The layer stack of the same image is checked in the guest:
-/// `boot_verity_stack_and_a_flipped_byte_names_the_lower`.)
+/// `run --squashed` of a `--verity` image: the squashed blob has no tree, so `run` refuses
+/// it, saying why, rather than let the guest read a flipped byte as data. (The layer stack and
+/// the merged form of the same image are checked in the guest:
+/// `boot_verity_stack_and_a_flipped_byte_names_the_lower`, `run_merged_of_a_verity_image_is_verified`.)
 #[test]
-fn run_squashed_and_merged_of_a_verity_image_refuse_to_boot_unverified() {
-    let dir = scratch("boot-verity-forms");
+fn run_squashed_of_a_verity_image_refuses_to_boot_unverified() {
+    let dir = scratch("boot-verity-squashed");
     let secret = "verity-protected-content-0123456789";
-    // dev, proc, sys: the merged root is read-only, so /init can only mount on directories
-    // the image has.
-    let data = [
-        dir_entry("dev"),
-        dir_entry("proc"),
-        dir_entry("sys"),
-        dir_entry("data"),
-        file("data/secret", secret),
-    ];
+    let data = [dir_entry("data"), file("data/secret", secret)];
     let layout = dir.path().join("layout");
     oci_layout(&layout, "t", &[Layer::gzip(&busybox_entries(&["sh", "cat"])), Layer::gzip(&data)]);
     let store = dir.path().join("store");
     let spec = format!("oci:{}:t", layout.display());
-    let (ok, out, err) = run(vmrootfs(&store)
-        .args(["-q", "build", &spec, "--tag", "v", "--verity", "--squash", "--merge", "--json"]));
+    let (ok, out, err) =
+        run(vmrootfs(&store).args(["-q", "build", &spec, "--tag", "v", "--verity", "--squash", "--json"]));
     assert!(ok, "build: {err}");
     let result: serde_json::Value = serde_json::from_str(&out).unwrap();
-    for (flag, blob) in
-        [("--merged", &result["lowers"][1]["path"]), ("--squashed", &result["squashed"]["path"])]
+    let blob = Path::new(result["squashed"]["path"].as_str().expect("a blob path"));
+    let bytes = std::fs::read(blob).unwrap();
+    let at = bytes.windows(secret.len()).position(|w| w == secret.as_bytes()).expect("the file's data");
+    drop(bytes);
+    let _flipped = Flipped::new(blob, at as u64);
+    let (ok, stdout, stderr) = run(vmrootfs(&store).args([
+        "run",
+        "v",
+        "--squashed",
+        "--timeout",
+        "240",
+        "--",
+        "cat",
+        "/data/secret",
+    ]));
+    assert!(
+        !ok,
+        "run --squashed of a verity image with a flipped byte fails\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("dm-verity") && stderr.contains("--squashed") && stderr.contains("v "),
+        "run --squashed says it cannot verify the image: {stderr}"
+    );
+    assert_eq!(stdout, "", "the guest read nothing");
+}
+
+/// `run --merged` of a `--verity` image (built `--merge --verity`: the merged blob has a tree
+/// too): the guest opens the merged blob and each layer blob through dm-verity, so a byte
+/// flipped in a layer's file data or in the merged blob's metadata fails the guest's read, and
+/// `run` fails naming that blob; untouched, the image boots and reads its file.
+#[test]
+fn run_merged_of_a_verity_image_is_verified() {
+    let dir = scratch("boot-verity-merged");
+    let secret = "verity-protected-content-0123456789";
+    let data = [dir_entry("data"), file("data/secret", secret)];
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[Layer::gzip(&busybox_entries(&["sh", "cat"])), Layer::gzip(&data)]);
+    let store = dir.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, out, err) =
+        run(vmrootfs(&store).args(["-q", "build", &spec, "--tag", "v", "--verity", "--merge", "--json"]));
+    assert!(ok, "build: {err}");
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(result["merged"]["verity"]["root_digest"].is_string(), "the merged blob has a tree: {out}");
+    let boot = || {
+        run(vmrootfs(&store).args([
+            "run",
+            "v",
+            "--merged",
+            "-v",
+            "--timeout",
+            "240",
+            "--",
+            "cat",
+            "/data/secret",
+        ]))
+    };
+    let (ok, stdout, stderr) = boot();
+    assert!(ok, "untouched, it boots: {stderr}");
+    assert_eq!(stdout, secret);
+    assert!(stderr.contains("merged image mounted from /dev/dm-"), "through dm-verity: {stderr}");
+
+    // (blob, what to flip in it, how run names it)
+    let top = Path::new(result["lowers"][1]["path"].as_str().expect("a blob path"));
+    let merged = Path::new(result["merged"]["path"].as_str().expect("a blob path"));
+    for (blob, needle, named) in
+        [(top, secret, "lower 1 (chain"), (merged, "secret", "the merged blob (chain")]
     {
-        let blob = Path::new(blob.as_str().expect("a blob path"));
         let bytes = std::fs::read(blob).unwrap();
-        let at = bytes.windows(secret.len()).position(|w| w == secret.as_bytes()).expect("the file's data");
+        let at = bytes.windows(needle.len()).position(|w| w == needle.as_bytes()).expect("the bytes to flip");
         drop(bytes);
         let flipped = Flipped::new(blob, at as u64);
-        let (ok, stdout, stderr) =
-            run(vmrootfs(&store).args(["run", "v", flag, "--timeout", "240", "--", "cat", "/data/secret"]));
+        let (ok, stdout, stderr) = boot();
         drop(flipped);
         assert!(
             !ok,
-            "run {flag} of a verity image with a flipped byte fails\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            "a flipped byte in {} fails the run\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            blob.display()
         );
-        assert!(
-            stderr.contains("dm-verity") && stderr.contains(flag) && stderr.contains("v "),
-            "run {flag} says it cannot verify the image: {stderr}"
-        );
-        assert_eq!(stdout, "", "the guest read nothing");
+        assert!(stderr.contains("dm-verity in the guest found blocks"), "{stderr}");
+        assert!(stderr.contains(named), "run names {named}: {stderr}");
+        assert!(!stdout.contains("erity-protected"), "the guest read no flipped data: {stdout}");
     }
 }
 

@@ -60,6 +60,12 @@ pub enum MergeError {
         #[source]
         source: LayoutError,
     },
+    #[error("making the dm-verity tree of the merged blob")]
+    Verity(#[from] crate::verity::VerityError),
+    #[error(
+        "{path}: the merged blob's sha256 is {found}, not the recorded {recorded}: it is damaged (remove the image and build it again)"
+    )]
+    Damaged { path: PathBuf, recorded: String, found: String },
     #[error("{tag} has no merged blob: build it with --merge")]
     NotMerged { tag: String },
     #[error(
@@ -86,8 +92,9 @@ fn layout_at(path: &Path) -> impl FnOnce(LayoutError) -> MergeError + '_ {
     move |source| MergeError::Layout { path: path.to_owned(), source }
 }
 
-/// The merged blob of `lowers` (base first), made unless stored.
-pub fn merge(store: &Store, erofs: &Erofs, lowers: &[Lower]) -> Result<MergedBlob, MergeError> {
+/// The merged blob of `lowers` (base first), made unless stored; with `verity`, with its
+/// dm-verity tree, made unless stored beside it.
+pub fn merge(store: &Store, erofs: &Erofs, lowers: &[Lower], verity: bool) -> Result<MergedBlob, MergeError> {
     let top = &lowers.last().ok_or(MergeError::NoLayers)?.chain_id;
     for l in lowers {
         if l.fs != FsType::Erofs {
@@ -98,9 +105,42 @@ pub fn merge(store: &Store, erofs: &Erofs, lowers: &[Lower]) -> Result<MergedBlo
         }
     }
     let _lock = store.lock_merge(top)?;
-    if let Some(done) = store.merged(top)? {
-        return Ok(done);
+    let mut record = match store.merged(top)? {
+        Some(done) => done,
+        None => make(store, erofs, lowers, top)?,
+    };
+    if verity {
+        record.verity = Some(ensure_verity(store, &record)?);
     }
+    Ok(record)
+}
+
+/// The dm-verity tree of the stored merged blob `record`: the one beside it if it is the
+/// tree of these bytes, else made now. The caller holds the merge lock.
+fn ensure_verity(store: &Store, record: &MergedBlob) -> Result<crate::verity::VerityInfo, MergeError> {
+    let id = record.id().map_err(StoreError::from)?;
+    if let Some(v) = store.verity_beside(&id, record.size, &record.blob_sha256)? {
+        return Ok(v);
+    }
+    let work = store.staging("verity-")?;
+    let tree = work.path().join("tree");
+    let blob = store.blob_path(&id);
+    let salt = crate::verity::salt_for(&record.chain_id).map_err(StoreError::from)?;
+    let built = crate::verity::build_tree(&blob, &salt, &tree)?;
+    // A tree of damaged bytes is never made: it would vouch for them.
+    if built.blob_sha256 != record.blob_sha256 {
+        return Err(MergeError::Damaged {
+            path: blob,
+            recorded: record.blob_sha256.clone(),
+            found: built.blob_sha256,
+        });
+    }
+    store.publish_verity_of(&id, &tree, &built.info, &record.blob_sha256)?;
+    Ok(built.info)
+}
+
+/// Makes and publishes the merged blob of `lowers`, whose top chain ID is `top`.
+fn make(store: &Store, erofs: &Erofs, lowers: &[Lower], top: &Digest) -> Result<MergedBlob, MergeError> {
     let mut views = Vec::with_capacity(lowers.len());
     let mut own = Vec::with_capacity(lowers.len());
     for l in lowers {
@@ -125,6 +165,7 @@ pub fn merge(store: &Store, erofs: &Erofs, lowers: &[Lower]) -> Result<MergedBlo
         chain_id: top.clone(),
         size: fs_err::metadata(&out).map_err(io_at(&out))?.len(),
         blob_sha256: crate::digest::sha256_file_hex(&out).map_err(io_at(&out))?,
+        verity: None,
     };
     store.publish_merge(&out, &record)?;
     Ok(record)

@@ -472,7 +472,11 @@ impl Store {
                 Ok::<_, InvalidDigest>(Located { path: self.blob_path(&id), verity_tree, blob: l })
             },
             |s| Ok(Located { path: at(s.id())?, verity_tree: None, blob: s }),
-            |m| Ok(Located { path: at(m.id())?, verity_tree: None, blob: m }),
+            |m| {
+                let id = m.id()?;
+                let verity_tree = m.verity.as_ref().map(|_| self.sidecar(&id, "verity"));
+                Ok(Located { path: self.blob_path(&id), verity_tree, blob: m })
+            },
         )?;
         Ok(located)
     }
@@ -620,6 +624,17 @@ impl Store {
     /// as no tree, and the caller makes it again.
     pub fn layer_verity_of(&self, id: &BlobId) -> Result<Option<VerityInfo>, StoreError> {
         let LayerSlot::Published(record) = self.layer_slot(id)? else { return Ok(None) };
+        self.verity_beside(id, record.size, &record.blob_sha256)
+    }
+
+    /// The dm-verity record of the blob `id` whose record gives `size` and `blob_sha256`, if
+    /// its tree is published and is the tree of those bytes (see [`Store::layer_verity_of`]).
+    pub fn verity_beside(
+        &self,
+        id: &BlobId,
+        size: u64,
+        blob_sha256: &str,
+    ) -> Result<Option<VerityInfo>, StoreError> {
         let tree = self.sidecar(id, "verity");
         let tree_size = match fs_err::metadata(&tree) {
             Ok(m) => m.len(),
@@ -631,8 +646,8 @@ impl Store {
             Ok(None) | Err(StoreError::BadRecord { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let beside = stored.blob_sha256.as_deref() == Some(record.blob_sha256.as_str())
-            && stored.info.hash_offset == record.size
+        let beside = stored.blob_sha256.as_deref() == Some(blob_sha256)
+            && stored.info.hash_offset == size
             && stored.info.tree_size == tree_size;
         Ok(beside.then_some(stored.info))
     }

@@ -26,11 +26,12 @@ const DM_MODULES: &[&str] = &["dm_mod", "dm_verity"];
 
 /// The `/init` script. A second cpio the host writes per run holds `/vmrootfs/run` (sets
 /// `LOWERS`, `FS<i>` and for a dm-verity lower `VERITY<i>` = "data blocks, hash start block on
-/// the `hashes` drive, root digest hex, salt hex"; or `MERGED` and `MERGED_OFFSETS`; and
-/// `USERSPEC`) and `/vmrootfs/exec.sh` (runs the command in the image).
+/// the `hashes` drive, root digest hex, salt hex", and `MERGED_VERITY` (the same for the drive
+/// `merged`) when the lowers are the devices of a verified merged blob; or `MERGED` and
+/// `MERGED_OFFSETS`; and `USERSPEC`) and `/vmrootfs/exec.sh` (runs the command in the image).
 ///
-/// Status port protocol: zero or more `corrupt <i>` lines (lower `i`'s dm-verity device saw
-/// a block that does not match its hash), then the exit status, or `failed` when `/init` could
+/// Status port protocol: zero or more `corrupt <i>` / `corrupt merged` lines (lower `i`'s or
+/// the merged blob's dm-verity device saw a block that does not match its hash), then the exit status, or `failed` when `/init` could
 /// not start the command (why goes to the stderr port).
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -68,6 +69,9 @@ corrupt() {
     fi
     j=$((j + 1))
   done
+  if [ -n "$MERGED_VERITY" ] && dmsetup status merged 2>/dev/null | grep -q " verity C"; then
+    echo "corrupt merged" >&5
+  fi
 }
 fail() { echo "vmrootfs-init: $*" >&4; corrupt; echo failed >&5; reboot -f; }
 # The /dev node of the disk whose virtio serial is $1 (lower0 = base), never by order.
@@ -80,8 +84,23 @@ disk() {
   done
   return 1
 }
+# Opens the disk $2 as the dm-verity device named $1 with the table fields $3 ("data blocks,
+# hash start block on the hashes disk, root hex, salt hex"); prints the device's /dev node.
+verity() {
+  hashes=$(disk hashes) || fail "no disk with serial hashes"
+  name=$1 data=$2
+  set -- $3
+  dmsetup create "$name" --readonly --noudevsync \
+    --table "0 $(($1 * 8)) verity 1 $data $hashes 4096 4096 $1 $2 sha256 $3 $4" \
+    || fail "dm-verity on $name ($data)"
+  for d in /sys/block/dm-*; do
+    [ "$(cat "$d/dm/name")" = "$name" ] && [ -b "/dev/${d##*/}" ] && { echo "/dev/${d##*/}"; return 0; }
+  done
+  fail "no dm device for $name"
+}
 mkdir -p /newroot
 lowerdir=""
+devices=""
 if [ -n "$MERGED" ]; then
   # One disk: the merged metadata, then the layer images. A kernel >= 6.4 maps the layers by
   # the device table alone; an older one needs a device per layer: a read-only loop device
@@ -109,20 +128,27 @@ else
     eval fs=\$FS$i
     eval verity=\$VERITY$i
     if [ -n "$verity" ]; then
-      hashes=$(disk hashes) || fail "no disk with serial hashes"
-      set -- $verity
-      dmsetup create "lower$i" --readonly --noudevsync \
-        --table "0 $(($1 * 8)) verity 1 $dev $hashes 4096 4096 $1 $2 sha256 $3 $4" \
-        || fail "dm-verity on lower$i ($dev)"
-      dm=""
-      for d in /sys/block/dm-*; do [ "$(cat "$d/dm/name")" = "lower$i" ] && dm="/dev/${d##*/}"; done
-      [ -b "$dm" ] || fail "no dm device for lower$i"
-      dev=$dm
+      dev=$(verity "lower$i" "$dev" "$verity") || fail "dm-verity on lower$i"
     fi
-    mount -t "$fs" -o ro "$dev" "/lower/$i" || fail "mount $dev ($fs)"
-    lowerdir="/lower/$i${lowerdir:+:$lowerdir}"
+    if [ -n "$MERGED_VERITY" ]; then
+      # A layer of the verified merged image: a device of the merged blob, not a lower.
+      devices="$devices,device=$dev"
+    else
+      mount -t "$fs" -o ro "$dev" "/lower/$i" || fail "mount $dev ($fs)"
+      lowerdir="/lower/$i${lowerdir:+:$lowerdir}"
+    fi
     i=$((i + 1))
   done
+  if [ -n "$MERGED_VERITY" ]; then
+    # The merged blob and each layer through dm-verity, the layers named by -o device= (on
+    # every kernel: the one-disk mapping would bypass the layers' dm-verity devices).
+    dev=$(disk merged) || fail "no disk with serial merged"
+    dev=$(verity merged "$dev" "$MERGED_VERITY") || fail "dm-verity on the merged blob"
+    mkdir -p /lower/merged
+    mount -t erofs -o "ro$devices" "$dev" /lower/merged || fail "mount $dev (ro$devices)"
+    echo "vmrootfs-init: merged image mounted from $dev with a dm-verity device per layer"
+    lowerdir=/lower/merged
+  fi
 fi
 # Writes go to a tmpfs upper: the lowers stay read-only, and the image's processes get a
 # writable root, whatever the form.

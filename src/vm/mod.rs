@@ -32,9 +32,12 @@
 //! `/init` then reports the lower on the status port, and `run` fails with
 //! [`VmError::Corrupt`] naming it, whatever the command's status.
 //!
-//! The squashed and the merged blob have no tree, and the merged disk reaches the layer blobs
-//! without theirs: `run --squashed` and `run --merged` of a `--verity` image are refused
-//! ([`VmError::Unverifiable`]), never booted unchecked.
+//! `run --merged` of a `--verity` image whose merged blob has a tree (`build --merge
+//! --verity`) attaches no VMDK: the merged blob (serial `merged`) and each layer blob get a
+//! drive, all opened through dm-verity, and the merged blob is mounted with the layers' dm
+//! devices as `-o device=` ([`Drives::VerifiedMerged`]). The squashed blob has no tree:
+//! `run --squashed` of a `--verity` image is refused ([`VmError::Unverifiable`]), never booted
+//! unchecked, and so is `run --merged` when the merged blob (or a lower) has none.
 //!
 //! # Failures
 //!
@@ -103,9 +106,27 @@ pub enum VmError {
     GuestSetup,
     #[error(
         "dm-verity in the guest found blocks that do not match their hashes in {}: the blob is corrupt (`vmrootfs verify {tag}` rechecks it)",
-        .lowers.iter().map(|(i, c, p)| format!("lower {i} (chain {c}, {})", p.display())).collect::<Vec<_>>().join(", ")
+        .blobs.iter().map(|(d, c, p)| format!("{d} (chain {c}, {})", p.display())).collect::<Vec<_>>().join(", ")
     )]
-    Corrupt { tag: String, lowers: Vec<(usize, oci_spec::image::Digest, PathBuf)> },
+    Corrupt { tag: String, blobs: Vec<(CorruptDrive, oci_spec::image::Digest, PathBuf)> },
+}
+
+/// A drive whose dm-verity device in the guest read a block that does not match its hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CorruptDrive {
+    /// Lower `i` (base = 0).
+    Lower(usize),
+    /// The merged metadata blob (`run --merged`).
+    Merged,
+}
+
+impl std::fmt::Display for CorruptDrive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CorruptDrive::Lower(i) => write!(f, "lower {i}"),
+            CorruptDrive::Merged => f.write_str("the merged blob"),
+        }
+    }
 }
 
 /// A boot form that cannot check a `--verity` image's blocks in the guest.
@@ -113,8 +134,7 @@ pub enum VmError {
 pub enum UnverifiableForm {
     /// `run --squashed`: the squashed blob has no dm-verity tree.
     Squashed,
-    /// `run --merged`: the merged metadata blob has no tree, and the one disk reaches the
-    /// layer blobs without theirs.
+    /// `run --merged`: the merged metadata blob has no tree (built without `--verity`).
     Merged,
 }
 
@@ -132,7 +152,7 @@ impl std::fmt::Display for UnverifiableForm {
         f.write_str(match self {
             UnverifiableForm::Squashed => "its squashed blob (run --squashed) has no dm-verity tree",
             UnverifiableForm::Merged => {
-                "its merged blob (run --merged) has no dm-verity tree, and the merged disk reaches the layer blobs without theirs"
+                "its merged blob (run --merged) has no dm-verity tree (build it with --merge --verity)"
             }
         })
     }
@@ -166,6 +186,21 @@ enum Drives {
     /// One VMDK drive, serial `merged`: the merged blob then the layer blobs, which start at
     /// these byte offsets of the disk.
     Merged { vmdk: PathBuf, layer_offsets: Vec<u64> },
+    /// A `--verity` image's merged blob (serial `merged`) over one drive per lower (serial
+    /// `lower<i>`), each opened through dm-verity and the lowers given as the merged blob's
+    /// devices (`-o device=`).
+    VerifiedMerged { lowers: Vec<Drive>, merged: Drive },
+}
+
+impl Drives {
+    /// The drives opened through dm-verity in the guest, lowers first.
+    fn verity_drives(&mut self) -> Vec<&mut Drive> {
+        match self {
+            Drives::Lowers(lowers) => lowers.iter_mut().filter(|d| d.verity.is_some()).collect(),
+            Drives::Merged { .. } => Vec::new(),
+            Drives::VerifiedMerged { lowers, merged } => lowers.iter_mut().chain([merged]).collect(),
+        }
+    }
 }
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -201,18 +236,22 @@ fn is_static(path: &Path) -> Result<bool, VmError> {
 /// `/vmrootfs/exec.sh` (how to start the command inside the image).
 fn run_files(record: &ImageRecord, drives: &Drives, command: &[String]) -> (String, String) {
     let mut run = String::new();
-    match drives {
-        Drives::Lowers(lowers) => {
-            run += &format!("LOWERS={}\n", lowers.len());
-            for (i, d) in lowers.iter().enumerate() {
-                run += &format!("FS{i}={}\n", d.fs);
-                if let Some(v) = &d.verity {
-                    run += &format!(
-                        "VERITY{i}={}\n",
-                        sq(&format!("{} {} {} {}", v.data_blocks, v.hash_start, v.root, v.salt))
-                    );
-                }
+    let table = |v: &VerityTable| sq(&format!("{} {} {} {}", v.data_blocks, v.hash_start, v.root, v.salt));
+    let lower_vars = |run: &mut String, lowers: &[Drive]| {
+        *run += &format!("LOWERS={}\n", lowers.len());
+        for (i, d) in lowers.iter().enumerate() {
+            *run += &format!("FS{i}={}\n", d.fs);
+            if let Some(v) = &d.verity {
+                *run += &format!("VERITY{i}={}\n", table(v));
             }
+        }
+    };
+    match drives {
+        Drives::Lowers(lowers) => lower_vars(&mut run, lowers),
+        Drives::VerifiedMerged { lowers, merged } => {
+            lower_vars(&mut run, lowers);
+            let v = merged.verity.as_ref().expect("a verified merged blob has a tree");
+            run += &format!("MERGED_VERITY={}\n", table(v));
         }
         Drives::Merged { layer_offsets, .. } => {
             let offsets: Vec<String> = layer_offsets.iter().map(u64::to_string).collect();
@@ -298,7 +337,7 @@ struct Drive {
     verity: Option<VerityTable>,
 }
 
-/// What the guest's dm-verity table of a lower needs.
+/// What the guest's dm-verity table of a drive needs.
 struct VerityTable {
     tree: PathBuf,
     data_blocks: u64,
@@ -308,9 +347,22 @@ struct VerityTable {
     salt: String,
 }
 
+impl VerityTable {
+    /// The table of a blob with the dm-verity record `v` and tree file `tree`.
+    fn new(v: &crate::verity::VerityInfo, tree: &Path) -> VerityTable {
+        VerityTable {
+            tree: tree.to_owned(),
+            data_blocks: v.data_blocks(),
+            hash_start: 0,
+            root: v.root_hex().to_string(),
+            salt: v.salt.clone(),
+        }
+    }
+}
+
 /// Writes the trees of the dm-verity lowers one after another into `out` (the `hashes`
 /// drive), filling in where each one's hash blocks begin.
-fn write_hashes(drives: &mut [Drive], out: &Path) -> Result<(), VmError> {
+fn write_hashes(drives: Vec<&mut Drive>, out: &Path) -> Result<(), VmError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| VmError::Io { path, source }
@@ -318,7 +370,7 @@ fn write_hashes(drives: &mut [Drive], out: &Path) -> Result<(), VmError> {
     let mut file = fs_err::File::create(out).map_err(io(out))?;
     const BS: u64 = crate::verity::BLOCK_SIZE;
     let mut written = 0; // bytes, always whole blocks
-    for v in drives.iter_mut().filter_map(|d| d.verity.as_mut()) {
+    for v in drives.into_iter().filter_map(|d| d.verity.as_mut()) {
         let mut tree = fs_err::File::open(&v.tree).map_err(io(&v.tree))?;
         v.hash_start = written / BS + 1; // the superblock's block comes first
         let n = std::io::copy(&mut tree, &mut file).map_err(io(out))?;
@@ -358,13 +410,14 @@ pub fn run(
     if opts.merged && record.merged.is_none() {
         return Err(crate::merge::MergeError::NotMerged { tag: tag.to_string() }.into());
     }
-    if record.lowers.iter().any(|l| l.verity.is_some()) {
-        if opts.squashed {
-            return Err(VmError::Unverifiable { tag: tag.to_string(), form: UnverifiableForm::Squashed });
-        }
-        if opts.merged {
-            return Err(VmError::Unverifiable { tag: tag.to_string(), form: UnverifiableForm::Merged });
-        }
+    // A --verity image boots only in a form whose every block the guest checks.
+    let verity = record.lowers.iter().any(|l| l.verity.is_some());
+    if verity && opts.squashed {
+        return Err(VmError::Unverifiable { tag: tag.to_string(), form: UnverifiableForm::Squashed });
+    }
+    let merged_has_tree = record.merged.as_ref().is_some_and(|m| m.verity.is_some());
+    if verity && opts.merged && !(merged_has_tree && record.lowers.iter().all(|l| l.verity.is_some())) {
+        return Err(VmError::Unverifiable { tag: tag.to_string(), form: UnverifiableForm::Merged });
     }
     let qemu = Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2")?;
     let kernel = Kernel::find(opts.kernel.as_deref())?;
@@ -377,7 +430,25 @@ pub fn run(
     // by the content of its inputs would mean reading all of them, which is most of the work.
     let staging = store.staging("vm-")?;
     let located = store.locate(record.clone())?;
-    let mut drives = if opts.merged {
+    let lower_drive = |l: &crate::record::Located<crate::record::Lower>| Drive {
+        path: l.path.clone(),
+        fs: l.fs.to_string(),
+        verity: l.verity.as_ref().zip(l.verity_tree.as_ref()).map(|(v, tree)| VerityTable::new(v, tree)),
+    };
+    let mut drives = if let (true, Some(m)) = (verity && opts.merged, &located.merged) {
+        Drives::VerifiedMerged {
+            lowers: located.lowers.iter().map(lower_drive).collect(),
+            merged: Drive {
+                path: m.path.clone(),
+                fs: m.fs.to_string(),
+                verity: m
+                    .verity
+                    .as_ref()
+                    .zip(m.verity_tree.as_ref())
+                    .map(|(v, tree)| VerityTable::new(v, tree)),
+            },
+        }
+    } else if opts.merged {
         let extents = crate::merge::disk::extents(&located)?;
         let vmdk = staging.path().join("merged.vmdk");
         // QEMU reads only `RW` extents; the drive is attached `readonly=on` below.
@@ -388,27 +459,14 @@ pub fn run(
     } else {
         Drives::Lowers(match (&located.squashed, opts.squashed) {
             (Some(s), true) => vec![Drive { path: s.path.clone(), fs: s.fs.to_string(), verity: None }],
-            _ => located
-                .lowers
-                .iter()
-                .map(|l| Drive {
-                    path: l.path.clone(),
-                    fs: l.fs.to_string(),
-                    verity: l.verity.as_ref().zip(l.verity_tree.as_ref()).map(|(v, tree)| VerityTable {
-                        tree: tree.clone(),
-                        data_blocks: v.data_blocks(),
-                        hash_start: 0,
-                        root: v.root_hex().to_string(),
-                        salt: v.salt.clone(),
-                    }),
-                })
-                .collect(),
+            _ => located.lowers.iter().map(lower_drive).collect(),
         })
     };
     let hashes = staging.path().join("hashes.img");
-    let any_verity = matches!(&drives, Drives::Lowers(l) if l.iter().any(|d| d.verity.is_some()));
-    let dmsetup = if let (true, Drives::Lowers(lowers)) = (any_verity, &mut drives) {
-        write_hashes(lowers, &hashes)?;
+    let verity_drives = drives.verity_drives();
+    let any_verity = !verity_drives.is_empty();
+    let dmsetup = if any_verity {
+        write_hashes(verity_drives, &hashes)?;
         Some(Tool::find("dmsetup", "dmsetup", &["--version"], "1.02")?.path)
     } else {
         None
@@ -460,13 +518,22 @@ pub fn run(
         cmd.arg("-bios").arg(qboot);
     }
     cmd.arg("-kernel").arg(&vmlinux).arg("-initrd").arg(&initrd).arg("-append").arg(&append);
+    let raw_drive = |cmd: &mut std::process::Command, id: &str, path: &Path, serial: &str| {
+        cmd.arg("-drive")
+            .arg(format!("id={id},file={},format=raw,if=none,readonly=on", qemu_opt(path)))
+            .arg("-device")
+            .arg(format!("virtio-blk-device,drive={id},serial={serial}"));
+    };
     match &drives {
         Drives::Lowers(lowers) => {
             for (i, d) in lowers.iter().enumerate() {
-                cmd.arg("-drive")
-                    .arg(format!("id=l{i},file={},format=raw,if=none,readonly=on", qemu_opt(&d.path)))
-                    .arg("-device")
-                    .arg(format!("virtio-blk-device,drive=l{i},serial=lower{i}"));
+                raw_drive(&mut cmd, &format!("l{i}"), &d.path, &format!("lower{i}"));
+            }
+        }
+        Drives::VerifiedMerged { lowers, merged } => {
+            raw_drive(&mut cmd, "m", &merged.path, "merged");
+            for (i, d) in lowers.iter().enumerate() {
+                raw_drive(&mut cmd, &format!("l{i}"), &d.path, &format!("lower{i}"));
             }
         }
         Drives::Merged { vmdk, .. } => {
@@ -477,10 +544,7 @@ pub fn run(
         }
     }
     if any_verity {
-        cmd.arg("-drive")
-            .arg(format!("id=hashes,file={},format=raw,if=none,readonly=on", qemu_opt(&hashes)))
-            .arg("-device")
-            .arg("virtio-blk-device,drive=hashes,serial=hashes");
+        raw_drive(&mut cmd, "hashes", &hashes, "hashes");
     }
     let stdout_fifo = Fifo::create(&staging.path().join("stdout"))?;
     let stderr_fifo = Fifo::create(&staging.path().join("stderr"))?;
@@ -506,12 +570,15 @@ pub fn run(
     let tail = follow(child, opts.timeout, [stdout_fifo, stderr_fifo], out, err)?;
     let status = read_status(&status_file, tail)?;
     if !status.corrupt.is_empty() {
-        let lowers = status
-            .corrupt
-            .iter()
-            .map(|&i| (i, record.lowers[i].chain_id.clone(), located.lowers[i].path.clone()))
-            .collect();
-        return Err(VmError::Corrupt { tag: tag.to_string(), lowers });
+        let blob = |d: CorruptDrive| match d {
+            CorruptDrive::Lower(i) => located.lowers.get(i).map(|l| (d, l.chain_id.clone(), l.path.clone())),
+            CorruptDrive::Merged => located.merged.as_ref().map(|m| (d, m.chain_id.clone(), m.path.clone())),
+        };
+        // A drive this run did not attach: the guest's report is not to be believed.
+        let blobs = status.corrupt.iter().map(|&d| blob(d)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+            VmError::BadStatus { path: status_file.clone(), found: format!("corrupt {:?}", status.corrupt) }
+        })?;
+        return Err(VmError::Corrupt { tag: tag.to_string(), blobs });
     }
     status.code.ok_or(VmError::GuestSetup)
 }
@@ -665,8 +732,8 @@ fn on_stream(sinks: &mut [&mut dyn Write; 2], event: Event, open: &mut usize) {
 struct GuestStatus {
     /// The command's exit status; none when `/init` failed before it started the command.
     code: Option<i32>,
-    /// Lowers whose dm-verity device found a corrupt block.
-    corrupt: Vec<usize>,
+    /// Drives whose dm-verity device found a corrupt block.
+    corrupt: Vec<CorruptDrive>,
 }
 
 /// The status `/init` wrote to its port; none means the guest stopped before the command ended.
@@ -680,15 +747,21 @@ fn read_status(path: &Path, console_tail: String) -> Result<GuestStatus, VmError
         .ok_or_else(|| VmError::BadStatus { path: path.to_owned(), found: text.trim().to_string() })
 }
 
-/// `corrupt <i>` lines, then the exit status or `failed`; anything else is malformed.
+/// `corrupt <i>` / `corrupt merged` lines, then the exit status or `failed`; anything else
+/// is malformed.
 fn parse_status(text: &str) -> Option<GuestStatus> {
     let mut lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     let code = match lines.pop()? {
         "failed" => None,
         code => Some(code.parse().ok()?),
     };
-    let corrupt =
-        lines.iter().map(|l| l.strip_prefix("corrupt ")?.parse().ok()).collect::<Option<Vec<usize>>>()?;
+    let corrupt = lines
+        .iter()
+        .map(|l| match l.strip_prefix("corrupt ")? {
+            "merged" => Some(CorruptDrive::Merged),
+            i => i.parse().ok().map(CorruptDrive::Lower),
+        })
+        .collect::<Option<Vec<_>>>()?;
     Some(GuestStatus { code, corrupt })
 }
 
@@ -701,9 +774,15 @@ mod tests {
         assert_eq!(parse_status("3\n"), Some(GuestStatus { code: Some(3), corrupt: vec![] }));
         assert_eq!(
             parse_status("corrupt 2\ncorrupt 0\n1\n"),
-            Some(GuestStatus { code: Some(1), corrupt: vec![2, 0] })
+            Some(GuestStatus {
+                code: Some(1),
+                corrupt: vec![CorruptDrive::Lower(2), CorruptDrive::Lower(0)]
+            })
         );
-        assert_eq!(parse_status("corrupt 1\nfailed\n"), Some(GuestStatus { code: None, corrupt: vec![1] }));
+        assert_eq!(
+            parse_status("corrupt 1\ncorrupt merged\nfailed\n"),
+            Some(GuestStatus { code: None, corrupt: vec![CorruptDrive::Lower(1), CorruptDrive::Merged] })
+        );
         assert_eq!(parse_status("corrupt x\n1\n"), None);
         assert_eq!(parse_status("hello\n"), None);
         assert_eq!(parse_status("1\ncorrupt 2\n"), None);
