@@ -537,6 +537,16 @@ fn run_merged_of_a_verity_image_is_verified() {
         assert!(stderr.contains(named), "run names {named}: {stderr}");
         assert!(!stdout.contains("erity-protected"), "the guest read no flipped data: {stdout}");
     }
+
+    // A merged blob without a tree (as built before `--merge --verity` made one) is refused.
+    let record_path = store.join("images/v.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    record["merged"].as_object_mut().expect("a merged blob").remove("verity").expect("its tree");
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let (ok, stdout, stderr) = boot();
+    assert!(!ok && stdout.is_empty(), "{stdout}{stderr}");
+    assert!(stderr.contains("has no dm-verity tree (build it with --merge --verity)"), "{stderr}");
 }
 
 /// `run --merged` of an image with no `/dev`, `/proc` or `/sys` directory: the merged root is
