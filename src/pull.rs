@@ -8,7 +8,7 @@
 //! the converted image and building the tar image store nothing twice. The claimed key only
 //! selects bytes: what is stored there is reused only when it is the bytes the descriptor
 //! names, and a pulled blob that differs from it is kept under a key of its own (see
-//! [`fetch_one`]). A blob from another producer is stored under its own chain ID as recipe
+//! `fetch_one`). A blob from another producer is stored under its own chain ID as recipe
 //! [`IMPORTED_RECIPE`].
 
 use std::io::{self, Read};

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 pub const MAX_MANIFEST: u64 = 4 << 20;
 /// Largest token server answer accepted (a token is a JWT of a few KiB).
 pub const MAX_TOKEN_ANSWER: u64 = 1 << 20;
-/// Most of an error body read; what is shown of it is shorter still ([`SHOWN_ERROR_CHARS`]).
+/// Most of an error body read; what is shown of it is shorter still (`SHOWN_ERROR_CHARS`).
 pub const MAX_ERROR_BODY: u64 = 64 << 10;
 /// Characters of an error body shown in a message.
 const SHOWN_ERROR_CHARS: usize = 300;
@@ -140,7 +140,7 @@ pub async fn error_body(response: reqwest::Response) -> Vec<u8> {
 }
 
 /// The start of `bytes` as text fit for a terminal: invalid UTF-8 replaced, control
-/// characters escaped, surrounding whitespace trimmed, at most [`SHOWN_ERROR_CHARS`] characters.
+/// characters escaped, surrounding whitespace trimmed, at most `SHOWN_ERROR_CHARS` characters.
 pub fn printable(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     let text = text.trim();

@@ -1,5 +1,5 @@
 //! Registries (OCI distribution API), behind a small tokio runtime: the rest of vmrootfs stays
-//! synchronous. Authorization (tokens and their renewal) is [`super::auth`]'s; every request
+//! synchronous. Authorization (tokens and their renewal) is the `auth` module's; every request
 //! goes through [`super::http`]'s client (timeouts, caps). Manifests and indexes are read
 //! whole up to [`http::MAX_MANIFEST`]. Layer blobs stream through a bounded channel into the
 //! converting thread; a cut connection or a stall (fewer than [`http::STALL_MIN_BYTES`] in a
