@@ -832,14 +832,8 @@ impl Store {
         let dir = self.layer_dir(id.fs, id.recipe);
         create_dir(&dir)?;
         let mut record = record.clone();
-        let mut text = Vec::new();
-        own.write_to(&mut text).map_err(io_at(&dir))?;
-        record.own_sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&text)));
-        write_atomic(&self.sidecar(&id, "own"), &text)?;
-        let mut text = Vec::new();
-        dirs.write_to(&mut text).map_err(io_at(&dir))?;
-        record.dirs_sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&text)));
-        write_atomic(&self.sidecar(&id, "dirs"), &text)?;
+        record.own_sha256 = Some(write_atomic_hashed(&self.sidecar(&id, "own"), |out| own.write_to(out))?);
+        record.dirs_sha256 = Some(write_atomic_hashed(&self.sidecar(&id, "dirs"), |out| dirs.write_to(out))?);
         self.publish_with_record(blob, &id, &record)?;
         Ok(record)
     }
@@ -981,18 +975,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 
 /// [`write_atomic`] of what `write` writes into the temp file (for outputs too big to hold in
 /// memory, such as a single-disk image). `path` must have a parent directory.
-pub fn write_atomic_with(
+pub fn write_atomic_with<T>(
     path: &Path,
-    write: impl FnOnce(&mut std::fs::File) -> io::Result<()>,
-) -> Result<(), StoreError> {
+    write: impl FnOnce(&mut std::fs::File) -> io::Result<T>,
+) -> Result<T, StoreError> {
     let dir = path.parent().expect("store paths have a parent");
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_at(dir))?;
     // The temp file is made 0600; what is published is readable by all (the sharing policy).
     tmp.as_file().set_permissions(std::fs::Permissions::from_mode(FILE_MODE)).map_err(io_at(tmp.path()))?;
-    write(tmp.as_file_mut()).map_err(io_at(tmp.path()))?;
+    let written = write(tmp.as_file_mut()).map_err(io_at(tmp.path()))?;
     tmp.as_file().sync_all().map_err(io_at(path))?;
     tmp.persist(path).map_err(|e| StoreError::Io { path: path.to_owned(), source: e.error })?;
-    sync_dir(dir)
+    sync_dir(dir)?;
+    Ok(written)
+}
+
+/// [`write_atomic_with`] of what `write` writes through a buffer, hashed on the way (a
+/// sidecar is streamed to its file, never held whole in memory); returns its sha256 hex.
+fn write_atomic_hashed(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<String, StoreError> {
+    write_atomic_with(path, |file| {
+        let mut out = io::BufWriter::new(crate::digest::HashingWriter::new(file));
+        write(&mut out)?;
+        let (digest, _, _) = out.into_inner().map_err(io::IntoInnerError::into_error)?.finish();
+        Ok(digest.digest().to_string())
+    })
 }
 
 fn rename_durably(from: &Path, to: &Path) -> Result<(), StoreError> {
@@ -1057,5 +1066,47 @@ mod tests {
         assert_eq!(parse_blob_name("erofs-v2", ".tmp-abc"), None);
         assert_eq!(parse_blob_name("erofs-v2", "notahash.erofs"), None);
         assert_eq!(parse_blob_name("zfs-v2", &format!("{}.zfs", "ab".repeat(32))), None);
+    }
+
+    /// The `.dirs` and `.own` sidecars are streamed to their files, not rendered in memory
+    /// first: publishing a layer of 200,000 directories holds a few buffers, not the text.
+    #[test]
+    fn publishing_a_layer_holds_at_most_16_heap_bytes_per_directory() {
+        use crate::layer::dirindex::DirMeta;
+        const DIRS: usize = 200_000;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let path = |n: usize| format!("usr/share/many/dir-{n:07}").into_bytes();
+        let dirs: DirIndex = (0..DIRS).map(|n| (path(n), DirMeta::fallback())).collect();
+        let own: OwnDirs = (0..DIRS).map(|n| (path(n), n % 7 == 0)).collect();
+        let blob = store.root.join("tmp").join("layer.ext4");
+        fs_err::write(&blob, b"blob").unwrap();
+        let record = LayerRecord {
+            chain_id: format!("sha256:{}", "cd".repeat(32)).parse().unwrap(),
+            diff_id: format!("sha256:{}", "ef".repeat(32)).parse().unwrap(),
+            fs: FsType::Ext4,
+            recipe: FsType::Ext4.recipe(),
+            size: 4,
+            blob_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"blob")),
+            tool: "test".to_string(),
+            dirs_sha256: None,
+            own_sha256: None,
+        };
+        let (published, peak) =
+            crate::heap_meter::peak_during(|| store.publish_layer(&blob, &dirs, &own, &record));
+        let published = published.unwrap();
+        println!("{} heap bytes per directory at the peak ({peak} for {DIRS})", peak / DIRS);
+        assert!(peak / DIRS <= 16, "{} heap bytes per directory", peak / DIRS);
+
+        let id = BlobId::new(BlobKind::Layer, FsType::Ext4, record.recipe, &record.chain_id).unwrap();
+        let mut text = Vec::new();
+        dirs.write_to(&mut text).unwrap();
+        assert_eq!(fs_err::read(store.sidecar(&id, "dirs")).unwrap(), text);
+        let sha = |b: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b));
+        assert_eq!(published.dirs_sha256.as_deref(), Some(sha(&text).as_str()));
+        let mut text = Vec::new();
+        own.write_to(&mut text).unwrap();
+        assert_eq!(fs_err::read(store.sidecar(&id, "own")).unwrap(), text);
+        assert_eq!(published.own_sha256.as_deref(), Some(sha(&text).as_str()));
     }
 }
