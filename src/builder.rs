@@ -594,7 +594,8 @@ impl Builder {
                 self.opts.max_layer_bytes,
             )
             .opaque_new_dirs(erofs && i > 0)
-            .marker_only_on_repeat(erofs);
+            .marker_only_on_repeat(erofs)
+            .data_room(backend.data_room(work.path())?);
             if erofs && i == 0 {
                 normalizer = normalizer.base_layer();
             }

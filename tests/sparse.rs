@@ -6,7 +6,7 @@
 mod fixture;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use fixture::*;
@@ -162,4 +162,53 @@ fn pax_sparse_members_of_every_version_convert() {
             assert_marked_holes(&stack.root().join("holey"), logical, &format!("{version} {fs}"));
         }
     }
+}
+
+/// A tmpfs mounted for the test's lifetime (a small store filesystem); unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let (ok, _, err) =
+            run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at));
+        assert!(ok, "mount tmpfs: {err}");
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// mkfs.erofs writes a sparse file's holes as zeros, so an EROFS layer with a sparse file
+/// larger than the store's free space is refused before anything is written, naming the file,
+/// its size and the bound — instead of writing until the store's filesystem is full.
+#[test]
+fn an_erofs_sparse_file_larger_than_the_stores_free_space_is_refused_before_writing() {
+    let dir = scratch("sparse-store-full");
+    let layout = dir.path().join("layout");
+    let logical: u64 = 1 << 30;
+    oci_layout(&layout, "t", &[sparse_layer(dir.path(), "huge", logical)]);
+    let small = Tmpfs::mount(&dir.path().join("small"), "64m");
+    let store = small.0.join("store");
+    let (ok, out, err) =
+        run(vmrootfs(&store).args(["build", &format!("oci:{}:t", layout.display()), "--fs", "erofs"]));
+    assert!(!ok, "a 1 GiB sparse file cannot fit in a 64 MiB store as EROFS");
+    assert!(out.is_empty());
+    assert!(
+        err.contains("\"huge\"") && err.contains(&logical.to_string()),
+        "names the file and its size: {err}"
+    );
+    assert!(err.contains("free in the store"), "names the bound: {err}");
+    let stat = rustix::fs::statvfs(&store).unwrap();
+    let free = stat.f_bavail * stat.f_frsize;
+    assert!(free > 60 << 20, "the store's filesystem was not filled: {free} bytes free");
+    let tmp: Vec<_> = std::fs::read_dir(store.join("tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "tmp/ is left empty");
+    // ext4 keeps the holes: the same layer fits.
+    let lowers = build_lowers(&store, &layout, "ext4");
+    assert_eq!(lowers.len(), 1);
 }

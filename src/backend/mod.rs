@@ -98,6 +98,12 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    #[error("reading the free space of {path}")]
+    FreeSpace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("fixing up {path}")]
     Fixup {
         path: std::path::PathBuf,
@@ -134,6 +140,20 @@ impl Backend {
         match self {
             Backend::Erofs(b) => b.describe(),
             Backend::Ext4(b) => b.describe(),
+        }
+    }
+
+    /// The most bytes of file data a layer made in `dir` may hold, holes included, when this
+    /// backend writes holes as zeros (mkfs.erofs' tar mode does): the free space of `dir`'s
+    /// filesystem, which a layer must never fill. `None` when holes stay holes (ext4).
+    pub fn data_room(&self, dir: &Path) -> Result<Option<u64>, BackendError> {
+        match self {
+            Backend::Erofs(_) => {
+                let st = rustix::fs::statvfs(dir)
+                    .map_err(|e| BackendError::FreeSpace { path: dir.to_owned(), source: e.into() })?;
+                Ok(Some(st.f_bavail.saturating_mul(st.f_frsize)))
+            }
+            Backend::Ext4(_) => Ok(None),
         }
     }
 

@@ -1,6 +1,6 @@
 //! External tools (mkfs.erofs, fsck.erofs, e2fsck): found up front, version-checked,
-//! run with stdin closed — or, in streaming mode, fed through a pipe — their stderr tail kept
-//! for errors.
+//! run with stdin closed — or, in streaming mode, fed through a pipe — the tail of what they
+//! printed (stdout and stderr) kept for errors.
 
 use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
@@ -103,7 +103,8 @@ pub fn locate(name: &str) -> Option<PathBuf> {
 }
 
 /// Runs a tool to completion: stdin closed, output captured; a failure carries the exit status
-/// and the last KiB of stderr.
+/// and the last KiB of what the tool printed (stdout, then stderr: mkfs.erofs and e2fsck say
+/// why on either).
 pub fn run(tool: &str, cmd: &mut Command) -> Result<Output, ToolError> {
     crate::progress::debug(&format!("running {cmd:?}"));
     let out = cmd
@@ -113,8 +114,8 @@ pub fn run(tool: &str, cmd: &mut Command) -> Result<Output, ToolError> {
         .output()
         .map_err(|source| ToolError::Spawn { tool: tool.to_string(), source })?;
     if !out.status.success() {
-        let text = if out.stderr.is_empty() { &out.stdout } else { &out.stderr };
-        return Err(failed(tool, out.status, text));
+        let said = [out.stdout.as_slice(), out.stderr.as_slice()].concat();
+        return Err(failed(tool, out.status, &said));
     }
     Ok(out)
 }
@@ -122,6 +123,7 @@ pub fn run(tool: &str, cmd: &mut Command) -> Result<Output, ToolError> {
 /// A failure carrying the last KiB of what the tool said.
 fn failed(tool: &str, status: ExitStatus, said: &[u8]) -> ToolError {
     let text = String::from_utf8_lossy(said);
+    let text = if text.trim().is_empty() { "(it printed nothing)".into() } else { text };
     let start = text.len().saturating_sub(1024);
     let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
     ToolError::Failed {
@@ -131,25 +133,27 @@ fn failed(tool: &str, status: ExitStatus, said: &[u8]) -> ToolError {
     }
 }
 
-/// A tool reading its input from a pipe the caller writes (streaming mode). Its stderr goes
-/// to an unnamed temp file, so a chatty tool can never block on a full pipe. Dropped without
+/// A tool reading its input from a pipe the caller writes (streaming mode). Its stdout and
+/// stderr go to one unnamed temp file (mkfs.erofs prints some errors on stdout), so a chatty
+/// tool can never block on a full pipe and a failure carries the tool's own words. Dropped without
 /// [`Streaming::finish`], the tool is killed and reaped.
 pub struct Streaming {
     tool: String,
     child: Child,
     stdin: Option<ChildStdin>,
-    stderr: std::fs::File,
+    /// Where the tool's stdout and stderr go.
+    said: std::fs::File,
 }
 
 impl Streaming {
     pub fn spawn(tool: &str, cmd: &mut Command) -> Result<Streaming, ToolError> {
         crate::progress::debug(&format!("running {cmd:?} (input streamed)"));
         let spawn_err = |source| ToolError::Spawn { tool: tool.to_string(), source };
-        let stderr = tempfile::tempfile().map_err(spawn_err)?;
+        let said = tempfile::tempfile().map_err(spawn_err)?;
         let mut child = cmd
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(stderr.try_clone().map_err(spawn_err)?)
+            .stdout(said.try_clone().map_err(spawn_err)?)
+            .stderr(said.try_clone().map_err(spawn_err)?)
             .spawn()
             .map_err(spawn_err)?;
         let stdin = child.stdin.take();
@@ -159,10 +163,10 @@ impl Streaming {
             // SAFETY: a valid pipe descriptor; F_SETPIPE_SZ only resizes its buffer.
             unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(s), libc::F_SETPIPE_SZ, 1 << 20) };
         }
-        Ok(Streaming { tool: tool.to_string(), child, stdin, stderr })
+        Ok(Streaming { tool: tool.to_string(), child, stdin, said })
     }
 
-    /// Ends the input and waits for the tool; a failure carries its stderr tail.
+    /// Ends the input and waits for the tool; a failure carries the tail of what it printed.
     pub fn finish(mut self) -> Result<(), ToolError> {
         drop(self.stdin.take());
         let status =
@@ -171,7 +175,7 @@ impl Streaming {
             return Ok(());
         }
         let mut said = Vec::new();
-        let _ = self.stderr.rewind().and_then(|_| self.stderr.read_to_end(&mut said));
+        let _ = self.said.rewind().and_then(|_| self.said.read_to_end(&mut said));
         Err(failed(&self.tool, status, &said))
     }
 }
@@ -216,6 +220,20 @@ fn version_key(v: &str) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_streaming_failure_carries_what_the_tool_printed_on_stdout_and_stderr() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "cat >/dev/null; echo said-on-stdout; echo said-on-stderr >&2; exit 3"]);
+        let mut s = Streaming::spawn("sh", &mut cmd).unwrap();
+        s.write_all(b"input").unwrap();
+        let err = s.finish().unwrap_err().to_string();
+        assert!(err.contains("said-on-stdout") && err.contains("said-on-stderr"), "{err}");
+        let err = run("sh", Command::new("sh").args(["-c", "echo only-stdout; exit 1"])).unwrap_err();
+        assert!(err.to_string().contains("only-stdout"), "{err}");
+        let err = run("false", &mut Command::new("false")).unwrap_err();
+        assert!(err.to_string().contains("printed nothing"), "{err}");
+    }
 
     #[test]
     fn version_banners() {

@@ -58,6 +58,11 @@ pub enum NormalizeError {
         "layer holds more than {limit} bytes of file data (a sparse or decompression bomb?); raise the limit with --max-layer-size"
     )]
     TooLarge { limit: u64 },
+    /// The backend writes holes as zeros, so this file would not fit in the store.
+    #[error(
+        "file of {size} bytes (holes included: mkfs.erofs writes them as zeros) does not fit: with the layer's files before it, that is more than the {room} bytes free in the store"
+    )]
+    NoRoom { size: u64, room: u64 },
     #[error("reading entry data")]
     Data(#[source] io::Error),
     #[error("writing the normalized layer stream")]
@@ -129,6 +134,9 @@ pub struct Normalizer<W: Write> {
     /// Bytes of file data so far (logical: holes of sparse members count), and the bound.
     file_bytes: u64,
     limit: u64,
+    /// Free bytes of the store, when the backend writes holes as zeros (see
+    /// [`Normalizer::data_room`]).
+    room: Option<u64>,
     buf: Vec<u8>,
     /// The image's base layer: nothing below for whiteouts or opaque markers to hide.
     base: bool,
@@ -149,6 +157,7 @@ impl<W: Write> Normalizer<W> {
             marker_only: false,
             file_bytes: 0,
             limit,
+            room: None,
             buf: vec![0; 256 * 1024],
             base: false,
         }
@@ -179,6 +188,14 @@ impl<W: Write> Normalizer<W> {
     /// give it each of them twice.
     pub fn marker_only_on_repeat(mut self, on: bool) -> Self {
         self.marker_only = on;
+        self
+    }
+
+    /// Refuses a file, before any of it is written, once the layer's file data (holes
+    /// included) would exceed `room` bytes: for a backend that writes holes as zeros, `room`
+    /// is the store's free space, which the layer must never fill.
+    pub fn data_room(mut self, room: Option<u64>) -> Self {
+        self.room = room;
         self
     }
 
@@ -350,6 +367,11 @@ impl<W: Write> Normalizer<W> {
         self.file_bytes = self.file_bytes.saturating_add(size);
         if self.file_bytes > self.limit {
             return Err(NormalizeError::TooLarge { limit: self.limit });
+        }
+        if let Some(room) = self.room
+            && self.file_bytes > room
+        {
+            return Err(NormalizeError::NoRoom { size, room });
         }
         self.emit(path, TarKind::File { size }, meta)?;
         let mut left = size;
