@@ -231,3 +231,60 @@ fn pax_values_may_hold_newlines_and_hide_no_records() {
         assert_eq!(xattr(&root.join("link"), "trusted.note").expect("the xattr"), smuggled, "{fs}");
     }
 }
+
+/// A v7 header (no magic): `flag` '\0' (old regular file) or '1' (hardlink), claiming `size`
+/// bytes.
+fn v7_header(path: &str, flag: u8, size: u64, link: &str) -> tar::Header {
+    let mut h = tar::Header::new_old();
+    let old = h.as_old_mut();
+    old.name[..path.len()].copy_from_slice(path.as_bytes());
+    old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+    old.linkflag = [flag];
+    h.set_mode(0o755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_600_000_000);
+    h.set_size(size);
+    h
+}
+
+/// Old archivers' forms, read as GNU tar, bsdtar and Go read them: a v7 directory is an old
+/// regular-file header whose name ends in `/`, with no data whatever size it claims; a v7
+/// hardlink claiming a size has no data either. Where tar readers disagree whether such an
+/// entry has data (a PAX hardlink claiming a size), the entry is refused, naming it.
+#[test]
+fn v7_directories_and_hardlinks_claiming_a_size_carry_no_data() {
+    let entries = [
+        raw_entry(v7_header("d1/", 0, 1, ""), b""),
+        raw_entry(v7_header("d2/", 0, 1, ""), b""),
+        raw_entry(v7_header("d2/f", 0, 2, ""), b"hi"),
+        raw_entry(v7_header("d2/h", b'1', 2, "d2/f"), b""),
+        raw_entry(v7_header("after", 0, 2, ""), b"ok"),
+    ];
+    for fs in ["erofs", "ext4"] {
+        let (_dir, stack) = build_and_mount(&format!("v7-{fs}"), &entries, fs);
+        let root = stack.root();
+        assert!(root.join("d1").is_dir() && root.join("d2").is_dir(), "{fs}: both directories");
+        assert_eq!(std::fs::read_to_string(root.join("d2/f")).unwrap(), "hi", "{fs}");
+        let ino = |p: &str| std::fs::metadata(root.join(p)).unwrap().ino();
+        assert_eq!(ino("d2/h"), ino("d2/f"), "{fs}: the hardlink");
+        assert_eq!(std::fs::read_to_string(root.join("after")).unwrap(), "ok", "{fs}");
+    }
+    // A PAX hardlink claiming 2 bytes: bsdtar reads data there, GNU tar and Go do not.
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("mtime", &b"1600000000"[..])]).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_mode(0o644);
+    h.set_size(2);
+    h.set_link_name("f").unwrap();
+    h.set_path("h").unwrap();
+    h.set_cksum();
+    b.append(&h, &b"xx"[..]).unwrap();
+    let dir = scratch("v7-pax-link");
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[Layer::gzip(&[file("f", "data"), Entry::Raw(b.get_ref().clone())])]);
+    let (ok, _, err) = build_json(&dir.path().join("s"), &[&format!("oci:{}:t", layout.display())]);
+    assert!(!ok, "readers disagree on its data: refused");
+    assert!(err.contains("entry \"h\"") && err.contains("2 bytes"), "{err}");
+}

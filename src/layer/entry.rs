@@ -70,6 +70,24 @@ pub fn device(h: &tar::Header) -> Result<(u32, u32), EntryError> {
     Ok((unsigned("devmajor", &bytes[329..337])?, unsigned("devminor", &bytes[337..345])?))
 }
 
+/// What an entry of type `kind` named `path` is, when it carries no data (links, devices,
+/// FIFOs, directories, and a regular-file header named `…/`: a v7 directory). The tar reader
+/// gives such an entry no data when the readers agree it has none (vendor/tar
+/// `carries_no_data`); one still claiming data is one they disagree on.
+pub fn dataless_kind(kind: tar::EntryType, path: &[u8]) -> Option<&'static str> {
+    use tar::EntryType as T;
+    match kind {
+        T::Link => Some("hardlink"),
+        T::Symlink => Some("symlink"),
+        T::Char => Some("character device"),
+        T::Block => Some("block device"),
+        T::Directory => Some("directory"),
+        T::Fifo => Some("FIFO"),
+        T::Regular if path.ends_with(b"/") => Some("directory"),
+        _ => None,
+    }
+}
+
 /// A numeric header field as GNU tar, bsdtar and Go read it: octal digits padded with spaces
 /// or NULs (a field of only NULs or spaces, seen in real archives, is 0), or GNU base-256
 /// (high bit set; the next bit is the sign, for times before 1970).

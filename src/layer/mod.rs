@@ -85,6 +85,8 @@ pub enum EntryError {
     Header(#[source] io::Error),
     #[error("header field {field} is not an octal number: {text:?}")]
     BadNumber { field: &'static str, text: String },
+    #[error("a {kind} entry claiming {size} bytes of data: tar readers disagree on whether they are there")]
+    DataOnDataless { kind: &'static str, size: u64 },
     #[error("{field} {value} does not fit in {bits} bits")]
     OutOfRange { field: &'static str, value: i128, bits: u32 },
 }
@@ -305,9 +307,17 @@ fn apply_entry<R: Read, W: Write>(
     let raw_path = entry::entry_path(entry);
     let header = entry.header();
     let kind = header.entry_type();
+    if let Some(dataless) = entry::dataless_kind(kind, &raw_path)
+        && entry.size() > 0
+    {
+        return Err(EntryError::DataOnDataless { kind: dataless, size: entry.size() });
+    }
     let device = entry::device;
     let link = || entry::entry_link(entry);
     let kind = match kind {
+        // A regular file named `…/` is a directory (v7 archivers wrote them so), as GNU tar,
+        // bsdtar and Go read it.
+        T::Regular if raw_path.ends_with(b"/") => EntryKind::Dir,
         T::Regular | T::Continuous | T::GNUSparse => {
             let stored = entry.size();
             if let Some(sparse) = entry::pax_sparse(entry)? {

@@ -281,6 +281,29 @@ impl<'a, R: Read> Iterator for Entries<'a, R> {
     }
 }
 
+/// vmrootfs: whether an entry has no data, whatever its size field says, as GNU tar, bsdtar
+/// and Go read it: links, devices, FIFOs and directories carry none, nor does a v7 directory
+/// (an old regular-file header — type NUL, or `0` without the ustar magic — whose name ends
+/// in `/`). Only for entries without PAX records: there the readers disagree (bsdtar reads
+/// a PAX hardlink's data), so the size is kept and vmrootfs refuses the entry.
+fn carries_no_data(fields: &EntryFields<'_>) -> bool {
+    if fields.pax_extensions.is_some() {
+        return false;
+    }
+    let header = &fields.header;
+    let v7 = header.as_ustar().is_none() && header.as_gnu().is_none();
+    match header.as_bytes()[156] {
+        b'1' | b'2' | b'3' | b'4' | b'5' | b'6' => true,
+        b'0' if !v7 => false,
+        b'\0' | b'0' => {
+            let path = fields.path_bytes();
+            let name = path.split(|&b| b == 0).next().unwrap_or(&[]);
+            name.ends_with(b"/")
+        }
+        _ => false,
+    }
+}
+
 impl<'a> EntriesFields<'a> {
     fn next_entry_raw(
         &mut self,
@@ -446,6 +469,12 @@ impl<'a> EntriesFields<'a> {
             fields.long_linkname = gnu_longlink;
             fields.pax_extensions = pax_extensions;
             self.parse_sparse_header(&mut fields)?;
+            if fields.size > 0 && carries_no_data(&fields) {
+                // vmrootfs: no data follows, whatever the size field says.
+                fields.size = 0;
+                fields.data = vec![EntryIo::Data((&self.archive.inner).take(0))];
+                self.next = fields.file_pos;
+            }
             return Ok(Some(fields.into_entry()));
         }
     }

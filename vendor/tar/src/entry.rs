@@ -305,7 +305,7 @@ impl<'a> EntryFields<'a> {
         bytes2path(self.path_bytes())
     }
 
-    fn path_bytes(&self) -> Cow<'_, [u8]> {
+    pub(crate) fn path_bytes(&self) -> Cow<'_, [u8]> {
         match self.long_pathname {
             Some(ref bytes) => {
                 if let Some(&0) = bytes.last() {
