@@ -136,3 +136,169 @@ fn semantics_erofs() {
 fn semantics_ext4() {
     check("ext4");
 }
+
+/// A POSIX ACL xattr value (VFS format, version 2) of `(tag, perm, id)` entries.
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
+const USER_OBJ: u16 = 0x01;
+const USER: u16 = 0x02;
+const GROUP_OBJ: u16 = 0x04;
+const MASK: u16 = 0x10;
+const OTHER: u16 = 0x20;
+const NO_ID: u32 = u32::MAX;
+
+/// A file (mode 0o4755) after a PAX header with `records`.
+fn pax_file(path: &str, records: &[(&str, &[u8])]) -> Entry {
+    Entry::PaxFile {
+        path: path.as_bytes().to_vec(),
+        data: b"x".to_vec(),
+        pax: records.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect(),
+    }
+}
+
+/// A symlink after a PAX header with `records`.
+fn pax_symlink(path: &str, target: &str, records: &[(&str, &[u8])]) -> Entry {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions(records.iter().copied()).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_mode(0o777);
+    h.set_size(0);
+    b.append_link(&mut h, path, target).unwrap();
+    Entry::Raw(b.get_ref().clone())
+}
+
+/// Names of the xattrs of `path` (not following a symlink).
+fn xattr_names(path: &Path) -> Vec<String> {
+    let mut buf = vec![0u8; 64 << 10];
+    let n = rustix::fs::llistxattr(path, &mut buf).unwrap();
+    buf[..n]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect()
+}
+
+/// The metadata a layer's blob shows is what applying the layer (GNU tar, containerd) gives:
+/// mtimes outside ext4's range clamp to its ends (as the kernel clamps them), the last of
+/// two records for one xattr wins, a POSIX ACL takes its mask (or group entry), owner and
+/// other permissions from the mode as chmod sets them and a minimal one is no xattr at all,
+/// `user.*` xattrs are dropped where the kernel refuses them (symlinks), and a whiteout that
+/// hides nothing (no directory below could hold its name) is dropped.
+#[test]
+fn metadata_is_what_applying_the_layer_gives() {
+    let base = Layer::gzip(&[dir("d", 0o755), file("d/present", "x")]);
+    let upper = Layer::gzip(&[
+        pax_file("old", &[("mtime", b"-2500000000")]),
+        pax_file("future", &[("mtime", b"20000000000.5")]),
+        pax_file("dup", &[("SCHILY.xattr.user.k", b"first"), ("SCHILY.xattr.user.k", b"second")]),
+        pax_file(
+            "acl",
+            &[(
+                "SCHILY.xattr.system.posix_acl_access",
+                &acl(&[
+                    (USER_OBJ, 6, NO_ID),
+                    (USER, 4, 1000),
+                    (GROUP_OBJ, 1, NO_ID),
+                    (MASK, 7, NO_ID),
+                    (OTHER, 0, NO_ID),
+                ]),
+            )],
+        ),
+        pax_file(
+            "acl-minimal",
+            &[(
+                "SCHILY.xattr.system.posix_acl_access",
+                &acl(&[(USER_OBJ, 6, NO_ID), (GROUP_OBJ, 4, NO_ID), (OTHER, 4, NO_ID)]),
+            )],
+        ),
+        pax_symlink("sym", "old", &[("SCHILY.xattr.user.k", b"v"), ("SCHILY.xattr.trusted.k", b"t")]),
+        file("d/.wh.absent-file", ""),
+        dir("new", 0o755),
+        file("new/.wh.ghost", ""),
+        file("implicit/.wh.ghost", ""),
+        file("implicit/kept", "k"),
+    ]);
+    for fs in ["erofs", "ext4"] {
+        let dir = scratch(&format!("applied-{fs}"));
+        let layout = dir.path().join("layout");
+        oci_layout(&layout, "t", &[base.clone(), upper.clone()]);
+        let lowers = build_lowers(&dir.path().join("store"), &layout, fs);
+        let stack = MountedStack::mount(&lowers);
+        let (root, layer) = (stack.root(), stack.lower(1));
+        let mtime = |p: &str| std::fs::metadata(root.join(p)).unwrap().mtime();
+        if fs == "ext4" {
+            assert_eq!(mtime("old"), -(1i64 << 31), "ext4: clamped to 1901, not wrapped");
+            assert_eq!(mtime("future"), (1i64 << 34) - (1i64 << 31) - 1, "ext4: clamped to 2446");
+        } else {
+            assert_eq!(
+                (mtime("old"), mtime("future")),
+                (-2_500_000_000, 20_000_000_000),
+                "erofs keeps 64 bits"
+            );
+        }
+        assert_eq!(xattr_names(&root.join("dup")), ["user.k"], "{fs}: one entry");
+        assert_eq!(
+            xattr(&root.join("dup"), "user.k").as_deref(),
+            Some(&b"second"[..]),
+            "{fs}: the last wins"
+        );
+        let mode = 0o4755u16;
+        let want = acl(&[
+            (USER_OBJ, (mode >> 6) & 7, NO_ID),
+            (USER, 4, 1000),
+            (GROUP_OBJ, 1, NO_ID),
+            (MASK, (mode >> 3) & 7, NO_ID),
+            (OTHER, mode & 7, NO_ID),
+        ]);
+        assert_eq!(
+            xattr(&root.join("acl"), "system.posix_acl_access"),
+            Some(want),
+            "{fs}: mask from the mode"
+        );
+        assert_eq!(
+            xattr(&root.join("acl-minimal"), "system.posix_acl_access"),
+            None,
+            "{fs}: minimal ACL is the mode"
+        );
+        assert_eq!(xattr_names(&root.join("sym")), ["trusted.k"], "{fs}: no user.* on a symlink");
+        assert_eq!(names(&layer.join("d")), ["absent-file"], "{fs}: a whiteout where something may be below");
+        assert!(names(&layer.join("new")).is_empty(), "{fs}: nothing below a new directory to hide");
+        assert_eq!(names(&layer.join("implicit")), ["kept"], "{fs}: nor below an implicit new one");
+        assert_eq!(names(&root.join("d")), ["present"], "{fs}");
+    }
+}
+
+/// What applying the layer cannot give is refused, naming the entry: an ACL with a named
+/// entry and no mask (the kernel refuses it; every `open()` by a non-owner would fail), and
+/// uid or gid 4294967295 (`(uid_t)-1`, "no change" to chown).
+#[test]
+fn entries_applying_cannot_give_are_refused() {
+    let no_mask = acl(&[(USER_OBJ, 6, NO_ID), (USER, 4, 1000), (GROUP_OBJ, 4, NO_ID), (OTHER, 4, NO_ID)]);
+    let cases: [(&str, Entry, &str); 3] = [
+        ("nomask", pax_file("f", &[("SCHILY.xattr.system.posix_acl_access", &no_mask)]), "mask"),
+        ("uid", pax_file("f", &[("uid", b"4294967295")]), "4294967295"),
+        ("gid", pax_file("f", &[("gid", b"4294967295")]), "4294967295"),
+    ];
+    for (name, entry, says) in cases {
+        let dir = scratch(&format!("refused-{name}"));
+        let layout = dir.path().join("layout");
+        oci_layout(&layout, "t", &[Layer::gzip(&[entry])]);
+        let (ok, _, err) = run(vmrootfs(&dir.path().join("store")).args([
+            "build",
+            &format!("oci:{}:t", layout.display()),
+            "--fs",
+            "ext4",
+        ]));
+        assert!(!ok, "{name}: refused");
+        assert!(err.contains("entry \"f\"") && err.contains(says), "{name}: {err}");
+    }
+}

@@ -15,8 +15,8 @@ pub fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, E
     let mtime = number("mtime", &h.mtime)?;
     let mut meta = EntryMeta {
         mode: unsigned("mode", &h.mode)? & 0o7777,
-        uid: unsigned("uid", &h.uid)?,
-        gid: unsigned("gid", &h.gid)?,
+        uid: id("uid", number("uid", &h.uid)?)?,
+        gid: id("gid", number("gid", &h.gid)?)?,
         mtime_sec: i64::try_from(mtime).map_err(|_| EntryError::OutOfRange {
             field: "mtime",
             value: mtime,
@@ -30,17 +30,24 @@ pub fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<EntryMeta, E
             let ext = ext.map_err(EntryError::Header)?;
             let (key, value) = (ext.key_bytes(), ext.value_bytes());
             let bad = || EntryError::BadPax(String::from_utf8_lossy(key).into_owned());
-            let num = || std::str::from_utf8(value).ok().and_then(|v| v.parse::<u32>().ok()).ok_or_else(bad);
+            let num = |field| {
+                let v =
+                    std::str::from_utf8(value).ok().and_then(|v| v.parse::<i128>().ok()).ok_or_else(bad)?;
+                id(field, v)
+            };
             match key {
                 b"mtime" => {
                     let v = std::str::from_utf8(value).map_err(|_| bad())?;
                     (meta.mtime_sec, meta.mtime_nsec) = parse_pax_time(v).ok_or_else(bad)?;
                 }
-                b"uid" => meta.uid = num()?,
-                b"gid" => meta.gid = num()?,
+                b"uid" => meta.uid = num("uid")?,
+                b"gid" => meta.gid = num("gid")?,
                 k if k.starts_with(b"GNU.sparse.") => {} // see [`pax_sparse`]
                 k => {
                     if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
+                        // A later record for the same xattr replaces the earlier one, as
+                        // setting it again would.
+                        meta.xattrs.retain(|(n, _)| n != name);
                         meta.xattrs.push((name.to_vec(), value.to_vec()));
                     }
                 }
@@ -123,6 +130,16 @@ fn unsigned(field: &'static str, bytes: &[u8]) -> Result<u32, EntryError> {
     u32::try_from(value).map_err(|_| EntryError::OutOfRange { field, value, bits: 32 })
 }
 
+/// A uid or gid: 32 unsigned bits, and not 4294967295, which is `(uid_t)-1` to chown ("leave
+/// unchanged"), so applying the layer could never give it.
+fn id(field: &'static str, value: i128) -> Result<u32, EntryError> {
+    match u32::try_from(value) {
+        Ok(u32::MAX) => Err(EntryError::NoChangeId { field }),
+        Ok(v) => Ok(v),
+        Err(_) => Err(EntryError::OutOfRange { field, value, bits: 32 }),
+    }
+}
+
 /// A name as C strings end: at its first NUL. GNU long names (`L`/`K` entries) are C
 /// strings; GNU tar, bsdtar and Go cut them there, where the tar crate keeps what follows.
 /// (A PAX `path` with a NUL is cut the same way, as GNU tar does.)
@@ -196,17 +213,23 @@ mod tests {
     }
 
     #[test]
-    fn ids_of_32_bits_or_more_are_refused() {
+    fn ids_of_32_bits_or_more_and_minus_one_are_refused() {
         let mut h = tar::Header::new_gnu();
-        for (id, ok) in [(0u64, true), (u32::MAX as u64, true), (1 << 32, false), (1 << 40, false)] {
-            h.set_uid(id);
-            h.set_gid(id);
+        for (id_value, ok) in [
+            (0u64, true),
+            (u32::MAX as u64 - 1, true),
+            (u32::MAX as u64, false),
+            (1 << 32, false),
+            (1 << 40, false),
+        ] {
+            h.set_uid(id_value);
+            h.set_gid(id_value);
             for (field, bytes) in [("uid", h.as_old().uid), ("gid", h.as_old().gid)] {
-                match unsigned(field, &bytes) {
-                    Ok(v) => assert!(ok && v as u64 == id, "{field} {id}"),
+                match number(field, &bytes).and_then(|v| id(field, v)) {
+                    Ok(v) => assert!(ok && v as u64 == id_value, "{field} {id_value}"),
                     Err(e) => {
-                        assert!(!ok, "{field} {id}: {e}");
-                        assert!(e.to_string().contains(&format!("{field} {id}")), "{e}");
+                        assert!(!ok, "{field} {id_value}: {e}");
+                        assert!(e.to_string().contains(&format!("{field} {id_value}")), "{e}");
                     }
                 }
             }

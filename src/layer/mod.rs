@@ -6,6 +6,7 @@
 //!      ─normalize (whiteouts, parents, path safety)─▶ pax tar ─▶ mkfs
 //! ```
 
+pub mod acl;
 pub mod dirindex;
 pub mod entry;
 pub mod meta;
@@ -87,6 +88,8 @@ pub enum EntryError {
     BadNumber { field: &'static str, text: String },
     #[error("a {kind} entry claiming {size} bytes of data: tar readers disagree on whether they are there")]
     DataOnDataless { kind: &'static str, size: u64 },
+    #[error("{field} 4294967295 is (uid_t)-1, which chown takes as \"leave unchanged\"")]
+    NoChangeId { field: &'static str },
     #[error("{field} {value} does not fit in {bits} bits")]
     OutOfRange { field: &'static str, value: i128, bits: u32 },
 }

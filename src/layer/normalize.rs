@@ -26,7 +26,7 @@ use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 
 use super::dirindex::{DirIndex, DirMeta, NodeKind};
-use super::meta::{EntryMeta, is_reserved_xattr};
+use super::meta::{EntryMeta, XattrHolder, XattrRefused, applied_xattrs, is_reserved_xattr};
 use super::owndirs::OwnDirs;
 use super::path::{self, EntryAction, PathError};
 use super::pathtree::{PathId, PathTree, PathTreeFull};
@@ -63,6 +63,8 @@ pub enum NormalizeError {
         "file of {size} bytes (holes included: mkfs.erofs writes them as zeros) does not fit: with the layer's files before it, that is more than the {room} bytes free in the store"
     )]
     NoRoom { size: u64, room: u64 },
+    #[error(transparent)]
+    Xattr(#[from] XattrRefused),
     #[error("reading entry data")]
     Data(#[source] io::Error),
     #[error("writing the normalized layer stream")]
@@ -218,6 +220,12 @@ impl<W: Write> Normalizer<W> {
     pub fn put(&mut self, path: &[u8], kind: EntryKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
         let mut meta = meta.clone();
         meta.xattrs.retain(|(k, _)| !is_reserved_xattr(k));
+        let holder = match kind {
+            EntryKind::Dir => XattrHolder::Dir,
+            EntryKind::File { .. } | EntryKind::Hardlink(_) => XattrHolder::File,
+            _ => XattrHolder::Special,
+        };
+        applied_xattrs(holder, meta.mode, &mut meta.xattrs)?;
         if path.is_empty() {
             if !matches!(kind, EntryKind::Dir) {
                 return Err(NormalizeError::RootNotDir);
@@ -500,6 +508,7 @@ impl<W: Write> Normalizer<W> {
                 _ => None,
             })
             .collect();
+        whiteouts.retain(|(p, _)| hides_something(p, lower, &self.opaque));
         whiteouts.sort();
         for (p, mtime_sec) in whiteouts {
             let meta = EntryMeta { mode: 0, uid: 0, gid: 0, mtime_sec, mtime_nsec: 0, xattrs: Vec::new() };
@@ -529,6 +538,14 @@ fn components(path: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
             (end, name)
         })
         .filter(|(_, name)| !name.is_empty())
+}
+
+/// Whether a whiteout at `path` may hide something: only when its parent is a directory
+/// below (`lower`, the merged directories of the layers below) that this layer does not make
+/// opaque. Anything else would show in the layer's blob as a name with nothing behind it.
+fn hides_something(path: &[u8], lower: &DirIndex, opaque: &BTreeSet<Vec<u8>>) -> bool {
+    let parent = path::split_parent(path).0;
+    lower.get(parent).is_some() && !opaque.contains(parent)
 }
 
 #[cfg(test)]
@@ -599,6 +616,9 @@ mod tests {
 
     #[test]
     fn whiteouts_opaque_dirs_and_redundant_whiteouts() {
+        let mut lower = DirIndex::default();
+        lower.insert(b"".to_vec(), meta(0o755));
+        lower.insert(b"etc".to_vec(), meta(0o755));
         let (entries, _) = run(
             |n| {
                 n.entry(b"etc/.wh.motd", EntryKind::Fifo, &meta(0)).unwrap();
@@ -609,8 +629,9 @@ mod tests {
                 file(n, "r").unwrap();
                 n.entry(b".wh.r", EntryKind::Fifo, &meta(0)).unwrap();
                 n.entry(b"a/.wh..wh.plnk", EntryKind::Fifo, &meta(0)).unwrap();
+                n.entry(b"new/.wh.ghost", EntryKind::Fifo, &meta(0)).unwrap();
             },
-            &DirIndex::default(),
+            &lower,
         );
         let has = |p: &str, t: char| entries.iter().any(|(q, u, _, _)| q == p && *u == t);
         assert!(has("etc/motd", '3'), "whiteout → char 0:0: {entries:?}");
@@ -620,6 +641,7 @@ mod tests {
             "{entries:?}"
         );
         assert!(!has("r", '3'), "a whiteout of this layer's own file is dropped: {entries:?}");
+        assert!(!has("new/ghost", '3'), "nothing below a new directory to hide: {entries:?}");
     }
 
     #[test]

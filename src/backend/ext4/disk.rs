@@ -57,9 +57,18 @@ pub fn csum_seed(uuid: &[u8; 16]) -> u32 {
     crc(!0, uuid)
 }
 
+/// The earliest and latest second an ext4 inode (256 bytes, two epoch bits) can hold:
+/// 1901-12-13 and 2446-05-10.
+const TIME_MIN: i64 = -(1 << 31);
+const TIME_MAX: i64 = (1 << 34) - (1 << 31) - 1;
+
 /// ext4's split of a time: the low 32 bits of seconds (read as signed), and the extra field
-/// `nsec << 2 | epoch`, whose two epoch bits say which 2^32-second era the time is in.
+/// `nsec << 2 | epoch`, whose two epoch bits say which 2^32-second era the time is in. A time
+/// outside ext4's range is clamped to its nearer end with no nanoseconds, as the kernel
+/// (`timestamp_truncate`) stores it when GNU tar sets it.
 pub fn split_time(sec: i64, nsec: u32) -> (u32, u32) {
+    let (sec, nsec) =
+        if (TIME_MIN..=TIME_MAX).contains(&sec) { (sec, nsec) } else { (sec.clamp(TIME_MIN, TIME_MAX), 0) };
     let epoch = ((sec - sec as i32 as i64) >> 32) & 3;
     (sec as u32, (nsec.min(999_999_999) << 2) | epoch as u32)
 }
@@ -557,6 +566,11 @@ mod tests {
         let t = 4_102_444_800i64;
         let (sec, extra) = split_time(t, 0);
         assert_eq!(sec as i32 as i64 + ((extra as i64 & 3) << 32), t);
+        // Outside the range: clamped, not wrapped (1890 must not become 2436).
+        let read = |(sec, extra): (u32, u32)| (sec as i32 as i64 + ((extra as i64 & 3) << 32), extra >> 2);
+        assert_eq!(read(split_time(-2_500_000_000, 7)), (TIME_MIN, 0));
+        assert_eq!(read(split_time(20_000_000_000, 7)), (TIME_MAX, 0));
+        assert_eq!(read(split_time(TIME_MIN, 7)), (TIME_MIN, 7));
     }
 
     #[test]
