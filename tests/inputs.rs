@@ -288,3 +288,38 @@ fn v7_directories_and_hardlinks_claiming_a_size_carry_no_data() {
     assert!(!ok, "readers disagree on its data: refused");
     assert!(err.contains("entry \"h\"") && err.contains("2 bytes"), "{err}");
 }
+
+/// A GNU volume label (`tar -V LABEL`, a `V` header whose numeric fields are all NULs) names
+/// the archive, not a file: GNU tar extracts the rest, and so does a conversion.
+#[test]
+fn a_gnu_volume_label_is_skipped() {
+    let dir = scratch("volume-label");
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), "hi").unwrap();
+    let tar = dir.path().join("v.tar");
+    let ok = Command::new("tar")
+        .args(["--format=gnu", "--owner=0", "--group=0", "-V", "MYLABEL", "-cf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg("f")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "GNU tar failed");
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[Layer::from_tar(&std::fs::read(&tar).unwrap())]);
+    for fs in ["erofs", "ext4"] {
+        let (ok, r, err) = build_json(
+            &dir.path().join(format!("s-{fs}")),
+            &[&format!("oci:{}:t", layout.display()), "--fs", fs],
+        );
+        assert!(ok, "{fs}: {err}");
+        let stack = MountedStack::mount(&lowers_of(&r));
+        let names: Vec<_> =
+            std::fs::read_dir(stack.root()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["f"], "{fs}: the label is no file");
+        assert_eq!(std::fs::read_to_string(stack.root().join("f")).unwrap(), "hi", "{fs}");
+    }
+}

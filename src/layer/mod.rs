@@ -344,6 +344,8 @@ fn apply_entry<R: Read, W: Write>(
         }
         T::Fifo => EntryKind::Fifo,
         T::XGlobalHeader => return Ok(()),
+        // A GNU volume label names the archive, not a file: GNU tar skips it too.
+        other if other.as_byte() == b'V' => return Ok(()),
         other => return Err(EntryError::UnsupportedType(other.as_byte() as char)),
     };
     Ok(normalizer.entry(&raw_path, kind, &meta)?)

@@ -1483,6 +1483,11 @@ fn octal_from(slice: &[u8]) -> io::Result<u64> {
             )));
         }
     };
+    // vmrootfs: a field of only NULs or spaces is 0, as GNU tar, bsdtar and Go read it (GNU
+    // volume labels have such fields).
+    if num.trim().is_empty() {
+        return Ok(0);
+    }
     match u64::from_str_radix(num.trim(), 8) {
         Ok(n) => Ok(n),
         Err(_) => Err(other(&format!("numeric field was not a number: {}", num))),
