@@ -93,7 +93,7 @@ fn pushed_erofs_images_pull_without_mkfs_into_identical_blobs() {
             let (ok, tar, err) = build_json(&store, &[&test_image_oci(), "--tag", "tar"]);
             assert!(ok, "{err}");
             assert_eq!(blob_hashes(&tar), want);
-            let blobs = std::fs::read_dir(store.join("layers/erofs-v4"))
+            let blobs = std::fs::read_dir(store.join("layers/erofs-v5"))
                 .unwrap()
                 .flatten()
                 .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
@@ -379,7 +379,7 @@ fn the_consumer_refuses_and_accepts_what_the_format_says() {
         }
         let records = std::fs::read_dir(store.join("images")).map(|d| d.count()).unwrap_or(0);
         assert_eq!(records, 0, "{name}: no record");
-        let layers = store.join("layers/erofs-v4");
+        let layers = store.join("layers/erofs-v5");
         let blobs = std::fs::read_dir(&layers)
             .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "erofs")).count())
             .unwrap_or(0);

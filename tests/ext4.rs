@@ -227,7 +227,7 @@ fn an_xattr_ext4_cannot_hold_names_its_entry() {
         run(vmrootfs(&store).args(["build", &format!("oci:{}:t", layout.display()), "--fs", "ext4"]));
     assert!(!ok, "the build fails");
     assert!(err.contains("etc/odd") && err.contains("os2.comment"), "the error names entry and xattr: {err}");
-    let layers = store.join("layers/ext4-v3");
+    let layers = store.join("layers/ext4-v4");
     let blobs = std::fs::read_dir(&layers)
         .map(|d| d.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "ext4")).count())
         .unwrap_or(0);

@@ -32,10 +32,14 @@ use tool::ToolError;
 ///   instead of moved into path order at the end.
 /// - 3 (ext4 only): written by vmrootfs itself ([`ext4`]) in one pass, file data in stream
 ///   order, no superblock backups, images exactly as large as their content.
-pub const EROFS_RECIPE: u32 = 4;
+/// - 5 (EROFS), 4 (ext4): metadata as applying the layer gives it (issue 17): POSIX ACLs
+///   agree with the mode, the last of two PAX records of an xattr wins, `user.*` xattrs are
+///   dropped where the kernel refuses them, whiteouts that hide nothing are dropped, old
+///   archivers' dataless entries read as GNU tar reads them; ext4 times clamped, not wrapped.
+pub const EROFS_RECIPE: u32 = 5;
 /// The first EROFS recipe without inlined file tails: its blobs and later ones can be merged.
 pub const EROFS_MERGEABLE_RECIPE: u32 = 3;
-pub const EXT4_RECIPE: u32 = 3;
+pub const EXT4_RECIPE: u32 = 4;
 
 /// Filesystem type of the blobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
