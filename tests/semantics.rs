@@ -302,3 +302,51 @@ fn entries_applying_cannot_give_are_refused() {
         assert!(err.contains("entry \"f\"") && err.contains(says), "{name}: {err}");
     }
 }
+
+/// A path that changes type within one layer takes the later entry, as applying the layer in
+/// order does (GNU tar 1.34, containerd): a file over a directory takes what was below it
+/// along, and a directory over a file is new (nothing of a lower directory there shows).
+#[test]
+fn a_later_entry_replaces_an_earlier_one_of_another_type() {
+    let base = Layer::gzip(&[dir("g", 0o755), file("g/lower", "l"), dir("d", 0o755), file("d/lower", "l")]);
+    let upper = Layer::gzip(&[
+        file("d/c", "c"),
+        dir("d/sub", 0o755),
+        file("d/sub/x", "x"),
+        file("d", "now a file"),
+        file("f", "a file"),
+        dir("f", 0o711),
+        file("f/in", "in"),
+        file("g", "a file"),
+        dir("g", 0o700),
+        file("g/new", "new"),
+        // A directory, then a file, then a directory again, with a name below it again.
+        dir("h", 0o755),
+        file("h/a", "first"),
+        dir("h/s", 0o755),
+        file("h", "a file"),
+        dir("h", 0o755),
+        file("h/a", "second"),
+    ]);
+    for fs in ["erofs", "ext4"] {
+        let dir = scratch(&format!("type-change-{fs}"));
+        let layout = dir.path().join("layout");
+        oci_layout(&layout, "t", &[base.clone(), upper.clone()]);
+        let lowers = build_lowers(&dir.path().join("store"), &layout, fs);
+        if fs == "ext4" {
+            for (blob, _) in &lowers {
+                let (ok, out, err) = run(std::process::Command::new("e2fsck").arg("-fn").arg(blob));
+                assert!(ok, "e2fsck {}: {out}{err}", blob.display());
+            }
+        }
+        let stack = MountedStack::mount(&lowers);
+        let root = stack.root();
+        assert_eq!(std::fs::read_to_string(root.join("d")).unwrap(), "now a file", "{fs}");
+        assert_eq!(names(&root.join("f")), ["in"], "{fs}");
+        assert_eq!(std::fs::metadata(root.join("f")).unwrap().permissions().mode() & 0o7777, 0o711, "{fs}");
+        assert_eq!(names(&root.join("g")), ["new"], "{fs}: the lower directory's contents are gone");
+        assert_eq!(names(&stack.lower(1).join("f")), ["in"], "{fs}");
+        assert_eq!(names(&root.join("h")), ["a"], "{fs}");
+        assert_eq!(std::fs::read_to_string(root.join("h/a")).unwrap(), "second", "{fs}");
+    }
+}

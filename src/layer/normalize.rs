@@ -6,9 +6,10 @@
 //! - `.wh.NAME` becomes a whiteout (char 0:0) — unless this layer has an entry there: a
 //!   whiteout applies to lower layers only (OCI image spec), so a directory of this layer
 //!   becomes opaque and anything else stays, whichever comes first in the tar. Whiteouts are
-//!   written at the end of the stream, so no backend ever sees a name change type (a device
-//!   cannot become a directory). A whiteout below a non-directory of this
-//!   layer is redundant (the non-directory hides everything below it) and dropped.
+//!   written at the end of the stream, where this layer has no entry, so a whiteout never
+//!   replaces an entry of the stream. A whiteout below a non-directory of this layer is
+//!   redundant (the non-directory hides everything below it) and dropped; so is one whose
+//!   parent is no directory below (it hides nothing).
 //! - `.wh..wh..opq` in D becomes `trusted.overlay.opaque=y` on D; other `.wh..wh.*` markers
 //!   are dropped, and so are `trusted.overlay.*`/`user.overlay.*` xattrs from the tar.
 //! - Every directory is listed before anything inside it: parents the tar does not list are
@@ -16,9 +17,12 @@
 //!   the lower layers' directories are known ([`Normalizer::finish`]) emitted again with the
 //!   metadata applying the layers in order gives them; opaque directories get their marker
 //!   then too. mkfs takes a repeated directory's later metadata.
-//! - Paths are made relative; a `..` that escapes, an entry below a non-directory, a hardlink
-//!   to anything but an earlier non-directory of this layer, and a path this layer wrote as a
-//!   directory then as a non-directory (or the reverse) are errors.
+//! - A later entry at a path replaces the earlier one, as applying the layer in order does
+//!   (GNU tar 1.34, containerd): a directory replaced by a non-directory takes everything
+//!   below it along, and a directory replacing a non-directory is new, so opaque. Backends
+//!   take a repeated path's later entry.
+//! - Paths are made relative; a `..` that escapes, an entry below a non-directory, and a
+//!   hardlink to anything but an earlier non-directory of this layer are errors.
 //!
 //! The output never asks mkfs to follow a symlink or create anything outside its root.
 
@@ -50,10 +54,6 @@ pub enum NormalizeError {
     OpaqueOnNonDir(String),
     #[error("entry would replace the layer root with a non-directory")]
     RootNotDir,
-    /// One tar, two types at one path: GNU tar refuses it, and a directory already written
-    /// to the stream cannot be taken back.
-    #[error("entry changes the type of a path this layer already wrote as a {0}")]
-    TypeChange(&'static str),
     #[error(
         "layer holds more than {limit} bytes of file data (a sparse or decompression bomb?); raise the limit with --max-layer-size"
     )]
@@ -122,7 +122,7 @@ pub struct Normalizer<W: Write> {
     /// Metadata of the directories the tar lists.
     dir_metas: Vec<EntryMeta>,
     /// The parent directory of the last entry, known to be a directory with directories
-    /// above it (a directory never stops being one), so its siblings skip the walk.
+    /// above it (forgotten when a directory is replaced), so its siblings skip the walk.
     last_parent: Option<(Vec<u8>, PathId)>,
     /// The root's own metadata, when the tar lists it.
     root: Option<EntryMeta>,
@@ -242,11 +242,12 @@ impl<W: Write> Normalizer<W> {
         if let EntryKind::Dir = kind {
             let own = match existing.map(|id| self.nodes[id as usize]) {
                 Some(Node::Dir(own)) => own,
-                Some(Node::Whiteout { .. }) => {
+                // A new directory where this layer had a whiteout or a non-directory (which
+                // hid the lower directory): nothing below shows through.
+                Some(Node::Whiteout { .. } | Node::NonDir) => {
                     self.opaque.insert(path.to_vec());
                     None
                 }
-                Some(Node::NonDir) => return Err(NormalizeError::TypeChange("non-directory")),
                 None => None,
             };
             self.emit(path, TarKind::Dir, &meta)?;
@@ -272,11 +273,15 @@ impl<W: Write> Normalizer<W> {
             if target == path {
                 return Ok(());
             }
-            self.replace_with_non_dir(parent, name, existing)?;
+            self.replace_with_non_dir(path, parent, name, existing)?;
+            if !matches!(self.paths.find(&target).map(|id| self.nodes[id as usize]), Some(Node::NonDir)) {
+                // The target was below the directory this link replaces: gone with it.
+                return Err(NormalizeError::BadHardlink(path::display(&target)));
+            }
             self.emit(path, TarKind::Hardlink(&target), &meta)?;
             return Ok(());
         }
-        self.replace_with_non_dir(parent, name, existing)?;
+        self.replace_with_non_dir(path, parent, name, existing)?;
         match kind {
             EntryKind::File { size, data } => self.file(path, size, data, &meta)?,
             EntryKind::Symlink(target) => self.emit(path, TarKind::Symlink(target), &meta)?,
@@ -347,19 +352,33 @@ impl<W: Write> Normalizer<W> {
         self.emit(path, TarKind::Dir, &DirMeta::fallback())
     }
 
-    /// Bookkeeping before a non-directory takes `name` in `parent` (path `existing`). A
-    /// directory this layer already wrote cannot be taken back out of the stream, so a
-    /// non-directory over it is refused.
+    /// Bookkeeping before a non-directory takes `path` (`name` in `parent`, id `existing`).
+    /// A directory of this layer there goes, with everything this layer put below it: the
+    /// path gets a new id with nothing below (the backends drop what is below too).
     fn replace_with_non_dir(
         &mut self,
+        path: &[u8],
         parent: PathId,
         name: &[u8],
         existing: Option<PathId>,
     ) -> Result<(), NormalizeError> {
+        let mut existing = existing;
         if let Some(id) = existing
             && let Node::Dir(_) = self.nodes[id as usize]
         {
-            return Err(NormalizeError::TypeChange("directory"));
+            let renewed = self.paths.renew(id)?;
+            self.nodes.push(Node::NonDir);
+            existing = Some(renewed);
+            let mut below = path.to_vec();
+            below.push(b'/');
+            let mut after = path.to_vec();
+            after.push(b'/' + 1);
+            let gone: Vec<Vec<u8>> = self.opaque.range(below..after).cloned().collect();
+            for p in gone {
+                self.opaque.remove(&p);
+            }
+            self.opaque.remove(path);
+            self.last_parent = None;
         }
         self.set(parent, name, existing, Node::NonDir)?;
         Ok(())
@@ -458,6 +477,9 @@ impl<W: Write> Normalizer<W> {
         for (id, node) in self.nodes.iter().enumerate().skip(1) {
             if let Node::Dir(own) = *node {
                 let p = self.paths.path(id as PathId);
+                if self.paths.find(&p) != Some(id as PathId) {
+                    continue; // below a directory a non-directory replaced, or that directory
+                }
                 let own =
                     own.map(|at| std::mem::replace(&mut self.dir_metas[at as usize], DirMeta::fallback()));
                 let meta = final_meta(&p, own);
@@ -500,10 +522,13 @@ impl<W: Write> Normalizer<W> {
                 self.out.header(p, TarKind::Dir, &m).map_err(NormalizeError::Write)?;
             }
         }
-        let mut whiteouts: Vec<(Vec<u8>, i64)> = (self.nodes.iter().enumerate())
+        let (paths, nodes) = (&mut self.paths, &self.nodes);
+        let mut whiteouts: Vec<(Vec<u8>, i64)> = (nodes.iter().enumerate())
             .filter_map(|(id, n)| match n {
                 Node::Whiteout { mtime_sec } if whiteouts_kept => {
-                    Some((self.paths.path(id as PathId), *mtime_sec))
+                    let p = paths.path(id as PathId);
+                    // Not one below a directory a non-directory replaced.
+                    (paths.find(&p) == Some(id as PathId)).then_some((p, *mtime_sec))
                 }
                 _ => None,
             })
@@ -680,17 +705,40 @@ mod tests {
     }
 
     #[test]
-    fn a_path_cannot_change_type_within_a_layer() {
-        let mut n = Normalizer::new(Vec::new(), u64::MAX);
-        n.entry(b"x/", EntryKind::Dir, &meta(0o700)).unwrap();
-        file(&mut n, "x/child").unwrap();
-        assert!(matches!(file(&mut n, "x"), Err(NormalizeError::TypeChange("directory"))));
-        file(&mut n, "f").unwrap();
-        file(&mut n, "f").unwrap(); // a file again is fine: the later one wins
-        assert!(matches!(
-            n.entry(b"f/", EntryKind::Dir, &meta(0o755)),
-            Err(NormalizeError::TypeChange("non-directory"))
-        ));
+    fn a_later_entry_replaces_an_earlier_one_of_another_type() {
+        let mut lower = DirIndex::default();
+        lower.insert(b"".to_vec(), meta(0o755));
+        lower.insert(b"f".to_vec(), meta(0o755));
+        let (entries, merged) = run(
+            |n| {
+                n.entry(b"x/", EntryKind::Dir, &meta(0o700)).unwrap();
+                file(n, "x/child").unwrap();
+                n.entry(b"x/sub/", EntryKind::Dir, &meta(0o700)).unwrap();
+                file(n, "x").unwrap(); // the directory and what is below it go
+                file(n, "f").unwrap();
+                file(n, "f").unwrap(); // a file again is fine: the later one wins
+                n.entry(b"f/", EntryKind::Dir, &meta(0o751)).unwrap();
+                file(n, "f/in").unwrap();
+            },
+            &lower,
+        );
+        assert!(
+            entries.iter().any(|(p, t, ..)| p == "x" && *t == '0'),
+            "the file replaces the directory: {entries:?}"
+        );
+        assert!(
+            entries.iter().any(|(p, t, m, o)| p == "f/" && *t == '5' && *m == 0o751 && *o),
+            "a new directory over a file is opaque: {entries:?}"
+        );
+        assert!(
+            !entries
+                .iter()
+                .skip_while(|(p, t, ..)| !(p == "x" && *t == '0'))
+                .any(|(p, ..)| p.starts_with("x/")),
+            "nothing below x is written again: {entries:?}"
+        );
+        assert!(merged.get(b"x").is_none() && merged.get(b"x/sub").is_none(), "x is a file now");
+        assert_eq!(merged.get(b"f").map(|m| m.mode), Some(0o751));
         // A whiteout and a directory at one path: the directory, made opaque.
         let (entries, _) = run(
             |n| {

@@ -116,12 +116,38 @@ impl PathTree {
         }
         self.names.extend_from_slice(name);
         self.nodes.push(PathNode { parent, name_end });
+        self.place(id);
         if self.nodes.len() * 4 > self.slots.len() * 3 {
             self.grow();
-        } else {
-            self.place(id);
         }
         Ok(id)
+    }
+
+    /// Gives path `id` (not the root) a new id with no children: what was below it is no longer
+    /// found, though its ids stay valid for [`PathTree::path`] (they then name a path that
+    /// [`PathTree::find`] no longer gives them). For a directory replaced by a non-directory.
+    pub fn renew(&mut self, id: PathId) -> Result<PathId, PathTreeFull> {
+        debug_assert!(id != Self::ROOT);
+        let new = PathId::try_from(self.nodes.len()).map_err(|_| PathTreeFull)?;
+        let name = self.name(id).to_vec();
+        let name_end = u32::try_from(self.names.len() + name.len()).map_err(|_| PathTreeFull)?;
+        if new == u32::MAX {
+            return Err(PathTreeFull);
+        }
+        let parent = self.parent(id);
+        let mask = self.slots.len() - 1;
+        let mut at = self.slot_of(parent, &name);
+        while self.slots[at] != id + 1 {
+            at = (at + 1) & mask;
+        }
+        self.names.extend_from_slice(&name);
+        self.nodes.push(PathNode { parent, name_end });
+        self.slots[at] = new + 1;
+        if self.nodes.len() * 4 > self.slots.len() * 3 {
+            self.grow();
+        }
+        self.last_dir = (Vec::new(), Self::ROOT);
+        Ok(new)
     }
 
     fn place(&mut self, id: PathId) {
@@ -133,10 +159,11 @@ impl PathTree {
         self.slots[at] = id + 1;
     }
 
-    /// Doubles the table and places every path again (the root excepted).
+    /// Doubles the table and places again every path it holds (renewed ones are not in it).
     fn grow(&mut self) {
-        self.slots = vec![0; self.slots.len() * 2];
-        for id in 1..self.nodes.len() as PathId {
+        let doubled = vec![0; self.slots.len() * 2];
+        let old = std::mem::replace(&mut self.slots, doubled);
+        for id in old.into_iter().filter(|&s| s != 0).map(|s| s - 1) {
             self.place(id);
         }
     }
@@ -194,5 +221,23 @@ mod tests {
         assert_eq!(t.find_parent(b"usr/bin/new"), Some((bin, &b"new"[..])));
         assert_eq!(t.find_parent(b"usr/lib/new"), None);
         assert_eq!(t.len(), 10_004);
+    }
+
+    #[test]
+    fn a_renewed_path_has_nothing_below_it() {
+        let mut t = PathTree::default();
+        let x = t.add_child(PathTree::ROOT, b"x").unwrap();
+        let child = t.add_child(x, b"child").unwrap();
+        assert_eq!(t.find(b"x/child"), Some(child));
+        let renewed = t.renew(x).unwrap();
+        assert_ne!(renewed, x);
+        assert_eq!(t.find(b"x"), Some(renewed));
+        assert_eq!(t.find(b"x/child"), None);
+        assert_eq!(t.path(renewed), b"x");
+        for i in 0..1000 {
+            t.add_child(renewed, format!("f{i}").as_bytes()).unwrap(); // grows the table
+        }
+        assert_eq!((t.find(b"x"), t.find(b"x/child")), (Some(renewed), None));
+        assert_eq!(t.find(b"x/f999").map(|id| t.path(id)), Some(b"x/f999".to_vec()));
     }
 }

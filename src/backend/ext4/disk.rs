@@ -332,12 +332,12 @@ pub struct Dirent<'a> {
 }
 
 /// Bytes a directory entry takes.
-pub fn dirent_len(name_len: usize) -> usize {
+pub const fn dirent_len(name_len: usize) -> usize {
     (8 + name_len).next_multiple_of(4)
 }
 
 /// Space for entries in a directory block (its last 12 bytes are the checksum tail).
-const DIR_SPACE: usize = BLOCK - 12;
+pub const DIR_SPACE: usize = BLOCK - 12;
 
 /// The blocks of directory `ino` (parent `parent`): `.`, `..`, then `entries`, each block
 /// ending in its checksum tail.

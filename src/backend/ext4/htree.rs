@@ -16,6 +16,17 @@ const NODE_LIMIT: usize = (BLOCK - 8 - 8) / 8;
 /// The hash the superblock names (`s_def_hash_version`), signed characters (`s_flags`).
 pub const HALF_MD4: u8 = 1;
 
+/// Most leaf blocks a two-level index addresses.
+pub const MAX_LEAVES: usize = ROOT_LIMIT * NODE_LIMIT;
+
+/// Whether directory entries of `dirent_bytes` in all ([`disk::dirent_len`] of each name)
+/// certainly need more than `max_leaves` leaf blocks: each leaf holds at most
+/// [`disk::DIR_SPACE`] bytes of them. (Packing wastes up to one entry per leaf, so a
+/// directory just below the bound may still not fit: [`blocks`] says so then.)
+pub fn too_many_for(dirent_bytes: usize, max_leaves: usize) -> bool {
+    dirent_bytes > max_leaves.saturating_mul(disk::DIR_SPACE)
+}
+
 /// A directory with more entries than two levels of index hold (about 25 million).
 #[derive(Debug, thiserror::Error)]
 #[error("directory of {0} entries is more than a two-level ext4 index holds")]
@@ -194,6 +205,28 @@ fn half_md4_transform(buf: &mut [u32; 4], x: &[u32; 8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_early_size_check_never_refuses_what_fits() {
+        // With a small bound: entries that certainly need more than 2 leaves, and ones that fit.
+        for name_len in [1usize, 13, 100, 255] {
+            let name = vec![b'n'; name_len];
+            let per = disk::dirent_len(name_len);
+            for count in [1usize, 10, 2 * disk::DIR_SPACE / per, 2 * disk::DIR_SPACE / per + 1, 100] {
+                let entries: Vec<Dirent<'_>> = (0..count)
+                    .map(|i| Dirent { name: &name, ino: 11 + i as u32, kind: disk::FileType::Regular })
+                    .collect();
+                let (_, firsts) = disk::pack_dirents(2, entries.iter(), 0);
+                let refused = too_many_for(count * per, 2);
+                assert_eq!(refused, count * per > 2 * disk::DIR_SPACE, "{name_len} × {count}");
+                if refused {
+                    assert!(firsts.len() > 2, "{name_len} × {count}: refused, so more than 2 leaves");
+                }
+            }
+        }
+        // The bound fits the u32 running sum the writer keeps per directory.
+        const { assert!(MAX_LEAVES * disk::DIR_SPACE < u32::MAX as usize) };
+    }
 
     /// Values from e2fsprogs: `debugfs -R "dx_hash -h half_md4 [-s SEED] NAME"`.
     #[test]

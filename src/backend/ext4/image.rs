@@ -78,14 +78,18 @@ struct Attrs {
 
 /// No path: the end of a directory's list of children (the root is no one's child).
 const NO_PATH: PathId = PathTree::ROOT;
+/// No inode: a path no longer linked (it was below a directory a non-directory replaced).
+const NO_INO: u32 = 0;
 
 enum Kind {
     /// Entries: the paths `first`, then each one's [`ImageWriter::next_sibling`] up to `last`,
-    /// in entry order ([`NO_PATH`] when empty).
+    /// in entry order ([`NO_PATH`] when empty); `dirent_bytes` is what their directory
+    /// entries take ([`disk::dirent_len`] of each name, saturating).
     Dir {
         parent: u32,
         first: PathId,
         last: PathId,
+        dirent_bytes: u32,
     },
     /// Extents: `count` of [`ImageWriter::extents`] from `first`.
     File {
@@ -156,8 +160,8 @@ pub struct ImageWriter {
     /// Inode `n` is `nodes[n - 1]`; `None` for the reserved ones (1, 3–10) and any no longer
     /// linked.
     nodes: Vec<Option<Node>>,
-    /// Every path of the image; `path_ino[id]` is path `id`'s inode, `next_sibling[id]` the
-    /// next entry of its directory.
+    /// Every path of the image; `path_ino[id]` is path `id`'s inode ([`NO_INO`] once unlinked),
+    /// `next_sibling[id]` the next entry of its directory.
     paths: PathTree,
     path_ino: Vec<u32>,
     next_sibling: Vec<PathId>,
@@ -183,7 +187,7 @@ impl ImageWriter {
         data.seek(SeekFrom::Start(DATA_START * BLOCK as u64))?;
         let mut nodes: Vec<Option<Node>> = (1..FIRST_INO).map(|_| None).collect();
         nodes[ROOT_INO as usize - 1] = Some(Node::new(
-            Kind::Dir { parent: ROOT_INO, first: NO_PATH, last: NO_PATH },
+            Kind::Dir { parent: ROOT_INO, first: NO_PATH, last: NO_PATH, dirent_bytes: 0 },
             Attrs { perm: 0o755, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0, xattrs: None },
         ));
         Ok(ImageWriter {
@@ -241,7 +245,7 @@ impl ImageWriter {
                 None => (None, None),
             }
         };
-        let existing = existing_id.map(|id| self.path_ino[id as usize]);
+        let existing = existing_id.map(|id| self.path_ino[id as usize]).filter(|&i| i != NO_INO);
         let existing_dir = existing.filter(|&i| self.is_dir(i));
         if let EntryKind::Dir = entry
             && let Some(ino) = existing_dir
@@ -250,24 +254,21 @@ impl ImageWriter {
             self.node_mut(ino).set_attrs(attrs);
             return Ok(());
         }
-        if path.is_empty() || existing_dir.is_some() {
-            return Err(entry_error(path, "a non-directory cannot replace a directory"));
+        if path.is_empty() {
+            return Err(entry_error(path, "a non-directory cannot replace the root"));
         }
         let name = path::split_parent(path).1;
         if name.len() > 255 {
             return Err(entry_error(path, "name longer than 255 bytes"));
         }
         let (parent_id, parent) = match parent_id.map(|id| (id, self.path_ino[id as usize])) {
-            Some((id, p)) if self.is_dir(p) => (id, p),
+            Some((id, p)) if p != NO_INO && self.is_dir(p) => (id, p),
             _ => return Err(entry_error(path, "parent is not an earlier directory of the stream")),
         };
-        if existing.is_some() && matches!(entry, EntryKind::Dir) {
-            return Err(entry_error(path, "a directory cannot replace a non-directory"));
-        }
         let ino = match entry {
             EntryKind::Hardlink(target) => {
                 let target_ino = match self.paths.find(target).map(|id| self.path_ino[id as usize]) {
-                    Some(t) if !self.is_dir(t) => t,
+                    Some(t) if t != NO_INO && !self.is_dir(t) => t,
                     _ => return Err(entry_error(path, "hardlink target is not an earlier non-directory")),
                 };
                 if existing == Some(target_ino) {
@@ -285,6 +286,9 @@ impl ImageWriter {
                 self.nodes.len() as u32
             }
         };
+        if let Some(dir) = existing_dir {
+            self.unlink_below(dir);
+        }
         self.node_mut(ino).links += 1;
         match (existing_id, existing) {
             (Some(id), Some(old)) => {
@@ -294,23 +298,72 @@ impl ImageWriter {
                     self.nodes[old as usize - 1] = None;
                 }
             }
-            _ => {
-                let id =
-                    self.paths.add_child(parent_id, name).map_err(|e| entry_error(path, e.to_string()))?;
-                self.path_ino.push(ino);
-                self.next_sibling.push(NO_PATH);
-                let Kind::Dir { first, last, .. } = &mut self.node_mut(parent).kind else {
+            (unlinked, _) => {
+                let id = match unlinked {
+                    // Named before, below a directory since replaced: linked anew here.
+                    Some(id) => {
+                        (self.path_ino[id as usize], self.next_sibling[id as usize]) = (ino, NO_PATH);
+                        id
+                    }
+                    None => {
+                        let id = self
+                            .paths
+                            .add_child(parent_id, name)
+                            .map_err(|e| entry_error(path, e.to_string()))?;
+                        self.path_ino.push(ino);
+                        self.next_sibling.push(NO_PATH);
+                        id
+                    }
+                };
+                let Kind::Dir { first, last, dirent_bytes, .. } = &mut self.node_mut(parent).kind else {
                     unreachable!("checked above")
                 };
+                *dirent_bytes = dirent_bytes.saturating_add(disk::dirent_len(name.len()) as u32);
+                let too_many = htree::too_many_for(*dirent_bytes as usize, htree::MAX_LEAVES);
                 let before = std::mem::replace(last, id);
                 if before == NO_PATH {
                     *first = id;
                 } else {
                     self.next_sibling[before as usize] = id;
                 }
+                // A directory too large for a two-level index fails now, not once the layer
+                // has streamed.
+                if too_many {
+                    let parent_path = path::split_parent(path).0;
+                    return Err(entry_error(
+                        parent_path,
+                        "directory whose entries' names need more blocks than a two-level ext4 index holds",
+                    ));
+                }
             }
         }
         Ok(())
+    }
+
+    /// Unlinks everything below directory inode `dir`, which a non-directory is replacing (a
+    /// later entry replaces an earlier one, as applying the layer in order does). Their data
+    /// blocks stay where they are, unused.
+    fn unlink_below(&mut self, dir: u32) {
+        let mut dirs = vec![dir];
+        while let Some(d) = dirs.pop() {
+            let Kind::Dir { first, .. } = self.node(d).kind else { unreachable!("a directory") };
+            let mut child = first;
+            while child != NO_PATH {
+                let ino = std::mem::replace(&mut self.path_ino[child as usize], NO_INO);
+                if self.is_dir(ino) {
+                    dirs.push(ino);
+                }
+                let node = self.node_mut(ino);
+                node.links -= 1;
+                if node.links == 0 && !matches!(node.kind, Kind::Dir { .. }) {
+                    self.nodes[ino as usize - 1] = None;
+                }
+                child = self.next_sibling[child as usize];
+            }
+            if d != dir {
+                self.nodes[d as usize - 1] = None;
+            }
+        }
     }
 
     /// The inode kind of a new entry, writing its data.
@@ -320,7 +373,7 @@ impl ImageWriter {
             None => Err(entry_error(path, format!("device {major}:{minor} is beyond what Linux numbers"))),
         };
         Ok(match entry {
-            EntryKind::Dir => Kind::Dir { parent, first: NO_PATH, last: NO_PATH },
+            EntryKind::Dir => Kind::Dir { parent, first: NO_PATH, last: NO_PATH, dirent_bytes: 0 },
             EntryKind::File { size, data } => {
                 if size.div_ceil(BLOCK as u64) > u32::MAX as u64 {
                     return Err(entry_error(path, "file larger than ext4's 16 TiB"));
@@ -536,8 +589,15 @@ impl ImageWriter {
                 let mut blocks = disk::dir_blocks(ino, parent, &entries, self.seed);
                 let indexed = blocks.len() > BLOCK;
                 if indexed {
-                    blocks = htree::blocks(ino, parent, &entries, self.seed, &self.hash_seed)
-                        .map_err(io::Error::other)?;
+                    blocks =
+                        htree::blocks(ino, parent, &entries, self.seed, &self.hash_seed).map_err(|e| {
+                            let at = self
+                                .path_ino
+                                .iter()
+                                .position(|&i| i == ino)
+                                .map(|id| self.paths.path(id as PathId));
+                            io::Error::other(entry_error(at.as_deref().unwrap_or(b"?"), e.to_string()))
+                        })?;
                 }
                 let dir = PlacedDir {
                     start: self.next,
