@@ -265,6 +265,10 @@ impl ImageWriter {
             Some((id, p)) if p != NO_INO && self.is_dir(p) => (id, p),
             _ => return Err(entry_error(path, "parent is not an earlier directory of the stream")),
         };
+        if let Some(dir) = existing_dir {
+            // First, so that a hardlink to something below it finds nothing there.
+            self.unlink_below(dir);
+        }
         let ino = match entry {
             EntryKind::Hardlink(target) => {
                 let target_ino = match self.paths.find(target).map(|id| self.path_ino[id as usize]) {
@@ -286,9 +290,6 @@ impl ImageWriter {
                 self.nodes.len() as u32
             }
         };
-        if let Some(dir) = existing_dir {
-            self.unlink_below(dir);
-        }
         self.node_mut(ino).links += 1;
         match (existing_id, existing) {
             (Some(id), Some(old)) => {
