@@ -6,7 +6,7 @@
 //! the layer's blob, so the next layer up can look its implicit parents up without reading
 //! any lower layer again.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::io::{self, BufRead, Write};
 
 use super::path::ancestors;
@@ -30,38 +30,119 @@ pub enum NodeKind {
     NonDir,
 }
 
-/// Directory path (layer path bytes, root = `b""`) → metadata.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Directory path (layer path bytes, root = `b""`) → metadata, in path order: the paths back
+/// to back in one buffer, the metadata interned (most directories share theirs), ~20 bytes a
+/// directory besides its path. Looked up by binary search; built whole, in path order.
+#[derive(Debug, Clone, Default)]
 pub struct DirIndex {
-    dirs: BTreeMap<Vec<u8>, DirMeta>,
+    /// The paths back to back, in path order.
+    names: Vec<u8>,
+    /// Per directory: where its path ends in `names`, and its metadata's index in `metas`.
+    dirs: Vec<(usize, u32)>,
+    /// The distinct metadata.
+    metas: Vec<DirMeta>,
 }
 
-/// From directories in path order (fastest, and most compact, when sorted).
+/// Equal when they list the same directories with the same metadata.
+impl PartialEq for DirIndex {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for DirIndex {}
+
+/// From directories in path order (in any other order they are sorted; of two with the same
+/// path the later counts).
 impl FromIterator<(Vec<u8>, DirMeta)> for DirIndex {
     fn from_iter<I: IntoIterator<Item = (Vec<u8>, DirMeta)>>(dirs: I) -> Self {
-        DirIndex { dirs: dirs.into_iter().collect() }
+        let dirs = dirs.into_iter();
+        let mut build = Build::default();
+        build.index.dirs.reserve_exact(dirs.size_hint().0);
+        let mut sorted = true;
+        for (path, meta) in dirs {
+            sorted &= build.index.dirs.is_empty() || build.index.last_path() < &path[..];
+            build.push(&path, meta);
+        }
+        if sorted {
+            return build.index;
+        }
+        let mut all: Vec<(Vec<u8>, DirMeta)> = build.index.into_entries().collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0)); // stable: of equal paths the later stays later
+        let mut build = Build::default();
+        let mut all = all.into_iter().peekable();
+        while let Some((path, meta)) = all.next() {
+            if all.peek().is_none_or(|(next, _)| *next != path) {
+                build.push(&path, meta);
+            }
+        }
+        build.index
+    }
+}
+
+/// A [`DirIndex`] being built in path order, with its metadata interned.
+#[derive(Default)]
+struct Build {
+    index: DirIndex,
+    ids: HashMap<DirMeta, u32>,
+}
+
+impl Build {
+    fn push(&mut self, path: &[u8], meta: DirMeta) {
+        let metas = &mut self.index.metas;
+        let id = *self.ids.entry(meta).or_insert_with_key(|meta| {
+            metas.push(meta.clone());
+            (metas.len() - 1) as u32
+        });
+        self.index.names.extend_from_slice(path);
+        self.index.dirs.push((self.index.names.len(), id));
     }
 }
 
 impl DirIndex {
-    pub fn get(&self, path: &[u8]) -> Option<&DirMeta> {
-        self.dirs.get(path)
+    fn path_at(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.dirs[i - 1].0 };
+        &self.names[start..self.dirs[i].0]
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, &DirMeta)> {
-        self.dirs.iter()
+    fn last_path(&self) -> &[u8] {
+        self.path_at(self.dirs.len() - 1)
+    }
+
+    pub fn get(&self, path: &[u8]) -> Option<&DirMeta> {
+        let (mut lo, mut hi) = (0, self.dirs.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.path_at(mid).cmp(path) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(&self.metas[self.dirs[mid].1 as usize]),
+            }
+        }
+        None
+    }
+
+    /// The directories in path order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &DirMeta)> {
+        (0..self.dirs.len()).map(|i| (self.path_at(i), &self.metas[self.dirs[i].1 as usize]))
     }
 
     pub fn into_entries(self) -> impl Iterator<Item = (Vec<u8>, DirMeta)> {
-        self.dirs.into_iter()
+        let entries: Vec<_> = self.iter().map(|(p, m)| (p.to_vec(), m.clone())).collect();
+        entries.into_iter()
     }
 
-    pub fn retain(&mut self, mut keep: impl FnMut(&Vec<u8>) -> bool) {
-        self.dirs.retain(|k, _| keep(k));
+    /// Keeps the directories `keep` says to (rebuilds the index).
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
+        let kept: DirIndex =
+            self.iter().filter(|(p, _)| keep(p)).map(|(p, m)| (p.to_vec(), m.clone())).collect();
+        *self = kept;
     }
 
+    /// Adds or replaces one directory (rebuilds the index: for small ones).
     pub fn insert(&mut self, path: Vec<u8>, meta: DirMeta) {
-        self.dirs.insert(path, meta);
+        let all = std::mem::take(self).into_entries().chain(std::iter::once((path, meta)));
+        *self = all.collect();
     }
 
     /// The merged view after one more layer: `self` is the view below; `layer_dirs` are the
@@ -69,7 +150,7 @@ impl DirIndex {
     /// opaque directories; `kind_in_layer` tells what a path is in the layer's own tree.
     pub fn apply_layer(
         &self,
-        mut layer_dirs: DirIndex,
+        layer_dirs: DirIndex,
         opaque: &BTreeSet<Vec<u8>>,
         mut kind_in_layer: impl FnMut(&[u8]) -> NodeKind,
     ) -> DirIndex {
@@ -82,9 +163,13 @@ impl DirIndex {
             memo.insert(p.to_vec(), k);
             k
         };
-        let mut kept = Vec::new();
-        'lower: for (path, meta) in &self.dirs {
-            for anc in ancestors(path).chain(std::iter::once(&path[..])) {
+        if self.dirs.is_empty() {
+            return layer_dirs;
+        }
+        let mut merged = Build::default();
+        let mut upper = layer_dirs.iter().peekable();
+        'lower: for (path, meta) in self.iter() {
+            for anc in ancestors(path).chain(std::iter::once(path)) {
                 let is_self = anc.len() == path.len();
                 if !is_self && opaque.contains(anc) {
                     continue 'lower;
@@ -98,18 +183,24 @@ impl DirIndex {
                     NodeKind::Dir => {}
                 }
             }
-            kept.push((path.clone(), meta.clone()));
+            // The layer's own directories before it, and in its place (theirs is final).
+            while let Some((p, m)) = upper.next_if(|(p, _)| *p <= path) {
+                merged.push(p, m.clone());
+            }
+            if merged.index.dirs.is_empty() || merged.index.last_path() != path {
+                merged.push(path, meta.clone());
+            }
         }
-        // Built from sorted runs, the map's nodes are full (inserted one by one, half full).
-        let mut merged: DirIndex = kept.into_iter().collect();
-        merged.dirs.append(&mut layer_dirs.dirs);
-        merged
+        for (p, m) in upper {
+            merged.push(p, m.clone());
+        }
+        merged.index
     }
 
     /// Writes the index as text, one directory a line:
     /// `hex(path) mode uid gid mtime_sec mtime_nsec [hex(name)=hex(value) …]`.
     pub fn write_to(&self, mut out: impl Write) -> io::Result<()> {
-        for (path, m) in &self.dirs {
+        for (path, m) in self.iter() {
             write!(
                 out,
                 "{} {:o} {} {} {} {}",
@@ -131,7 +222,7 @@ impl DirIndex {
     /// Reads what [`DirIndex::write_to`] wrote.
     pub fn read_from(input: impl BufRead) -> io::Result<DirIndex> {
         let bad = |line: usize| io::Error::new(io::ErrorKind::InvalidData, format!("line {line}"));
-        let mut index = DirIndex::default();
+        let mut dirs = Vec::new();
         for (n, line) in input.lines().enumerate() {
             let line = line?;
             let mut f = line.split(' ');
@@ -148,9 +239,9 @@ impl DirIndex {
                 xattrs
                     .push((hex::decode(k).map_err(|_| bad(n + 1))?, hex::decode(v).map_err(|_| bad(n + 1))?));
             }
-            index.dirs.insert(path, DirMeta { mode, uid, gid, mtime_sec, mtime_nsec, xattrs });
+            dirs.push((path, DirMeta { mode, uid, gid, mtime_sec, mtime_nsec, xattrs }));
         }
-        Ok(index)
+        Ok(dirs.into_iter().collect())
     }
 }
 
@@ -171,7 +262,7 @@ mod tests {
     }
 
     fn paths(i: &DirIndex) -> Vec<String> {
-        i.dirs.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect()
+        i.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect()
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What vmrootfs keeps of an entry: mode, owner, times, xattrs.
 
 /// Ownership, permissions, time and xattrs of one entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EntryMeta {
     /// Permission bits including setuid, setgid and sticky (`0o7777` mask).
     pub mode: u32,

@@ -26,7 +26,7 @@
 //!
 //! The output never asks mkfs to follow a symlink or create anything outside its root.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
 
 use super::dirindex::{DirIndex, DirMeta, NodeKind};
@@ -119,8 +119,10 @@ pub struct Normalizer<W: Write> {
     /// Every path this layer named; `nodes[id]` is what path `id` is (the root's is unused).
     paths: PathTree,
     nodes: Vec<Node>,
-    /// Metadata of the directories the tar lists.
+    /// The distinct metadata of the directories the tar lists (most share theirs).
     dir_metas: Vec<EntryMeta>,
+    /// Where each metadata is in `dir_metas`.
+    dir_meta_ids: HashMap<EntryMeta, u32>,
     /// The parent directory of the last entry, known to be a directory with directories
     /// above it (forgotten when a directory is replaced), so its siblings skip the walk.
     last_parent: Option<(Vec<u8>, PathId)>,
@@ -152,6 +154,7 @@ impl<W: Write> Normalizer<W> {
             paths: PathTree::default(),
             nodes: vec![Node::Dir(None)],
             dir_metas: Vec::new(),
+            dir_meta_ids: HashMap::new(),
             last_parent: None,
             root: None,
             opaque: BTreeSet::new(),
@@ -240,27 +243,18 @@ impl<W: Write> Normalizer<W> {
         let name = path::split_parent(path).1;
         let existing = self.paths.child(parent, name);
         if let EntryKind::Dir = kind {
-            let own = match existing.map(|id| self.nodes[id as usize]) {
-                Some(Node::Dir(own)) => own,
-                // A new directory where this layer had a whiteout or a non-directory (which
-                // hid the lower directory): nothing below shows through.
-                Some(Node::Whiteout { .. } | Node::NonDir) => {
-                    self.opaque.insert(path.to_vec());
-                    None
-                }
-                None => None,
-            };
+            // A new directory where this layer had a whiteout or a non-directory (which hid
+            // the lower directory): nothing below shows through.
+            if let Some(Node::Whiteout { .. } | Node::NonDir) = existing.map(|id| self.nodes[id as usize]) {
+                self.opaque.insert(path.to_vec());
+            }
             self.emit(path, TarKind::Dir, &meta)?;
-            let at = match own {
-                Some(at) => {
-                    self.dir_metas[at as usize] = meta;
-                    at
-                }
-                None => {
-                    self.dir_metas.push(meta);
-                    (self.dir_metas.len() - 1) as u32
-                }
-            };
+            // Listed again, the later metadata counts.
+            let dir_metas = &mut self.dir_metas;
+            let at = *self.dir_meta_ids.entry(meta).or_insert_with_key(|meta| {
+                dir_metas.push(meta.clone());
+                (dir_metas.len() - 1) as u32
+            });
             self.set(parent, name, existing, Node::Dir(Some(at)))?;
             return Ok(());
         }
@@ -473,22 +467,34 @@ impl<W: Write> Normalizer<W> {
             own.or_else(|| lower.get(p).cloned()).unwrap_or_else(DirMeta::fallback)
         };
         let root_implicit = self.root.is_none();
-        let mut dirs = vec![(Vec::new(), final_meta(b"", self.root.take()))];
+        // The layer's directories, sorted by path: their paths back to back in `names`, each
+        // with where it is there and its own metadata's index in `dir_metas` (none when
+        // implicit), so that their `DirIndex` is built in order without a heap copy of every
+        // path or metadata at once.
+        let count = self.nodes.iter().filter(|n| matches!(n, Node::Dir(_))).count();
+        let mut names = Vec::new();
+        let mut dirs: Vec<(usize, usize, Option<u32>)> = Vec::with_capacity(count);
         for (id, node) in self.nodes.iter().enumerate().skip(1) {
             if let Node::Dir(own) = *node {
                 let p = self.paths.path(id as PathId);
                 if self.paths.find(&p) != Some(id as PathId) {
                     continue; // below a directory a non-directory replaced, or that directory
                 }
-                let own =
-                    own.map(|at| std::mem::replace(&mut self.dir_metas[at as usize], DirMeta::fallback()));
-                let meta = final_meta(&p, own);
-                dirs.push((p, meta));
+                names.extend_from_slice(&p);
+                dirs.push((names.len() - p.len(), names.len(), own));
             }
         }
-        self.dir_metas = Vec::new();
-        dirs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let layer_dirs: DirIndex = dirs.into_iter().collect();
+        dirs.sort_unstable_by(|a, b| names[a.0..a.1].cmp(&names[b.0..b.1]));
+        let root = final_meta(b"", self.root.take());
+        self.dir_meta_ids = HashMap::new();
+        let dir_metas = std::mem::take(&mut self.dir_metas);
+        let layer_dirs: DirIndex = std::iter::once((Vec::new(), root))
+            .chain(dirs.into_iter().map(|(start, end, own)| {
+                let p = &names[start..end];
+                (p.to_vec(), final_meta(p, own.map(|at| dir_metas[at as usize].clone())))
+            }))
+            .collect();
+        drop((names, dir_metas));
         // Whether the tar listed `p`, one of the layer's directories.
         let (paths, nodes) = (&mut self.paths, &self.nodes);
         let mut implicit = |p: &[u8]| match paths.find(p).map(|id| nodes[id as usize]) {
@@ -503,10 +509,10 @@ impl<W: Write> Normalizer<W> {
         }
         if self.opaque_new {
             for (p, _) in layer_dirs.iter().filter(|(p, _)| !p.is_empty() && lower.get(p).is_none()) {
-                self.opaque.insert(p.clone());
+                self.opaque.insert(p.to_vec());
             }
         }
-        let own: OwnDirs = layer_dirs.iter().map(|(p, _)| (p.clone(), self.opaque.contains(p))).collect();
+        let own: OwnDirs = layer_dirs.iter().map(|(p, _)| (p, self.opaque.contains(p))).collect();
         for (p, meta) in layer_dirs.iter() {
             let opaque = self.opaque.contains(p);
             let implicit = implicit(p);
@@ -772,5 +778,30 @@ mod tests {
         });
         let per_entry = peak / FILES;
         assert!(per_entry <= 70, "{per_entry} heap bytes per entry at the peak ({peak} for {FILES} files)");
+    }
+
+    /// Issue 17 item 24: a layer of directories held ~250 heap bytes per directory while it
+    /// finished (its `DirIndex` and `OwnDirs` as maps keyed by heap copies of full paths).
+    #[test]
+    fn a_layer_of_directories_takes_at_most_150_heap_bytes_per_directory() {
+        const DIRS: usize = 200_000;
+        let names = (0..DIRS / 1000)
+            .map(|d| format!("tree/d{d:03}"))
+            .chain((0..DIRS).map(|i| format!("tree/d{:03}/dir-{i:06}", i / 1000)));
+        let ((), peak) = crate::heap_meter::peak_during(|| {
+            let mut n = Normalizer::new(io::sink(), u64::MAX);
+            for name in names {
+                n.entry(name.as_bytes(), EntryKind::Dir, &meta(0o755)).unwrap();
+            }
+            let (done, _) = n.finish(&DirIndex::default()).unwrap();
+            assert_eq!(done.merged.iter().count(), 1 + 1 + DIRS / 1000 + DIRS);
+            assert_eq!(done.own.get(b"tree/d007/dir-007123"), Some(false));
+            assert_eq!(done.merged.get(b"tree/d007/dir-007123").map(|m| m.mode), Some(0o755));
+        });
+        let per_dir = peak / DIRS;
+        assert!(
+            per_dir <= 150,
+            "{per_dir} heap bytes per directory at the peak ({peak} for {DIRS} directories)"
+        );
     }
 }

@@ -3,47 +3,95 @@
 //! overlay stack would not merge with the layers below (see [`crate::merge`]). Stored beside
 //! each EROFS layer blob as the `.own` sidecar.
 
-use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
 
-/// Directory path (layer path bytes, root = `b""`) → opaque?
+/// Directory path (layer path bytes, root = `b""`) → opaque?, in path order: the paths back
+/// to back in one buffer, looked up by binary search; built whole, in path order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OwnDirs {
-    dirs: BTreeMap<Vec<u8>, bool>,
+    /// The paths back to back, in path order.
+    names: Vec<u8>,
+    /// Per directory: where its path ends in `names`.
+    ends: Vec<usize>,
+    /// Per directory: whether it is opaque.
+    opaque: Vec<bool>,
 }
 
-/// From directories and whether each is opaque.
-impl FromIterator<(Vec<u8>, bool)> for OwnDirs {
-    fn from_iter<I: IntoIterator<Item = (Vec<u8>, bool)>>(dirs: I) -> Self {
-        OwnDirs { dirs: dirs.into_iter().collect() }
+/// From directories and whether each is opaque, best in path order (in any other order they
+/// are sorted; of two with the same path the later counts).
+impl<P: AsRef<[u8]>> FromIterator<(P, bool)> for OwnDirs {
+    fn from_iter<I: IntoIterator<Item = (P, bool)>>(dirs: I) -> Self {
+        let mut own = OwnDirs::default();
+        let mut sorted = true;
+        for (path, opaque) in dirs {
+            let path = path.as_ref();
+            sorted &= own.ends.is_empty() || own.path_at(own.ends.len() - 1) < path;
+            own.push(path, opaque);
+        }
+        if sorted {
+            return own;
+        }
+        let mut all: Vec<(Vec<u8>, bool)> = own.iter().map(|(p, o)| (p.to_vec(), o)).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0)); // stable: of equal paths the later stays later
+        let mut own = OwnDirs::default();
+        let mut all = all.into_iter().peekable();
+        while let Some((path, opaque)) = all.next() {
+            if all.peek().is_none_or(|(next, _)| *next != path) {
+                own.push(&path, opaque);
+            }
+        }
+        own
     }
 }
 
 impl OwnDirs {
+    fn push(&mut self, path: &[u8], opaque: bool) {
+        self.names.extend_from_slice(path);
+        self.ends.push(self.names.len());
+        self.opaque.push(opaque);
+    }
+
+    fn path_at(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.names[start..self.ends[i]]
+    }
+
+    /// Adds or replaces one directory (rebuilds the list: for small ones).
     pub fn insert(&mut self, path: Vec<u8>, opaque: bool) {
-        self.dirs.insert(path, opaque);
+        let own = std::mem::take(self);
+        *self = own.iter().map(|(p, o)| (p.to_vec(), o)).chain(std::iter::once((path, opaque))).collect();
     }
 
     /// `Some(opaque)` when the layer's own tree has `path` as a directory.
     pub fn get(&self, path: &[u8]) -> Option<bool> {
-        self.dirs.get(path).copied()
+        let (mut lo, mut hi) = (0, self.ends.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.path_at(mid).cmp(path) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(self.opaque[mid]),
+            }
+        }
+        None
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&Vec<u8>, bool)> {
-        self.dirs.iter().map(|(p, o)| (p, *o))
+    /// The directories in path order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], bool)> {
+        (0..self.ends.len()).map(|i| (self.path_at(i), self.opaque[i]))
     }
 
     /// One line per directory: `<0|1> <hex path>`.
     pub fn write_to(&self, mut out: impl Write) -> io::Result<()> {
-        for (path, opaque) in &self.dirs {
-            writeln!(out, "{} {}", u8::from(*opaque), hex::encode(path))?;
+        for (path, opaque) in self.iter() {
+            writeln!(out, "{} {}", u8::from(opaque), hex::encode(path))?;
         }
         out.flush()
     }
 
     /// Reads what [`OwnDirs::write_to`] wrote.
     pub fn read_from(input: impl BufRead) -> io::Result<OwnDirs> {
-        let mut own = OwnDirs::default();
+        let mut dirs = Vec::new();
         for (n, line) in input.lines().enumerate() {
             let line = line?;
             let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("line {}", n + 1));
@@ -53,9 +101,9 @@ impl OwnDirs {
                 "1" => true,
                 _ => return Err(bad()),
             };
-            own.dirs.insert(hex::decode(hex).map_err(|_| bad())?, opaque);
+            dirs.push((hex::decode(hex).map_err(|_| bad())?, opaque));
         }
-        Ok(own)
+        Ok(dirs.into_iter().collect())
     }
 }
 

@@ -47,7 +47,7 @@ pub fn unmergeable(views: &[DirIndex], own: &[OwnDirs]) -> Option<Unmergeable> {
         for &j in lower.iter().rev() {
             let goes_on = own[upper].get(path) == Some(false) && views[upper - 1].get(path).is_some();
             if !goes_on {
-                return Some(Unmergeable { path: path.clone(), top, stop: upper, below: j });
+                return Some(Unmergeable { path: path.to_vec(), top, stop: upper, below: j });
             }
             upper = j;
         }
