@@ -3,12 +3,12 @@
 //! layer is applied: the ACL set with setxattr, then the mode with chmod.
 
 /// Entry tags, in the order the kernel requires them.
-const USER_OBJ: u16 = 0x01;
-const USER: u16 = 0x02;
-const GROUP_OBJ: u16 = 0x04;
-const GROUP: u16 = 0x08;
-const MASK: u16 = 0x10;
-const OTHER: u16 = 0x20;
+pub const USER_OBJ: u16 = 0x01;
+pub const USER: u16 = 0x02;
+pub const GROUP_OBJ: u16 = 0x04;
+pub const GROUP: u16 = 0x08;
+pub const MASK: u16 = 0x10;
+pub const OTHER: u16 = 0x20;
 /// The id of an entry that names no one, as the kernel reports it.
 const NO_ID: u32 = u32::MAX;
 

@@ -533,8 +533,7 @@ pub fn seal_xattr_block(block: &mut [u8], nr: u64, seed: u32) {
 /// A POSIX ACL from the VFS xattr format (version 2; entries of tag, perm, id) to ext4's
 /// (version 1; the id only for named users and groups). `None` if malformed.
 fn acl_to_disk(value: &[u8]) -> Option<Vec<u8>> {
-    const USER: u16 = 0x02;
-    const GROUP: u16 = 0x08;
+    use crate::layer::acl::{GROUP, GROUP_OBJ, MASK, OTHER, USER, USER_OBJ};
     let (header, body) = value.split_at_checked(4)?;
     if u32::from_le_bytes(header.try_into().ok()?) != 2 || body.len() % 8 != 0 {
         return None;
@@ -542,7 +541,7 @@ fn acl_to_disk(value: &[u8]) -> Option<Vec<u8>> {
     let mut out = 1u32.to_le_bytes().to_vec();
     for e in body.chunks(8) {
         let tag = u16::from_le_bytes([e[0], e[1]]);
-        if ![0x01, USER, 0x04, GROUP, 0x10, 0x20].contains(&tag) {
+        if ![USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER].contains(&tag) {
             return None;
         }
         out.extend_from_slice(&e[0..4]);
