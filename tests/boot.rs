@@ -4,7 +4,7 @@
 
 mod fixture;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use fixture::*;
 
@@ -437,6 +437,23 @@ fn boot_verity_ext4_stack() {
     boot_check_in("ext4", Form::Stack, true);
 }
 
+/// The file `/data/secret` holds, in [`secret_image`].
+const SECRET: &str = "verity-protected-content-0123456789";
+
+/// A two-layer image (busybox `sh` and `cat`, then `/data/secret`) built under `dir` as tag `v`
+/// with `--verity` and `form` (`--squash` or `--merge`): its store and build result.
+fn secret_image(dir: &tempfile::TempDir, form: &str) -> (PathBuf, serde_json::Value) {
+    let data = [dir_entry("data"), file("data/secret", SECRET)];
+    let layout = dir.path().join("layout");
+    oci_layout(&layout, "t", &[Layer::gzip(&busybox_entries(&["sh", "cat"])), Layer::gzip(&data)]);
+    let store = dir.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, out, err) =
+        run(vmrootfs(&store).args(["-q", "build", &spec, "--tag", "v", "--verity", form, "--json"]));
+    assert!(ok, "build: {err}");
+    (store, serde_json::from_str(&out).unwrap())
+}
+
 /// `run --squashed` of a `--verity` image: the squashed blob has no tree, so `run` refuses
 /// it, saying why, rather than let the guest read a flipped byte as data. (The layer stack and
 /// the merged form of the same image are checked in the guest:
@@ -444,19 +461,10 @@ fn boot_verity_ext4_stack() {
 #[test]
 fn run_squashed_of_a_verity_image_refuses_to_boot_unverified() {
     let dir = scratch("boot-verity-squashed");
-    let secret = "verity-protected-content-0123456789";
-    let data = [dir_entry("data"), file("data/secret", secret)];
-    let layout = dir.path().join("layout");
-    oci_layout(&layout, "t", &[Layer::gzip(&busybox_entries(&["sh", "cat"])), Layer::gzip(&data)]);
-    let store = dir.path().join("store");
-    let spec = format!("oci:{}:t", layout.display());
-    let (ok, out, err) =
-        run(vmrootfs(&store).args(["-q", "build", &spec, "--tag", "v", "--verity", "--squash", "--json"]));
-    assert!(ok, "build: {err}");
-    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (store, result) = secret_image(&dir, "--squash");
     let blob = Path::new(result["squashed"]["path"].as_str().expect("a blob path"));
     let bytes = std::fs::read(blob).unwrap();
-    let at = bytes.windows(secret.len()).position(|w| w == secret.as_bytes()).expect("the file's data");
+    let at = bytes.windows(SECRET.len()).position(|w| w == SECRET.as_bytes()).expect("the file's data");
     drop(bytes);
     let _flipped = Flipped::new(blob, at as u64);
     let (ok, stdout, stderr) = run(vmrootfs(&store).args([
@@ -487,17 +495,8 @@ fn run_squashed_of_a_verity_image_refuses_to_boot_unverified() {
 #[test]
 fn run_merged_of_a_verity_image_is_verified() {
     let dir = scratch("boot-verity-merged");
-    let secret = "verity-protected-content-0123456789";
-    let data = [dir_entry("data"), file("data/secret", secret)];
-    let layout = dir.path().join("layout");
-    oci_layout(&layout, "t", &[Layer::gzip(&busybox_entries(&["sh", "cat"])), Layer::gzip(&data)]);
-    let store = dir.path().join("store");
-    let spec = format!("oci:{}:t", layout.display());
-    let (ok, out, err) =
-        run(vmrootfs(&store).args(["-q", "build", &spec, "--tag", "v", "--verity", "--merge", "--json"]));
-    assert!(ok, "build: {err}");
-    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(result["merged"]["verity"]["root_digest"].is_string(), "the merged blob has a tree: {out}");
+    let (store, result) = secret_image(&dir, "--merge");
+    assert!(result["merged"]["verity"]["root_digest"].is_string(), "the merged blob has a tree: {result}");
     let boot = || {
         run(vmrootfs(&store).args([
             "run",
@@ -513,14 +512,14 @@ fn run_merged_of_a_verity_image_is_verified() {
     };
     let (ok, stdout, stderr) = boot();
     assert!(ok, "untouched, it boots: {stderr}");
-    assert_eq!(stdout, secret);
+    assert_eq!(stdout, SECRET);
     assert!(stderr.contains("merged image mounted from /dev/dm-"), "through dm-verity: {stderr}");
 
     // (blob, what to flip in it, how run names it)
     let top = Path::new(result["lowers"][1]["path"].as_str().expect("a blob path"));
     let merged = Path::new(result["merged"]["path"].as_str().expect("a blob path"));
     for (blob, needle, named) in
-        [(top, secret, "lower 1 (chain"), (merged, "secret", "the merged blob (chain")]
+        [(top, SECRET, "lower 1 (chain"), (merged, "secret", "the merged blob (chain")]
     {
         let bytes = std::fs::read(blob).unwrap();
         let at = bytes.windows(needle.len()).position(|w| w == needle.as_bytes()).expect("the bytes to flip");

@@ -590,11 +590,7 @@ fn a_pull_never_attaches_bytes_its_manifest_does_not_name() {
     let store = base.join("store");
     let a = small_image(base, &store, "a", &[]);
     let a_before = inspect(&store, "a");
-    let producer = base.join("producer");
-    small_image(base, &producer, "b", &[]);
-    let layout = base.join("forged");
-    push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
-    claim_key_of(&layout, &a["lowers"][0]);
+    let layout = forged_layout(base, &a["lowers"][0], &[]);
     let (_, manifest, _) = layout_image(&layout, "latest");
     let named = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
     let reg = Registry::start(None);
@@ -667,11 +663,7 @@ fn a_local_conversion_never_replaces_a_pulled_blob() {
     let tmp = scratch("erofs-no-replace");
     let base = tmp.path();
     let reference = small_image(base, &base.join("reference"), "a", &[]);
-    let producer = base.join("producer");
-    small_image(base, &producer, "b", &[]);
-    let layout = base.join("pushed");
-    push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
-    claim_key_of(&layout, &reference["lowers"][0]);
+    let layout = forged_layout(base, &reference["lowers"][0], &[]);
     let store = base.join("store");
     let (ok, pulled, err) = build_json(&store, &[&format!("oci:{}", layout.display()), "--tag", "pulled"]);
     assert!(ok, "{err}");
@@ -768,6 +760,18 @@ fn use_converted_with_merge_falls_back_to_converting() {
     assert!(err.contains("--use-converted") && err.contains("--merge"), "says why it converts: {err}");
 }
 
+/// An image of other bytes than `claimed`'s layer (tag `b` of a producer store under `base`,
+/// built with `extra`), pushed to the layout `base/forged` and made to claim `claimed`'s key
+/// (see [`claim_key_of`]); the layout.
+fn forged_layout(base: &Path, claimed: &serde_json::Value, extra: &[&str]) -> PathBuf {
+    let producer = base.join("producer");
+    small_image(base, &producer, "b", extra);
+    let layout = base.join("forged");
+    push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
+    claim_key_of(&layout, claimed);
+    layout
+}
+
 /// `layout`'s `latest` image made to claim, in its layer annotations, the key of `claimed` (a
 /// lower of a build result): its chain ID and diff ID.
 fn claim_key_of(layout: &Path, claimed: &serde_json::Value) {
@@ -796,11 +800,7 @@ fn a_verity_pull_whose_claimed_key_holds_other_bytes_gets_a_key_of_its_own() {
     let store = base.join("store");
     let a = small_image(base, &store, "a", &["--verity"]);
     let a_before = inspect(&store, "a");
-    let producer = base.join("producer");
-    small_image(base, &producer, "b", &["--verity"]);
-    let layout = base.join("forged");
-    push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
-    claim_key_of(&layout, &a["lowers"][0]);
+    let layout = forged_layout(base, &a["lowers"][0], &["--verity"]);
     let (_, manifest, _) = layout_image(&layout, "latest");
     let descriptor = &manifest["layers"][0];
 
@@ -837,11 +837,7 @@ fn a_blob_whose_json_is_cut_is_replaced_only_by_the_bytes_its_records_name() {
     let tmp = scratch("erofs-cut-json");
     let base = tmp.path();
     let reference = small_image(base, &base.join("reference"), "a", &[]);
-    let producer = base.join("producer");
-    small_image(base, &producer, "b", &[]);
-    let layout = base.join("pushed");
-    push_json(&producer, &["b", &format!("oci:{}", layout.display())]);
-    claim_key_of(&layout, &reference["lowers"][0]);
+    let layout = forged_layout(base, &reference["lowers"][0], &[]);
     let store = base.join("store");
     let source = format!("oci:{}", layout.display());
     let (ok, pulled, err) = build_json(&store, &[&source, "--tag", "pulled"]);

@@ -195,18 +195,6 @@ fn lost_and_found_is_there_only_when_the_layer_has_it() {
     }
 }
 
-/// A symlink after a pax header with `records`, as raw tar bytes.
-fn pax_symlink(path: &str, target: &str, records: &[(&str, &[u8])]) -> Entry {
-    let mut b = tar::Builder::new(Vec::new());
-    b.append_pax_extensions(records.iter().copied()).unwrap();
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(tar::EntryType::Symlink);
-    h.set_mode(0o777);
-    h.set_size(0);
-    b.append_link(&mut h, path, target).unwrap();
-    Entry::Raw(b.get_ref().clone())
-}
-
 /// PAX records are read by their length, as GNU tar and Go read them: a binary xattr value
 /// may hold newline bytes (`security.capability` with cap_dac_override and cap_fowner has
 /// 0x0A in its permitted word), and text in a value that looks like a record is part of the

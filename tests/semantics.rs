@@ -164,18 +164,6 @@ fn pax_file(path: &str, records: &[(&str, &[u8])]) -> Entry {
     }
 }
 
-/// A symlink after a PAX header with `records`.
-fn pax_symlink(path: &str, target: &str, records: &[(&str, &[u8])]) -> Entry {
-    let mut b = tar::Builder::new(Vec::new());
-    b.append_pax_extensions(records.iter().copied()).unwrap();
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(tar::EntryType::Symlink);
-    h.set_mode(0o777);
-    h.set_size(0);
-    b.append_link(&mut h, path, target).unwrap();
-    Entry::Raw(b.get_ref().clone())
-}
-
 /// Names of the xattrs of `path` (not following a symlink).
 fn xattr_names(path: &Path) -> Vec<String> {
     let mut buf = vec![0u8; 64 << 10];
