@@ -5,7 +5,8 @@
 #   boot: qemu-system-x86, qboot (qemu-system-data), linux-image-amd64, busybox-static,
 #         dmsetup (for `run` of --verity images)
 #   test: umoci, skopeo, debootstrap, attr, libcap2-bin, python3, docker-registry,
-#         apache2-utils (htpasswd), cryptsetup-bin (veritysetup), openssl (token server);
+#         apache2-utils (htpasswd), cryptsetup-bin (veritysetup), openssl (token server),
+#         runc (for containerd 2.1, which scripts/containerd.sh puts under target/containerd);
 #         bench: time, bc
 # erofs-utils 1.8 is built from Debian trixie's source (scripts/build-erofs-utils.sh) and its
 # mkfs.erofs installed as /usr/local/bin/mkfs.erofs, ahead of Debian 12's 1.5 on PATH: 1.5
@@ -22,7 +23,7 @@ installed() { dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^instal
 
 want=(erofs-utils e2fsprogs)
 [ "${1:-all}" = all ] && want+=(umoci skopeo debootstrap busybox-static attr libcap2-bin python3 time bc docker-registry apache2-utils
-                                zstd xz-utils ca-certificates linux-image-amd64 dmsetup cryptsetup-bin openssl)
+                                zstd xz-utils ca-certificates linux-image-amd64 dmsetup cryptsetup-bin openssl runc)
 missing=()
 for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
 need_qemu=0; [ "${1:-all}" = all ] && ! installed qemu-system-x86 && need_qemu=1
@@ -55,4 +56,10 @@ if ! /usr/local/bin/mkfs.erofs --version 2>/dev/null | grep -q 'erofs-utils) 1\.
   $SUDO "$(dirname "$0")/build-erofs-utils.sh"
   $SUDO install -m 0755 "$(dirname "$0")/../target/erofs-utils-1.8/mkfs.erofs" /usr/local/bin/mkfs.erofs
   echo "installed /usr/local/bin/mkfs.erofs (erofs-utils 1.8)"
+fi
+
+# containerd 2.1 for tests/containerd.rs: Debian sid's .deb, unpacked under target/containerd
+# (downloaded once, with an apt state of its own; nothing installed).
+if [ "${1:-all}" = all ]; then
+  "$(dirname "$0")/containerd.sh" >/dev/null
 fi

@@ -2,12 +2,20 @@
 //! media types and annotations, what a producer writes (§8.1, [`produce`]) and how a consumer
 //! reads a manifest (§8.2, [`classify`]).
 //!
-//! vmrootfs produces one `application/vnd.erofs[+zstd]` layer per stored blob, the lower ones
-//! with role `overlay-lower` and the top one role-less (the spec's multi-layer example, §11.1),
-//! `os.features: ["erofs"]` in the config and `rootfs.diff_ids` of the EROFS layers. Its own
-//! annotations (`dev.vmrootfs.*`) record what a consumer needs to reuse blobs safely: which
-//! tar layer (chain ID, diff ID) a blob was made from, with which recipe and tool, and from
-//! which source manifest.
+//! Three spellings of the layer media type are in use ([`MediaTypes`]): the draft's
+//! `application/vnd.erofs[+zstd]`, containerd ≥ 2.3's `application/vnd.erofs.layer.v1[+zstd]`
+//! (its converter, `core/images/converter/erofs`) and containerd 2.1's
+//! `application/vnd.oci.image.layer.v1.erofs` (raw only: its differ takes a media type ending
+//! in `.erofs` with no `+` suffix). [`classify`] reads all three by the draft's rules; the
+//! containerd families have no roles, so a role-less layer below the top is an overlay lower,
+//! as the draft says of its own role-less layers.
+//!
+//! vmrootfs produces one layer per stored blob in the spelling asked for, in the draft's the
+//! lower ones with role `overlay-lower` and the top one role-less (the spec's multi-layer
+//! example, §11.1), `os.features: ["erofs"]` in the config and `rootfs.diff_ids` of the EROFS
+//! layers. Its own annotations (`dev.vmrootfs.*`) record what a consumer needs to reuse blobs
+//! safely: which tar layer (chain ID, diff ID) a blob was made from, with which recipe and
+//! tool, and from which source manifest.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +23,11 @@ use oci_spec::image::Digest;
 
 pub const MEDIA_TYPE: &str = "application/vnd.erofs";
 pub const MEDIA_TYPE_ZSTD: &str = "application/vnd.erofs+zstd";
+/// containerd ≥ 2.3's spelling (`images.MediaTypeErofsLayer`), `+zstd` when compressed.
+pub const MEDIA_TYPE_CONTAINERD: &str = "application/vnd.erofs.layer.v1";
+pub const MEDIA_TYPE_CONTAINERD_ZSTD: &str = "application/vnd.erofs.layer.v1+zstd";
+/// containerd 2.1's spelling: an OCI layer type ending in `.erofs`, raw only.
+pub const MEDIA_TYPE_CONTAINERD_2_1: &str = "application/vnd.oci.image.layer.v1.erofs";
 pub const MEDIA_TYPE_CHUNK_INDEX: &str = "application/vnd.erofs.chunk-index.v1";
 pub const OS_FEATURE: &str = "erofs";
 
@@ -37,6 +50,72 @@ pub const SOURCE_MANIFEST: &str = "dev.vmrootfs.source.manifest";
 pub const RECIPE: &str = "dev.vmrootfs.recipe";
 /// The tool that made a blob, e.g. `mkfs.erofs 1.8.6`.
 pub const TOOL: &str = "dev.vmrootfs.tool";
+
+/// A spelling of the EROFS layer media types (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MediaTypes {
+    /// The draft spec's `application/vnd.erofs[+zstd]`, with `org.erofs.role` annotations.
+    Spec,
+    /// containerd ≥ 2.3's `application/vnd.erofs.layer.v1[+zstd]`.
+    Containerd,
+    /// containerd 2.1's `application/vnd.oci.image.layer.v1.erofs` (raw layers only).
+    #[value(name = "containerd-2.1")]
+    Containerd21,
+}
+
+impl MediaTypes {
+    /// The spelling `push` uses when none is asked for: the one the most consumers read
+    /// (README, "Convert once, pull everywhere"). Raw layers: containerd 2.1's, which
+    /// containerd 2.1 and 2.2 read (≥ 2.3 reads only its own); `+zstd`: containerd ≥ 2.3's,
+    /// the only compressed spelling any containerd reads.
+    pub fn default_for(zstd: bool) -> MediaTypes {
+        if zstd { MediaTypes::Containerd } else { MediaTypes::Containerd21 }
+    }
+
+    /// The layer media type in this spelling; `None` for `+zstd` in containerd 2.1's.
+    pub fn layer(self, zstd: bool) -> Option<&'static str> {
+        match (self, zstd) {
+            (MediaTypes::Spec, false) => Some(MEDIA_TYPE),
+            (MediaTypes::Spec, true) => Some(MEDIA_TYPE_ZSTD),
+            (MediaTypes::Containerd, false) => Some(MEDIA_TYPE_CONTAINERD),
+            (MediaTypes::Containerd, true) => Some(MEDIA_TYPE_CONTAINERD_ZSTD),
+            (MediaTypes::Containerd21, false) => Some(MEDIA_TYPE_CONTAINERD_2_1),
+            (MediaTypes::Containerd21, true) => None,
+        }
+    }
+
+    /// The spelling and compression of a mountable EROFS layer media type.
+    pub fn of(media_type: &str) -> Option<(MediaTypes, bool)> {
+        [MediaTypes::Spec, MediaTypes::Containerd, MediaTypes::Containerd21]
+            .into_iter()
+            .flat_map(|m| [false, true].map(|zstd| (m, zstd)))
+            .find(|&(m, zstd)| m.layer(zstd) == Some(media_type))
+    }
+
+    /// The option value naming this spelling (`spec`, `containerd`, `containerd-2.1`).
+    pub fn name(self) -> &'static str {
+        match self {
+            MediaTypes::Spec => "spec",
+            MediaTypes::Containerd => "containerd",
+            MediaTypes::Containerd21 => "containerd-2.1",
+        }
+    }
+}
+
+/// Whether `media_type` claims to be an EROFS layer, known spelling or not.
+fn looks_erofs(media_type: &str) -> bool {
+    media_type.starts_with(MEDIA_TYPE) || media_type.starts_with(MEDIA_TYPE_CONTAINERD_2_1)
+}
+
+/// The dm-verity block sizes the kernel takes: powers of two from 512 bytes to the page size
+/// (`dm-verity-target.c`, `verity_ctr`).
+fn kernel_takes_verity_block(size: u64) -> bool {
+    size.is_power_of_two() && (512..=page_size()).contains(&size)
+}
+
+fn page_size() -> u64 {
+    rustix::param::page_size() as u64
+}
 
 /// How a layer takes part in composition (§2.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +145,22 @@ pub enum FormatError {
         "layer {index} has role {role:?}: vmrootfs composes overlay stacks only (device and overlay-data layers are not supported)"
     )]
     UnsupportedRole { index: usize, role: String },
+    #[error(
+        "layer {index} has media type {media_type:?}: not an EROFS layer type vmrootfs reads ({MEDIA_TYPE}[+zstd], {MEDIA_TYPE_CONTAINERD}[+zstd], {MEDIA_TYPE_CONTAINERD_2_1})"
+    )]
+    UnknownSubtype { index: usize, media_type: String },
+    #[error(
+        "layer {index} has media type {media_type:?}: containerd 2.1's spelling has no compressed form (compressed EROFS layers are {MEDIA_TYPE_ZSTD} or {MEDIA_TYPE_CONTAINERD_ZSTD})"
+    )]
+    CompressedContainerd21 { index: usize, media_type: String },
+    #[error(
+        "layer {index}: dm-verity block size {size} (org.erofs.dmverity.block_size) is one the kernel's dm-verity cannot take: a power of two from 512 bytes to the page size ({page} bytes here)"
+    )]
+    VerityBlockSize { index: usize, size: u64, page: u64 },
+    #[error(
+        "layer {index}: dm-verity block size {size} (org.erofs.dmverity.block_size): vmrootfs checks and opens trees of 4096-byte blocks only"
+    )]
+    VerityBlockSizeUnsupported { index: usize, size: u64 },
     #[error("layer {index} has an unknown role {role:?}")]
     UnknownRole { index: usize, role: String },
     #[error("layer {index} ({what}) is last: the last layer must be a mountable EROFS layer (spec §3.8)")]
@@ -88,10 +183,10 @@ pub enum FormatError {
     NoLayers,
 }
 
-/// Whether a manifest's layers are EROFS layers (its first layer's media type decides; a mix
-/// is refused by [`classify`]).
+/// Whether a manifest's layers are EROFS layers, in any spelling (its first layer's media type
+/// decides; a mix, and spellings vmrootfs does not know, are refused by [`classify`]).
 pub fn is_erofs_manifest(layer_media_types: &[&str]) -> bool {
-    layer_media_types.first().is_some_and(|m| m.starts_with(MEDIA_TYPE))
+    layer_media_types.first().is_some_and(|m| looks_erofs(m))
 }
 
 /// One layer descriptor as [`classify`] reads it.
@@ -101,10 +196,13 @@ pub struct Descriptor<'a> {
     pub annotations: &'a BTreeMap<String, String>,
 }
 
-/// Classifies an EROFS manifest's layers by the consumer rules (§8.2): DiffIDs from
-/// `org.erofs.uncompressed-digest`, else `rootfs.diff_ids`; unknown media types and roles
-/// refused; ordering rules checked; standalone chunk-index layers kept (for the ChainID) but
-/// marked to be skipped; unknown `org.erofs.*` annotations ignored.
+/// Classifies an EROFS manifest's layers by the consumer rules (§8.2), in any of the three
+/// spellings: DiffIDs from `org.erofs.uncompressed-digest`, else `rootfs.diff_ids` (a config
+/// may have none: a raw layer's DiffID is then its digest); unknown media types, subtypes and
+/// roles refused, a role-less layer being an overlay lower; ordering rules checked; standalone
+/// chunk-index layers kept (for the ChainID) but marked to be skipped; a dm-verity block size
+/// checked against what the kernel and vmrootfs take; unknown `org.erofs.*` annotations
+/// ignored.
 pub fn classify(
     layers: &[Descriptor<'_>],
     config_diff_ids: Option<&[Digest]>,
@@ -123,8 +221,9 @@ pub fn classify(
     }
     let mut out = Vec::with_capacity(layers.len());
     for (index, l) in layers.iter().enumerate() {
+        let spelled = MediaTypes::of(l.media_type);
         let role = match l.media_type {
-            MEDIA_TYPE | MEDIA_TYPE_ZSTD => match l.annotations.get(ROLE).map(String::as_str) {
+            _ if spelled.is_some() => match l.annotations.get(ROLE).map(String::as_str) {
                 None | Some("overlay-lower") => Role::Lower,
                 Some(r @ ("device" | "overlay-data")) => {
                     return Err(FormatError::UnsupportedRole { index, role: r.to_string() });
@@ -146,9 +245,15 @@ pub fn classify(
             other if l.annotations.get(ROLE).is_some_and(|r| r == "device") => {
                 return Err(FormatError::UnsupportedRole { index, role: format!("device ({other})") });
             }
+            other if other.starts_with(MEDIA_TYPE_CONTAINERD_2_1) && other.ends_with("+zstd") => {
+                return Err(FormatError::CompressedContainerd21 { index, media_type: other.to_string() });
+            }
+            other if looks_erofs(other) => {
+                return Err(FormatError::UnknownSubtype { index, media_type: other.to_string() });
+            }
             other => return Err(FormatError::UnknownMediaType { index, media_type: other.to_string() }),
         };
-        let zstd = l.media_type == MEDIA_TYPE_ZSTD;
+        let zstd = spelled.is_some_and(|(_, zstd)| zstd);
         let annotated = match l.annotations.get(UNCOMPRESSED_DIGEST) {
             Some(v) => Some(v.parse::<Digest>().map_err(|_| FormatError::BadAnnotation {
                 index,
@@ -184,6 +289,14 @@ pub fn classify(
                 });
             }
         }
+        if let Some(size) = l.annotations.get(VERITY_BLOCK_SIZE).and_then(|v| v.parse::<u64>().ok()) {
+            if !kernel_takes_verity_block(size) {
+                return Err(FormatError::VerityBlockSize { index, size, page: page_size() });
+            }
+            if size != crate::verity::BLOCK_SIZE {
+                return Err(FormatError::VerityBlockSizeUnsupported { index, size });
+            }
+        }
         out.push(ErofsLayer { role, zstd, diff_id });
     }
     if out[last].role != Role::Lower {
@@ -210,16 +323,18 @@ pub struct ProducedLayer {
     pub verity: Option<(u64, String)>,
 }
 
-/// The layer descriptors (§8.1): media type, role, uncompressed digest, dm-verity and
-/// vmrootfs annotations, in manifest order.
-pub fn produce(layers: &[ProducedLayer]) -> Vec<serde_json::Value> {
+/// The layer descriptors (§8.1) in the spelling `media_types`: media type, role (the draft's
+/// spelling only: the containerd families have none), uncompressed digest, dm-verity and
+/// vmrootfs annotations, in manifest order. `None` for `+zstd` layers in containerd 2.1's
+/// spelling, which has no compressed form.
+pub fn produce(layers: &[ProducedLayer], media_types: MediaTypes) -> Option<Vec<serde_json::Value>> {
     let last = layers.len().saturating_sub(1);
     layers
         .iter()
         .enumerate()
         .map(|(i, l)| {
             let mut a = BTreeMap::new();
-            if i < last {
+            if i < last && media_types == MediaTypes::Spec {
                 a.insert(ROLE, "overlay-lower".to_string());
             }
             if l.zstd {
@@ -235,12 +350,12 @@ pub fn produce(layers: &[ProducedLayer]) -> Vec<serde_json::Value> {
             a.insert(SOURCE_DIGEST, l.source_digest.to_string());
             a.insert(RECIPE, l.recipe.to_string());
             a.insert(TOOL, l.tool.clone());
-            serde_json::json!({
-                "mediaType": if l.zstd { MEDIA_TYPE_ZSTD } else { MEDIA_TYPE },
+            Some(serde_json::json!({
+                "mediaType": media_types.layer(l.zstd)?,
                 "digest": l.digest.to_string(),
                 "size": l.size,
                 "annotations": a,
-            })
+            }))
         })
         .collect()
 }
@@ -288,5 +403,74 @@ mod tests {
             classify_one(MEDIA_TYPE, &[(ROLE, "sidecar")]),
             Err(FormatError::UnknownRole { .. })
         ));
+    }
+
+    #[test]
+    fn every_spelling_reads_and_spells_back() {
+        let table = [
+            (MEDIA_TYPE, MediaTypes::Spec, false),
+            (MEDIA_TYPE_ZSTD, MediaTypes::Spec, true),
+            (MEDIA_TYPE_CONTAINERD, MediaTypes::Containerd, false),
+            (MEDIA_TYPE_CONTAINERD_ZSTD, MediaTypes::Containerd, true),
+            (MEDIA_TYPE_CONTAINERD_2_1, MediaTypes::Containerd21, false),
+        ];
+        let b = d('b').to_string();
+        for (media, spelling, zstd) in table {
+            assert_eq!(MediaTypes::of(media), Some((spelling, zstd)), "{media}");
+            assert_eq!(spelling.layer(zstd), Some(media));
+            let l = classify_one(
+                media,
+                &[(
+                    UNCOMPRESSED_DIGEST,
+                    if zstd {
+                        &b
+                    } else {
+                        "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+                    },
+                )],
+            )
+            .unwrap_or_else(|e| panic!("{media}: {e}"));
+            assert_eq!((l[0].role, l[0].zstd), (Role::Lower, zstd), "{media}");
+        }
+        assert_eq!(MediaTypes::Containerd21.layer(true), None);
+        assert!(
+            is_erofs_manifest(&[MEDIA_TYPE_CONTAINERD_2_1])
+                && is_erofs_manifest(&["application/vnd.erofs.layer.v9"])
+        );
+        assert!(!is_erofs_manifest(&["application/vnd.oci.image.layer.v1.tar+gzip"]));
+    }
+
+    #[test]
+    fn unknown_subtypes_and_compressed_containerd_2_1_are_refused() {
+        for media in [
+            "application/vnd.erofs.layer.v2",
+            "application/vnd.erofs+gzip",
+            "application/vnd.erofs.layer.v1+lz4",
+            "application/vnd.oci.image.layer.v1.erofs.x",
+        ] {
+            assert!(matches!(classify_one(media, &[]), Err(FormatError::UnknownSubtype { .. })), "{media}");
+        }
+        assert!(matches!(
+            classify_one("application/vnd.oci.image.layer.v1.erofs+zstd", &[]),
+            Err(FormatError::CompressedContainerd21 { .. })
+        ));
+    }
+
+    #[test]
+    fn verity_block_sizes_the_kernel_cannot_take_are_refused() {
+        for size in ["8192", "65536", "3000", "256", "0"] {
+            assert!(
+                matches!(
+                    classify_one(MEDIA_TYPE, &[(VERITY_BLOCK_SIZE, size)]),
+                    Err(FormatError::VerityBlockSize { .. })
+                ),
+                "{size}"
+            );
+        }
+        assert!(matches!(
+            classify_one(MEDIA_TYPE, &[(VERITY_BLOCK_SIZE, "512")]),
+            Err(FormatError::VerityBlockSizeUnsupported { size: 512, .. })
+        ));
+        assert!(classify_one(MEDIA_TYPE, &[(VERITY_BLOCK_SIZE, "4096")]).is_ok());
     }
 }

@@ -104,7 +104,8 @@ enum Command {
     ///   oci:DIR[:TAG]            an OCI image layout directory (created or added to)
     ///   oci-archive:FILE[:TAG]   a tar of an OCI image layout (written whole, then renamed)
     ///
-    /// Layers go out as `application/vnd.erofs` (or `+zstd` with --zstd), `os.features`
+    /// Layers go out in the spelling --media-type names (default: containerd 2.1's for raw
+    /// layers, containerd ≥ 2.3's with --zstd: what the most consumers read), `os.features`
     /// holds "erofs", and vmrootfs annotations say which tar layer each blob was made from,
     /// so another host's `vmrootfs build DEST` stores the blobs without converting. The bytes
     /// are reproducible: pushing twice gives the same manifest digest. An image built from a
@@ -113,15 +114,22 @@ enum Command {
     /// Examples:
     ///   vmrootfs push busybox 127.0.0.1:5000/lab/busybox:erofs
     ///   vmrootfs push debian oci-archive:debian-erofs.tar:v1 --zstd
+    ///   vmrootfs push debian 127.0.0.1:5000/lab/debian:erofs --media-type spec
     #[command(verbatim_doc_comment)]
     Push {
         /// The stored image (its tag).
         tag: String,
         /// Where to publish it (see above).
         dest: String,
-        /// Compress the layers with zstd (`application/vnd.erofs+zstd`).
+        /// Compress the layers with zstd (`+zstd`; not with --media-type containerd-2.1).
         #[arg(long)]
         zstd: bool,
+        /// Layer media types: spec (application/vnd.erofs[+zstd]), containerd
+        /// (application/vnd.erofs.layer.v1[+zstd], containerd ≥ 2.3) or containerd-2.1
+        /// (application/vnd.oci.image.layer.v1.erofs, raw only). Default: containerd-2.1, or
+        /// containerd with --zstd.
+        #[arg(long, value_enum)]
+        media_type: Option<vmrootfs::erofs_image::MediaTypes>,
         #[command(flatten)]
         registry: RegistryArgs,
         /// Print what was pushed as JSON on stdout.
@@ -448,9 +456,10 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 }
             }
         }
-        Command::Push { tag, dest, zstd, registry, json } => {
+        Command::Push { tag, dest, zstd, media_type, registry, json } => {
             let store = open_store(cli.store)?;
-            let opts = vmrootfs::push::PushOptions { zstd, registry: registry.options()? };
+            let opts =
+                vmrootfs::push::PushOptions { zstd, media_types: media_type, registry: registry.options()? };
             let pushed = vmrootfs::push::push(&store, &tag, &dest, &opts)?;
             if json {
                 print_json(&pushed)?;

@@ -221,7 +221,7 @@ fn fetch_one(
     max_layer_bytes: u64,
     reporter: &Reporter,
 ) -> Result<Pulled, PullError> {
-    let annotated = verity_of(layer)?.filter(|_| t.id.recipe != IMPORTED_RECIPE);
+    let annotated = verity_of(layer)?;
     if let Some(p) = stored_as_named(store, &t.id, &classified.diff_id, annotated.as_ref())? {
         reporter.cached(index, total, &layer.digest);
         return Ok(p);
@@ -421,9 +421,12 @@ fn fetch(
         }
         None => (None, unpacked.digest().to_string()),
     };
+    // An imported layer's key is its own, whatever its producer salted the tree with.
     let salted_for_key = match &verity {
-        Some((_, v)) => v.salt == hex::encode(crate::verity::salt_for(&chain_id)?),
-        None => true,
+        Some((_, v)) if t.id.recipe != IMPORTED_RECIPE => {
+            v.salt == hex::encode(crate::verity::salt_for(&chain_id)?)
+        }
+        _ => true,
     };
     let record = LayerRecord {
         chain_id,
@@ -439,8 +442,10 @@ fn fetch(
     Ok(Fetched { blob: out, record, verity, salted_for_key })
 }
 
-/// The `org.erofs.dmverity.*` annotations of a layer: `(hash_offset, root digest)`, when it
-/// has a tree of 4096-byte blocks (the only size vmrootfs makes and checks).
+/// The `org.erofs.dmverity.*` annotations of a layer, from any producer: `(hash_offset, root
+/// digest)`. Its block size was checked by [`erofs_image::classify`] (4096 bytes, the only
+/// size vmrootfs checks and opens); the salt and the block sizes are read from the tree's
+/// superblock and checked when the layer arrives.
 fn verity_of(layer: &LayerRef) -> Result<Option<(u64, Digest)>, PullError> {
     let a = &layer.annotations;
     let (Some(offset), Some(root)) =
@@ -448,9 +453,6 @@ fn verity_of(layer: &LayerRef) -> Result<Option<(u64, Digest)>, PullError> {
     else {
         return Ok(None);
     };
-    if a.get(erofs_image::VERITY_BLOCK_SIZE).is_some_and(|b| b != "4096") {
-        return Ok(None);
-    }
     let bad = |key: &'static str, value: &str, expected: &'static str| PullError::BadAnnotation {
         key,
         value: value.to_string(),

@@ -168,8 +168,8 @@ fn layout_image(layout: &Path, tag: &str) -> (serde_json::Value, serde_json::Val
 fn pushed_manifests_meet_the_producer_requirements() {
     let (dir, src, built) = built_source("erofs-producer");
     let layout = dir.path().join("layout");
-    push_json(&src, &["src", &format!("oci:{}:raw", layout.display())]);
-    push_json(&src, &["src", &format!("oci:{}:zstd", layout.display()), "--zstd"]);
+    push_json(&src, &["src", &format!("oci:{}:raw", layout.display()), "--media-type", "spec"]);
+    push_json(&src, &["src", &format!("oci:{}:zstd", layout.display()), "--zstd", "--media-type", "spec"]);
     let source_config: serde_json::Value = {
         let l = image().join("oci");
         let index: serde_json::Value =
@@ -350,7 +350,8 @@ fn the_consumer_refuses_and_accepts_what_the_format_says() {
     let want = blob_hashes(&built);
     let pushed = |name: &str, zstd: bool| {
         let out = dir.path().join(name);
-        let mut args = vec!["src".to_string(), format!("oci:{}", out.display())];
+        let mut args =
+            vec!["src".to_string(), format!("oci:{}", out.display()), "--media-type".into(), "spec".into()];
         if zstd {
             args.push("--zstd".into());
         }

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::backend::FsType;
 use crate::digest;
-use crate::erofs_image::{self, ProducedLayer};
+use crate::erofs_image::{self, MediaTypes, ProducedLayer};
 use crate::record::ImageRecord;
 use crate::source::RegistryOptions;
 use crate::store::{Store, StoreError};
@@ -48,6 +48,10 @@ pub enum PushError {
     BadSourceConfig { tag: String },
     #[error("bad destination {0:?}: expected REGISTRY/REPO[:TAG], oci:DIR[:TAG] or oci-archive:FILE[:TAG]")]
     BadDestination(String),
+    #[error(
+        "--zstd with --media-type containerd-2.1: containerd 2.1's spelling has no compressed form (containerd 2.1 reads raw EROFS layers only); push raw layers, or --zstd with --media-type containerd or spec"
+    )]
+    CompressedContainerd21,
     #[error(transparent)]
     StoredBlobChanged(Box<ChangedBlob>),
     #[error("{path}")]
@@ -90,8 +94,10 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> PushError + '_ {
 /// How to push.
 #[derive(Debug, Clone, Default)]
 pub struct PushOptions {
-    /// Publish `application/vnd.erofs+zstd` layers (compressed) rather than raw ones.
+    /// Publish zstd-compressed layers (`+zstd`) rather than raw ones.
     pub zstd: bool,
+    /// The layer media-type spelling; `None`: [`MediaTypes::default_for`].
+    pub media_types: Option<MediaTypes>,
     pub registry: RegistryOptions,
 }
 
@@ -210,7 +216,8 @@ pub fn push(store: &Store, tag: &str, dest: &str, opts: &PushOptions) -> Result<
     // Shared store lock: no gc while the blobs are read.
     let _lock = store.lock_shared()?;
     let record = store.get(tag)?;
-    let composed = compose(store, &record, opts.zstd)?;
+    let media_types = opts.media_types.unwrap_or(MediaTypes::default_for(opts.zstd));
+    let composed = compose(store, &record, opts.zstd, media_types)?;
     let layers = match &dest_parsed {
         Destination::Registry(reference) => registry::push(reference, &composed, &opts.registry)?,
         Destination::Layout { dir, tag } => layout::write_dir(dir, tag, &composed)?,
@@ -225,8 +232,17 @@ pub fn push(store: &Store, tag: &str, dest: &str, opts: &PushOptions) -> Result<
     })
 }
 
-/// The layer blobs, config and manifest of `record` in the EROFS image layer format.
-pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Composed, PushError> {
+/// The layer blobs, config and manifest of `record` in the EROFS image layer format, layers
+/// spelled as `media_types` says.
+pub fn compose(
+    store: &Store,
+    record: &ImageRecord,
+    zstd: bool,
+    media_types: MediaTypes,
+) -> Result<Composed, PushError> {
+    let (Some(raw_type), Some(layer_type)) = (media_types.layer(false), media_types.layer(zstd)) else {
+        return Err(PushError::CompressedContainerd21);
+    };
     if let Some(l) = record.lowers.iter().find(|l| l.fs != FsType::Erofs) {
         return Err(PushError::NotErofs { tag: record.tag.clone(), fs: l.fs });
     }
@@ -249,16 +265,11 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
         }
         let diff_id = digest::parse_sha256("stored blob sha256", &format!("sha256:{data_sha256}"))
             .map_err(StoreError::from)?;
-        let data = Blob {
-            media_type: erofs_image::MEDIA_TYPE.into(),
-            digest: diff_id.clone(),
-            size: data_size,
-            parts,
-        };
+        let data = Blob { media_type: raw_type.into(), digest: diff_id.clone(), size: data_size, parts };
         let blob = if zstd {
             let out = work.path().join(format!("layer-{i}.zst"));
             let (digest, size) = compress(&data, &out)?;
-            Blob { media_type: erofs_image::MEDIA_TYPE_ZSTD.into(), digest, size, parts: vec![out] }
+            Blob { media_type: layer_type.into(), digest, size, parts: vec![out] }
         } else {
             data
         };
@@ -300,7 +311,7 @@ pub fn compose(store: &Store, record: &ImageRecord, zstd: bool) -> Result<Compos
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
         "config": {"mediaType": CONFIG_TYPE, "digest": digest::sha256_of(&config).to_string(), "size": config.len()},
-        "layers": erofs_image::produce(&produced),
+        "layers": erofs_image::produce(&produced, media_types).ok_or(PushError::CompressedContainerd21)?,
         "annotations": {
             erofs_image::SOURCE_MANIFEST: record.manifest_digest.to_string(),
             erofs_image::RECIPE: produced.first().map(|p| p.recipe).unwrap_or(FsType::Erofs.recipe()).to_string(),

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 
-use oci_spec::image::{Digest, ImageConfiguration};
+use oci_spec::image::Digest;
 use serde::Deserialize;
 
 use super::archive::TarArchive;
@@ -110,7 +110,7 @@ impl ImageSource for DockerArchive {
         let (entries, _): (Vec<ManifestEntry>, _) =
             read_json(self.archive.member("manifest.json")?, "manifest.json")?;
         let entry = self.pick(&entries)?;
-        let (config, bytes): (ImageConfiguration, _) =
+        let (super::ConfigJson(config), bytes) =
             read_json(self.archive.member(&entry.config)?, &entry.config)?;
         let config_digest = digest::sha256_of(&bytes);
         if let Some(expected) = digest_from_name(&entry.config) {

@@ -316,6 +316,20 @@ fn split_path_ref(rest: &str, is_path: impl Fn(&Path) -> bool) -> (PathBuf, Opti
     }
 }
 
+/// An image config as the sources read it: one without `rootfs` (the EROFS image layer format
+/// allows that) reads as one with no diff_ids, which the rules for its layers then judge.
+pub(crate) struct ConfigJson(pub ImageConfiguration);
+
+impl<'de> serde::Deserialize<'de> for ConfigJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut value = serde_json::Value::deserialize(d)?;
+        if let Some(config) = value.as_object_mut() {
+            config.entry("rootfs").or_insert_with(|| serde_json::json!({"type": "layers", "diff_ids": []}));
+        }
+        serde_json::from_value(value).map(ConfigJson).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Reads a small JSON document, refusing more than [`MAX_JSON`] bytes.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
     mut r: impl Read,

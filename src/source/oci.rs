@@ -141,8 +141,7 @@ impl ImageSource for OciSource {
                 return Err(SourceError::UnsupportedManifest(media_type));
             }
             let (manifest, manifest_bytes): (ImageManifest, _) = self.read_blob(&desc, "manifest")?;
-            let (config, config_bytes): (ImageConfiguration, _) =
-                self.read_blob(manifest.config(), "config")?;
+            let (super::ConfigJson(config), config_bytes) = self.read_blob(manifest.config(), "config")?;
             if !via_index {
                 super::check_config_platform(&config, platform, &self.describe())?;
             }

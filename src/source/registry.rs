@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use oci_client::Reference;
-use oci_spec::image::{Digest, ImageConfiguration, ImageIndex, ImageManifest};
+use oci_spec::image::{Digest, ImageIndex, ImageManifest};
 
 use super::auth::{Authorizer, Credential, Hop};
 use super::http::{self, HttpError};
@@ -500,7 +500,7 @@ impl ImageSource for RegistrySource {
             let manifest: ImageManifest = serde_json::from_slice(&bytes)
                 .map_err(|source| SourceError::Json { what: "manifest".into(), source })?;
             let config_bytes = self.small_blob(manifest.config().digest())?;
-            let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
+            let super::ConfigJson(config) = serde_json::from_slice(&config_bytes)
                 .map_err(|source| SourceError::Json { what: "config".into(), source })?;
             if !via_index {
                 super::check_config_platform(&config, platform, &self.spec)?;
