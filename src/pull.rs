@@ -59,6 +59,10 @@ pub enum PullError {
     Verity(#[from] crate::verity::VerityError),
     #[error("its dm-verity tree gives root digest {found}, not the annotated {annotated}")]
     VerityMismatch { annotated: String, found: String },
+    #[error(
+        "{blocks} blocks of its dm-verity tree are not the tree of its blob (whose root digest {root} is the annotated one)"
+    )]
+    VerityTreeDiffers { blocks: u64, root: String },
 }
 
 /// Where one pulled layer goes in the store, and what its record says.
@@ -401,10 +405,16 @@ fn fetch(
             // that of the tree the descriptor names, whatever key the layer is stored under.
             let salt = crate::verity::tree_salt(&tree, hash_offset)?;
             let checked = crate::verity::check(&out, &salt, &tree)?;
-            if checked.root_digest != root || checked.differing_tree_blocks != 0 {
+            if checked.root_digest != root {
                 return Err(PullError::VerityMismatch {
                     annotated: root.to_string(),
                     found: checked.root_digest.to_string(),
+                });
+            }
+            if checked.differing_tree_blocks != 0 {
+                return Err(PullError::VerityTreeDiffers {
+                    blocks: checked.differing_tree_blocks,
+                    root: root.to_string(),
                 });
             }
             let info = crate::verity::VerityInfo {

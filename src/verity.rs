@@ -225,10 +225,20 @@ struct CompareWith<'a> {
     buf: Vec<u8>,
 }
 
+/// Where the superblock's UUID lies in the tree's first block.
+const SUPERBLOCK_UUID: std::ops::Range<usize> = 16..32;
+
 impl TreeSink for CompareWith<'_> {
+    /// Compares `block` with the stored one. The superblock's UUID is the producer's (nothing
+    /// reads it: dm-verity takes its parameters from the table): another producer's tree
+    /// (`veritysetup` draws a random one) is the blob's tree when all else is equal.
     fn put(&mut self, offset: u64, block: &[u8]) -> io::Result<()> {
         self.buf.resize(block.len(), 0);
-        match self.file.read_exact_at(&mut self.buf, offset) {
+        let read = self.file.read_exact_at(&mut self.buf, offset);
+        if offset == 0 && read.is_ok() {
+            self.buf[SUPERBLOCK_UUID].copy_from_slice(&block[SUPERBLOCK_UUID]);
+        }
+        match read {
             Ok(()) if self.buf == block => {}
             Ok(()) => self.differing += 1,
             // A stored tree shorter than it should be differs; other errors are errors.

@@ -624,3 +624,93 @@ fn every_spelling_push_writes_pulls_back_without_mkfs() {
         }
     }
 }
+
+/// `blob ‖ tree` as `veritysetup format --hash-offset` makes it with `salt` (hex); the root
+/// digest it printed.
+fn veritysetup_append(blob: &[u8], salt: &str, work: &Path) -> (Vec<u8>, String) {
+    let file = work.join("verity-layer");
+    std::fs::write(&file, blob).unwrap();
+    let out = Command::new("veritysetup")
+        .arg("format")
+        .arg(&file)
+        .arg(&file)
+        .arg(format!("--hash-offset={}", blob.len()))
+        .arg(format!("--data-blocks={}", blob.len() / 4096))
+        .arg(format!("--salt={salt}"))
+        .output()
+        .expect("veritysetup (cryptsetup-bin)");
+    assert!(out.status.success(), "veritysetup format: {}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let root = printed.lines().find_map(|l| l.strip_prefix("Root hash:")).unwrap().trim().to_string();
+    (std::fs::read(&file).unwrap(), root)
+}
+
+/// dm-verity from another producer: layers in the draft spec's form with trees appended by
+/// `veritysetup` under a 16-byte salt of its own (vmrootfs salts with 32 bytes of the chain
+/// ID) are stored as a `--verity` image whose trees are read with the salt their superblocks
+/// hold, verified, and booted through dm-verity; a tree that does not give the annotated root
+/// is refused. (Before, vmrootfs ignored the annotations of layers it had not made and
+/// stored `blob ‖ tree` as a plain blob.)
+#[test]
+fn another_producers_verity_trees_are_read_with_the_salt_they_hold() {
+    let dir = scratch("ctd-verity");
+    let src = busybox_tars();
+    let salt = "00112233445566778899aabbccddeeff";
+    let erofs: Vec<Vec<u8>> =
+        src.tars.iter().enumerate().map(|(i, t)| containerd_convert(t, dir.path(), i)).collect();
+    let layout_with = |name: &str, corrupt: bool| -> (PathBuf, Vec<String>) {
+        let mut roots = Vec::new();
+        let layers: Vec<FormLayer> = erofs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let (mut with_tree, root) = veritysetup_append(b, salt, dir.path());
+                if corrupt && i == 0 {
+                    // A hash block of the tree (after its superblock block), not the data.
+                    let at = b.len() + 4096 + 7;
+                    with_tree[at] ^= 0x40;
+                }
+                let mut annotations = serde_json::json!({
+                    "org.erofs.dmverity.hash_offset": b.len().to_string(),
+                    "org.erofs.dmverity.root_digest": format!("sha256:{root}"),
+                    "org.erofs.dmverity.block_size": "4096",
+                });
+                if i + 1 < erofs.len() {
+                    annotations["org.erofs.role"] = "overlay-lower".into();
+                }
+                roots.push(root);
+                FormLayer { media_type: "application/vnd.erofs", blob: with_tree, annotations }
+            })
+            .collect();
+        let mut config = src.config.clone();
+        config.as_object_mut().unwrap().remove("rootfs");
+        config["os.features"] = serde_json::json!(["erofs"]);
+        let layout = dir.path().join(name);
+        write_form_layout(&layout, "v", &layers, &config);
+        (layout, roots)
+    };
+    let (layout, roots) = layout_with("good", false);
+    let store = dir.path().join("store");
+    let r = build_without_mkfs(dir.path(), &store, &format!("oci:{}:v", layout.display()), "v");
+    assert_stored_as_pulled(&r, &erofs);
+    for (i, l) in r["lowers"].as_array().unwrap().iter().enumerate() {
+        let v = &l["verity"];
+        assert_eq!(v["salt"], salt, "lower {i}: the salt of its tree's superblock");
+        assert_eq!(v["root_digest"], format!("sha256:{}", roots[i]), "lower {i}");
+        assert_eq!(v["hash_offset"], erofs[i].len(), "lower {i}");
+    }
+    let (ok, out, err) = run(vmrootfs(&store).args(["verify", "v"]));
+    assert!(ok, "verify: {out}{err}");
+    let got = vmrootfs_run_probe(&store, "v");
+    eprintln!("vmrootfs run v (dm-verity, veritysetup's trees) -- sh -c PROBE:\n{got}");
+    assert_eq!(got, expected_probe_output());
+
+    let (bad, _) = layout_with("corrupt", true);
+    let bad_store = dir.path().join("bad-store");
+    let (ok, _, err) = run(vmrootfs(&bad_store)
+        .env("PATH", path_without_mkfs(dir.path()))
+        .args(["build", &format!("oci:{}:v", bad.display())]));
+    assert!(!ok, "a tree that does not give its annotated root was accepted");
+    eprintln!("corrupt tree: {}", err.trim());
+    assert!(err.contains("1 blocks of its dm-verity tree are not the tree of its blob"), "{err}");
+}
