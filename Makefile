@@ -6,7 +6,7 @@ CARGO ?= cargo
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DEMO_STORE ?= target/demo-store
 
-.PHONY: all deps deps-run build demo test fuzz bench lint clean
+.PHONY: all deps deps-run containerd build demo test fuzz bench lint clean
 
 all: build
 
@@ -18,6 +18,10 @@ deps:
 deps-run:
 	@scripts/install-deps.sh run
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs"; exit 1; }
+
+# containerd 2.1 for tests/containerd.rs, unpacked under target/containerd (also part of `deps`).
+containerd:
+	@scripts/containerd.sh
 
 build: deps-run
 	$(CARGO) build --release --locked
