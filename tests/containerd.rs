@@ -302,8 +302,9 @@ fn expected_probe_output() -> String {
 /// Must-show 1, vmrootfs → containerd: a vmrootfs push in containerd 2.1's spelling (plain
 /// and `--verity`) is pulled by containerd 2.1 with `--snapshotter erofs`, which stores the
 /// pushed blobs as they are (0 conversions), and `ctr run` prints what `vmrootfs run` prints;
-/// vmrootfs pulls the same push back without mkfs into its own blobs. The other two spellings
-/// do not run under containerd 2.1.
+/// then containerd publishes the image it holds (`ctr image push`) and vmrootfs builds that
+/// without mkfs into its own blobs (0 conversions either way). The other two spellings do not
+/// run under containerd 2.1.
 #[test]
 fn containerd_2_1_pulls_and_runs_what_vmrootfs_pushes() {
     let dir = scratch("ctd-push");
@@ -405,14 +406,25 @@ fn containerd_2_1_pulls_and_runs_what_vmrootfs_pushes() {
         assert!(ran.status.success(), "ctr run {reference}: {got}{}", String::from_utf8_lossy(&ran.stderr));
         eprintln!("ctr run --snapshotter erofs {reference} sh -c PROBE:\n{got}");
         assert_eq!(got, want, "ctr run prints what vmrootfs run prints ({tag})");
+        // containerd 2.1 has no EROFS converter (that came in 2.3): what it can publish is
+        // the EROFS image it holds, which `ctr image push` sends on as it is.
+        let republished = format!("{}/lab/{tag}:from-containerd", reg.addr);
+        let push = containerd.ctr(&["image", "push", "--plain-http", &republished, reference]);
+        assert!(
+            push.status.success(),
+            "ctr image push {republished}: {}",
+            String::from_utf8_lossy(&push.stderr)
+        );
+        eprintln!("ctr image push {republished} {reference}: ok");
     }
     let left = containerd.stop();
     assert!(left.is_empty(), "containerd left behind: {left:?}");
 
-    // The reverse direction on the same push: vmrootfs reads containerd 2.1's spelling.
-    for (tag, reference, _) in &pushed {
+    // The reverse direction: vmrootfs builds what containerd 2.1 published, without mkfs.
+    for (tag, _, _) in &pushed {
+        let republished = format!("{}/lab/{tag}:from-containerd", reg.addr);
         let fresh = dir.path().join(format!("fresh-{tag}"));
-        let r = build_without_mkfs(dir.path(), &fresh, reference, tag);
+        let r = build_without_mkfs(dir.path(), &fresh, &republished, tag);
         let original: serde_json::Value =
             serde_json::from_str(&run(vmrootfs(&store).args(["inspect", tag, "--json"])).1).unwrap();
         for (i, l) in r["lowers"].as_array().unwrap().iter().enumerate() {
