@@ -91,15 +91,6 @@ impl MediaTypes {
             .flat_map(|m| [false, true].map(|zstd| (m, zstd)))
             .find(|&(m, zstd)| m.layer(zstd) == Some(media_type))
     }
-
-    /// The option value naming this spelling (`spec`, `containerd`, `containerd-2.1`).
-    pub fn name(self) -> &'static str {
-        match self {
-            MediaTypes::Spec => "spec",
-            MediaTypes::Containerd => "containerd",
-            MediaTypes::Containerd21 => "containerd-2.1",
-        }
-    }
 }
 
 /// Whether `media_type` claims to be an EROFS layer, known spelling or not.
@@ -222,15 +213,15 @@ pub fn classify(
     let mut out = Vec::with_capacity(layers.len());
     for (index, l) in layers.iter().enumerate() {
         let spelled = MediaTypes::of(l.media_type);
-        let role = match l.media_type {
-            _ if spelled.is_some() => match l.annotations.get(ROLE).map(String::as_str) {
+        let role = match (spelled, l.media_type) {
+            (Some(_), _) => match l.annotations.get(ROLE).map(String::as_str) {
                 None | Some("overlay-lower") => Role::Lower,
                 Some(r @ ("device" | "overlay-data")) => {
                     return Err(FormatError::UnsupportedRole { index, role: r.to_string() });
                 }
                 Some(r) => return Err(FormatError::UnknownRole { index, role: r.to_string() }),
             },
-            MEDIA_TYPE_CHUNK_INDEX => {
+            (None, MEDIA_TYPE_CHUNK_INDEX) => {
                 if index == 0 {
                     return Err(FormatError::ChunkIndexFirst { index });
                 }
@@ -242,16 +233,18 @@ pub fn classify(
                 }
                 Role::ChunkIndex
             }
-            other if l.annotations.get(ROLE).is_some_and(|r| r == "device") => {
+            (None, other) if l.annotations.get(ROLE).is_some_and(|r| r == "device") => {
                 return Err(FormatError::UnsupportedRole { index, role: format!("device ({other})") });
             }
-            other if other.starts_with(MEDIA_TYPE_CONTAINERD_2_1) && other.ends_with("+zstd") => {
+            (None, other) if other.starts_with(MEDIA_TYPE_CONTAINERD_2_1) && other.ends_with("+zstd") => {
                 return Err(FormatError::CompressedContainerd21 { index, media_type: other.to_string() });
             }
-            other if looks_erofs(other) => {
+            (None, other) if looks_erofs(other) => {
                 return Err(FormatError::UnknownSubtype { index, media_type: other.to_string() });
             }
-            other => return Err(FormatError::UnknownMediaType { index, media_type: other.to_string() }),
+            (None, other) => {
+                return Err(FormatError::UnknownMediaType { index, media_type: other.to_string() });
+            }
         };
         let zstd = spelled.is_some_and(|(_, zstd)| zstd);
         let annotated = match l.annotations.get(UNCOMPRESSED_DIGEST) {
