@@ -6,7 +6,8 @@
 # its own under target/containerd/apt (sources, lists, cache): the machine's own apt sources
 # and lists stay as they are, and nothing from sid is installed. `dpkg-deb -x` unpacks it into
 # target/containerd/root (Debian 12's glibc runs its binaries). runc is Debian 12's own
-# (`scripts/install-deps.sh test` installs it).
+# (`scripts/install-deps.sh all` installs it). The tests print the versions they ran with:
+# sid's package is whatever sid has today (2.1.9+ds1-5 when this was written).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$PWD/target/containerd
@@ -27,5 +28,5 @@ deb=$(ls "$OUT"/debs/containerd_*.deb)
 rm -rf "$OUT/root.new"
 dpkg-deb -x "$deb" "$OUT/root.new"
 rm -rf "$OUT/root" && mv "$OUT/root.new" "$OUT/root"
-rm -rf "$APT/lists" "$APT/cache"
+rm -rf "$APT/lists" "$APT/cache" "$OUT/debs"
 "$BIN/containerd" --version
