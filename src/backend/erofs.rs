@@ -94,6 +94,7 @@ impl Erofs {
     pub fn merge(&self, seed: &Digest, out: &Path, layers: &[PathBuf]) -> Result<(), ToolError> {
         let mut cmd = self.mkfs_command();
         cmd.arg("--ovlfs-strip=1")
+            .arg("-b4096")
             .arg("-Eforce-inode-extended")
             .arg(format!("-U{}", super::uuid_from(seed, 0)))
             .arg(out)
