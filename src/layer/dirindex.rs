@@ -100,6 +100,34 @@ impl Build {
 }
 
 impl DirIndex {
+    /// From directories in path order, each path once, whose paths take `path_bytes` bytes in
+    /// all: what `collect` gives, without the spare room a growing buffer leaves.
+    pub fn from_sorted<'a>(path_bytes: usize, dirs: impl IntoIterator<Item = (&'a [u8], DirMeta)>) -> Self {
+        let dirs = dirs.into_iter();
+        let mut build = Build::default();
+        build.index.names.reserve_exact(path_bytes);
+        build.index.dirs.reserve_exact(dirs.size_hint().0);
+        for (path, meta) in dirs {
+            debug_assert!(build.index.dirs.is_empty() || build.index.last_path() < path);
+            build.push(path, meta);
+        }
+        build.index
+    }
+
+    /// How many bytes the paths take, back to back.
+    pub fn path_bytes(&self) -> usize {
+        self.names.len()
+    }
+
+    /// How many directories.
+    pub fn len(&self) -> usize {
+        self.dirs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+
     fn path_at(&self, i: usize) -> &[u8] {
         let start = if i == 0 { 0 } else { self.dirs[i - 1].0 };
         &self.names[start..self.dirs[i].0]

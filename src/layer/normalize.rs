@@ -99,10 +99,9 @@ enum Node {
     /// metadata comes from the layers below).
     Dir(Option<u32>),
     NonDir,
-    /// A whiteout, written at the end (with this mtime) unless the layer puts something here.
-    Whiteout {
-        mtime_sec: i64,
-    },
+    /// A whiteout, written at the end unless the layer puts something here, with the mtime
+    /// [`Normalizer::whiteout_mtimes`] holds at this index (so that a node takes 8 bytes).
+    Whiteout(u32),
 }
 
 /// The layer after its stream ended: what the next layer and the backends need.
@@ -123,6 +122,8 @@ pub struct Normalizer<W: Write> {
     dir_metas: Vec<EntryMeta>,
     /// Where each metadata is in `dir_metas`.
     dir_meta_ids: HashMap<EntryMeta, u32>,
+    /// The mtimes of the whiteouts, in the order they came.
+    whiteout_mtimes: Vec<i64>,
     /// The parent directory of the last entry, known to be a directory with directories
     /// above it (forgotten when a directory is replaced), so its siblings skip the walk.
     last_parent: Option<(Vec<u8>, PathId)>,
@@ -155,6 +156,7 @@ impl<W: Write> Normalizer<W> {
             nodes: vec![Node::Dir(None)],
             dir_metas: Vec::new(),
             dir_meta_ids: HashMap::new(),
+            whiteout_mtimes: Vec::new(),
             last_parent: None,
             root: None,
             opaque: BTreeSet::new(),
@@ -245,7 +247,7 @@ impl<W: Write> Normalizer<W> {
         if let EntryKind::Dir = kind {
             // A new directory where this layer had a whiteout or a non-directory (which hid
             // the lower directory): nothing below shows through.
-            if let Some(Node::Whiteout { .. } | Node::NonDir) = existing.map(|id| self.nodes[id as usize]) {
+            if let Some(Node::Whiteout(_) | Node::NonDir) = existing.map(|id| self.nodes[id as usize]) {
                 self.opaque.insert(path.to_vec());
             }
             self.emit(path, TarKind::Dir, &meta)?;
@@ -329,7 +331,7 @@ impl<W: Write> Normalizer<W> {
                 Some((_, Node::NonDir)) => return Ok(None),
                 // Whited out, then used as a parent in the same layer: the directory is new
                 // here and hides the lower one.
-                Some((_, Node::Whiteout { .. })) => {
+                Some((_, Node::Whiteout(_))) => {
                     self.opaque.insert(anc.to_vec());
                 }
                 None => {}
@@ -426,7 +428,9 @@ impl<W: Write> Normalizer<W> {
             }
             Some(_) => {}
             None => {
-                self.set(parent, name, None, Node::Whiteout { mtime_sec })?;
+                let at = u32::try_from(self.whiteout_mtimes.len()).map_err(|_| PathTreeFull)?;
+                self.set(parent, name, None, Node::Whiteout(at))?;
+                self.whiteout_mtimes.push(mtime_sec);
             }
         }
         Ok(())
@@ -444,7 +448,7 @@ impl<W: Write> Normalizer<W> {
             match existing.map(|id| self.nodes[id as usize]) {
                 Some(Node::Dir(_)) => {}
                 Some(Node::NonDir) => return Err(not_dir()),
-                Some(Node::Whiteout { .. }) | None => {
+                Some(Node::Whiteout(_)) | None => {
                     self.implicit_dir(dir)?;
                     self.set(parent, name, existing, Node::Dir(None))?;
                 }
@@ -468,33 +472,40 @@ impl<W: Write> Normalizer<W> {
         };
         let root_implicit = self.root.is_none();
         // The layer's directories, sorted by path: their paths back to back in `names`, each
-        // with where it is there and its own metadata's index in `dir_metas` (none when
-        // implicit), so that their `DirIndex` is built in order without a heap copy of every
-        // path or metadata at once.
+        // with where it starts there, its length and its id (whose node holds its own
+        // metadata's index in `dir_metas`), so that their `DirIndex` is built in order without
+        // a heap copy of every path or metadata at once.
         let count = self.nodes.iter().filter(|n| matches!(n, Node::Dir(_))).count();
         let mut names = Vec::new();
-        let mut dirs: Vec<(usize, usize, Option<u32>)> = Vec::with_capacity(count);
+        let mut dirs: Vec<(usize, u32, PathId)> = Vec::with_capacity(count);
         for (id, node) in self.nodes.iter().enumerate().skip(1) {
-            if let Node::Dir(own) = *node {
+            if let Node::Dir(_) = *node {
                 let p = self.paths.path(id as PathId);
                 if self.paths.find(&p) != Some(id as PathId) {
                     continue; // below a directory a non-directory replaced, or that directory
                 }
                 names.extend_from_slice(&p);
-                dirs.push((names.len() - p.len(), names.len(), own));
+                dirs.push((names.len() - p.len(), p.len() as u32, id as PathId));
             }
         }
-        dirs.sort_unstable_by(|a, b| names[a.0..a.1].cmp(&names[b.0..b.1]));
+        names.shrink_to_fit();
+        let path = |&(start, len, _): &(usize, u32, PathId)| &names[start..][..len as usize];
+        dirs.sort_unstable_by(|a, b| path(a).cmp(path(b)));
         let root = final_meta(b"", self.root.take());
         self.dir_meta_ids = HashMap::new();
         let dir_metas = std::mem::take(&mut self.dir_metas);
-        let layer_dirs: DirIndex = std::iter::once((Vec::new(), root))
-            .chain(dirs.into_iter().map(|(start, end, own)| {
-                let p = &names[start..end];
-                (p.to_vec(), final_meta(p, own.map(|at| dir_metas[at as usize].clone())))
-            }))
-            .collect();
-        drop((names, dir_metas));
+        let nodes = &self.nodes;
+        let layer_dirs = DirIndex::from_sorted(
+            names.len(),
+            std::iter::once((&b""[..], root)).chain(dirs.iter().map(|dir| {
+                let own = match nodes[dir.2 as usize] {
+                    Node::Dir(own) => own.map(|at| dir_metas[at as usize].clone()),
+                    _ => unreachable!("listed as a directory"),
+                };
+                (path(dir), final_meta(path(dir), own))
+            })),
+        );
+        drop((dirs, names, dir_metas));
         // Whether the tar listed `p`, one of the layer's directories.
         let (paths, nodes) = (&mut self.paths, &self.nodes);
         let mut implicit = |p: &[u8]| match paths.find(p).map(|id| nodes[id as usize]) {
@@ -512,7 +523,7 @@ impl<W: Write> Normalizer<W> {
                 self.opaque.insert(p.to_vec());
             }
         }
-        let own: OwnDirs = layer_dirs.iter().map(|(p, _)| (p, self.opaque.contains(p))).collect();
+        let own = OwnDirs::of_index(&layer_dirs, |p| self.opaque.contains(p));
         for (p, meta) in layer_dirs.iter() {
             let opaque = self.opaque.contains(p);
             let implicit = implicit(p);
@@ -528,13 +539,13 @@ impl<W: Write> Normalizer<W> {
                 self.out.header(p, TarKind::Dir, &m).map_err(NormalizeError::Write)?;
             }
         }
-        let (paths, nodes) = (&mut self.paths, &self.nodes);
+        let (paths, nodes, mtimes) = (&mut self.paths, &self.nodes, &self.whiteout_mtimes);
         let mut whiteouts: Vec<(Vec<u8>, i64)> = (nodes.iter().enumerate())
             .filter_map(|(id, n)| match n {
-                Node::Whiteout { mtime_sec } if whiteouts_kept => {
+                Node::Whiteout(at) if whiteouts_kept => {
                     let p = paths.path(id as PathId);
                     // Not one below a directory a non-directory replaced.
-                    (paths.find(&p) == Some(id as PathId)).then_some((p, *mtime_sec))
+                    (paths.find(&p) == Some(id as PathId)).then_some((p, mtimes[*at as usize]))
                 }
                 _ => None,
             })
@@ -549,7 +560,7 @@ impl<W: Write> Normalizer<W> {
         let merged = lower.apply_layer(layer_dirs, &self.opaque, |p| {
             match paths.find(p).map(|id| nodes[id as usize]) {
                 Some(Node::Dir(_)) => NodeKind::Dir,
-                Some(Node::Whiteout { .. }) if !whiteouts_kept => NodeKind::Missing,
+                Some(Node::Whiteout(_)) if !whiteouts_kept => NodeKind::Missing,
                 Some(_) => NodeKind::NonDir,
                 None => NodeKind::Missing,
             }

@@ -5,6 +5,8 @@
 
 use std::io::{self, BufRead, Write};
 
+use super::dirindex::DirIndex;
+
 /// Directory path (layer path bytes, root = `b""`) → opaque?, in path order: the paths back
 /// to back in one buffer, looked up by binary search; built whole, in path order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -45,6 +47,20 @@ impl<P: AsRef<[u8]>> FromIterator<(P, bool)> for OwnDirs {
 }
 
 impl OwnDirs {
+    /// The directories of `dirs` (a layer's own), each opaque when `opaque` says so; as
+    /// compact as the index (no spare room).
+    pub fn of_index(dirs: &DirIndex, mut opaque: impl FnMut(&[u8]) -> bool) -> Self {
+        let mut own = OwnDirs {
+            names: Vec::with_capacity(dirs.path_bytes()),
+            ends: Vec::with_capacity(dirs.len()),
+            opaque: Vec::with_capacity(dirs.len()),
+        };
+        for (path, _) in dirs.iter() {
+            own.push(path, opaque(path));
+        }
+        own
+    }
+
     fn push(&mut self, path: &[u8], opaque: bool) {
         self.names.extend_from_slice(path);
         self.ends.push(self.names.len());

@@ -222,7 +222,8 @@ pub struct InodeFields<'a> {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
-    pub mtime: (i64, u32),
+    /// As [`split_time`] gives it.
+    pub mtime: (u32, u32),
     pub links: u16,
     /// Blocks the inode owns (data, extent tree, xattr block).
     pub blocks: u64,
@@ -240,7 +241,7 @@ pub fn inode(f: &InodeFields<'_>, ino: u32, seed: u32) -> [u8; INODE_SIZE] {
     put16(&mut b, 0x00, f.kind.mode_bits() | (f.perm & 0o7777));
     put16(&mut b, 0x02, f.uid as u16);
     put32(&mut b, 0x04, f.size as u32);
-    let (sec, extra) = split_time(f.mtime.0, f.mtime.1);
+    let (sec, extra) = f.mtime;
     for off in [0x08, 0x0C, 0x10, 0x90] {
         put32(&mut b, off, sec);
     }
@@ -403,7 +404,7 @@ pub enum XattrError {
 
 /// An inode's xattrs, encoded: the part kept in the inode and the xattr block, if any (whose
 /// checksum [`seal_xattr_block`] sets once its block number is known).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Xattrs {
     pub ibody: Vec<u8>,
     pub block: Option<Vec<u8>>,

@@ -19,6 +19,7 @@
 //! Reproducible: no clock, no randomness; inode numbers in entry order, directory entries
 //! in entry order, UUID and hash seed given by the caller.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -65,12 +66,12 @@ pub enum Ext4Error {
     Write(#[source] io::Error),
 }
 
-/// Owner, permissions, time and encoded xattrs of an inode.
-struct Attrs {
-    mtime_sec: i64,
+/// Owner, permissions and encoded xattrs of an inode: a layer has few distinct ones, so each
+/// is kept once ([`ImageWriter::owners`]) and inodes hold its index.
+#[derive(PartialEq, Eq, Hash)]
+struct Owner {
     uid: u32,
     gid: u32,
-    mtime_nsec: u32,
     perm: u16,
     /// `None` for an inode without xattrs (most of them).
     xattrs: Option<Box<Xattrs>>,
@@ -114,31 +115,17 @@ enum Kind {
     Fifo,
 }
 
-/// An inode: 56 bytes (the attributes flat, so that the link count fills their padding).
+/// An inode: 40 bytes.
 struct Node {
     kind: Kind,
-    mtime_sec: i64,
-    xattrs: Option<Box<Xattrs>>,
-    uid: u32,
-    gid: u32,
-    mtime_nsec: u32,
-    perm: u16,
+    /// As [`disk::split_time`] gives it.
+    mtime: (u32, u32),
+    /// Its [`Owner`]'s index.
+    owner: u32,
     links: u16,
 }
 
 impl Node {
-    fn new(kind: Kind, attrs: Attrs) -> Node {
-        let mut node =
-            Node { kind, mtime_sec: 0, xattrs: None, uid: 0, gid: 0, mtime_nsec: 0, perm: 0, links: 0 };
-        node.set_attrs(attrs);
-        node
-    }
-
-    fn set_attrs(&mut self, a: Attrs) {
-        (self.mtime_sec, self.xattrs, self.uid, self.gid) = (a.mtime_sec, a.xattrs, a.uid, a.gid);
-        (self.mtime_nsec, self.perm) = (a.mtime_nsec, a.perm);
-    }
-
     fn file_type(&self) -> FileType {
         match &self.kind {
             Kind::Dir { .. } => FileType::Dir,
@@ -169,6 +156,8 @@ pub struct ImageWriter {
     extents: Vec<Extent>,
     /// The targets of all fast symlinks, back to back.
     targets: Vec<u8>,
+    /// The distinct owners so far, each with its index.
+    owners: HashMap<Owner, u32>,
     chunk: Vec<u8>,
     uuid: [u8; 16],
     hash_seed: [u8; 16],
@@ -186,10 +175,13 @@ impl ImageWriter {
         let mut data = file.try_clone()?;
         data.seek(SeekFrom::Start(DATA_START * BLOCK as u64))?;
         let mut nodes: Vec<Option<Node>> = (1..FIRST_INO).map(|_| None).collect();
-        nodes[ROOT_INO as usize - 1] = Some(Node::new(
-            Kind::Dir { parent: ROOT_INO, first: NO_PATH, last: NO_PATH, dirent_bytes: 0 },
-            Attrs { perm: 0o755, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0, xattrs: None },
-        ));
+        nodes[ROOT_INO as usize - 1] = Some(Node {
+            kind: Kind::Dir { parent: ROOT_INO, first: NO_PATH, last: NO_PATH, dirent_bytes: 0 },
+            mtime: disk::split_time(0, 0),
+            owner: 0,
+            links: 0,
+        });
+        let root_owner = Owner { uid: 0, gid: 0, perm: 0o755, xattrs: None };
         Ok(ImageWriter {
             file,
             out: BufWriter::with_capacity(CHUNK, data),
@@ -200,6 +192,7 @@ impl ImageWriter {
             next_sibling: vec![NO_PATH],
             extents: Vec::new(),
             targets: Vec::new(),
+            owners: HashMap::from([(root_owner, 0)]),
             chunk: vec![0; CHUNK],
             uuid,
             hash_seed,
@@ -224,17 +217,18 @@ impl ImageWriter {
     /// path too). A later entry for a path replaces the earlier: a directory's metadata, or a
     /// non-directory altogether.
     pub fn add(&mut self, path: &[u8], entry: EntryKind<'_>, meta: &EntryMeta) -> Result<(), Ext4Error> {
-        let attrs = || -> Result<Attrs, Ext4Error> {
+        // Its time and owner's index.
+        let attrs = |owners: &mut HashMap<Owner, u32>| -> Result<((u32, u32), u32), Ext4Error> {
             let xattrs = disk::xattrs(&meta.xattrs).map_err(|e| entry_error(path, e.to_string()))?;
             let none = xattrs.ibody.is_empty() && xattrs.block.is_none();
-            Ok(Attrs {
-                mtime_sec: meta.mtime_sec,
+            let owner = Owner {
                 uid: meta.uid,
                 gid: meta.gid,
-                mtime_nsec: meta.mtime_nsec,
                 perm: (meta.mode & 0o7777) as u16,
                 xattrs: (!none).then(|| Box::new(xattrs)),
-            })
+            };
+            let next = owners.len() as u32;
+            Ok((disk::split_time(meta.mtime_sec, meta.mtime_nsec), *owners.entry(owner).or_insert(next)))
         };
         // The parent's path and this path's, when they are there.
         let (parent_id, existing_id) = if path.is_empty() {
@@ -250,8 +244,9 @@ impl ImageWriter {
         if let EntryKind::Dir = entry
             && let Some(ino) = existing_dir
         {
-            let attrs = attrs()?;
-            self.node_mut(ino).set_attrs(attrs);
+            let (mtime, owner) = attrs(&mut self.owners)?;
+            let node = self.node_mut(ino);
+            (node.mtime, node.owner) = (mtime, owner);
             return Ok(());
         }
         if path.is_empty() {
@@ -284,9 +279,9 @@ impl ImageWriter {
                 target_ino
             }
             other => {
-                let attrs = attrs()?;
+                let (mtime, owner) = attrs(&mut self.owners)?;
                 let kind = self.new_kind(path, parent, other)?;
-                self.nodes.push(Some(Node::new(kind, attrs)));
+                self.nodes.push(Some(Node { kind, mtime, owner, links: 0 }));
                 self.nodes.len() as u32
             }
         };
@@ -455,13 +450,21 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// The distinct owners, each at its index, taken from [`ImageWriter::owners`].
+    fn owner_list(&mut self) -> Vec<Owner> {
+        let mut owners: Vec<(u32, Owner)> = self.owners.drain().map(|(owner, at)| (at, owner)).collect();
+        owners.sort_unstable_by_key(|(at, _)| *at);
+        owners.into_iter().map(|(_, owner)| owner).collect()
+    }
+
     /// Writes the metadata after the data, then the bitmaps, inode tables, group descriptors
     /// and superblock, and sets the image's length.
     pub fn finish(mut self) -> Result<(), Ext4Error> {
         let data_end = self.next;
+        let owners = self.owner_list();
         let mut placed = Placement::default();
         for i in 0..self.nodes.len() {
-            self.place(i as u32 + 1, &mut placed).map_err(Ext4Error::Write)?;
+            self.place(i as u32 + 1, &owners, &mut placed).map_err(Ext4Error::Write)?;
         }
         let meta_end = self.next;
         let g = geometry(meta_end, self.nodes.len() as u32)?;
@@ -473,7 +476,7 @@ impl ImageWriter {
         // buffer), not a group's table at a time (8 MiB).
         for ino in 1..=g.groups as usize * ipg {
             let inode = match self.nodes.get(ino - 1) {
-                Some(Some(node)) => self.encode(node, ino as u32, &placed),
+                Some(Some(node)) => self.encode(node, ino as u32, &owners[node.owner as usize], &placed),
                 _ => [0; INODE_SIZE],
             };
             write(self.out.write_all(&inode))?;
@@ -571,8 +574,9 @@ impl ImageWriter {
 
     /// Writes inode `ino`'s metadata blocks (directory blocks, extent tree, xattr block) at
     /// the end of the image so far, noting in `placed` where they went.
-    fn place(&mut self, ino: u32, placed: &mut Placement) -> io::Result<()> {
+    fn place(&mut self, ino: u32, owners: &[Owner], placed: &mut Placement) -> io::Result<()> {
         let Some(node) = &self.nodes[ino as usize - 1] else { return Ok(()) };
+        let owner = &owners[node.owner as usize];
         let extents = match node.kind {
             Kind::Dir { parent, first, .. } => {
                 let mut entries: Vec<Dirent<'_>> = Vec::new();
@@ -618,8 +622,8 @@ impl ImageWriter {
             let tree = self.extent_tree(ino, &extents)?;
             placed.trees.push((ino, tree));
         }
-        let block = self.nodes[ino as usize - 1].as_mut().and_then(|n| n.xattrs.as_mut()?.block.take());
-        if let Some(mut block) = block {
+        if let Some(block) = owner.xattrs.as_ref().and_then(|x| x.block.as_ref()) {
+            let mut block = block.clone();
             disk::seal_xattr_block(&mut block, self.next, self.seed);
             self.out.write_all(&block)?;
             placed.xattr_blocks.push((ino, self.next as u32));
@@ -629,15 +633,14 @@ impl ImageWriter {
     }
 
     /// Inode `ino` as its table holds it.
-    fn encode(&self, node: &Node, ino: u32, placed: &Placement) -> [u8; INODE_SIZE] {
-        let a = node;
+    fn encode(&self, node: &Node, ino: u32, a: &Owner, placed: &Placement) -> [u8; INODE_SIZE] {
         let mut f = InodeFields {
             kind: node.file_type(),
             perm: a.perm,
             uid: a.uid,
             gid: a.gid,
             size: 0,
-            mtime: (a.mtime_sec, a.mtime_nsec),
+            mtime: node.mtime,
             links: node.links,
             blocks: 0,
             flags: 0,
@@ -917,5 +920,49 @@ mod tests {
         });
         let per_entry = peak / FILES;
         assert!(per_entry <= 180, "{per_entry} heap bytes per entry at the peak ({peak} for {FILES} files)");
+    }
+
+    /// Issue 17 item 24: a layer of directories, as a build converts it: the normalizer and
+    /// the writer hold their trees at once (on two threads; here in lockstep on one, so that
+    /// one meter sees both), and the normalizer's finished layer lives until the image is done.
+    #[test]
+    fn a_layer_of_directories_through_the_normalizer_and_the_writer_takes_at_most_230_heap_bytes_per_directory()
+     {
+        use crate::layer::dirindex::DirIndex;
+        use crate::layer::normalize::Normalizer;
+        const PARENTS: usize = 700;
+        const DIRS: usize = PARENTS * 300;
+        let dir = tempfile::tempdir().unwrap();
+        let meta = EntryMeta {
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 0,
+            xattrs: Vec::new(),
+        };
+        let names = (0..PARENTS).flat_map(|d| {
+            std::iter::once(format!("data/d{d:03}"))
+                .chain((0..300).map(move |s| format!("data/d{d:03}/subdir-{s:03}")))
+        });
+        let ((), peak) = crate::heap_meter::peak_during(|| {
+            let mut normalizer = Normalizer::new(io::sink(), u64::MAX);
+            let mut w = ImageWriter::create(&dir.path().join("image"), [1; 16], [2; 16]).unwrap();
+            normalizer.entry(b"data/", EntryKind::Dir, &meta).unwrap();
+            w.add(b"data", EntryKind::Dir, &meta).unwrap();
+            for name in names {
+                normalizer.entry(name.as_bytes(), EntryKind::Dir, &meta).unwrap();
+                w.add(name.as_bytes(), EntryKind::Dir, &meta).unwrap();
+            }
+            let (done, _) = normalizer.finish(&DirIndex::default()).unwrap();
+            w.finish().unwrap();
+            assert_eq!(done.merged.iter().count(), 1 + 1 + PARENTS + DIRS);
+            assert_eq!(done.own.get(b"data/d007/subdir-123"), Some(false));
+        });
+        let per_dir = peak / DIRS;
+        assert!(
+            per_dir <= 230,
+            "{per_dir} heap bytes per directory at the peak ({peak} for {DIRS} directories)"
+        );
     }
 }
