@@ -213,6 +213,48 @@ enum Command {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Write what a microVM runtime needs to boot a stored image into DIR
+    ///
+    /// DIR gets: vmlinux (the kernel, uncompressed, from the newest /boot/vmlinuz-* or
+    /// --kernel), initramfs.cpio (busybox, the kernel modules the image needs with their soft
+    /// dependencies, an /init that finds the drives by position without udev, opens
+    /// dm-verity lowers, stacks the lowers with overlayfs or mounts the merged disk, and
+    /// starts the command with the image's env, working directory and user, its output and
+    /// exit status on the serial console), qemu.sh (a QEMU microvm command line),
+    /// firecracker.json (`firecracker --no-api --config-file`), cloud-hypervisor.sh, and
+    /// hashes.img (--verity images: the dm-verity trees) or disk.raw (--merged: the single
+    /// disk, a copy). The configurations attach the stored blobs by absolute path, read-only,
+    /// in the same order: the kit is valid while the image is in the store. `run` boots the
+    /// same kit. Examples:
+    ///   vmrootfs kit deb ./deb-kit && ./deb-kit/qemu.sh
+    ///   vmrootfs kit deb ./deb-kit --merged -- python3 -c 'print(42)'
+    #[command(verbatim_doc_comment)]
+    Kit {
+        tag: String,
+        /// Directory to write the kit into (created if missing; the kit's files replaced).
+        dir: PathBuf,
+        /// Kernel (bzImage, or an ELF vmlinux named vmlinux-<version>) [default: the newest
+        /// /boot/vmlinuz-*]; its modules come from /lib/modules/<version>.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+        /// Boot the squashed blob (see `build --squash`) instead of the layer stack.
+        #[arg(long, conflicts_with = "merged")]
+        squashed: bool,
+        /// Boot the merged image (see `build --merge`) as one raw disk (disk.raw, a copy of
+        /// the blobs); for a `--merge --verity` image, the merged blob and the layer blobs,
+        /// each through dm-verity.
+        #[arg(long)]
+        merged: bool,
+        /// Print what was written as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// The command and its arguments [default: the image's entrypoint and cmd].
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Write a merged image (see `build --merge`) as one disk for a runtime
     ///
     /// The disk is the merged metadata blob followed by the layer blobs, base first; the
@@ -393,6 +435,33 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             let status =
                 vmrootfs::vm::run(&store, &tag, &opts, &mut std::io::stdout(), &mut std::io::stderr())?;
             return Ok(Some(status));
+        }
+        Command::Kit { tag, dir, kernel, memory, squashed, merged, json, command } => {
+            use vmrootfs::vm::kit::{self, KitForm, KitOptions, MergedDisk};
+            let store = open_store(cli.store)?;
+            let form = if merged {
+                KitForm::Merged
+            } else if squashed {
+                KitForm::Squashed
+            } else {
+                KitForm::Stack
+            };
+            let opts = KitOptions { kernel, memory_mb: memory, form, merged_disk: MergedDisk::Raw, command };
+            let written = kit::write(&store, &tag, &dir, &opts)?;
+            if json {
+                print_json(&written)?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                let files = [Some(&written.vmlinux), Some(&written.initramfs), Some(&written.qemu)]
+                    .into_iter()
+                    .chain([written.firecracker.as_ref(), written.cloud_hypervisor.as_ref()]);
+                for f in files.flatten() {
+                    writeln!(out, "{}", f.display())?;
+                }
+                for d in &written.drives {
+                    writeln!(out, "drive {}: {} ({})", d.name, d.path.display(), d.format)?;
+                }
+            }
         }
         Command::Build {
             source,

@@ -184,26 +184,33 @@ pub fn export(store: &Store, tag: &str, file: &Path, format: DiskFormat) -> Resu
             Ok(Exported { path: file, disk_bytes, file_bytes: text.len() as u64 })
         }
         DiskFormat::Raw => {
-            crate::store::write_atomic_with(&file, |out| {
-                // A disk for runtimes, readable by them (the temp file is made 0600).
-                out.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-                let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
-                for e in &extents {
-                    let mut src = fs_err::File::open(&e.path)?;
-                    let n = std::io::copy(&mut src, &mut out)?;
-                    if n != e.bytes {
-                        return Err(std::io::Error::other(format!(
-                            "{} changed size while copied ({} bytes, then {n})",
-                            e.path.display(),
-                            e.bytes
-                        )));
-                    }
-                }
-                out.flush()
-            })?;
+            write_raw(&extents, &file)?;
             Ok(Exported { path: file, disk_bytes, file_bytes: disk_bytes })
         }
     }
+}
+
+/// Writes the raw single disk of `extents` (the blobs concatenated) to `file`, replaced
+/// atomically, readable by runtimes. The caller holds the store lock.
+pub fn write_raw(extents: &[Extent], file: &Path) -> Result<(), MergeError> {
+    crate::store::write_atomic_with(file, |out| {
+        // A disk for runtimes, readable by them (the temp file is made 0600).
+        out.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+        for e in extents {
+            let mut src = fs_err::File::open(&e.path)?;
+            let n = std::io::copy(&mut src, &mut out)?;
+            if n != e.bytes {
+                return Err(std::io::Error::other(format!(
+                    "{} changed size while copied ({} bytes, then {n})",
+                    e.path.display(),
+                    e.bytes
+                )));
+            }
+        }
+        out.flush()
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -18,21 +18,33 @@ use super::kernel::Kernel;
 
 /// Modules the guest loads, in this order; each after its dependencies.
 /// (`loop`: for a merged image on a kernel before 6.4, see `/init`.)
-const MODULES: &[&str] =
-    &["virtio_mmio", "virtio_blk", "virtio_console", "crc32c_generic", "ext4", "erofs", "overlay", "loop"];
+/// (Their soft dependencies come with them, see [`module_order`].)
+const MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "ext4", "erofs", "overlay", "loop"];
 
 /// Modules added for dm-verity lowers.
 const DM_MODULES: &[&str] = &["dm_mod", "dm_verity"];
 
-/// The `/init` script. A second cpio the host writes per run holds `/vmrootfs/run` (sets
-/// `LOWERS`, `FS<i>` and for a dm-verity lower `VERITY<i>` = "data blocks, hash start block on
-/// the `hashes` drive, root digest hex, salt hex", and `MERGED_VERITY` (the same for the drive
-/// `merged`) when the lowers are the devices of a verified merged blob; or `MERGED` and
-/// `MERGED_OFFSETS`; and `USERSPEC`) and `/vmrootfs/exec.sh` (runs the command in the image).
+/// The `/init` script. `/vmrootfs/run` (written per kit, see [`super::kit`]) sets `DRIVES`
+/// (the kit's drive names in attach order: `lower<i>`, `merged`, `hashes`), `LOWERS`, `FS<i>`
+/// and for a dm-verity lower `VERITY<i>` = "data blocks, hash start block on the `hashes`
+/// drive, root digest hex, salt hex", and `MERGED_VERITY` (the same for the drive `merged`)
+/// when the lowers are the devices of a verified merged blob; or `MERGED` and
+/// `MERGED_OFFSETS`; and `USERSPEC`. `/vmrootfs/exec.sh` runs the command in the image.
 ///
-/// Status port protocol: zero or more `corrupt <i>` / `corrupt merged` lines (lower `i`'s or
-/// the merged blob's dm-verity device saw a block that does not match its hash), then the exit status, or `failed` when `/init` could
-/// not start the command (why goes to the stderr port).
+/// Drives are found by position, without udev: the guest's virtio bus numbers its devices
+/// (`virtio0`, `virtio1`, …) in the order the runtime declares them, which is the order of
+/// the drives in the kit's configurations (see [`super::kit`] for each runtime's guarantee).
+/// A drive whose serial is one of the kit's names (QEMU, Cloud Hypervisor) is taken by its
+/// serial instead, and the console says so if that differs from its position.
+///
+/// With `vmrootfs.ports` on the kernel command line (`vmrootfs run`), the command's stdout,
+/// stderr and status go to three virtio-serial ports. Status port protocol: zero or more
+/// `corrupt <i>` / `corrupt merged` lines (lower `i`'s or the merged blob's dm-verity device
+/// saw a block that does not match its hash), then the exit status, or `failed` when `/init`
+/// could not start the command (why goes to the stderr port). Without it (a kit booted by a
+/// runtime) everything goes to the console, the status lines as `vmrootfs-init: status …`.
+/// The guest then reboots (QEMU's `-no-reboot` and Firecracker's `reboot=k` end the VM), or
+/// powers off with `vmrootfs.poweroff`.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -40,9 +52,14 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules.order); do insmod "/modules/$m" 2>/dev/null; done
 . /vmrootfs/run
+ports="" end=reboot
+for a in $(cat /proc/cmdline); do
+  case $a in vmrootfs.ports) ports=1;; vmrootfs.poweroff) end=poweroff;; esac
+done
+halt() { sync; $end -f; }
 # Until the ports are open a failure shows only on the console: the host then reports that the
 # guest stopped without a status, with the last console lines.
-fail() { echo "vmrootfs-init: $*" >&2; reboot -f; }
+fail() { echo "vmrootfs-init: $*" >&2; halt; }
 # The /dev node of the virtio-serial port named $1.
 port() {
   for t in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
@@ -53,41 +70,63 @@ port() {
   done
   return 1
 }
-out=$(port vmrootfs.stdout) || fail "no virtio port vmrootfs.stdout"
-err=$(port vmrootfs.stderr) || fail "no virtio port vmrootfs.stderr"
-st=$(port vmrootfs.status) || fail "no virtio port vmrootfs.status"
-# Only /init holds the ports: the command inherits stdout (3) and stderr (4), never the status (5).
-exec 3>"$out" 4>"$err" 5>"$st"
-rm -f "$out" "$err" "$st"
+if [ -n "$ports" ]; then
+  out=$(port vmrootfs.stdout) || fail "no virtio port vmrootfs.stdout"
+  err=$(port vmrootfs.stderr) || fail "no virtio port vmrootfs.stderr"
+  st=$(port vmrootfs.status) || fail "no virtio port vmrootfs.status"
+  # Only /init holds the ports: the command inherits stdout (3) and stderr (4), never the status (5).
+  exec 3>"$out" 4>"$err" 5>"$st"
+  rm -f "$out" "$err" "$st"
+  status() { echo "$*" >&5; }
+else
+  exec 3>/dev/console 4>/dev/console
+  status() { echo "vmrootfs-init: status $*" >/dev/console; }
+fi
 # dm-verity marks a device that read a block not matching its hash: "verity C" in its status.
 corrupt() {
   j=0
   while [ "$j" -lt "$LOWERS" ]; do
     eval v=\$VERITY$j
     if [ -n "$v" ] && dmsetup status "lower$j" 2>/dev/null | grep -q " verity C"; then
-      echo "corrupt $j" >&5
+      status "corrupt $j"
     fi
     j=$((j + 1))
   done
   if [ -n "$MERGED_VERITY" ] && dmsetup status merged 2>/dev/null | grep -q " verity C"; then
-    echo "corrupt merged" >&5
+    status "corrupt merged"
   fi
 }
-fail() { echo "vmrootfs-init: $*" >&4; corrupt; echo failed >&5; reboot -f; }
-# The /dev node of the disk whose virtio serial is $1 (lower0 = base), never by order.
-disk() {
-  for t in 1 2 3 4 5 6 7 8 9 10; do
-    for b in /sys/block/vd*; do
-      [ "$(cat "$b/serial" 2>/dev/null)" = "$1" ] && { echo "/dev/${b##*/}"; return 0; }
-    done
-    sleep 0.1
-  done
-  return 1
-}
+fail() { echo "vmrootfs-init: $*" >&4; corrupt; status failed; halt; }
+# Each drive of DRIVES by position: the n-th virtio block device in virtio bus order.
+set -- $DRIVES
+t=0
+while [ "$(ls -d /sys/block/vd* 2>/dev/null | wc -l)" -lt $# ] && [ $t -lt 50 ]; do sleep 0.1; t=$((t + 1)); done
+k=0
+for b in $(for b in /sys/block/vd*; do [ -e "$b" ] && l=$(readlink "$b/device") && echo "${l##*virtio} ${b##*/}"; done | sort -n | cut -d' ' -f2); do
+  k=$((k + 1))
+  [ $k -le $# ] || break
+  eval "name=\${$k}"
+  eval "DRIVE_$name=/dev/$b"
+done
+# A drive with one of the names as its serial is that drive, wherever it sits.
+for b in /sys/block/vd*; do
+  s=$(cat "$b/serial" 2>/dev/null) || continue
+  case " $DRIVES " in *" $s "*) ;; *) continue;; esac
+  eval "at=\$DRIVE_$s"
+  if [ "$at" != "/dev/${b##*/}" ]; then
+    echo "vmrootfs-init: drive $s is /dev/${b##*/} by its serial, ${at:-none} by position: using the serial" >/dev/console
+    eval "DRIVE_$s=/dev/${b##*/}"
+  fi
+done
+found=""
+for name in $DRIVES; do eval "found=\"\$found $name=\$DRIVE_$name\""; done
+echo "vmrootfs-init: drives in attach order:$found" >/dev/console
+# The /dev node of the drive named $1.
+disk() { eval "d=\$DRIVE_$1"; [ -b "$d" ] && echo "$d"; }
 # Opens the disk $2 as the dm-verity device named $1 with the table fields $3 ("data blocks,
 # hash start block on the hashes disk, root hex, salt hex"); prints the device's /dev node.
 verity() {
-  hashes=$(disk hashes) || fail "no disk with serial hashes"
+  hashes=$(disk hashes) || fail "no drive hashes"
   name=$1 data=$2
   set -- $3
   dmsetup create "$name" --readonly --noudevsync \
@@ -106,7 +145,7 @@ if [ -n "$MERGED" ]; then
   # the device table alone; an older one needs a device per layer: a read-only loop device
   # over the layer's part of the disk. The merged tree is then the one lower of the overlay
   # below: a read-only root has no mount points for an image without /dev, /proc or /sys.
-  dev=$(disk merged) || fail "no disk with serial merged"
+  dev=$(disk merged) || fail "no drive merged"
   mkdir -p /lower/merged
   if mount -t erofs -o ro "$dev" /lower/merged 2>/dev/null; then
     echo "vmrootfs-init: merged image mounted from $dev alone"
@@ -123,7 +162,7 @@ if [ -n "$MERGED" ]; then
 else
   i=0
   while [ "$i" -lt "$LOWERS" ]; do
-    dev=$(disk "lower$i") || fail "no disk with serial lower$i"
+    dev=$(disk "lower$i") || fail "no drive lower$i"
     mkdir -p "/lower/$i"
     eval fs=\$FS$i
     eval verity=\$VERITY$i
@@ -142,7 +181,7 @@ else
   if [ -n "$MERGED_VERITY" ]; then
     # The merged blob and each layer through dm-verity, the layers named by -o device= (on
     # every kernel: the one-disk mapping would bypass the layers' dm-verity devices).
-    dev=$(disk merged) || fail "no disk with serial merged"
+    dev=$(disk merged) || fail "no drive merged"
     dev=$(verity merged "$dev" "$MERGED_VERITY") || fail "dm-verity on the merged blob"
     mkdir -p /lower/merged
     mount -t erofs -o "ro$devices" "$dev" /lower/merged || fail "mount $dev (ro$devices)"
@@ -177,17 +216,30 @@ echo "$setpriv" > /dev/.vmrootfs/setpriv
 cp /vmrootfs/exec.sh /dev/.vmrootfs/exec.sh
 echo VMROOTFS-BEGIN
 chroot /newroot /dev/.vmrootfs/busybox sh /dev/.vmrootfs/exec.sh >&3 2>&4 3>&- 4>&- 5>&-
-status=$?
+code=$?
 exec 3>&- 4>&-
 corrupt
-echo "$status" >&5
+status "$code"
 exec 5>&-
-sync
-reboot -f
+halt
 "#;
 
-/// Writes the initramfs for `kernel` to `out`; with `dmsetup`, what dm-verity lowers need.
-pub fn build(kernel: &Kernel, busybox: &Path, dmsetup: Option<&Path>, out: &Path) -> Result<(), VmError> {
+/// The per-kit part of the initramfs: `/vmrootfs/run` (what to mount) and
+/// `/vmrootfs/exec.sh` (how to start the command inside the image).
+pub struct GuestFiles {
+    pub run: String,
+    pub exec: String,
+}
+
+/// Writes the initramfs for `kernel` with `guest`'s settings to `out`; with `dmsetup`, what
+/// dm-verity lowers need.
+pub fn build(
+    kernel: &Kernel,
+    busybox: &Path,
+    dmsetup: Option<&Path>,
+    guest: &GuestFiles,
+    out: &Path,
+) -> Result<(), VmError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| VmError::Io { path, source }
@@ -201,6 +253,8 @@ pub fn build(kernel: &Kernel, busybox: &Path, dmsetup: Option<&Path>, out: &Path
     w(cpio.file("bin/busybox", 0o755, &bb))?;
     w(cpio.symlink("bin/sh", "busybox"))?;
     w(cpio.file("init", 0o755, INIT.as_bytes()))?;
+    w(cpio.file("vmrootfs/run", 0o644, guest.run.as_bytes()))?;
+    w(cpio.file("vmrootfs/exec.sh", 0o644, guest.exec.as_bytes()))?;
     let mut wanted = MODULES.to_vec();
     if let Some(dmsetup) = dmsetup {
         wanted.extend_from_slice(DM_MODULES);
@@ -252,48 +306,147 @@ fn parse_ldd(text: &str) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// The module files for `wanted` and their dependencies, dependencies first.
+/// A module's name as modprobe compares it: the file's stem, `-` as `_`.
+fn module_name(file: &str) -> String {
+    let base = file.rsplit('/').next().unwrap_or(file);
+    base.split(".ko").next().unwrap_or(base).replace('-', "_")
+}
+
+/// Reads a file of the kernel's module directory.
+fn read_modules_file(modules: &Path, name: &str) -> Result<String, VmError> {
+    let path = modules.join(name);
+    fs_err::read_to_string(&path).map_err(|source| VmError::Io { path, source })
+}
+
+/// What modprobe would load for `wanted`, from the kernel's `modules.dep`, `modules.softdep`
+/// and `modules.alias`: module files, each after its dependencies and its `pre:` soft
+/// dependencies and before its `post:` ones. Soft dependencies are what `modinfo -F softdep`
+/// shows and `modules.dep` does not: Debian's ext4 wants `crypto-crc32c` (an alias of
+/// crc32c_generic and crc32c_intel) and fails to load without it. A name that is neither a
+/// module nor an alias is built into the kernel.
 fn module_order(modules: &Path, wanted: &[&str]) -> Result<Vec<String>, VmError> {
-    let dep_path = modules.join("modules.dep");
-    let text =
-        fs_err::read_to_string(&dep_path).map_err(|source| VmError::Io { path: dep_path.clone(), source })?;
-    let deps: Vec<(String, Vec<String>)> = text
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(m, d)| (m.to_string(), d.split_whitespace().map(str::to_string).collect()))
-        .collect();
-    let find = |name: &str| {
-        deps.iter().find(|(m, _)| {
-            let base = m.rsplit('/').next().unwrap_or(m);
-            let stem = base.split(".ko").next().unwrap_or(base);
-            stem == name || stem.replace('-', "_") == name
-        })
+    use std::collections::BTreeMap;
+    let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+    for (file, ds) in read_modules_file(modules, "modules.dep")?.lines().filter_map(|l| l.split_once(':')) {
+        deps.insert(
+            module_name(file),
+            (file.to_string(), ds.split_whitespace().map(str::to_string).collect()),
+        );
+    }
+    // Absent on kernels whose depmod wrote no soft dependencies or aliases: none then.
+    let optional = |name| match read_modules_file(modules, name) {
+        Err(VmError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        other => other,
     };
-    let mut order = Vec::new();
-    let mut seen = BTreeSet::new();
-    fn visit(m: &str, deps: &[(String, Vec<String>)], seen: &mut BTreeSet<String>, order: &mut Vec<String>) {
-        if !seen.insert(m.to_string()) {
-            return;
-        }
-        if let Some((_, ds)) = deps.iter().find(|(x, _)| x == m) {
-            for d in ds.iter().rev() {
-                visit(d, deps, seen, order);
+    let mut soft: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+    for line in optional("modules.softdep")?.lines() {
+        let mut words = line.split_whitespace();
+        let (Some("softdep"), Some(module)) = (words.next(), words.next()) else { continue };
+        let entry = soft.entry(module_name(module)).or_default();
+        let mut post = false;
+        for w in words {
+            match w {
+                "pre:" => post = false,
+                "post:" => post = true,
+                name if post => entry.1.push(name.to_string()),
+                name => entry.0.push(name.to_string()),
             }
         }
-        order.push(m.to_string());
     }
-    for name in wanted {
-        // Built into the kernel when modules.dep does not list it.
-        if let Some((m, _)) = find(name) {
-            visit(m, &deps, &mut seen, &mut order);
+    let mut aliases: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in optional("modules.alias")?.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("alias"), Some(alias), Some(module)) = (words.next(), words.next(), words.next()) {
+            aliases.entry(alias.to_string()).or_default().push(module_name(module));
         }
     }
-    Ok(order)
+    // A name as modprobe resolves it: a module, else every module with that alias.
+    let resolve = |name: &str| -> Vec<String> {
+        let name = name.replace('-', "_");
+        if deps.contains_key(&name) {
+            return vec![name];
+        }
+        let by_alias = aliases.get(&name).or_else(|| aliases.get(&name.replace('_', "-")));
+        by_alias.into_iter().flatten().filter(|m| deps.contains_key(*m)).cloned().collect()
+    };
+    struct Walk<'a> {
+        deps: &'a BTreeMap<String, (String, Vec<String>)>,
+        soft: &'a BTreeMap<String, (Vec<String>, Vec<String>)>,
+        resolve: &'a dyn Fn(&str) -> Vec<String>,
+        seen: BTreeSet<String>,
+        order: Vec<String>,
+    }
+    impl Walk<'_> {
+        fn visit(&mut self, name: &str) {
+            if !self.seen.insert(name.to_string()) {
+                return;
+            }
+            let (pre, post) = self.soft.get(name).cloned().unwrap_or_default();
+            for m in pre.iter().flat_map(|p| (self.resolve)(p)) {
+                self.visit(&m);
+            }
+            let Some((file, hard)) = self.deps.get(name) else { return };
+            for d in hard.iter().rev() {
+                self.visit(&module_name(d));
+            }
+            self.order.push(file.clone());
+            for m in post.iter().flat_map(|p| (self.resolve)(p)) {
+                self.visit(&m);
+            }
+        }
+    }
+    let mut walk =
+        Walk { deps: &deps, soft: &soft, resolve: &resolve, seen: BTreeSet::new(), order: Vec::new() };
+    for name in wanted {
+        for m in resolve(name) {
+            walk.visit(&m);
+        }
+    }
+    Ok(walk.order)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel's module files as depmod writes them: ext4 depends on jbd2 and wants the
+    /// `crypto-crc32c` alias first (a soft dependency `modules.dep` does not show).
+    #[test]
+    fn soft_dependencies_load_before_the_module() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path();
+        fs_err::write(
+            m.join("modules.dep"),
+            "kernel/fs/ext4/ext4.ko: kernel/fs/jbd2/jbd2.ko kernel/fs/mbcache.ko\n\
+             kernel/fs/jbd2/jbd2.ko:\nkernel/fs/mbcache.ko:\n\
+             kernel/crypto/crc32c_generic.ko:\nkernel/arch/x86/crypto/crc32c-intel.ko:\n\
+             kernel/fs/overlayfs/overlay.ko:\nkernel/drivers/block/loop.ko:\n",
+        )
+        .unwrap();
+        fs_err::write(
+            m.join("modules.softdep"),
+            "softdep ext4 pre: crypto-crc32c\nsoftdep overlay post: loop\n",
+        )
+        .unwrap();
+        fs_err::write(
+            m.join("modules.alias"),
+            "alias crypto-crc32c crc32c_intel\nalias crypto-crc32c crc32c_generic\nalias fs-ext4 ext4\n",
+        )
+        .unwrap();
+        assert_eq!(
+            module_order(m, &["ext4", "overlay", "erofs"]).unwrap(),
+            [
+                "kernel/arch/x86/crypto/crc32c-intel.ko",
+                "kernel/crypto/crc32c_generic.ko",
+                "kernel/fs/mbcache.ko",
+                "kernel/fs/jbd2/jbd2.ko",
+                "kernel/fs/ext4/ext4.ko",
+                "kernel/fs/overlayfs/overlay.ko",
+                "kernel/drivers/block/loop.ko",
+            ],
+            "erofs is built in (not in modules.dep): nothing to load"
+        );
+    }
 
     #[test]
     fn ldd_output_gives_the_library_paths() {

@@ -19,14 +19,19 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    /// `path`, or the newest `/boot/vmlinuz-*` whose modules are installed.
+    /// `path`, or the newest `/boot/vmlinuz-*` whose modules are installed; its version (and
+    /// so its modules) is taken from a `vmlinuz-<version>` or `vmlinux-<version>` file name.
     pub fn find(path: Option<&Path>) -> Result<Kernel, VmError> {
         let image = match path {
             Some(p) => p.to_owned(),
             None => newest_vmlinuz()?,
         };
         let name = image.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let version = name.strip_prefix("vmlinuz-").unwrap_or(name).to_string();
+        let version = name
+            .strip_prefix("vmlinuz-")
+            .or_else(|| name.strip_prefix("vmlinux-"))
+            .unwrap_or(name)
+            .to_string();
         let modules = Path::new("/lib/modules").join(&version);
         if !modules.join("modules.dep").exists() {
             return Err(VmError::NoModules { kernel: image, modules });
@@ -41,6 +46,11 @@ impl Kernel {
             fs_err::read(&self.image).map_err(|source| VmError::Io { path: self.image.clone(), source })?;
         let out = store.vmlinux_path(&crate::digest::sha256_of(&bz))?;
         if out.exists() {
+            return Ok(out);
+        }
+        // Given an ELF vmlinux already: nothing to unpack.
+        if bz.starts_with(b"\x7fELF") {
+            crate::store::write_atomic(&out, &bz)?;
             return Ok(out);
         }
         // The payload starts at a compression magic; try each place one occurs.

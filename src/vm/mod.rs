@@ -1,11 +1,13 @@
 //! `vmrootfs run`: boots a stored image in a throw-away QEMU microVM and runs a command in it.
 //!
-//! Each lower is a read-only virtio-blk drive whose serial is `lower<i>` (base = 0); the
-//! initramfs ([`initramfs`]) loads the modules, mounts the lowers by serial, stacks them with
-//! overlayfs under a tmpfs upper and runs the command with the image's env, working
-//! directory and user. With `--merged` there is one drive, serial `merged`: a VMDK descriptor
-//! (in the run's staging directory) over the merged blob and the layer blobs
-//! ([`crate::merge::disk`]), mounted as one read-only EROFS filesystem: the one lower of
+//! `run` writes the image's runtime kit ([`kit`]) into a staging directory of the store and
+//! boots it with the kit's own `qemu.sh`, adding only its output ports: what a runtime gets
+//! from `vmrootfs kit` is what every `run` boots. Each lower is a read-only virtio-blk drive
+//! (`lower<i>`, base = 0); the initramfs ([`initramfs`]) loads the modules, finds the drives by
+//! position, stacks the lowers with overlayfs under a tmpfs upper and runs the command with
+//! the image's env, working directory and user. With `--merged` there is one drive, `merged`:
+//! a VMDK descriptor (in the run's staging directory) over the merged blob and the layer
+//! blobs ([`crate::merge::disk`]), mounted as one read-only EROFS filesystem: the one lower of
 //! the same overlayfs with a tmpfs upper (an image without `/dev`, `/proc` or `/sys` needs
 //! somewhere to mount them). A stack with more layers than microvm has drive slots
 //! ([`MICROVM_DRIVES`]) boots its merged image, else its squashed blob, and says so.
@@ -13,7 +15,8 @@
 //! The command's output and status never pass through the serial console, which carries only
 //! the kernel's and `/init`'s diagnostics: three virtio-serial ports, found by name in the
 //! guest, carry the command's stdout ([`PORT_STDOUT`]), its stderr ([`PORT_STDERR`]) and the
-//! status `/init` writes after it ([`PORT_STATUS`]). `/init` opens them and removes their
+//! status `/init` writes after it ([`PORT_STATUS`]). `/init` opens them (`vmrootfs.ports` on the
+//! kernel command line says they are there) and removes their
 //! device nodes before starting the command, which inherits only stdout and stderr. On the
 //! host, QEMU writes stdout and stderr into FIFOs in the run's staging directory, which `run`
 //! copies to its stdout and stderr as they come, and the status into a file read once QEMU has
@@ -26,8 +29,8 @@
 //!
 //! A lower built with `--verity` is opened in the guest as a dm-verity device before it is
 //! mounted: its blob is the data device, and its tree (superblock skipped) sits on one more
-//! read-only drive, serial `hashes`, holding the trees of all such lowers one after another
-//! (copied into the run's staging directory: one drive, not one per lower). Every block the
+//! read-only drive, `hashes`, holding the trees of all such lowers one after another
+//! (copied into the kit: one drive, not one per lower). Every block the
 //! guest reads is checked against the recorded root digest; a mismatch fails the read (EIO).
 //! `/init` then reports the lower on the status port, and `run` fails with
 //! [`VmError::Corrupt`] naming it, whatever the command's status.
@@ -35,7 +38,7 @@
 //! `run --merged` of a `--verity` image whose merged blob has a tree (`build --merge
 //! --verity`) attaches no VMDK: the merged blob (serial `merged`) and each layer blob get a
 //! drive, all opened through dm-verity, and the merged blob is mounted with the layers' dm
-//! devices as `-o device=` ([`Drives::VerifiedMerged`]). The squashed blob has no tree:
+//! devices as `-o device=`. The squashed blob has no tree:
 //! `run --squashed` of a `--verity` image is refused ([`VmError::Unverifiable`]), never booted
 //! unchecked, and so is `run --merged` when the merged blob (or a lower) has none.
 //!
@@ -48,6 +51,8 @@
 mod cpio;
 pub mod initramfs;
 pub mod kernel;
+pub mod kit;
+pub mod runtimes;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -58,7 +63,7 @@ use std::time::{Duration, Instant};
 use crate::backend::tool::{Tool, ToolError};
 use crate::record::ImageRecord;
 use crate::store::Store;
-use kernel::Kernel;
+use kit::{KitForm, KitOptions, MergedDisk};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -178,126 +183,6 @@ pub struct RunOptions {
     pub merged: bool,
 }
 
-/// The drives of a run.
-enum Drives {
-    /// One raw drive per lower (or the squashed blob alone), serial `lower<i>`, with its fs
-    /// and dm-verity table (the trees then go on one more drive, serial `hashes`).
-    Lowers(Vec<Drive>),
-    /// One VMDK drive, serial `merged`: the merged blob then the layer blobs, which start at
-    /// these byte offsets of the disk.
-    Merged { vmdk: PathBuf, layer_offsets: Vec<u64> },
-    /// A `--verity` image's merged blob (serial `merged`) over one drive per lower (serial
-    /// `lower<i>`), each opened through dm-verity and the lowers given as the merged blob's
-    /// devices (`-o device=`).
-    VerifiedMerged { lowers: Vec<Drive>, merged: Drive },
-}
-
-impl Drives {
-    /// The drives opened through dm-verity in the guest, lowers first.
-    fn verity_drives(&mut self) -> Vec<&mut Drive> {
-        match self {
-            Drives::Lowers(lowers) => lowers.iter_mut().filter(|d| d.verity.is_some()).collect(),
-            Drives::Merged { .. } => Vec::new(),
-            Drives::VerifiedMerged { lowers, merged } => lowers.iter_mut().chain([merged]).collect(),
-        }
-    }
-}
-
-const BUSYBOX: &str = "/bin/busybox";
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// Shell single-quoting.
-fn sq(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
-
-/// `/proc/cpuinfo`'s MHz as kHz, for `tsc_early_khz` (TCG timer calibration hangs otherwise).
-fn host_tsc_khz() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
-    Some((mhz * 1000.0) as u64)
-}
-
-/// KVM only when /dev/kvm is usable and the CPU shows hardware virtualization: on these
-/// machines /dev/kvm is a PVM device on which a stock kernel never boots.
-fn kvm_usable() -> bool {
-    let rw = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    rw && flags.lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")))
-}
-
-fn is_static(path: &Path) -> Result<bool, VmError> {
-    let bytes = fs_err::read(path).map_err(|source| VmError::Io { path: path.to_owned(), source })?;
-    let head = &bytes[..bytes.len().min(8192)];
-    Ok(bytes.starts_with(b"\x7fELF") && !head.windows(8).any(|w| w == b"ld-linux"))
-}
-
-/// The per-run part of the initramfs: `/vmrootfs/run` (what to mount) and
-/// `/vmrootfs/exec.sh` (how to start the command inside the image).
-fn run_files(record: &ImageRecord, drives: &Drives, command: &[String]) -> (String, String) {
-    let mut run = String::new();
-    let table = |v: &VerityTable| sq(&format!("{} {} {} {}", v.data_blocks, v.hash_start, v.root, v.salt));
-    let lower_vars = |run: &mut String, lowers: &[Drive]| {
-        *run += &format!("LOWERS={}\n", lowers.len());
-        for (i, d) in lowers.iter().enumerate() {
-            *run += &format!("FS{i}={}\n", d.fs);
-            if let Some(v) = &d.verity {
-                *run += &format!("VERITY{i}={}\n", table(v));
-            }
-        }
-    };
-    match drives {
-        Drives::Lowers(lowers) => lower_vars(&mut run, lowers),
-        Drives::VerifiedMerged { lowers, merged } => {
-            lower_vars(&mut run, lowers);
-            let v = merged.verity.as_ref().expect("a verified merged blob has a tree");
-            run += &format!("MERGED_VERITY={}\n", table(v));
-        }
-        Drives::Merged { layer_offsets, .. } => {
-            let offsets: Vec<String> = layer_offsets.iter().map(u64::to_string).collect();
-            run += &format!("LOWERS=0\nMERGED=1\nMERGED_OFFSETS='{}'\n", offsets.join(" "));
-        }
-    }
-    let c = &record.config;
-    run += &format!("USERSPEC={}\n", sq(&c.user));
-    let mut env = c.env.clone();
-    if !env.iter().any(|e| e.starts_with("PATH=")) {
-        env.push(format!("PATH={DEFAULT_PATH}"));
-    }
-    if !env.iter().any(|e| e.starts_with("HOME=")) {
-        env.push("HOME=/root".into());
-    }
-    let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
-    let workdir = if c.working_dir.is_empty() { "/" } else { c.working_dir.as_str() };
-    let quoted = |v: &[String]| v.iter().map(|a| sq(a)).collect::<Vec<_>>().join(" ");
-    // The program is looked up in the image's PATH here and run by absolute path: busybox
-    // would run its own applet for a bare name like `sh` or `ls`.
-    let exec = format!(
-        r#"cd {wd} || {{ echo "vmrootfs: cannot enter working directory "{wd} >&2; exit 126; }}
-cmd={cmd}
-case $cmd in
-  */*) ;;
-  *) found=""; search={path}; IFS=:
-     for d in $search; do [ -f "$d/$cmd" ] && [ -x "$d/$cmd" ] && {{ found="$d/$cmd"; break; }}; done
-     unset IFS
-     [ -n "$found" ] || {{ echo "vmrootfs: $cmd: not found in PATH" >&2; exit 127; }}
-     cmd=$found;;
-esac
-setpriv=$(cat /dev/.vmrootfs/setpriv)
-if [ -n "$setpriv" ]; then
-  exec /dev/.vmrootfs/busybox env -i {env} $setpriv "$cmd" -- {args}
-fi
-exec /dev/.vmrootfs/busybox env -i {env} "$cmd" {args}
-"#,
-        wd = sq(workdir),
-        cmd = sq(&command[0]),
-        path = sq(path),
-        env = quoted(&env),
-        args = quoted(&command[1..]),
-    );
-    (run, exec)
-}
-
 /// Drives a microvm can take: its 24 virtio-mmio transports, less the virtio-serial device
 /// and the `hashes` drive of dm-verity lowers.
 pub const MICROVM_DRIVES: usize = 22;
@@ -330,58 +215,6 @@ impl BootForm {
     }
 }
 
-/// One lower's drive, as the guest gets it.
-struct Drive {
-    path: PathBuf,
-    fs: String,
-    verity: Option<VerityTable>,
-}
-
-/// What the guest's dm-verity table of a drive needs.
-struct VerityTable {
-    tree: PathBuf,
-    data_blocks: u64,
-    /// Block of the `hashes` drive where the lower's hash blocks begin (after its superblock).
-    hash_start: u64,
-    root: String,
-    salt: String,
-}
-
-impl VerityTable {
-    /// The table of a blob with the dm-verity record `v` and tree file `tree`.
-    fn new(v: &crate::verity::VerityInfo, tree: &Path) -> VerityTable {
-        VerityTable {
-            tree: tree.to_owned(),
-            data_blocks: v.data_blocks(),
-            hash_start: 0,
-            root: v.root_hex().to_string(),
-            salt: v.salt.clone(),
-        }
-    }
-}
-
-/// Writes the trees of the dm-verity lowers one after another into `out` (the `hashes`
-/// drive), filling in where each one's hash blocks begin.
-fn write_hashes(drives: Vec<&mut Drive>, out: &Path) -> Result<(), VmError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| VmError::Io { path, source }
-    };
-    let mut file = fs_err::File::create(out).map_err(io(out))?;
-    const BS: u64 = crate::verity::BLOCK_SIZE;
-    let mut written = 0; // bytes, always whole blocks
-    for v in drives.into_iter().filter_map(|d| d.verity.as_mut()) {
-        let mut tree = fs_err::File::open(&v.tree).map_err(io(&v.tree))?;
-        v.hash_start = written / BS + 1; // the superblock's block comes first
-        let n = std::io::copy(&mut tree, &mut file).map_err(io(out))?;
-        // A tree is whole blocks; should one not be, the next still starts on a block.
-        let pad = n.div_ceil(BS) * BS - n;
-        file.write_all(&vec![0; pad as usize]).map_err(io(out))?;
-        written += n + pad;
-    }
-    file.sync_all().map_err(io(out))
-}
-
 /// Boots the image tagged `tag` and runs the command; its stdout goes to `out`, its stderr to
 /// `err`. Returns its exit status. Holds the shared store lock until the guest has ended.
 pub fn run(
@@ -403,149 +236,29 @@ pub fn run(
             if form.merged { "merged" } else { "squashed" }
         ));
     }
-    let opts = &RunOptions { merged: form.merged, squashed: form.squashed, ..opts.clone() };
-    if opts.squashed && record.squashed.is_none() {
-        return Err(VmError::NoSquashed { tag: tag.to_string() });
-    }
-    if opts.merged && record.merged.is_none() {
-        return Err(crate::merge::MergeError::NotMerged { tag: tag.to_string() }.into());
-    }
-    // A --verity image boots only in a form whose every block the guest checks.
-    let verity = record.lowers.iter().any(|l| l.verity.is_some());
-    if verity && opts.squashed {
-        return Err(VmError::Unverifiable { tag: tag.to_string(), form: UnverifiableForm::Squashed });
-    }
-    let merged_has_tree = record.merged.as_ref().is_some_and(|m| m.verity.is_some());
-    if verity && opts.merged && !(merged_has_tree && record.lowers.iter().all(|l| l.verity.is_some())) {
-        return Err(VmError::Unverifiable { tag: tag.to_string(), form: UnverifiableForm::Merged });
-    }
-    let qemu = Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2")?;
-    let kernel = Kernel::find(opts.kernel.as_deref())?;
-    let vmlinux = kernel.vmlinux(store)?;
-    let busybox = Path::new(BUSYBOX);
-    if !is_static(busybox)? {
-        return Err(VmError::NoStaticBusybox(busybox.to_owned()));
-    }
-    // The initramfs is made afresh for each run, from the files it holds: naming a cached copy
-    // by the content of its inputs would mean reading all of them, which is most of the work.
+    // The kit's qemu.sh runs the QEMU of PATH: the one checked here.
+    Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2")?;
+    // The kit is made afresh for each run, from the files it holds: naming a cached copy by
+    // the content of its inputs would mean reading all of them, which is most of the work.
     let staging = store.staging("vm-")?;
-    let located = store.locate(record.clone())?;
-    let lower_drive = |l: &crate::record::Located<crate::record::Lower>| Drive {
-        path: l.path.clone(),
-        fs: l.fs.to_string(),
-        verity: l.verity.as_ref().zip(l.verity_tree.as_ref()).map(|(v, tree)| VerityTable::new(v, tree)),
+    let kit_opts = KitOptions {
+        kernel: opts.kernel.clone(),
+        memory_mb: opts.memory_mb,
+        form: if form.merged {
+            KitForm::Merged
+        } else if form.squashed {
+            KitForm::Squashed
+        } else {
+            KitForm::Stack
+        },
+        merged_disk: MergedDisk::QemuVmdk,
+        command: opts.command.clone(),
     };
-    let mut drives = if let (true, Some(m)) = (verity && opts.merged, &located.merged) {
-        Drives::VerifiedMerged {
-            lowers: located.lowers.iter().map(lower_drive).collect(),
-            merged: Drive {
-                path: m.path.clone(),
-                fs: m.fs.to_string(),
-                verity: m
-                    .verity
-                    .as_ref()
-                    .zip(m.verity_tree.as_ref())
-                    .map(|(v, tree)| VerityTable::new(v, tree)),
-            },
-        }
-    } else if opts.merged {
-        let extents = crate::merge::disk::extents(&located)?;
-        let vmdk = staging.path().join("merged.vmdk");
-        // QEMU reads only `RW` extents; the drive is attached `readonly=on` below.
-        let access = crate::merge::disk::ExtentAccess::QemuReadOnlyDrive;
-        let text = crate::merge::disk::vmdk_descriptor(&extents, 0, access)?;
-        fs_err::write(&vmdk, text).map_err(|source| VmError::Io { path: vmdk.clone(), source })?;
-        Drives::Merged { vmdk, layer_offsets: crate::merge::disk::offsets(&extents)[1..].to_vec() }
-    } else {
-        Drives::Lowers(match (&located.squashed, opts.squashed) {
-            (Some(s), true) => vec![Drive { path: s.path.clone(), fs: s.fs.to_string(), verity: None }],
-            _ => located.lowers.iter().map(lower_drive).collect(),
-        })
-    };
-    let hashes = staging.path().join("hashes.img");
-    let verity_drives = drives.verity_drives();
-    let any_verity = !verity_drives.is_empty();
-    let dmsetup = if any_verity {
-        write_hashes(verity_drives, &hashes)?;
-        Some(Tool::find("dmsetup", "dmsetup", &["--version"], "1.02")?.path)
-    } else {
-        None
-    };
-    let base = staging.path().join("base.cpio");
-    initramfs::build(&kernel, busybox, dmsetup.as_deref(), &base)?;
-    let command = if opts.command.is_empty() {
-        [record.config.entrypoint.clone(), record.config.cmd.clone()].concat()
-    } else {
-        opts.command.clone()
-    };
-    if command.is_empty() {
-        return Err(VmError::NoCommand);
-    }
-    // initramfs = the base archive + a small one with this run's settings.
-    let initrd = staging.path().join("initrd.cpio");
-    let mut bytes = fs_err::read(&base).map_err(|source| VmError::Io { path: base.clone(), source })?;
-    let mut extra = cpio::CpioWriter::new(Vec::new());
-    let (run_vars, exec) = run_files(&record, &drives, &command);
-    crate::progress::debug(&format!("guest settings: {}", run_vars.replace('\n', "; ")));
-    let io = |source| VmError::Io { path: initrd.clone(), source };
-    extra.file("vmrootfs/run", 0o644, run_vars.as_bytes()).map_err(io)?;
-    extra.file("vmrootfs/exec.sh", 0o644, exec.as_bytes()).map_err(io)?;
-    bytes.extend(extra.finish().map_err(|source| VmError::Io { path: initrd.clone(), source })?);
-    fs_err::write(&initrd, &bytes).map_err(|source| VmError::Io { path: initrd.clone(), source })?;
-
-    let mut append = String::from("console=ttyS0 quiet loglevel=1 panic=-1 rdinit=/init");
-    let mut cmd = qemu.command();
-    if kvm_usable() {
-        cmd.args(["-accel", "kvm", "-cpu", "host"]);
-    } else {
-        cmd.args(["-accel", "tcg", "-cpu", "max"]);
-        if let Some(khz) = host_tsc_khz() {
-            append += &format!(" tsc_early_khz={khz}");
-        }
-    }
-    cmd.args(["-M", "microvm,acpi=on", "-m"]).arg(opts.memory_mb.to_string()).args([
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-    ]);
-    let qboot = Path::new("/usr/share/qemu/qboot.rom");
-    if qboot.exists() {
-        cmd.arg("-bios").arg(qboot);
-    }
-    cmd.arg("-kernel").arg(&vmlinux).arg("-initrd").arg(&initrd).arg("-append").arg(&append);
-    let raw_drive = |cmd: &mut std::process::Command, id: &str, path: &Path, serial: &str| {
-        cmd.arg("-drive")
-            .arg(format!("id={id},file={},format=raw,if=none,readonly=on", qemu_opt(path)))
-            .arg("-device")
-            .arg(format!("virtio-blk-device,drive={id},serial={serial}"));
-    };
-    match &drives {
-        Drives::Lowers(lowers) => {
-            for (i, d) in lowers.iter().enumerate() {
-                raw_drive(&mut cmd, &format!("l{i}"), &d.path, &format!("lower{i}"));
-            }
-        }
-        Drives::VerifiedMerged { lowers, merged } => {
-            raw_drive(&mut cmd, "m", &merged.path, "merged");
-            for (i, d) in lowers.iter().enumerate() {
-                raw_drive(&mut cmd, &format!("l{i}"), &d.path, &format!("lower{i}"));
-            }
-        }
-        Drives::Merged { vmdk, .. } => {
-            cmd.arg("-drive")
-                .arg(format!("id=m,file={},format=vmdk,if=none,readonly=on", qemu_opt(vmdk)))
-                .arg("-device")
-                .arg("virtio-blk-device,drive=m,serial=merged");
-        }
-    }
-    if any_verity {
-        raw_drive(&mut cmd, "hashes", &hashes, "hashes");
-    }
+    let kit = kit::write_record(store, tag, &record, staging.path(), &kit_opts)?;
+    // The kit's own QEMU command line, and the ports that carry the command's output and
+    // status out of band.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg(&kit.qemu).env("VMROOTFS_APPEND", "vmrootfs.ports");
     let stdout_fifo = Fifo::create(&staging.path().join("stdout"))?;
     let stderr_fifo = Fifo::create(&staging.path().join("stderr"))?;
     let status_file = staging.path().join("status");
@@ -566,10 +279,11 @@ pub fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| ToolError::Spawn { tool: "qemu-system-x86_64".into(), source })?;
+        .map_err(|source| ToolError::Spawn { tool: kit.qemu.display().to_string(), source })?;
     let tail = follow(child, opts.timeout, [stdout_fifo, stderr_fifo], out, err)?;
     let status = read_status(&status_file, tail)?;
     if !status.corrupt.is_empty() {
+        let located = store.locate(record)?;
         let blob = |d: CorruptDrive| match d {
             CorruptDrive::Lower(i) => located.lowers.get(i).map(|l| (d, l.chain_id.clone(), l.path.clone())),
             CorruptDrive::Merged => located.merged.as_ref().map(|m| (d, m.chain_id.clone(), m.path.clone())),

@@ -1,0 +1,460 @@
+//! The runtime kit (`vmrootfs kit TAG DIR`): what a microVM runtime needs to boot a stored
+//! image, written into one directory, and what `vmrootfs run` boots.
+//!
+//! ```text
+//! DIR/vmlinux              the kernel, uncompressed ELF (PVH entry), from a bzImage
+//! DIR/initramfs.cpio       busybox, the modules (+ soft dependencies), /init, the settings
+//! DIR/qemu.sh              QEMU microvm command line (extra QEMU arguments: "$@")
+//! DIR/firecracker.json     Firecracker --config-file          } when every drive is a raw
+//! DIR/cloud-hypervisor.sh  Cloud Hypervisor command line      } file
+//! DIR/hashes.img           the dm-verity trees, one after another (--verity images)
+//! DIR/disk.raw             the merged image as one raw disk (--merged)
+//! ```
+//!
+//! The lowers themselves stay in the store: the configurations name the stored blobs by
+//! absolute path, so a kit is valid while its image is in the store and the store stays put.
+//!
+//! # Finding the drives in the guest
+//!
+//! `/init` ([`super::initramfs`]) takes the kit's drives in the order the configurations
+//! attach them (`lower0` … `lower<n-1>`, or `merged` [then the lowers], then `hashes`), by
+//! position among the guest's virtio block devices, numbered by the virtio bus (`virtio0`,
+//! `virtio1`, …) in the order the runtime declares its devices, without udev. Per runtime:
+//!
+//! - **Firecracker** keeps `drives` in config order (a root device would go first; a kit has
+//!   none), attaches them in that order, each at the next MMIO address (`FirstMatch`), and
+//!   declares them to the guest in that order on the kernel command line
+//!   (`virtio_mmio.device=`) and in the ACPI DSDT (`src/vmm/src/vmm_config/drive.rs`
+//!   `BlockBuilder`, `src/vmm/src/device_manager/mmio.rs`). It has no drive serials.
+//! - **QEMU** `-M microvm,acpi=on` declares the `-device`s in command-line order in its DSDT;
+//!   each drive also has its name as serial.
+//! - **Cloud Hypervisor** (virtio-pci) gives each drive its name as serial.
+//!
+//! A drive whose serial is one of the kit's names is taken by its serial; `/init` says on the
+//! console when that differs from its position.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::initramfs::{self, GuestFiles};
+use super::kernel::Kernel;
+use super::{UnverifiableForm, VmError};
+use crate::backend::tool::Tool;
+use crate::record::{ImageRecord, Located, Lower};
+use crate::store::Store;
+
+/// Which of an image's forms a kit boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KitForm {
+    /// One drive per layer, stacked with overlayfs (dm-verity for `--verity` lowers).
+    Stack,
+    /// The merged image (`build --merge`) as one disk; for a `--merge --verity` image, the
+    /// merged blob and one drive per layer, each through dm-verity.
+    Merged,
+    /// The squashed blob (`build --squash`) as one drive.
+    Squashed,
+}
+
+/// How a kit hands a merged image's single disk to the runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergedDisk {
+    /// `disk.raw`, the blobs copied into one file: every runtime reads it.
+    Raw,
+    /// A VMDK descriptor with `RW` extents over the stored blobs, attached `readonly=on`: QEMU
+    /// only, for a kit in a private directory (`run`), nothing copied.
+    QemuVmdk,
+}
+
+/// Options of a kit.
+#[derive(Debug, Clone)]
+pub struct KitOptions {
+    /// bzImage (or ELF vmlinux) to boot [default: the newest /boot/vmlinuz-*].
+    pub kernel: Option<PathBuf>,
+    pub memory_mb: u32,
+    pub form: KitForm,
+    pub merged_disk: MergedDisk,
+    /// The command; empty means the image's entrypoint + cmd.
+    pub command: Vec<String>,
+}
+
+/// A drive of a kit, in attach order.
+#[derive(Debug, Clone, Serialize)]
+pub struct KitDrive {
+    /// `lower<i>`, `merged` or `hashes`: the serial where the runtime has serials.
+    pub name: String,
+    pub path: PathBuf,
+    /// `raw` or `vmdk`.
+    pub format: &'static str,
+}
+
+/// What [`write()`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Kit {
+    pub tag: String,
+    pub form: KitForm,
+    /// `uname -r` of the kernel.
+    pub kernel_version: String,
+    pub vmlinux: PathBuf,
+    pub initramfs: PathBuf,
+    pub qemu: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub firecracker: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_hypervisor: Option<PathBuf>,
+    /// The drives, in the order every configuration attaches them.
+    pub drives: Vec<KitDrive>,
+    pub memory_mb: u32,
+}
+
+const BUSYBOX: &str = "/bin/busybox";
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Shell single-quoting.
+pub(super) fn sq(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn is_static(path: &Path) -> Result<bool, VmError> {
+    let bytes = fs_err::read(path).map_err(|source| VmError::Io { path: path.to_owned(), source })?;
+    let head = &bytes[..bytes.len().min(8192)];
+    Ok(bytes.starts_with(b"\x7fELF") && !head.windows(8).any(|w| w == b"ld-linux"))
+}
+
+/// The drives of a kit.
+enum Drives {
+    /// One raw drive per lower (or the squashed blob alone), `lower<i>`, with its fs and
+    /// dm-verity table (the trees then go on one more drive, `hashes`).
+    Lowers(Vec<Drive>),
+    /// One drive, `merged`: the merged blob then the layer blobs, which start at these byte
+    /// offsets of the disk.
+    Merged { disk: PathBuf, format: &'static str, layer_offsets: Vec<u64> },
+    /// A `--verity` image's merged blob (`merged`) over one drive per lower (`lower<i>`), each
+    /// opened through dm-verity and the lowers given as the merged blob's devices.
+    VerifiedMerged { lowers: Vec<Drive>, merged: Drive },
+}
+
+impl Drives {
+    /// The drives opened through dm-verity in the guest, lowers first.
+    fn verity_drives(&mut self) -> Vec<&mut Drive> {
+        match self {
+            Drives::Lowers(lowers) => lowers.iter_mut().filter(|d| d.verity.is_some()).collect(),
+            Drives::Merged { .. } => Vec::new(),
+            Drives::VerifiedMerged { lowers, merged } => lowers.iter_mut().chain([merged]).collect(),
+        }
+    }
+
+    /// Every drive, in attach order (without `hashes`).
+    fn attach_order(&self) -> Vec<KitDrive> {
+        let lower =
+            |i: usize, d: &Drive| KitDrive { name: format!("lower{i}"), path: d.path.clone(), format: "raw" };
+        match self {
+            Drives::Lowers(lowers) => lowers.iter().enumerate().map(|(i, d)| lower(i, d)).collect(),
+            Drives::Merged { disk, format, .. } => {
+                vec![KitDrive { name: "merged".into(), path: disk.clone(), format }]
+            }
+            Drives::VerifiedMerged { lowers, merged } => {
+                std::iter::once(KitDrive { name: "merged".into(), path: merged.path.clone(), format: "raw" })
+                    .chain(lowers.iter().enumerate().map(|(i, d)| lower(i, d)))
+                    .collect()
+            }
+        }
+    }
+}
+
+/// One lower's drive, as the guest gets it.
+struct Drive {
+    path: PathBuf,
+    fs: String,
+    verity: Option<VerityTable>,
+}
+
+/// What the guest's dm-verity table of a drive needs.
+struct VerityTable {
+    tree: PathBuf,
+    data_blocks: u64,
+    /// Block of the `hashes` drive where the lower's hash blocks begin (after its superblock).
+    hash_start: u64,
+    root: String,
+    salt: String,
+}
+
+impl VerityTable {
+    /// The table of a blob with the dm-verity record `v` and tree file `tree`.
+    fn new(v: &crate::verity::VerityInfo, tree: &Path) -> VerityTable {
+        VerityTable {
+            tree: tree.to_owned(),
+            data_blocks: v.data_blocks(),
+            hash_start: 0,
+            root: v.root_hex().to_string(),
+            salt: v.salt.clone(),
+        }
+    }
+}
+
+/// Writes the trees of the dm-verity lowers one after another into `out` (the `hashes`
+/// drive), filling in where each one's hash blocks begin: after the tree's first block, which
+/// holds veritysetup's superblock (the kernel's table has no superblock).
+fn write_hashes(drives: Vec<&mut Drive>, out: &Path) -> Result<(), VmError> {
+    use std::io::Write;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| VmError::Io { path, source }
+    };
+    let mut file = fs_err::File::create(out).map_err(io(out))?;
+    const BS: u64 = crate::verity::BLOCK_SIZE;
+    let mut written = 0; // bytes, always whole blocks
+    for v in drives.into_iter().filter_map(|d| d.verity.as_mut()) {
+        let mut tree = fs_err::File::open(&v.tree).map_err(io(&v.tree))?;
+        v.hash_start = written / BS + 1; // the superblock's block comes first
+        let n = std::io::copy(&mut tree, &mut file).map_err(io(out))?;
+        // A tree is whole blocks; should one not be, the next still starts on a block.
+        let pad = n.div_ceil(BS) * BS - n;
+        file.write_all(&vec![0; pad as usize]).map_err(io(out))?;
+        written += n + pad;
+    }
+    file.sync_all().map_err(io(out))
+}
+
+/// The guest's settings: `/vmrootfs/run` (what to mount) and `/vmrootfs/exec.sh` (how to
+/// start the command inside the image).
+fn guest_files(record: &ImageRecord, drives: &Drives, any_verity: bool, command: &[String]) -> GuestFiles {
+    let mut run = String::new();
+    let mut names: Vec<String> = drives.attach_order().into_iter().map(|d| d.name).collect();
+    if any_verity {
+        names.push("hashes".into());
+    }
+    run += &format!("DRIVES={}\n", sq(&names.join(" ")));
+    let table = |v: &VerityTable| sq(&format!("{} {} {} {}", v.data_blocks, v.hash_start, v.root, v.salt));
+    let lower_vars = |run: &mut String, lowers: &[Drive]| {
+        *run += &format!("LOWERS={}\n", lowers.len());
+        for (i, d) in lowers.iter().enumerate() {
+            *run += &format!("FS{i}={}\n", d.fs);
+            if let Some(v) = &d.verity {
+                *run += &format!("VERITY{i}={}\n", table(v));
+            }
+        }
+    };
+    match drives {
+        Drives::Lowers(lowers) => lower_vars(&mut run, lowers),
+        Drives::VerifiedMerged { lowers, merged } => {
+            lower_vars(&mut run, lowers);
+            let v = merged.verity.as_ref().expect("a verified merged blob has a tree");
+            run += &format!("MERGED_VERITY={}\n", table(v));
+        }
+        Drives::Merged { layer_offsets, .. } => {
+            let offsets: Vec<String> = layer_offsets.iter().map(u64::to_string).collect();
+            run += &format!("LOWERS=0\nMERGED=1\nMERGED_OFFSETS='{}'\n", offsets.join(" "));
+        }
+    }
+    let c = &record.config;
+    run += &format!("USERSPEC={}\n", sq(&c.user));
+    let mut env = c.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(format!("PATH={DEFAULT_PATH}"));
+    }
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push("HOME=/root".into());
+    }
+    let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+    let workdir = if c.working_dir.is_empty() { "/" } else { c.working_dir.as_str() };
+    let quoted = |v: &[String]| v.iter().map(|a| sq(a)).collect::<Vec<_>>().join(" ");
+    // The program is looked up in the image's PATH here and run by absolute path: busybox
+    // would run its own applet for a bare name like `sh` or `ls`.
+    let exec = format!(
+        r#"cd {wd} || {{ echo "vmrootfs: cannot enter working directory "{wd} >&2; exit 126; }}
+cmd={cmd}
+case $cmd in
+  */*) ;;
+  *) found=""; search={path}; IFS=:
+     for d in $search; do [ -f "$d/$cmd" ] && [ -x "$d/$cmd" ] && {{ found="$d/$cmd"; break; }}; done
+     unset IFS
+     [ -n "$found" ] || {{ echo "vmrootfs: $cmd: not found in PATH" >&2; exit 127; }}
+     cmd=$found;;
+esac
+setpriv=$(cat /dev/.vmrootfs/setpriv)
+if [ -n "$setpriv" ]; then
+  exec /dev/.vmrootfs/busybox env -i {env} $setpriv "$cmd" -- {args}
+fi
+exec /dev/.vmrootfs/busybox env -i {env} "$cmd" {args}
+"#,
+        wd = sq(workdir),
+        cmd = sq(&command[0]),
+        path = sq(path),
+        env = quoted(&env),
+        args = quoted(&command[1..]),
+    );
+    GuestFiles { run, exec }
+}
+
+/// Refuses a form the image does not have, and a form of a `--verity` image whose blocks the
+/// guest could not all check.
+fn check_form(tag: &str, record: &ImageRecord, form: KitForm) -> Result<(), VmError> {
+    if form == KitForm::Squashed && record.squashed.is_none() {
+        return Err(VmError::NoSquashed { tag: tag.to_string() });
+    }
+    if form == KitForm::Merged && record.merged.is_none() {
+        return Err(crate::merge::MergeError::NotMerged { tag: tag.to_string() }.into());
+    }
+    let verity = record.lowers.iter().any(|l| l.verity.is_some());
+    if verity && form == KitForm::Squashed {
+        return Err(VmError::Unverifiable { tag: tag.to_string(), form: UnverifiableForm::Squashed });
+    }
+    let merged_has_tree = record.merged.as_ref().is_some_and(|m| m.verity.is_some());
+    if verity
+        && form == KitForm::Merged
+        && !(merged_has_tree && record.lowers.iter().all(|l| l.verity.is_some()))
+    {
+        return Err(VmError::Unverifiable { tag: tag.to_string(), form: UnverifiableForm::Merged });
+    }
+    Ok(())
+}
+
+/// Writes the kit of the image tagged `tag` into `dir` (created if missing), holding the
+/// shared store lock while it reads the store.
+pub fn write(store: &Store, tag: &str, dir: &Path, opts: &KitOptions) -> Result<Kit, VmError> {
+    let _store_lock = store.lock_shared()?;
+    let record = store.get(tag)?;
+    write_record(store, tag, &record, dir, opts)
+}
+
+/// [`write`] for a record read under the store lock the caller holds.
+pub(super) fn write_record(
+    store: &Store,
+    tag: &str,
+    record: &ImageRecord,
+    dir: &Path,
+    opts: &KitOptions,
+) -> Result<Kit, VmError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| VmError::Io { path, source }
+    };
+    check_form(tag, record, opts.form)?;
+    fs_err::create_dir_all(dir).map_err(io(dir))?;
+    let dir = std::path::absolute(dir).map_err(io(dir))?;
+    let kernel = Kernel::find(opts.kernel.as_deref())?;
+    let busybox = Path::new(BUSYBOX);
+    if !is_static(busybox)? {
+        return Err(VmError::NoStaticBusybox(busybox.to_owned()));
+    }
+    let command = if opts.command.is_empty() {
+        [record.config.entrypoint.clone(), record.config.cmd.clone()].concat()
+    } else {
+        opts.command.clone()
+    };
+    if command.is_empty() {
+        return Err(VmError::NoCommand);
+    }
+    let vmlinux = dir.join("vmlinux");
+    link_or_copy(&kernel.vmlinux(store)?, &vmlinux)?;
+
+    let located = store.locate(record.clone())?;
+    let lower_drive = |l: &Located<Lower>| Drive {
+        path: l.path.clone(),
+        fs: l.fs.to_string(),
+        verity: l.verity.as_ref().zip(l.verity_tree.as_ref()).map(|(v, tree)| VerityTable::new(v, tree)),
+    };
+    let verity = record.lowers.iter().any(|l| l.verity.is_some());
+    let mut drives = match (opts.form, &located.merged, &located.squashed) {
+        (KitForm::Merged, Some(m), _) if verity => Drives::VerifiedMerged {
+            lowers: located.lowers.iter().map(lower_drive).collect(),
+            merged: Drive {
+                path: m.path.clone(),
+                fs: m.fs.to_string(),
+                verity: m
+                    .verity
+                    .as_ref()
+                    .zip(m.verity_tree.as_ref())
+                    .map(|(v, tree)| VerityTable::new(v, tree)),
+            },
+        },
+        (KitForm::Merged, _, _) => {
+            let extents = crate::merge::disk::extents(&located)?;
+            let layer_offsets = crate::merge::disk::offsets(&extents)[1..].to_vec();
+            let (disk, format) = match opts.merged_disk {
+                MergedDisk::Raw => {
+                    let disk = dir.join("disk.raw");
+                    crate::merge::disk::write_raw(&extents, &disk)?;
+                    (disk, "raw")
+                }
+                MergedDisk::QemuVmdk => {
+                    let disk = dir.join("merged.vmdk");
+                    // QEMU reads only `RW` extents; qemu.sh attaches the drive `readonly=on`.
+                    let access = crate::merge::disk::ExtentAccess::QemuReadOnlyDrive;
+                    let text = crate::merge::disk::vmdk_descriptor(&extents, 0, access)?;
+                    fs_err::write(&disk, text).map_err(io(&disk))?;
+                    (disk, "vmdk")
+                }
+            };
+            Drives::Merged { disk, format, layer_offsets }
+        }
+        (KitForm::Squashed, _, Some(s)) => {
+            Drives::Lowers(vec![Drive { path: s.path.clone(), fs: s.fs.to_string(), verity: None }])
+        }
+        _ => Drives::Lowers(located.lowers.iter().map(lower_drive).collect()),
+    };
+    let verity_drives = drives.verity_drives();
+    let any_verity = !verity_drives.is_empty();
+    let hashes = dir.join("hashes.img");
+    let dmsetup = if any_verity {
+        write_hashes(verity_drives, &hashes)?;
+        Some(Tool::find("dmsetup", "dmsetup", &["--version"], "1.02")?.path)
+    } else {
+        None
+    };
+    let guest = guest_files(record, &drives, any_verity, &command);
+    crate::progress::debug(&format!("guest settings: {}", guest.run.replace('\n', "; ")));
+    let initramfs = dir.join("initramfs.cpio");
+    initramfs::build(&kernel, busybox, dmsetup.as_deref(), &guest, &initramfs)?;
+
+    let mut attached = drives.attach_order();
+    if any_verity {
+        attached.push(KitDrive { name: "hashes".into(), path: hashes, format: "raw" });
+    }
+    let mut kit = Kit {
+        tag: tag.to_string(),
+        form: opts.form,
+        kernel_version: kernel.version.clone(),
+        vmlinux,
+        initramfs,
+        qemu: dir.join("qemu.sh"),
+        firecracker: None,
+        cloud_hypervisor: None,
+        drives: attached,
+        memory_mb: opts.memory_mb,
+    };
+    write_file(&kit.qemu, &super::runtimes::qemu_script(&kit), 0o755)?;
+    if kit.drives.iter().all(|d| d.format == "raw") {
+        let fc = dir.join("firecracker.json");
+        write_file(&fc, &super::runtimes::firecracker_config(&kit), 0o644)?;
+        kit.firecracker = Some(fc);
+        let ch = dir.join("cloud-hypervisor.sh");
+        write_file(&ch, &super::runtimes::cloud_hypervisor_script(&kit), 0o755)?;
+        kit.cloud_hypervisor = Some(ch);
+    }
+    Ok(kit)
+}
+
+/// Writes `text` to `path` with `mode`.
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), VmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| VmError::Io { path: path.to_owned(), source };
+    fs_err::write(path, text).map_err(io)?;
+    fs_err::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)
+}
+
+/// `to` as a hard link of `from` (the store's cached vmlinux), or a copy across filesystems.
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), VmError> {
+    let io = |source| VmError::Io { path: to.to_owned(), source };
+    match fs_err::remove_file(to) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    // A link fails across filesystems (EXDEV); the copy then reports its own error.
+    if fs_err::hard_link(from, to).is_err() {
+        fs_err::copy(from, to).map_err(io)?;
+    }
+    Ok(())
+}
