@@ -50,8 +50,46 @@ pub struct Located<T> {
     /// whose data device is `path`, or the bytes that follow the blob in the pushed layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verity_tree: Option<PathBuf>,
+    /// The dm-verity table's `hash_start_block` for the tree appended to the blob (`blob ‖
+    /// tree`, the pushed layer): `hash_offset / block_size + 1`, the tree's first block being
+    /// veritysetup's superblock. In the tree file alone (`verity_tree`) the hashes start at
+    /// block 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity_hash_start_block: Option<u64>,
+    /// Where the blob starts on the image's single disk (`export --single-disk`: the merged
+    /// blob, then the lowers base first), in bytes; for images with a merged blob.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_offset: Option<u64>,
     #[serde(flatten)]
     pub blob: T,
+}
+
+impl<T> Located<T> {
+    /// `blob` at `path`, its tree (if any) at `verity_tree`, with the hash start of `verity`.
+    pub fn new(
+        path: PathBuf,
+        verity_tree: Option<PathBuf>,
+        verity: Option<&VerityInfo>,
+        blob: T,
+    ) -> Located<T> {
+        let verity_hash_start_block = verity.map(|v| v.hash_offset / v.block_size.max(1) + 1);
+        Located { path, verity_tree, verity_hash_start_block, disk_offset: None, blob }
+    }
+}
+
+impl LocatedRecord {
+    /// Sets each blob's [`Located::disk_offset`] when the image has a merged blob.
+    pub fn with_disk_offsets(mut self) -> LocatedRecord {
+        if let Some(m) = &mut self.merged {
+            m.disk_offset = Some(0);
+            let mut at = m.size;
+            for l in &mut self.lowers {
+                l.disk_offset = Some(at);
+                at += l.size;
+            }
+        }
+        self
+    }
 }
 
 impl<T> std::ops::Deref for Located<T> {

@@ -361,3 +361,55 @@ fn firecracker_config_is_what_firecracker_reads() {
         assert!(line.trim().trim_end_matches(" \\") == want, "{line} vs {want}");
     }
 }
+
+/// `inspect --json` and `export --json` give what a runtime that sets up the drives itself
+/// needs: each blob's size and place on the single disk, and the dm-verity `hash_start_block`
+/// of a tree appended to its blob (the block after veritysetup's superblock, where the top
+/// hash level begins: its sha256 with the salt is the root digest). The merged blob of this
+/// image is one block: its tree is the superblock alone.
+#[test]
+fn json_gives_the_offsets_and_hash_starts_a_runtime_needs() {
+    let dir = scratch("kit-json");
+    let store = image(&dir, &["--merge", "--verity"]);
+    let (ok, out, err) = run(vmrootfs(&store).args(["inspect", "k", "--json"]));
+    assert!(ok, "{err}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let merged = &record["merged"];
+    let mut blobs = vec![merged];
+    blobs.extend(record["lowers"].as_array().unwrap());
+    let mut at = 0;
+    for b in &blobs {
+        assert_eq!(b["disk_offset"].as_u64(), Some(at), "{b}");
+        let path = b["path"].as_str().unwrap();
+        assert_eq!(b["size"].as_u64(), Some(std::fs::metadata(path).unwrap().len()));
+        at += b["size"].as_u64().unwrap();
+
+        let v = &b["verity"];
+        let start = b["verity_hash_start_block"].as_u64().expect("a --verity blob's hash start") as usize;
+        let mut appended = std::fs::read(path).unwrap();
+        appended.extend(std::fs::read(b["verity_tree"].as_str().unwrap()).unwrap());
+        assert_eq!(&appended[(start - 1) * 4096..][..8], b"verity\0\0", "the superblock's block comes first");
+        // One data block has no hash level: the root digest is that block's hash.
+        let top = if appended.len() > start * 4096 { start * 4096 } else { 0 };
+        let mut salted = hex_decode(v["salt"].as_str().unwrap());
+        salted.extend(&appended[top..][..4096]);
+        assert_eq!(sha256(&salted), v["root_digest"].as_str().unwrap(), "top level at {start}");
+    }
+    let disk = dir.path().join("disk.raw");
+    let (ok, out, err) =
+        run(vmrootfs(&store).args(["export", "k", "--raw", "--json", "--single-disk"]).arg(&disk));
+    assert!(ok, "{err}");
+    let exported: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let bytes = std::fs::read(&disk).unwrap();
+    let parts = exported["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), blobs.len());
+    for (p, b) in parts.iter().zip(&blobs) {
+        assert_eq!((&p["path"], &p["offset"], &p["bytes"]), (&b["path"], &b["disk_offset"], &b["size"]));
+        let (offset, len) = (p["offset"].as_u64().unwrap() as usize, p["bytes"].as_u64().unwrap() as usize);
+        assert!(bytes[offset..offset + len] == std::fs::read(p["path"].as_str().unwrap()).unwrap()[..]);
+    }
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}

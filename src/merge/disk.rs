@@ -126,6 +126,27 @@ pub struct Exported {
     pub disk_bytes: u64,
     /// Bytes written to `path`.
     pub file_bytes: u64,
+    /// The blobs on the disk, in disk order: the merged blob, then the lowers base first
+    /// (an older kernel mounts them as loop devices at these offsets).
+    pub parts: Vec<DiskPart>,
+}
+
+/// One stored blob on a single disk.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DiskPart {
+    pub path: PathBuf,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+/// The parts of a disk made of `extents`.
+fn parts(extents: &[Extent]) -> Vec<DiskPart> {
+    extents
+        .iter()
+        .zip(offsets(extents))
+        .map(|(e, offset)| DiskPart { path: e.path.clone(), offset, bytes: e.bytes })
+        .collect()
 }
 
 /// The content id of a VMDK of `record`: the first 32 bits of its merged blob's sha256.
@@ -181,11 +202,11 @@ pub fn export(store: &Store, tag: &str, file: &Path, format: DiskFormat) -> Resu
                 out.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
                 out.write_all(text.as_bytes())
             })?;
-            Ok(Exported { path: file, disk_bytes, file_bytes: text.len() as u64 })
+            Ok(Exported { path: file, disk_bytes, file_bytes: text.len() as u64, parts: parts(&extents) })
         }
         DiskFormat::Raw => {
             write_raw(&extents, &file)?;
-            Ok(Exported { path: file, disk_bytes, file_bytes: disk_bytes })
+            Ok(Exported { path: file, disk_bytes, file_bytes: disk_bytes, parts: parts(&extents) })
         }
     }
 }

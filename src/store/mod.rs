@@ -469,16 +469,18 @@ impl Store {
             |l| {
                 let id = l.id()?;
                 let verity_tree = l.verity.as_ref().map(|_| self.sidecar(&id, "verity"));
-                Ok::<_, InvalidDigest>(Located { path: self.blob_path(&id), verity_tree, blob: l })
+                let verity = l.verity.clone();
+                Ok::<_, InvalidDigest>(Located::new(self.blob_path(&id), verity_tree, verity.as_ref(), l))
             },
-            |s| Ok(Located { path: at(s.id())?, verity_tree: None, blob: s }),
+            |s| Ok(Located::new(at(s.id())?, None, None, s)),
             |m| {
                 let id = m.id()?;
                 let verity_tree = m.verity.as_ref().map(|_| self.sidecar(&id, "verity"));
-                Ok(Located { path: self.blob_path(&id), verity_tree, blob: m })
+                let verity = m.verity.clone();
+                Ok(Located::new(self.blob_path(&id), verity_tree, verity.as_ref(), m))
             },
         )?;
-        Ok(located)
+        Ok(located.with_disk_offsets())
     }
 
     /// The stored squashed blob of the stack up to `chain_id`, if published.
