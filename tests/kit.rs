@@ -394,6 +394,24 @@ fn json_gives_the_offsets_and_hash_starts_a_runtime_needs() {
         let mut salted = hex_decode(v["salt"].as_str().unwrap());
         salted.extend(&appended[top..][..4096]);
         assert_eq!(sha256(&salted), v["root_digest"].as_str().unwrap(), "top level at {start}");
+        // veritysetup, told where the hash blocks start as the kernel's table is, agrees.
+        let file = dir.path().join("appended.img");
+        std::fs::write(&file, &appended).unwrap();
+        let out = std::process::Command::new("veritysetup")
+            .arg("verify")
+            .arg("--no-superblock")
+            .arg(format!("--hash-offset={}", start * 4096))
+            .arg(format!("--data-blocks={}", v["hash_offset"].as_u64().unwrap() / 4096))
+            .arg(format!("--salt={}", v["salt"].as_str().unwrap()))
+            .args([&file, &file])
+            .arg(v["root_digest"].as_str().unwrap().trim_start_matches("sha256:"))
+            .output()
+            .expect("veritysetup (cryptsetup-bin)");
+        assert!(
+            out.status.success(),
+            "veritysetup at block {start}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let disk = dir.path().join("disk.raw");
     let (ok, out, err) =
