@@ -34,8 +34,8 @@ demo: build
 	@echo
 	./target/release/vmrootfs --store $(DEMO_STORE) inspect busybox
 
-# Unit, hostile-input, semantics, sparse, fidelity (root and unprivileged), store, registry and
-# boot tests (the fidelity tests make a real debootstrap image once and cache it under
+# Unit, hostile-input, semantics, sparse, fidelity (root and unprivileged), store, registry,
+# boot and kit tests (the fidelity tests make a real debootstrap image once and cache it under
 # target/testimage). Run as root: the tests loop-mount what they build and drop to uid 65534
 # to check that conversion needs no privileges.
 test: deps

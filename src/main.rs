@@ -169,7 +169,9 @@ enum Command {
     },
     /// Boot a stored image in a throw-away QEMU microVM and run a command in it
     ///
-    /// The lowers are attached read-only and stacked with overlayfs under a tmpfs upper; the
+    /// It boots the image's runtime kit (see `kit`) with the kit's own qemu.sh, adding only
+    /// the ports that carry the command's output and status. The lowers are attached
+    /// read-only and stacked with overlayfs under a tmpfs upper; the
     /// command (default: the image's entrypoint and cmd) runs with the image's env, working
     /// directory and user. Prints its stdout and stderr on ours and exits with its status.
     /// With --merged the image is one drive (see `build --merge`) mounted as one read-only
