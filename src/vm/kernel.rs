@@ -138,4 +138,22 @@ mod tests {
         assert_ne!(old, new, "a new cache entry for new kernel bytes");
         assert_eq!(fs_err::read(&new).unwrap(), b"\x7fELF new kernel", "not the stale vmlinux");
     }
+
+    /// A kernel given as an ELF vmlinux is booted as it is, its version from its file name.
+    #[test]
+    fn an_elf_kernel_is_its_own_vmlinux() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("vmlinux-6.1.0-test");
+        fs_err::write(&image, b"\x7fELF\x02 a vmlinux").unwrap();
+        let modules = dir.path().join("modules");
+        let kernel = Kernel { image: image.clone(), version: "6.1.0-test".into(), modules };
+        let cache = Store::open(dir.path().join("store")).unwrap();
+        assert_eq!(fs_err::read(kernel.vmlinux(&cache).unwrap()).unwrap(), b"\x7fELF\x02 a vmlinux");
+        match Kernel::find(Some(&image)) {
+            Err(VmError::NoModules { modules, .. }) => {
+                assert_eq!(modules, Path::new("/lib/modules/6.1.0-test"))
+            }
+            other => panic!("the version comes from vmlinux-<version>: {other:?}"),
+        }
+    }
 }
