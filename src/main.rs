@@ -461,7 +461,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                     writeln!(out, "{}", f.display())?;
                 }
                 for d in &written.drives {
-                    writeln!(out, "drive {}: {} ({})", d.name, d.path.display(), d.format)?;
+                    writeln!(out, "drive {}: {} ({})", d.name, d.path.display(), d.format.qemu_name())?;
                 }
             }
         }

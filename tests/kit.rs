@@ -19,7 +19,8 @@ const ENTRYPOINT: &str = "echo \"FOO=$FOO\"; pwd; echo \"uid $(id -u) gid $(id -
 /// Bytes of `/data/blob` in layer 2: whole blocks, stored in place.
 const BLOB_BYTES: usize = 64 << 10;
 
-/// A two-layer image (busybox and a user, then `/etc/motd` and `/data/blob`) with a config
+/// A two-layer image (busybox, a user and `/etc/motd`, then another `/etc/motd` and
+/// `/data/blob`) with a config
 /// that sets entrypoint, env, working directory and user, built under `dir` as tag `k` with
 /// `build_args`; returns the store.
 fn image(dir: &tempfile::TempDir, build_args: &[&str]) -> PathBuf {
@@ -30,6 +31,8 @@ fn image(dir: &tempfile::TempDir, build_args: &[&str]) -> PathBuf {
         dir_entry("work"),
         dir_entry("etc"),
         file("etc/passwd", "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"),
+        // Layer 2's motd covers this one only when the layers are stacked in order.
+        file("etc/motd", "motd of layer 1\n"),
     ];
     for applet in ["sh", "echo", "pwd", "id", "cat", "ls", "grep"] {
         base.push(symlink(&format!("bin/{applet}"), "busybox"));
@@ -137,6 +140,53 @@ fn kit_stack_boots_with_its_qemu_sh() {
         ],
     );
     assert!(!console.contains("using the serial"), "position and serial agree:\n{console}");
+}
+
+/// Runs `script` (a variant of a kit's qemu.sh) and returns the console.
+fn boot_script(script: &Path) -> String {
+    boot(&serde_json::json!({ "qemu": script }))
+}
+
+/// How `/init` finds the drives, on QEMU standing in for the other runtimes, with variants of
+/// the written qemu.sh: without serials (Firecracker's case) the drives are taken by position
+/// alone; with the drives attached in the wrong order but named by their serials (a runtime
+/// whose order differs), the serials win and the console says so. Either way the stack is in
+/// order (layer 2's motd on top).
+#[test]
+fn kit_drives_by_position_alone_and_by_serial() {
+    let dir = scratch("kit-drives");
+    let store = image(&dir, &[]);
+    let kit = kit(&store, &dir.path().join("kit"), &[]);
+    let written = std::fs::read_to_string(kit["qemu"].as_str().unwrap()).unwrap();
+
+    let no_serials = dir.path().join("no-serials.sh");
+    let text = written.replace(",serial=lower0", "").replace(",serial=lower1", "");
+    assert!(!text.contains("serial="), "{text}");
+    std::fs::write(&no_serials, text).unwrap();
+    let console = boot_script(&no_serials);
+    assert_lines(&console, &CONFIG_LINES);
+    assert_lines(&console, &["vmrootfs-init: drives in attach order: lower0=/dev/vda lower1=/dev/vdb"]);
+    assert_lines(&console, &["vmrootfs-init: status 5"]);
+    assert!(!console.contains("using the serial"), "{console}");
+
+    let swapped = dir.path().join("swapped.sh");
+    let drives: Vec<&str> = written.lines().filter(|l| l.trim_start().starts_with("-drive")).collect();
+    assert_eq!(drives.len(), 2, "{written}");
+    let text = written
+        .replacen(drives[0], "@FIRST@", 1)
+        .replacen(drives[1], drives[0], 1)
+        .replacen("@FIRST@", drives[1], 1);
+    std::fs::write(&swapped, text).unwrap();
+    let console = boot_script(&swapped);
+    assert_lines(&console, &CONFIG_LINES);
+    for want in [
+        "vmrootfs-init: drive lower1 is /dev/vda by its serial, /dev/vdb by position: using the serial",
+        "vmrootfs-init: drive lower0 is /dev/vdb by its serial, /dev/vda by position: using the serial",
+        "vmrootfs-init: drives in attach order: lower0=/dev/vdb lower1=/dev/vda",
+        "vmrootfs-init: status 5",
+    ] {
+        assert_lines(&console, &[want]);
+    }
 }
 
 /// The merged image as one raw disk (a copy of the merged blob and the layers, in that order),

@@ -57,6 +57,35 @@ pub enum KitForm {
     Squashed,
 }
 
+impl std::fmt::Display for KitForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KitForm::Stack => "layer stack",
+            KitForm::Merged => "merged image",
+            KitForm::Squashed => "squashed blob",
+        })
+    }
+}
+
+/// The format of a drive's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriveFormat {
+    Raw,
+    /// A VMDK descriptor (QEMU only).
+    Vmdk,
+}
+
+impl DriveFormat {
+    /// QEMU's name of the format (`-drive format=`).
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            DriveFormat::Raw => "raw",
+            DriveFormat::Vmdk => "vmdk",
+        }
+    }
+}
+
 /// How a kit hands a merged image's single disk to the runtime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MergedDisk {
@@ -85,8 +114,7 @@ pub struct KitDrive {
     /// `lower<i>`, `merged` or `hashes`: the serial where the runtime has serials.
     pub name: String,
     pub path: PathBuf,
-    /// `raw` or `vmdk`.
-    pub format: &'static str,
+    pub format: DriveFormat,
 }
 
 /// What [`write()`] wrote.
@@ -129,7 +157,7 @@ enum Drives {
     Lowers(Vec<Drive>),
     /// One drive, `merged`: the merged blob then the layer blobs, which start at these byte
     /// offsets of the disk.
-    Merged { disk: PathBuf, format: &'static str, layer_offsets: Vec<u64> },
+    Merged { disk: PathBuf, format: DriveFormat, layer_offsets: Vec<u64> },
     /// A `--verity` image's merged blob (`merged`) over one drive per lower (`lower<i>`), each
     /// opened through dm-verity and the lowers given as the merged blob's devices.
     VerifiedMerged { lowers: Vec<Drive>, merged: Drive },
@@ -147,18 +175,23 @@ impl Drives {
 
     /// Every drive, in attach order (without `hashes`).
     fn attach_order(&self) -> Vec<KitDrive> {
-        let lower =
-            |i: usize, d: &Drive| KitDrive { name: format!("lower{i}"), path: d.path.clone(), format: "raw" };
+        let lower = |i: usize, d: &Drive| KitDrive {
+            name: format!("lower{i}"),
+            path: d.path.clone(),
+            format: DriveFormat::Raw,
+        };
         match self {
             Drives::Lowers(lowers) => lowers.iter().enumerate().map(|(i, d)| lower(i, d)).collect(),
             Drives::Merged { disk, format, .. } => {
-                vec![KitDrive { name: "merged".into(), path: disk.clone(), format }]
+                vec![KitDrive { name: "merged".into(), path: disk.clone(), format: *format }]
             }
-            Drives::VerifiedMerged { lowers, merged } => {
-                std::iter::once(KitDrive { name: "merged".into(), path: merged.path.clone(), format: "raw" })
-                    .chain(lowers.iter().enumerate().map(|(i, d)| lower(i, d)))
-                    .collect()
-            }
+            Drives::VerifiedMerged { lowers, merged } => std::iter::once(KitDrive {
+                name: "merged".into(),
+                path: merged.path.clone(),
+                format: DriveFormat::Raw,
+            })
+            .chain(lowers.iter().enumerate().map(|(i, d)| lower(i, d)))
+            .collect(),
         }
     }
 }
@@ -377,7 +410,7 @@ pub(super) fn write_record(
                 MergedDisk::Raw => {
                     let disk = dir.join("disk.raw");
                     crate::merge::disk::write_raw(&extents, &disk)?;
-                    (disk, "raw")
+                    (disk, DriveFormat::Raw)
                 }
                 MergedDisk::QemuVmdk => {
                     let disk = dir.join("merged.vmdk");
@@ -385,7 +418,7 @@ pub(super) fn write_record(
                     let access = crate::merge::disk::ExtentAccess::QemuReadOnlyDrive;
                     let text = crate::merge::disk::vmdk_descriptor(&extents, 0, access)?;
                     fs_err::write(&disk, text).map_err(io(&disk))?;
-                    (disk, "vmdk")
+                    (disk, DriveFormat::Vmdk)
                 }
             };
             Drives::Merged { disk, format, layer_offsets }
@@ -411,7 +444,7 @@ pub(super) fn write_record(
 
     let mut attached = drives.attach_order();
     if any_verity {
-        attached.push(KitDrive { name: "hashes".into(), path: hashes, format: "raw" });
+        attached.push(KitDrive { name: "hashes".into(), path: hashes, format: DriveFormat::Raw });
     }
     let mut kit = Kit {
         tag: tag.to_string(),
@@ -426,7 +459,7 @@ pub(super) fn write_record(
         memory_mb: opts.memory_mb,
     };
     write_file(&kit.qemu, &super::runtimes::qemu_script(&kit), 0o755)?;
-    if kit.drives.iter().all(|d| d.format == "raw") {
+    if kit.drives.iter().all(|d| d.format == DriveFormat::Raw) {
         let fc = dir.join("firecracker.json");
         write_file(&fc, &super::runtimes::firecracker_config(&kit), 0o644)?;
         kit.firecracker = Some(fc);

@@ -29,7 +29,7 @@ const CLOUD_HYPERVISOR_ARGS: &str = "console=ttyS0 vmrootfs.poweroff";
 pub fn qemu_script(kit: &Kit) -> String {
     let mut s = format!(
         "#!/bin/sh\n\
-         # Boots {tag} ({form:?}) in a QEMU microVM; written by `vmrootfs kit`. The lowers are the\n\
+         # Boots the {form} of {tag} in a QEMU microVM; written by `vmrootfs kit`. The lowers are the\n\
          # store's blobs, by absolute path: valid while the image is in the store.\n\
          append={args}\n\
          if [ -w /dev/kvm ] && grep -qw -e vmx -e svm /proc/cpuinfo; then\n\
@@ -59,7 +59,7 @@ pub fn qemu_script(kit: &Kit) -> String {
         let file = d.path.display().to_string().replace(',', ",,");
         s += &format!(
             "  -drive {} -device {} \\\n",
-            sq(&format!("id=d{i},file={file},format={},if=none,readonly=on", d.format)),
+            sq(&format!("id=d{i},file={file},format={},if=none,readonly=on", d.format.qemu_name())),
             sq(&format!("virtio-blk-device,drive=d{i},serial={}", d.name)),
         );
     }
@@ -100,7 +100,7 @@ pub fn firecracker_config(kit: &Kit) -> String {
 pub fn cloud_hypervisor_script(kit: &Kit) -> String {
     let mut s = format!(
         "#!/bin/sh\n\
-         # Boots {tag} ({form:?}) in Cloud Hypervisor; written by `vmrootfs kit`.\n\
+         # Boots the {form} of {tag} in Cloud Hypervisor; written by `vmrootfs kit`.\n\
          exec cloud-hypervisor --kernel {vmlinux} --initramfs {initramfs} \\\n\
          \x20 --cmdline {args} \\\n\
          \x20 --cpus boot=1 --memory size={mem}M --serial tty --console off \\\n\
