@@ -349,7 +349,15 @@ fn check_form(tag: &str, record: &ImageRecord, form: KitForm) -> Result<(), VmEr
 pub fn write(store: &Store, tag: &str, dir: &Path, opts: &KitOptions) -> Result<Kit, VmError> {
     let _store_lock = store.lock_shared()?;
     let record = store.get(tag)?;
-    write_record(store, tag, &record, dir, opts)
+    let kit = write_record(store, tag, &record, dir, opts)?;
+    if kit.drives.len() > super::runtimes::FIRECRACKER_X86_DEVICES {
+        crate::progress::info(&format!(
+            "{tag}: the kit has {} drives, more than Firecracker on x86_64 takes ({} virtio-mmio devices, one IRQ each, net and vsock included; a QEMU microvm has 24 slots): write it with --merged (build --merge) or --squashed",
+            kit.drives.len(),
+            super::runtimes::FIRECRACKER_X86_DEVICES
+        ));
+    }
+    Ok(kit)
 }
 
 /// [`write`] for a record read under the store lock the caller holds.
