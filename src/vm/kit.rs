@@ -26,8 +26,11 @@
 //!   declares them to the guest in that order on the kernel command line
 //!   (`virtio_mmio.device=`) and in the ACPI DSDT (`src/vmm/src/vmm_config/drive.rs`
 //!   `BlockBuilder`, `src/vmm/src/device_manager/mmio.rs`). It has no drive serials.
-//! - **QEMU** `-M microvm,acpi=on` declares the `-device`s in command-line order in its DSDT;
-//!   each drive also has its name as serial.
+//! - **QEMU** `-M microvm,acpi=on` declares the `-device`s in command-line order (checked:
+//!   the first is `virtio0`); each drive also has its name as serial.
+//!
+//! Another block device attached before the kit's drives would shift them; after them it is
+//! harmless.
 //! - **Cloud Hypervisor** (virtio-pci) gives each drive its name as serial.
 //!
 //! A drive whose serial is one of the kit's names is taken by its serial; `/init` says on the
