@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod builder;
 pub mod digest;
+pub mod erofs;
 pub mod erofs_image;
 #[cfg(test)]
 mod heap_meter;

@@ -1,0 +1,3 @@
+//! EROFS as vmrootfs writes and reads it: the on-disk layout ([`format`]).
+
+pub mod format;
