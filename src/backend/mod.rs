@@ -1,12 +1,16 @@
 //! Filesystem backends: one layer's normalized stream (a pax tar, see [`crate::layer::pax`])
-//! → one image file, made as the stream is written: by `mkfs.erofs --tar=f` reading it from a
-//! pipe, or by vmrootfs's own ext4 writer reading it on a thread ([`ext4`]).
+//! → one image file, made as the stream is written: by vmrootfs's own EROFS and ext4 writers
+//! reading it on a thread ([`native`], [`crate::erofs::write`], [`ext4`]), or by
+//! `mkfs.erofs --tar=f` reading it from a pipe (`VMROOTFS_EROFS_WRITER=mkfs`).
 
 mod erofs;
+mod erofs_native;
 mod ext4;
+mod native;
 
 pub use erofs::{Erofs, fix_build_time};
 pub use ext4::Ext4Error;
+pub use native::is_zero;
 pub mod tool;
 
 use std::io::Write;
@@ -36,7 +40,17 @@ use tool::ToolError;
 ///   agree with the mode, the last of two PAX records of an xattr wins, `user.*` xattrs are
 ///   dropped where the kernel refuses them, whiteouts that hide nothing are dropped, old
 ///   archivers' dataless entries read as GNU tar reads them; ext4 times clamped, not wrapped.
-pub const EROFS_RECIPE: u32 = 5;
+///   Still what `VMROOTFS_EROFS_WRITER=mkfs` makes ([`EROFS_MKFS_RECIPE`]).
+/// - 6 (EROFS only): written by vmrootfs itself ([`crate::erofs::write`]) in one pass, the
+///   same bytes on every host: file data in stream order as whole blocks, files with zero
+///   chunks chunk-based with holes, directories and symlinks inline where they fit, 4 KiB
+///   blocks whatever the page size (issue 21).
+pub const EROFS_RECIPE: u32 = 6;
+/// The recipe of blobs made by `mkfs.erofs` (`VMROOTFS_EROFS_WRITER=mkfs`).
+pub const EROFS_MKFS_RECIPE: u32 = 5;
+/// The environment variable that picks the EROFS writer: `vmrootfs` (default) or `mkfs`
+/// (erofs-utils' `mkfs.erofs`, the reference implementation and the differential check).
+pub const EROFS_WRITER_ENV: &str = "VMROOTFS_EROFS_WRITER";
 /// The first EROFS recipe without inlined file tails: its blobs and later ones can be merged.
 pub const EROFS_MERGEABLE_RECIPE: u32 = 3;
 pub const EXT4_RECIPE: u32 = 4;
@@ -45,7 +59,8 @@ pub const EXT4_RECIPE: u32 = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FsType {
-    /// EROFS made with mkfs.erofs --tar=f (erofs-utils ≥ 1.8), uncompressed.
+    /// EROFS written by vmrootfs itself from the layer stream (or by mkfs.erofs --tar=f,
+    /// erofs-utils ≥ 1.8, with `VMROOTFS_EROFS_WRITER=mkfs`), uncompressed.
     Erofs,
     /// ext4 written by vmrootfs itself from the layer stream (no journal, no external tool).
     Ext4,
@@ -63,8 +78,31 @@ impl FsType {
     /// Per filesystem: each counts its own changes.
     pub fn recipe(self) -> u32 {
         match self {
+            // An unknown writer name builds nothing ([`Backend::detect`] refuses it).
+            FsType::Erofs if matches!(erofs_writer(), Ok(ErofsWriter::Mkfs)) => EROFS_MKFS_RECIPE,
             FsType::Erofs => EROFS_RECIPE,
             FsType::Ext4 => EXT4_RECIPE,
+        }
+    }
+}
+
+/// Which program writes EROFS blobs ([`EROFS_WRITER_ENV`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErofsWriter {
+    /// vmrootfs's own writer ([`crate::erofs::write`]), recipe [`EROFS_RECIPE`].
+    Vmrootfs,
+    /// `mkfs.erofs --tar=f`, recipe [`EROFS_MKFS_RECIPE`].
+    Mkfs,
+}
+
+/// The EROFS writer [`EROFS_WRITER_ENV`] picks.
+pub fn erofs_writer() -> Result<ErofsWriter, ToolError> {
+    match std::env::var(EROFS_WRITER_ENV).as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("vmrootfs") => Ok(ErofsWriter::Vmrootfs),
+        Ok("mkfs") => Ok(ErofsWriter::Mkfs),
+        Ok(other) => Err(ToolError::UnknownErofsWriter { value: other.to_owned() }),
+        Err(std::env::VarError::NotUnicode(v)) => {
+            Err(ToolError::UnknownErofsWriter { value: v.to_string_lossy().into_owned() })
         }
     }
 }
@@ -83,6 +121,8 @@ pub enum BackendError {
     Tool(#[from] ToolError),
     #[error(transparent)]
     Ext4(#[from] Ext4Error),
+    #[error(transparent)]
+    Erofs(#[from] crate::erofs::write::ErofsError),
     #[error("writing {path}")]
     Write {
         path: PathBuf,
@@ -119,7 +159,10 @@ pub enum BackendError {
 /// A backend with its tools found and checked.
 #[derive(Debug, Clone)]
 pub enum Backend {
+    /// EROFS by `mkfs.erofs`.
     Erofs(erofs::Erofs),
+    /// EROFS by vmrootfs.
+    ErofsNative(erofs_native::ErofsNative),
     Ext4(ext4::Ext4),
 }
 
@@ -127,14 +170,17 @@ impl Backend {
     /// Locates and version-checks the tools `fs` needs.
     pub fn detect(fs: FsType) -> Result<Backend, ToolError> {
         Ok(match fs {
-            FsType::Erofs => Backend::Erofs(erofs::Erofs::detect()?),
+            FsType::Erofs => match erofs_writer()? {
+                ErofsWriter::Vmrootfs => Backend::ErofsNative(erofs_native::ErofsNative),
+                ErofsWriter::Mkfs => Backend::Erofs(erofs::Erofs::detect()?),
+            },
             FsType::Ext4 => Backend::Ext4(ext4::Ext4),
         })
     }
 
     pub fn fs(&self) -> FsType {
         match self {
-            Backend::Erofs(_) => FsType::Erofs,
+            Backend::Erofs(_) | Backend::ErofsNative(_) => FsType::Erofs,
             Backend::Ext4(_) => FsType::Ext4,
         }
     }
@@ -143,13 +189,15 @@ impl Backend {
     pub fn describe(&self) -> String {
         match self {
             Backend::Erofs(b) => b.describe(),
+            Backend::ErofsNative(b) => b.describe(),
             Backend::Ext4(b) => b.describe(),
         }
     }
 
     /// The most bytes of file data a layer made in `dir` may hold, holes included, when this
     /// backend writes holes as zeros (mkfs.erofs' tar mode does): the free space of `dir`'s
-    /// filesystem, which a layer must never fill. `None` when holes stay holes (ext4).
+    /// filesystem, which a layer must never fill. `None` when holes stay holes (vmrootfs's
+    /// own writers).
     pub fn data_room(&self, dir: &Path) -> Result<Option<u64>, BackendError> {
         match self {
             Backend::Erofs(_) => {
@@ -157,7 +205,7 @@ impl Backend {
                     .map_err(|e| BackendError::FreeSpace { path: dir.to_owned(), source: e.into() })?;
                 Ok(Some(st.f_bavail.saturating_mul(st.f_frsize)))
             }
-            Backend::Ext4(_) => Ok(None),
+            Backend::ErofsNative(_) | Backend::Ext4(_) => Ok(None),
         }
     }
 
@@ -167,7 +215,8 @@ impl Backend {
     pub fn start(&self, chain_id: &Digest, out: &Path) -> Result<Making, BackendError> {
         let job = match self {
             Backend::Erofs(b) => Job::Erofs(b.start(chain_id, out)?),
-            Backend::Ext4(b) => Job::Ext4(b.start(chain_id, out)),
+            Backend::ErofsNative(b) => Job::Native(b.start(chain_id, out)),
+            Backend::Ext4(b) => Job::Native(b.start(chain_id, out)),
         };
         Ok(Making { backend: self.clone(), job, out: out.to_owned() })
     }
@@ -181,8 +230,10 @@ pub struct Making {
 }
 
 enum Job {
+    /// `mkfs.erofs` reading the stream.
     Erofs(tool::Streaming),
-    Ext4(ext4::Streaming),
+    /// One of vmrootfs's own writers ([`native`]).
+    Native(native::Streaming),
 }
 
 impl Making {
@@ -190,7 +241,7 @@ impl Making {
     pub fn finish(self) -> Result<(), BackendError> {
         let result = match (self.backend, self.job) {
             (Backend::Erofs(b), Job::Erofs(streaming)) => b.finish(streaming, &self.out),
-            (Backend::Ext4(_), Job::Ext4(streaming)) => streaming.finish(),
+            (_, Job::Native(streaming)) => streaming.finish(),
             _ => unreachable!("a job belongs to its backend"),
         };
         result.map_err(|e| at_output(&self.out, e))
@@ -200,7 +251,7 @@ impl Making {
     pub fn failure(self) -> Option<BackendError> {
         let failure = match self.job {
             Job::Erofs(streaming) => streaming.finish().err().map(BackendError::Tool),
-            Job::Ext4(streaming) => streaming.failure(),
+            Job::Native(streaming) => streaming.failure(),
         };
         failure.map(|e| at_output(&self.out, e))
     }
@@ -210,7 +261,10 @@ impl Making {
 /// on a full filesystem as the full filesystem (its first cause).
 fn at_output(out: &Path, err: BackendError) -> BackendError {
     match err {
-        BackendError::Ext4(Ext4Error::Write(source)) => BackendError::Write { path: out.to_owned(), source },
+        BackendError::Ext4(Ext4Error::Write(source))
+        | BackendError::Erofs(crate::erofs::write::ErofsError::Write(source)) => {
+            BackendError::Write { path: out.to_owned(), source }
+        }
         BackendError::Tool(tool) if filesystem_full(out) => {
             crate::progress::debug(&format!("on the full filesystem: {tool}"));
             BackendError::NoSpace { path: out.to_owned(), source: rustix::io::Errno::NOSPC.into() }
@@ -235,14 +289,14 @@ impl Write for Making {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match &mut self.job {
             Job::Erofs(s) => s.write(buf),
-            Job::Ext4(s) => s.write(buf),
+            Job::Native(s) => s.write(buf),
         }
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         match &mut self.job {
             Job::Erofs(s) => s.flush(),
-            Job::Ext4(s) => s.flush(),
+            Job::Native(s) => s.flush(),
         }
     }
 }

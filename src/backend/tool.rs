@@ -26,6 +26,8 @@ pub enum ToolError {
     },
     #[error("{tool} failed ({status}): {stderr_tail}")]
     Failed { tool: String, status: std::process::ExitStatus, stderr_tail: String },
+    #[error("{}={value:?}: expected \"vmrootfs\" (the default) or \"mkfs\"", super::EROFS_WRITER_ENV)]
+    UnknownErofsWriter { value: String },
 }
 
 /// A located, version-checked tool.

@@ -30,6 +30,7 @@ use super::disk::{
     FileType, GroupDesc, INDEX_FL, INODE_SIZE, InodeFields, MAX_EXTENT_LEN, ROOT_INO, Xattrs,
 };
 use super::htree;
+use crate::backend::native::is_zero;
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
 use crate::layer::path;
@@ -790,10 +791,6 @@ fn push_extent(extents: &mut Vec<Extent>, first: usize, mut logical: u32, mut le
         extents.push(Extent { logical, len: take, start });
         (logical, len, start) = (logical + take, len - take, start + take as u64);
     }
-}
-
-fn is_zero(block: &[u8]) -> bool {
-    block.chunks_exact(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 /// The smallest layout holding `content_end` blocks of content and `inodes` inodes, with

@@ -1,28 +1,23 @@
 //! ext4, written by vmrootfs itself: a thread reads the layer's normalized stream from the
-//! builder as it is written and puts each entry into the image ([`image::ImageWriter`]):
-//! file data straight to its final place, the metadata once the stream ends. No external
-//! tool, no spool, no root, no second pass over the data; see [`image`] for the layout and
-//! [`disk`] for the structures.
+//! builder as it is written ([`native`]) and puts each entry into the image
+//! ([`image::ImageWriter`]): file data straight to its final place, the metadata once the
+//! stream ends. No external tool, no spool, no root, no second pass over the data; see
+//! [`image`] for the layout and [`disk`] for the structures.
 
 pub mod disk;
 pub mod htree;
 pub mod image;
 
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
-use std::thread::JoinHandle;
+use std::path::Path;
 
 use oci_spec::image::Digest;
 
 use super::BackendError;
-use crate::layer::entry::{self, entry_meta};
+use super::native::{self, EntryWriter, Streaming};
+use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
 pub use image::Ext4Error;
 use image::ImageWriter;
-
-/// Chunks of stream in flight between the builder and the writing thread.
-const IN_FLIGHT: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct Ext4;
@@ -35,152 +30,25 @@ impl Ext4 {
     /// Starts writing `out` from the stream then written into the returned [`Streaming`].
     /// UUID and directory hash seed come from `chain_id`.
     pub fn start(&self, chain_id: &Digest, out: &Path) -> Streaming {
-        let (tx, rx) = sync_channel::<Vec<u8>>(IN_FLIGHT);
-        let (back, spare) = channel();
         let uuid = super::uuid_bytes(chain_id, 0);
         let hash_seed = super::uuid_bytes(chain_id, 16);
-        let out: PathBuf = out.to_owned();
-        let thread = std::thread::Builder::new()
-            .name("ext4-writer".into())
-            .spawn(move || {
-                let reader = ChunkReader { rx, back, current: Vec::new(), at: 0 };
-                write_image(reader, &out, uuid, hash_seed)
-            })
-            .expect("spawning a thread");
-        Streaming { tx: Some(tx), spare, thread: Some(thread), stopped: None }
+        native::start("ext4-writer", out, move |out| {
+            ImageWriter::create(out, uuid, hash_seed)
+                .map_err(|source| BackendError::Write { path: out.to_owned(), source })
+        })
     }
 }
 
-/// Reads the normalized stream and writes the image.
-fn write_image(
-    stream: impl Read,
-    out: &Path,
-    uuid: [u8; 16],
-    hash_seed: [u8; 16],
-) -> Result<(), BackendError> {
-    let at = |source| BackendError::Write { path: out.to_owned(), source };
-    let mut image = ImageWriter::create(out, uuid, hash_seed).map_err(at)?;
-    let mut archive = tar::Archive::new(stream);
-    let bad = |source| BackendError::Stream { source };
-    for e in archive.entries().map_err(bad)? {
-        let mut e = e.map_err(bad)?;
-        let raw = entry::entry_path(&e);
-        let path = stream_path(&raw);
-        let refused =
-            |problem: String| Ext4Error::Entry { path: String::from_utf8_lossy(&raw).into_owned(), problem };
-        let meta = entry_meta(&mut e).map_err(|e| refused(e.to_string()))?;
-        let link = stream_path(&entry::entry_link(&e));
-        let kind = e.header().entry_type();
-        let (major, minor) = if kind.is_character_special() || kind.is_block_special() {
-            entry::device(e.header()).map_err(|e| refused(e.to_string()))?
-        } else {
-            (0, 0)
-        };
-        let size = e.size();
-        let new = match kind {
-            tar::EntryType::Regular => EntryKind::File { size, data: &mut e },
-            tar::EntryType::Directory => EntryKind::Dir,
-            tar::EntryType::Symlink => EntryKind::Symlink(&link),
-            tar::EntryType::Link => EntryKind::Hardlink(&link),
-            tar::EntryType::Char => EntryKind::Char { major, minor },
-            tar::EntryType::Block => EntryKind::Block { major, minor },
-            tar::EntryType::Fifo => EntryKind::Fifo,
-            other => {
-                return Err(
-                    refused(format!("unexpected entry type {other:?} in the normalized stream")).into()
-                );
-            }
-        };
-        image.add(&path, new, &meta)?;
-    }
-    Ok(image.finish()?)
-}
-
-/// A path as the normalized stream writes it (`./`, `dir/`, `file`) → layer path bytes.
-fn stream_path(raw: &[u8]) -> Vec<u8> {
-    let p = raw.strip_suffix(b"/").unwrap_or(raw);
-    if p == b"." { Vec::new() } else { p.to_vec() }
-}
-
-/// The builder's end of the stream: each write is a chunk sent to the writing thread (whose
-/// emptied chunks come back for reuse). Dropped without [`Streaming::finish`], the thread is
-/// stopped and joined.
-pub struct Streaming {
-    tx: Option<SyncSender<Vec<u8>>>,
-    spare: Receiver<Vec<u8>>,
-    thread: Option<JoinHandle<Result<(), BackendError>>>,
-    /// The writer's error, once a write found it stopped (kept for [`Streaming::failure`]).
-    stopped: Option<BackendError>,
-}
-
-impl Streaming {
-    /// Ends the stream and waits for the image.
-    pub fn finish(mut self) -> Result<(), BackendError> {
-        self.tx = None;
-        if let Some(e) = self.stopped.take() {
-            return Err(e);
-        }
-        self.join().unwrap_or(Ok(()))
+impl EntryWriter for ImageWriter {
+    fn add(&mut self, path: &[u8], entry: EntryKind<'_>, meta: &EntryMeta) -> Result<(), BackendError> {
+        Ok(ImageWriter::add(self, path, entry, meta)?)
     }
 
-    /// After a failed write: the writer's own error, when it stopped with one.
-    pub fn failure(mut self) -> Option<BackendError> {
-        self.tx = None;
-        self.stopped.take().or_else(|| self.join().and_then(Result::err))
+    fn finish(self) -> Result<(), BackendError> {
+        Ok(ImageWriter::finish(self)?)
     }
 
-    fn join(&mut self) -> Option<Result<(), BackendError>> {
-        let thread = self.thread.take()?;
-        Some(thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-    }
-}
-
-impl Write for Streaming {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let tx = self.tx.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        let mut chunk = self.spare.try_recv().unwrap_or_default();
-        chunk.clear();
-        chunk.extend_from_slice(buf);
-        if tx.send(chunk).is_err() {
-            // The writer stopped: its error is the cause, given by `failure` (as a tool's is).
-            self.tx = None;
-            self.stopped = self.join().and_then(Result::err);
-            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for Streaming {
-    fn drop(&mut self) {
-        self.tx = None;
-        let _ = self.join();
-    }
-}
-
-/// The writing thread's end: the chunks as one byte stream (ends when the sender is gone).
-struct ChunkReader {
-    rx: Receiver<Vec<u8>>,
-    back: Sender<Vec<u8>>,
-    current: Vec<u8>,
-    at: usize,
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.at == self.current.len() {
-            let Ok(next) = self.rx.recv() else { return Ok(0) };
-            let done = std::mem::replace(&mut self.current, next);
-            let _ = self.back.send(done);
-            self.at = 0;
-        }
-        let n = buf.len().min(self.current.len() - self.at);
-        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
+    fn refused(path: String, problem: String) -> BackendError {
+        Ext4Error::Entry { path, problem }.into()
     }
 }
