@@ -397,10 +397,14 @@ impl Builder {
         }
         let mut merge_cached = true;
         if self.opts.merge {
-            let Backend::Erofs(erofs) = self.backend()? else { return Err(BuildError::MergeNeedsErofs) };
+            if self.backend()?.fs() != FsType::Erofs {
+                return Err(BuildError::MergeNeedsErofs);
+            }
+            // mkfs.erofs' rebuild mode makes the merged image, whichever writer made the layers.
+            let erofs = crate::backend::Erofs::detect()?;
             let top = chain.last().ok_or(BuildError::MergeNoLayers)?;
             merge_cached = self.store.merged(top)?.is_some();
-            record.merged = Some(crate::merge::merge(&self.store, erofs, &record.lowers, self.opts.verity)?);
+            record.merged = Some(crate::merge::merge(&self.store, &erofs, &record.lowers, self.opts.verity)?);
         }
         self.put_record(&image, &record)?;
         let cached = missing.is_empty() && squash_cached && merge_cached && trees_made == 0;
@@ -594,7 +598,7 @@ impl Builder {
                 self.opts.max_layer_bytes,
             )
             .opaque_new_dirs(erofs && i > 0)
-            .marker_only_on_repeat(erofs)
+            .marker_only_on_repeat(backend.adds_repeated_xattrs())
             .data_room(backend.data_room(work.path())?);
             if erofs && i == 0 {
                 normalizer = normalizer.base_layer();

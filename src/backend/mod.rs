@@ -194,6 +194,12 @@ impl Backend {
         }
     }
 
+    /// Whether a repeated entry's xattrs are added to those the entry has (`mkfs.erofs
+    /// --tar`), rather than replacing them (vmrootfs's writers).
+    pub fn adds_repeated_xattrs(&self) -> bool {
+        matches!(self, Backend::Erofs(_))
+    }
+
     /// The most bytes of file data a layer made in `dir` may hold, holes included, when this
     /// backend writes holes as zeros (mkfs.erofs' tar mode does): the free space of `dir`'s
     /// filesystem, which a layer must never fill. `None` when holes stay holes (vmrootfs's
