@@ -115,30 +115,51 @@ fn a_sparse_file_within_the_bound_converts_with_equal_contents() {
     }
 }
 
-/// Within the bound, ext4 keeps a multi-GB file's holes all the way: the writer skips zero
-/// blocks as they stream by, so neither the blob nor the store's disk use grows with the
-/// file's size.
+/// Within the bound, ext4 and vmrootfs's EROFS keep a multi-GB file's holes all the way: the
+/// writers skip zero blocks (ext4) or zero chunks (EROFS: null chunks of a chunk-based file)
+/// as they stream by, so neither the blob nor the store's disk use grows with the file's size.
 #[test]
-fn a_multi_gb_sparse_file_within_the_bound_stays_sparse_in_ext4() {
-    let dir = scratch("sparse-big-ext4");
+fn a_multi_gb_sparse_file_within_the_bound_stays_sparse() {
+    let dir = scratch("sparse-big");
     let layout = dir.path().join("layout");
     let logical: u64 = 6 << 30;
     oci_layout(&layout, "t", &[sparse_layer(dir.path(), "huge", logical)]);
-    let store = dir.path().join("store");
-    let lowers = build_lowers(&store, &layout, "ext4");
-    let used = du_bytes(&store);
-    assert!(used < 8 << 20, "the store holds {used} bytes for a 6 GiB sparse file");
-    let stack = MountedStack::mount(&lowers);
-    let path = stack.root().join("huge");
-    let m = std::fs::metadata(&path).unwrap();
-    assert_eq!(m.len(), logical);
-    assert!(m.blocks() * 512 <= 64 << 10, "holes kept: {} bytes allocated", m.blocks() * 512);
-    let f = std::fs::File::open(&path).unwrap();
-    let mut head = [0u8; 4];
-    let mut tail = [0u8; 4];
-    std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
-    std::os::unix::fs::FileExt::read_exact_at(&f, &mut tail, logical - 4).unwrap();
-    assert_eq!((&head, &tail), (b"head", b"tail"));
+    for fs in ["ext4", "erofs"] {
+        let store = dir.path().join(format!("store-{fs}"));
+        // Not `build_lowers`: mkfs.erofs, its reference writer for EROFS, writes holes as zeros.
+        let (ok, out, err) = run(vmrootfs(&store).args([
+            "build",
+            &format!("oci:{}:t", layout.display()),
+            "--fs",
+            fs,
+            "--json",
+        ]));
+        assert!(ok, "{fs}: {err}");
+        let lowers = lowers_of(&serde_json::from_str(&out).unwrap());
+        let used = du_bytes(&store);
+        assert!(used < 8 << 20, "{fs}: the store holds {used} bytes for a 6 GiB sparse file");
+        let blob = std::fs::metadata(&lowers[0].0).unwrap().len();
+        assert!(blob < 4 << 20, "{fs}: a blob of {blob} bytes for a 6 GiB sparse file");
+        let stack = MountedStack::mount(&lowers);
+        let path = stack.root().join("huge");
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.len(), logical, "{fs}");
+        if fs == "ext4" {
+            assert!(m.blocks() * 512 <= 64 << 10, "holes kept: {} bytes allocated", m.blocks() * 512);
+        }
+        let f = std::fs::File::open(&path).unwrap();
+        // The markers, and zeros around them, at the chunk edges and in the middle.
+        for (at, want) in [(0, &b"head"[..]), (logical - 4, b"tail")] {
+            let mut got = [0u8; 4];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, at).unwrap();
+            assert_eq!(&got, want, "{fs} at {at}");
+        }
+        for at in [4, 4096, 1 << 20, (1 << 20) - 8, logical / 2, logical - (1 << 20), logical - 4096] {
+            let mut got = [0xffu8; 4];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, at).unwrap();
+            assert_eq!(got, [0; 4], "{fs}: a hole reads as zeros at {at}");
+        }
+    }
 }
 
 /// PAX sparse members (`tar --sparse --format=posix`, formats 0.0, 0.1 and 1.0) convert to the
@@ -183,9 +204,10 @@ impl Drop for Tmpfs {
     }
 }
 
-/// mkfs.erofs writes a sparse file's holes as zeros, so an EROFS layer with a sparse file
-/// larger than the store's free space is refused before anything is written, naming the file,
-/// its size and the bound — instead of writing until the store's filesystem is full.
+/// mkfs.erofs writes a sparse file's holes as zeros, so an EROFS layer it makes with a sparse
+/// file larger than the store's free space is refused before anything is written, naming the
+/// file, its size and the bound — instead of writing until the store's filesystem is full.
+/// vmrootfs's own EROFS writer keeps the holes: the same layer fits.
 #[test]
 fn an_erofs_sparse_file_larger_than_the_stores_free_space_is_refused_before_writing() {
     let dir = scratch("sparse-store-full");
@@ -194,8 +216,11 @@ fn an_erofs_sparse_file_larger_than_the_stores_free_space_is_refused_before_writ
     oci_layout(&layout, "t", &[sparse_layer(dir.path(), "huge", logical)]);
     let small = Tmpfs::mount(&dir.path().join("small"), "64m");
     let store = small.0.join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, _, err) = run(vmrootfs(&store).args(["build", &spec, "--fs", "erofs"]));
+    assert!(ok, "vmrootfs's EROFS writer keeps the holes, so the layer fits: {err}");
     let (ok, out, err) =
-        run(vmrootfs(&store).args(["build", &format!("oci:{}:t", layout.display()), "--fs", "erofs"]));
+        run(vmrootfs(&store).env(EROFS_WRITER_ENV, "mkfs").args(["build", &spec, "--fs", "erofs"]));
     assert!(!ok, "a 1 GiB sparse file cannot fit in a 64 MiB store as EROFS");
     assert!(out.is_empty());
     assert!(
