@@ -115,6 +115,27 @@ fn blobs_are_byte_identical_across_stores() {
     }
 }
 
+/// vmrootfs's EROFS blobs are a function of the layer stack and the recipe alone: the blobs of
+/// the bundled busybox image (testdata/busybox.oci.tar) are these bytes on every host, whatever
+/// its page size or erofs-utils. A change of these digests is a change of the recipe
+/// (`EROFS_RECIPE`, src/backend/mod.rs).
+#[test]
+fn bundled_busybox_erofs_blobs_are_the_same_bytes_on_every_host() {
+    let dir = scratch("busybox-pinned");
+    let spec = format!("oci-archive:{}/testdata/busybox.oci.tar", env!("CARGO_MANIFEST_DIR"));
+    let result = build(&dir.path().join("store"), &spec, "erofs");
+    let pinned = [
+        "0ad35181fc6e7dc1ba922e8fe51e82d38a1f34bccce8802277074aa26dd89789",
+        "6a8f57e10a49441e9ff949425ca4e5c8b73b26ba16abbb7bcc5e48b1ef18f72e",
+    ];
+    assert_eq!(blob_hashes(&result), pinned, "hashed from the files");
+    let recorded: Vec<&str> =
+        result["lowers"].as_array().unwrap().iter().map(|l| l["blob_sha256"].as_str().unwrap()).collect();
+    assert_eq!(recorded, pinned, "as the record has them");
+    let stack = MountedStack::mount(&lowers(&result));
+    assert!(stack.root().join("bin/busybox").is_file(), "and they mount (after fsck.erofs)");
+}
+
 /// An ordinary user in a container-like environment — uid 65534, no capabilities, a 64 MiB
 /// `/dev/shm` — builds the same blobs as root does, and they pass the fidelity comparison.
 #[test]
