@@ -7,8 +7,9 @@
 //! one clean error or with a normalized stream that is safe and well formed: relative paths
 //! without `..`, every parent written as a directory before anything inside it, hardlinks
 //! only to earlier files, no `.wh.` names left. Each such stream then goes through the ext4
-//! writer, which must end without a panic, with an image or one clean error; every
-//! `FSCK_EVERY`-th image must pass `e2fsck -fn`.
+//! and the EROFS writer, which must end without a panic, with an image or one clean error;
+//! every `FSCK_EVERY`-th image must pass `e2fsck -fn` (ext4), and `fsck.erofs --extract` of
+//! erofs-utils 1.8 and of Debian 12 (1.5) (EROFS).
 //!
 //! `make test` runs `FUZZ_CASES` cases (default 3000, a few seconds) and replays every case
 //! saved under `tests/fuzz-regressions/`; `make fuzz` runs many more and saves failing cases
@@ -33,7 +34,7 @@ use vmrootfs::layer::normalize::Normalizer;
 /// Longest a case may take (a debug build on a loaded 2-core machine included).
 const CASE_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_LAYER_BYTES: u64 = 64 << 20;
-/// One image in this many made from a fuzzed stream is checked by e2fsck.
+/// One image in this many made from a fuzzed stream is checked by e2fsck / fsck.erofs.
 const FSCK_EVERY: usize = 8;
 
 /// xorshift64*: deterministic, so a run is repeatable from its seed.
@@ -184,9 +185,10 @@ fn check_case(blob: Vec<u8>, fsck: bool) -> Result<bool, String> {
             Ok(()) => normalizer.finish(&DirIndex::default()).map(|(_, out)| out).map_err(|e| e.to_string()),
         };
         let outcome = match outcome {
-            Ok(stream) => {
-                check_stream(&stream).and_then(|()| check_ext4(&stream, fsck)).map(|()| Some(stream))
-            }
+            Ok(stream) => check_stream(&stream)
+                .and_then(|()| check_writer(FsType::Ext4, &stream, fsck))
+                .and_then(|()| check_writer(FsType::Erofs, &stream, fsck))
+                .map(|()| Some(stream)),
             Err(message) if message.trim().is_empty() => Err("an error without a message".into()),
             Err(_) => Ok(None),
         };
@@ -199,24 +201,37 @@ fn check_case(blob: Vec<u8>, fsck: bool) -> Result<bool, String> {
     }
 }
 
-/// The ext4 writer on a well-formed normalized stream: an image (that e2fsck passes, when
-/// `fsck`) or one clean error.
-fn check_ext4(stream: &[u8], fsck: bool) -> Result<(), String> {
-    let dir = scratch("fuzz-ext4");
+/// The writer of `fs` on a well-formed normalized stream: an image (that the filesystem's
+/// checkers pass, when `fsck`) or one clean error.
+fn check_writer(fs: FsType, stream: &[u8], fsck: bool) -> Result<(), String> {
+    let dir = scratch(&format!("fuzz-{fs}"));
     let image = dir.path().join("image");
-    let backend = Backend::detect(FsType::Ext4).map_err(|e| e.to_string())?;
+    let backend = Backend::detect(fs).map_err(|e| e.to_string())?;
     let mut making = backend.start(&sha256_of(stream), &image).map_err(|e| e.to_string())?;
     let made = match making.write_all(stream) {
         Ok(()) => making.finish().map_err(|e| format!("{:#}", anyhow::Error::new(e))),
         Err(e) => Err(making.failure().map_or(e.to_string(), |e| format!("{:#}", anyhow::Error::new(e)))),
     };
     match made {
-        Err(message) if message.trim().is_empty() => Err("ext4: an error without a message".into()),
+        Err(message) if message.trim().is_empty() => Err(format!("{fs}: an error without a message")),
         Err(_) => Ok(()),
         Ok(()) if !fsck => Ok(()),
         Ok(()) => {
-            let (ok, out, err) = run(std::process::Command::new("e2fsck").arg("-fn").arg(&image));
-            if ok { Ok(()) } else { Err(format!("ext4: e2fsck -fn fails: {out}{err}")) }
+            let checkers: Vec<std::process::Command> = match fs {
+                FsType::Ext4 => vec![std::process::Command::new("e2fsck")],
+                FsType::Erofs => vec![
+                    std::process::Command::new(fsck_erofs_18()),
+                    std::process::Command::new(FSCK_EROFS_15),
+                ],
+            };
+            for mut c in checkers {
+                let arg = if fs == FsType::Ext4 { "-fn" } else { "--extract" };
+                let (ok, out, err) = run(c.arg(arg).arg(&image));
+                if !ok {
+                    return Err(format!("{fs}: {:?} {arg} fails: {out}{err}", c.get_program()));
+                }
+            }
+            Ok(())
         }
     }
 }
