@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Installs the Debian packages vmrootfs needs, when missing (called by `make`).
 # usage: install-deps.sh run|all   (run: what `build` needs; all: also boot, tests, bench)
-#   run:  erofs-utils (1.8 built from source), e2fsprogs (e2fsck, for `verify` of ext4 blobs)
+#   run:  erofs-utils (Debian 12's 1.5: fsck.erofs, for `verify` of EROFS blobs), e2fsprogs
+#         (e2fsck, for `verify` of ext4 blobs); vmrootfs writes both filesystems itself
 #   boot: qemu-system-x86, qboot (qemu-system-data), linux-image-amd64, busybox-static,
 #         dmsetup (for `run` of --verity images)
 #   test: umoci, skopeo, debootstrap, attr, libcap2-bin, python3, docker-registry,
 #         apache2-utils (htpasswd), cryptsetup-bin (veritysetup), openssl (token server),
 #         runc (for containerd 2.1, which scripts/containerd.sh puts under target/containerd);
 #         bench: time, bc
-# erofs-utils 1.8 is built from Debian trixie's source (scripts/build-erofs-utils.sh) and its
-# mkfs.erofs installed as /usr/local/bin/mkfs.erofs, ahead of Debian 12's 1.5 on PATH: 1.5
-# holds every inode in memory (337 MB for a 2.4 GB layer of 56,000 files; 1.8: 105 MB).
+# all: erofs-utils 1.8 is built from Debian trixie's source (scripts/build-erofs-utils.sh) and
+# its mkfs.erofs installed as /usr/local/bin/mkfs.erofs, ahead of Debian 12's 1.5 on PATH (1.5
+# has no tar input): the reference EROFS writer (VMROOTFS_EROFS_WRITER=mkfs), the tests'
+# differential check, and `build --merge`'s rebuild mode; its fsck.erofs stays in
+# target/erofs-utils-1.8 as the tests' second checker beside Debian 12's own.
 # vmrootfs writes ext4 itself: Debian 12's e2fsprogs 1.47.0 is enough. qemu-system-x86 comes from
 # bookworm-backports when this machine's qemu-utils does (Debian 12 images often ship
 # backports' qemu-utils, which the bookworm qemu-system-x86 conflicts with). The backports
@@ -52,7 +55,9 @@ if [ $need_qemu -eq 1 ]; then
   fi
 fi
 
-if ! /usr/local/bin/mkfs.erofs --version 2>/dev/null | grep -q 'erofs-utils) 1\.[89]'; then
+[ "${1:-all}" = all ] || exit 0
+if ! /usr/local/bin/mkfs.erofs --version 2>/dev/null | grep -q 'erofs-utils) 1\.[89]' \
+   || [ ! -x "$(dirname "$0")/../target/erofs-utils-1.8/fsck.erofs" ]; then
   $SUDO "$(dirname "$0")/build-erofs-utils.sh"
   $SUDO install -m 0755 "$(dirname "$0")/../target/erofs-utils-1.8/mkfs.erofs" /usr/local/bin/mkfs.erofs
   echo "installed /usr/local/bin/mkfs.erofs (erofs-utils 1.8)"
