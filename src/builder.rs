@@ -109,8 +109,8 @@ impl LayerFailure {
     }
 }
 
-/// The error to report when streaming into mkfs failed: mkfs's own, if the broken pipe was
-/// its doing (it exited), else the stream's.
+/// The error to report when streaming into the backend failed: the backend's own (mkfs exited,
+/// a writer stopped), if the broken pipe was its doing, else the stream's.
 fn tool_failure(sink: std::io::BufWriter<crate::backend::Making>, failure: LayerFailure) -> LayerFailure {
     if !matches!(failure, LayerFailure::Unpack(LayerError::Output(_))) {
         return failure;
@@ -593,13 +593,13 @@ impl Builder {
             // an EROFS base layer keeps no whiteouts or opaque markers (the EROFS image layer
             // format forbids them there; see `Normalizer::base_layer`).
             let erofs = fs == FsType::Erofs;
-            let mut normalizer = Normalizer::new(
-                std::io::BufWriter::with_capacity(1 << 20, making),
-                self.opts.max_layer_bytes,
-            )
-            .opaque_new_dirs(erofs && i > 0)
-            .marker_only_on_repeat(backend.adds_repeated_xattrs())
-            .data_room(backend.data_room(work.path())?);
+            // The normalizer writes through a borrow: whichever write fails, even the last ones
+            // of `finish`, the backend is still here to say why (a writer's own error).
+            let mut sink = std::io::BufWriter::with_capacity(1 << 20, making);
+            let mut normalizer = Normalizer::new(&mut sink, self.opts.max_layer_bytes)
+                .opaque_new_dirs(erofs && i > 0)
+                .marker_only_on_repeat(backend.adds_repeated_xattrs())
+                .data_room(backend.data_room(work.path())?);
             if erofs && i == 0 {
                 normalizer = normalizer.base_layer();
             }
@@ -615,14 +615,17 @@ impl Builder {
                 &mut normalizer,
             );
             if let Err(e) = streamed {
-                return Err(tool_failure(normalizer.into_inner(), e.into()));
+                drop(normalizer);
+                return Err(tool_failure(sink, e.into()));
             }
             drop(turn);
             let streamed_at = std::time::Instant::now();
             let lower = self.lower_dirs(plan, i)?;
-            let (finished, sink) = match normalizer.finish(&lower) {
-                Ok(done) => done,
-                Err(NormalizeError::Write(e)) => return Err(LayerError::Output(e).into()),
+            let finished = match normalizer.finish(&lower) {
+                Ok((finished, _)) => finished,
+                Err(NormalizeError::Write(e)) => {
+                    return Err(tool_failure(sink, LayerError::Output(e).into()));
+                }
                 Err(e) => return Err(e.into()),
             };
             let merged = Arc::new(finished.merged);

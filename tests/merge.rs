@@ -53,7 +53,11 @@ fn merged_blobs_are_cached_kept_by_gc_and_go_with_their_last_image() {
     let (ma, mb) = (merged_path(&ra), merged_path(&rb));
     assert_ne!(ma, mb, "one merged blob per stack");
     assert_eq!(ra["merged"]["chain_id"], ra["lowers"][1]["chain_id"], "keyed by the top chain ID");
-    assert!(ma.starts_with(store.join("layers/erofs-v5")), "{}", ma.display());
+    assert!(
+        ma.starts_with(store.join(format!("layers/erofs-v{}", vmrootfs::backend::EROFS_RECIPE))),
+        "{}",
+        ma.display()
+    );
 
     // Built again: nothing converted, nothing merged, the same blob.
     let again = build(&store, &a, "a2", &["--merge"]);
@@ -177,7 +181,11 @@ fn an_image_of_recipe_2_blobs_keeps_working_beside_merged_ones() {
     let store = dir.path().join("store");
     build(&store, &layout, "old", &[]);
     // Make it a recipe-2 store, as vmrootfs before recipe 3 left it.
-    std::fs::rename(store.join("layers/erofs-v5"), store.join("layers/erofs-v2")).unwrap();
+    std::fs::rename(
+        store.join(format!("layers/erofs-v{}", vmrootfs::backend::EROFS_RECIPE)),
+        store.join("layers/erofs-v2"),
+    )
+    .unwrap();
     let as_recipe_2 = |path: &Path| {
         let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         match v.get_mut("lowers") {
@@ -202,7 +210,11 @@ fn an_image_of_recipe_2_blobs_keeps_working_beside_merged_ones() {
     let merged = build(&store, &layout, "new", &["--merge"]);
     assert_eq!(merged["cached"], false, "recipe-2 blobs are not reused");
     for (path, _) in lowers_of(&merged) {
-        assert!(path.starts_with(store.join("layers/erofs-v5")), "{}", path.display());
+        assert!(
+            path.starts_with(store.join(format!("layers/erofs-v{}", vmrootfs::backend::EROFS_RECIPE))),
+            "{}",
+            path.display()
+        );
     }
     let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
     assert!(ok, "{err}");
