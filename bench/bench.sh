@@ -11,6 +11,10 @@
 # to their layer's own floor) build one layer of 1,000,000 small files and one of 300,000
 # directories (bench/make-many-entries.py): the memory a converter takes per entry. ONLY=many
 # runs just those rows (the test image's print n/a).
+# floor-zlib-rs is the physical floor of a conversion: each layer hashed compressed, inflated
+# with zlib-rs and hashed uncompressed, 2 threads, nothing written (examples/inflate_floor.rs);
+# the summary gives each vmrootfs build as a multiple of it. The sparse-* rows (one run each)
+# build one layer holding a 60 GB sparse file (bench/make-sparse-layer.sh) and give its blob size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -22,6 +26,8 @@ OUT=target/bench
 NOBODY="setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all"
 bash testdata/make-test-image.sh "$IMG"
 [ -x "$BIN" ] || cargo build --release --locked
+FLOOR=$PWD/target/release/examples/inflate_floor
+[ -x "$FLOOR" ] || cargo build --release --locked --example inflate_floor
 mkdir -p "$OUT"
 
 layers=$(python3 - "$IMG/oci" <<'PY'
@@ -82,6 +88,7 @@ MKFS18=$(command -v mkfs.erofs)
 if [ "${ONLY:-}" != many ]; then
 measure floor "true" "for l in $layers; do zcat \$l > /dev/null; done"
 measure floor-parallel "true" "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} > /dev/null'"
+measure floor-zlib-rs "true" "THREADS=2 $FLOOR $layers"
 measure peer-erofs-tar fresh "n=0; for l in $layers; do n=\$((n+1)); zcat \$l | $MKFS18 --quiet --tar=f --aufs $SCRATCH/l\$n.erofs; done"
 measure peer-erofs-tar-parallel fresh "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} | $MKFS18 --quiet --tar=f --aufs $SCRATCH/\$(basename {}).erofs'"
 for fs in erofs ext4; do
@@ -124,6 +131,17 @@ for kind in files1m dirs300k; do
   done
 done
 
+# A 60 GB sparse file: holes kept (vmrootfs's writers), so a blob of a few MB.
+SPARSE=$PWD/target/bench-sparse
+[ -f "$SPARSE/index.json" ] || bash bench/make-sparse-layer.sh "$SPARSE" >&2
+chmod -R a+rX "$SPARSE"
+RUNS=1 measure sparse-floor "true" "zcat $(ls -S "$SPARSE"/blobs/sha256/* | head -1) > /dev/null"
+declare -A BLOB
+for fs in erofs ext4; do
+  RUNS=1 measure "sparse-vmrootfs-$fs" fresh "$(plain build oci:$SPARSE:sparse --fs $fs)"
+  BLOB[$fs]=$(du -cb "$SCRATCH"/store/layers/$fs-v*/*.$fs | tail -1 | cut -f1)
+done
+
 if [ "${ONLY:-}" != many ]; then
   warm="$(plain build oci:$LAYOUT:test --fs erofs)"
   fresh; eval "$warm" >/dev/null
@@ -149,14 +167,22 @@ floor=${MEDIAN[floor]:-1}
               big-floor big-peer-erofs-tar big-vmrootfs-erofs big-vmrootfs-erofs-nobody \
               big-vmrootfs-ext4 big-vmrootfs-ext4-nobody \
               files1m-floor files1m-peer-erofs-tar files1m-vmrootfs-erofs files1m-vmrootfs-ext4 \
-              dirs300k-floor dirs300k-peer-erofs-tar dirs300k-vmrootfs-erofs dirs300k-vmrootfs-ext4; do
+              dirs300k-floor dirs300k-peer-erofs-tar dirs300k-vmrootfs-erofs dirs300k-vmrootfs-ext4 \
+              floor-zlib-rs sparse-floor sparse-vmrootfs-erofs sparse-vmrootfs-ext4; do
     case $name in big-*) [ "${BIG:-0}" = 1 ] || continue;; esac
     [ -n "${MEDIAN[$name]:-}" ] || { printf '%-22s %10s\n' "$name" "n/a"; continue; }
     f=$floor
-    case $name in big-*) f=$bigfloor;; files1m-*) f=${MEDIAN[files1m-floor]};; dirs300k-*) f=${MEDIAN[dirs300k-floor]};; esac
+    case $name in big-*) f=$bigfloor;; files1m-*) f=${MEDIAN[files1m-floor]};; dirs300k-*) f=${MEDIAN[dirs300k-floor]};;
+                  sparse-*) f=${MEDIAN[sparse-floor]};; esac
     printf '%-24s %10.2f %12.1f %9.2f\n' "$name" "${MEDIAN[$name]}" "${MEM[$name]}" \
       "$(echo "${MEDIAN[$name]} / $f" | bc -l)"
   done
+  echo
+  for name in vmrootfs-erofs vmrootfs-ext4; do
+    [ -n "${MEDIAN[$name]:-}" ] && [ -n "${MEDIAN[floor-zlib-rs]:-}" ] || continue
+    printf '%s: %.2f x floor-zlib-rs\n' "$name" "$(echo "${MEDIAN[$name]} / ${MEDIAN[floor-zlib-rs]}" | bc -l)"
+  done
+  echo "sparse layer (60 GB file): erofs blob ${BLOB[erofs]} bytes, ext4 blob ${BLOB[ext4]} bytes"
 } | tee "$OUT/results.txt"
 python3 - "$OUT/results.txt" "$OUT/results.json" <<'PY'
 import json, sys

@@ -17,6 +17,15 @@ class Hasher(io.RawIOBase):
 def write_layout(out, tag, fill, tar_format):
     """Writes the layout `out` whose image `tag` has one layer: a tar (`tar_format`) whose
     entries `fill(tar)` adds. Returns the layer's compressed size."""
+    def write_tar(f):
+        with tarfile.open(fileobj=f, mode="w|", format=tar_format) as tar:
+            fill(tar)
+    return write_layout_of(out, tag, write_tar)
+
+
+def write_layout_of(out, tag, write_tar):
+    """Writes the layout `out` whose image `tag` has one layer: the tar bytes `write_tar(f)`
+    writes into `f`. Returns the layer's compressed size."""
     blobs = os.path.join(out, "blobs", "sha256")
     os.makedirs(blobs, exist_ok=True)
     tmp = os.path.join(out, "layer.tmp")
@@ -24,8 +33,7 @@ def write_layout(out, tag, fill, tar_format):
         zhash = Hasher(raw)
         with gzip.GzipFile(fileobj=zhash, mode="wb", compresslevel=1, mtime=0) as gz:
             thash = Hasher(gz)
-            with tarfile.open(fileobj=thash, mode="w|", format=tar_format) as tar:
-                fill(tar)
+            write_tar(thash)
         diff_id, digest, size = thash.h.hexdigest(), zhash.h.hexdigest(), zhash.n
     os.rename(tmp, os.path.join(blobs, digest))
 
@@ -41,3 +49,10 @@ def write_layout(out, tag, fill, tar_format):
         open(os.path.join(out, "index.json"), "w"))
     open(os.path.join(out, "oci-layout"), "w").write('{"imageLayoutVersion":"1.0.0"}')
     return size
+
+
+if __name__ == "__main__":
+    # usage: oci_layout.py OUT TAG TAR — a layout whose image TAG has the tar file TAR as its layer.
+    import shutil, sys
+    out, tag, tar_path = sys.argv[1:4]
+    write_layout_of(out, tag, lambda f: shutil.copyfileobj(open(tar_path, "rb"), f))
