@@ -3,8 +3,9 @@
 //! File data goes out as it arrives, block after block from block 1, so the data of the whole
 //! layer is one sequential write and nothing is staged. A file is whole blocks
 //! (`FLAT_PLAIN`, the last block zero-padded: no tail is ever inlined, so a merged image can
-//! address every file's data in the layer blob); a file with all-zero chunks is chunk-based,
-//! its zero chunks holes (null entries of a 4-byte block map) that take no blocks. The tree
+//! address every file's data in the layer blob); a file with all-zero chunks (64 KiB to 1 MiB)
+//! is chunk-based, its zero chunks holes (null entries of a 4-byte block map) that take no
+//! blocks. The tree
 //! (inodes, names, xattrs) is kept in memory, compactly (names interned in a [`PathTree`], a
 //! directory's entries a list through its children's ids, a fixed-size record per inode);
 //! when the entries end, [`ImageWriter::finish`] writes after the data the directory blocks
@@ -47,8 +48,14 @@ use crate::layer::pathtree::{PathId, PathTree};
 const PIECE: usize = 1 << 20;
 /// log2 of the most blocks in one chunk: a chunk fills at most one [`PIECE`].
 const MAX_CHUNK_BITS: u8 = (PIECE / BLOCK).trailing_zeros() as u8;
-/// A file with holes gets the smallest chunks that keep its chunk map at most this many
-/// entries (64 KiB), up to [`MAX_CHUNK_BITS`]: a 60 GiB file has 1 MiB chunks.
+/// log2 of the fewest blocks in one chunk (64 KiB): a hole is at least that long. Shorter runs
+/// of zeros (padding in binaries, a zero page here and there) stay data, so such files stay
+/// one flat run of blocks (one mapping for the kernel, not one per block), and a chunk map is
+/// at most 1/16384 of its file.
+const MIN_CHUNK_BITS: u8 = 4;
+/// A file with holes gets the smallest chunks (from [`MIN_CHUNK_BITS`]) that keep its chunk
+/// map at most this many entries (64 KiB), up to [`MAX_CHUNK_BITS`]: a 60 GiB file has 1 MiB
+/// chunks.
 const MAX_CHUNKS: u64 = 16384;
 /// The most links to one inode vmrootfs writes (what ext4 allows).
 const MAX_LINKS: u32 = 65000;
@@ -710,7 +717,7 @@ fn encode_dir_block(entries: &[(&[u8], u32)], placed: &[Placed], tree: &Tree, bl
 
 /// log2 of the blocks per chunk of a file of `blocks` blocks with holes.
 fn chunk_bits(blocks: u64) -> u8 {
-    let mut bits = 0;
+    let mut bits = MIN_CHUNK_BITS;
     while bits < MAX_CHUNK_BITS && blocks.div_ceil(1 << bits) > MAX_CHUNKS {
         bits += 1;
     }
@@ -792,9 +799,9 @@ mod tests {
 
     #[test]
     fn chunks_grow_with_the_file_to_keep_the_map_small() {
-        assert_eq!(chunk_bits(0), 0);
-        assert_eq!(chunk_bits(MAX_CHUNKS), 0);
-        assert_eq!(chunk_bits(MAX_CHUNKS + 1), 1);
+        assert_eq!(chunk_bits(0), MIN_CHUNK_BITS);
+        assert_eq!(chunk_bits(MAX_CHUNKS << MIN_CHUNK_BITS), MIN_CHUNK_BITS);
+        assert_eq!(chunk_bits((MAX_CHUNKS << MIN_CHUNK_BITS) + 1), MIN_CHUNK_BITS + 1);
         // 60 GiB: 1 MiB chunks (the largest), 61440 of them.
         assert_eq!(chunk_bits((60 << 30) / BLOCK as u64), MAX_CHUNK_BITS);
     }
