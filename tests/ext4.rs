@@ -233,3 +233,44 @@ fn an_xattr_ext4_cannot_hold_names_its_entry() {
         .unwrap_or(0);
     assert_eq!(blobs, 0, "no blob is stored");
 }
+
+/// The same edge cases through vmrootfs's EROFS writer, the blob fsck-clean (1.8 and 1.5,
+/// when mounted): names of directories of many blocks are found (EROFS looks them up by binary
+/// search, across blocks and within one), times before 1970 and 32-bit ids kept, holes read
+/// as zeros. Checked against what the layer says, not against mkfs.erofs (`build_lowers`):
+/// mkfs.erofs 1.8.6 reads the PAX time -1.25 as -0.75 s (-1 s and +0.25).
+#[test]
+fn edge_cases_mount_as_written_from_the_erofs_writer() {
+    let work = scratch("erofs-edges");
+    let (layout, store) = (work.path().join("layout"), work.path().join("store"));
+    oci_layout(&layout, "t", &[edge_layer()]);
+    let (ok, out, err) = run(vmrootfs(&store).args([
+        "build",
+        &format!("oci:{}:t", layout.display()),
+        "--fs",
+        "erofs",
+        "--json",
+    ]));
+    assert!(ok, "build: {err}");
+    let lowers = lowers_of(&serde_json::from_str(&out).unwrap());
+    let stack = MountedStack::mount(&lowers);
+    let root = stack.root();
+    assert!(std::fs::read(root.join("holey")).unwrap() == holey(), "holey: contents");
+    assert_eq!(xattr(&root.join("xattrs"), "system.posix_acl_access").expect("the ACL"), acl());
+    for n in [59, 60, 300] {
+        assert_eq!(std::fs::read_link(root.join(format!("link{n}"))).unwrap().as_os_str().len(), n);
+    }
+    let m = std::fs::metadata(root.join("ids-1969")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (3_000_000, 4_000_000));
+    assert_eq!((m.mtime(), m.mtime_nsec()), (-2, 750_000_000), "1.25 s before 1970");
+    assert_eq!(std::fs::metadata(root.join("e")).unwrap().nlink(), 3);
+    assert_eq!(std::fs::read_dir(root.join("many")).unwrap().count(), MANY);
+    assert_eq!(std::fs::read_dir(root.join("long")).unwrap().count(), LONG);
+    for i in [0, 1, 4_999, 20_000, MANY - 1] {
+        assert!(root.join(format!("many/f{i:05}")).exists(), "many/f{i:05} is found");
+    }
+    for i in [0, 6_000, LONG - 1] {
+        assert!(root.join("long").join(long_name(i)).exists(), "long name {i} is found");
+    }
+    assert!(!root.join("many/f99999").exists() && !root.join("long").join(long_name(LONG)).exists());
+}
