@@ -400,11 +400,9 @@ impl Builder {
             if self.backend()?.fs() != FsType::Erofs {
                 return Err(BuildError::MergeNeedsErofs);
             }
-            // mkfs.erofs' rebuild mode makes the merged image, whichever writer made the layers.
-            let erofs = crate::backend::Erofs::detect()?;
             let top = chain.last().ok_or(BuildError::MergeNoLayers)?;
             merge_cached = self.store.merged(top)?.is_some();
-            record.merged = Some(crate::merge::merge(&self.store, &erofs, &record.lowers, self.opts.verity)?);
+            record.merged = Some(crate::merge::merge(&self.store, &record.lowers, self.opts.verity)?);
         }
         self.put_record(&image, &record)?;
         let cached = missing.is_empty() && squash_cached && merge_cached && trees_made == 0;

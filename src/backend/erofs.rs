@@ -8,9 +8,8 @@
 //! and `trusted.*` xattrs into the image from the stream.
 //!
 //! No file tail is inlined into its inode (`-E noinline_data`, recipe 3): every file's data
-//! is whole blocks, the layout `mkfs.erofs`' rebuild mode takes as a source (it refuses
-//! inlined tails, "unsupported datalayout 2"), so [`Erofs::merge`] can address the data of
-//! the layer blobs from one metadata image. On the test image it costs 5% more bytes
+//! is whole blocks, so a merged image ([`crate::merge`]) can address the data of the layer
+//! blobs by block from one metadata image. On the test image it costs 5% more bytes
 //! (README, "Merged images").
 //!
 //! File data lands in stream order (`--sort=none`, recipe 4) as it arrives, then the
@@ -28,7 +27,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use oci_spec::image::Digest;
 
@@ -82,24 +81,6 @@ impl Erofs {
             .arg(format!("-U{}", super::uuid_from(chain_id, 0)))
             .arg(out);
         Ok(tool::Streaming::spawn("mkfs.erofs", &mut cmd)?)
-    }
-
-    /// Makes `out`, the merged metadata image over the layer images `layers` (base first), in
-    /// `mkfs.erofs`' rebuild mode: it reads each layer's tree, applies overlayfs whiteouts and
-    /// opaque directories and leaves none in the result (`--ovlfs-strip=1`), and writes
-    /// metadata only: each file's data stays in its layer's image, addressed by chunk on
-    /// device `i + 1` of the image's device table (layer `i`). Every inode extended, as in a
-    /// layer, so each keeps its mtime. The UUID comes from `seed`; the build time and the root
-    /// directory need fixing afterwards (see [`crate::merge`]).
-    pub fn merge(&self, seed: &Digest, out: &Path, layers: &[PathBuf]) -> Result<(), ToolError> {
-        let mut cmd = self.mkfs_command();
-        cmd.arg("--ovlfs-strip=1")
-            .arg("-b4096")
-            .arg("-Eforce-inode-extended")
-            .arg(format!("-U{}", super::uuid_from(seed, 0)))
-            .arg(out)
-            .args(layers);
-        tool::run("mkfs.erofs", &mut cmd).map(|_| ())
     }
 
     /// Waits for mkfs.erofs to finish `out`, then fixes its build time.

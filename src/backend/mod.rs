@@ -309,7 +309,7 @@ impl Write for Making {
 
 /// A UUID made from bytes `offset..offset+16` of a sha256 digest, with the version (4) and
 /// variant bits set.
-fn uuid_bytes(digest: &Digest, offset: usize) -> [u8; 16] {
+pub(crate) fn uuid_bytes(digest: &Digest, offset: usize) -> [u8; 16] {
     let hex = &digest.digest()[offset * 2..offset * 2 + 32];
     let mut b: [u8; 16] =
         std::array::from_fn(|i| u8::from_str_radix(&hex[i * 2..i * 2 + 2], 16).expect("hex digest"));
