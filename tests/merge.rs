@@ -299,30 +299,69 @@ fn merged_tree_equals_the_overlay_stack_on_tricky_layers() {
     );
 }
 
-/// A directory made opaque by one layer and added to by a later one: rebuild mode would bring
-/// back what the opaque directory hides, so the merge is refused, saying where and why, and
-/// nothing is recorded; the image still builds without --merge.
-#[test]
-fn a_directory_made_opaque_and_then_added_to_is_refused() {
-    let work = scratch("merge-refused");
-    let l0 = Layer::gzip(&[dir("o", 0o755), file("o/old", "hidden by layer 2")]);
-    let l1 = Layer::gzip(&[dir("o", 0o755), file("o/.wh..wh..opq", ""), file("o/mid", "m")]);
-    let l2 = Layer::gzip(&[dir("o", 0o755), file("o/new", "n")]);
+/// Builds `layers` with --merge and checks the merged tree (one device per layer) against the
+/// overlay stack of the same blobs; returns the scratch directory, the build result and the
+/// merged image, mounted.
+fn merge_equals_stack(name: &str, layers: &[Layer]) -> (tempfile::TempDir, MountedErofs) {
+    let work = scratch(name);
     let layout = work.path().join("l");
-    oci_layout(&layout, "t", &[l0, l1, l2]);
+    oci_layout(&layout, "t", layers);
     let store = work.path().join("store");
-    let spec = format!("oci:{}:t", layout.display());
-    let (ok, _, err) = run(vmrootfs(&store).args(["build", &spec, "--tag", "t", "--merge"]));
-    assert!(!ok, "the merge is refused");
-    assert!(
-        err.contains("directory /o: mkfs.erofs' rebuild mode would merge layer 3's directory with layer 1's")
-            && err.contains("--squash"),
-        "{err}"
-    );
-    let (ok, out, err) = run(vmrootfs(&store).arg("ls"));
-    assert!(ok && !out.contains("\nt "), "nothing recorded: {out}{err}");
-    let plain = build(&store, &layout, "t", &[]);
-    assert_eq!(plain["merged"], serde_json::Value::Null);
+    let result = build(&store, &layout, "t", &["--merge"]);
+    let lowers = lowers_of(&result);
+    let blobs: Vec<PathBuf> = lowers.iter().map(|(p, _)| p.clone()).collect();
+    let stack = MountedStack::mount(&lowers);
+    let merged = MountedErofs::mount(&merged_path(&result), &blobs);
+    let diffs = fixture::treediff::diff_trees(stack.root(), merged.root());
+    assert!(diffs.is_empty(), "merged tree differs from the overlay stack:\n{}", diffs.join("\n"));
+    (work, merged)
+}
+
+/// A directory made opaque by one layer and added to by a later one (which `mkfs.erofs`'
+/// rebuild mode merged with every layer below, so vmrootfs refused it): the merged tree is
+/// the overlay stack's, what the opaque directory hides stays hidden.
+#[test]
+fn a_directory_made_opaque_and_then_added_to_merges_as_overlayfs_stacks_it() {
+    let l0 = Layer::gzip(&[dir("o", 0o755), file("o/old", "hidden by layer 2"), dir("o/sub", 0o755)]);
+    let l1 = Layer::gzip(&[dir("o", 0o755), file("o/.wh..wh..opq", ""), file("o/mid", "m")]);
+    let l2 = Layer::gzip(&[dir("o", 0o750), file("o/new", "n")]);
+    let (_work, merged) = merge_equals_stack("merge-opaque-added", &[l0, l1, l2]);
+    let o = merged.root().join("o");
+    assert!(!o.join("old").exists() && !o.join("sub").exists(), "hidden by layer 2's opaque o");
+    assert_eq!(std::fs::read_to_string(o.join("mid")).unwrap(), "m");
+    assert_eq!(std::fs::read_to_string(o.join("new")).unwrap(), "n");
+}
+
+/// A root directory entry (`./`) with an xattr in a PAX header.
+fn root_with_xattr(name: &str, value: &[u8], mode: u32) -> Entry {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([(format!("SCHILY.xattr.{name}").as_str(), value)]).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_path("./").unwrap();
+    h.set_mode(mode);
+    h.set_mtime(1_700_000_000);
+    h.set_size(0);
+    h.set_cksum();
+    b.append(&h, &[][..]).unwrap();
+    Entry::Raw(b.into_inner().unwrap())
+}
+
+/// The merged root is the top layer's root, as overlayfs shows it: its mode, mtime and xattrs
+/// (rebuild mode kept none of them).
+#[test]
+fn the_merged_root_keeps_the_top_layers_attributes_and_xattrs() {
+    let l0 = Layer::gzip(&[root_with_xattr("user.base", b"0", 0o755), file("f", "0")]);
+    let l1 = Layer::gzip(&[root_with_xattr("user.top", b"top value", 0o750), file("g", "1")]);
+    let (_work, merged) = merge_equals_stack("merge-root-xattrs", &[l0, l1]);
+    let root = merged.root();
+    let mut value = [0u8; 64];
+    let n = rustix::fs::lgetxattr(root, "user.top", &mut value).expect("user.top on the merged root");
+    assert_eq!(&value[..n], b"top value");
+    assert!(rustix::fs::lgetxattr(root, "user.base", &mut value).is_err(), "the base root's xattr is below");
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(root).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.mtime()), (0o750, 1_700_000_000));
 }
 
 /// The exported VMDK gives no runtime a way to write the store: every extent is `RDONLY`, and
