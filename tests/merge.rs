@@ -454,3 +454,133 @@ fn export_refuses_targets_that_are_not_regular_files() {
     assert!(!dir.path().join("elsewhere.img").exists(), "nothing written through the link");
     assert!(sub.is_dir());
 }
+
+mod hostile_blobs {
+    //! Layer blobs come from registries: the EROFS reader that merges them ends every damaged
+    //! or forged blob in one error naming the blob, never a panic, a loop or an allocation of
+    //! what a field claims.
+
+    use super::*;
+    use vmrootfs::erofs::format as f;
+    use vmrootfs::erofs::read::{Image, ReadError};
+    use vmrootfs::merge::tree::{MergedTree, TreeError};
+
+    /// A real layer blob of a few directories and files, built by vmrootfs.
+    fn layer_blob(work: &Path) -> Vec<u8> {
+        let layer = Layer::gzip(&[
+            dir("a", 0o755),
+            dir("a/b", 0o755),
+            file("a/f", "in a"),
+            file("g", "a file at the root"),
+            with_xattr("x", "user.k", b"v"),
+        ]);
+        let layout = work.join("l");
+        oci_layout(&layout, "t", &[layer]);
+        let result = build(&work.join("store"), &layout, "t", &[]);
+        std::fs::read(&lowers_of(&result)[0].0).unwrap()
+    }
+
+    /// The merged tree of `bytes` as the only layer, written to `work/name`.
+    fn tree_of(work: &Path, name: &str, bytes: &[u8]) -> Result<MergedTree, TreeError> {
+        let path = work.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let tree = MergedTree::of(&[Image::open(&path)?]);
+        if let Err(e) = &tree {
+            let text = format!("{e}");
+            eprintln!("{name}: {text}");
+            assert!(text.contains(path.to_str().unwrap()), "the error names the blob: {text}");
+        }
+        tree
+    }
+
+    /// The nid of `name` in the directory `dir` of `image`.
+    fn nid_of(image: &Image, dir: u64, name: &str) -> u64 {
+        let inode = image.inode(dir).unwrap();
+        image.dir_entries(&inode).unwrap().into_iter().find(|e| e.name == name.as_bytes()).unwrap().nid
+    }
+
+    #[test]
+    fn truncated_garbage_and_forged_blobs_end_in_one_clean_error() {
+        let work = scratch("merge-hostile");
+        let good = layer_blob(work.path());
+        assert!(tree_of(work.path(), "good", &good).is_ok(), "the blob itself reads");
+        let image = Image::open(&work.path().join("good")).unwrap();
+        let root = u64::from(image.superblock.root_nid);
+        let (a, g) = (nid_of(&image, root, "a"), nid_of(&image, root, "g"));
+        let b = nid_of(&image, a, "b");
+        let at = |nid: u64| image.inode(nid).unwrap().offset as usize;
+        let extended = |nid: u64| image.inode(nid).unwrap().fields.extended;
+
+        // Cut anywhere: an error or, when only unread padding went, the tree; never a panic.
+        for cut in (0..good.len()).step_by(256) {
+            let r = tree_of(work.path(), "cut", &good[..cut]);
+            if cut + 4096 <= good.len() {
+                assert!(r.is_err(), "cut at {cut} of {}", good.len());
+            }
+        }
+        assert!(matches!(
+            tree_of(work.path(), "zeros", &[0; 8192]),
+            Err(TreeError::Read(ReadError::NotErofs { .. }))
+        ));
+
+        // A looping directory: a/b is a again.
+        let mut looping = good.clone();
+        let mut pattern = b.to_le_bytes().to_vec();
+        pattern.extend([0, 0, f::FT_DIR, 0]);
+        let mut patched = 0;
+        for i in 0..looping.len() - 12 {
+            if looping[i..i + 8] == pattern[..8] && looping[i + 10..i + 12] == pattern[10..] {
+                looping[i..i + 8].copy_from_slice(&a.to_le_bytes());
+                patched += 1;
+            }
+        }
+        assert!(patched >= 1, "found a's entry of b");
+        let r = tree_of(work.path(), "loop", &looping);
+        assert!(
+            matches!(r, Err(TreeError::Read(ReadError::DirectoryTwice { nid, .. })) if nid == a),
+            "{r:?}"
+        );
+
+        // Claimed sizes the blob does not hold: a file, a directory, xattrs, a chunk table.
+        let size_at = |nid: u64| at(nid) + 8;
+        let mut huge_file = good.clone();
+        if extended(g) {
+            huge_file[size_at(g)..size_at(g) + 8].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        } else {
+            huge_file[size_at(g)..size_at(g) + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        }
+        let r = tree_of(work.path(), "huge-file", &huge_file);
+        assert!(matches!(r, Err(TreeError::Read(ReadError::DataPastEnd { .. }))), "{r:?}");
+
+        let mut huge_dir = good.clone();
+        let bytes =
+            if extended(a) { (1u64 << 40).to_le_bytes().to_vec() } else { u32::MAX.to_le_bytes().to_vec() };
+        huge_dir[size_at(a)..size_at(a) + bytes.len()].copy_from_slice(&bytes);
+        let r = tree_of(work.path(), "huge-dir", &huge_dir);
+        assert!(matches!(r, Err(TreeError::Read(ReadError::TooBig { .. }))), "{r:?}");
+
+        let mut huge_xattrs = good.clone();
+        huge_xattrs[at(g) + 2..at(g) + 4].copy_from_slice(&u16::MAX.to_le_bytes());
+        let r = tree_of(work.path(), "huge-xattrs", &huge_xattrs);
+        assert!(r.is_err(), "{r:?}");
+
+        // A chunk-based file claiming 2^62 bytes in 4 KiB chunks: 2^50 chunk indexes.
+        let mut huge_chunks = huge_file.clone();
+        let format = u16::from_le_bytes([huge_chunks[at(g)], huge_chunks[at(g) + 1]]);
+        let chunked = (format & 1) | ((f::DataLayout::ChunkBased as u16) << 1);
+        huge_chunks[at(g)..at(g) + 2].copy_from_slice(&chunked.to_le_bytes());
+        huge_chunks[at(g) + 0x10..at(g) + 0x14].copy_from_slice(&f::chunk_format(0, true).to_le_bytes());
+        let r = tree_of(work.path(), "huge-chunks", &huge_chunks);
+        assert!(matches!(r, Err(TreeError::Read(ReadError::PastEnd { what: "chunk table", .. }))), "{r:?}");
+
+        // An entry naming an inode far past the end.
+        let mut far = looping.clone();
+        for i in 0..far.len() - 8 {
+            if far[i..i + 8] == a.to_le_bytes() && far[i + 10] == f::FT_DIR {
+                far[i..i + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            }
+        }
+        let r = tree_of(work.path(), "far", &far);
+        assert!(matches!(r, Err(TreeError::Read(ReadError::PastEnd { what: "inode", .. }))), "{r:?}");
+    }
+}
