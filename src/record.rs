@@ -21,7 +21,10 @@ use crate::verity::VerityInfo;
 pub enum BlobKind {
     Layer,
     Squashed,
-    Merged,
+    /// A merged blob of this format ([`crate::merge::MERGE_FORMAT`] for new ones).
+    Merged {
+        format: u32,
+    },
 }
 
 /// What identifies a blob in the store; the store derives its path from this alone.
@@ -242,6 +245,10 @@ pub struct MergedBlob {
     pub chain_id: Digest,
     pub size: u64,
     pub blob_sha256: String,
+    /// What made it ([`crate::merge::MERGE_FORMAT`]); records from before the field name
+    /// blobs of mkfs.erofs' rebuild mode, format 1.
+    #[serde(default = "crate::merge::mkfs_merge_format")]
+    pub format: u32,
     /// The blob's dm-verity tree (`build --merge --verity`), kept beside it in the store; with
     /// the layers' trees, every block `run --merged` reads is checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,7 +257,7 @@ pub struct MergedBlob {
 
 impl MergedBlob {
     pub fn id(&self) -> Result<BlobId, InvalidDigest> {
-        BlobId::new(BlobKind::Merged, self.fs, self.recipe, &self.chain_id)
+        BlobId::new(BlobKind::Merged { format: self.format }, self.fs, self.recipe, &self.chain_id)
     }
 }
 

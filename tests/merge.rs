@@ -225,6 +225,51 @@ fn an_image_of_recipe_2_blobs_keeps_working_beside_merged_ones() {
     assert!(merged_path(&merged).exists());
 }
 
+/// Merged blobs of format 1 were made by mkfs.erofs' rebuild mode: a store holding one keeps
+/// its image verifying, and a `--merge` build of the same stack makes a new merged blob
+/// (format 2, `merged2-…`) instead of reusing it; gc drops the old one with its last record.
+#[test]
+fn a_format_1_merged_blob_is_kept_for_its_image_but_not_reused() {
+    let dir = scratch("merge-format-1");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    let old = merged_path(&build(&store, &layout, "old", &["--merge"]));
+    let name = old.file_name().unwrap().to_str().unwrap().to_string();
+    assert!(name.starts_with("merged2-"), "{name}");
+    // Make it a format-1 blob, as vmrootfs before format 2 left it: its files renamed, its
+    // records without a format.
+    let layers = old.parent().unwrap().to_path_buf();
+    for e in std::fs::read_dir(&layers).unwrap() {
+        let p = e.unwrap().path();
+        let n = p.file_name().unwrap().to_str().unwrap().to_string();
+        if let Some(rest) = n.strip_prefix("merged2-") {
+            std::fs::rename(&p, layers.join(format!("merged-{rest}"))).unwrap();
+        }
+    }
+    let without_format = |path: &Path, merged: &dyn Fn(&mut serde_json::Value) -> &mut serde_json::Value| {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        merged(&mut v).as_object_mut().unwrap().remove("format").expect("a format field");
+        std::fs::write(path, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    without_format(&store.join("images/old.json"), &|v| &mut v["merged"]);
+    let old = layers.join(name.replacen("merged2-", "merged-", 1));
+    without_format(&old.with_extension("json"), &|v| v);
+    let (ok, out, err) = run(vmrootfs(&store).args(["inspect", "old", "--json"]));
+    assert!(ok && out.contains(old.to_str().unwrap()), "{out}{err}");
+    let (ok, _, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "the format-1 image verifies: {err}");
+
+    let new = build(&store, &layout, "new", &["--merge"]);
+    assert_eq!(new["cached"], false, "the format-1 blob is not reused");
+    let merged = merged_path(&new);
+    assert_eq!(merged.file_name().unwrap().to_str().unwrap(), name, "a new format-2 blob");
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "old"]));
+    assert!(ok, "{err}");
+    assert!(!old.exists() && !old.with_extension("json").exists(), "the format-1 blob goes with its record");
+    assert!(merged.exists());
+}
+
 /// `PaxFile` entry `path` with the xattr `name=value`.
 fn with_xattr(path: &str, name: &str, value: &[u8]) -> Entry {
     Entry::PaxFile {
@@ -287,6 +332,7 @@ fn merged_tree_equals_the_overlay_stack_on_tricky_layers() {
     let merged = MountedErofs::mount(&merged_path(&result), &layers);
     let diffs = fixture::treediff::diff_trees(stack.root(), merged.root());
     assert!(diffs.is_empty(), "merged tree differs from the overlay stack:\n{}", diffs.join("\n"));
+    fsck_merged(&merged_path(&result), &layers);
     // And the stack is what the layers say (so the comparison compares something).
     let root = merged.root();
     assert_eq!(std::fs::read_to_string(root.join("a/x")).unwrap(), "x2, back");
@@ -314,7 +360,22 @@ fn merge_equals_stack(name: &str, layers: &[Layer]) -> (tempfile::TempDir, Mount
     let merged = MountedErofs::mount(&merged_path(&result), &blobs);
     let diffs = fixture::treediff::diff_trees(stack.root(), merged.root());
     assert!(diffs.is_empty(), "merged tree differs from the overlay stack:\n{}", diffs.join("\n"));
+    fsck_merged(&merged_path(&result), &blobs);
     (work, merged)
+}
+
+/// Both fsck.erofs (1.8 and Debian 12's 1.5) find the merged blob over its layer blobs clean,
+/// file data included.
+fn fsck_merged(blob: &Path, layers: &[PathBuf]) {
+    for fsck in [fsck_erofs_18(), PathBuf::from(FSCK_EROFS_15)] {
+        let mut cmd = std::process::Command::new(&fsck);
+        cmd.arg("--extract");
+        for l in layers {
+            cmd.arg(format!("--device={}", l.display()));
+        }
+        let (ok, out, err) = run(cmd.arg(blob));
+        assert!(ok, "{} --extract {}: {out}{err}", fsck.display(), blob.display());
+    }
 }
 
 /// A directory made opaque by one layer and added to by a later one (which `mkfs.erofs`'

@@ -181,10 +181,10 @@ impl<W: Write> Normalizer<W> {
     /// Also marks opaque (`trusted.overlay.opaque=y`) each directory of the layer that is not a
     /// directory in the stack below (`lower` of [`Normalizer::finish`]), for a layer above the
     /// base. It changes nothing overlayfs shows — below such a directory there is nothing it
-    /// would merge with — but `mkfs.erofs`' rebuild mode (`build --merge`) merges a directory
-    /// with every lower layer's directory of that path unless it is opaque, so without the
-    /// marker a directory removed by a whiteout and made again by a later layer would bring
-    /// the removed files back into the merged image.
+    /// would merge with — but `mkfs.erofs`' rebuild mode (`build --merge` up to EROFS recipe 5)
+    /// merges a directory with every lower layer's directory of that path unless it is opaque,
+    /// so without the marker a directory removed by a whiteout and made again by a later layer
+    /// would bring the removed files back into the merged image.
     pub fn opaque_new_dirs(mut self, on: bool) -> Self {
         self.opaque_new = on;
         self

@@ -29,6 +29,18 @@ use crate::record::{Lower, MergedBlob};
 use crate::store::{Store, StoreError};
 use layout::LayoutError;
 
+/// The format of the merged blobs `build --merge` makes, part of their name in the store
+/// (`merged<N>-<chain hex>.erofs`), so a blob of another format is never reused:
+/// - 1: `mkfs.erofs`' rebuild mode (`--ovlfs-strip=1`) with vmrootfs's fix-ups, EROFS layer
+///   recipes 3–5; refused a directory made opaque and then added to, lost the root's xattrs.
+/// - 2: written by vmrootfs ([`tree`], [`write`]) over layer blobs of any EROFS recipe from 3.
+pub const MERGE_FORMAT: u32 = 2;
+
+/// The format of a merged blob whose record does not say (made before formats were recorded).
+pub fn mkfs_merge_format() -> u32 {
+    1
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MergeError {
@@ -156,6 +168,7 @@ fn make(store: &Store, lowers: &[Lower], top: &Digest) -> Result<MergedBlob, Mer
         chain_id: top.clone(),
         size: fs_err::metadata(&out).map_err(io_at(&out))?.len(),
         blob_sha256: crate::digest::sha256_file_hex(&out).map_err(io_at(&out))?,
+        format: MERGE_FORMAT,
         verity: None,
     };
     store.publish_merge(&out, &record)?;

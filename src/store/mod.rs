@@ -500,12 +500,12 @@ impl Store {
 
     /// The stored merged blob of the stack up to `chain_id`, if published.
     pub fn merged(&self, chain_id: &Digest) -> Result<Option<MergedBlob>, StoreError> {
-        self.published_record(&new_id(BlobKind::Merged, FsType::Erofs, chain_id)?)
+        self.published_record(&new_id(MERGED, FsType::Erofs, chain_id)?)
     }
 
     /// The producer lock of a merged blob.
     pub fn lock_merge(&self, chain_id: &Digest) -> Result<FileLock, StoreError> {
-        self.lock_blob(&new_id(BlobKind::Merged, FsType::Erofs, chain_id)?)
+        self.lock_blob(&new_id(MERGED, FsType::Erofs, chain_id)?)
     }
 
     /// Publishes a finished merged blob (in `tmp/`) with its record.
@@ -696,20 +696,6 @@ impl Store {
         DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
     }
 
-    /// The own directories of the layer blob `id` (its `.own` sidecar).
-    pub fn own_dirs(&self, id: &BlobId) -> Result<OwnDirs, StoreError> {
-        let path = self.sidecar(id, "own");
-        let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
-        OwnDirs::read_from(io::BufReader::new(file)).map_err(io_at(&path))
-    }
-
-    /// The directories of the stack up to the layer blob `id` (its `.dirs` sidecar).
-    pub fn stack_dirs(&self, id: &BlobId) -> Result<DirIndex, StoreError> {
-        let path = self.sidecar(id, "dirs");
-        let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
-        DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
-    }
-
     /// Where `run`'s cache keeps the ELF kernel unpacked from the bzImage whose sha256 is
     /// `bzimage` (`vm/vmlinux-<hex>`); creates `vm/`. Publish it with [`write_atomic`].
     pub fn vmlinux_path(&self, bzimage: &Digest) -> Result<PathBuf, StoreError> {
@@ -879,13 +865,17 @@ fn new_id(kind: BlobKind, fs: FsType, chain_id: &Digest) -> Result<BlobId, Store
     Ok(BlobId::new(kind, fs, fs.recipe(), chain_id)?)
 }
 
-/// A blob's file name without extension: `<chain hex>`, `squash-<chain hex>` or
-/// `merged-<chain hex>`.
+/// The kind of merged blob `build --merge` makes now.
+const MERGED: BlobKind = BlobKind::Merged { format: crate::merge::MERGE_FORMAT };
+
+/// A blob's file name without extension: `<chain hex>`, `squash-<chain hex>`,
+/// `merged-<chain hex>` (merged, format 1) or `merged<format>-<chain hex>`.
 fn stem(id: &BlobId) -> String {
     match id.kind {
         BlobKind::Layer => id.chain_id.digest().to_string(),
         BlobKind::Squashed => format!("squash-{}", id.chain_id.digest()),
-        BlobKind::Merged => format!("merged-{}", id.chain_id.digest()),
+        BlobKind::Merged { format: 1 } => format!("merged-{}", id.chain_id.digest()),
+        BlobKind::Merged { format } => format!("merged{format}-{}", id.chain_id.digest()),
     }
 }
 
@@ -897,8 +887,10 @@ fn parse_blob_name(dir_name: &str, file_name: &str) -> Option<(BlobId, bool)> {
     let (stem, ext) = file_name.split_once('.')?;
     let (kind, hex) = if let Some(hex) = stem.strip_prefix("squash-") {
         (BlobKind::Squashed, hex)
-    } else if let Some(hex) = stem.strip_prefix("merged-") {
-        (BlobKind::Merged, hex)
+    } else if let Some(rest) = stem.strip_prefix("merged") {
+        let (format, hex) = rest.split_once('-')?;
+        let format = if format.is_empty() { 1 } else { format.parse().ok().filter(|&f| f > 1)? };
+        (BlobKind::Merged { format }, hex)
     } else {
         (BlobKind::Layer, stem)
     };
@@ -1051,7 +1043,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let chain: Digest = format!("sha256:{}", "ab".repeat(32)).parse().unwrap();
-        for kind in [BlobKind::Layer, BlobKind::Squashed, BlobKind::Merged] {
+        let merged = [BlobKind::Merged { format: 1 }, BlobKind::Merged { format: 2 }];
+        for kind in [BlobKind::Layer, BlobKind::Squashed].into_iter().chain(merged) {
             for fs in [FsType::Erofs, FsType::Ext4] {
                 let id = BlobId::new(kind, fs, 7, &chain).unwrap();
                 let path = store.blob_path(&id);

@@ -65,7 +65,7 @@ impl Store {
         let mut blobs: BTreeMap<PathBuf, ToCheck> = BTreeMap::new();
         for r in &records {
             for (id, expected) in expectations(r)? {
-                let devices = if id.kind == BlobKind::Merged {
+                let devices = if matches!(id.kind, BlobKind::Merged { .. }) {
                     let lowers = r.lowers.iter().map(|l| Ok(self.blob_path(&l.id()?)));
                     lowers.collect::<Result<Vec<_>, crate::digest::InvalidDigest>>()?
                 } else {
@@ -175,7 +175,7 @@ impl Store {
                     None
                 }
             },
-            BlobKind::Squashed | BlobKind::Merged => {
+            BlobKind::Squashed | BlobKind::Merged { .. } => {
                 match read_sidecar::<serde_json::Value>(&json) {
                     Ok(Some(_)) => {}
                     Ok(None) => problems.push(format!("{} is missing", json.display())),
