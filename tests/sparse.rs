@@ -237,3 +237,41 @@ fn an_erofs_sparse_file_larger_than_the_stores_free_space_is_refused_before_writ
     let lowers = build_lowers(&store, &layout, "ext4");
     assert_eq!(lowers.len(), 1);
 }
+
+/// `build --merge` over vmrootfs's EROFS blobs keeps a sparse file's holes: the merged image
+/// maps them as null chunks (neither blob holds the file's gigabyte), and the file reads back
+/// right through it, markers and zeros.
+#[test]
+fn a_sparse_file_reads_back_through_a_merged_image() {
+    let dir = scratch("sparse-merged");
+    let layout = dir.path().join("layout");
+    let logical: u64 = 1 << 30;
+    let above = Layer::gzip(&[file("above", "a layer over the sparse one")]);
+    oci_layout(&layout, "t", &[sparse_layer(dir.path(), "holey", logical), above]);
+    let store = dir.path().join("store");
+    let spec = format!("oci:{}:t", layout.display());
+    let (ok, out, err) = run(vmrootfs(&store).args(["build", &spec, "--merge", "--json"]));
+    assert!(ok, "{err}");
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let merged = PathBuf::from(result["merged"]["path"].as_str().unwrap());
+    let layers: Vec<PathBuf> = lowers_of(&result).into_iter().map(|(p, _)| p).collect();
+    for blob in layers.iter().chain([&merged]) {
+        let bytes = std::fs::metadata(blob).unwrap().len();
+        assert!(bytes < 1 << 20, "{}: {bytes} bytes for a 1 GiB sparse file", blob.display());
+    }
+    let mounted = MountedErofs::mount(&merged, &layers);
+    let path = mounted.root().join("holey");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), logical);
+    let f = std::fs::File::open(&path).unwrap();
+    for (at, want) in [(0, &b"head"[..]), (logical - 4, b"tail"), (4, &[0; 4]), (logical / 2, &[0; 4])] {
+        let mut got = [0xffu8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, at).unwrap();
+        assert_eq!(&got, want, "at {at}");
+    }
+    for at in [4096, 1 << 20, (1 << 20) - 8, logical - (1 << 20), logical - 4096] {
+        let mut got = [0xffu8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut got, at).unwrap();
+        assert_eq!(got, [0; 4], "a hole reads as zeros at {at}");
+    }
+    assert_eq!(std::fs::read_to_string(mounted.root().join("above")).unwrap(), "a layer over the sparse one");
+}

@@ -416,3 +416,42 @@ fn path_of(tree: &MergedTree, slots: &[Slot], slot_of: &[usize], s: usize) -> Ve
     parts.reverse();
     parts.join(&b'/')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_entries_fill_blocks_without_splitting_one() {
+        // (name lengths, entries per block, directory size)
+        let cases: &[(&[usize], &[usize], u64)] = &[
+            (&[1, 2], &[2], 24 + 3),
+            // 4096 = 12 * 128 + 20 * 128 + 0: 128 entries of 20-byte names fill a block exactly.
+            (&[20; 128], &[128], 4096),
+            (&[20; 129], &[128, 1], 4096 + 32),
+            (&[255; 20], &[15, 5], 4096 + 5 * (12 + 255)),
+        ];
+        for (lens, blocks, size) in cases {
+            assert_eq!(pack_dir_blocks(lens.iter().copied()), (blocks.to_vec(), *size), "{lens:?}");
+        }
+    }
+
+    #[test]
+    fn file_data_maps_to_chunks_on_its_layers_device() {
+        let blocks = |start| FileData::Blocks { start };
+        // (layer, size, data) → (chunk bits, indexes)
+        assert_eq!(chunks_of(0, 1, &blocks(7)), (0, vec![(1, 7)]));
+        assert_eq!(chunks_of(2, 4096 * 3, &blocks(10)), (2, vec![(3, 10)]), "3 blocks: one chunk of 4");
+        assert_eq!(chunks_of(1, 4096 * 4 + 1, &blocks(10)), (3, vec![(2, 10)]));
+        // More blocks than the largest chunk (2^31 blocks) covers: two chunks.
+        let huge = (4096u64 << 31) + 1;
+        assert_eq!(chunks_of(0, huge, &blocks(0)), (31, vec![(1, 0), (1, 1 << 31)]));
+        let chunked = FileData::Chunks { chunk_bits: 8, blocks: vec![5, f::NULL_ADDR, 9] };
+        assert_eq!(
+            chunks_of(4, 1 << 22, &chunked),
+            (8, vec![(5, 5), (0, f::NULL_ADDR), (5, 9)]),
+            "holes stay holes"
+        );
+        assert_eq!(chunks_of(0, 0, &FileData::Empty), (0, vec![]));
+    }
+}
