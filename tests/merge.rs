@@ -393,6 +393,37 @@ fn a_directory_made_opaque_and_then_added_to_merges_as_overlayfs_stacks_it() {
     assert_eq!(std::fs::read_to_string(o.join("new")).unwrap(), "n");
 }
 
+/// What the merged image stores itself: symlinks of every length (inline beside their inode
+/// wherever one block holds both, else in blocks of their own), directories of many blocks,
+/// and hardlinks (one inode, as in their layer, also when an upper layer replaces one link).
+#[test]
+fn merged_tree_equals_the_overlay_stack_on_long_links_big_directories_and_hardlinks() {
+    let mut l0 = vec![dir("links", 0o755), dir("big", 0o755), file("h/a", "linked"), dir("h", 0o755)];
+    for i in 0..60usize {
+        let target = format!("/{}", "t".repeat(1 + i * 68));
+        l0.push(symlink(&format!("links/l{i:02}"), &target));
+    }
+    l0.push(symlink("links/longest", &format!("/{}", "x".repeat(4090))));
+    for i in 0..400 {
+        l0.push(file(&format!("big/a-file-with-a-longish-name-{i:04}"), "x"));
+    }
+    l0.extend([hardlink("h/b", "h/a"), hardlink("h/c", "h/a")]);
+    let l1 = Layer::gzip(&[
+        dir("big", 0o755),
+        file("big/.wh.a-file-with-a-longish-name-0007", ""),
+        file("big/zz-added", "above"),
+        dir("h", 0o755),
+        file("h/c", "replaced above"),
+    ]);
+    let (_work, merged) = merge_equals_stack("merge-links-dirs", &[Layer::gzip(&l0), l1]);
+    let root = merged.root();
+    assert_eq!(std::fs::read_dir(root.join("big")).unwrap().count(), 400);
+    assert_eq!(std::fs::read_link(root.join("links/longest")).unwrap().as_os_str().len(), 4091);
+    use std::os::unix::fs::MetadataExt;
+    let (a, b) = (std::fs::metadata(root.join("h/a")).unwrap(), std::fs::metadata(root.join("h/b")).unwrap());
+    assert_eq!(a.ino(), b.ino(), "h/a and h/b stay one inode");
+}
+
 /// A root directory entry (`./`) with an xattr in a PAX header.
 fn root_with_xattr(name: &str, value: &[u8], mode: u32) -> Entry {
     let mut b = tar::Builder::new(Vec::new());

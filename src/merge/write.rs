@@ -43,7 +43,9 @@ pub enum WriteError {
     XattrsTooBig { path: Vec<u8>, bytes: u64 },
     #[error("the merged image would have more than 2^32 blocks, with its layers")]
     TooBig,
-    #[error("{layers} layers: a merged image has at most 65535 devices")]
+    #[error(
+        "{layers} layers: their device table leaves no room for the root inode's number (at most about 16000 layers)"
+    )]
     TooManyLayers { layers: usize },
 }
 
@@ -110,7 +112,8 @@ fn pack_dir_blocks(name_lens: impl Iterator<Item = usize>) -> (Vec<usize>, u64) 
 fn chunks_of(layer: usize, size: u64, data: &FileData) -> (u8, Vec<(u16, u32)>) {
     let device = (layer + 1) as u16;
     match data {
-        FileData::Empty | FileData::InlineTail => (0, Vec::new()),
+        FileData::Empty => (0, Vec::new()),
+        FileData::InlineTail => unreachable!("the merged tree refuses inlined tails"),
         FileData::Blocks { start } => {
             let blocks = size.div_ceil(BLOCK);
             let bits =
@@ -134,90 +137,10 @@ pub fn write(tree: &MergedTree, layer_blocks: &[u64], uuid: [u8; 16], out: &Path
     let devices = u16::try_from(layer_blocks.len())
         .map_err(|_| WriteError::TooManyLayers { layers: layer_blocks.len() })?;
 
-    // Slots in breadth-first order from the root; non-directories once per origin.
-    let mut slots = vec![Slot::new(ROOT, 0)];
-    let mut slot_of = vec![usize::MAX; tree.nodes.len()];
-    slot_of[ROOT] = 0;
-    let mut by_origin: HashMap<(usize, u64), usize> = HashMap::new();
-    let mut next = 0;
-    while next < slots.len() {
-        let dir = next;
-        next += 1;
-        if !matches!(tree.nodes[slots[dir].node].leaf, Leaf::Dir(_)) {
-            continue;
-        }
-        let mut subdirs = 0;
-        for (_, child) in tree.entries(slots[dir].node) {
-            let node = &tree.nodes[child];
-            let slot = if matches!(node.leaf, Leaf::Dir(_)) {
-                subdirs += 1;
-                slots.push(Slot::new(child, dir));
-                slots.len() - 1
-            } else {
-                *by_origin.entry(node.origin).or_insert_with(|| {
-                    slots.push(Slot::new(child, dir));
-                    slots.len() - 1
-                })
-            };
-            slots[slot].nlink += 1;
-            slot_of[child] = slot;
-        }
-        slots[dir].nlink = 2 + subdirs;
-    }
-
-    // Sizes and places: inodes from the end of the device table, then the plain blocks.
+    let (mut slots, slot_of) = assign_slots(tree);
     let table_end =
         (f::SUPER_OFFSET as u64) + f::SUPER_SIZE as u64 + u64::from(devices) * f::DEVICE_SLOT as u64;
-    let mut at = table_end.next_multiple_of(SLOT);
-    for s in 0..slots.len() {
-        let node = &tree.nodes[slots[s].node];
-        let area = xattr_area(&node.xattrs);
-        let icount = f::xattr_icount(area).ok_or_else(|| WriteError::XattrsTooBig {
-            path: path_of(tree, &slots, &slot_of, s),
-            bytes: area as u64,
-        })?;
-        let head = f::EXTENDED_INODE as u64 + f::xattr_ibody_size(icount) as u64;
-        let (layout, size, tail_or_table) = match &node.leaf {
-            Leaf::Dir(_) => {
-                let listing = dir_listing(tree, &slots, &slot_of, s);
-                let (_, size) = pack_dir_blocks(listing.iter().map(|e| e.0.len()));
-                (DataLayout::FlatInline, size, 0)
-            }
-            Leaf::Symlink(target) => (DataLayout::FlatInline, target.len() as u64, 0),
-            Leaf::File(r) => {
-                let (_, table) = chunks_of(r.layer, node.attrs.size, &r.data);
-                if table.is_empty() {
-                    (DataLayout::FlatPlain, node.attrs.size, 0)
-                } else {
-                    let pad = (at + head).next_multiple_of(CHUNK_INDEX) - (at + head);
-                    (DataLayout::ChunkBased, node.attrs.size, pad + table.len() as u64 * CHUNK_INDEX)
-                }
-            }
-            Leaf::Special => (DataLayout::FlatPlain, 0, 0),
-        };
-        let slot = &mut slots[s];
-        slot.xattr_icount = icount;
-        slot.size = size;
-        slot.layout = layout;
-        let mut record = head + tail_or_table;
-        if layout == DataLayout::FlatInline {
-            // The last block inline, unless inode, xattrs and it do not fit one block.
-            let tail = size - size.saturating_sub(1) / BLOCK * BLOCK;
-            if head + tail > BLOCK {
-                slot.layout = DataLayout::FlatPlain;
-                slot.plain_bytes = size;
-            } else {
-                slot.plain_bytes = size - tail;
-                if (at + head) % BLOCK + tail > BLOCK {
-                    at = at.next_multiple_of(BLOCK); // the kernel reads a tail within a block
-                }
-                record += tail;
-            }
-        }
-        slot.offset = at;
-        at = (at + record).next_multiple_of(SLOT);
-    }
-    let meta_blocks = at.div_ceil(BLOCK);
+    let meta_blocks = place(tree, &mut slots, &slot_of, table_end)?;
     let mut block = meta_blocks;
     for slot in &mut slots {
         if slot.plain_bytes > 0 {
@@ -226,6 +149,8 @@ pub fn write(tree: &MergedTree, layer_blocks: &[u64], uuid: [u8; 16], out: &Path
         }
     }
     let image_blocks = block;
+    let root_nid = u16::try_from(slots[ROOT].offset / SLOT)
+        .map_err(|_| WriteError::TooManyLayers { layers: layer_blocks.len() })?;
     let mut mapped = Vec::with_capacity(layer_blocks.len());
     let mut disk_blocks = image_blocks;
     for &blocks in layer_blocks {
@@ -236,7 +161,6 @@ pub fn write(tree: &MergedTree, layer_blocks: &[u64], uuid: [u8; 16], out: &Path
         disk_blocks += blocks;
     }
     u32::try_from(disk_blocks).map_err(|_| WriteError::TooBig)?;
-
     // Write: inodes in order, then the plain blocks in slot order.
     let file = fs_err::OpenOptions::new().read(true).write(true).create_new(true).open(out).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
@@ -315,7 +239,7 @@ pub fn write(tree: &MergedTree, layer_blocks: &[u64], uuid: [u8; 16], out: &Path
     let sb = Superblock {
         feature_compat: f::COMPAT_SB_CHKSUM,
         blkszbits: f::BLOCK_BITS,
-        root_nid: u16::try_from(slots[0].offset / SLOT).expect("the root is in block 0"),
+        root_nid,
         inos: slots.len() as u64,
         blocks: image_blocks as u32,
         uuid,
@@ -344,6 +268,95 @@ pub fn write(tree: &MergedTree, layer_blocks: &[u64], uuid: [u8; 16], out: &Path
     }
     file.sync_all().map_err(io)?;
     Ok(image_blocks)
+}
+
+/// The slots of `tree`'s inodes: the root, then breadth first in name order, a non-directory
+/// once per origin (its hardlinks share it); and the slot of each reachable node.
+fn assign_slots(tree: &MergedTree) -> (Vec<Slot>, Vec<usize>) {
+    let mut slots = vec![Slot::new(ROOT, ROOT)];
+    let mut slot_of = vec![usize::MAX; tree.nodes.len()];
+    slot_of[ROOT] = 0;
+    let mut by_origin: HashMap<(usize, u64), usize> = HashMap::new();
+    let mut dir = 0;
+    while dir < slots.len() {
+        if matches!(tree.nodes[slots[dir].node].leaf, Leaf::Dir(_)) {
+            let mut subdirs = 0;
+            for (_, child) in tree.entries(slots[dir].node) {
+                let node = &tree.nodes[child];
+                let slot = if matches!(node.leaf, Leaf::Dir(_)) {
+                    subdirs += 1;
+                    slots.push(Slot::new(child, dir));
+                    slots.len() - 1
+                } else {
+                    *by_origin.entry(node.origin).or_insert_with(|| {
+                        slots.push(Slot::new(child, dir));
+                        slots.len() - 1
+                    })
+                };
+                slots[slot].nlink += 1;
+                slot_of[child] = slot;
+            }
+            slots[dir].nlink = 2 + subdirs;
+        }
+        dir += 1;
+    }
+    (slots, slot_of)
+}
+
+/// Sizes each slot's inode and places it, from byte `start` on; returns the blocks the
+/// inodes take (the blocks of directories and symlinks too big to inline follow them).
+fn place(tree: &MergedTree, slots: &mut [Slot], slot_of: &[usize], start: u64) -> Result<u64, WriteError> {
+    let mut at = start.next_multiple_of(SLOT);
+    for s in 0..slots.len() {
+        let node = &tree.nodes[slots[s].node];
+        let area = xattr_area(&node.xattrs);
+        let icount = f::xattr_icount(area).ok_or_else(|| WriteError::XattrsTooBig {
+            path: path_of(tree, slots, slot_of, s),
+            bytes: area as u64,
+        })?;
+        let head = f::EXTENDED_INODE as u64 + f::xattr_ibody_size(icount) as u64;
+        let (layout, size, tail_or_table) = match &node.leaf {
+            Leaf::Dir(_) => {
+                let listing = dir_listing(tree, slots, slot_of, s);
+                let (_, size) = pack_dir_blocks(listing.iter().map(|e| e.0.len()));
+                (DataLayout::FlatInline, size, 0)
+            }
+            Leaf::Symlink(target) => (DataLayout::FlatInline, target.len() as u64, 0),
+            Leaf::File(r) => {
+                let (_, table) = chunks_of(r.layer, node.attrs.size, &r.data);
+                if table.is_empty() {
+                    (DataLayout::FlatPlain, node.attrs.size, 0)
+                } else {
+                    let pad = (at + head).next_multiple_of(CHUNK_INDEX) - (at + head);
+                    (DataLayout::ChunkBased, node.attrs.size, pad + table.len() as u64 * CHUNK_INDEX)
+                }
+            }
+            Leaf::Special => (DataLayout::FlatPlain, 0, 0),
+        };
+        let slot = &mut slots[s];
+        slot.xattr_icount = icount;
+        slot.size = size;
+        slot.layout = layout;
+        let mut record = head + tail_or_table;
+        if layout == DataLayout::FlatInline {
+            // The last block inline, unless inode, xattrs and it do not fit one block.
+            let tail = size - size.saturating_sub(1) / BLOCK * BLOCK;
+            if head + tail > BLOCK {
+                slot.layout = DataLayout::FlatPlain;
+                slot.plain_bytes = size;
+            } else {
+                slot.plain_bytes = size - tail;
+                // The kernel wants the inode, its xattrs and the tail in one block.
+                if at % BLOCK + head + tail > BLOCK {
+                    at = at.next_multiple_of(BLOCK);
+                }
+                record += tail;
+            }
+        }
+        slot.offset = at;
+        at = (at + record).next_multiple_of(SLOT);
+    }
+    Ok(at.div_ceil(BLOCK))
 }
 
 impl Slot {
