@@ -12,7 +12,7 @@
 # all: erofs-utils 1.8 is built from Debian trixie's source (scripts/build-erofs-utils.sh) and
 # its mkfs.erofs installed as /usr/local/bin/mkfs.erofs, ahead of Debian 12's 1.5 on PATH (1.5
 # has no tar input): the reference EROFS writer (VMROOTFS_EROFS_WRITER=mkfs), the tests'
-# differential check, and `build --merge`'s rebuild mode; its fsck.erofs stays in
+# differential check; its fsck.erofs stays in
 # target/erofs-utils-1.8 as the tests' second checker beside Debian 12's own.
 # vmrootfs writes ext4 itself: Debian 12's e2fsprogs 1.47.0 is enough. qemu-system-x86 comes from
 # bookworm-backports when this machine's qemu-utils does (Debian 12 images often ship
