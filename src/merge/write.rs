@@ -287,11 +287,15 @@ fn assign_slots(tree: &MergedTree) -> (Vec<Slot>, Vec<usize>) {
                     subdirs += 1;
                     slots.push(Slot::new(child, dir));
                     slots.len() - 1
-                } else {
+                } else if node.attrs.nlink > 1 {
+                    // Only an inode with more than one link in its layer can be reached twice.
                     *by_origin.entry(node.origin).or_insert_with(|| {
                         slots.push(Slot::new(child, dir));
                         slots.len() - 1
                     })
+                } else {
+                    slots.push(Slot::new(child, dir));
+                    slots.len() - 1
                 };
                 slots[slot].nlink += 1;
                 slot_of[child] = slot;
