@@ -547,6 +547,100 @@ fn export_refuses_targets_that_are_not_regular_files() {
     assert!(sub.is_dir());
 }
 
+mod mkfs_images {
+    //! The reader takes what `mkfs.erofs` makes from a directory too (compact inodes, shared
+    //! xattrs, overlayfs whiteouts and opaque directories as devices and xattrs): two such
+    //! images merged by vmrootfs mount as their overlay stack; one with an inlined file tail
+    //! cannot be merged, and the error names the file.
+
+    use super::*;
+    use std::process::Command;
+    use vmrootfs::erofs::read::Image;
+    use vmrootfs::merge::tree::{MergedTree, TreeError};
+
+    fn sh(cmd: &mut Command) {
+        let (ok, out, err) = run(cmd);
+        assert!(ok, "{cmd:?}: {out}{err}");
+    }
+
+    /// `mkfs.erofs` of `src` into `out`, build time and every mtime 1700000000.
+    fn mkfs(src: &Path, out: &Path, extra: &[&str]) {
+        sh(Command::new("mkfs.erofs").arg("--quiet").arg("-T1700000000").args(extra).arg(out).arg(src));
+    }
+
+    fn setfattr(path: &Path, name: &str, value: &str) {
+        sh(Command::new("setfattr").args(["-n", name, "-v", value]).arg(path));
+    }
+
+    #[test]
+    fn two_mkfs_images_merge_equal_to_their_stack() {
+        let work = scratch("merge-mkfs");
+        let (src0, src1) = (work.path().join("src0"), work.path().join("src1"));
+        for d in ["a", "o"] {
+            std::fs::create_dir_all(src0.join(d)).unwrap();
+        }
+        for i in 0..5 {
+            let f = src0.join(format!("a/f{i}"));
+            std::fs::write(&f, format!("file {i} below")).unwrap();
+            setfattr(&f, "user.same", "shared by five files"); // over the tolerance: shared
+        }
+        std::fs::write(src0.join("o/below"), "hidden by the opaque o above").unwrap();
+        std::fs::write(src0.join("big"), vec![7u8; 3 * 4096 + 100]).unwrap();
+        std::os::unix::fs::symlink("a/f0", src0.join("link")).unwrap();
+        std::fs::create_dir_all(src1.join("a")).unwrap();
+        std::fs::create_dir_all(src1.join("o")).unwrap();
+        setfattr(&src1.join("o"), "trusted.overlay.opaque", "y");
+        std::fs::write(src1.join("o/above"), "above").unwrap();
+        std::fs::write(src1.join("a/f1"), "replaced above").unwrap();
+        sh(Command::new("mknod").arg(src1.join("a/f2")).args(["c", "0", "0"])); // a whiteout
+        let (l0, l1) = (work.path().join("l0.erofs"), work.path().join("l1.erofs"));
+        mkfs(&src0, &l0, &["-Enoinline_data"]);
+        mkfs(&src1, &l1, &["-Enoinline_data"]);
+
+        let images = [Image::open(&l0).unwrap(), Image::open(&l1).unwrap()];
+        let f0 = {
+            let root = images[0].root().unwrap();
+            assert!(!root.fields.extended, "mkfs made compact inodes");
+            let a = images[0].dir_entries(&root).unwrap().into_iter().find(|e| e.name == b"a").unwrap();
+            let a = images[0].inode(a.nid).unwrap();
+            let f0 = images[0].dir_entries(&a).unwrap().into_iter().find(|e| e.name == b"f0").unwrap();
+            images[0].inode(f0.nid).unwrap()
+        };
+        let raw = std::fs::read(&l0).unwrap();
+        let shared_count = raw[f0.offset as usize + f0.fields.size_on_disk() + 4];
+        assert_eq!(shared_count, 1, "a/f0's xattr is shared");
+
+        let tree = MergedTree::of(&images).unwrap();
+        let merged = work.path().join("merged.erofs");
+        let blocks: Vec<u64> = images.iter().map(|i| i.bytes / 4096).collect();
+        vmrootfs::merge::write::write(&tree, &blocks, [7; 16], &merged).unwrap();
+        let layers = vec![l0.clone(), l1.clone()];
+        let stack = MountedStack::mount(&[(l0, "erofs".into()), (l1, "erofs".into())]);
+        let mounted = MountedErofs::mount(&merged, &layers);
+        let diffs = fixture::treediff::diff_trees(stack.root(), mounted.root());
+        assert!(diffs.is_empty(), "merged tree differs from the overlay stack:\n{}", diffs.join("\n"));
+        fsck_merged(&merged, &layers);
+        let root = mounted.root();
+        assert!(!root.join("a/f2").exists() && !root.join("o/below").exists());
+        assert_eq!(std::fs::read_to_string(root.join("a/f1")).unwrap(), "replaced above");
+    }
+
+    #[test]
+    fn an_inlined_file_tail_is_refused_naming_the_file() {
+        let work = scratch("merge-mkfs-inline");
+        let src = work.path().join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("d/small"), "a tail inlined by default").unwrap();
+        let image = work.path().join("l.erofs");
+        mkfs(&src, &image, &[]);
+        let r = MergedTree::of(&[Image::open(&image).unwrap()]);
+        let e = r.expect_err("an inlined tail");
+        assert!(matches!(e, TreeError::InlinedTail { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains(image.to_str().unwrap()) && text.contains("/d/small"), "{text}");
+    }
+}
+
 mod hostile_blobs {
     //! Layer blobs come from registries: the EROFS reader that merges them ends every damaged
     //! or forged blob in one error naming the blob, never a panic, a loop or an allocation of
