@@ -6,8 +6,8 @@
 //! with [`crate::erofs::read`], [`write`] writes the image); needs no root and no tool.
 //!
 //! The same stack gives the same bytes (no build time; the UUID from the top chain ID).
-//! Cached by the image's top chain ID (`layers/erofs-v<N>/merged-<chain hex>.erofs`), like
-//! `--squash`.
+//! Cached by the image's top chain ID and [`MERGE_FORMAT`]
+//! (`layers/erofs-v<N>/merged2-<chain hex>.erofs`), like `--squash`.
 //!
 //! The blob serves three ways: mounted with one device per layer (`mount -t erofs -o
 //! device=L0,device=L1,… merged`, device order = lowers order, base first), or as one disk

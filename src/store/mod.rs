@@ -22,8 +22,9 @@
 //!                                       whose .verity.json names the blob is complete
 //!   layers/<fs>-v<N>/squash-<chain hex>.<fs>  the whole stack flattened (`build --squash`),
 //!                                       with its `.json` record and `.lock`
-//!   layers/erofs-v<N>/merged-<chain hex>.erofs  merged metadata over the stack's layer blobs
+//!   layers/erofs-v<N>/merged2-<chain hex>.erofs  merged metadata over the stack's layer blobs
 //!                                       (`build --merge`), with its `.json` and `.lock`
+//!                                       (`merged-`: format 1, see `merge::MERGE_FORMAT`)
 //!   images/<escaped tag>.json           ImageRecord, one per tag
 //!   sources/<sha256 hex>.json           a source manifest or config, as the source served
 //!                                       it, kept for `push` while a record names it
