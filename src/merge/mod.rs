@@ -3,7 +3,7 @@
 //! data stays in the stored layer blobs, reached through EROFS multi-device addressing. No
 //! file data is copied, so images that share a base share its bytes; the blob is small (the
 //! metadata only). Written by vmrootfs from the layers' own directories ([`tree`] reads them
-//! with [`crate::erofs::read`], [`write`] writes the image); needs no root and no tool.
+//! with [`crate::erofs::read`], [`write`](mod@write) writes the image); needs no root and no tool.
 //!
 //! The same stack gives the same bytes (no build time; the UUID from the top chain ID).
 //! Cached by the image's top chain ID and [`MERGE_FORMAT`]
@@ -33,7 +33,7 @@ use layout::LayoutError;
 /// (`merged<N>-<chain hex>.erofs`), so a blob of another format is never reused:
 /// - 1: `mkfs.erofs`' rebuild mode (`--ovlfs-strip=1`) with vmrootfs's fix-ups, EROFS layer
 ///   recipes 3–5; refused a directory made opaque and then added to, lost the root's xattrs.
-/// - 2: written by vmrootfs ([`tree`], [`write`]) over layer blobs of any EROFS recipe from 3.
+/// - 2: written by vmrootfs ([`tree`], [`write`](mod@write)) over layer blobs of any EROFS recipe from 3.
 pub const MERGE_FORMAT: u32 = 2;
 
 /// The format of a merged blob whose record does not say (made before formats were recorded).
