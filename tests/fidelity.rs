@@ -241,6 +241,7 @@ fn merged_erofs() {
     let meta = std::fs::metadata(&blob).unwrap().len();
     assert!(meta * 50 < data, "metadata only: {meta} bytes over {data} bytes of layers");
 
+    fsck_erofs_with_devices(&blob, &layers);
     let multi = MountedErofs::mount(&blob, &layers);
     let diffs = diff_trees(&reference, multi.root());
     assert!(
