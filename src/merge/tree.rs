@@ -9,7 +9,7 @@
 //! Files keep a reference to their data in their layer ([`Leaf::File`]); their bytes are never
 //! read. Hardlinks within a layer stay one inode ([`Node::origin`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::erofs::format as f;
 use crate::erofs::read::{FileData, Image, Inode, ReadError, Xattr};
@@ -70,6 +70,15 @@ pub struct MergedTree {
 
 pub const ROOT: usize = 0;
 
+/// One layer's walk: its image and number, the directories it has reached (each once), and
+/// the path of the directory it is in (for errors).
+struct LayerWalk<'a> {
+    image: &'a Image,
+    layer: usize,
+    visited: HashSet<u64>,
+    path: Vec<u8>,
+}
+
 fn is_trusted(x: &Xattr) -> bool {
     f::xattr_prefix(x.index) == Some(b"trusted.")
 }
@@ -93,8 +102,6 @@ impl MergedTree {
         for (i, image) in layers.iter().enumerate() {
             let root = image.root()?;
             let xattrs = image.xattrs(&root)?;
-            let mut visited = std::collections::HashSet::new();
-            visited.insert(root.nid);
             if tree.nodes.is_empty() {
                 tree.nodes.push(Node {
                     origin: (i, root.nid),
@@ -104,8 +111,9 @@ impl MergedTree {
                 });
             }
             tree.set_dir_attrs(ROOT, &root, xattrs);
-            let mut path = Vec::new();
-            tree.apply_dir(image, i, &root, ROOT, &mut path, &mut visited, 0)?;
+            let mut walk =
+                LayerWalk { image, layer: i, visited: HashSet::from([root.nid]), path: Vec::new() };
+            tree.apply_dir(&mut walk, &root, ROOT, 0)?;
         }
         Ok(tree)
     }
@@ -130,26 +138,25 @@ impl MergedTree {
         self.nodes.len() - 1
     }
 
-    /// Applies layer `layer`'s directory `dir` (at `path`) onto the merged directory `node`.
-    #[allow(clippy::too_many_arguments)]
+    /// Applies the walked layer's directory `dir` (at `walk.path`) onto the merged directory
+    /// `node`.
     fn apply_dir(
         &mut self,
-        image: &Image,
-        layer: usize,
+        walk: &mut LayerWalk,
         dir: &Inode,
         node: usize,
-        path: &mut Vec<u8>,
-        visited: &mut std::collections::HashSet<u64>,
         depth: usize,
     ) -> Result<(), TreeError> {
+        let image = walk.image;
+        let layer = walk.layer;
         if depth >= MAX_DEPTH {
             return Err(TreeError::TooDeep { layer: image.path().to_owned() });
         }
         for entry in image.dir_entries(dir)? {
             let inode = image.inode(entry.nid)?;
-            let len = path.len();
-            path.push(b'/');
-            path.extend_from_slice(&entry.name);
+            let len = walk.path.len();
+            walk.path.push(b'/');
+            walk.path.extend_from_slice(&entry.name);
             let below = match &self.nodes[node].leaf {
                 Leaf::Dir(m) => m.get(&entry.name).copied(),
                 _ => unreachable!("apply_dir is called on directories"),
@@ -157,7 +164,7 @@ impl MergedTree {
             let placed = if is_whiteout(&inode) {
                 None
             } else if inode.is_dir() {
-                if !visited.insert(inode.nid) {
+                if !walk.visited.insert(inode.nid) {
                     return Err(
                         ReadError::DirectoryTwice { path: image.path().to_owned(), nid: inode.nid }.into()
                     );
@@ -175,7 +182,7 @@ impl MergedTree {
                     }),
                 };
                 self.set_dir_attrs(child, &inode, xattrs);
-                self.apply_dir(image, layer, &inode, child, path, visited, depth + 1)?;
+                self.apply_dir(walk, &inode, child, depth + 1)?;
                 Some(child)
             } else {
                 let xattrs: Vec<Xattr> =
@@ -186,7 +193,7 @@ impl MergedTree {
                         if data == FileData::InlineTail {
                             return Err(TreeError::InlinedTail {
                                 layer: image.path().to_owned(),
-                                path: path.clone(),
+                                path: walk.path.clone(),
                             });
                         }
                         Leaf::File(FileRef { layer, data })
@@ -201,7 +208,7 @@ impl MergedTree {
                     leaf,
                 }))
             };
-            path.truncate(len);
+            walk.path.truncate(len);
             let Leaf::Dir(map) = &mut self.nodes[node].leaf else { unreachable!("checked above") };
             match placed {
                 Some(child) => map.insert(entry.name, child),
