@@ -43,7 +43,7 @@ pub struct FileRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Leaf {
     /// Entries by name (`BTreeMap`: the sorted order directories are written in).
-    Dir(BTreeMap<Vec<u8>, usize>),
+    Dir(BTreeMap<Box<[u8]>, usize>),
     File(FileRef),
     Symlink(Vec<u8>),
     /// Devices, FIFOs, sockets: their attributes are all there is (`rdev` in `i_u`).
@@ -124,7 +124,7 @@ impl MergedTree {
             Leaf::Dir(m) => Some(m),
             _ => None,
         };
-        map.into_iter().flatten().map(|(k, v)| (k.as_slice(), *v))
+        map.into_iter().flatten().map(|(k, v)| (&**k, *v))
     }
 
     fn set_dir_attrs(&mut self, node: usize, inode: &Inode, xattrs: Vec<Xattr>) {
@@ -158,7 +158,7 @@ impl MergedTree {
             walk.path.push(b'/');
             walk.path.extend_from_slice(&entry.name);
             let below = match &self.nodes[node].leaf {
-                Leaf::Dir(m) => m.get(&entry.name).copied(),
+                Leaf::Dir(m) => m.get(entry.name.as_slice()).copied(),
                 _ => unreachable!("apply_dir is called on directories"),
             };
             let placed = if is_whiteout(&inode) {
@@ -211,8 +211,8 @@ impl MergedTree {
             walk.path.truncate(len);
             let Leaf::Dir(map) = &mut self.nodes[node].leaf else { unreachable!("checked above") };
             match placed {
-                Some(child) => map.insert(entry.name, child),
-                None => map.remove(&entry.name),
+                Some(child) => map.insert(entry.name.into_boxed_slice(), child),
+                None => map.remove(entry.name.as_slice()),
             };
         }
         Ok(())

@@ -273,7 +273,9 @@ pub fn write(tree: &MergedTree, layer_blocks: &[u64], uuid: [u8; 16], out: &Path
 /// The slots of `tree`'s inodes: the root, then breadth first in name order, a non-directory
 /// once per origin (its hardlinks share it); and the slot of each reachable node.
 fn assign_slots(tree: &MergedTree) -> (Vec<Slot>, Vec<usize>) {
-    let mut slots = vec![Slot::new(ROOT, ROOT)];
+    // At most one slot per node: no growth beyond that.
+    let mut slots = Vec::with_capacity(tree.nodes.len());
+    slots.push(Slot::new(ROOT, ROOT));
     let mut slot_of = vec![usize::MAX; tree.nodes.len()];
     slot_of[ROOT] = 0;
     let mut by_origin: HashMap<(usize, u64), usize> = HashMap::new();
