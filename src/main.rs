@@ -129,7 +129,7 @@ enum Command {
         /// (application/vnd.oci.image.layer.v1.erofs, raw only). Default: containerd-2.1, or
         /// containerd with --zstd.
         #[arg(long, value_enum)]
-        media_type: Option<vmrootfs::erofs_image::MediaTypes>,
+        media_type: Option<vmrootfs::push::MediaTypes>,
         #[command(flatten)]
         registry: RegistryArgs,
         /// Print what was pushed as JSON on stdout.
@@ -304,7 +304,7 @@ struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    fn options(self) -> anyhow::Result<vmrootfs::source::RegistryOptions> {
+    fn options(self) -> anyhow::Result<vmrootfs::RegistryOptions> {
         let creds = match self.creds {
             Some(c) => {
                 let (user, pass) = c.split_once(':').context("--creds takes USER:PASS")?;
@@ -312,7 +312,7 @@ impl RegistryArgs {
             }
             None => None,
         };
-        Ok(vmrootfs::source::RegistryOptions { creds, insecure: self.insecure_registry })
+        Ok(vmrootfs::RegistryOptions { creds, insecure: self.insecure_registry })
     }
 }
 
@@ -575,10 +575,10 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             progress::info("all blobs match their records and pass fsck");
         }
         Command::Export { tag, single_disk, raw, json } => {
-            use vmrootfs::merge::disk::{self, DiskFormat};
+            use vmrootfs::export::{self, DiskFormat};
             let store = open_store(cli.store)?;
             let format = if raw { DiskFormat::Raw } else { DiskFormat::Vmdk };
-            let done = disk::export(&store, &tag, &single_disk, format)?;
+            let done = export::export(&store, &tag, &single_disk, format)?;
             if json {
                 print_json(&done)?;
             } else {

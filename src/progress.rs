@@ -9,12 +9,12 @@ pub fn set_verbosity(level: u8) {
     VERBOSITY.store(level, Ordering::Relaxed);
 }
 
-pub fn verbosity() -> u8 {
+pub(crate) fn verbosity() -> u8 {
     VERBOSITY.load(Ordering::Relaxed)
 }
 
 /// A debug line (only with `-v`).
-pub fn debug(msg: &str) {
+pub(crate) fn debug(msg: &str) {
     if verbosity() >= 2 {
         eprintln!("debug: {msg}");
     }
@@ -53,7 +53,7 @@ impl Reporter {
     }
 
     /// Prints a line above the bars (or plainly), unless quiet.
-    pub fn line(&self, msg: &str) {
+    pub(crate) fn line(&self, msg: &str) {
         match &self.bars {
             Some(m) => {
                 let _ = m.println(msg);
@@ -64,17 +64,29 @@ impl Reporter {
     }
 
     /// A layer that is already in the store.
-    pub fn cached(&self, index: usize, total: usize, digest: &Digest) {
+    pub(crate) fn cached(&self, index: usize, total: usize, digest: &Digest) {
         self.line(&format!("layer {}/{total} {}: stored, skipped", index + 1, short(digest)));
     }
 
     /// A layer whose conversion starts now.
-    pub fn layer(&self, index: usize, total: usize, digest: &Digest, size: Option<u64>) -> LayerProgress {
+    pub(crate) fn layer(
+        &self,
+        index: usize,
+        total: usize,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> LayerProgress {
         self.start(index, total, digest, size, ("unpacking", "converting", "converted"))
     }
 
     /// A ready-made layer blob (an EROFS image's) whose download starts now.
-    pub fn fetch(&self, index: usize, total: usize, digest: &Digest, size: Option<u64>) -> LayerProgress {
+    pub(crate) fn fetch(
+        &self,
+        index: usize,
+        total: usize,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> LayerProgress {
         self.start(index, total, digest, size, ("fetching", "fetching", "fetched, no conversion,"))
     }
 
@@ -112,7 +124,7 @@ impl Reporter {
 }
 
 /// Progress of one layer's conversion.
-pub struct LayerProgress {
+pub(crate) struct LayerProgress {
     bar: Option<ProgressBar>,
     label: String,
     start: Instant,
@@ -123,20 +135,20 @@ pub struct LayerProgress {
 
 impl LayerProgress {
     /// Compressed bytes read.
-    pub fn inc(&self, n: u64) {
+    pub(crate) fn inc(&self, n: u64) {
         if let Some(b) = &self.bar {
             b.inc(n);
         }
     }
 
     /// The step now running ("mkfs", …).
-    pub fn step(&self, step: &str) {
+    pub(crate) fn step(&self, step: &str) {
         if let Some(b) = &self.bar {
             b.set_message(step.to_string());
         }
     }
 
-    pub fn done(&self, blob_size: u64) {
+    pub(crate) fn done(&self, blob_size: u64) {
         let msg = format!(
             "{}: {} in {:.1}s, blob {}",
             self.label,
@@ -155,7 +167,7 @@ impl LayerProgress {
         }
     }
 
-    pub fn failed(&self) {
+    pub(crate) fn failed(&self) {
         if let Some(b) = &self.bar {
             b.abandon_with_message("failed");
         }

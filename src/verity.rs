@@ -147,11 +147,6 @@ fn level_blocks(data_blocks: u64) -> Vec<u64> {
         .collect()
 }
 
-/// Bytes of the tree of a blob of `hash_offset` bytes (superblock block included).
-pub fn tree_size(hash_offset: u64) -> u64 {
-    (1 + level_blocks(hash_offset / BLOCK_SIZE).iter().sum::<u64>()) * BLOCK_SIZE
-}
-
 /// veritysetup's on-disk superblock (512 bytes, little-endian), at the start of the tree.
 fn superblock(uuid: &[u8; 16], salt: &[u8], data_blocks: u64) -> Vec<u8> {
     let mut sb = Vec::with_capacity(512);
@@ -414,6 +409,12 @@ pub fn check(blob: &Path, salt: &[u8], tree: &Path) -> Result<Checked, VerityErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes of the tree of a blob of `hash_offset` bytes (superblock block included), from
+    /// the level sizes alone: what the builder's own count must agree with.
+    fn tree_size(hash_offset: u64) -> u64 {
+        (1 + level_blocks(hash_offset / BLOCK_SIZE).iter().sum::<u64>()) * BLOCK_SIZE
+    }
 
     #[test]
     fn level_sizes_follow_the_kernel() {

@@ -30,7 +30,7 @@ fn push_json(store: &Path, args: &[&str]) -> serde_json::Value {
 }
 
 fn blob_hashes(result: &serde_json::Value) -> Vec<String> {
-    lowers_of(result).iter().map(|(p, _)| vmrootfs::digest::sha256_file_hex(p).unwrap()).collect()
+    lowers_of(result).iter().map(|(p, _)| sha256_file_hex(p).unwrap()).collect()
 }
 
 /// `vmrootfs` with mkfs.erofs made unavailable.
@@ -94,7 +94,7 @@ fn pushed_erofs_images_pull_without_mkfs_into_identical_blobs() {
             assert!(ok, "{err}");
             assert_eq!(blob_hashes(&tar), want);
             let blobs =
-                std::fs::read_dir(store.join(format!("layers/erofs-v{}", vmrootfs::backend::EROFS_RECIPE)))
+                std::fs::read_dir(store.join(format!("layers/erofs-v{}", vmrootfs::FsType::Erofs.recipe())))
                     .unwrap()
                     .flatten()
                     .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
@@ -386,7 +386,7 @@ fn the_consumer_refuses_and_accepts_what_the_format_says() {
         }
         let records = std::fs::read_dir(store.join("images")).map(|d| d.count()).unwrap_or(0);
         assert_eq!(records, 0, "{name}: no record");
-        let layers = store.join(format!("layers/erofs-v{}", vmrootfs::backend::EROFS_RECIPE));
+        let layers = store.join(format!("layers/erofs-v{}", vmrootfs::FsType::Erofs.recipe()));
         let blobs = std::fs::read_dir(&layers)
             .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "erofs")).count())
             .unwrap_or(0);
@@ -542,8 +542,7 @@ fn verity_images_push_and_pull_with_their_trees() {
             .unwrap()
             .iter()
             .map(|l| {
-                let tree =
-                    vmrootfs::digest::sha256_file_hex(Path::new(l["verity_tree"].as_str().unwrap())).unwrap();
+                let tree = sha256_file_hex(Path::new(l["verity_tree"].as_str().unwrap())).unwrap();
                 (l["verity"]["root_digest"].as_str().unwrap().to_string(), tree)
             })
             .collect()
@@ -608,12 +607,12 @@ fn a_pull_never_attaches_bytes_its_manifest_does_not_name() {
     let lower = &pulled["lowers"][0];
     let path = Path::new(lower["path"].as_str().unwrap());
     assert_eq!(format!("sha256:{}", lower["blob_sha256"].as_str().unwrap()), named, "{pulled}");
-    assert_eq!(format!("sha256:{}", vmrootfs::digest::sha256_file_hex(path).unwrap()), named);
+    assert_eq!(format!("sha256:{}", sha256_file_hex(path).unwrap()), named);
     assert_ne!(lower["path"], a["lowers"][0]["path"], "a blob of its own");
     assert_eq!(inspect(&store, "a"), a_before, "the first image's record is unchanged");
     let a_path = Path::new(a["lowers"][0]["path"].as_str().unwrap());
     assert_eq!(
-        vmrootfs::digest::sha256_file_hex(a_path).unwrap(),
+        sha256_file_hex(a_path).unwrap(),
         a["lowers"][0]["blob_sha256"].as_str().unwrap(),
         "the first image's blob is unchanged"
     );
@@ -682,10 +681,7 @@ fn a_local_conversion_never_replaces_a_pulled_blob() {
     assert!(err.contains("never replaced") && err.contains("vmrootfs rm"), "{err}");
     assert_eq!(inspect(&store, "pulled"), before);
     let path = Path::new(pulled["lowers"][0]["path"].as_str().unwrap());
-    assert_eq!(
-        vmrootfs::digest::sha256_file_hex(path).unwrap(),
-        pulled["lowers"][0]["blob_sha256"].as_str().unwrap()
-    );
+    assert_eq!(sha256_file_hex(path).unwrap(), pulled["lowers"][0]["blob_sha256"].as_str().unwrap());
     let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
     assert!(ok, "{out}{err}");
 }
@@ -865,7 +861,7 @@ fn a_blob_whose_json_is_cut_is_replaced_only_by_the_bytes_its_records_name() {
     assert!(!ok, "the conversion of other bytes is not published over the damaged pulled blob");
     assert!(err.contains("the records of pulled") && err.contains("it is kept"), "{err}");
     assert_eq!(
-        vmrootfs::digest::sha256_file_hex(&blob).unwrap(),
+        sha256_file_hex(&blob).unwrap(),
         pulled["lowers"][0]["blob_sha256"].as_str().unwrap(),
         "the pulled blob is kept"
     );

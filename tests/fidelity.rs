@@ -97,7 +97,7 @@ fn oci_zstd_ext4() {
 }
 
 fn blob_hashes(result: &serde_json::Value) -> Vec<String> {
-    lowers(result).iter().map(|(p, _)| vmrootfs::digest::sha256_file_hex(p).unwrap()).collect()
+    lowers(result).iter().map(|(p, _)| sha256_file_hex(p).unwrap()).collect()
 }
 
 /// The same image built into two empty stores, one on disk and one on tmpfs, gives
@@ -208,7 +208,7 @@ fn check_squashed(fs: &str) {
     let squashed = &result["squashed"];
     assert_eq!(squashed["chain_id"], result["lowers"][3]["chain_id"], "keyed by the top chain ID");
     let blob = PathBuf::from(squashed["path"].as_str().unwrap());
-    assert_eq!(vmrootfs::digest::sha256_file_hex(&blob).unwrap(), squashed["blob_sha256"].as_str().unwrap());
+    assert_eq!(sha256_file_hex(&blob).unwrap(), squashed["blob_sha256"].as_str().unwrap());
     let stack = MountedStack::mount(&[(blob, fs.to_string())]);
     let diffs = diff_trees(&image().join("reference/rootfs"), stack.root());
     assert!(diffs.is_empty(), "squashed {fs} differs from umoci unpack:\n{}", diffs.join("\n"));
@@ -234,7 +234,7 @@ fn merged_erofs() {
     let merged = &result["merged"];
     assert_eq!(merged["chain_id"], result["lowers"][3]["chain_id"], "keyed by the top chain ID");
     let blob = PathBuf::from(merged["path"].as_str().unwrap());
-    assert_eq!(vmrootfs::digest::sha256_file_hex(&blob).unwrap(), merged["blob_sha256"].as_str().unwrap());
+    assert_eq!(sha256_file_hex(&blob).unwrap(), merged["blob_sha256"].as_str().unwrap());
     let layers: Vec<PathBuf> = lowers(&result).into_iter().map(|(p, _)| p).collect();
     let reference = image().join("reference/rootfs");
     let data: u64 = layers.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();

@@ -26,10 +26,7 @@ use std::time::Duration;
 
 use fixture::*;
 use vmrootfs::FsType;
-use vmrootfs::backend::Backend;
-use vmrootfs::digest::sha256_of;
-use vmrootfs::layer::dirindex::DirIndex;
-use vmrootfs::layer::normalize::Normalizer;
+use vmrootfs::fuzzing::{Backend, DirIndex, Normalizer, sha256_of};
 
 /// Longest a case may take (a debug build on a loaded 2-core machine included).
 const CASE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -170,7 +167,7 @@ fn check_case(blob: Vec<u8>, fsck: bool) -> Result<bool, String> {
         let diff_id = diff_id_of(&blob);
         let cancel = AtomicBool::new(false);
         let mut normalizer = Normalizer::new(Vec::new(), MAX_LAYER_BYTES);
-        let streamed = vmrootfs::layer::stream(
+        let streamed = vmrootfs::fuzzing::stream(
             &blob[..],
             None,
             None,

@@ -54,7 +54,7 @@ fn merged_blobs_are_cached_kept_by_gc_and_go_with_their_last_image() {
     assert_ne!(ma, mb, "one merged blob per stack");
     assert_eq!(ra["merged"]["chain_id"], ra["lowers"][1]["chain_id"], "keyed by the top chain ID");
     assert!(
-        ma.starts_with(store.join(format!("layers/erofs-v{}", vmrootfs::backend::EROFS_RECIPE))),
+        ma.starts_with(store.join(format!("layers/erofs-v{}", vmrootfs::FsType::Erofs.recipe()))),
         "{}",
         ma.display()
     );
@@ -182,7 +182,7 @@ fn an_image_of_recipe_2_blobs_keeps_working_beside_merged_ones() {
     build(&store, &layout, "old", &[]);
     // Make it a recipe-2 store, as vmrootfs before recipe 3 left it.
     std::fs::rename(
-        store.join(format!("layers/erofs-v{}", vmrootfs::backend::EROFS_RECIPE)),
+        store.join(format!("layers/erofs-v{}", vmrootfs::FsType::Erofs.recipe())),
         store.join("layers/erofs-v2"),
     )
     .unwrap();
@@ -211,7 +211,7 @@ fn an_image_of_recipe_2_blobs_keeps_working_beside_merged_ones() {
     assert_eq!(merged["cached"], false, "recipe-2 blobs are not reused");
     for (path, _) in lowers_of(&merged) {
         assert!(
-            path.starts_with(store.join(format!("layers/erofs-v{}", vmrootfs::backend::EROFS_RECIPE))),
+            path.starts_with(store.join(format!("layers/erofs-v{}", vmrootfs::FsType::Erofs.recipe()))),
             "{}",
             path.display()
         );
@@ -541,8 +541,8 @@ mod mkfs_images {
 
     use super::*;
     use std::process::Command;
-    use vmrootfs::erofs::read::Image;
-    use vmrootfs::merge::tree::{MergedTree, TreeError};
+    use vmrootfs::erofs_merge::read::Image;
+    use vmrootfs::erofs_merge::tree::{MergedTree, TreeError};
 
     fn sh(cmd: &mut Command) {
         let (ok, out, err) = run(cmd);
@@ -599,7 +599,7 @@ mod mkfs_images {
         let tree = MergedTree::of(&images).unwrap();
         let merged = work.path().join("merged.erofs");
         let blocks: Vec<u64> = images.iter().map(|i| i.bytes / 4096).collect();
-        vmrootfs::merge::write::write(&tree, &blocks, [7; 16], &merged).unwrap();
+        vmrootfs::erofs_merge::write::write(&tree, &blocks, [7; 16], &merged).unwrap();
         let layers = vec![l0.clone(), l1.clone()];
         let stack = MountedStack::mount(&[(l0, "erofs".into()), (l1, "erofs".into())]);
         let mounted = MountedErofs::mount(&merged, &layers);
@@ -633,9 +633,9 @@ mod hostile_blobs {
     //! what a field claims.
 
     use super::*;
-    use vmrootfs::erofs::format as f;
-    use vmrootfs::erofs::read::{Image, ReadError};
-    use vmrootfs::merge::tree::{MergedTree, TreeError};
+    use vmrootfs::erofs_merge::format as f;
+    use vmrootfs::erofs_merge::read::{Image, ReadError};
+    use vmrootfs::erofs_merge::tree::{MergedTree, TreeError};
 
     /// A real layer blob of a few directories and files, built by vmrootfs.
     fn layer_blob(work: &Path) -> Vec<u8> {
@@ -702,8 +702,12 @@ mod hostile_blobs {
                     // as it ends. The file is absent the first time.
                     if trees % 8 == 1 {
                         let _ = std::fs::remove_file(&out);
-                        let _ =
-                            vmrootfs::merge::write::write(&tree, &[bytes.len() as u64 / 4096], [0; 16], &out);
+                        let _ = vmrootfs::erofs_merge::write::write(
+                            &tree,
+                            &[bytes.len() as u64 / 4096],
+                            [0; 16],
+                            &out,
+                        );
                     }
                 }
                 Err(_) => errors += 1,

@@ -46,7 +46,7 @@ fn build_json(store: &Path, args: &[&str]) -> (bool, serde_json::Value, String) 
 }
 
 fn blob_hashes(result: &serde_json::Value) -> Vec<String> {
-    lowers_of(result).iter().map(|(p, _)| vmrootfs::digest::sha256_file_hex(p).unwrap()).collect()
+    lowers_of(result).iter().map(|(p, _)| sha256_file_hex(p).unwrap()).collect()
 }
 
 /// A pull gives the same blobs as building the OCI layout; a second build fetches no layer.

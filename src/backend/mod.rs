@@ -8,7 +8,6 @@ mod erofs_native;
 mod ext4;
 mod native;
 
-pub use erofs::{Erofs, fix_build_time};
 pub use ext4::Ext4Error;
 pub use native::is_zero;
 pub mod tool;

@@ -33,7 +33,6 @@ pub enum ToolError {
 /// A located, version-checked tool.
 #[derive(Debug, Clone)]
 pub struct Tool {
-    pub name: &'static str,
     pub path: PathBuf,
     pub version: String,
 }
@@ -69,7 +68,7 @@ impl Tool {
                 required: required.to_string(),
             });
         }
-        Ok(Tool { name, path, version })
+        Ok(Tool { path, version })
     }
 
     /// A command for this tool; run it with [`run`]. The tool dies with the thread that

@@ -32,8 +32,6 @@ pub const NULL_ADDR: u32 = u32::MAX;
 
 /// The superblock carries a crc32c of its block from [`SUPER_OFFSET`] on ([`superblock_checksum`]).
 pub const COMPAT_SB_CHKSUM: u32 = 0x1;
-/// Compact inodes carry an mtime relative to the build time (Linux 6.10; vmrootfs never sets it).
-pub const COMPAT_MTIME: u32 = 0x2;
 /// Chunk-based files (`EROFS_INODE_CHUNK_BASED`), Linux 5.15.
 pub const INCOMPAT_CHUNKED_FILE: u32 = 0x4;
 /// A device table (`extra_devices`, `devt_slotoff`), Linux 5.15.
@@ -221,7 +219,8 @@ impl Inode {
         put16(&mut b, 4, self.mode);
         put16(&mut b, 6, small(self.nlink.into(), u16::MAX.into())? as u16);
         put32(&mut b, 8, small(self.size, u32::MAX.into())? as u32);
-        // 12: i_reserved (i_mtime with COMPAT_MTIME)
+        // 12: i_reserved (an mtime relative to the build time with the feature COMPAT_MTIME,
+        // 0x2, Linux 6.10, which vmrootfs never sets)
         put32(&mut b, 16, self.i_u);
         put32(&mut b, 20, self.ino);
         put16(&mut b, 24, small(self.uid.into(), u16::MAX.into())? as u16);
@@ -286,8 +285,9 @@ pub fn encode_dev(major: u32, minor: u32) -> Option<u32> {
     (major < 1 << 12 && minor < 1 << 20).then_some((minor & 0xff) | (major << 8) | ((minor & !0xff) << 12))
 }
 
-/// `rdev` → (major, minor) (Linux `new_decode_dev`).
-pub fn decode_dev(rdev: u32) -> (u32, u32) {
+/// `rdev` → (major, minor) (Linux `new_decode_dev`): the unit tests' check of [`encode_dev`].
+#[cfg(test)]
+fn decode_dev(rdev: u32) -> (u32, u32) {
     ((rdev & 0xfff00) >> 8, (rdev & 0xff) | ((rdev >> 12) & 0xfff00))
 }
 
@@ -478,7 +478,9 @@ impl DeviceSlot {
         b
     }
 
-    pub fn decode(b: &[u8; DEVICE_SLOT]) -> DeviceSlot {
+    /// The slot `encode` wrote (the unit tests' round trip).
+    #[cfg(test)]
+    fn decode(b: &[u8; DEVICE_SLOT]) -> DeviceSlot {
         DeviceSlot {
             tag: b[..64].try_into().expect("64 bytes"),
             blocks: get32(b, 64),

@@ -40,12 +40,11 @@ impl TarKind<'_> {
 /// A pax tar writer over any byte sink (a pipe into mkfs.erofs, the ext4 writer's thread).
 pub struct TarWriter<W: Write> {
     out: W,
-    written: u64,
 }
 
 impl<W: Write> TarWriter<W> {
     pub fn new(out: W) -> Self {
-        TarWriter { out, written: 0 }
+        TarWriter { out }
     }
 
     /// The sink, as it is.
@@ -53,15 +52,8 @@ impl<W: Write> TarWriter<W> {
         self.out
     }
 
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.out.write_all(bytes)?;
-        self.written += bytes.len() as u64;
-        Ok(())
+        self.out.write_all(bytes)
     }
 
     /// Writes one entry's headers. `path` is a layer path (`b""` is the root, written `./`).

@@ -21,13 +21,15 @@ use serde::Serialize;
 
 use crate::backend::FsType;
 use crate::digest;
-use crate::erofs_image::{self, MediaTypes, ProducedLayer};
+use crate::erofs_image::{self, ProducedLayer};
 use crate::record::ImageRecord;
 use crate::source::RegistryOptions;
 use crate::store::{Store, StoreError};
 
-pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+pub use crate::erofs_image::MediaTypes;
+
+pub(crate) const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 /// zstd level of `--zstd` layers: fixed, so the bytes are reproducible.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -103,7 +105,7 @@ pub struct PushOptions {
 
 /// Where a push goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Destination {
+pub(crate) enum Destination {
     Registry(String),
     Layout { dir: PathBuf, tag: String },
     Archive { file: PathBuf, tag: String },
@@ -144,7 +146,7 @@ fn is_tag(s: &str) -> bool {
 /// One blob to publish: its descriptor and the files whose bytes, one after another, it is
 /// (a stored blob, then its dm-verity tree if it has one; or a compressed copy).
 #[derive(Debug, Clone)]
-pub struct Blob {
+pub(crate) struct Blob {
     pub media_type: String,
     pub digest: Digest,
     pub size: u64,
@@ -198,7 +200,7 @@ pub struct PushedLayer {
 }
 
 /// The image to publish, composed: its layer blobs, config and manifest bytes.
-pub struct Composed {
+pub(crate) struct Composed {
     pub layers: Vec<Blob>,
     pub config: Vec<u8>,
     pub manifest: Vec<u8>,
@@ -234,7 +236,7 @@ pub fn push(store: &Store, tag: &str, dest: &str, opts: &PushOptions) -> Result<
 
 /// The layer blobs, config and manifest of `record` in the EROFS image layer format, layers
 /// spelled as `media_types` says.
-pub fn compose(
+pub(crate) fn compose(
     store: &Store,
     record: &ImageRecord,
     zstd: bool,

@@ -215,7 +215,7 @@ pub struct DamagedBlobKept {
 
 /// What the store holds under a layer key (see [`Store::layer_slot`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LayerSlot {
+pub(crate) enum LayerSlot {
     Absent,
     /// A blob with a readable record of its size.
     Published(LayerRecord),
@@ -225,7 +225,7 @@ pub enum LayerSlot {
 
 /// What a tar build finds under a layer key (see [`Store::layer_state`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LayerState {
+pub(crate) enum LayerState {
     Absent,
     Ready(LayerRecord),
     /// A blob is there but cannot be reused as it is: a pulled blob (no sidecars) or a damaged
@@ -340,7 +340,7 @@ impl Store {
     }
 
     /// Refuses to start changing a store this process cannot write.
-    pub fn require_writable(&self) -> Result<(), StoreError> {
+    pub(crate) fn require_writable(&self) -> Result<(), StoreError> {
         if self.writable { Ok(()) } else { Err(StoreError::ReadOnly { root: self.root.clone() }) }
     }
 
@@ -378,7 +378,7 @@ impl Store {
     }
 
     /// The lock of one layer blob, held while producing it.
-    pub fn lock_layer(&self, fs: FsType, chain_id: &Digest) -> Result<FileLock, StoreError> {
+    pub(crate) fn lock_layer(&self, fs: FsType, chain_id: &Digest) -> Result<FileLock, StoreError> {
         self.lock_blob(&new_id(BlobKind::Layer, fs, chain_id)?)
     }
 
@@ -454,7 +454,7 @@ impl Store {
     }
 
     /// Where the blob `id` lives, under the root the store was opened at.
-    pub fn blob_path(&self, id: &BlobId) -> PathBuf {
+    pub(crate) fn blob_path(&self, id: &BlobId) -> PathBuf {
         self.layer_dir(id.fs, id.recipe).join(format!("{}.{}", stem(id), id.fs))
     }
 
@@ -485,32 +485,32 @@ impl Store {
     }
 
     /// The stored squashed blob of the stack up to `chain_id`, if published.
-    pub fn squashed(&self, fs: FsType, chain_id: &Digest) -> Result<Option<SquashedBlob>, StoreError> {
+    pub(crate) fn squashed(&self, fs: FsType, chain_id: &Digest) -> Result<Option<SquashedBlob>, StoreError> {
         self.published_record(&new_id(BlobKind::Squashed, fs, chain_id)?)
     }
 
     /// The producer lock of a squashed blob.
-    pub fn lock_squash(&self, fs: FsType, chain_id: &Digest) -> Result<FileLock, StoreError> {
+    pub(crate) fn lock_squash(&self, fs: FsType, chain_id: &Digest) -> Result<FileLock, StoreError> {
         self.lock_blob(&new_id(BlobKind::Squashed, fs, chain_id)?)
     }
 
     /// Publishes a finished squashed blob (in `tmp/`) with its record.
-    pub fn publish_squash(&self, blob: &Path, record: &SquashedBlob) -> Result<PathBuf, StoreError> {
+    pub(crate) fn publish_squash(&self, blob: &Path, record: &SquashedBlob) -> Result<PathBuf, StoreError> {
         self.publish_with_record(blob, &record.id()?, record)
     }
 
     /// The stored merged blob of the stack up to `chain_id`, if published.
-    pub fn merged(&self, chain_id: &Digest) -> Result<Option<MergedBlob>, StoreError> {
+    pub(crate) fn merged(&self, chain_id: &Digest) -> Result<Option<MergedBlob>, StoreError> {
         self.published_record(&new_id(MERGED, FsType::Erofs, chain_id)?)
     }
 
     /// The producer lock of a merged blob.
-    pub fn lock_merge(&self, chain_id: &Digest) -> Result<FileLock, StoreError> {
+    pub(crate) fn lock_merge(&self, chain_id: &Digest) -> Result<FileLock, StoreError> {
         self.lock_blob(&new_id(MERGED, FsType::Erofs, chain_id)?)
     }
 
     /// Publishes a finished merged blob (in `tmp/`) with its record.
-    pub fn publish_merge(&self, blob: &Path, record: &MergedBlob) -> Result<PathBuf, StoreError> {
+    pub(crate) fn publish_merge(&self, blob: &Path, record: &MergedBlob) -> Result<PathBuf, StoreError> {
         self.publish_with_record(blob, &record.id()?, record)
     }
 
@@ -540,7 +540,7 @@ impl Store {
 
     /// The stored layer, if its blob, its record and its sidecars are published and look
     /// undamaged (see [`Store::layer_state`]): what a tar build may reuse.
-    pub fn layer(&self, fs: FsType, chain_id: &Digest) -> Result<Option<LayerRecord>, StoreError> {
+    pub(crate) fn layer(&self, fs: FsType, chain_id: &Digest) -> Result<Option<LayerRecord>, StoreError> {
         match self.layer_state(fs, chain_id)? {
             LayerState::Ready(r) => Ok(Some(r)),
             LayerState::Absent | LayerState::Unusable { .. } => Ok(None),
@@ -552,7 +552,7 @@ impl Store {
     /// (and, for EROFS, `.own`) sidecars are there with the sha256 the record names; anything
     /// else is unusable as it is, and the build converts the layer again (see
     /// [`Store::publish_layer`] for what it may then replace).
-    pub fn layer_state(&self, fs: FsType, chain_id: &Digest) -> Result<LayerState, StoreError> {
+    pub(crate) fn layer_state(&self, fs: FsType, chain_id: &Digest) -> Result<LayerState, StoreError> {
         let id = new_id(BlobKind::Layer, fs, chain_id)?;
         let record = match self.layer_slot(&id)? {
             LayerSlot::Absent => return Ok(LayerState::Absent),
@@ -588,7 +588,7 @@ impl Store {
 
     /// The layer blob `id` and its `.json` record as published, checked only for what costs
     /// nothing: the record parses and the blob file has the recorded size.
-    pub fn layer_slot(&self, id: &BlobId) -> Result<LayerSlot, StoreError> {
+    pub(crate) fn layer_slot(&self, id: &BlobId) -> Result<LayerSlot, StoreError> {
         let blob = self.blob_path(id);
         let size = match fs_err::metadata(&blob) {
             Ok(m) => m.len(),
@@ -616,7 +616,11 @@ impl Store {
 
     /// The stored dm-verity tree of a layer blob of the current recipe (see
     /// [`Store::layer_verity_of`]).
-    pub fn layer_verity(&self, fs: FsType, chain_id: &Digest) -> Result<Option<VerityInfo>, StoreError> {
+    pub(crate) fn layer_verity(
+        &self,
+        fs: FsType,
+        chain_id: &Digest,
+    ) -> Result<Option<VerityInfo>, StoreError> {
         self.layer_verity_of(&new_id(BlobKind::Layer, fs, chain_id)?)
     }
 
@@ -625,14 +629,14 @@ impl Store {
     /// blob's record gives, and the tree file has the size it names. Anything else (a tree
     /// published without its `.verity.json`, one left from other bytes, a damaged one) counts
     /// as no tree, and the caller makes it again.
-    pub fn layer_verity_of(&self, id: &BlobId) -> Result<Option<VerityInfo>, StoreError> {
+    pub(crate) fn layer_verity_of(&self, id: &BlobId) -> Result<Option<VerityInfo>, StoreError> {
         let LayerSlot::Published(record) = self.layer_slot(id)? else { return Ok(None) };
         self.verity_beside(id, record.size, &record.blob_sha256)
     }
 
     /// The dm-verity record of the blob `id` whose record gives `size` and `blob_sha256`, if
     /// its tree is published and is the tree of those bytes (see [`Store::layer_verity_of`]).
-    pub fn verity_beside(
+    pub(crate) fn verity_beside(
         &self,
         id: &BlobId,
         size: u64,
@@ -657,7 +661,7 @@ impl Store {
 
     /// Publishes the dm-verity tree `tree` (in `tmp/`) of a published layer blob whose sha256
     /// is `blob_sha256`, then its record. The caller holds the layer lock.
-    pub fn publish_verity(
+    pub(crate) fn publish_verity(
         &self,
         fs: FsType,
         chain_id: &Digest,
@@ -670,7 +674,7 @@ impl Store {
 
     /// [`Store::publish_verity`] for the layer blob `id` (of any recipe). A tree already there
     /// is replaced: it is not the tree of this blob, or the caller would have reused it.
-    pub fn publish_verity_of(
+    pub(crate) fn publish_verity_of(
         &self,
         id: &BlobId,
         tree: &Path,
@@ -686,12 +690,12 @@ impl Store {
     }
 
     /// Where the dm-verity tree of the blob `id` lives (see [`Store::publish_verity`]).
-    pub fn verity_tree_path(&self, id: &BlobId) -> PathBuf {
+    pub(crate) fn verity_tree_path(&self, id: &BlobId) -> PathBuf {
         self.sidecar(id, "verity")
     }
 
     /// The directories of the stack up to `chain_id`.
-    pub fn dir_index(&self, fs: FsType, chain_id: &Digest) -> Result<DirIndex, StoreError> {
+    pub(crate) fn dir_index(&self, fs: FsType, chain_id: &Digest) -> Result<DirIndex, StoreError> {
         let path = self.sidecar(&new_id(BlobKind::Layer, fs, chain_id)?, "dirs");
         let file = fs_err::File::open(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e })?;
         DirIndex::read_from(io::BufReader::new(file)).map_err(io_at(&path))
@@ -699,7 +703,7 @@ impl Store {
 
     /// Where `run`'s cache keeps the ELF kernel unpacked from the bzImage whose sha256 is
     /// `bzimage` (`vm/vmlinux-<hex>`); creates `vm/`. Publish it with [`write_atomic`].
-    pub fn vmlinux_path(&self, bzimage: &Digest) -> Result<PathBuf, StoreError> {
+    pub(crate) fn vmlinux_path(&self, bzimage: &Digest) -> Result<PathBuf, StoreError> {
         let hex = crate::digest::require_sha256("kernel image digest", bzimage)?;
         let dir = self.root.join("vm");
         create_dir(&dir)?;
@@ -707,7 +711,7 @@ impl Store {
     }
 
     /// Keeps a source manifest or config (`bytes`, whose sha256 is `digest`) for `push`.
-    pub fn put_source_json(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+    pub(crate) fn put_source_json(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
         let path = self.source_json_path(digest)?;
         if path.exists() {
             return Ok(());
@@ -718,7 +722,7 @@ impl Store {
 
     /// A kept source manifest or config, if this store has it (stores older than `push`, and
     /// docker archives' manifests, have none).
-    pub fn source_json(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(crate) fn source_json(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
         let path = self.source_json_path(digest)?;
         match fs_err::read(&path) {
             Ok(bytes) => Ok(Some(bytes)),
@@ -735,7 +739,11 @@ impl Store {
     /// Publishes a layer blob pulled ready-made (`blob`, in `tmp/`) with its record; it has no
     /// directory index, so a tar build that needs one converts the layer again (same bytes).
     /// What is under its key already is replaced only as [`Store::publish_layer`] says.
-    pub fn publish_pulled_layer(&self, blob: &Path, record: &LayerRecord) -> Result<PathBuf, StoreError> {
+    pub(crate) fn publish_pulled_layer(
+        &self,
+        blob: &Path,
+        record: &LayerRecord,
+    ) -> Result<PathBuf, StoreError> {
         let id = BlobId::new(BlobKind::Layer, record.fs, record.recipe, &record.chain_id)?;
         self.check_replaceable(&id, &record.blob_sha256)?;
         self.publish_with_record(blob, &id, record)
@@ -780,12 +788,12 @@ impl Store {
     }
 
     /// The layer lock of blob `id` (of any recipe).
-    pub fn lock_layer_blob(&self, id: &BlobId) -> Result<FileLock, StoreError> {
+    pub(crate) fn lock_layer_blob(&self, id: &BlobId) -> Result<FileLock, StoreError> {
         self.lock_blob(id)
     }
 
     /// A fresh staging directory under `tmp/`, removed when dropped.
-    pub fn staging(&self, prefix: &str) -> Result<tempfile::TempDir, StoreError> {
+    pub(crate) fn staging(&self, prefix: &str) -> Result<tempfile::TempDir, StoreError> {
         let tmp = self.root.join("tmp");
         tempfile::Builder::new().prefix(prefix).tempdir_in(&tmp).map_err(io_at(&tmp))
     }
@@ -793,7 +801,7 @@ impl Store {
     /// A work directory for what is made from the store but not kept in it (`push`'s
     /// compressed layers): [`Store::staging`], or the system's temp directory when this
     /// process cannot write the store.
-    pub fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir, StoreError> {
+    pub(crate) fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir, StoreError> {
         if self.writable {
             return self.staging(prefix);
         }
@@ -809,7 +817,7 @@ impl Store {
     /// unreadable, or whose size is not the recorded one (it is damaged: see
     /// [`Store::layer_state`]), is replaced only when no image record names it as other bytes
     /// ([`StoreError::WouldReplaceDamaged`]).
-    pub fn publish_layer(
+    pub(crate) fn publish_layer(
         &self,
         blob: &Path,
         dirs: &DirIndex,
@@ -829,7 +837,7 @@ impl Store {
 
     /// Refuses a tag whose record could not be written (its file name too long), before a
     /// build does any work for it.
-    pub fn check_tag(&self, tag: &str) -> Result<(), StoreError> {
+    pub(crate) fn check_tag(&self, tag: &str) -> Result<(), StoreError> {
         let len = record_name(tag).len();
         if len > NAME_MAX {
             return Err(StoreError::TagTooLong { tag: tag.to_string(), len });
@@ -842,7 +850,7 @@ impl Store {
     }
 
     /// Writes (or replaces) the record of `record.tag`.
-    pub fn put_record(&self, record: &ImageRecord) -> Result<(), StoreError> {
+    pub(crate) fn put_record(&self, record: &ImageRecord) -> Result<(), StoreError> {
         record.blobs()?;
         let mut json = serde_json::to_vec_pretty(record).expect("an image record serializes");
         json.push(b'\n');
@@ -951,7 +959,7 @@ fn record_name(tag: &str) -> String {
 
 /// Tag → file name: bytes outside `[A-Za-z0-9._-]` become `%XX`, so every tag maps to one
 /// plain file name and back.
-pub fn escape_tag(tag: &str) -> String {
+pub(crate) fn escape_tag(tag: &str) -> String {
     let mut out = String::with_capacity(tag.len());
     for b in tag.bytes() {
         if b.is_ascii_alphanumeric() || b == b'.' && !out.is_empty() || b == b'_' || b == b'-' {
@@ -964,13 +972,13 @@ pub fn escape_tag(tag: &str) -> String {
 }
 
 /// Temp file beside `path` → write → fsync → rename → fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     write_atomic_with(path, |f| f.write_all(bytes))
 }
 
 /// [`write_atomic`] of what `write` writes into the temp file (for outputs too big to hold in
 /// memory, such as a single-disk image). `path` must have a parent directory.
-pub fn write_atomic_with<T>(
+pub(crate) fn write_atomic_with<T>(
     path: &Path,
     write: impl FnOnce(&mut std::fs::File) -> io::Result<T>,
 ) -> Result<T, StoreError> {

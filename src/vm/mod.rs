@@ -49,10 +49,10 @@
 //! an `/init` that cannot start the command (it writes `failed` instead of a status).
 
 mod cpio;
-pub mod initramfs;
-pub mod kernel;
+mod initramfs;
+mod kernel;
 pub mod kit;
-pub mod runtimes;
+mod runtimes;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -164,9 +164,9 @@ impl std::fmt::Display for UnverifiableForm {
 }
 
 /// Names of the guest's virtio-serial ports (`/sys/class/virtio-ports/*/name`).
-pub const PORT_STDOUT: &str = "vmrootfs.stdout";
-pub const PORT_STDERR: &str = "vmrootfs.stderr";
-pub const PORT_STATUS: &str = "vmrootfs.status";
+pub(crate) const PORT_STDOUT: &str = "vmrootfs.stdout";
+pub(crate) const PORT_STDERR: &str = "vmrootfs.stderr";
+pub(crate) const PORT_STATUS: &str = "vmrootfs.status";
 
 /// Options of `run`.
 #[derive(Debug, Clone)]
