@@ -30,47 +30,73 @@ use crate::source::{self, ImageSource, ResolvedImage, SourceError};
 use crate::store::{LayerSlot, LayerState, Store, StoreError};
 use crate::verity::VerityInfo;
 
+/// Why [`Builder::build`] failed. Causes below the variants shown here are reached through
+/// [`std::error::Error::source`]; `{:#}` of an `anyhow` wrapper prints the whole chain.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BuildError {
+    /// The source image could not be opened or read (a missing file, a registry refusal, a
+    /// manifest that is not an image).
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The store could not be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A tool the build needs is missing or failed.
     #[error(transparent)]
     Tool(#[from] ToolError),
+    /// Converting one layer failed.
     #[error("layer {digest}")]
     Layer {
+        /// The layer's digest in the source manifest.
         digest: Digest,
+        /// What went wrong.
         #[source]
         source: Box<LayerFailure>,
     },
+    /// Making the dm-verity tree of a layer blob already in the store failed (`verity`).
     #[error("dm-verity tree of the stored layer {chain_id}")]
     Verity {
+        /// The layer's chain ID.
         chain_id: Digest,
+        /// What went wrong.
         #[source]
         source: Box<LayerFailure>,
     },
+    /// Flattening the image (`squash`) failed.
     #[error("squashing the image")]
     Squash(#[from] crate::squash::SquashError),
+    /// `squash` asked for without root.
     #[error("--squash needs root: it loop-mounts the layer blobs and stacks them with overlayfs")]
     SquashNeedsRoot,
+    /// `squash` asked for an image without layers.
     #[error("--squash: the image has no layers, so there is nothing to flatten (build it without --squash)")]
     SquashNoLayers,
+    /// Fetching one layer of an EROFS image failed.
     #[error("layer {digest}")]
     Pull {
+        /// The layer's digest in the source manifest.
         digest: Digest,
+        /// What went wrong.
         #[source]
         source: Box<crate::pull::PullError>,
     },
+    /// An EROFS image asked for as blobs of another filesystem.
     #[error("the image is an EROFS image (its layers are EROFS already): it cannot give --fs {fs} blobs")]
-    ErofsImageIsErofs { fs: FsType },
+    ErofsImageIsErofs {
+        /// The filesystem asked for.
+        fs: FsType,
+    },
+    /// `squash` or `merge` asked for an EROFS image.
     #[error("--squash and --merge are not supported for EROFS images yet: build without them")]
     ErofsImageNoSquash,
+    /// Making the merged blob (`merge`) failed.
     #[error("merging the image")]
     Merge(#[from] crate::merge::MergeError),
+    /// `merge` asked for with blobs other than EROFS.
     #[error("--merge makes EROFS metadata over EROFS layer blobs: build with --fs erofs")]
     MergeNeedsErofs,
+    /// `merge` asked for an image without layers.
     #[error("--merge: the image has no layers, so there is nothing to merge (build it without --merge)")]
     MergeNoLayers,
 }
@@ -79,27 +105,41 @@ pub enum BuildError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LayerFailure {
+    /// Reading the layer from the source failed.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The layer could not be unpacked (a corrupt or hostile archive, a size limit).
     #[error(transparent)]
     Unpack(#[from] LayerError),
+    /// The layer's entries could not be put in filesystem order.
     #[error(transparent)]
     Normalize(#[from] NormalizeError),
+    /// Writing the filesystem blob failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// Publishing the blob into the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The finished blob could not be read back to hash it.
     #[error("hashing the finished blob")]
     Hash(#[source] std::io::Error),
+    /// Making the blob's dm-verity tree failed.
     #[error("making the dm-verity tree")]
     Verity(#[from] crate::verity::VerityError),
+    /// Not converted because a layer below it failed.
     #[error("the layer below failed")]
     LowerFailed,
+    /// A stored blob the build would reuse is not the bytes its record names.
     #[error(
         "the stored blob {path} is not what its record names{}: `vmrootfs verify` says which images use it",
         found.as_ref().map(|f| format!(" (its sha256 is {f})")).unwrap_or_default()
     )]
-    DamagedBlob { path: std::path::PathBuf, found: Option<String> },
+    DamagedBlob {
+        /// The stored blob.
+        path: std::path::PathBuf,
+        /// Its sha256 hex, if it could be read.
+        found: Option<String>,
+    },
 }
 
 impl LayerFailure {
@@ -122,7 +162,9 @@ fn tool_failure(sink: std::io::BufWriter<crate::backend::Making>, failure: Layer
 /// Options of a build.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
+    /// Filesystem of the layer blobs (default EROFS).
     pub fs: FsType,
+    /// The platform picked from a multi-platform image (default: this host's).
     pub platform: Platform,
     /// Layers streamed at once (default: the number of CPUs).
     pub jobs: usize,
@@ -132,7 +174,7 @@ pub struct BuildOptions {
     pub squash: bool,
     /// Also make one merged EROFS metadata blob over the layer blobs (EROFS only).
     pub merge: bool,
-    /// Give every layer blob a dm-verity tree (kept beside it; see [`crate::verity`]).
+    /// Give every layer blob a dm-verity tree (kept beside it in the store).
     pub verity: bool,
     /// Credentials and plain-HTTP hosts for registry sources.
     pub registry: crate::source::RegistryOptions,
@@ -266,6 +308,8 @@ struct Plan<'a> {
 }
 
 impl Builder {
+    /// A builder into `store`; refuses `merge` without EROFS. Its tools are found (and
+    /// checked) when the first layer needs them.
     pub fn new(store: Store, opts: BuildOptions) -> Result<Builder, BuildError> {
         if opts.merge && opts.fs != FsType::Erofs {
             return Err(BuildError::MergeNeedsErofs);
@@ -282,11 +326,16 @@ impl Builder {
         Ok(self.backend.get_or_init(|| detected))
     }
 
+    /// The store it builds into.
     pub fn store(&self) -> &Store {
         &self.store
     }
 
-    /// Builds `spec` (see [`source::open`]) and records it as `tag` (default: `spec`).
+    /// Builds `spec` and records it as `tag` (default: `spec`). `spec` is a registry reference
+    /// (`alpine:3.20`, `docker://REF`, `127.0.0.1:5000/lab/img:tag`), `oci:DIR[:TAG]`,
+    /// `oci-archive:FILE[:TAG]` or `docker-archive:FILE[:REF]`. An EROFS image (one `push`
+    /// made, or containerd's) is pulled as it is, without conversion. Layers already in the
+    /// store are reused; `reporter` shows progress on stderr.
     pub fn build(
         &self,
         spec: &str,

@@ -1,6 +1,63 @@
 //! vmrootfs: OCI container images → read-only filesystem blobs, one per layer, for microVMs.
 //!
-//! PLACEHOLDER-OVERVIEW
+//! A microVM runtime (Firecracker, Cloud Hypervisor, QEMU, libkrun) cannot mount a container
+//! image: it attaches block devices. vmrootfs turns each layer of an image into a filesystem
+//! image — a **blob** — that the guest mounts read-only and stacks with overlayfs, and keeps the
+//! blobs in a **store** shared by every image, so a layer common to many images is converted and
+//! stored once. The `vmrootfs` command is a thin layer over this crate; a runtime written in
+//! Rust embeds the crate instead.
+//!
+//! # The words
+//!
+//! - **Blob**: one layer as an EROFS or ext4 filesystem image ([`FsType`]), read-only, named
+//!   in the store by what it is ([`BlobId`]: kind, filesystem, recipe and the layer's chain ID),
+//!   never by where it came from. Besides the layer blobs an image may have a **squashed** blob
+//!   (the whole stack flattened, [`BuildOptions::squash`]) and a **merged** blob (EROFS metadata
+//!   over the layer blobs: one mount, or one disk with [`export`], [`BuildOptions::merge`]).
+//!   A blob built with [`BuildOptions::verity`] has a dm-verity tree beside it ([`VerityInfo`]).
+//! - **Recipe**: the version of the layer → blob conversion ([`FsType::recipe`]). Blobs made by
+//!   another recipe are other bytes, so they are stored under another key and never mixed.
+//! - **Record**: what the store keeps per tag ([`ImageRecord`]): the source, its manifest and
+//!   config digests, the lowers base first ([`Lower`]) and how to start the image's process
+//!   ([`RuntimeConfig`]). Records name blobs by identity; [`Store::locate`] adds each blob's
+//!   path ([`LocatedRecord`]), which is what a runtime attaches.
+//! - **Store**: a directory of blobs and records ([`Store`]; layout and lock protocol in
+//!   [`store`]). [`Store::list`], [`Store::get`], [`Store::remove`], [`Store::gc`] and
+//!   [`Store::verify`] are `vmrootfs ls`, `inspect`, `rm`, `gc` and `verify`.
+//!
+//! # Building, pulling and pushing
+//!
+//! [`Builder::build`] converts an image from a registry, an OCI layout or archive, or a
+//! `docker save` archive, and records it. An image that is EROFS already (one [`push::push`]
+//! published, or one containerd converted) is pulled as it is, with no conversion: pulling is
+//! building such an image. [`push::push`] publishes a stored EROFS image to a registry or an
+//! OCI layout, so that other hosts pull ready blobs.
+//!
+//! ```no_run
+//! use vmrootfs::{BuildOptions, Builder, Store, progress::Reporter};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Store::open("/var/lib/vmrootfs")?;
+//! let builder = Builder::new(store, BuildOptions::default())?;
+//! let built = builder.build("oci-archive:testdata/busybox.oci.tar:busybox", Some("busybox"), &Reporter::new())?;
+//! // overlayfs takes its lowers top first; the record lists them base first.
+//! for (i, lower) in built.record.lowers.iter().enumerate().rev() {
+//!     println!("lower {i}: {} ({} bytes, {})", lower.path.display(), lower.size, lower.fs);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/build_and_attach.rs` does this into a temporary store and prints what a runtime
+//! attaches. [`vm::run`] boots a stored image in a QEMU microVM (`vmrootfs run`).
+//!
+//! # Errors
+//!
+//! Each operation returns its own error enum ([`BuildError`], [`store::StoreError`],
+//! [`push::PushError`], [`vm::VmError`], [`export::MergeError`]) whose variants name the file,
+//! digest or tag involved. Deeper causes (a tool's exit status and stderr, a registry's reply)
+//! are reached through [`std::error::Error::source`].
+#![warn(missing_docs)]
 
 mod backend;
 mod builder;

@@ -6,11 +6,15 @@ use std::str::FromStr;
 /// A platform as `--platform` spells it: `linux/amd64`, `linux/arm64/v8`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Platform {
+    /// `linux`.
     pub os: String,
+    /// The OCI architecture: `amd64`, `arm64`, …
     pub arch: String,
+    /// The architecture's variant, e.g. `v8`.
     pub variant: Option<String>,
 }
 
+/// A `--platform` that is not `os/arch[/variant]`.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid platform {0:?}: expected os/arch[/variant], e.g. linux/amd64")]
 pub struct InvalidPlatform(pub String);

@@ -46,6 +46,7 @@ fn mib(bytes: u64) -> String {
 }
 
 impl Reporter {
+    /// Bars when stderr is a terminal (and not quiet), else plain lines.
     pub fn new() -> Self {
         let bars = (verbosity() >= 1 && std::io::stderr().is_terminal())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));

@@ -19,10 +19,14 @@ use crate::verity::VerityInfo;
 /// merged metadata over the stack's layer blobs (`build --merge`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BlobKind {
+    /// One layer's blob.
     Layer,
+    /// The whole stack flattened.
     Squashed,
-    /// A merged blob of this format ([`crate::merge::MERGE_FORMAT`] for new ones).
+    /// A merged blob of this format (2 for those vmrootfs writes now; 1 for those of
+    /// `mkfs.erofs`' rebuild mode).
     Merged {
+        /// The merged blob's format.
         format: u32,
     },
 }
@@ -30,7 +34,9 @@ pub enum BlobKind {
 /// What identifies a blob in the store; the store derives its path from this alone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BlobId {
+    /// Which of a stack's blobs.
     pub kind: BlobKind,
+    /// Its filesystem.
     pub fs: FsType,
     /// The recipe version that made it ([`FsType::recipe`] for new blobs).
     pub recipe: u32,
@@ -48,6 +54,7 @@ impl BlobId {
 /// A blob with its absolute path in the store, for output to runtimes; never persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Located<T> {
+    /// The blob's absolute path in the store.
     pub path: PathBuf,
     /// The blob's dm-verity tree (`build --verity`): the hash device of a dm-verity table
     /// whose data device is `path`, or the bytes that follow the blob in the pushed layer.
@@ -63,6 +70,7 @@ pub struct Located<T> {
     /// blob, then the lowers base first), in bytes; for images with a merged blob.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_offset: Option<u64>,
+    /// The blob's record.
     #[serde(flatten)]
     pub blob: T,
 }
@@ -105,10 +113,13 @@ impl<T> std::ops::Deref for Located<T> {
 /// One lower layer blob of an image, base first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lower {
+    /// Filesystem of the blob.
     pub fs: FsType,
     /// Recipe version of the blob.
     pub recipe: u32,
+    /// Chain ID of the layer: the stack up to it (the blob's key in the store).
     pub chain_id: Digest,
+    /// Digest of the layer's uncompressed tar (for an EROFS source: of the blob).
     pub diff_id: Digest,
     /// The compressed layer's digest in the source.
     pub digest: Digest,
@@ -124,10 +135,15 @@ pub struct Lower {
 /// What a runtime needs from the OCI config to start the image's process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeConfig {
+    /// `Entrypoint`: the program and its first arguments.
     pub entrypoint: Vec<String>,
+    /// `Cmd`: the arguments after the entrypoint (or the command, without one).
     pub cmd: Vec<String>,
+    /// `Env`: `NAME=value` pairs.
     pub env: Vec<String>,
+    /// `WorkingDir` (empty: `/`).
     pub working_dir: String,
+    /// `User`: `uid[:gid]` or a name (empty: root).
     pub user: String,
 }
 
@@ -147,6 +163,7 @@ impl From<&ImageConfiguration> for RuntimeConfig {
 }
 
 impl Lower {
+    /// The blob's identity in the store.
     pub fn id(&self) -> Result<BlobId, InvalidDigest> {
         BlobId::new(BlobKind::Layer, self.fs, self.recipe, &self.chain_id)
     }
@@ -156,15 +173,23 @@ impl Lower {
 /// blob identities only; [`LocatedRecord`] (the same with each blob's path) for output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord<L = Lower, S = SquashedBlob, M = MergedBlob> {
+    /// The tag it is recorded under.
     pub tag: String,
+    /// The source it was built from, as given (`oci-archive:…`, a registry reference).
     pub source: String,
+    /// Digest of the source manifest.
     pub manifest_digest: Digest,
+    /// Digest of the source config.
     pub config_digest: Digest,
+    /// The platform built (`linux/amd64`).
     pub platform: String,
+    /// When it was recorded (RFC 3339).
     pub created_at: String,
+    /// The layer blobs, base first: overlayfs's `lowerdir` takes them top first.
     pub lowers: Vec<L>,
     /// Bytes on disk of all lowers.
     pub size: u64,
+    /// How to start the image's process.
     pub config: RuntimeConfig,
     /// The whole image flattened into one blob (`build --squash`), for runtimes without
     /// overlayfs or with more layers than drives.
@@ -217,16 +242,20 @@ impl ImageRecord {
 /// A flattened image blob, keyed by the image's top chain ID.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SquashedBlob {
+    /// Filesystem of the blob.
     pub fs: FsType,
     /// Recipe version of the blob.
     pub recipe: u32,
     /// Chain ID of the top layer: the blob is that whole stack.
     pub chain_id: Digest,
+    /// Bytes of the blob file.
     pub size: u64,
+    /// sha256 hex of the blob file.
     pub blob_sha256: String,
 }
 
 impl SquashedBlob {
+    /// The blob's identity in the store.
     pub fn id(&self) -> Result<BlobId, InvalidDigest> {
         BlobId::new(BlobKind::Squashed, self.fs, self.recipe, &self.chain_id)
     }
@@ -238,12 +267,15 @@ impl SquashedBlob {
 /// concatenation, so the same blob serves a mount with one device per layer and one disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergedBlob {
+    /// Filesystem of the blob (EROFS).
     pub fs: FsType,
     /// Recipe version of the blob (that of the layer blobs it references).
     pub recipe: u32,
     /// Chain ID of the top layer: the blob is the merged tree of that whole stack.
     pub chain_id: Digest,
+    /// Bytes of the blob file.
     pub size: u64,
+    /// sha256 hex of the blob file.
     pub blob_sha256: String,
     /// What made it ([`crate::merge::MERGE_FORMAT`]); records from before the field name
     /// blobs of mkfs.erofs' rebuild mode, format 1.
@@ -256,6 +288,7 @@ pub struct MergedBlob {
 }
 
 impl MergedBlob {
+    /// The blob's identity in the store.
     pub fn id(&self) -> Result<BlobId, InvalidDigest> {
         BlobId::new(BlobKind::Merged { format: self.format }, self.fs, self.recipe, &self.chain_id)
     }
@@ -264,6 +297,7 @@ impl MergedBlob {
 /// What `build` returns (and `build --json` prints): the record, with blob paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildResult {
+    /// The image's record, with each blob's path.
     #[serde(flatten)]
     pub record: LocatedRecord,
     /// True when no layer had to be converted.

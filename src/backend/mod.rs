@@ -66,6 +66,7 @@ pub enum FsType {
 }
 
 impl FsType {
+    /// Its name as `--fs` and the store's directories spell it.
     pub fn name(self) -> &'static str {
         match self {
             FsType::Erofs => "erofs",
@@ -162,6 +163,7 @@ pub enum Backend {
     Erofs(erofs::Erofs),
     /// EROFS by vmrootfs.
     ErofsNative(erofs_native::ErofsNative),
+    /// ext4 blobs.
     Ext4(ext4::Ext4),
 }
 
@@ -177,6 +179,7 @@ impl Backend {
         })
     }
 
+    /// The filesystem it makes.
     pub fn fs(&self) -> FsType {
         match self {
             Backend::Erofs(_) | Backend::ErofsNative(_) => FsType::Erofs,

@@ -42,10 +42,12 @@ pub const INCOMPAT_DEVICE_TABLE: u32 = 0x8;
 pub enum DataLayout {
     /// Whole blocks from `raw_blkaddr`, the last one zero-padded.
     FlatPlain = 0,
+    /// Compressed, full indexes (vmrootfs reads no compressed layout).
     CompressedFull = 1,
     /// Whole blocks from `raw_blkaddr`, the last partial block's bytes inline after the inode
     /// and its xattrs (not crossing a block boundary).
     FlatInline = 2,
+    /// Compressed, compact indexes.
     CompressedCompact = 3,
     /// Chunks of `BLOCK << chunk_bits` bytes, each mapped by a block map entry or a chunk index
     /// after the inode and its xattrs; [`NULL_ADDR`] is a hole.
@@ -53,6 +55,7 @@ pub enum DataLayout {
 }
 
 impl DataLayout {
+    /// The layout of `i_format`'s bits 1–3; `None` for an unknown one.
     pub fn from_bits(bits: u16) -> Option<DataLayout> {
         Some(match bits {
             0 => DataLayout::FlatPlain,
@@ -341,6 +344,7 @@ pub const DIRENT: usize = 12;
 /// Directory entry file types (Linux `FT_*`).
 pub const FT_UNKNOWN: u8 = 0;
 pub const FT_REG_FILE: u8 = 1;
+/// A directory.
 pub const FT_DIR: u8 = 2;
 pub const FT_CHRDEV: u8 = 3;
 pub const FT_BLKDEV: u8 = 4;

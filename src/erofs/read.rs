@@ -18,6 +18,9 @@ use super::format::{self as f, DataLayout, Superblock};
 const BLOCK: u64 = f::BLOCK as u64;
 
 /// An image that cannot be read as an EROFS layer.
+// Each variant's message says what it is; not public API (tests/merge.rs matches variants
+// through lib.rs's #[doc(hidden)] `erofs_merge`), so no doc comment per variant and field.
+#[allow(missing_docs)]
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReadError {
@@ -83,6 +86,7 @@ pub enum XattrProblem {
 #[derive(Debug)]
 pub struct Image {
     file: fs_err::File,
+    /// Its superblock, as read.
     pub superblock: Superblock,
     /// The image's length in bytes.
     pub bytes: u64,
@@ -169,6 +173,7 @@ impl Image {
         Ok(image)
     }
 
+    /// The image file.
     pub fn path(&self) -> &Path {
         self.file.path()
     }

@@ -124,6 +124,7 @@ impl DirIndex {
         self.dirs.len()
     }
 
+    /// No directories.
     pub fn is_empty(&self) -> bool {
         self.dirs.is_empty()
     }
@@ -137,6 +138,7 @@ impl DirIndex {
         self.path_at(self.dirs.len() - 1)
     }
 
+    /// The directory at `path`, if there is one.
     pub fn get(&self, path: &[u8]) -> Option<&DirMeta> {
         let (mut lo, mut hi) = (0, self.dirs.len());
         while lo < hi {
@@ -155,6 +157,7 @@ impl DirIndex {
         (0..self.dirs.len()).map(|i| (self.path_at(i), &self.metas[self.dirs[i].1 as usize]))
     }
 
+    /// The directories in path order, owned.
     pub fn into_entries(self) -> impl Iterator<Item = (Vec<u8>, DirMeta)> {
         let entries: Vec<_> = self.iter().map(|(p, m)| (p.to_vec(), m.clone())).collect();
         entries.into_iter()

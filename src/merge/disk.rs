@@ -121,6 +121,7 @@ pub enum DiskFormat {
 /// What [`export`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Exported {
+    /// The file written.
     pub path: PathBuf,
     /// The disk's size in bytes (for VMDK: of the disk it describes).
     pub disk_bytes: u64,

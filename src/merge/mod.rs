@@ -41,54 +41,101 @@ pub fn mkfs_merge_format() -> u32 {
     1
 }
 
+/// Why making a merged blob or exporting a single disk failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MergeError {
+    /// The store could not be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Reading a layer blob failed.
     #[error("reading a layer blob to merge")]
     Read(#[from] ReadError),
+    /// The layers' trees could not be merged.
     #[error("merging the layers' trees")]
     Tree(#[from] tree::TreeError),
+    /// Writing the merged blob failed.
     #[error("writing the merged blob")]
     Write(#[from] write::WriteError),
+    /// The image has no layers.
     #[error("an image with no layers has nothing to merge")]
     NoLayers,
+    /// A layer blob that is not EROFS.
     #[error(
         "layer {chain_id} is {fs}: a merged image is EROFS over EROFS layer blobs (build with --fs erofs)"
     )]
-    NotErofs { chain_id: Digest, fs: FsType },
+    NotErofs {
+        /// The layer's chain ID.
+        chain_id: Digest,
+        /// Its filesystem.
+        fs: FsType,
+    },
+    /// A layer blob of an EROFS recipe too old to merge.
     #[error(
         "layer {chain_id} was made by EROFS recipe {recipe}, whose inlined file tails a merged image cannot reference (recipe {} or later: build the image again)",
         crate::backend::EROFS_MERGEABLE_RECIPE
     )]
-    OldRecipe { chain_id: Digest, recipe: u32 },
+    OldRecipe {
+        /// The layer's chain ID.
+        chain_id: Digest,
+        /// The recipe that made its blob.
+        recipe: u32,
+    },
+    /// Reading or writing a file failed.
     #[error("{path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What went wrong.
         #[source]
         source: std::io::Error,
     },
+    /// A layer blob's layout could not be read.
     #[error("{path}")]
     Layout {
+        /// The layer blob.
         path: PathBuf,
+        /// What went wrong.
         #[source]
         source: LayoutError,
     },
+    /// Making the merged blob's dm-verity tree failed.
     #[error("making the dm-verity tree of the merged blob")]
     Verity(#[from] crate::verity::VerityError),
+    /// The stored merged blob is not the bytes its record names.
     #[error(
         "{path}: the merged blob's sha256 is {found}, not the recorded {recorded}: it is damaged (remove the image and build it again)"
     )]
-    Damaged { path: PathBuf, recorded: String, found: String },
+    Damaged {
+        /// The merged blob.
+        path: PathBuf,
+        /// The sha256 hex its record gives.
+        recorded: String,
+        /// The sha256 hex of its bytes.
+        found: String,
+    },
+    /// Export of an image built without `--merge`.
     #[error("{tag} has no merged blob: build it with --merge")]
-    NotMerged { tag: String },
+    NotMerged {
+        /// The image's tag.
+        tag: String,
+    },
+    /// The export path is something other than a regular file.
     #[error(
         "{path} is a {kind}: export writes a new file and replaces only a regular file (remove it or choose another path)"
     )]
-    NotARegularFile { path: PathBuf, kind: &'static str },
+    NotARegularFile {
+        /// The export's path.
+        path: PathBuf,
+        /// What is there (`directory`, `symlink`, …).
+        kind: &'static str,
+    },
+    /// A blob path a VMDK descriptor cannot quote.
     #[error("{path}: a VMDK descriptor cannot name a path with a double quote or a line break")]
-    UnquotablePath { path: PathBuf },
+    UnquotablePath {
+        /// The path.
+        path: PathBuf,
+    },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> MergeError + '_ {

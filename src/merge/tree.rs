@@ -21,15 +21,26 @@ const MAX_DEPTH: usize = 2048;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TreeError {
+    /// A layer blob could not be read.
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// A file whose last block is inside its image's metadata.
     #[error(
         "{layer}: file {path} keeps its last block inside the metadata (an inlined tail), which another image cannot reference",
         layer = .layer.display(), path = crate::layer::path::display(path)
     )]
-    InlinedTail { layer: std::path::PathBuf, path: Vec<u8> },
+    InlinedTail {
+        /// The layer blob.
+        layer: std::path::PathBuf,
+        /// The file.
+        path: Vec<u8>,
+    },
+    /// Directories nested deeper than the merge follows.
     #[error("{layer}: directories nest deeper than {MAX_DEPTH} levels", layer = .layer.display())]
-    TooDeep { layer: std::path::PathBuf },
+    TooDeep {
+        /// The layer blob.
+        layer: std::path::PathBuf,
+    },
 }
 
 /// A regular file's data: which layer (0: the base) and where in it.
@@ -65,6 +76,7 @@ pub struct Node {
 /// in the arena, unreachable.
 #[derive(Debug, Default)]
 pub struct MergedTree {
+    /// The nodes; index 0 is the root.
     pub nodes: Vec<Node>,
 }
 

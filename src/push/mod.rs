@@ -1,5 +1,5 @@
 //! `push TAG DEST`: publishes a stored EROFS image in the EROFS image layer format
-//! ([`crate::erofs_image`]) — to a registry, an OCI layout directory or an OCI archive — so
+//! (`application/vnd.erofs` and its spellings, [`MediaTypes`]) — to a registry, an OCI layout directory or an OCI archive — so
 //! that other hosts pull ready-to-attach blobs instead of converting.
 //!
 //! The bytes are deterministic: the config is the source's own with `rootfs.diff_ids` of the
@@ -8,7 +8,7 @@
 //! level, so pushing twice gives the same manifest digest. When the source came from a
 //! registry, the manifest's `subject` names the source manifest, so the converted image can be
 //! found from it (the referrers API, or the fallback tag `sha256-<hex>` on registries without
-//! it; see [`registry`]).
+//! it).
 
 mod layout;
 mod registry;
@@ -33,44 +33,79 @@ pub(crate) const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 /// zstd level of `--zstd` layers: fixed, so the bytes are reproducible.
 const ZSTD_LEVEL: i32 = 3;
 
+/// Why [`push`] failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PushError {
+    /// The store could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An image of blobs other than EROFS.
     #[error(
         "{tag} is an {fs} image: only EROFS images can be pushed (the EROFS image layer format carries EROFS layers only); build it with --fs erofs"
     )]
-    NotErofs { tag: String, fs: FsType },
+    NotErofs {
+        /// The image's tag.
+        tag: String,
+        /// Its filesystem.
+        fs: FsType,
+    },
+    /// The store has no copy of the source image's config.
     #[error(
         "the store has no copy of {tag}'s source config {digest} (it was built by an older vmrootfs); build it again to push it"
     )]
-    NoSourceConfig { tag: String, digest: Digest },
+    NoSourceConfig {
+        /// The image's tag.
+        tag: String,
+        /// The source config's digest.
+        digest: Digest,
+    },
+    /// The source image's config is not a JSON object.
     #[error("the source config of {tag} is not a JSON object")]
-    BadSourceConfig { tag: String },
+    BadSourceConfig {
+        /// The image's tag.
+        tag: String,
+    },
+    /// A destination that is not `REGISTRY/REPO[:TAG]`, `oci:DIR[:TAG]` or `oci-archive:FILE[:TAG]`.
     #[error("bad destination {0:?}: expected REGISTRY/REPO[:TAG], oci:DIR[:TAG] or oci-archive:FILE[:TAG]")]
     BadDestination(String),
+    /// `zstd` with containerd 2.1's spelling, which has no compressed form.
     #[error(
         "--zstd with --media-type containerd-2.1: containerd 2.1's spelling has no compressed form (containerd 2.1 reads raw EROFS layers only); push raw layers, or --zstd with --media-type containerd or spec"
     )]
     CompressedContainerd21,
+    /// A stored blob is not the bytes its record names.
     #[error(transparent)]
     StoredBlobChanged(Box<ChangedBlob>),
+    /// Reading or writing a file failed.
     #[error("{path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What went wrong.
         #[source]
         source: io::Error,
     },
+    /// The registry refused the push.
     #[error("pushing to {destination}: {detail}")]
-    Registry { destination: String, detail: String },
+    Registry {
+        /// The destination as given.
+        destination: String,
+        /// What the registry said.
+        detail: String,
+    },
+    /// A request to the registry failed.
     #[error("pushing to {destination}: {what}")]
     Http {
+        /// The destination as given.
         destination: String,
+        /// The request that failed.
         what: String,
+        /// What went wrong.
         #[source]
         source: crate::source::http::HttpError,
     },
+    /// The destination registry's credentials could not be read.
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
 }
@@ -82,10 +117,15 @@ pub enum PushError {
     .path.display()
 )]
 pub struct ChangedBlob {
+    /// The stored blob.
     pub path: PathBuf,
+    /// The digest its record gives.
     pub expected: Digest,
+    /// The size its record gives.
     pub expected_size: u64,
+    /// The digest of its bytes.
     pub found: Digest,
+    /// Its size in bytes.
     pub found_size: u64,
 }
 
@@ -100,6 +140,7 @@ pub struct PushOptions {
     pub zstd: bool,
     /// The layer media-type spelling; `None`: [`MediaTypes::default_for`].
     pub media_types: Option<MediaTypes>,
+    /// Credentials and plain-HTTP hosts for a registry destination.
     pub registry: RegistryOptions,
 }
 
@@ -183,17 +224,26 @@ impl Blob {
 /// What a push published.
 #[derive(Debug, Clone, Serialize)]
 pub struct Pushed {
+    /// The destination as given.
     pub destination: String,
+    /// The manifest's digest (`sha256:…`).
     pub manifest_digest: String,
+    /// The manifest's size in bytes.
     pub manifest_size: u64,
+    /// The config's digest.
     pub config_digest: String,
+    /// The layers, base first.
     pub layers: Vec<PushedLayer>,
 }
 
+/// One layer of a push.
 #[derive(Debug, Clone, Serialize)]
 pub struct PushedLayer {
+    /// Its media type (the spelling of [`PushOptions::media_types`]).
     pub media_type: String,
+    /// Its digest: of the blob, or of the compressed blob with `zstd`.
     pub digest: String,
+    /// Its size in bytes, as sent.
     pub size: u64,
     /// Whether the destination had it already (nothing was sent).
     pub existed: bool,

@@ -51,7 +51,7 @@
 //!
 //! Records name each blob by its [`BlobId`] (kind, filesystem, recipe version, chain ID);
 //! nothing persisted holds a path. Paths are derived here, from the root the store was
-//! opened at ([`Store::blob_path`], [`Store::locate`]), so the same store reached through a
+//! opened at ([`Store::locate`]), so the same store reached through a
 //! symlink, a `..` path or a new mount point is the same store, and a store can be moved.
 //! GC marks by identity. Output for runtimes (`build --json`, `inspect --json`) carries
 //! absolute paths, derived at output time.
@@ -66,12 +66,12 @@
 //! `vmrootfs-stage-<pid>-*` directories of dead processes on tmpfs).
 //!
 //! A published blob is never replaced by other bytes: only one of the same bytes is, or a
-//! damaged one (see [`Store::layer_slot`]) by the bytes every image record naming it expects;
+//! damaged one (see `Store::layer_slot`) by the bytes every image record naming it expects;
 //! a tree is reused only beside the blob its `.verity.json` names.
 //!
 //! # Locks
 //!
-//! One protocol, kept everywhere ([`crate::lock::FileLock`], `flock`):
+//! One protocol, kept everywhere (`flock`):
 //!
 //! 1. **Store lock** `.lock`: *shared* for the whole of a build, for `verify`, and for a
 //!    `run` from reading its record until the guest has exited; *exclusive* for `rm` and `gc`.
@@ -122,51 +122,97 @@ const FILE_MODE: u32 = 0o644;
 /// Mode of published blobs and verity trees: read-only for all, the owner included.
 const BLOB_MODE: u32 = 0o444;
 
+/// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// Reading or writing a file of the store failed.
     #[error("{path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What went wrong.
         #[source]
         source: io::Error,
     },
+    /// The store has a layout version this vmrootfs does not read.
     #[error("store {path} has format {found}, this vmrootfs reads format {FORMAT}")]
-    UnknownFormat { path: PathBuf, found: String },
+    UnknownFormat {
+        /// The store's `meta.json`.
+        path: PathBuf,
+        /// The format it gives.
+        found: String,
+    },
+    /// A record of an older layout that cannot be upgraded.
     #[error("cannot upgrade record {path} to store format {FORMAT}: {reason}")]
-    Unupgradable { path: PathBuf, reason: String },
+    Unupgradable {
+        /// The record.
+        path: PathBuf,
+        /// Why it cannot be upgraded.
+        reason: String,
+    },
+    /// No image recorded under this tag.
     #[error("no image tagged {0:?} in the store")]
     NoSuchTag(String),
+    /// A tag whose record file name would be too long.
     #[error(
         "tag {tag} is too long: its record's file name would be {len} bytes (each byte outside [A-Za-z0-9._-] takes 3), and a file name holds at most {NAME_MAX}; choose a shorter --tag"
     )]
-    TagTooLong { tag: String, len: usize },
+    TagTooLong {
+        /// The tag.
+        tag: String,
+        /// Bytes of its record's file name.
+        len: usize,
+    },
+    /// A record that is not valid JSON of its type.
     #[error("corrupt record {path}")]
     BadRecord {
+        /// The record.
         path: PathBuf,
+        /// Why it does not parse.
         #[source]
         source: serde_json::Error,
     },
+    /// A record that names a blob by a digest that is not sha256.
     #[error("record {path} names a blob by a bad chain ID")]
     BadRecordDigest {
+        /// The record.
         path: PathBuf,
+        /// What is wrong with the digest.
         #[source]
         source: InvalidDigest,
     },
+    /// A digest that is not sha256.
     #[error(transparent)]
     Digest(#[from] InvalidDigest),
+    /// No store was given and there is no home directory for the default one.
     #[error("no home directory: set VMROOTFS_STORE or pass --store")]
     NoHome,
+    /// A change asked of a store this process cannot write.
     #[error(
         "store {root} is not writable by this process (a read-only mount, or another user's store): it can be read (ls, inspect, verify, push, export), not changed"
     )]
-    ReadOnly { root: PathBuf },
+    ReadOnly {
+        /// The store's root.
+        root: PathBuf,
+    },
+    /// A published blob would be replaced by other bytes (never done).
     #[error(
         "{path} holds other bytes (sha256 {stored}, {tool}) than this conversion made (sha256 {new}); \
          a published blob is never replaced: remove the images that use it (`vmrootfs rm`, \
          `vmrootfs gc`) to convert the layer here"
     )]
-    WouldReplace { path: PathBuf, stored: String, tool: String, new: String },
+    WouldReplace {
+        /// The published blob.
+        path: PathBuf,
+        /// Its sha256 hex.
+        stored: String,
+        /// The tool its record says made it.
+        tool: String,
+        /// The sha256 hex of the bytes made now.
+        new: String,
+    },
+    /// Records were removed, then deleting their blobs failed.
     #[error(
         "{} removed, but then {what}; run `vmrootfs gc` once that is fixed to remove what is left",
         removed_tags(.removed)
@@ -174,17 +220,26 @@ pub enum StoreError {
     AfterRemoval {
         /// The tags whose records are gone.
         removed: Vec<String>,
+        /// What failed after the removal.
         what: String,
+        /// Why it failed.
         #[source]
         source: Box<StoreError>,
     },
+    /// A damaged blob kept because records name other bytes than those made now.
     #[error(transparent)]
     WouldReplaceDamaged(Box<DamagedBlobKept>),
+    /// Mounts left under `tmp/`: nothing was removed.
     #[error(
         "mounted under {tmp}: {} (left by a killed `build --squash` of an older vmrootfs?): nothing was removed; unmount them (umount -R) and run again",
         .mounts.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
-    MountedInTmp { tmp: PathBuf, mounts: Vec<PathBuf> },
+    MountedInTmp {
+        /// The store's `tmp/`.
+        tmp: PathBuf,
+        /// The mount points found under it.
+        mounts: Vec<PathBuf>,
+    },
 }
 
 /// `tag a was`, `tags a, b were`.
@@ -196,7 +251,7 @@ fn removed_tags(tags: &[String]) -> String {
 }
 
 /// A damaged layer blob that image records name as other bytes than those about to replace it
-/// (see [`Store::publish_layer`]).
+/// (see `Store::publish_layer`).
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{path} cannot be used as it is ({why}), but the records of {} name its bytes as sha256 \
@@ -206,10 +261,15 @@ fn removed_tags(tags: &[String]) -> String {
     tags.join(", ")
 )]
 pub struct DamagedBlobKept {
+    /// The damaged blob.
     pub path: PathBuf,
+    /// Why it cannot be used.
     pub why: LayerDamage,
+    /// The tags whose records name it.
     pub tags: Vec<String>,
+    /// The sha256 hex those records give.
     pub expected: String,
+    /// The sha256 hex of the bytes made now.
     pub new: String,
 }
 
@@ -240,14 +300,34 @@ pub(crate) enum LayerState {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum LayerDamage {
+    /// A sidecar (`.json`, `.dirs`, `.own`) is missing.
     #[error("{path} is missing")]
-    NoSidecar { path: PathBuf },
+    NoSidecar {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// The layer record cannot be read.
     #[error("{path} is unreadable")]
-    UnreadableRecord { path: PathBuf },
+    UnreadableRecord {
+        /// The record.
+        path: PathBuf,
+    },
+    /// The blob is not the size its record gives.
     #[error("{path} is {size} bytes, its record says {recorded}")]
-    WrongSize { path: PathBuf, size: u64, recorded: u64 },
+    WrongSize {
+        /// The blob.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// The size its record gives.
+        recorded: u64,
+    },
+    /// A sidecar is not the bytes the layer record names.
     #[error("{path} is not what its layer's record names")]
-    SidecarChanged { path: PathBuf },
+    SidecarChanged {
+        /// The sidecar.
+        path: PathBuf,
+    },
 }
 
 /// A `.verity.json` sidecar: the tree's [`VerityInfo`] and the sha256 of the blob it is the
@@ -344,6 +424,7 @@ impl Store {
         if self.writable { Ok(()) } else { Err(StoreError::ReadOnly { root: self.root.clone() }) }
     }
 
+    /// The directory it was opened at.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -441,7 +522,7 @@ impl Store {
         self.collect_garbage().map_err(after(&removed, "collecting garbage failed".into()))
     }
 
-    /// Deletes layer blobs no record references and clears `tmp/` (see [`gc`]).
+    /// Deletes layer blobs no record references and clears `tmp/` (see [`GcReport`]).
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         self.require_writable()?;
         let _lock = self.lock_exclusive()?;

@@ -43,9 +43,11 @@ struct Expected {
 /// A referenced blob that is missing, altered or corrupt, or a file it depends on that is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BadBlob {
+    /// The blob (or the file it depends on).
     pub path: PathBuf,
     /// Tags whose records reference it and are affected.
     pub tags: Vec<String>,
+    /// What is wrong with it.
     pub problem: String,
     /// The commands that repair it: building each affected image again converts (or fetches)
     /// what is damaged.

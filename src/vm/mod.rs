@@ -3,19 +3,19 @@
 //! `run` writes the image's runtime kit ([`kit`]) into a staging directory of the store and
 //! boots it with the kit's own `qemu.sh`, adding only its output ports: what a runtime gets
 //! from `vmrootfs kit` is what every `run` boots. Each lower is a read-only virtio-blk drive
-//! (`lower<i>`, base = 0); the initramfs ([`initramfs`]) loads the modules, finds the drives by
+//! (`lower<i>`, base = 0); the initramfs loads the modules, finds the drives by
 //! position, stacks the lowers with overlayfs under a tmpfs upper and runs the command with
 //! the image's env, working directory and user. With `--merged` there is one drive, `merged`:
 //! a VMDK descriptor (in the run's staging directory) over the merged blob and the layer
-//! blobs ([`crate::merge::disk`]), mounted as one read-only EROFS filesystem: the one lower of
+//! blobs ([`crate::export`]), mounted as one read-only EROFS filesystem: the one lower of
 //! the same overlayfs with a tmpfs upper (an image without `/dev`, `/proc` or `/sys` needs
 //! somewhere to mount them). A stack with more layers than microvm has drive slots
 //! ([`MICROVM_DRIVES`]) boots its merged image, else its squashed blob, and says so.
 //!
 //! The command's output and status never pass through the serial console, which carries only
 //! the kernel's and `/init`'s diagnostics: three virtio-serial ports, found by name in the
-//! guest, carry the command's stdout ([`PORT_STDOUT`]), its stderr ([`PORT_STDERR`]) and the
-//! status `/init` writes after it ([`PORT_STATUS`]). `/init` opens them (`vmrootfs.ports` on the
+//! guest, carry the command's stdout (`vmrootfs.stdout`), its stderr (`vmrootfs.stderr`) and the
+//! status `/init` writes after it (`vmrootfs.status`). `/init` opens them (`vmrootfs.ports` on the
 //! kernel command line says they are there) and removes their
 //! device nodes before starting the command, which inherits only stdout and stderr. On the
 //! host, QEMU writes stdout and stderr into FIFOs in the run's staging directory, which `run`
@@ -65,55 +65,105 @@ use crate::record::ImageRecord;
 use crate::store::Store;
 use kit::{KitForm, KitOptions, MergedDisk};
 
+/// Why [`run`] failed (not the command: its status is what `run` returns).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VmError {
+    /// A tool (QEMU, busybox, dmsetup) is missing or failed.
     #[error(transparent)]
     Tool(#[from] ToolError),
+    /// The store could not be read.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// Reading or writing a file failed.
     #[error("{path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What went wrong.
         #[source]
         source: std::io::Error,
     },
+    /// No kernel was given and none is installed.
     #[error("no /boot/vmlinuz-* kernel: install one (apt-get install linux-image-amd64) or pass --kernel")]
     NoKernel,
+    /// The kernel has no modules installed.
     #[error("kernel {kernel} has no modules in {modules}: install its modules or pass another --kernel")]
-    NoModules { kernel: PathBuf, modules: PathBuf },
+    NoModules {
+        /// The kernel.
+        kernel: PathBuf,
+        /// Where its modules should be.
+        modules: PathBuf,
+    },
+    /// The kernel image holds no ELF kernel that could be unpacked.
     #[error("could not unpack an ELF vmlinux from {0}")]
     NoVmlinux(PathBuf),
+    /// The busybox found is not statically linked.
     #[error("{0} is not a static busybox: install busybox-static")]
     NoStaticBusybox(PathBuf),
+    /// No command given and the image has no entrypoint or cmd.
     #[error("the image has no entrypoint or cmd: give a command after --")]
     NoCommand,
+    /// The guest ran past the timeout (with the last console lines).
     #[error("the guest did not finish within {0:?} (last console lines: {1})")]
     Timeout(Duration, String),
+    /// The guest stopped without the command's status (with the last console lines).
     #[error("the guest stopped without reporting the command's status (last console lines: {0})")]
     NoStatus(String),
+    /// The status the guest wrote is not a number.
     #[error("the guest reported a malformed status {found:?} in {path}")]
-    BadStatus { path: PathBuf, found: String },
+    BadStatus {
+        /// The status file.
+        path: PathBuf,
+        /// What it holds.
+        found: String,
+    },
+    /// More layers than a microvm has drive slots, and no merged or squashed blob.
     #[error(
         "{tag} has {layers} layers, more drives than a microvm has slots for ({max}): build it with --merge (EROFS) or --squash, and `run` boots that as one drive"
     )]
-    TooManyLayers { tag: String, layers: usize, max: usize },
+    TooManyLayers {
+        /// The image's tag.
+        tag: String,
+        /// Its layers.
+        layers: usize,
+        /// The drives a microvm takes ([`MICROVM_DRIVES`]).
+        max: usize,
+    },
+    /// `squashed` asked for an image built without `--squash`.
     #[error("{tag} has no squashed blob: build it with --squash")]
-    NoSquashed { tag: String },
+    NoSquashed {
+        /// The image's tag.
+        tag: String,
+    },
+    /// The single disk of `merged` could not be made.
     #[error(transparent)]
     Merge(#[from] crate::merge::MergeError),
+    /// A `--verity` image asked for in a form whose blocks the guest cannot check.
     #[error(
         "{tag} is a --verity image, but {form}: it would boot with no dm-verity. Run its layer stack (without {}), whose lowers the guest opens through dm-verity",
         form.flag()
     )]
-    Unverifiable { tag: String, form: UnverifiableForm },
+    Unverifiable {
+        /// The image's tag.
+        tag: String,
+        /// The form that was asked for.
+        form: UnverifiableForm,
+    },
+    /// The guest could not start the command.
     #[error("the guest could not start the command (its /init said why, above)")]
     GuestSetup,
+    /// dm-verity in the guest found blocks that do not match their hashes.
     #[error(
         "dm-verity in the guest found blocks that do not match their hashes in {}: the blob is corrupt (`vmrootfs verify {tag}` rechecks it)",
         .blobs.iter().map(|(d, c, p)| format!("{d} (chain {c}, {})", p.display())).collect::<Vec<_>>().join(", ")
     )]
-    Corrupt { tag: String, blobs: Vec<(CorruptDrive, oci_spec::image::Digest, PathBuf)> },
+    Corrupt {
+        /// The image's tag.
+        tag: String,
+        /// Each corrupt drive, with its blob's chain ID and path.
+        blobs: Vec<(CorruptDrive, oci_spec::image::Digest, PathBuf)>,
+    },
 }
 
 /// A drive whose dm-verity device in the guest read a block that does not match its hash.
@@ -173,7 +223,9 @@ pub(crate) const PORT_STATUS: &str = "vmrootfs.status";
 pub struct RunOptions {
     /// bzImage to boot [default: the newest /boot/vmlinuz-*].
     pub kernel: Option<PathBuf>,
+    /// Guest memory in MiB.
     pub memory_mb: u32,
+    /// Longest the guest may run before it is killed.
     pub timeout: Duration,
     /// The command; empty means the image's entrypoint + cmd.
     pub command: Vec<String>,
