@@ -6,7 +6,7 @@ CARGO ?= cargo
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 DEMO_STORE ?= target/demo-store
 
-.PHONY: all deps deps-run containerd build demo test fuzz bench lint clean
+.PHONY: all deps deps-run containerd build demo test doc fuzz bench lint clean
 
 all: build
 
@@ -37,9 +37,18 @@ demo: build
 # Unit, hostile-input, semantics, sparse, fidelity (root and unprivileged), store, registry,
 # boot and kit tests (the fidelity tests make a real debootstrap image once and cache it under
 # target/testimage). Run as root: the tests loop-mount what they build and drop to uid 65534
-# to check that conversion needs no privileges.
+# to check that conversion needs no privileges. Then the library's example (it builds the
+# bundled image through the public API and checks every blob it prints), the examples in the
+# rustdoc, and the rustdoc itself, which must not warn.
 test: deps
 	$(SUDO) $(CARGO) test --locked --all-targets -- --test-threads=2
+	$(SUDO) $(CARGO) run --locked --example build_and_attach
+	$(SUDO) $(CARGO) test --locked --doc
+	$(SUDO) $(MAKE) doc
+
+# The library's API documentation (target/doc/vmrootfs); any rustdoc warning fails.
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps
 
 # A longer run of the mutation fuzzer (tests/fuzz.rs) from a new seed; failing cases are saved
 # under tests/fuzz-regressions/, which `make test` replays.
@@ -51,7 +60,7 @@ bench: deps build
 	$(SUDO) bench/bench.sh
 	$(SUDO) bench/erofs-image.sh
 
-lint:
+lint: doc
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
