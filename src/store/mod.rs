@@ -448,7 +448,8 @@ impl Store {
     }
 
     /// The store lock, shared: held by builds and by the commands that read blobs (verify,
-    /// push, export, run). Needs no write access.
+    /// push, export, run). Needs no write access. A runtime holds it while a guest has blobs
+    /// attached, so that `rm` and `gc` (which take it exclusive) wait instead of deleting them.
     pub fn lock_shared(&self) -> Result<StoreLock, StoreError> {
         self.lock(true)
     }
