@@ -16,7 +16,7 @@
 //!
 //! # Finding the drives in the guest
 //!
-//! `/init` ([`super::initramfs`]) takes the kit's drives in the order the configurations
+//! `/init` (in the initramfs) takes the kit's drives in the order the configurations
 //! attach them (`lower0` … `lower<n-1>`, or `merged` [then the lowers], then `hashes`), by
 //! position among the guest's virtio block devices, numbered by the virtio bus (`virtio0`,
 //! `virtio1`, …) in the order the runtime declares its devices, without udev. Per runtime:
@@ -74,6 +74,7 @@ impl std::fmt::Display for KitForm {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DriveFormat {
+    /// The blob (or the single disk) itself.
     Raw,
     /// A VMDK descriptor (QEMU only).
     Vmdk,
@@ -104,8 +105,11 @@ pub enum MergedDisk {
 pub struct KitOptions {
     /// bzImage (or ELF vmlinux) to boot [default: the newest /boot/vmlinuz-*].
     pub kernel: Option<PathBuf>,
+    /// Guest memory in MiB, written into the configurations.
     pub memory_mb: u32,
+    /// Which of the image's forms to boot.
     pub form: KitForm,
+    /// How the merged form's single disk is made.
     pub merged_disk: MergedDisk,
     /// The command; empty means the image's entrypoint + cmd.
     pub command: Vec<String>,
@@ -116,26 +120,36 @@ pub struct KitOptions {
 pub struct KitDrive {
     /// `lower<i>`, `merged` or `hashes`: the serial where the runtime has serials.
     pub name: String,
+    /// The file attached: a stored blob (by absolute path) or a file of the kit.
     pub path: PathBuf,
+    /// Its format.
     pub format: DriveFormat,
 }
 
 /// What [`write()`] wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct Kit {
+    /// The image's tag.
     pub tag: String,
+    /// The form it boots.
     pub form: KitForm,
     /// `uname -r` of the kernel.
     pub kernel_version: String,
+    /// `DIR/vmlinux`: the uncompressed kernel.
     pub vmlinux: PathBuf,
+    /// `DIR/initramfs.cpio`: busybox, the modules and `/init`.
     pub initramfs: PathBuf,
+    /// `DIR/qemu.sh`: the QEMU microvm command line.
     pub qemu: PathBuf,
+    /// `DIR/firecracker.json`, when every drive is a raw file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub firecracker: Option<PathBuf>,
+    /// `DIR/cloud-hypervisor.sh`, when every drive is a raw file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cloud_hypervisor: Option<PathBuf>,
     /// The drives, in the order every configuration attaches them.
     pub drives: Vec<KitDrive>,
+    /// Guest memory in MiB.
     pub memory_mb: u32,
 }
 
