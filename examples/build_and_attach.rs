@@ -1,17 +1,22 @@
 //! Builds an image into a throw-away store with the vmrootfs library and prints what a microVM
 //! runtime attaches to boot it: one read-only drive per layer blob (base first) with the
 //! dm-verity table that checks it, the overlayfs mount that stacks them (top first), the merged
-//! blob for a runtime short of drives, and the process to start. Checks, as a runtime would find out, that every blob it names is there
-//! with its recorded size; exits non-zero otherwise.
+//! blob for a runtime short of drives, and the process to start; then writes the image's
+//! runtime kit (`vmrootfs kit`: kernel, initramfs, QEMU, Firecracker and Cloud Hypervisor
+//! configurations) and prints its drives in the order every configuration attaches them.
+//! Checks what a runtime would find out: every blob and tree it names is there with its recorded
+//! size, and the kit attaches the lowers base first; exits non-zero otherwise.
 //!
 //! usage: cargo run --example build_and_attach [-- SOURCE]
-//!        (default SOURCE: the bundled oci-archive:testdata/busybox.oci.tar:busybox)
+//!        (default SOURCE: the bundled oci-archive:testdata/busybox.oci.tar:busybox; the kit
+//!        needs a kernel in /boot with its modules, and busybox-static, as `vmrootfs kit` does)
 
 use std::error::Error;
 use std::path::Path;
 use std::process::ExitCode;
 
 use vmrootfs::progress::{self, Reporter};
+use vmrootfs::vm::kit::{self, KitForm, KitOptions, MergedDisk};
 use vmrootfs::{BuildOptions, Builder, LocatedRecord, Store};
 
 const BUNDLED: &str = "oci-archive:testdata/busybox.oci.tar:busybox";
@@ -52,7 +57,15 @@ fn run() -> Result<(), Box<dyn Error>> {
             "\nor, short of drives, one mount of the merged blob over the layer blobs (its devices 1..n):"
         );
         println!("  merged {} ({} bytes)", merged.path.display(), merged.size);
-        println!("  on the host:");
+        if let Some(offset) = merged.disk_offset {
+            let lowers: Vec<String> =
+                record.lowers.iter().filter_map(|l| l.disk_offset).map(|o| o.to_string()).collect();
+            println!(
+                "  as one disk (export --single-disk): merged blob at byte {offset}, lowers at {}",
+                lowers.join(", ")
+            );
+        }
+        println!("  or on the host:");
         let devices: Vec<String> =
             record.lowers.iter().map(|l| format!("device={}", l.path.display())).collect();
         println!("  mount -t erofs -o ro,{} {} /lower", devices.join(","), merged.path.display());
@@ -67,6 +80,47 @@ fn run() -> Result<(), Box<dyn Error>> {
     let stored = store.locate(store.get("example")?)?;
     if stored.lowers != record.lowers {
         return Err("the store's record of the image differs from what build returned".into());
+    }
+
+    print_kit(&store, record, &dir.path().join("kit"))
+}
+
+/// The image's runtime kit, layer stack form: what `vmrootfs kit` writes and `run` boots.
+fn print_kit(store: &Store, record: &LocatedRecord, dir: &Path) -> Result<(), Box<dyn Error>> {
+    let opts = KitOptions {
+        kernel: None,
+        memory_mb: 256,
+        form: KitForm::Stack,
+        merged_disk: MergedDisk::Raw,
+        command: Vec::new(),
+    };
+    let kit = kit::write(store, &record.tag, dir, &opts)?;
+    println!(
+        "
+the runtime kit (kernel {}) in {}:",
+        kit.kernel_version,
+        dir.display()
+    );
+    let files = [Some(&kit.vmlinux), Some(&kit.initramfs), Some(&kit.qemu)]
+        .into_iter()
+        .chain([kit.firecracker.as_ref(), kit.cloud_hypervisor.as_ref()]);
+    for file in files.flatten() {
+        println!("  {}", file.display());
+    }
+    println!("its drives, in the order every configuration attaches them:");
+    for (i, drive) in kit.drives.iter().enumerate() {
+        println!("  {i}: {} {} ({})", drive.name, drive.path.display(), drive.format.qemu_name());
+    }
+    // The guest finds the lowers by position: drive i must be lower i, base first.
+    for (i, lower) in record.lowers.iter().enumerate() {
+        match kit.drives.get(i) {
+            Some(d) if d.name == format!("lower{i}") && d.path == lower.path => {}
+            other => {
+                return Err(
+                    format!("kit drive {i} is {other:?}, not lower {i} ({})", lower.path.display()).into()
+                );
+            }
+        }
     }
     Ok(())
 }
