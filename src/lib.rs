@@ -48,8 +48,14 @@
 //! # }
 //! ```
 //!
-//! `examples/build_and_attach.rs` does this into a temporary store and prints what a runtime
-//! attaches. [`vm::run`] boots a stored image in a QEMU microVM (`vmrootfs run`).
+//! # Booting
+//!
+//! [`vm::kit::write`] writes what a runtime needs to boot a stored image (`vmrootfs kit`): an
+//! uncompressed kernel, an initramfs whose `/init` finds the lowers by position and stacks
+//! them, and QEMU, Firecracker and Cloud Hypervisor configurations naming the stored blobs.
+//! [`vm::run`] boots that kit in a QEMU microVM and runs a command in it (`vmrootfs run`).
+//! `examples/build_and_attach.rs` builds an image into a temporary store and prints what a
+//! runtime attaches, kit included.
 //!
 //! # Errors
 //!
