@@ -163,15 +163,9 @@ impl DirIndex {
         entries.into_iter()
     }
 
-    /// Keeps the directories `keep` says to (rebuilds the index).
-    pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
-        let kept: DirIndex =
-            self.iter().filter(|(p, _)| keep(p)).map(|(p, m)| (p.to_vec(), m.clone())).collect();
-        *self = kept;
-    }
-
-    /// Adds or replaces one directory (rebuilds the index: for small ones).
-    pub fn insert(&mut self, path: Vec<u8>, meta: DirMeta) {
+    /// Adds or replaces one directory (rebuilds the index: for the unit tests' small ones).
+    #[cfg(test)]
+    pub(crate) fn insert(&mut self, path: Vec<u8>, meta: DirMeta) {
         let all = std::mem::take(self).into_entries().chain(std::iter::once((path, meta)));
         *self = all.collect();
     }

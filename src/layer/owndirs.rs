@@ -72,8 +72,9 @@ impl OwnDirs {
         &self.names[start..self.ends[i]]
     }
 
-    /// Adds or replaces one directory (rebuilds the list: for small ones).
-    pub fn insert(&mut self, path: Vec<u8>, opaque: bool) {
+    /// Adds or replaces one directory (rebuilds the list: for the unit tests' small ones).
+    #[cfg(test)]
+    pub(crate) fn insert(&mut self, path: Vec<u8>, opaque: bool) {
         let own = std::mem::take(self);
         *self = own.iter().map(|(p, o)| (p.to_vec(), o)).chain(std::iter::once((path, opaque))).collect();
     }
