@@ -277,7 +277,7 @@ pub struct MergedBlob {
     pub size: u64,
     /// sha256 hex of the blob file.
     pub blob_sha256: String,
-    /// What made it ([`crate::merge::MERGE_FORMAT`]); records from before the field name
+    /// What made it (2: vmrootfs's merge writer); records from before the field name
     /// blobs of mkfs.erofs' rebuild mode, format 1.
     #[serde(default = "crate::merge::mkfs_merge_format")]
     pub format: u32,

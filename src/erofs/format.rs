@@ -50,7 +50,7 @@ pub enum DataLayout {
     /// Compressed, compact indexes.
     CompressedCompact = 3,
     /// Chunks of `BLOCK << chunk_bits` bytes, each mapped by a block map entry or a chunk index
-    /// after the inode and its xattrs; [`NULL_ADDR`] is a hole.
+    /// after the inode and its xattrs; `NULL_ADDR` is a hole.
     ChunkBased = 4,
 }
 
