@@ -710,7 +710,7 @@ impl Builder {
                 dirs_sha256: None,
                 own_sha256: None,
             };
-            let record = self.store.publish_layer(&out, &merged, &finished.own, &record)?;
+            let record = self.store.publish_layer(&out, &merged, &record)?;
             if let Some(v) = &verity {
                 self.store.publish_verity(fs, &plan.chain[i], &tree, v, &record.blob_sha256)?;
             }

@@ -181,3 +181,14 @@ pub fn info(msg: &str) {
         eprintln!("{msg}");
     }
 }
+
+/// `e` with its causes, `: `-separated (for a line that reports an error and goes on).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg += &format!(": {c}");
+        cause = c.source();
+    }
+    msg
+}

@@ -318,7 +318,9 @@ pub struct LayerRecord {
     /// sha256 hex of the `.dirs` sidecar (local conversions; pulled blobs have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirs_sha256: Option<String>,
-    /// sha256 hex of the `.own` sidecar (local conversions; pulled blobs have none).
+    /// sha256 hex of the `.own` sidecar that older versions wrote beside local EROFS
+    /// conversions (merged format 1 read it); kept readable, never written now, checked by
+    /// nothing (nothing reads the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub own_sha256: Option<String>,
 }

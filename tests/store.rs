@@ -724,7 +724,7 @@ fn a_verity_tree_is_only_reused_beside_its_own_blob() {
 }
 
 /// Issue 17 item 21: `verify` reports each damaged file a record depends on (a layer's
-/// `.json`, `.dirs`, `.own`, `.verity.json`), naming it and how to repair it.
+/// `.json`, `.dirs`, `.verity.json`), naming it and how to repair it.
 #[test]
 fn verify_reports_damaged_sidecars_and_how_to_repair_them() {
     let dir = scratch("verify-sidecars");
@@ -734,7 +734,7 @@ fn verify_reports_damaged_sidecars_and_how_to_repair_them() {
     let (ok, built, err) = build_with(&store, &layout, "t", &["--verity"]);
     assert!(ok, "{err}");
     let blob = &lower_paths(&built)[0];
-    for ext in ["json", "dirs", "own", "verity.json"] {
+    for ext in ["json", "dirs", "verity.json"] {
         let path = beside(blob, ext);
         let whole = std::fs::read(&path).unwrap();
         overwrite(&path, &whole[..whole.len() / 2]);
@@ -747,6 +747,47 @@ fn verify_reports_damaged_sidecars_and_how_to_repair_them() {
     }
     let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
     assert!(ok, "{out}{err}");
+}
+
+/// A store written before the `.own` sidecar was dropped: a layer record naming the
+/// `own_sha256` of an `.own` beside its blob. The layer is reused by a build with the `.own`
+/// there, cut or gone (nothing reads it); `verify` passes whatever the `.own` holds; `rm`
+/// deletes the `.own` with its blob. A new conversion writes no `.own`.
+#[test]
+fn an_old_stores_own_sidecar_is_ignored_and_removed_with_its_blob() {
+    let dir = scratch("old-own");
+    let layout = dir.path().join("l");
+    oci_layout(&layout, "t", &[small_layer("x"), small_layer("y")]);
+    let store = dir.path().join("store");
+    let (ok, built, err) = build_with(&store, &layout, "a", &["--fs", "erofs"]);
+    assert!(ok, "{err}");
+    let blobs = lower_paths(&built);
+    for blob in &blobs {
+        assert!(beside(blob, "dirs").exists() && !beside(blob, "own").exists(), "{}", blob.display());
+    }
+    // What an older version left: `.own` files and their sha256 in the records.
+    let own_text = b"2 \n0 x\n";
+    for blob in &blobs {
+        std::fs::write(beside(blob, "own"), own_text).unwrap();
+        let json = beside(blob, "json");
+        let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        record["own_sha256"] = sha256(own_text)[7..].to_string().into();
+        overwrite(&json, &serde_json::to_vec(&record).unwrap());
+    }
+    let (ok, again, err) = build_with(&store, &layout, "b", &["--fs", "erofs"]);
+    assert!(ok, "{err}");
+    assert_eq!(again["cached"], true, "the layers with an .own are reused: {err}");
+    overwrite(&beside(&blobs[0], "own"), b"cut");
+    std::fs::remove_file(beside(&blobs[1], "own")).unwrap();
+    let (ok, again, err) = build_with(&store, &layout, "c", &["--fs", "erofs"]);
+    assert!(ok, "{err}");
+    assert_eq!(again["cached"], true, "a cut or missing .own is not damage: {err}");
+    let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "verify ignores the .own: {out}{err}");
+    let (ok, _, err) = run(vmrootfs(&store).args(["rm", "a", "b", "c"]));
+    assert!(ok, "{err}");
+    assert!(!blobs[0].exists() && !beside(&blobs[0], "own").exists(), "the .own goes with its blob");
+    assert!(!beside(&blobs[0], "json").exists() && !beside(&blobs[0], "dirs").exists());
 }
 
 /// Issue 17 item 21: a build never reuses a blob one byte short or a cut dm-verity tree, and

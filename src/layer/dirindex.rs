@@ -114,11 +114,6 @@ impl DirIndex {
         build.index
     }
 
-    /// How many bytes the paths take, back to back.
-    pub fn path_bytes(&self) -> usize {
-        self.names.len()
-    }
-
     /// How many directories.
     pub fn len(&self) -> usize {
         self.dirs.len()

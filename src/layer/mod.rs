@@ -11,7 +11,6 @@ pub mod dirindex;
 pub mod entry;
 pub mod meta;
 pub mod normalize;
-pub mod owndirs;
 pub mod path;
 pub mod pathtree;
 pub mod pax;

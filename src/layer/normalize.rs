@@ -32,7 +32,6 @@ use std::num::NonZeroU32;
 
 use super::dirindex::{DirIndex, DirMeta, NodeKind};
 use super::meta::{EntryMeta, XattrHolder, XattrRefused, applied_xattrs, is_reserved_xattr};
-use super::owndirs::OwnDirs;
 use super::path::{self, EntryAction, PathError};
 use super::pathtree::{PathId, PathTree, PathTreeFull};
 use super::pax::{TarKind, TarWriter};
@@ -109,8 +108,6 @@ enum Node {
 pub struct FinishedLayer {
     /// The merged directories of the stack up to this layer (stored as the `.dirs` sidecar).
     pub merged: DirIndex,
-    /// The layer's own directories and which are opaque (the `.own` sidecar of EROFS layers).
-    pub own: OwnDirs,
 }
 
 /// Turns one layer's entries into the normalized stream written to `W`.
@@ -534,7 +531,6 @@ impl<W: Write> Normalizer<W> {
                 self.opaque.insert(p.to_vec());
             }
         }
-        let own = OwnDirs::of_index(&layer_dirs, |p| self.opaque.contains(p));
         for ((p, meta), &implicit) in layer_dirs.iter().zip(&implicit) {
             let opaque = self.opaque.contains(p);
             if implicit || opaque {
@@ -566,7 +562,7 @@ impl<W: Write> Normalizer<W> {
             }
         });
         let out = self.out.finish().map_err(NormalizeError::Write)?;
-        Ok((FinishedLayer { merged, own }, out))
+        Ok((FinishedLayer { merged }, out))
     }
 }
 
@@ -807,7 +803,6 @@ mod tests {
             }
             let (done, _) = n.finish(&DirIndex::default()).unwrap();
             assert_eq!(done.merged.iter().count(), 1 + 1 + DIRS / 1000 + DIRS);
-            assert_eq!(done.own.get(b"tree/d007/dir-007123"), Some(false));
             assert_eq!(done.merged.get(b"tree/d007/dir-007123").map(|m| m.mode), Some(0o755));
         });
         let per_dir = peak / DIRS;

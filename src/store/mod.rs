@@ -10,9 +10,9 @@
 //!   layers/<fs>-v<N>/<chain hex>.<fs>       layer blob, read-only; N = recipe version
 //!   layers/<fs>-v<N>/<chain hex>.dirs       directories of the stack up to this layer
 //!   layers/<fs>-v<N>/<chain hex>.json       LayerRecord: size and sha256 of the blob, and
-//!                                       the sha256 of its .dirs and .own
-//!   layers/<fs>-v<N>/<chain hex>.own        the layer's own directories, which are opaque
-//!                                       (needed for EROFS layers: `build --merge`)
+//!                                       the sha256 of its .dirs
+//!   layers/<fs>-v<N>/<chain hex>.own        older stores only (merged format 1 read it):
+//!                                       read by nothing now, removed with its blob
 //!   layers/<fs>-v<N>/<chain hex>.<fs>.lock  the layer lock
 //!   layers/<fs>-v<N>/<chain hex>.verity     the blob's dm-verity tree (`build --verity`):
 //!                                       superblock + hash blocks, as appended to the blob
@@ -101,7 +101,6 @@ pub use verify::BadBlob;
 use crate::backend::FsType;
 use crate::digest::InvalidDigest;
 use crate::layer::dirindex::DirIndex;
-use crate::layer::owndirs::OwnDirs;
 use crate::lock::FileLock;
 use crate::record::{
     BlobId, BlobKind, ImageRecord, LayerRecord, Located, LocatedRecord, MergedBlob, SquashedBlob,
@@ -631,7 +630,8 @@ impl Store {
 
     /// What the store holds under the current recipe's key of `chain_id`, for a tar build.
     /// A layer is ready when its blob has the size its `.json` record gives and its `.dirs`
-    /// (and, for EROFS, `.own`) sidecars are there with the sha256 the record names; anything
+    /// sidecar is there with the sha256 the record names (a pulled blob has none: it is not a
+    /// local conversion, whose `.dirs` the next layer needs); anything
     /// else is unusable as it is, and the build converts the layer again (see
     /// [`Store::publish_layer`] for what it may then replace).
     pub(crate) fn layer_state(&self, fs: FsType, chain_id: &Digest) -> Result<LayerState, StoreError> {
@@ -641,29 +641,22 @@ impl Store {
             LayerSlot::Damaged(why) => return Ok(LayerState::Unusable { record: None, why }),
             LayerSlot::Published(r) => r,
         };
-        let mut sidecars = vec![("dirs", record.dirs_sha256.clone())];
-        // An EROFS layer is merged from its `.own`; ext4 blobs made before it existed stay.
-        if fs == FsType::Erofs {
-            sidecars.push(("own", record.own_sha256.clone()));
-        }
-        for (ext, want) in sidecars {
-            let path = self.sidecar(&id, ext);
-            let found = match crate::digest::sha256_file_hex(&path) {
-                Ok(found) => found,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    return Ok(LayerState::Unusable {
-                        record: Some(record),
-                        why: LayerDamage::NoSidecar { path },
-                    });
-                }
-                Err(e) => return Err(StoreError::Io { path, source: e }),
-            };
-            if want.is_some_and(|want| want != found) {
+        let path = self.sidecar(&id, "dirs");
+        let found = match crate::digest::sha256_file_hex(&path) {
+            Ok(found) => found,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Ok(LayerState::Unusable {
                     record: Some(record),
-                    why: LayerDamage::SidecarChanged { path },
+                    why: LayerDamage::NoSidecar { path },
                 });
             }
+            Err(e) => return Err(StoreError::Io { path, source: e }),
+        };
+        if record.dirs_sha256.as_ref().is_some_and(|want| *want != found) {
+            return Ok(LayerState::Unusable {
+                record: Some(record),
+                why: LayerDamage::SidecarChanged { path },
+            });
         }
         Ok(LayerState::Ready(record))
     }
@@ -891,8 +884,8 @@ impl Store {
         tempfile::Builder::new().prefix(prefix).tempdir_in(&tmp).map_err(io_at(&tmp))
     }
 
-    /// Publishes a finished blob (`blob`, in `tmp/`) with its own directories, its directory
-    /// index and its record (which gets their sha256); returns the record as published.
+    /// Publishes a finished blob (`blob`, in `tmp/`) with its directory index and its record
+    /// (which gets the index's sha256); returns the record as published.
     ///
     /// A blob published under the same key with another sha256 in its readable record is
     /// never replaced ([`StoreError::WouldReplace`]); one whose record is missing or
@@ -903,7 +896,6 @@ impl Store {
         &self,
         blob: &Path,
         dirs: &DirIndex,
-        own: &OwnDirs,
         record: &LayerRecord,
     ) -> Result<LayerRecord, StoreError> {
         let id = BlobId::new(BlobKind::Layer, record.fs, record.recipe, &record.chain_id)?;
@@ -911,7 +903,6 @@ impl Store {
         let dir = self.layer_dir(id.fs, id.recipe);
         create_dir(&dir)?;
         let mut record = record.clone();
-        record.own_sha256 = Some(write_atomic_hashed(&self.sidecar(&id, "own"), |out| own.write_to(out))?);
         record.dirs_sha256 = Some(write_atomic_hashed(&self.sidecar(&id, "dirs"), |out| dirs.write_to(out))?);
         self.publish_with_record(blob, &id, &record)?;
         Ok(record)
@@ -1154,8 +1145,7 @@ mod tests {
         assert_eq!(parse_blob_name("zfs-v2", &format!("{}.zfs", "ab".repeat(32))), None);
     }
 
-    /// The `.dirs` and `.own` sidecars are streamed to their files, not rendered in memory
-    /// first: publishing a layer of 200,000 directories holds a few buffers, not the text.
+    /// The `.dirs` sidecar is streamed to its file, not rendered in memory first: publishing a layer of 200,000 directories holds a few buffers, not the text.
     #[test]
     fn publishing_a_layer_holds_at_most_16_heap_bytes_per_directory() {
         use crate::layer::dirindex::DirMeta;
@@ -1164,7 +1154,6 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let path = |n: usize| format!("usr/share/many/dir-{n:07}").into_bytes();
         let dirs: DirIndex = (0..DIRS).map(|n| (path(n), DirMeta::fallback())).collect();
-        let own: OwnDirs = (0..DIRS).map(|n| (path(n), n % 7 == 0)).collect();
         let blob = store.root.join("tmp").join("layer.ext4");
         fs_err::write(&blob, b"blob").unwrap();
         let record = LayerRecord {
@@ -1178,8 +1167,7 @@ mod tests {
             dirs_sha256: None,
             own_sha256: None,
         };
-        let (published, peak) =
-            crate::heap_meter::peak_during(|| store.publish_layer(&blob, &dirs, &own, &record));
+        let (published, peak) = crate::heap_meter::peak_during(|| store.publish_layer(&blob, &dirs, &record));
         let published = published.unwrap();
         println!("{} heap bytes per directory at the peak ({peak} for {DIRS})", peak / DIRS);
         assert!(peak / DIRS <= 16, "{} heap bytes per directory", peak / DIRS);
@@ -1190,9 +1178,7 @@ mod tests {
         assert_eq!(fs_err::read(store.sidecar(&id, "dirs")).unwrap(), text);
         let sha = |b: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b));
         assert_eq!(published.dirs_sha256.as_deref(), Some(sha(&text).as_str()));
-        let mut text = Vec::new();
-        own.write_to(&mut text).unwrap();
-        assert_eq!(fs_err::read(store.sidecar(&id, "own")).unwrap(), text);
-        assert_eq!(published.own_sha256.as_deref(), Some(sha(&text).as_str()));
+        assert_eq!(published.own_sha256, None);
+        assert!(!store.sidecar(&id, "own").exists(), "no .own sidecar");
     }
 }

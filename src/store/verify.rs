@@ -1,7 +1,8 @@
 //! `verify`: every blob an image record references is re-hashed against every record that
 //! names it and checked with its filesystem's own checker (a merged blob together with its
 //! layer blobs, its devices); each file the blob's use depends on is checked too (its `.json`
-//! record, a layer's `.dirs` and `.own`, a tree's `.verity.json`); a lower with a dm-verity
+//! record, a layer's `.dirs`, a tree's `.verity.json`; an older store's `.own` is not
+//! checked: nothing reads it, so its bytes cannot change what a build or a mount makes); a lower with a dm-verity
 //! tree also has the tree recomputed from the blob, its root digest compared with the
 //! record's and the stored tree with the recomputed one. Each bad blob comes with how to
 //! repair it.
@@ -15,9 +16,9 @@ use oci_spec::image::Digest;
 use serde::Serialize;
 
 use super::{Store, StoreError, StoredVerity, read_sidecar};
-use crate::backend::{self, FsType};
+use crate::backend;
 use crate::layer::dirindex::DirIndex;
-use crate::layer::owndirs::OwnDirs;
+use crate::progress::error_chain;
 use crate::record::{BlobId, BlobKind, ImageRecord, LayerRecord};
 use crate::verity::VerityInfo;
 
@@ -149,8 +150,8 @@ impl Store {
     }
 
     /// What is wrong with the files beside the blob `id` that its use depends on: its `.json`
-    /// record (which must describe the blob), and a layer's `.dirs` and `.own` (which must
-    /// read back, and have the sha256 the record names, when it names one).
+    /// record (which must describe the blob), and a layer's `.dirs` (which must read back,
+    /// and have the sha256 the record names, when it names one).
     fn check_sidecars(&self, id: &BlobId, blob: &Path) -> Vec<String> {
         let json = self.sidecar(id, "json");
         let size = fs_err::metadata(blob).map(|m| m.len()).ok();
@@ -187,13 +188,6 @@ impl Store {
             }
         };
         let Some(record) = record else { return problems };
-        if id.fs == FsType::Erofs && id.kind == BlobKind::Layer {
-            problems.extend(
-                self.check_listing(id, "own", record.own_sha256.as_deref(), |r| {
-                    OwnDirs::read_from(r).map(drop)
-                }),
-            );
-        }
         problems.extend(
             self.check_listing(id, "dirs", record.dirs_sha256.as_deref(), |r| {
                 DirIndex::read_from(r).map(drop)
@@ -202,9 +196,9 @@ impl Store {
         problems
     }
 
-    /// What is wrong with the `.dirs` or `.own` sidecar `ext` of the layer `id`: it must
-    /// have the sha256 `want` (when the record names one: local conversions) and read back.
-    /// Pulled layers have neither.
+    /// What is wrong with the listing sidecar `ext` (`.dirs`) of the layer `id`: it must have
+    /// the sha256 `want` (when the record names one: local conversions) and read back.
+    /// Pulled layers have none.
     fn check_listing(
         &self,
         id: &BlobId,
@@ -271,17 +265,6 @@ fn expectations(record: &ImageRecord) -> Result<Vec<(BlobId, Expected)>, crate::
         out.push((m.id()?, expected(&m.blob_sha256, m.size, None)));
     }
     Ok(out)
-}
-
-/// `e` with its causes, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        msg += &format!(": {c}");
-        cause = c.source();
-    }
-    msg
 }
 
 /// What is wrong with the dm-verity tree `tree` of `lower` (blob `blob`), if anything: it is
