@@ -87,8 +87,8 @@ pub enum BuildError {
         /// The filesystem asked for.
         fs: FsType,
     },
-    /// `squash` or `merge` asked for an EROFS image.
-    #[error("--squash and --merge are not supported for EROFS images yet: build without them")]
+    /// `squash` asked for an EROFS image.
+    #[error("--squash is not supported for EROFS images yet: build without it")]
     ErofsImageNoSquash,
     /// Making the merged blob (`merge`) failed.
     #[error("merging the image")]
@@ -357,16 +357,14 @@ impl Builder {
         if let Some(erofs) = &image.erofs {
             return self.store_erofs_image(spec, tag, &*source, &image, erofs, reporter);
         }
-        // Squashed and merged blobs are made only over layers converted here (see
-        // `store_erofs_image`): with either, the image is converted, as if no converted one
-        // existed.
-        let flattens = self.opts.squash || self.opts.merge;
-        if self.opts.use_converted && flattens {
+        // Squashed blobs are made only over layers converted here (see `store_erofs_image`):
+        // with --squash, the image is converted, as if no converted one existed.
+        if self.opts.use_converted && self.opts.squash {
             reporter.line(
-                "--use-converted is not used with --squash or --merge (they are made only from layers converted here): converting",
+                "--use-converted is not used with --squash (it is made only from layers converted here): converting",
             );
         }
-        let wants_converted = self.opts.use_converted && self.opts.fs == FsType::Erofs && !flattens;
+        let wants_converted = self.opts.use_converted && self.opts.fs == FsType::Erofs && !self.opts.squash;
         if wants_converted
             && let Some(converted) = source.converted(&image.manifest_digest, FsType::Erofs.recipe())?
         {
@@ -374,7 +372,15 @@ impl Builder {
             let source = source::open(&converted, &self.opts.registry)?;
             let image = source.resolve(&self.opts.platform)?;
             if let Some(erofs) = &image.erofs {
-                return self.store_erofs_image(spec, tag, &*source, &image, erofs, reporter);
+                // A blob the merge cannot read (another producer's inlined file tails) is
+                // converted here instead; the pulled blobs stay until `gc`.
+                match self.store_erofs_image(spec, tag, &*source, &image, erofs, reporter) {
+                    Err(BuildError::Merge(e)) if e.is_unmergeable_blob() => reporter.line(&format!(
+                        "--merge: the converted image's layers cannot be merged ({}): converting",
+                        crate::progress::error_chain(&e)
+                    )),
+                    done => return done,
+                }
             }
         }
         for l in &image.layers {
@@ -469,7 +475,9 @@ impl Builder {
         Ok(())
     }
 
-    /// Builds an image that is EROFS already: its blobs are stored as they are ([`crate::pull`]).
+    /// Builds an image that is EROFS already: its blobs are stored as they are ([`crate::pull`]);
+    /// with `--merge`, the merged blob is made over them ([`crate::merge`]; a blob it cannot
+    /// read ends in [`BuildError::Merge`], before anything is recorded).
     fn store_erofs_image(
         &self,
         spec: &str,
@@ -482,7 +490,7 @@ impl Builder {
         if self.opts.fs != FsType::Erofs {
             return Err(BuildError::ErofsImageIsErofs { fs: self.opts.fs });
         }
-        if self.opts.squash || self.opts.merge {
+        if self.opts.squash {
             return Err(BuildError::ErofsImageNoSquash);
         }
         let (mut lowers, mut cached) = crate::pull::pull(
@@ -503,7 +511,12 @@ impl Builder {
                 l.verity = Some(info);
             }
         }
-        let record = new_record(spec, tag, source, image, lowers);
+        let mut record = new_record(spec, tag, source, image, lowers);
+        if self.opts.merge {
+            let top = &record.lowers.last().ok_or(BuildError::MergeNoLayers)?.chain_id;
+            cached &= self.store.merged(top)?.is_some();
+            record.merged = Some(crate::merge::merge(&self.store, &record.lowers, self.opts.verity)?);
+        }
         self.put_record(image, &record)?;
         Ok(BuildResult { record: self.store.locate(record)?, cached })
     }

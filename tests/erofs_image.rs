@@ -744,23 +744,113 @@ fn push_to_a_layout_or_archive_refuses_a_stored_blob_that_differs_from_its_recor
     }
 }
 
-/// Item 25: `--use-converted --merge` behaves like `--use-converted --squash`: with a converted
-/// image in the registry it converts locally (a merged blob needs the layers' own directory
-/// sidecars, which pulled blobs lack) and says why, rather than failing.
+/// Item 25, now that a merge reads layer blobs: `--use-converted --merge` with a converted
+/// image in the registry merges its pulled blobs, converting nothing and fetching no tar
+/// layer (the stored layers have no `.dirs`: pulled, not converted), into the merged blob a
+/// local conversion gives.
 #[test]
-fn use_converted_with_merge_falls_back_to_converting() {
+fn use_converted_with_merge_merges_the_pulled_blobs() {
     let reg = Registry::start(None);
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
     reg.push(&format!("oci-archive:{}:busybox", demo.display()), "lab/bb:1", None, false);
     let dir = scratch("use-converted-merge");
     let source = format!("{}/lab/bb:1", reg.addr);
-    let (ok, _, err) = build_json(&dir.path().join("a"), &[&source, "--tag", "src"]);
+    let (ok, local, err) = build_json(&dir.path().join("a"), &[&source, "--tag", "src", "--merge"]);
     assert!(ok, "{err}");
     push_json(&dir.path().join("a"), &["src", &format!("{}/lab/bb:erofs", reg.addr)]);
+    let tar_gets = |reg: &Registry| -> usize {
+        let layers = local["lowers"].as_array().unwrap();
+        layers.iter().map(|l| reg.blob_gets_in("lab/bb", l["digest"].as_str().unwrap())).sum()
+    };
+    let before = tar_gets(&reg);
     let (ok, merged, err) = build_json(&dir.path().join("b"), &[&source, "--use-converted", "--merge"]);
     assert!(ok, "{err}");
-    assert!(merged["merged"]["path"].is_string(), "{merged}");
-    assert!(err.contains("--use-converted") && err.contains("--merge"), "says why it converts: {err}");
+    assert!(err.contains("using the converted image"), "{err}");
+    assert!(!err.contains("converting"), "nothing converted: {err}");
+    assert_eq!(tar_gets(&reg), before, "no tar layer fetched");
+    for (blob, _) in lowers_of(&merged) {
+        assert!(!blob.with_extension("dirs").exists(), "{} was pulled, not converted", blob.display());
+    }
+    assert_eq!(blob_hashes(&merged), blob_hashes(&local));
+    let path = |r: &serde_json::Value| PathBuf::from(r["merged"]["path"].as_str().unwrap());
+    assert_eq!(
+        vmrootfs::digest::sha256_file_hex(&path(&merged)).unwrap(),
+        vmrootfs::digest::sha256_file_hex(&path(&local)).unwrap(),
+        "the merged blob of the pulled layers is the local one"
+    );
+    let (ok, out, err) = run(vmrootfs(&dir.path().join("b")).arg("verify"));
+    assert!(ok, "{out}{err}");
+}
+
+/// `--use-converted --merge` whose converted image holds another producer's blob with an
+/// inlined file tail (mkfs.erofs's default), which a merged image cannot reference: the build
+/// says why and converts the tar layers, merging those.
+#[test]
+fn use_converted_with_merge_converts_when_a_pulled_blob_cannot_be_merged() {
+    let reg = Registry::start(None);
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    reg.push(&format!("oci-archive:{}:busybox", demo.display()), "lab/bb:1", None, false);
+    let dir = scratch("use-converted-merge-inlined");
+    let source = format!("{}/lab/bb:1", reg.addr);
+    let (ok, local, err) = build_json(&dir.path().join("a"), &[&source, "--tag", "src", "--merge"]);
+    assert!(ok, "{err}");
+    // The converted image, its first layer replaced by a foreign blob (no `dev.vmrootfs.*`
+    // layer annotations) with a 3-byte file kept inline, listed as the source's referrer.
+    let layout = dir.path().join("conv");
+    push_json(&dir.path().join("a"), &["src", &format!("oci:{}", layout.display())]);
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("hello"), "hi\n").unwrap();
+    let foreign = dir.path().join("foreign.erofs");
+    let out =
+        std::process::Command::new("mkfs.erofs").arg("--quiet").arg(&foreign).arg(&tree).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let foreign = std::fs::read(&foreign).unwrap();
+    let foreign_digest = sha256(&foreign);
+    rewrite(&layout, |manifest, config, blobs| {
+        std::fs::write(blobs.join(&foreign_digest[7..]), &foreign).unwrap();
+        let layer = &mut manifest["layers"][0];
+        layer["digest"] = foreign_digest.clone().into();
+        layer["size"] = foreign.len().into();
+        layer["annotations"].as_object_mut().unwrap().retain(|k, _| !k.starts_with("dev.vmrootfs."));
+        config["rootfs"]["diff_ids"][0] = foreign_digest.clone().into();
+    });
+    let (entry, manifest, _) = layout_image(&layout, "latest");
+    let referrers = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": MANIFEST_TYPE, "digest": entry["digest"], "size": entry["size"],
+                       "annotations": manifest["annotations"]}],
+    }))
+    .unwrap();
+    std::fs::write(layout.join("blobs/sha256").join(&sha256(&referrers)[7..]), &referrers).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": sha256(&referrers),
+        "size": referrers.len(), "annotations": {"org.opencontainers.image.ref.name": "referrers"},
+    }]});
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    let tag = local["manifest_digest"].as_str().unwrap().replace(':', "-");
+    reg.push(&format!("oci:{}:referrers", layout.display()), &format!("lab/bb:{tag}"), None, true);
+
+    let store = dir.path().join("b");
+    let (ok, merged, err) = build_json(&store, &[&source, "--use-converted", "--merge"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("using the converted image"), "{err}");
+    assert!(
+        err.contains("cannot be merged") && err.contains("inlined tail") && err.contains("converting"),
+        "says why it converts: {err}"
+    );
+    for (blob, _) in lowers_of(&merged) {
+        assert!(blob.with_extension("dirs").exists(), "{} was converted here", blob.display());
+    }
+    assert_eq!(blob_hashes(&merged), blob_hashes(&local));
+    let path = |r: &serde_json::Value| PathBuf::from(r["merged"]["path"].as_str().unwrap());
+    assert_eq!(
+        vmrootfs::digest::sha256_file_hex(&path(&merged)).unwrap(),
+        vmrootfs::digest::sha256_file_hex(&path(&local)).unwrap()
+    );
+    let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
+    assert!(ok, "{out}{err}");
 }
 
 /// An image of other bytes than `claimed`'s layer (tag `b` of a producer store under `base`,

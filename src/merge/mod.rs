@@ -138,6 +138,21 @@ pub enum MergeError {
     },
 }
 
+impl MergeError {
+    /// Whether a layer blob is what the merge cannot use (not EROFS, an old recipe, a layout
+    /// or inlined file tails it cannot reference), as opposed to the store or the writing
+    /// failing: a build that has the layers' tar source may convert them instead.
+    pub fn is_unmergeable_blob(&self) -> bool {
+        match self {
+            MergeError::Read(e) | MergeError::Tree(tree::TreeError::Read(e)) => {
+                !matches!(e, ReadError::Io { .. })
+            }
+            MergeError::Tree(_) | MergeError::Layout { .. } | MergeError::OldRecipe { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> MergeError + '_ {
     move |source| MergeError::Io { path: path.to_owned(), source }
 }
@@ -154,7 +169,8 @@ pub fn merge(store: &Store, lowers: &[Lower], verity: bool) -> Result<MergedBlob
         if l.fs != FsType::Erofs {
             return Err(MergeError::NotErofs { chain_id: l.chain_id.clone(), fs: l.fs });
         }
-        if l.recipe < crate::backend::EROFS_MERGEABLE_RECIPE {
+        // Another producer's blob (recipe 0) is judged by the reader, file by file.
+        if l.recipe != crate::pull::IMPORTED_RECIPE && l.recipe < crate::backend::EROFS_MERGEABLE_RECIPE {
             return Err(MergeError::OldRecipe { chain_id: l.chain_id.clone(), recipe: l.recipe });
         }
     }
