@@ -747,7 +747,7 @@ fn push_to_a_layout_or_archive_refuses_a_stored_blob_that_differs_from_its_recor
 /// Item 25, now that a merge reads layer blobs: `--use-converted --merge` with a converted
 /// image in the registry merges its pulled blobs, converting nothing and fetching no tar
 /// layer (the stored layers have no `.dirs`: pulled, not converted), into the merged blob a
-/// local conversion gives.
+/// local conversion gives; so does `build --merge` of the pushed EROFS image.
 #[test]
 fn use_converted_with_merge_merges_the_pulled_blobs() {
     let reg = Registry::start(None);
@@ -780,6 +780,14 @@ fn use_converted_with_merge_merges_the_pulled_blobs() {
     );
     let (ok, out, err) = run(vmrootfs(&dir.path().join("b")).arg("verify"));
     assert!(ok, "{out}{err}");
+    // The pushed EROFS image itself, built with --merge: the same merged blob.
+    let pushed = format!("{}/lab/bb:erofs", reg.addr);
+    let (ok, direct, err) = build_json(&dir.path().join("c"), &[&pushed, "--merge"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        vmrootfs::digest::sha256_file_hex(&path(&direct)).unwrap(),
+        vmrootfs::digest::sha256_file_hex(&path(&local)).unwrap()
+    );
 }
 
 /// `--use-converted --merge` whose converted image holds another producer's blob with an
