@@ -774,8 +774,8 @@ fn use_converted_with_merge_merges_the_pulled_blobs() {
     assert_eq!(blob_hashes(&merged), blob_hashes(&local));
     let path = |r: &serde_json::Value| PathBuf::from(r["merged"]["path"].as_str().unwrap());
     assert_eq!(
-        vmrootfs::digest::sha256_file_hex(&path(&merged)).unwrap(),
-        vmrootfs::digest::sha256_file_hex(&path(&local)).unwrap(),
+        sha256_file_hex(&path(&merged)).unwrap(),
+        sha256_file_hex(&path(&local)).unwrap(),
         "the merged blob of the pulled layers is the local one"
     );
     let (ok, out, err) = run(vmrootfs(&dir.path().join("b")).arg("verify"));
@@ -784,10 +784,7 @@ fn use_converted_with_merge_merges_the_pulled_blobs() {
     let pushed = format!("{}/lab/bb:erofs", reg.addr);
     let (ok, direct, err) = build_json(&dir.path().join("c"), &[&pushed, "--merge"]);
     assert!(ok, "{err}");
-    assert_eq!(
-        vmrootfs::digest::sha256_file_hex(&path(&direct)).unwrap(),
-        vmrootfs::digest::sha256_file_hex(&path(&local)).unwrap()
-    );
+    assert_eq!(sha256_file_hex(&path(&direct)).unwrap(), sha256_file_hex(&path(&local)).unwrap());
 }
 
 /// `--use-converted --merge` whose converted image holds another producer's blob with an
@@ -853,10 +850,7 @@ fn use_converted_with_merge_converts_when_a_pulled_blob_cannot_be_merged() {
     }
     assert_eq!(blob_hashes(&merged), blob_hashes(&local));
     let path = |r: &serde_json::Value| PathBuf::from(r["merged"]["path"].as_str().unwrap());
-    assert_eq!(
-        vmrootfs::digest::sha256_file_hex(&path(&merged)).unwrap(),
-        vmrootfs::digest::sha256_file_hex(&path(&local)).unwrap()
-    );
+    assert_eq!(sha256_file_hex(&path(&merged)).unwrap(), sha256_file_hex(&path(&local)).unwrap());
     let (ok, out, err) = run(vmrootfs(&store).arg("verify"));
     assert!(ok, "{out}{err}");
 }
