@@ -332,7 +332,7 @@ pub fn run(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| ToolError::Spawn { tool: kit.qemu.display().to_string(), source })?;
-    let tail = follow(child, opts.timeout, [stdout_fifo, stderr_fifo], out, err)?;
+    let tail = follow(child, opts.timeout, [stdout_fifo, stderr_fifo], &status_file, out, err)?;
     let status = read_status(&status_file, tail)?;
     if !status.corrupt.is_empty() {
         let located = store.locate(record)?;
@@ -392,12 +392,21 @@ enum Event {
     StreamClosed,
 }
 
-/// Passes the command's output on until QEMU exits or `timeout` passes, then ends QEMU and
-/// copies what is left of the output. Returns the last console lines.
+/// How long a guest that has reported the command's final status gets to power off by itself
+/// before QEMU is ended: the status is all `run` waits for, and a guest kernel slow or stuck
+/// in its shutdown must not turn a finished command into a timeout.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(2);
+/// How often the status file is looked at while the guest runs.
+const STATUS_POLL: Duration = Duration::from_millis(200);
+
+/// Passes the command's output on until QEMU exits, the guest has reported its final status
+/// and had [`POWER_OFF_GRACE`] to power off, or `timeout` passes; then ends QEMU and copies
+/// what is left of the output. Returns the last console lines.
 fn follow(
     mut child: Child,
     timeout: Duration,
     streams: [Fifo; 2],
+    status_file: &Path,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<String, VmError> {
@@ -445,9 +454,22 @@ fn follow(
     let started = Instant::now();
     let mut tail: Vec<String> = Vec::new();
     let mut open_streams = 2;
+    let mut status_seen: Option<Instant> = None;
     let result = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        if left.is_zero() {
+            break Err(VmError::Timeout(timeout, tail.join(" | ")));
+        }
+        if status_seen.is_none() && has_final_status(status_file) {
+            status_seen = Some(Instant::now());
+        }
+        if status_seen.is_some_and(|seen| seen.elapsed() >= POWER_OFF_GRACE) {
+            crate::progress::debug(&format!(
+                "the guest reported its status but did not power off within {POWER_OFF_GRACE:?}: ending QEMU"
+            ));
+            break Ok(tail.join(" | "));
+        }
+        match rx.recv_timeout(left.min(STATUS_POLL)) {
             Ok(Event::Console(line)) => {
                 if line == "VMROOTFS-BEGIN" {
                     crate::progress::debug(&format!(
@@ -463,7 +485,8 @@ fn follow(
             }
             Ok(Event::ConsoleClosed) => break Ok(tail.join(" | ")),
             Ok(event) => on_stream(&mut sinks, event, &mut open_streams),
-            Err(_) => break Err(VmError::Timeout(timeout, tail.join(" | "))),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Ok(tail.join(" | ")),
         }
     };
     // Killing an exited QEMU fails harmlessly; waiting reaps it either way.
@@ -502,6 +525,12 @@ struct GuestStatus {
     corrupt: Vec<CorruptDrive>,
 }
 
+/// Whether `/init` has written its last status line (the exit status or `failed`, after any
+/// `corrupt` lines) to the status file: nothing more comes from the guest after it.
+fn has_final_status(path: &Path) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|text| text.ends_with('\n') && parse_status(&text).is_some())
+}
+
 /// The status `/init` wrote to its port; none means the guest stopped before the command ended.
 fn read_status(path: &Path, console_tail: String) -> Result<GuestStatus, VmError> {
     let text =
@@ -534,6 +563,19 @@ fn parse_status(text: &str) -> Option<GuestStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_whole_last_status_line_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status");
+        for (text, fin) in
+            [("", false), ("corrupt 1\n", false), ("3", false), ("3\n", true), ("corrupt 0\nfailed\n", true)]
+        {
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(has_final_status(&path), fin, "{text:?}");
+        }
+        assert!(!has_final_status(&dir.path().join("missing")));
+    }
 
     #[test]
     fn status_port_lines() {
