@@ -136,7 +136,7 @@ SPARSE=$PWD/target/bench-sparse
 [ -f "$SPARSE/index.json" ] || bash bench/make-sparse-layer.sh "$SPARSE" >&2
 chmod -R a+rX "$SPARSE"
 # The layer is the one gzip blob (smaller than the manifest and config).
-sparseblob=$(for b in "$SPARSE"/blobs/sha256/*; do gzip -t "$b" 2>/dev/null && echo "$b"; done | head -1)
+sparseblob=$(for b in "$SPARSE"/blobs/sha256/*; do if gzip -t "$b" 2>/dev/null; then echo "$b"; fi; done | head -1)
 RUNS=1 measure sparse-floor "true" "zcat $sparseblob > /dev/null"
 declare -A BLOB
 for fs in erofs ext4; do
