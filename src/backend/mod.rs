@@ -10,6 +10,8 @@ mod native;
 
 pub use ext4::Ext4Error;
 pub use native::is_zero;
+#[cfg(test)]
+pub(crate) use native::peak_heap_per_small_file;
 pub mod tool;
 
 use std::io::Write;
