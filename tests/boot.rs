@@ -120,34 +120,6 @@ fn boot_check_in(fs: &str, form: Form, verity: bool) -> tempfile::TempDir {
     dir
 }
 
-/// One byte of a file flipped, and flipped back when dropped (also when the test fails).
-struct Flipped {
-    path: std::path::PathBuf,
-    at: u64,
-}
-
-impl Flipped {
-    fn new(path: &Path, at: u64) -> Flipped {
-        flip(path, at);
-        Flipped { path: path.to_owned(), at }
-    }
-}
-
-impl Drop for Flipped {
-    fn drop(&mut self) {
-        flip(&self.path, self.at);
-    }
-}
-
-fn flip(path: &Path, at: u64) {
-    use std::os::unix::fs::FileExt;
-    // The store's blobs are read-only; root may write them anyway.
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, at).unwrap();
-    f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
-}
-
 #[test]
 fn boot_verity_stack_and_a_flipped_byte_names_the_lower() {
     let dir = boot_check_in("erofs", Form::Stack, true);

@@ -223,34 +223,6 @@ fn kit_merged_boots_with_its_qemu_sh() {
     assert_lines(&console, &["vmrootfs-init: status 5"]);
 }
 
-/// One byte of a file flipped, and flipped back when dropped (also when the test fails).
-struct Flipped {
-    path: PathBuf,
-    at: u64,
-}
-
-impl Flipped {
-    fn new(path: &Path, at: u64) -> Flipped {
-        flip(path, at);
-        Flipped { path: path.to_owned(), at }
-    }
-}
-
-impl Drop for Flipped {
-    fn drop(&mut self) {
-        flip(&self.path, self.at);
-    }
-}
-
-fn flip(path: &Path, at: u64) {
-    use std::os::unix::fs::FileExt;
-    // The store's blobs are read-only; root may write them anyway.
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-    let mut b = [0u8];
-    f.read_exact_at(&mut b, at).unwrap();
-    f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
-}
-
 /// A `--verity` image: each lower opened through dm-verity on the `hashes` drive (the trees,
 /// superblock blocks skipped); a flipped byte in lower 1 fails the guest's read and the
 /// console names the lower.
