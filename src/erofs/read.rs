@@ -284,19 +284,20 @@ impl Image {
         })
     }
 
+    /// The size of `inode`, a directory or symlink, which must be stored flat and hold at most
+    /// `max` bytes: what `what` names is refused otherwise.
+    fn flat_within(&self, inode: &Inode, max: u64, what: &'static str) -> Result<u64, ReadError> {
+        let size = inode.fields.size;
+        if inode.fields.layout == DataLayout::ChunkBased || size > max {
+            return Err(ReadError::TooBig { path: self.path().to_owned(), nid: inode.nid, what, size, max });
+        }
+        Ok(size)
+    }
+
     /// The entries of directory `inode`, without `.` and `..`, in on-disk order.
     pub fn dir_entries(&self, inode: &Inode) -> Result<Vec<DirEntry>, ReadError> {
         self.expect_type(inode, f::FT_DIR, "a directory")?;
-        let size = inode.fields.size;
-        if inode.fields.layout == DataLayout::ChunkBased || size > MAX_DIRECTORY_BYTES {
-            return Err(ReadError::TooBig {
-                path: self.path().to_owned(),
-                nid: inode.nid,
-                what: "directory (or one not stored flat)",
-                size,
-                max: MAX_DIRECTORY_BYTES,
-            });
-        }
+        let size = self.flat_within(inode, MAX_DIRECTORY_BYTES, "directory (or one not stored flat)")?;
         let mut out = Vec::new();
         let mut block = vec![0u8; f::BLOCK];
         for b in 0..size.div_ceil(BLOCK) {
@@ -315,16 +316,7 @@ impl Image {
     /// The target of symlink `inode`.
     pub fn symlink_target(&self, inode: &Inode) -> Result<Vec<u8>, ReadError> {
         self.expect_type(inode, f::FT_SYMLINK, "a symbolic link")?;
-        let size = inode.fields.size;
-        if size > MAX_SYMLINK_BYTES || inode.fields.layout == DataLayout::ChunkBased {
-            return Err(ReadError::TooBig {
-                path: self.path().to_owned(),
-                nid: inode.nid,
-                what: "symbolic link (or one not stored flat)",
-                size,
-                max: MAX_SYMLINK_BYTES,
-            });
-        }
+        let size = self.flat_within(inode, MAX_SYMLINK_BYTES, "symbolic link (or one not stored flat)")?;
         let mut target = vec![0u8; size as usize];
         let mut done = 0;
         while done < target.len() {
