@@ -170,6 +170,28 @@ impl Read for ChunkReader {
     }
 }
 
+/// Reads the next piece of an entry's data, of which `left` bytes remain, into `buf` (as much
+/// as it holds), and zeroes it up to a whole number of `block`-byte blocks. Returns the bytes
+/// read and that padded length; data that ends early is an `UnexpectedEof` naming how early.
+pub fn read_piece(
+    data: &mut dyn Read,
+    buf: &mut [u8],
+    left: u64,
+    block: usize,
+) -> io::Result<(usize, usize)> {
+    let want = left.min(buf.len() as u64) as usize;
+    let n = crate::digest::read_full(data, &mut buf[..want])?;
+    if n < want {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("entry data ends {} bytes early", left - n as u64),
+        ));
+    }
+    let padded = n.next_multiple_of(block);
+    buf[n..padded].fill(0);
+    Ok((n, padded))
+}
+
 /// Whether a block is all zeros (a hole, for the writers that keep holes).
 pub fn is_zero(block: &[u8]) -> bool {
     block.chunks_exact(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)

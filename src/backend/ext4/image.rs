@@ -30,7 +30,7 @@ use super::disk::{
     FileType, GroupDesc, INDEX_FL, INODE_SIZE, InodeFields, MAX_EXTENT_LEN, ROOT_INO, Xattrs,
 };
 use super::htree;
-use crate::backend::native::is_zero;
+use crate::backend::native::{is_zero, read_piece};
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
 use crate::layer::path;
@@ -413,17 +413,8 @@ impl ImageWriter {
         let first = self.extents.len();
         let (mut left, mut logical) = (size, 0u64);
         while left > 0 {
-            let want = left.min(CHUNK as u64) as usize;
-            let n = crate::digest::read_full(data, &mut self.chunk[..want]).map_err(DataError::Read)?;
-            if n < want {
-                return Err(DataError::Read(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("entry data ends {} bytes early", left - n as u64),
-                )));
-            }
+            let (n, padded) = read_piece(data, &mut self.chunk, left, BLOCK).map_err(DataError::Read)?;
             left -= n as u64;
-            let padded = n.next_multiple_of(BLOCK);
-            self.chunk[n..padded].fill(0);
             let blocks = padded / BLOCK;
             let zero = |chunk: &[u8], b: usize| is_zero(&chunk[b * BLOCK..(b + 1) * BLOCK]);
             let mut b = 0;
