@@ -393,6 +393,40 @@ impl Dirent {
     }
 }
 
+/// How a directory's entries, with names of these lengths in order, fill its blocks: the
+/// range of entries each block holds (a block is full when the next entry and its name no
+/// longer fit; one block at least), and the bytes the last block uses.
+pub fn dir_blocks(name_lens: impl IntoIterator<Item = usize>) -> (Vec<std::ops::Range<usize>>, usize) {
+    let mut blocks = Vec::new();
+    let (mut start, mut used, mut count) = (0, 0, 0);
+    for len in name_lens {
+        if used + DIRENT + len > BLOCK {
+            blocks.push(start..count);
+            (start, used) = (count, 0);
+        }
+        used += DIRENT + len;
+        count += 1;
+    }
+    blocks.push(start..count);
+    (blocks, used)
+}
+
+/// Writes one directory block's entries — (name, nid, file type), sorted by name — at the
+/// start of `block`: their dirents, then their names. Returns the bytes used.
+pub fn encode_dir_block<'a>(
+    entries: impl ExactSizeIterator<Item = (&'a [u8], u64, u8)>,
+    block: &mut [u8],
+) -> usize {
+    let mut nameoff = entries.len() * DIRENT;
+    for (i, (name, nid, file_type)) in entries.enumerate() {
+        block[i * DIRENT..][..DIRENT]
+            .copy_from_slice(&Dirent { nid, nameoff: nameoff as u16, file_type }.encode());
+        block[nameoff..][..name.len()].copy_from_slice(name);
+        nameoff += name.len();
+    }
+    nameoff
+}
+
 /// Bytes of the inline xattr header: a name filter (unused, 0), the count of shared xattr
 /// ids that follow it, reserved bytes.
 pub const XATTR_IBODY_HEADER: usize = 12;
@@ -426,13 +460,19 @@ pub fn xattr_entry_size(name_len: usize, value_len: usize) -> usize {
     (XATTR_ENTRY_HEAD + name_len + value_len).next_multiple_of(4)
 }
 
-/// The head of an xattr entry; the name (without its prefix) and the value follow it.
-pub fn xattr_entry_head(name_len: u8, name_index: u8, value_size: u16) -> [u8; XATTR_ENTRY_HEAD] {
-    let mut b = [0u8; XATTR_ENTRY_HEAD];
-    b[0] = name_len;
-    b[1] = name_index;
-    put16(&mut b, 2, value_size);
-    b
+/// Appends one inline xattr entry to `out`: its head (name length, name index, value size),
+/// the name without its prefix, the value, padded to 4 bytes. The caller has checked that the
+/// name fits a `u8` length and the value a `u16` size.
+pub fn push_xattr_entry(out: &mut Vec<u8>, name_index: u8, name: &[u8], value: &[u8]) {
+    debug_assert!(name.len() <= usize::from(u8::MAX) && value.len() <= usize::from(u16::MAX));
+    let mut head = [0u8; XATTR_ENTRY_HEAD];
+    head[0] = name.len() as u8;
+    head[1] = name_index;
+    put16(&mut head, 2, value.len() as u16);
+    out.extend_from_slice(&head);
+    out.extend_from_slice(name);
+    out.extend_from_slice(value);
+    out.resize(out.len().next_multiple_of(4), 0);
 }
 
 /// The built-in xattr name prefixes and their indexes. The POSIX ACLs are whole names (their

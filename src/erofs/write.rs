@@ -34,10 +34,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::format::{
-    self, BLOCK, BLOCK_MAP_ENTRY, DIRENT, DataLayout, Dirent, EXTENDED_INODE, Inode, NULL_ADDR, SLOT,
-    Superblock,
+    self, BLOCK, BLOCK_MAP_ENTRY, DataLayout, EXTENDED_INODE, Inode, NULL_ADDR, SLOT, Superblock,
 };
-use crate::backend::is_zero;
+use crate::backend::{is_zero, read_piece};
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
 use crate::layer::path;
@@ -403,17 +402,8 @@ impl ImageWriter {
         self.file_map.clear();
         let (mut left, mut holes) = (size, false);
         while left > 0 {
-            let want = left.min(PIECE as u64) as usize;
-            let n = crate::digest::read_full(data, &mut self.piece[..want]).map_err(DataError::Read)?;
-            if n < want {
-                return Err(DataError::Read(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("entry data ends {} bytes early", left - n as u64),
-                )));
-            }
+            let (n, padded) = read_piece(data, &mut self.piece, left, BLOCK).map_err(DataError::Read)?;
             left -= n as u64;
-            let padded = n.next_multiple_of(BLOCK);
-            self.piece[n..padded].fill(0);
             for c in self.piece[..padded].chunks(chunk) {
                 if is_zero(c) {
                     holes = true;
@@ -450,8 +440,8 @@ impl ImageWriter {
             let fixed = (EXTENDED_INODE + node.xattr_bytes()) as u64;
             let (tail, full_blocks, map) = match &node.kind {
                 Kind::Dir { .. } => {
-                    let (blocks, last) = dir_size(&self.tree.listing(ino));
-                    (Some(last), blocks - 1, 0)
+                    let (blocks, last) = dir_blocks(&self.tree.listing(ino));
+                    (Some(last), blocks.len() as u64 - 1, 0)
                 }
                 Kind::Symlink { len, .. } => (Some(*len as usize), 0, 0),
                 Kind::File { data: Data::Chunks { count, .. }, .. } => (None, 0, *count as u64),
@@ -520,7 +510,7 @@ impl ImageWriter {
                         .iter()
                         .filter(|&&(n, i)| !matches!(n, b"." | b"..") && self.tree.is_dir(i))
                         .count() as u32;
-                    let blocks = pack(&listing);
+                    let (blocks, _) = dir_blocks(&listing);
                     let start = self.next;
                     for (i, range) in blocks.iter().enumerate() {
                         let used =
@@ -673,46 +663,18 @@ impl Placed {
     const NONE: Placed = Placed { nid: u32::MAX, inline: false };
 }
 
-/// The ranges of `listing` each directory block holds: entries in order, a block full when
-/// the next entry and its name no longer fit.
-fn pack(listing: &[(&[u8], u32)]) -> Vec<std::ops::Range<usize>> {
-    let mut blocks = Vec::new();
-    let (mut start, mut used) = (0, 0);
-    for (i, (name, _)) in listing.iter().enumerate() {
-        let need = DIRENT + name.len();
-        if used + need > BLOCK {
-            blocks.push(start..i);
-            (start, used) = (i, 0);
-        }
-        used += need;
-    }
-    blocks.push(start..listing.len());
-    blocks
-}
-
-/// A directory's blocks and the bytes its last block uses.
-fn dir_size(listing: &[(&[u8], u32)]) -> (u64, usize) {
-    let blocks = pack(listing);
-    let last = blocks.last().expect("one block at least");
-    let used = listing[last.clone()].iter().map(|(n, _)| DIRENT + n.len()).sum();
-    (blocks.len() as u64, used)
+/// The ranges of `listing` each directory block holds, and the bytes its last block uses.
+fn dir_blocks(listing: &[(&[u8], u32)]) -> (Vec<std::ops::Range<usize>>, usize) {
+    format::dir_blocks(listing.iter().map(|(name, _)| name.len()))
 }
 
 /// Encodes one directory block of `entries` into `block` (zero-padded); returns the bytes used.
 fn encode_dir_block(entries: &[(&[u8], u32)], placed: &[Placed], tree: &Tree, block: &mut [u8]) -> usize {
     block.fill(0);
-    let mut nameoff = entries.len() * DIRENT;
-    for (i, &(name, ino)) in entries.iter().enumerate() {
-        let dirent = Dirent {
-            nid: u64::from(placed[ino as usize].nid),
-            nameoff: nameoff as u16,
-            file_type: format::file_type(tree.node(ino).ifmt()),
-        };
-        block[i * DIRENT..][..DIRENT].copy_from_slice(&dirent.encode());
-        block[nameoff..][..name.len()].copy_from_slice(name);
-        nameoff += name.len();
-    }
-    nameoff
+    let entries = entries.iter().map(|&(name, ino)| {
+        (name, u64::from(placed[ino as usize].nid), format::file_type(tree.node(ino).ifmt()))
+    });
+    format::encode_dir_block(entries, block)
 }
 
 /// log2 of the blocks per chunk of a file of `blocks` blocks with holes.
@@ -744,13 +706,9 @@ fn encode_xattrs(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<Option<Box<[u8]>>, Str
         let shown = || String::from_utf8_lossy(full).into_owned();
         let (index, name) = format::split_xattr_name(full)
             .ok_or_else(|| format!("xattr {} is in a namespace EROFS has no prefix for", shown()))?;
-        let name_len = u8::try_from(name.len()).map_err(|_| format!("xattr name {} is too long", shown()))?;
-        let value_size = u16::try_from(value.len())
-            .map_err(|_| format!("xattr {} has a value of 64 KiB or more", shown()))?;
-        b.extend_from_slice(&format::xattr_entry_head(name_len, index, value_size));
-        b.extend_from_slice(name);
-        b.extend_from_slice(value);
-        b.resize(b.len().next_multiple_of(4), 0);
+        u8::try_from(name.len()).map_err(|_| format!("xattr name {} is too long", shown()))?;
+        u16::try_from(value.len()).map_err(|_| format!("xattr {} has a value of 64 KiB or more", shown()))?;
+        format::push_xattr_entry(&mut b, index, name, value);
     }
     format::xattr_icount(b.len()).ok_or_else(|| "more xattr bytes than an EROFS inode holds".to_string())?;
     Ok(Some(b.into_boxed_slice()))
@@ -783,8 +741,7 @@ mod tests {
         let long = [b'x'; 255];
         let listing: Vec<(&[u8], u32)> = (0..16).map(|_| (&long[..], 0)).collect();
         // 267 bytes an entry: 15 in the first block (4005 bytes), 1 in the second.
-        assert_eq!(pack(&listing), vec![0..15, 15..16]);
-        assert_eq!(dir_size(&listing), (2, 267));
+        assert_eq!(dir_blocks(&listing), (vec![0..15, 15..16], 267));
     }
 
     #[test]

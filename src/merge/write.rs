@@ -91,20 +91,11 @@ fn dir_listing<'t>(
     all
 }
 
-/// The number of entries in each directory block, for names of these lengths in order.
-fn pack_dir_blocks(name_lens: impl Iterator<Item = usize>) -> (Vec<usize>, u64) {
-    let mut blocks = Vec::new();
-    let (mut n, mut used) = (0usize, 0usize);
-    for len in name_lens {
-        if used + f::DIRENT + len > f::BLOCK {
-            blocks.push(n);
-            (n, used) = (0, 0);
-        }
-        n += 1;
-        used += f::DIRENT + len;
-    }
-    let size = blocks.len() as u64 * BLOCK + used as u64;
-    blocks.push(n);
+/// The entries each directory block holds, for names of these lengths in order, and the
+/// directory's size in bytes (the last block as long as it is used).
+fn dir_layout(name_lens: impl IntoIterator<Item = usize>) -> (Vec<std::ops::Range<usize>>, u64) {
+    let (blocks, last) = f::dir_blocks(name_lens);
+    let size = (blocks.len() as u64 - 1) * BLOCK + last as u64;
     (blocks, size)
 }
 
@@ -324,7 +315,7 @@ fn place(tree: &MergedTree, slots: &mut [Slot], slot_of: &[usize], start: u64) -
         let (layout, size, tail_or_table) = match &node.leaf {
             Leaf::Dir(_) => {
                 let listing = dir_listing(tree, slots, slot_of, s);
-                let (_, size) = pack_dir_blocks(listing.iter().map(|e| e.0.len()));
+                let (_, size) = dir_layout(listing.iter().map(|e| e.0.len()));
                 (DataLayout::FlatInline, size, 0)
             }
             Leaf::Symlink(target) => (DataLayout::FlatInline, target.len() as u64, 0),
@@ -383,25 +374,12 @@ impl Slot {
 
 /// A directory's blocks: entries then names per block, the last block as long as it is used.
 fn dir_bytes(listing: &[(&[u8], usize, u8)], slots: &[Slot]) -> Vec<u8> {
-    let (blocks, size) = pack_dir_blocks(listing.iter().map(|e| e.0.len()));
-    let mut out = Vec::with_capacity(size as usize);
-    let mut entries = listing.iter();
-    for (i, n) in blocks.iter().enumerate() {
-        let chunk: Vec<_> = entries.by_ref().take(*n).collect();
-        let mut nameoff = chunk.len() * f::DIRENT;
-        for (name, slot, ft) in &chunk {
-            let nid = slots[*slot].offset / SLOT;
-            out.extend(f::Dirent { nid, nameoff: nameoff as u16, file_type: *ft }.encode());
-            nameoff += name.len();
-        }
-        for (name, _, _) in &chunk {
-            out.extend(*name);
-        }
-        if i + 1 < blocks.len() {
-            out.resize((i + 1) * f::BLOCK, 0);
-        }
+    let (blocks, size) = dir_layout(listing.iter().map(|e| e.0.len()));
+    let mut out = vec![0; size as usize];
+    for (i, range) in blocks.into_iter().enumerate() {
+        let entries = listing[range].iter().map(|&(name, slot, ft)| (name, slots[slot].offset / SLOT, ft));
+        f::encode_dir_block(entries, &mut out[i * f::BLOCK..]);
     }
-    debug_assert_eq!(out.len() as u64, size);
     out
 }
 
@@ -414,10 +392,7 @@ fn xattr_body(xattrs: &[Xattr]) -> Vec<u8> {
     for x in xattrs {
         // Lengths as the layer blob had them: a name suffix of at most 255 bytes, a value of
         // at most 65535.
-        out.extend(f::xattr_entry_head(x.suffix.len() as u8, x.index, x.value.len() as u16));
-        out.extend(&x.suffix);
-        out.extend(&x.value);
-        out.resize(out.len().next_multiple_of(4), 0);
+        f::push_xattr_entry(&mut out, x.index, &x.suffix, &x.value);
     }
     out
 }
@@ -451,7 +426,9 @@ mod tests {
             (&[255; 20], &[15, 5], 4096 + 5 * (12 + 255)),
         ];
         for (lens, blocks, size) in cases {
-            assert_eq!(pack_dir_blocks(lens.iter().copied()), (blocks.to_vec(), *size), "{lens:?}");
+            let (ranges, found) = dir_layout(lens.iter().copied());
+            let counts: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
+            assert_eq!((counts, found), (blocks.to_vec(), *size), "{lens:?}");
         }
     }
 
