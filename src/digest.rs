@@ -114,9 +114,16 @@ impl OffThread {
     /// An empty buffer to fill and give to [`OffThread::update_owned`]: one the thread has
     /// hashed, when there is one.
     pub fn spare(&mut self) -> Vec<u8> {
-        let mut v = self.worker.as_ref().and_then(|w| w.spent.try_recv().ok()).unwrap_or_default();
+        let mut v = self.spent().unwrap_or_default();
         v.clear();
         v
+    }
+
+    /// A chunk given to [`OffThread::update_owned`] that the thread has hashed, as it was
+    /// given (its length kept, so refilling it to that length needs no zeroing), when one is
+    /// back.
+    pub fn spent(&mut self) -> Option<Vec<u8>> {
+        self.worker.as_ref().and_then(|w| w.spent.try_recv().ok())
     }
 
     fn send(&mut self, chunk: Vec<u8>) {

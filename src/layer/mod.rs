@@ -7,6 +7,7 @@
 //! ```
 
 pub mod acl;
+pub mod ahead;
 pub mod dirindex;
 pub mod entry;
 pub mod meta;
@@ -231,7 +232,7 @@ impl<R: Read> Read for SizeCheck<'_, R> {
 /// one byte. Nothing is held in memory beyond one buffer.
 #[allow(clippy::too_many_arguments)]
 pub fn stream<W: Write>(
-    blob: impl Read,
+    blob: impl Read + Send,
     expected_digest: Option<&Digest>,
     expected_size: Option<u64>,
     diff_id: &Digest,
@@ -241,7 +242,7 @@ pub fn stream<W: Write>(
     normalizer: &mut Normalizer<W>,
 ) -> Result<(), LayerError> {
     let wrong_size = OnceLock::new();
-    let sized: Box<dyn Read + '_> = match expected_size {
+    let sized: Box<dyn Read + Send + '_> = match expected_size {
         Some(expected) => Box::new(SizeCheck { inner: blob, expected, seen: 0, wrong: &wrong_size }),
         None => Box::new(blob),
     };
@@ -261,13 +262,15 @@ pub fn stream<W: Write>(
     let stream_error = |e: io::Error| failed(LayerError::from_stream(e));
     let decoder = Decoder::sniff(buffered).map_err(stream_error)?;
     let limited = Limit { inner: decoder, left: max_bytes, hit: &hit };
-    let mut archive = tar::Archive::new(HashingReader::new(limited));
-    stream_entries(&mut archive, normalizer, cancel).map_err(&failed)?;
-    if let Some(e) = fault() {
-        return Err(e);
-    }
-    let finished = archive.into_inner().finish();
-    let (found_diff_id, _, limited) = finished.map_err(stream_error)?;
+    // The decompressor runs ahead on a thread of its own (see `ahead`).
+    let (found_diff_id, limited) = std::thread::scope(|s| {
+        let mut archive = tar::Archive::new(ahead::ReadAhead::start(s, limited));
+        stream_entries(&mut archive, normalizer, cancel).map_err(&failed)?;
+        if let Some(e) = fault() {
+            return Err(e);
+        }
+        archive.into_inner().finish().map_err(stream_error)
+    })?;
     let (found_digest, _, _) = limited.inner.into_inner().into_inner().finish().map_err(stream_error)?;
     if let Some(e) = fault() {
         return Err(e);
