@@ -655,7 +655,7 @@ impl Builder {
             let erofs = fs == FsType::Erofs;
             // The normalizer writes through a borrow: whichever write fails, even the last ones
             // of `finish`, the backend is still here to say why (a writer's own error).
-            let mut sink = std::io::BufWriter::with_capacity(1 << 20, making);
+            let mut sink = std::io::BufWriter::with_capacity(making.buffer_capacity(), making);
             let mut normalizer = Normalizer::new(&mut sink, self.opts.max_layer_bytes)
                 .opaque_new_dirs(erofs && i > 0)
                 .marker_only_on_repeat(backend.adds_repeated_xattrs())

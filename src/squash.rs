@@ -118,7 +118,8 @@ fn flatten(
     let top = &lowers.last().ok_or(SquashError::NoLayers)?.chain_id;
     let seed = crate::digest::sha256_of(format!("squash {top}").as_bytes());
     let making = backend.start(&seed, out)?;
-    let mut normalizer = Normalizer::new(std::io::BufWriter::new(making), u64::MAX);
+    let mut normalizer =
+        Normalizer::new(std::io::BufWriter::with_capacity(making.buffer_capacity(), making), u64::MAX);
     if let Err(e) = copy_tree(&merged, &mut normalizer) {
         return Err(writer_failure(normalizer.into_inner(), e));
     }

@@ -247,6 +247,15 @@ enum Job {
 }
 
 impl Making {
+    /// The buffer to put in front of it: none for vmrootfs's own writers (their stream gathers
+    /// its own chunks, and a buffer would copy every byte once more), 1 MiB for a tool's pipe.
+    pub fn buffer_capacity(&self) -> usize {
+        match self.job {
+            Job::Erofs(_) => 1 << 20,
+            Job::Native(_) => 0,
+        }
+    }
+
     /// Ends the stream and finishes the image.
     pub fn finish(self) -> Result<(), BackendError> {
         let result = match (self.backend, self.job) {

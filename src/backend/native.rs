@@ -14,6 +14,8 @@ use crate::layer::normalize::EntryKind;
 
 /// Chunks of stream in flight between the builder and the writing thread.
 const IN_FLIGHT: usize = 8;
+/// Bytes of stream gathered into one chunk before it is sent.
+const CHUNK: usize = 1 << 20;
 
 /// An image writer fed entry by entry.
 pub trait EntryWriter: Sized {
@@ -43,7 +45,7 @@ pub fn start<W: EntryWriter>(
             write_image(reader, create(&out)?)
         })
         .expect("spawning a thread");
-    Streaming { tx: Some(tx), spare, thread: Some(thread), stopped: None }
+    Streaming { tx: Some(tx), spare, pending: Vec::new(), thread: Some(thread), stopped: None }
 }
 
 /// Reads the normalized stream into `image` and finishes it.
@@ -87,12 +89,14 @@ fn stream_path(raw: &[u8]) -> Vec<u8> {
     if p == b"." { Vec::new() } else { p.to_vec() }
 }
 
-/// The builder's end of the stream: each write is a chunk sent to the writing thread (whose
-/// emptied chunks come back for reuse). Dropped without [`Streaming::finish`], the thread is
-/// stopped and joined.
+/// The builder's end of the stream: writes gather into chunks of [`CHUNK`] bytes sent to the
+/// writing thread (whose emptied chunks come back for reuse), so it needs no buffer in front
+/// of it. Dropped without [`Streaming::finish`], the thread is stopped and joined.
 pub struct Streaming {
     tx: Option<SyncSender<Vec<u8>>>,
     spare: Receiver<Vec<u8>>,
+    /// The chunk being gathered.
+    pending: Vec<u8>,
     thread: Option<JoinHandle<Result<(), BackendError>>>,
     /// The writer's error, once a write found it stopped (kept for [`Streaming::failure`]).
     stopped: Option<BackendError>,
@@ -101,6 +105,8 @@ pub struct Streaming {
 impl Streaming {
     /// Ends the stream and waits for the image.
     pub fn finish(mut self) -> Result<(), BackendError> {
+        // A failed send leaves the writer's error in `stopped`.
+        let _ = self.send_pending();
         self.tx = None;
         if let Some(e) = self.stopped.take() {
             return Err(e);
@@ -118,25 +124,43 @@ impl Streaming {
         let thread = self.thread.take()?;
         Some(thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
     }
-}
 
-impl Write for Streaming {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+    /// Sends the chunk gathered so far, if any.
+    fn send_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
         let tx = self.tx.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::BrokenPipe))?;
-        let mut chunk = self.spare.try_recv().unwrap_or_default();
-        chunk.clear();
-        chunk.extend_from_slice(buf);
-        if tx.send(chunk).is_err() {
+        let mut next = self.spare.try_recv().unwrap_or_default();
+        next.clear();
+        if tx.send(std::mem::replace(&mut self.pending, next)).is_err() {
             // The writer stopped: its error is the cause, given by `failure` (as a tool's is).
             self.tx = None;
             self.stopped = self.join().and_then(Result::err);
             return Err(io::Error::from(io::ErrorKind::BrokenPipe));
         }
-        Ok(buf.len())
+        Ok(())
+    }
+}
+
+impl Write for Streaming {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.tx.is_none() {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        if self.pending.capacity() == 0 {
+            self.pending.reserve(CHUNK);
+        }
+        let n = buf.len().min(CHUNK - self.pending.len());
+        self.pending.extend_from_slice(&buf[..n]);
+        if self.pending.len() == CHUNK {
+            self.send_pending()?;
+        }
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.send_pending()
     }
 }
 
