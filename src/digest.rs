@@ -65,7 +65,7 @@ pub struct DigestMismatch {
 /// bytes: a layer's stream is read, hashed (blob digest), decompressed, hashed again (diff ID)
 /// and normalized on one thread, where the two hashes were 0.2 s of the test image's 1.2 s
 /// base layer. Bytes are copied into chunks ([`OffThread::update`]) or handed over whole
-/// ([`OffThread::update_owned`]); the thread hands chunks back for reuse ([`OffThread::spare`]).
+/// ([`OffThread::update_owned`]); the thread hands chunks back for reuse ([`OffThread::spent`]).
 pub struct OffThread {
     pending: Vec<u8>,
     worker: Option<HashWorker>,
@@ -111,9 +111,8 @@ impl OffThread {
         self.send(chunk);
     }
 
-    /// An empty buffer to fill and give to [`OffThread::update_owned`]: one the thread has
-    /// hashed, when there is one.
-    pub fn spare(&mut self) -> Vec<u8> {
+    /// An empty buffer: one the thread has hashed, when there is one.
+    fn spare(&mut self) -> Vec<u8> {
         let mut v = self.spent().unwrap_or_default();
         v.clear();
         v
@@ -256,7 +255,8 @@ pub fn hash_in_chunks(
     let mut hasher = OffThread::new();
     let mut total = 0u64;
     loop {
-        let mut chunk = hasher.spare();
+        // A chunk back from the hash keeps its length: only a shorter one's rest is zeroed.
+        let mut chunk = hasher.spent().unwrap_or_default();
         chunk.resize(CHUNK, 0);
         let filled = read_full(from, &mut chunk)?;
         chunk.truncate(filled);
