@@ -129,3 +129,69 @@ fn fill_chunks<R: Read>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes that differ from chunk to chunk, so a chunk served twice or skipped shows.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ (i / CHUNK) as u8).collect()
+    }
+
+    #[test]
+    fn serves_every_byte_in_order_and_hashes_the_whole_stream() {
+        let data = pattern(5 * CHUNK + 1234);
+        let (served, digest, rest) = std::thread::scope(|s| {
+            let mut ahead = ReadAhead::start(s, &data[..]);
+            // Reads of odd sizes, as a tar reader makes: headers, then data.
+            let mut served = vec![0u8; 3 * CHUNK + 17];
+            ahead.read_exact(&mut served).unwrap();
+            let (digest, rest) = ahead.finish().unwrap();
+            (served, digest, rest)
+        });
+        assert_eq!(served, data[..served.len()]);
+        assert!(rest.is_empty(), "the thread read its input to the end");
+        assert_eq!(digest, crate::digest::sha256_of(&data), "the unread tail is hashed too");
+    }
+
+    /// A reader that fails after `ok` bytes.
+    struct FailsAfter {
+        ok: usize,
+    }
+
+    impl Read for FailsAfter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.ok == 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "corrupt deflate stream"));
+            }
+            let n = buf.len().min(self.ok);
+            buf[..n].fill(7);
+            self.ok -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_read_error_reaches_the_reader_as_it_was() {
+        let err = std::thread::scope(|s| {
+            let mut ahead = ReadAhead::start(s, FailsAfter { ok: CHUNK + 10 });
+            io::copy(&mut ahead, &mut io::sink()).unwrap_err()
+        });
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(err.to_string(), "corrupt deflate stream");
+    }
+
+    #[test]
+    fn dropped_early_it_stops_its_thread() {
+        let data = pattern(64 * CHUNK);
+        // The scope joins the thread: this returns only if dropping the reader stopped it
+        // (it would otherwise wait forever to hand over its next chunk).
+        std::thread::scope(|s| {
+            let mut ahead = ReadAhead::start(s, &data[..]);
+            let mut first = [0u8; 100];
+            ahead.read_exact(&mut first).unwrap();
+            assert_eq!(first[..], data[..100]);
+        });
+    }
+}
