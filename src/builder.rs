@@ -477,8 +477,9 @@ impl Builder {
 
     /// Builds an image that is EROFS already: its blobs are stored as they are ([`crate::pull`]);
     /// with `--merge`, the merged blob is made over them ([`crate::merge`]; a blob it cannot
-    /// read ends in [`BuildError::Merge`], before anything is recorded).
-    fn store_erofs_image(
+    /// read ends in [`BuildError::Merge`], before anything is recorded). Also how a lazy
+    /// image's completed caches are published ([`crate::lazy`]).
+    pub(crate) fn store_erofs_image(
         &self,
         spec: &str,
         tag: Option<&str>,

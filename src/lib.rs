@@ -73,8 +73,7 @@ mod erofs_image;
 #[cfg(test)]
 mod heap_meter;
 mod layer;
-#[allow(dead_code)] // issue 19 in progress: used by the NBD and FUSE servers
-mod lazy;
+pub mod lazy;
 mod lock;
 mod merge;
 mod mountns;

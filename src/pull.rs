@@ -456,7 +456,7 @@ fn fetch(
 /// digest)`. Its block size was checked by [`erofs_image::classify`] (4096 bytes, the only
 /// size vmrootfs checks and opens); the salt and the block sizes are read from the tree's
 /// superblock and checked when the layer arrives.
-fn verity_of(layer: &LayerRef) -> Result<Option<(u64, Digest)>, PullError> {
+pub(crate) fn verity_of(layer: &LayerRef) -> Result<Option<(u64, Digest)>, PullError> {
     let a = &layer.annotations;
     let (Some(offset), Some(root)) =
         (a.get(erofs_image::VERITY_HASH_OFFSET), a.get(erofs_image::VERITY_ROOT_DIGEST))

@@ -50,6 +50,14 @@ pub enum VerityError {
     BadSuperblock { path: PathBuf, what: &'static str },
     #[error("salt {salt:?} is not 1 to {MAX_SALT} bytes of hex")]
     BadSalt { salt: String },
+    #[error(
+        "{path}: hash block {block} of the dm-verity tree does not hash to its entry above it (root digest {root})"
+    )]
+    TreeMismatch { path: PathBuf, block: u64, root: String },
+    #[error(
+        "{path}: the dm-verity tree is {found} bytes, fewer than the {needed} its blob's {data_blocks} blocks need"
+    )]
+    TreeTooShort { path: PathBuf, found: u64, needed: u64, data_blocks: u64 },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> VerityError + '_ {
@@ -176,6 +184,11 @@ pub fn tree_salt(tree: &Path, hash_offset: u64) -> Result<Vec<u8>, VerityError> 
     let mut sb = [0u8; 512];
     let file = fs_err::File::open(tree).map_err(io_at(tree))?;
     file.file().read_exact_at(&mut sb, 0).map_err(io_at(tree))?;
+    salt_in(&sb, hash_offset, tree)
+}
+
+/// The salt in the superblock `sb` of a tree (named `tree` in errors); see [`tree_salt`].
+fn salt_in(sb: &[u8; 512], hash_offset: u64, tree: &Path) -> Result<Vec<u8>, VerityError> {
     let bad = |what| VerityError::BadSuperblock { path: tree.to_owned(), what };
     let le32 = |at: usize| u32::from_le_bytes(sb[at..at + 4].try_into().expect("4 bytes"));
     if &sb[..8] != b"verity\0\0" {
@@ -198,6 +211,79 @@ pub fn tree_salt(tree: &Path, hash_offset: u64) -> Result<Vec<u8>, VerityError> 
         return Err(bad("a salt of no bytes or more than 256"));
     }
     Ok(sb[88..88 + salt_size].to_vec())
+}
+
+/// The checked leaves of a tree held in memory: the hash of every data block, each proved by
+/// the hash blocks above it up to the root digest. What a lazy blob checks each arriving
+/// 4 KiB block against ([`LeafHashes::verifies`]).
+#[derive(Debug, Clone)]
+pub struct LeafHashes {
+    salted: Sha256,
+    /// Level 0 (or the root alone, for a blob of one block): 32 bytes per data block.
+    leaves: Vec<u8>,
+    data_blocks: u64,
+}
+
+impl LeafHashes {
+    /// Checks `tree` (superblock block, then the hash levels top first, as [`build_tree`]
+    /// writes them; named `name` in errors) of a blob of `hash_offset` bytes against `root`,
+    /// with the salt its superblock holds.
+    pub fn check(
+        tree: &[u8],
+        hash_offset: u64,
+        root: &Digest,
+        name: &Path,
+    ) -> Result<LeafHashes, VerityError> {
+        let root_hex = crate::digest::require_sha256("dm-verity root digest", root)?;
+        let mut want_root = [0u8; 32];
+        hex::decode_to_slice(root_hex.digest(), &mut want_root).expect("a sha256 digest is 64 hex digits");
+        if hash_offset == 0 || hash_offset % BLOCK_SIZE != 0 {
+            return Err(VerityError::NotAligned { path: name.to_owned(), size: hash_offset });
+        }
+        let data_blocks = hash_offset / BLOCK_SIZE;
+        let blocks = level_blocks(data_blocks);
+        let needed = (1 + blocks.iter().sum::<u64>()) * BLOCK_SIZE;
+        if (tree.len() as u64) < needed {
+            return Err(VerityError::TreeTooShort {
+                path: name.to_owned(),
+                found: tree.len() as u64,
+                needed,
+                data_blocks,
+            });
+        }
+        let sb: &[u8; 512] = tree[..512].try_into().expect("the tree has its superblock block");
+        let salt = salt_in(sb, hash_offset, name)?;
+        let salted = Sha256::new().chain_update(&salt);
+        let hash = |block: &[u8]| -> [u8; 32] { salted.clone().chain_update(block).finalize().into() };
+        let bs = BLOCK_SIZE as usize;
+        // Levels lie top first after the superblock block; each block's hash is an entry of
+        // the level above it, the top block's the root.
+        let mut above: Vec<u8> = want_root.to_vec();
+        let mut at = 1usize;
+        for &n in blocks.iter().rev() {
+            let level = &tree[at * bs..(at + n as usize) * bs];
+            for (j, block) in level.chunks(bs).enumerate() {
+                if above[j * 32..j * 32 + 32] != hash(block) {
+                    return Err(VerityError::TreeMismatch {
+                        path: name.to_owned(),
+                        block: (at + j) as u64,
+                        root: root.to_string(),
+                    });
+                }
+            }
+            above = level.to_vec();
+            at += n as usize;
+        }
+        Ok(LeafHashes { salted, leaves: above, data_blocks })
+    }
+
+    /// Whether `block` (4096 bytes) is data block `index` of the blob.
+    pub fn verifies(&self, index: u64, block: &[u8]) -> bool {
+        let at = index as usize * 32;
+        index < self.data_blocks
+            && block.len() == BLOCK_SIZE as usize
+            && self.leaves[at..at + 32] == self.salted.clone().chain_update(block).finalize()[..]
+    }
 }
 
 /// Where computed tree blocks go: written to the tree file, or compared with a stored one.
@@ -486,6 +572,37 @@ mod tests {
         assert_ne!(found.root_digest, built.info.root_digest);
         // Level 0's block of data block 200 and the top level's block.
         assert_eq!(found.differing_tree_blocks, 2);
+    }
+
+    #[test]
+    fn leaf_hashes_prove_each_block_and_refuse_a_changed_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        for blocks in [1u32, 2, 129, 300] {
+            let blob = dir.path().join(format!("blob{blocks}"));
+            let data: Vec<u8> = (0..blocks * 4096).map(|i| (i * 13 % 251) as u8).collect();
+            std::fs::write(&blob, &data).unwrap();
+            let tree = dir.path().join(format!("tree{blocks}"));
+            let built = build_tree(&blob, &[0x11; 32], &tree).unwrap();
+            let bytes = std::fs::read(&tree).unwrap();
+            let root = &built.info.root_digest;
+            let leaves = LeafHashes::check(&bytes, data.len() as u64, root, &tree).unwrap();
+            for (i, block) in data.chunks(4096).enumerate() {
+                assert!(leaves.verifies(i as u64, block), "block {i} of {blocks}");
+                let mut bad = block.to_vec();
+                bad[9] ^= 1;
+                assert!(!leaves.verifies(i as u64, &bad), "flipped block {i} of {blocks}");
+            }
+            assert!(!leaves.verifies(u64::from(blocks), &data[..4096]), "beyond the blob");
+            if blocks > 1 {
+                let mut changed = bytes.clone();
+                let last = changed.len() - 1;
+                changed[last] ^= 1;
+                let e = LeafHashes::check(&changed, data.len() as u64, root, &tree).unwrap_err();
+                assert!(matches!(e, VerityError::TreeMismatch { .. }), "{e}");
+                let e = LeafHashes::check(&bytes[..4096], data.len() as u64, root, &tree).unwrap_err();
+                assert!(matches!(e, VerityError::TreeTooShort { .. }), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -266,24 +266,35 @@ impl RegistrySource {
     }
 
     fn open_blob(&self, digest: String, size: Option<u64>) -> Result<BlobReader, SourceError> {
+        Ok(self.open_range(digest, 0, size))
+    }
+
+    /// Bytes `start..end` of the blob `digest` (to its end without `end`), resumed and retried
+    /// as whole blobs are: what a lazy blob's chunks and dm-verity tree are read through.
+    /// Unchecked bytes: the reader verifies them.
+    pub(crate) fn open_range(&self, digest: String, start: u64, end: Option<u64>) -> BlobReader {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let blob = Blob {
             url: format!("{}/v2/{}/blobs/{digest}", self.authorizer.base_url(), self.reference.repository()),
             registry: self.reference.registry().to_string(),
             digest,
-            size,
+            start,
+            end,
         };
         self.rt.spawn(download(self.authorizer.clone(), blob, tx));
-        Ok(BlobReader { rx, chunk: bytes::Bytes::new() })
+        BlobReader { rx, chunk: bytes::Bytes::new() }
     }
 }
 
-/// One blob to download.
+/// One blob (or a byte range of it) to download.
 struct Blob {
     url: String,
     registry: String,
     digest: String,
-    size: Option<u64>,
+    /// The first byte wanted.
+    start: u64,
+    /// The end of the bytes wanted (exclusive): the blob's size, or a range's end.
+    end: Option<u64>,
 }
 
 impl Blob {
@@ -311,12 +322,16 @@ async fn download(
     tx: tokio::sync::mpsc::Sender<io::Result<bytes::Bytes>>,
 ) {
     let stall = http::stall_timeout();
-    let mut offset = 0u64;
+    let mut offset = blob.start;
     let mut failures = 0u32;
     loop {
-        // A range (`bytes=0-` at first): a resumption asks for what is missing. An empty blob
-        // has no byte 0 to ask for.
-        let range = (blob.size != Some(0)).then(|| format!("bytes={offset}-"));
+        // A range (`bytes=START-END` at first): a resumption asks for what is missing. An
+        // empty blob has no byte 0 to ask for.
+        let range = match blob.end {
+            Some(0) => None,
+            Some(end) => Some(format!("bytes={offset}-{}", end - 1)),
+            _ => Some(format!("bytes={offset}-")),
+        };
         let response = match get_blob(&authorizer, &blob.url, range.as_deref()).await {
             Ok(r) => r,
             Err(e) => {
@@ -358,9 +373,16 @@ async fn download(
                         b = b.slice(n..);
                         skip -= n as u64;
                     }
+                    // A registry that answers a range with more: only what was asked for.
+                    if let Some(end) = blob.end {
+                        b.truncate(end.saturating_sub(offset) as usize);
+                    }
                     offset += b.len() as u64;
                     window_bytes += b.len() as u64;
                     if !b.is_empty() && tx.send(Ok(b)).await.is_err() {
+                        return;
+                    }
+                    if blob.end.is_some_and(|end| offset >= end) {
                         return;
                     }
                 }
@@ -371,7 +393,7 @@ async fn download(
             // converter, which names both digests).
             return;
         };
-        if blob.size.is_some_and(|s| offset >= s) {
+        if blob.end.is_some_and(|end| offset >= end) {
             return;
         }
         if failures < RETRIES {
@@ -432,7 +454,7 @@ async fn get_blob(
 }
 
 /// The converting thread's end of a blob download.
-struct BlobReader {
+pub(crate) struct BlobReader {
     rx: tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>,
     chunk: bytes::Bytes,
 }

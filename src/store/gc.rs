@@ -1,6 +1,7 @@
 //! Garbage collection, under the exclusive store lock: layer files whose blob no image record
 //! references (marked by [`BlobId`], never by path), everything in `tmp/`, leftovers of
-//! atomic writes, and the `vm/` cache (rebuilt on demand).
+//! atomic writes, the `vm/` cache (rebuilt on demand) and lazy blobs' caches left by killed
+//! runs (`lazy/`: a running one holds the shared store lock, so gc never meets it).
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ pub struct GcReport {
     pub tmp: usize,
     /// Files removed from `run`'s cache `vm/` (rebuilt on demand).
     pub vm: usize,
+    /// Caches of lazy blobs removed from `lazy/` (left by a killed `run --lazy`).
+    pub lazy: usize,
     /// Kept source manifests and configs no record names any more.
     pub sources: usize,
 }
@@ -131,6 +134,10 @@ impl Store {
         let vm = self.root.join("vm");
         if vm.exists() {
             report.vm += clear_dir(&vm)?;
+        }
+        let lazy = self.root.join("lazy");
+        if lazy.exists() {
+            report.lazy += clear_dir(&lazy)?;
         }
         Ok(report)
     }

@@ -31,6 +31,13 @@
 //!   vm/                                 `run`'s cache, rebuilt on demand, emptied by gc
 //!     vmlinux-<bzImage sha256 hex>      the kernel unpacked to its ELF, keyed by content
 //!                                       (the initramfs is made per run, in tmp/)
+//!   lazy/<layer digest hex>/            a lazy blob's cache (`run --lazy`, see crate::lazy):
+//!     blob                              `blob ‖ tree` as the descriptor names it, sparse:
+//!                                       only verified chunks written
+//!     present                           one byte per chunk, 1 once its bytes are synced
+//!     .lock                             held by the one process filling the cache
+//!                                       (a completed blob is published as any pulled
+//!                                       one and its cache removed; gc removes the rest)
 //!   tmp/                                staging; anything here is garbage
 //! ```
 //!
@@ -783,6 +790,17 @@ impl Store {
         let dir = self.root.join("vm");
         create_dir(&dir)?;
         Ok(dir.join(format!("vmlinux-{}", hex.digest())))
+    }
+
+    /// The cache directory of the lazy blob whose descriptor digest is `layer`
+    /// (`lazy/<hex>/`); created if missing. Its files are [`crate::lazy`]'s.
+    pub(crate) fn lazy_cache_dir(&self, layer: &Digest) -> Result<PathBuf, StoreError> {
+        let hex = crate::digest::require_sha256("layer digest", layer)?;
+        let dir = self.root.join("lazy");
+        create_dir(&dir)?;
+        let dir = dir.join(hex.digest());
+        create_dir(&dir)?;
+        Ok(dir)
     }
 
     /// Keeps a source manifest or config (`bytes`, whose sha256 is `digest`) for `push`.
