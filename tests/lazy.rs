@@ -1,0 +1,416 @@
+//! Lazy start (issue 19): layers read from a real registry on loopback by verified chunks,
+//! through the library (no VM: fast) and, in one boot test, through `run --lazy` (QEMU reads
+//! the lowers over NBD). Faults come from a proxy in the test that flips, cuts or stalls the
+//! registry's answers.
+
+mod fixture;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fixture::registry::Registry;
+use fixture::*;
+use vmrootfs::lazy::{self, BlockSource, CHUNK};
+use vmrootfs::{Platform, RegistryOptions, Store};
+
+/// The busybox image built with `--verity` into a store of its own and pushed (uncompressed,
+/// with its trees) to a new loopback registry as `lab/bb:v1`.
+struct Pushed {
+    dir: tempfile::TempDir,
+    registry: Registry,
+    /// The stored record of the source store (`inspect --json`).
+    record: serde_json::Value,
+}
+
+impl Pushed {
+    fn new(name: &str) -> Pushed {
+        let dir = scratch(name);
+        let store = dir.path().join("source");
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+        let spec = format!("oci-archive:{}:busybox", demo.display());
+        let (ok, _, err) = run(vmrootfs(&store).args(["-q", "build", &spec, "--tag", "bb", "--verity"]));
+        assert!(ok, "build: {err}");
+        let registry = Registry::start(None);
+        let (ok, _, err) =
+            run(vmrootfs(&store).args(["-q", "push", "bb", &format!("{}/lab/bb:v1", registry.addr)]));
+        assert!(ok, "push: {err}");
+        let (ok, out, err) = run(vmrootfs(&store).args(["inspect", "bb", "--json"]));
+        assert!(ok, "inspect: {err}");
+        Pushed { dir, registry, record: serde_json::from_str(&out).unwrap() }
+    }
+
+    /// The stored blob of lower `i` in the source store.
+    fn blob(&self, i: usize) -> Vec<u8> {
+        std::fs::read(self.record["lowers"][i]["path"].as_str().unwrap()).unwrap()
+    }
+
+    /// A new empty store.
+    fn store(&self, name: &str) -> (PathBuf, Store) {
+        let path = self.dir.path().join(name);
+        (path.clone(), Store::open(&path).unwrap())
+    }
+
+    /// Blob GETs in the registry's access log: (status, count).
+    fn blob_gets(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.registry.log).unwrap();
+        log.lines()
+            .filter(|l| l.contains("\"GET /v2/lab/bb/blobs/"))
+            .filter_map(|l| {
+                l.split("HTTP/1.1\" ").nth(1).and_then(|s| s.split(' ').next()).map(str::to_string)
+            })
+            .collect()
+    }
+}
+
+/// A stall is a second without 1 KiB in these tests (see `a_cut_or_stalled_chunk…`).
+fn setup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: every test calls this before anything reads the environment; the first call
+    // sets it while the others wait.
+    ONCE.call_once(|| unsafe { std::env::set_var("VMROOTFS_STALL_TIMEOUT", "1s") });
+}
+
+fn open(reference: &str, store: &Store) -> Result<lazy::LazyImage, lazy::LazyError> {
+    lazy::open(store, reference, &RegistryOptions::default(), &Platform::host())
+}
+
+/// `e` and its causes, one after another.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text += &format!(": {c}");
+        cause = c.source();
+    }
+    text
+}
+
+/// Reads all of `source`, 64 KiB at a time.
+fn read_all(source: &dyn BlockSource) -> Vec<u8> {
+    let mut out = vec![0u8; source.len() as usize];
+    for (i, piece) in out.chunks_mut(64 << 10).enumerate() {
+        source.read_at(piece, i as u64 * (64 << 10)).unwrap();
+    }
+    out
+}
+
+#[test]
+fn lazy_reads_are_verified_ranges_and_completion_stores_the_pulled_bytes() {
+    setup();
+    let pushed = Pushed::new("lazy-core");
+    let reference = format!("{}/lab/bb:v1", pushed.registry.addr);
+    let (store_dir, store) = pushed.store("lazy");
+    let before = pushed.blob_gets().len();
+    let image = open(&reference, &store).unwrap();
+    let sources = image.sources();
+    assert_eq!(sources.len(), pushed.record["lowers"].as_array().unwrap().len());
+    // Opening fetched the trees only: one range request per layer.
+    assert_eq!(image.fetched_bytes(), 0);
+    let blob = pushed.blob(0);
+    assert_eq!(sources[0].len(), blob.len() as u64);
+    assert!(blob.len() as u64 > 2 * CHUNK, "the test wants a blob of several chunks: {}", blob.len());
+    // One block in the second chunk: that chunk alone arrives.
+    let mut block = vec![0u8; 4096];
+    sources[0].read_at(&mut block, CHUNK + 8192).unwrap();
+    assert_eq!(block, blob[(CHUNK + 8192) as usize..(CHUNK + 8192 + 4096) as usize]);
+    assert_eq!(image.fetched_bytes(), CHUNK);
+    let gets = pushed.blob_gets()[before..].to_vec();
+    assert!(!gets.is_empty() && gets.iter().all(|s| s == "206"), "only range requests: {gets:?}");
+    // Everything reads as the stored blob.
+    assert_eq!(read_all(&*sources[0]), blob);
+    let log = image.fetch_log();
+    assert!(log.iter().all(|f| f.cause == lazy::Cause::Read), "{log:?}");
+    drop(sources);
+    let built = image.complete(&store, Some("bb"), &vmrootfs::progress::Reporter::new()).unwrap();
+    for (i, lower) in built.record.lowers.iter().enumerate() {
+        let want = &pushed.record["lowers"][i];
+        assert_eq!(lower.blob_sha256, want["blob_sha256"].as_str().unwrap());
+        assert_eq!(std::fs::read(&lower.path).unwrap(), pushed.blob(i), "lower {i} is the pulled bytes");
+        let v = lower.verity.as_ref().expect("its tree is stored too");
+        assert_eq!(v.root_digest.to_string(), want["verity"]["root_digest"].as_str().unwrap());
+    }
+    let gets = pushed.blob_gets()[before..].to_vec();
+    assert!(gets.iter().all(|s| s == "206"), "completion reads ranges too: {gets:?}");
+    // The caches went with publication: gc finds nothing of them.
+    assert!(std::fs::read_dir(store_dir.join("lazy")).unwrap().next().is_none(), "caches removed");
+    let (ok, out, err) = run(vmrootfs(&store_dir).args(["gc", "--json"]));
+    assert!(ok, "gc: {err}");
+    let gc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((gc["layers"].as_u64(), gc["lazy"].as_u64()), (Some(0), Some(0)), "{gc}");
+    let (ok, _, err) = run(vmrootfs(&store_dir).args(["verify", "bb"]));
+    assert!(ok, "verify: {err}");
+}
+
+#[test]
+fn lazy_refuses_images_it_cannot_check_or_read_by_range() {
+    setup();
+    let pushed = Pushed::new("lazy-refuse");
+    let (_, store) = pushed.store("lazy");
+    let source = pushed.dir.path().join("source");
+    let addr = &pushed.registry.addr;
+    let (ok, _, err) =
+        run(vmrootfs(&source).args(["-q", "push", "bb", &format!("{addr}/lab/bb:zstd"), "--zstd"]));
+    assert!(ok, "push --zstd: {err}");
+    let e = open(&format!("{addr}/lab/bb:zstd"), &store).err().expect("zstd refused").to_string();
+    assert!(e.contains("zstd-compressed") && e.contains("without --zstd"), "{e}");
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
+    let plain = pushed.dir.path().join("plain");
+    let spec = format!("oci-archive:{}:busybox", demo.display());
+    assert!(run(vmrootfs(&plain).args(["-q", "build", &spec, "--tag", "bb"])).0);
+    assert!(run(vmrootfs(&plain).args(["-q", "push", "bb", &format!("{addr}/lab/bb:plain")])).0);
+    let e = open(&format!("{addr}/lab/bb:plain"), &store).err().expect("no verity refused").to_string();
+    assert!(e.contains("no dm-verity tree") && e.contains("--verity"), "{e}");
+}
+
+/// What the proxy does to the registry's answer to a range request beginning at `start`.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Flips body byte `at` of every such answer.
+    Flip { start: u64, at: usize },
+    /// Sends the first `after` body bytes of the first such answer, then closes.
+    Cut { start: u64, after: usize },
+    /// Sends the first `after` body bytes of the first such answer, then sends nothing more
+    /// for `stall`, then closes.
+    Stall { start: u64, after: usize, stall: Duration },
+}
+
+/// An HTTP proxy in front of the registry (one request per connection) that applies `fault`;
+/// logs the Range of every request.
+struct Proxy {
+    addr: String,
+    ranges: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    fn start(upstream: &str, fault: Fault) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let (upstream, log) = (upstream.to_string(), ranges.clone());
+        let fired = Arc::new(Mutex::new(false));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { break };
+                let (upstream, log, fired) = (upstream.clone(), log.clone(), fired.clone());
+                std::thread::spawn(move || {
+                    let _ = forward(conn, &upstream, fault, &log, &fired);
+                });
+            }
+        });
+        Proxy { addr, ranges }
+    }
+
+    fn ranges(&self) -> Vec<String> {
+        self.ranges.lock().unwrap().clone()
+    }
+}
+
+fn header_end(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// One request: forwarded with `Connection: close`, the answer read whole, the fault applied.
+fn forward(
+    mut client: TcpStream,
+    upstream: &str,
+    fault: Fault,
+    log: &Mutex<Vec<String>>,
+    fired: &Mutex<bool>,
+) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    while header_end(&request).is_none() {
+        let n = client.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&request[..header_end(&request).unwrap()]).into_owned();
+    let mut lines: Vec<&str> = head
+        .split("\r\n")
+        .filter(|l| !l.is_empty() && !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect();
+    lines.push("Connection: close");
+    let range = lines
+        .iter()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string))
+        .unwrap_or_default();
+    log.lock().unwrap().push(range.clone());
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(format!("{}\r\n\r\n", lines.join("\r\n")).as_bytes())?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    let body_at = header_end(&answer).unwrap_or(answer.len());
+    // Only the first request of a whole chunk, not its resumption.
+    let matches = |s: u64| range == format!("{s}-{}", s + CHUNK - 1) && answer.starts_with(b"HTTP/1.1 206");
+    match fault {
+        Fault::Flip { start: s, at } if matches(s) && body_at + at < answer.len() => {
+            answer[body_at + at] ^= 0x40;
+        }
+        Fault::Cut { start: s, after } | Fault::Stall { start: s, after, .. } if matches(s) => {
+            let mut once = fired.lock().unwrap();
+            if !*once {
+                *once = true;
+                drop(once);
+                client.write_all(&answer[..body_at + after])?;
+                if let Fault::Stall { stall, .. } = fault {
+                    std::thread::sleep(stall);
+                }
+                return Ok(());
+            }
+        }
+        _ => {}
+    }
+    client.write_all(&answer)
+}
+
+#[test]
+fn a_flipped_byte_is_never_served_nor_cached() {
+    setup();
+    let pushed = Pushed::new("lazy-flip");
+    let proxy = Proxy::start(&pushed.registry.addr, Fault::Flip { start: CHUNK, at: 4096 * 3 + 100 });
+    let (store_dir, store) = pushed.store("lazy");
+    let image = open(&format!("{}/lab/bb:v1", proxy.addr), &store).unwrap();
+    let sources = image.sources();
+    let mut block = vec![0u8; 4096];
+    sources[0].read_at(&mut block, 0).expect("chunk 0 is served unchanged");
+    let e = sources[0].read_at(&mut block, CHUNK).expect_err("chunk 1 has a flipped byte");
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+    let text = chain(&e);
+    // The pushed layer is `blob ‖ tree`: its digest is the tree record's sha256.
+    let hex = pushed.record["lowers"][0]["verity"]["sha256"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("sha256:{hex}")) && text.contains(&format!("block {}", CHUNK / 4096 + 3)),
+        "{text}"
+    );
+    assert_eq!(image.corrupt_layers().len(), 1);
+    assert_eq!(image.corrupt_layers()[0].0, 0);
+    // Nothing of chunk 1 is in the cache: its bytes are a hole, its mark 0.
+    let cache_dir = store_dir.join("lazy").join(hex);
+    let cache = std::fs::read(cache_dir.join("blob")).unwrap();
+    assert!(cache[CHUNK as usize..2 * CHUNK as usize].iter().all(|b| *b == 0), "unverified bytes cached");
+    assert_eq!(&std::fs::read(cache_dir.join("present")).unwrap()[..2], &[1, 0]);
+    drop(sources);
+    let e = image.complete(&store, None, &vmrootfs::progress::Reporter::new()).err().expect("not published");
+    assert!(chain(&e).contains("does not match its dm-verity hash"), "{e}");
+    let (ok, out, _) = run(vmrootfs(&store_dir).args(["ls", "--json"]));
+    assert!(ok && out.trim() == "[]", "nothing recorded: {out}");
+}
+
+#[test]
+fn a_cut_or_stalled_chunk_resumes_with_the_right_bytes() {
+    setup();
+    let pushed = Pushed::new("lazy-cut");
+    let blob = pushed.blob(0);
+    for fault in [
+        Fault::Cut { start: 0, after: 100_000 },
+        Fault::Stall { start: CHUNK, after: 50_000, stall: Duration::from_secs(3) },
+    ] {
+        let proxy = Proxy::start(&pushed.registry.addr, fault);
+        let (_, store) = pushed.store(&format!("lazy-{}", matches!(fault, Fault::Cut { .. })));
+        let image = open(&format!("{}/lab/bb:v1", proxy.addr), &store).unwrap();
+        let source = image.sources().remove(0);
+        assert_eq!(read_all(&*source), blob, "{fault:?}");
+        let ranges = proxy.ranges();
+        let (resumed_from, end) = match fault {
+            Fault::Cut { start, after } | Fault::Stall { start, after, .. } => {
+                (start + after as u64, start + CHUNK - 1)
+            }
+            Fault::Flip { .. } => unreachable!(),
+        };
+        assert!(
+            ranges.contains(&format!("{resumed_from}-{end}")),
+            "{fault:?} resumed where it broke: {ranges:?}"
+        );
+    }
+}
+
+/// The child of [`a_killed_reader_leaves_a_cache_the_next_run_resumes`]: reads chunks 0 and 2
+/// lazily, then waits to be killed.
+#[test]
+fn killed_reader_child() {
+    let (Ok(reference), Ok(store)) = (std::env::var("LAZY_CHILD_REF"), std::env::var("LAZY_CHILD_STORE"))
+    else {
+        return; // run by the parent test only
+    };
+    setup();
+    let store = Store::open(&store).unwrap();
+    let image = open(&reference, &store).unwrap();
+    let source = image.sources().remove(0);
+    let mut block = vec![0u8; 4096];
+    source.read_at(&mut block, 0).unwrap();
+    source.read_at(&mut block, 2 * CHUNK).unwrap();
+    println!("read");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(600));
+}
+
+#[test]
+fn a_killed_reader_leaves_a_cache_the_next_run_resumes() {
+    setup();
+    let pushed = Pushed::new("lazy-kill");
+    let reference = format!("{}/lab/bb:v1", pushed.registry.addr);
+    let (store_dir, store) = pushed.store("lazy");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "killed_reader_child", "--nocapture", "--test-threads=1"])
+        .env("LAZY_CHILD_REF", &reference)
+        .env("LAZY_CHILD_STORE", &store_dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("read") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "the child ended early");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The next open resumes: chunks 0 and 2 are present, proved again, not fetched again.
+    let image = open(&reference, &store).unwrap();
+    let source = image.sources().remove(0);
+    let mut block = vec![0u8; 4096];
+    source.read_at(&mut block, 0).unwrap();
+    source.read_at(&mut block, 2 * CHUNK).unwrap();
+    assert_eq!(image.fetched_bytes(), 0, "resumed chunks are not fetched again");
+    assert_eq!(read_all(&*source), pushed.blob(0));
+    drop(source);
+    let built = image.complete(&store, Some("bb"), &vmrootfs::progress::Reporter::new()).unwrap();
+    assert_eq!(
+        built.record.lowers[0].blob_sha256,
+        pushed.record["lowers"][0]["blob_sha256"].as_str().unwrap()
+    );
+    let (ok, _, err) = run(vmrootfs(&store_dir).args(["verify", "bb"]));
+    assert!(ok, "verify: {err}");
+    let (ok, out, err) = run(vmrootfs(&store_dir).args(["gc", "--json"]));
+    assert!(ok, "gc: {err}");
+    let gc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (gc["layers"].as_u64(), gc["lazy"].as_u64(), gc["tmp"].as_u64()),
+        (Some(0), Some(0), Some(0)),
+        "{gc}"
+    );
+}
+
+#[test]
+fn a_killed_reader_leaves_a_cache_gc_removes() {
+    setup();
+    let pushed = Pushed::new("lazy-gc");
+    let reference = format!("{}/lab/bb:v1", pushed.registry.addr);
+    let (store_dir, store) = pushed.store("lazy");
+    let image = open(&reference, &store).unwrap();
+    let mut block = vec![0u8; 4096];
+    image.sources()[0].read_at(&mut block, 0).unwrap();
+    let layers = image.sources().len();
+    // Dropped without completing: the caches stay, as a killed run leaves them.
+    drop(image);
+    let (ok, out, err) = run(vmrootfs(&store_dir).args(["gc", "--json"]));
+    assert!(ok, "gc: {err}");
+    let gc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(gc["lazy"].as_u64(), Some(layers as u64), "{gc}");
+    assert!(std::fs::read_dir(store_dir.join("lazy")).unwrap().next().is_none());
+}
