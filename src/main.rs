@@ -189,10 +189,25 @@ enum Command {
     ///   126  the command cannot be run (not executable, working directory missing)
     ///   127  the command is not in the image's PATH
     /// (as docker and podman do; the error on stderr says which failure it was). Examples:
+    ///
+    /// With --lazy, TAG is a registry reference to an EROFS image pushed uncompressed with
+    /// `push --verity`: the guest boots before the layers have arrived. Its drives are served
+    /// by vmrootfs over NBD (QEMU's own client, a unix socket); each 512 KiB chunk is fetched
+    /// by HTTP range when first read, every 4 KiB block checked against the layer's dm-verity
+    /// tree (itself checked against the manifest's root digest) and kept in the store's
+    /// lazy/ cache before the guest sees it. A block that fails is never served: the guest's
+    /// read fails and run fails naming the layer. The rest arrives in the background
+    /// (--background-rate while the guest runs, reads first), then the blobs are stored and
+    /// the image recorded as REF, as `build REF` would. A killed run's cache is resumed by
+    /// the next one (or removed by gc). Images without verity or with zstd layers are refused.
+    ///
+    /// Examples:
     ///   vmrootfs run busybox -- cat /etc/motd
     ///   vmrootfs run debian --timeout 120 -- python3 -c 'print(42)'
+    ///   vmrootfs run --lazy registry.lan:5000/lab/debian:v1 -- true
     #[command(verbatim_doc_comment)]
     Run {
+        /// A stored image's tag, or with --lazy a registry reference.
         tag: String,
         /// Kernel (bzImage) to boot [default: the newest /boot/vmlinuz-*].
         #[arg(long)]
@@ -211,6 +226,18 @@ enum Command {
         /// root is read-only.
         #[arg(long)]
         merged: bool,
+        /// Boot the registry image TAG without pulling it first (see above).
+        #[arg(long, conflicts_with_all = ["merged", "squashed"])]
+        lazy: bool,
+        /// With --lazy: bandwidth background completion takes while the guest runs, per
+        /// second (K, M, G; 0: no limit); reads of the guest always go first.
+        #[arg(long, value_parser = parse_size, default_value = "8M", requires = "lazy")]
+        background_rate: u64,
+        /// With --lazy: write what was fetched when to FILE (JSON: the bytes-fetched curve).
+        #[arg(long, value_name = "FILE", requires = "lazy")]
+        fetch_log: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
         /// The command and its arguments.
         #[arg(last = true)]
         command: Vec<String>,
@@ -425,7 +452,19 @@ fn print_table(records: &[vmrootfs::ImageRecord]) -> anyhow::Result<()> {
 /// Runs a command; `Some(status)` when the process should exit with the guest's status.
 fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
     match cli.command {
-        Command::Run { tag, kernel, memory, timeout, squashed, merged, command } => {
+        Command::Run {
+            tag,
+            kernel,
+            memory,
+            timeout,
+            squashed,
+            merged,
+            lazy,
+            background_rate,
+            fetch_log,
+            registry,
+            command,
+        } => {
             let store = open_store(cli.store)?;
             let opts = vmrootfs::vm::RunOptions {
                 kernel,
@@ -435,8 +474,14 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 squashed,
                 merged,
             };
-            let status =
-                vmrootfs::vm::run(&store, &tag, &opts, &mut std::io::stdout(), &mut std::io::stderr())?;
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            let status = if lazy {
+                let lazy =
+                    vmrootfs::vm::LazyOptions { registry: registry.options()?, background_rate, fetch_log };
+                vmrootfs::vm::run_lazy(&store, &tag, &opts, &lazy, &mut out, &mut err)?
+            } else {
+                vmrootfs::vm::run(&store, &tag, &opts, &mut out, &mut err)?
+            };
             return Ok(Some(status));
         }
         Command::Kit { tag, dir, kernel, memory, squashed, merged, json, command } => {

@@ -218,6 +218,7 @@ fn salt_in(sb: &[u8; 512], hash_offset: u64, tree: &Path) -> Result<Vec<u8>, Ver
 /// 4 KiB block against ([`LeafHashes::verifies`]).
 #[derive(Debug, Clone)]
 pub struct LeafHashes {
+    salt: Vec<u8>,
     salted: Sha256,
     /// Level 0 (or the root alone, for a blob of one block): 32 bytes per data block.
     leaves: Vec<u8>,
@@ -274,7 +275,12 @@ impl LeafHashes {
             above = level.to_vec();
             at += n as usize;
         }
-        Ok(LeafHashes { salted, leaves: above, data_blocks })
+        Ok(LeafHashes { salt, salted, leaves: above, data_blocks })
+    }
+
+    /// The salt the tree's superblock holds (what the guest's dm-verity table takes).
+    pub fn salt(&self) -> &[u8] {
+        &self.salt
     }
 
     /// Whether `block` (4096 bytes) is data block `index` of the blob.

@@ -75,6 +75,7 @@ pub struct LazyBlob {
     digest: Digest,
     registry: std::sync::Arc<RegistrySource>,
     leaves: LeafHashes,
+    root: Digest,
     /// Bytes of the filesystem (the tree begins here).
     hash_offset: u64,
     dir: PathBuf,
@@ -122,6 +123,8 @@ impl LazyBlob {
             .map_err(|source| LazyError::Fetch { layer: digest.clone(), source })?;
         let leaves = LeafHashes::check(&tree, hash_offset, root, &tree_name)
             .map_err(|source| LazyError::Tree { layer: digest.clone(), source })?;
+        // Also a file of its own: what the guest's dm-verity reads (the `hashes` drive).
+        fs_err::write(&tree_name, &tree).map_err(io(&tree_name))?;
         let path = dir.join("blob");
         let cache =
             fs_err::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path);
@@ -152,6 +155,7 @@ impl LazyBlob {
             digest,
             registry,
             leaves,
+            root: root.clone(),
             hash_offset,
             dir,
             cache,
@@ -199,6 +203,21 @@ impl LazyBlob {
     /// The layer's descriptor digest.
     pub fn digest(&self) -> &Digest {
         &self.digest
+    }
+
+    /// The proved dm-verity tree (superblock block first), as a file.
+    pub fn tree_path(&self) -> PathBuf {
+        self.dir.join("tree")
+    }
+
+    /// The tree's root digest (the manifest's).
+    pub fn root_digest(&self) -> &Digest {
+        &self.root
+    }
+
+    /// The tree's salt, in hex.
+    pub fn salt_hex(&self) -> String {
+        hex::encode(self.leaves.salt())
     }
 
     /// The cache file (`blob ‖ tree`), complete once [`LazyBlob::is_complete`].

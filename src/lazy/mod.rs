@@ -308,6 +308,11 @@ impl LazyImage {
         &self.spec
     }
 
+    /// Seconds since the image was opened (the time base of [`LazyImage::fetch_log`]).
+    pub fn elapsed(&self) -> f64 {
+        self.opened.elapsed().as_secs_f64()
+    }
+
     /// Data bytes fetched so far, all lowers.
     pub fn fetched_bytes(&self) -> u64 {
         self.blobs.iter().map(|b| b.fetched_bytes()).sum()

@@ -44,7 +44,8 @@ use super::initramfs::{self, GuestFiles};
 use super::kernel::Kernel;
 use super::{UnverifiableForm, VmError};
 use crate::backend::tool::Tool;
-use crate::record::{ImageRecord, Located, Lower};
+use crate::lazy::BlockSource;
+use crate::record::{ImageRecord, Located, Lower, RuntimeConfig};
 use crate::store::Store;
 
 /// Which of an image's forms a kit boots.
@@ -78,13 +79,16 @@ pub enum DriveFormat {
     Raw,
     /// A VMDK descriptor (QEMU only).
     Vmdk,
+    /// An export of `run --lazy`'s NBD server (QEMU only): the path is its
+    /// `nbd+unix:///NAME?socket=PATH` URL.
+    Nbd,
 }
 
 impl DriveFormat {
     /// QEMU's name of the format (`-drive format=`).
     pub fn qemu_name(self) -> &'static str {
         match self {
-            DriveFormat::Raw => "raw",
+            DriveFormat::Raw | DriveFormat::Nbd => "raw",
             DriveFormat::Vmdk => "vmdk",
         }
     }
@@ -195,7 +199,7 @@ impl Drives {
         let lower = |i: usize, d: &Drive| KitDrive {
             name: format!("lower{i}"),
             path: d.path.clone(),
-            format: DriveFormat::Raw,
+            format: d.format,
         };
         match self {
             Drives::Lowers(lowers) => lowers.iter().enumerate().map(|(i, d)| lower(i, d)).collect(),
@@ -205,7 +209,7 @@ impl Drives {
             Drives::VerifiedMerged { lowers, merged } => std::iter::once(KitDrive {
                 name: "merged".into(),
                 path: merged.path.clone(),
-                format: DriveFormat::Raw,
+                format: merged.format,
             })
             .chain(lowers.iter().enumerate().map(|(i, d)| lower(i, d)))
             .collect(),
@@ -216,6 +220,7 @@ impl Drives {
 /// One lower's drive, as the guest gets it.
 struct Drive {
     path: PathBuf,
+    format: DriveFormat,
     fs: String,
     verity: Option<VerityTable>,
 }
@@ -269,7 +274,7 @@ fn write_hashes(drives: Vec<&mut Drive>, out: &Path) -> Result<(), VmError> {
 
 /// The guest's settings: `/vmrootfs/run` (what to mount) and `/vmrootfs/exec.sh` (how to
 /// start the command inside the image).
-fn guest_files(record: &ImageRecord, drives: &Drives, any_verity: bool, command: &[String]) -> GuestFiles {
+fn guest_files(config: &RuntimeConfig, drives: &Drives, any_verity: bool, command: &[String]) -> GuestFiles {
     let mut run = String::new();
     let mut names: Vec<String> = drives.attach_order().into_iter().map(|d| d.name).collect();
     if any_verity {
@@ -298,7 +303,7 @@ fn guest_files(record: &ImageRecord, drives: &Drives, any_verity: bool, command:
             run += &format!("LOWERS=0\nMERGED=1\nMERGED_OFFSETS='{}'\n", offsets.join(" "));
         }
     }
-    let c = &record.config;
+    let c = config;
     run += &format!("USERSPEC={}\n", sq(&c.user));
     let mut env = c.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -392,34 +397,20 @@ pub(super) fn write_record(
     check_form(tag, record, opts.form)?;
     fs_err::create_dir_all(dir).map_err(io(dir))?;
     let dir = std::path::absolute(dir).map_err(io(dir))?;
-    let kernel = Kernel::find(opts.kernel.as_deref())?;
-    let busybox = Path::new(BUSYBOX);
-    if !is_static(busybox)? {
-        return Err(VmError::NoStaticBusybox(busybox.to_owned()));
-    }
-    let command = if opts.command.is_empty() {
-        [record.config.entrypoint.clone(), record.config.cmd.clone()].concat()
-    } else {
-        opts.command.clone()
-    };
-    if command.is_empty() {
-        return Err(VmError::NoCommand);
-    }
-    let vmlinux = dir.join("vmlinux");
-    link_or_copy(&kernel.vmlinux(store)?, &vmlinux)?;
-
     let located = store.locate(record.clone())?;
     let lower_drive = |l: &Located<Lower>| Drive {
         path: l.path.clone(),
+        format: DriveFormat::Raw,
         fs: l.fs.to_string(),
         verity: l.verity.as_ref().zip(l.verity_tree.as_ref()).map(|(v, tree)| VerityTable::new(v, tree)),
     };
     let verity = record.lowers.iter().any(|l| l.verity.is_some());
-    let mut drives = match (opts.form, &located.merged, &located.squashed) {
+    let drives = match (opts.form, &located.merged, &located.squashed) {
         (KitForm::Merged, Some(m), _) if verity => Drives::VerifiedMerged {
             lowers: located.lowers.iter().map(lower_drive).collect(),
             merged: Drive {
                 path: m.path.clone(),
+                format: DriveFormat::Raw,
                 fs: m.fs.to_string(),
                 verity: m
                     .verity
@@ -448,11 +439,74 @@ pub(super) fn write_record(
             };
             Drives::Merged { disk, format, layer_offsets }
         }
-        (KitForm::Squashed, _, Some(s)) => {
-            Drives::Lowers(vec![Drive { path: s.path.clone(), fs: s.fs.to_string(), verity: None }])
-        }
+        (KitForm::Squashed, _, Some(s)) => Drives::Lowers(vec![Drive {
+            path: s.path.clone(),
+            format: DriveFormat::Raw,
+            fs: s.fs.to_string(),
+            verity: None,
+        }]),
         _ => Drives::Lowers(located.lowers.iter().map(lower_drive).collect()),
     };
+    write_drives(store, tag, &record.config, drives, &dir, opts)
+}
+
+/// The kit of `run --lazy`: one lower per export of its NBD server on `socket`, each opened
+/// through dm-verity in the guest with the tree the lazy blob proved (the host checked every
+/// block already; the guest checks again, as for a stored `--verity` image).
+pub(super) fn write_lazy(
+    store: &Store,
+    reference: &str,
+    config: &RuntimeConfig,
+    image: &crate::lazy::LazyImage,
+    socket: &Path,
+    dir: &Path,
+    opts: &KitOptions,
+) -> Result<Kit, VmError> {
+    let lowers = image
+        .blobs()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Drive {
+            path: PathBuf::from(format!("nbd+unix:///lower{i}?socket={}", socket.display())),
+            format: DriveFormat::Nbd,
+            fs: crate::backend::FsType::Erofs.to_string(),
+            verity: Some(VerityTable {
+                tree: b.tree_path(),
+                data_blocks: b.len() / crate::verity::BLOCK_SIZE,
+                hash_start: 0,
+                root: b.root_digest().digest().to_string(),
+                salt: b.salt_hex(),
+            }),
+        })
+        .collect();
+    let dir = std::path::absolute(dir).map_err(|source| VmError::Io { path: dir.to_owned(), source })?;
+    write_drives(store, reference, config, Drives::Lowers(lowers), &dir, opts)
+}
+
+/// Writes the kit of `drives` into `dir` (absolute, existing).
+fn write_drives(
+    store: &Store,
+    tag: &str,
+    config: &RuntimeConfig,
+    mut drives: Drives,
+    dir: &Path,
+    opts: &KitOptions,
+) -> Result<Kit, VmError> {
+    let kernel = Kernel::find(opts.kernel.as_deref())?;
+    let busybox = Path::new(BUSYBOX);
+    if !is_static(busybox)? {
+        return Err(VmError::NoStaticBusybox(busybox.to_owned()));
+    }
+    let command = if opts.command.is_empty() {
+        [config.entrypoint.clone(), config.cmd.clone()].concat()
+    } else {
+        opts.command.clone()
+    };
+    if command.is_empty() {
+        return Err(VmError::NoCommand);
+    }
+    let vmlinux = dir.join("vmlinux");
+    link_or_copy(&kernel.vmlinux(store)?, &vmlinux)?;
     let verity_drives = drives.verity_drives();
     let any_verity = !verity_drives.is_empty();
     let hashes = dir.join("hashes.img");
@@ -462,7 +516,7 @@ pub(super) fn write_record(
     } else {
         None
     };
-    let guest = guest_files(record, &drives, any_verity, &command);
+    let guest = guest_files(config, &drives, any_verity, &command);
     crate::progress::debug(&format!("guest settings: {}", guest.run.replace('\n', "; ")));
     let initramfs = dir.join("initramfs.cpio");
     initramfs::build(&kernel, busybox, dmsetup.as_deref(), &guest, &initramfs)?;

@@ -153,6 +153,9 @@ pub enum VmError {
     /// The guest could not start the command.
     #[error("the guest could not start the command (its /init said why, above)")]
     GuestSetup,
+    /// `run --lazy` asked for a form other than the layer stack.
+    #[error("--lazy boots the layer stack: --merged and --squashed need the image built into the store")]
+    LazyForm,
     /// dm-verity in the guest found blocks that do not match their hashes.
     #[error(
         "dm-verity in the guest found blocks that do not match their hashes in {}: the blob is corrupt (`vmrootfs verify {tag}` rechecks it)",
@@ -164,6 +167,30 @@ pub enum VmError {
         /// Each corrupt drive, with its blob's chain ID and path.
         blobs: Vec<(CorruptDrive, oci_spec::image::Digest, PathBuf)>,
     },
+}
+
+/// Why `run --lazy` failed before or after its guest (see [`run_lazy`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LazyRunError {
+    /// The image could not be opened lazily, or its completion failed.
+    #[error(transparent)]
+    Lazy(#[from] crate::lazy::LazyError),
+    /// The registry served blocks that do not match the layer's dm-verity tree: they were
+    /// never given to the guest, whose reads of them failed.
+    #[error(
+        "the registry served blocks that do not match their dm-verity hashes in {}: the guest's reads of them failed (EIO) and nothing unverified was kept",
+        .layers.iter().map(|(i, d)| format!("lower {i} (layer {d})")).collect::<Vec<_>>().join(", ")
+    )]
+    Corrupt {
+        /// The image.
+        reference: String,
+        /// Each such lower: its index (base = 0) and layer digest.
+        layers: Vec<(usize, oci_spec::image::Digest)>,
+    },
+    /// The run failed as a stored one can.
+    #[error(transparent)]
+    Vm(#[from] VmError),
 }
 
 /// A drive whose dm-verity device in the guest read a block that does not match its hash.
@@ -307,13 +334,38 @@ pub fn run(
         command: opts.command.clone(),
     };
     let kit = kit::write_record(store, tag, &record, staging.path(), &kit_opts)?;
+    let (status, status_file) = boot(&kit, staging.path(), opts, out, err)?;
+    if !status.corrupt.is_empty() {
+        let located = store.locate(record)?;
+        let blob = |d: CorruptDrive| match d {
+            CorruptDrive::Lower(i) => located.lowers.get(i).map(|l| (d, l.chain_id.clone(), l.path.clone())),
+            CorruptDrive::Merged => located.merged.as_ref().map(|m| (d, m.chain_id.clone(), m.path.clone())),
+        };
+        // A drive this run did not attach: the guest's report is not to be believed.
+        let blobs = status.corrupt.iter().map(|&d| blob(d)).collect::<Option<Vec<_>>>().ok_or_else(|| {
+            VmError::BadStatus { path: status_file.clone(), found: format!("corrupt {:?}", status.corrupt) }
+        })?;
+        return Err(VmError::Corrupt { tag: tag.to_string(), blobs });
+    }
+    status.code.ok_or(VmError::GuestSetup)
+}
+
+/// Boots `kit` (written into `staging`) with the ports that carry the command's output and
+/// status; passes the output on, returns what `/init` reported and the status file.
+fn boot(
+    kit: &kit::Kit,
+    staging: &Path,
+    opts: &RunOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(GuestStatus, PathBuf), VmError> {
     // The kit's own QEMU command line, and the ports that carry the command's output and
     // status out of band.
     let mut cmd = std::process::Command::new("sh");
     cmd.arg(&kit.qemu).env("VMROOTFS_APPEND", "vmrootfs.ports");
-    let stdout_fifo = Fifo::create(&staging.path().join("stdout"))?;
-    let stderr_fifo = Fifo::create(&staging.path().join("stderr"))?;
-    let status_file = staging.path().join("status");
+    let stdout_fifo = Fifo::create(&staging.join("stdout"))?;
+    let stderr_fifo = Fifo::create(&staging.join("stderr"))?;
+    let status_file = staging.join("status");
     cmd.args(["-device", "virtio-serial-device"]);
     for (id, path, name) in [
         ("out", &stdout_fifo.path, PORT_STDOUT),
@@ -334,19 +386,117 @@ pub fn run(
         .map_err(|source| ToolError::Spawn { tool: kit.qemu.display().to_string(), source })?;
     let tail = follow(child, opts.timeout, [stdout_fifo, stderr_fifo], &status_file, out, err)?;
     let status = read_status(&status_file, tail)?;
-    if !status.corrupt.is_empty() {
-        let located = store.locate(record)?;
-        let blob = |d: CorruptDrive| match d {
-            CorruptDrive::Lower(i) => located.lowers.get(i).map(|l| (d, l.chain_id.clone(), l.path.clone())),
-            CorruptDrive::Merged => located.merged.as_ref().map(|m| (d, m.chain_id.clone(), m.path.clone())),
-        };
-        // A drive this run did not attach: the guest's report is not to be believed.
-        let blobs = status.corrupt.iter().map(|&d| blob(d)).collect::<Option<Vec<_>>>().ok_or_else(|| {
-            VmError::BadStatus { path: status_file.clone(), found: format!("corrupt {:?}", status.corrupt) }
-        })?;
-        return Err(VmError::Corrupt { tag: tag.to_string(), blobs });
+    Ok((status, status_file))
+}
+
+/// Options of `run --lazy` besides [`RunOptions`].
+#[derive(Debug, Clone, Default)]
+pub struct LazyOptions {
+    /// How to reach the registry.
+    pub registry: crate::RegistryOptions,
+    /// Bytes per second background completion may take while the guest runs (0: no limit).
+    pub background_rate: u64,
+    /// Where to write what was fetched when (JSON; the bytes-fetched curve), if anywhere.
+    pub fetch_log: Option<PathBuf>,
+}
+
+/// What `--fetch-log` writes.
+#[derive(serde::Serialize)]
+struct FetchLog {
+    reference: String,
+    /// Data bytes of all lowers.
+    data_bytes: u64,
+    /// Data bytes fetched when the command's status came.
+    fetched_before_exit: u64,
+    /// Seconds from opening the image to the command's status.
+    exited_at: f64,
+    fetches: Vec<crate::lazy::Fetch>,
+}
+
+/// Boots the EROFS image `reference` straight from its registry (pushed uncompressed with
+/// `--verity`), its lowers served by vmrootfs over NBD as the guest reads them
+/// ([`crate::lazy`]); runs the command like [`run`]. The rest of the layers arrives in the
+/// background within `lazy.background_rate`, at full speed once the command has exited; then
+/// the blobs are published and the image recorded as `reference`, as `build` would. A block
+/// the registry serves that fails verification fails the guest's read and the run, naming
+/// the lower. Holds the shared store lock throughout.
+pub fn run_lazy(
+    store: &Store,
+    reference: &str,
+    opts: &RunOptions,
+    lazy: &LazyOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<i32, LazyRunError> {
+    let _store_lock = store.lock_shared().map_err(VmError::from)?;
+    if opts.squashed || opts.merged {
+        return Err(VmError::LazyForm.into());
     }
-    status.code.ok_or(VmError::GuestSetup)
+    Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2").map_err(VmError::from)?;
+    let mut image = crate::lazy::open(store, reference, &lazy.registry, &crate::Platform::host())?;
+    if image.blobs().len() > MICROVM_DRIVES {
+        let e = VmError::TooManyLayers {
+            tag: reference.to_string(),
+            layers: image.blobs().len(),
+            max: MICROVM_DRIVES,
+        };
+        return Err(e.into());
+    }
+    let staging = store.staging("vm-").map_err(VmError::from)?;
+    let socket = staging.path().join("nbd.sock");
+    let exports = image
+        .blobs()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| crate::lazy::nbd::Export { name: format!("lower{i}"), source: b.clone() })
+        .collect();
+    let mut server = crate::lazy::nbd::NbdServer::start(&socket, exports)
+        .map_err(|source| VmError::Io { path: socket.clone(), source })?;
+    image.start_background(crate::lazy::Share::new(lazy.background_rate));
+    let kit_opts = KitOptions {
+        kernel: opts.kernel.clone(),
+        memory_mb: opts.memory_mb,
+        form: KitForm::Stack,
+        merged_disk: MergedDisk::QemuVmdk,
+        command: opts.command.clone(),
+    };
+    let config = crate::record::RuntimeConfig::from(&image.image().config);
+    let kit = kit::write_lazy(store, reference, &config, &image, &socket, staging.path(), &kit_opts)?;
+    let booted = boot(&kit, staging.path(), opts, out, err);
+    server.stop();
+    let fetched = image.fetched_bytes();
+    let exited_at = image.elapsed();
+    crate::progress::info(&format!(
+        "lazy: {} of {} bytes ({:.1}%) fetched before the command exited; completing in the background",
+        fetched,
+        image.data_bytes(),
+        100.0 * fetched as f64 / image.data_bytes().max(1) as f64
+    ));
+    if let Some(path) = &lazy.fetch_log {
+        let log = FetchLog {
+            reference: reference.to_string(),
+            data_bytes: image.data_bytes(),
+            fetched_before_exit: fetched,
+            exited_at,
+            fetches: image.fetch_log(),
+        };
+        let text = serde_json::to_vec_pretty(&log).expect("a fetch log serializes");
+        fs_err::write(path, text).map_err(|source| VmError::Io { path: path.clone(), source })?;
+    }
+    let corrupt = image.corrupt_layers();
+    if !corrupt.is_empty() {
+        return Err(LazyRunError::Corrupt { reference: reference.to_string(), layers: corrupt });
+    }
+    let (status, _) = booted?;
+    // The guest's dm-verity checks bytes the host proved already: a report from it means a
+    // drive other than the ones served, not to be believed.
+    if !status.corrupt.is_empty() {
+        let found = format!("corrupt {:?}", status.corrupt);
+        return Err(VmError::BadStatus { path: staging.path().join("status"), found }.into());
+    }
+    let code = status.code.ok_or(VmError::GuestSetup)?;
+    image.complete(store, None, &crate::progress::Reporter::new())?;
+    Ok(code)
 }
 
 /// A path as a QEMU option value (a `,` is written `,,`).
