@@ -31,13 +31,13 @@ impl Pushed {
         let store = dir.path().join("source");
         let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
         let spec = format!("oci-archive:{}:busybox", demo.display());
-        let (ok, _, err) = run(vmrootfs(&store).args(["-q", "build", &spec, "--tag", "bb", "--verity"]));
+        let (ok, _, err) = run(cli(&store).args(["-q", "build", &spec, "--tag", "bb", "--verity"]));
         assert!(ok, "build: {err}");
         let registry = Registry::start(None);
         let (ok, _, err) =
-            run(vmrootfs(&store).args(["-q", "push", "bb", &format!("{}/lab/bb:v1", registry.addr)]));
+            run(cli(&store).args(["-q", "push", "bb", &format!("{}/lab/bb:v1", registry.addr)]));
         assert!(ok, "push: {err}");
-        let (ok, out, err) = run(vmrootfs(&store).args(["inspect", "bb", "--json"]));
+        let (ok, out, err) = run(cli(&store).args(["inspect", "bb", "--json"]));
         assert!(ok, "inspect: {err}");
         Pushed { dir, registry, record: serde_json::from_str(&out).unwrap() }
     }
@@ -71,6 +71,14 @@ fn setup() {
     // SAFETY: every test calls this before anything reads the environment; the first call
     // sets it while the others wait.
     ONCE.call_once(|| unsafe { std::env::set_var("VMROOTFS_STALL_TIMEOUT", "1s") });
+}
+
+/// The vmrootfs binary with a store, with the usual stall timeout (a push of a large blob
+/// waits longer than a second for the registry's answer).
+fn cli(store: &Path) -> std::process::Command {
+    let mut c = vmrootfs(store);
+    c.env_remove("VMROOTFS_STALL_TIMEOUT");
+    c
 }
 
 fn open(reference: &str, store: &Store) -> Result<lazy::LazyImage, lazy::LazyError> {
@@ -136,11 +144,11 @@ fn lazy_reads_are_verified_ranges_and_completion_stores_the_pulled_bytes() {
     assert!(gets.iter().all(|s| s == "206"), "completion reads ranges too: {gets:?}");
     // The caches went with publication: gc finds nothing of them.
     assert!(std::fs::read_dir(store_dir.join("lazy")).unwrap().next().is_none(), "caches removed");
-    let (ok, out, err) = run(vmrootfs(&store_dir).args(["gc", "--json"]));
+    let (ok, out, err) = run(cli(&store_dir).args(["gc", "--json"]));
     assert!(ok, "gc: {err}");
     let gc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((gc["layers"].as_u64(), gc["lazy"].as_u64()), (Some(0), Some(0)), "{gc}");
-    let (ok, _, err) = run(vmrootfs(&store_dir).args(["verify", "bb"]));
+    let (ok, _, err) = run(cli(&store_dir).args(["verify", "bb"]));
     assert!(ok, "verify: {err}");
 }
 
@@ -151,16 +159,15 @@ fn lazy_refuses_images_it_cannot_check_or_read_by_range() {
     let (_, store) = pushed.store("lazy");
     let source = pushed.dir.path().join("source");
     let addr = &pushed.registry.addr;
-    let (ok, _, err) =
-        run(vmrootfs(&source).args(["-q", "push", "bb", &format!("{addr}/lab/bb:zstd"), "--zstd"]));
+    let (ok, _, err) = run(cli(&source).args(["-q", "push", "bb", &format!("{addr}/lab/bb:zstd"), "--zstd"]));
     assert!(ok, "push --zstd: {err}");
     let e = open(&format!("{addr}/lab/bb:zstd"), &store).err().expect("zstd refused").to_string();
     assert!(e.contains("zstd-compressed") && e.contains("without --zstd"), "{e}");
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
     let plain = pushed.dir.path().join("plain");
     let spec = format!("oci-archive:{}:busybox", demo.display());
-    assert!(run(vmrootfs(&plain).args(["-q", "build", &spec, "--tag", "bb"])).0);
-    assert!(run(vmrootfs(&plain).args(["-q", "push", "bb", &format!("{addr}/lab/bb:plain")])).0);
+    assert!(run(cli(&plain).args(["-q", "build", &spec, "--tag", "bb"])).0);
+    assert!(run(cli(&plain).args(["-q", "push", "bb", &format!("{addr}/lab/bb:plain")])).0);
     let e = open(&format!("{addr}/lab/bb:plain"), &store).err().expect("no verity refused").to_string();
     assert!(e.contains("no dm-verity tree") && e.contains("--verity"), "{e}");
 }
@@ -186,17 +193,23 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream: &str, fault: Fault) -> Proxy {
+        Proxy::start_for(upstream, fault, "")
+    }
+
+    /// A proxy whose fault applies only to requests whose path holds `layer`.
+    fn start_for(upstream: &str, fault: Fault, layer: &str) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let ranges = Arc::new(Mutex::new(Vec::new()));
-        let (upstream, log) = (upstream.to_string(), ranges.clone());
+        let (upstream, log, layer) = (upstream.to_string(), ranges.clone(), layer.to_string());
         let fired = Arc::new(Mutex::new(false));
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { break };
-                let (upstream, log, fired) = (upstream.clone(), log.clone(), fired.clone());
+                let (upstream, log, fired, layer) =
+                    (upstream.clone(), log.clone(), fired.clone(), layer.clone());
                 std::thread::spawn(move || {
-                    let _ = forward(conn, &upstream, fault, &log, &fired);
+                    let _ = forward(conn, &upstream, fault, &layer, &log, &fired);
                 });
             }
         });
@@ -217,6 +230,7 @@ fn forward(
     mut client: TcpStream,
     upstream: &str,
     fault: Fault,
+    layer: &str,
     log: &Mutex<Vec<String>>,
     fired: &Mutex<bool>,
 ) -> std::io::Result<()> {
@@ -246,7 +260,11 @@ fn forward(
     up.read_to_end(&mut answer)?;
     let body_at = header_end(&answer).unwrap_or(answer.len());
     // Only the first request of a whole chunk, not its resumption.
-    let matches = |s: u64| range == format!("{s}-{}", s + CHUNK - 1) && answer.starts_with(b"HTTP/1.1 206");
+    let matches = |s: u64| {
+        range == format!("{s}-{}", s + CHUNK - 1)
+            && answer.starts_with(b"HTTP/1.1 206")
+            && head.contains(layer)
+    };
     match fault {
         Fault::Flip { start: s, at } if matches(s) && body_at + at < answer.len() => {
             answer[body_at + at] ^= 0x40;
@@ -297,7 +315,7 @@ fn a_flipped_byte_is_never_served_nor_cached() {
     drop(sources);
     let e = image.complete(&store, None, &vmrootfs::progress::Reporter::new()).err().expect("not published");
     assert!(chain(&e).contains("does not match its dm-verity hash"), "{e}");
-    let (ok, out, _) = run(vmrootfs(&store_dir).args(["ls", "--json"]));
+    let (ok, out, _) = run(cli(&store_dir).args(["ls", "--json"]));
     assert!(ok && out.trim() == "[]", "nothing recorded: {out}");
 }
 
@@ -384,9 +402,9 @@ fn a_killed_reader_leaves_a_cache_the_next_run_resumes() {
         built.record.lowers[0].blob_sha256,
         pushed.record["lowers"][0]["blob_sha256"].as_str().unwrap()
     );
-    let (ok, _, err) = run(vmrootfs(&store_dir).args(["verify", "bb"]));
+    let (ok, _, err) = run(cli(&store_dir).args(["verify", "bb"]));
     assert!(ok, "verify: {err}");
-    let (ok, out, err) = run(vmrootfs(&store_dir).args(["gc", "--json"]));
+    let (ok, out, err) = run(cli(&store_dir).args(["gc", "--json"]));
     assert!(ok, "gc: {err}");
     let gc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -408,9 +426,161 @@ fn a_killed_reader_leaves_a_cache_gc_removes() {
     let layers = image.sources().len();
     // Dropped without completing: the caches stay, as a killed run leaves them.
     drop(image);
-    let (ok, out, err) = run(vmrootfs(&store_dir).args(["gc", "--json"]));
+    let (ok, out, err) = run(cli(&store_dir).args(["gc", "--json"]));
     assert!(ok, "gc: {err}");
     let gc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(gc["lazy"].as_u64(), Some(layers as u64), "{gc}");
     assert!(std::fs::read_dir(store_dir.join("lazy")).unwrap().next().is_none());
+}
+
+/// Checks run inside the guest (as tests/boot.rs does); each prints one line looked for.
+const PROBE: &str = r#"
+python3 -c 'import sys; print("python", sys.version_info[0] * 6 * 7 // 3)'
+stat -c 'suid %a %U' /edge/suid-busybox
+getcap /edge/cap-true
+test -e /etc/motd || echo 'motd whited out'
+echo "opaque: $(ls /etc/default)"
+echo "parents: $(stat -c '%a %g' /usr/local/share)"
+echo "disks: $(ls /sys/block | grep -c '^vd')"
+echo "root: $(awk '$2 == "/" { print $3 }' /proc/mounts)"
+exit 3
+"#;
+
+/// Blob GETs of the registry's access log from line `from` on: (digest, status) per request.
+fn blob_requests(log: &Path, from: usize) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(log).unwrap();
+    text.lines()
+        .filter(|l| l.contains("/blobs/sha256:") && l.contains("HTTP/1.1\" "))
+        .skip(from)
+        .filter_map(|l| {
+            let digest = l.split("/blobs/").nth(1)?.split(' ').next()?.to_string();
+            let status = l.split("HTTP/1.1\" ").nth(1)?.split(' ').next()?.to_string();
+            Some((digest, status))
+        })
+        .collect()
+}
+
+#[test]
+fn boot_lazy_real_image_then_a_flipped_byte_names_the_lower() {
+    setup();
+    let dir = scratch("lazy-boot");
+    let source = dir.path().join("source");
+    let spec = format!("oci:{}/oci:test", image().display());
+    let (ok, _, err) = run(cli(&source).args(["-q", "build", &spec, "--tag", "deb", "--verity"]));
+    assert!(ok, "build: {err}");
+    let registry = Registry::start(None);
+    let reference = format!("{}/lab/deb:v1", registry.addr);
+    let (ok, _, err) = run(cli(&source).args(["-q", "push", "deb", &reference]));
+    assert!(ok, "push: {err}");
+    let gets_before = blob_requests(&registry.log, 0).len();
+
+    // 1. The real image, lazily, with the checks of tests/boot.rs.
+    let store = dir.path().join("lazy");
+    let fetch_log = dir.path().join("fetch.json");
+    let out = cli(&store)
+        .args(["run", "--lazy", &reference, "--timeout", "400", "--background-rate", "64K", "--fetch-log"])
+        .arg(&fetch_log)
+        .args(["--", "sh", "-c", PROBE])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "run --lazy exits with the command's status\n{stdout}\n{stderr}");
+    for want in [
+        "python 42",
+        "suid 4755 root",
+        "/edge/cap-true cap_net_raw=ep",
+        "motd whited out",
+        "opaque: only-this",
+        "disks: 5", // four lowers and the trees
+        "root: overlay",
+    ] {
+        assert!(stdout.lines().any(|l| l.trim() == want), "missing {want:?}:\n{stdout}\n{stderr}");
+    }
+    // Only ranges were asked for, and before the command exited less than all of the data.
+    let requests = blob_requests(&registry.log, gets_before);
+    assert!(requests.iter().all(|(_, s)| s == "206"), "only range requests: {requests:?}");
+    let log: serde_json::Value = serde_json::from_slice(&std::fs::read(&fetch_log).unwrap()).unwrap();
+    let (before, data) = (log["fetched_before_exit"].as_u64().unwrap(), log["data_bytes"].as_u64().unwrap());
+    eprintln!("fetched before exit: {before} of {data} bytes");
+    assert!(before > 0 && before < data / 2, "lazy: {before} of {data} bytes before the exit");
+    // Then the background completed it: the store holds what a plain pull stores.
+    let plain = dir.path().join("plain");
+    let (ok, _, err) = run(cli(&plain).args(["-q", "build", &reference, "--tag", "deb"]));
+    assert!(ok, "plain pull: {err}");
+    let inspect = |store: &Path, tag: &str| -> serde_json::Value {
+        let (ok, out, err) = run(vmrootfs(store).args(["inspect", tag, "--json"]));
+        assert!(ok, "inspect: {err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let (lazy_rec, plain_rec) = (inspect(&store, &reference), inspect(&plain, "deb"));
+    let lazy_lowers = lowers_of(&lazy_rec);
+    let plain_lowers = lowers_of(&plain_rec);
+    assert_eq!(lazy_lowers.len(), 4);
+    for i in 0..4 {
+        assert_eq!(lazy_rec["lowers"][i]["blob_sha256"], plain_rec["lowers"][i]["blob_sha256"], "lower {i}");
+        assert_eq!(lazy_rec["lowers"][i]["verity"], plain_rec["lowers"][i]["verity"], "lower {i}");
+        assert!(
+            std::fs::read(&lazy_lowers[i].0).unwrap() == std::fs::read(&plain_lowers[i].0).unwrap(),
+            "lower {i}"
+        );
+    }
+    let (ok, _, err) = run(cli(&store).args(["verify", &reference]));
+    assert!(ok, "verify: {err}");
+
+    // 2. A registry (proxy) flipping one byte of a chunk only `cat python3.11` reads.
+    let stack = MountedStack::mount(&lowers_of(&inspect(&source, "deb"))[1..2]);
+    let file = std::fs::read(stack.lower(0).join("usr/bin/python3.11")).unwrap();
+    drop(stack);
+    let block = &file[1 << 20..(1 << 20) + 4096];
+    let blob = std::fs::read(&lazy_lowers[1].0).unwrap();
+    let at =
+        blob.chunks(4096).position(|c| c == block).expect("python3.11's block in the blob") as u64 * 4096;
+    drop(blob);
+    let layer = lazy_rec["lowers"][1]["verity"]["sha256"].as_str().unwrap().to_string();
+    let chunk = at / CHUNK * CHUNK;
+    let proxy = Proxy::start_for(
+        &registry.addr,
+        Fault::Flip { start: chunk, at: (at - chunk) as usize + 100 },
+        &layer,
+    );
+    let flipped = dir.path().join("flipped");
+    let reads = "cat /usr/bin/python3.11 > /dev/null; echo cat $?";
+    let out = cli(&flipped)
+        .args([
+            "run",
+            "--lazy",
+            &format!("{}/lab/deb:v1", proxy.addr),
+            "--timeout",
+            "400",
+            "--",
+            "sh",
+            "-c",
+            reads,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "run of a corrupt registry fails\n{stdout}\n{stderr}");
+    assert!(stdout.contains("cat 1"), "the guest's read fails: {stdout}\n{stderr}");
+    let named = format!("lower 1 (layer sha256:{layer})");
+    assert!(stderr.contains("dm-verity") && stderr.contains(&named), "run names the lower: {stderr}");
+    for other in [0, 2, 3] {
+        assert!(!stderr.contains(&format!("lower {other} (")), "only lower 1 is named: {stderr}");
+    }
+    // Nothing unverified in the cache: the flipped chunk is a hole, unmarked; nothing stored.
+    let cache = flipped.join("lazy").join(&layer);
+    let bytes = std::fs::read(cache.join("blob")).unwrap();
+    assert!(
+        bytes[chunk as usize..(chunk + CHUNK) as usize].iter().all(|b| *b == 0),
+        "unverified bytes cached"
+    );
+    assert_eq!(std::fs::read(cache.join("present")).unwrap()[(chunk / CHUNK) as usize], 0);
+    let (ok, out, _) = run(cli(&flipped).args(["ls", "--json"]));
+    assert!(ok && out.trim() == "[]", "nothing recorded: {out}");
+    let (ok, out, err) = run(cli(&flipped).args(["gc", "--json"]));
+    assert!(ok, "gc: {err}");
+    let gc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((gc["layers"].as_u64(), gc["lazy"].as_u64()), (Some(0), Some(4)), "{gc}");
 }
