@@ -584,3 +584,63 @@ fn boot_lazy_real_image_then_a_flipped_byte_names_the_lower() {
     let gc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!((gc["layers"].as_u64(), gc["lazy"].as_u64()), (Some(0), Some(4)), "{gc}");
 }
+
+#[test]
+fn boot_lazy_killed_mid_fetch_then_rerun() {
+    setup();
+    let pushed = Pushed::new("lazy-boot-kill");
+    let reference = format!("{}/lab/bb:v1", pushed.registry.addr);
+    let store = pushed.dir.path().join("lazy");
+    let from = blob_requests(&pushed.registry.log, 0).len();
+    let mut cmd = cli(&store);
+    cmd.args(["-q", "run", "--lazy", &reference, "--background-rate", "1K", "--", "sleep", "60"]);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().unwrap();
+    // Killed (with its QEMU: the whole process group) once chunks have begun to arrive: the
+    // trees are the first range of each layer.
+    let layers = pushed.record["lowers"].as_array().unwrap().len();
+    for _ in 0..600 {
+        if blob_requests(&pushed.registry.log, from).len() > layers + 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status()
+            .unwrap()
+            .success()
+    );
+    child.wait().unwrap();
+    let cache = store.join("lazy");
+    assert!(
+        cache.exists() && std::fs::read_dir(&cache).unwrap().count() == layers,
+        "the killed run's caches stay"
+    );
+    let (ok, out, _) = run(cli(&store).args(["ls", "--json"]));
+    assert!(ok && out.trim() == "[]", "nothing recorded by the killed run: {out}");
+    // The rerun resumes and completes: the command's status, the pulled bytes, a clean gc.
+    let out = cli(&store).args(["run", "--lazy", &reference, "--", "sh", "-c", "exit 5"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, out, err) = run(cli(&store).args(["inspect", &reference, "--json"]));
+    assert!(ok, "inspect: {err}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for (i, (path, _)) in lowers_of(&record).iter().enumerate() {
+        assert!(std::fs::read(path).unwrap() == pushed.blob(i), "lower {i} is the pushed blob");
+    }
+    let (ok, _, err) = run(cli(&store).args(["verify", &reference]));
+    assert!(ok, "verify: {err}");
+    let gc = |store: &Path| -> serde_json::Value {
+        let (ok, out, err) = run(cli(store).args(["gc", "--json"]));
+        assert!(ok, "gc: {err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let first = gc(&store);
+    assert_eq!((first["layers"].as_u64(), first["lazy"].as_u64()), (Some(0), Some(0)), "{first}");
+    let second = gc(&store);
+    for key in ["layers", "lazy", "tmp", "vm", "sources"] {
+        assert_eq!(second[key].as_u64(), Some(0), "a second gc finds nothing: {second}");
+    }
+}
