@@ -238,7 +238,7 @@ impl LeafHashes {
         let root_hex = crate::digest::require_sha256("dm-verity root digest", root)?;
         let mut want_root = [0u8; 32];
         hex::decode_to_slice(root_hex.digest(), &mut want_root).expect("a sha256 digest is 64 hex digits");
-        if hash_offset == 0 || hash_offset % BLOCK_SIZE != 0 {
+        if hash_offset == 0 || !hash_offset.is_multiple_of(BLOCK_SIZE) {
             return Err(VerityError::NotAligned { path: name.to_owned(), size: hash_offset });
         }
         let data_blocks = hash_offset / BLOCK_SIZE;

@@ -8,19 +8,6 @@ use std::path::{Path, PathBuf};
 
 use fixture::*;
 
-/// Checks run inside the guest; each prints one line the test looks for.
-const PROBE: &str = r#"
-python3 -c 'import sys; print("python", sys.version_info[0] * 6 * 7 // 3)'
-stat -c 'suid %a %U' /edge/suid-busybox
-getcap /edge/cap-true
-test -e /etc/motd || echo 'motd whited out'
-echo "opaque: $(ls /etc/default)"
-echo "parents: $(stat -c '%a %g' /usr/local/share)"
-echo "disks: $(ls /sys/block | grep -c '^vd')"
-echo "root: $(awk '$2 == "/" { print $3 }' /proc/mounts)"
-exit 3
-"#;
-
 /// What `run` boots.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Form {

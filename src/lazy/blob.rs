@@ -109,7 +109,7 @@ impl LazyBlob {
             let path = path.to_owned();
             move |source| LazyError::Cache { path, source }
         };
-        if hash_offset == 0 || hash_offset % BLOCK_SIZE != 0 || hash_offset >= size {
+        if hash_offset == 0 || !hash_offset.is_multiple_of(BLOCK_SIZE) || hash_offset >= size {
             return Err(LazyError::BadHashOffset { layer: digest, hash_offset, size });
         }
         let lock = dir.join(".lock");
@@ -122,7 +122,7 @@ impl LazyBlob {
             .read_to_end(&mut tree)
             .map_err(|source| LazyError::Fetch { layer: digest.clone(), source })?;
         let leaves = LeafHashes::check(&tree, hash_offset, root, &tree_name)
-            .map_err(|source| LazyError::Tree { layer: digest.clone(), source })?;
+            .map_err(|source| LazyError::Tree { layer: digest.clone(), source: Box::new(source) })?;
         // Also a file of its own: what the guest's dm-verity reads (the `hashes` drive).
         fs_err::write(&tree_name, &tree).map_err(io(&tree_name))?;
         let path = dir.join("blob");

@@ -18,7 +18,7 @@
 //! checked against the layer's dm-verity tree before anyone sees it, and a chunk is a range
 //! of the stored blob itself. Anything else is refused by [`open`], saying what is needed.
 //! A completed cache whose sha256 is the descriptor's is published through the ordinary
-//! pull ([`crate::pull`]): the same checks, locks and crash rules as any pulled blob.
+//! pull (`pull.rs`): the same checks, locks and crash rules as any pulled blob.
 
 mod background;
 mod blob;
@@ -132,7 +132,7 @@ pub enum LazyError {
         layer: Digest,
         /// Why.
         #[source]
-        source: crate::verity::VerityError,
+        source: Box<crate::verity::VerityError>,
     },
     /// The registry served a block that is not the layer's.
     #[error(
