@@ -59,6 +59,7 @@ fuzz: deps
 bench: deps build
 	$(SUDO) bench/bench.sh
 	$(SUDO) bench/erofs-image.sh
+	$(SUDO) bench/lazy.sh
 
 lint: doc
 	$(CARGO) fmt --all -- --check

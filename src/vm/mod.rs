@@ -417,7 +417,8 @@ struct FetchLog {
 /// `--verity`), its lowers served by vmrootfs over NBD as the guest reads them
 /// ([`crate::lazy`]); runs the command like [`run`]. The rest of the layers arrives in the
 /// background within `lazy.background_rate`, at full speed once the command has exited; then
-/// the blobs are published and the image recorded as `reference`, as `build` would. A block
+/// the blobs are published and the image recorded as `reference`, as `build` would; a
+/// reference recorded already boots from the store, as [`run`] does. A block
 /// the registry serves that fails verification fails the guest's read and the run, naming
 /// the lower. Holds the shared store lock throughout.
 pub fn run_lazy(
@@ -428,10 +429,17 @@ pub fn run_lazy(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<i32, LazyRunError> {
-    let _store_lock = store.lock_shared().map_err(VmError::from)?;
     if opts.squashed || opts.merged {
         return Err(VmError::LazyForm.into());
     }
+    // An image a lazy run (or a build) has stored already boots from the store: recorded only
+    // once all its blobs were published.
+    match store.get(reference) {
+        Ok(_) => return Ok(run(store, reference, opts, out, err)?),
+        Err(crate::store::StoreError::NoSuchTag(_)) => {}
+        Err(e) => return Err(VmError::from(e).into()),
+    }
+    let _store_lock = store.lock_shared().map_err(VmError::from)?;
     Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2").map_err(VmError::from)?;
     let mut image = crate::lazy::open(store, reference, &lazy.registry, &crate::Platform::host())?;
     if image.blobs().len() > MICROVM_DRIVES {
