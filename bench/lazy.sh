@@ -32,8 +32,8 @@ trap 'kill $REG_PID 2>/dev/null || true; wait $REG_PID 2>/dev/null || true' EXIT
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
 
 # The images, built with --verity and pushed uncompressed: what --lazy reads.
-"$BIN" -q --store "$W/src" build "oci:$IMG/oci:test" --tag deb --verity
-"$BIN" -q --store "$W/src" build "oci:$BIGIMG:big" --tag big --verity
+"$BIN" -q --store "$W/src" build "oci:$IMG/oci:test" --tag deb --verity > /dev/null
+"$BIN" -q --store "$W/src" build "oci:$BIGIMG:big" --tag big --verity > /dev/null
 "$BIN" -q --store "$W/src" push deb "$ADDR/lab/deb:v1"
 "$BIN" -q --store "$W/src" push big "$ADDR/lab/big:v1"
 
@@ -43,7 +43,7 @@ declare -A ROW BEFORE DATA
 for img in deb big; do
   ref=$ADDR/lab/$img:v1
   stored=() exit=() total=() buildrun=()
-  rm -rf "$W/stored"; "$BIN" -q --store "$W/stored" build "$ref"
+  rm -rf "$W/stored"; "$BIN" -q --store "$W/stored" build "$ref" > /dev/null; sync
   for i in $(seq "$RUNS"); do
     t0=$(now); "$BIN" -q --store "$W/stored" run "$ref" -- true; t1=$(now)
     stored+=("$(echo "$t1 - $t0" | bc)")
@@ -56,7 +56,7 @@ for img in deb big; do
     exit+=("$(echo "$(cat "$W/exit-time") - $t0" | bc)")
     total+=("$(echo "$t1 - $t0" | bc)")
     rm -rf "$W/s"; sync
-    t0=$(now); "$BIN" -q --store "$W/s" build "$ref"; "$BIN" -q --store "$W/s" run "$ref" -- true; t1=$(now)
+    t0=$(now); "$BIN" -q --store "$W/s" build "$ref" > /dev/null; "$BIN" -q --store "$W/s" run "$ref" -- true; t1=$(now)
     buildrun+=("$(echo "$t1 - $t0" | bc)")
   done
   ROW[$img-stored-run]=$(median "${stored[@]}")
