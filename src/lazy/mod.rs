@@ -220,6 +220,9 @@ pub struct LazyImage {
     spec: String,
     reference: String,
     image: ResolvedImage,
+    /// One per lower, base first (a layer listed twice is one blob twice).
+    lowers: Vec<Arc<LazyBlob>>,
+    /// Each distinct blob once: what is fetched, counted and published.
     blobs: Vec<Arc<LazyBlob>>,
     opened: Instant,
     background: Option<background::Background>,
@@ -243,14 +246,20 @@ pub fn open(
         return Err(LazyError::NotErofs { reference: reference.to_string() });
     };
     let opened = Instant::now();
-    let mut blobs = Vec::new();
+    let mut lowers: Vec<Arc<LazyBlob>> = Vec::new();
+    let mut blobs: Vec<Arc<LazyBlob>> = Vec::new();
     for (index, (layer, classified)) in
         image.layers.iter().zip(erofs).filter(|(_, c)| c.role == Role::Lower).enumerate()
     {
         let (hash_offset, root) = checked_layer(reference, index, layer, classified.zstd)?;
+        // The same blob twice: one cache (its lock is held once), read by both lowers.
+        if let Some(same) = blobs.iter().find(|b| b.digest() == &layer.digest) {
+            lowers.push(same.clone());
+            continue;
+        }
         let dir = store.lazy_cache_dir(&layer.digest)?;
         let size = layer.size.unwrap_or_default();
-        blobs.push(Arc::new(LazyBlob::open(
+        let blob = LazyBlob::open(
             index,
             layer.digest.clone(),
             size,
@@ -259,9 +268,12 @@ pub fn open(
             registry.clone(),
             dir,
             opened,
-        )?));
+        )?;
+        let blob = Arc::new(blob);
+        lowers.push(blob.clone());
+        blobs.push(blob);
     }
-    Ok(LazyImage { spec, reference: reference.to_string(), image, blobs, opened, background: None })
+    Ok(LazyImage { spec, reference: reference.to_string(), image, lowers, blobs, opened, background: None })
 }
 
 /// Layer `index`'s hash offset and root digest, if it can be read lazily.
@@ -290,12 +302,12 @@ fn checked_layer(
 impl LazyImage {
     /// The lowers, base first, as the servers read them.
     pub fn sources(&self) -> Vec<Arc<dyn BlockSource>> {
-        self.blobs.iter().map(|b| b.clone() as Arc<dyn BlockSource>).collect()
+        self.lowers.iter().map(|b| b.clone() as Arc<dyn BlockSource>).collect()
     }
 
     /// The lowers, base first.
-    pub fn blobs(&self) -> &[Arc<LazyBlob>] {
-        &self.blobs
+    pub fn lowers(&self) -> &[Arc<LazyBlob>] {
+        &self.lowers
     }
 
     /// The image as the registry describes it (config, layers, dm-verity annotations).

@@ -463,7 +463,7 @@ pub(super) fn write_lazy(
     opts: &KitOptions,
 ) -> Result<Kit, VmError> {
     let lowers = image
-        .blobs()
+        .lowers()
         .iter()
         .enumerate()
         .map(|(i, b)| Drive {

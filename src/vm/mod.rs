@@ -442,10 +442,10 @@ pub fn run_lazy(
     let _store_lock = store.lock_shared().map_err(VmError::from)?;
     Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2").map_err(VmError::from)?;
     let mut image = crate::lazy::open(store, reference, &lazy.registry, &crate::Platform::host())?;
-    if image.blobs().len() > MICROVM_DRIVES {
+    if image.lowers().len() > MICROVM_DRIVES {
         let e = VmError::TooManyLayers {
             tag: reference.to_string(),
-            layers: image.blobs().len(),
+            layers: image.lowers().len(),
             max: MICROVM_DRIVES,
         };
         return Err(e.into());
@@ -453,7 +453,7 @@ pub fn run_lazy(
     let staging = store.staging("vm-").map_err(VmError::from)?;
     let socket = staging.path().join("nbd.sock");
     let exports = image
-        .blobs()
+        .lowers()
         .iter()
         .enumerate()
         .map(|(i, b)| crate::lazy::nbd::Export { name: format!("lower{i}"), source: b.clone() })
