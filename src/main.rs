@@ -386,8 +386,9 @@ fn print_gc(report: &vmrootfs::store::GcReport, json: bool) -> anyhow::Result<()
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "removed {} layer blob(s), {:.1} MiB; {} leftover(s) in tmp/; {} cache file(s) in vm/",
+        "removed {} layer blob(s) and {} OCI blob(s), {:.1} MiB; {} leftover(s) in tmp/; {} cache file(s) in vm/",
         report.layers,
+        report.oci_blobs,
         report.bytes as f64 / (1 << 20) as f64,
         report.tmp,
         report.vm
