@@ -88,8 +88,10 @@ impl Read for VerifiedOciBlob {
 }
 
 impl Store {
-    /// Where the OCI blob `digest` lives; only a sha256 digest names a file.
-    fn oci_blob_path(&self, digest: &Digest) -> Result<PathBuf, StoreError> {
+    /// Where the OCI blob `digest` lives; only a sha256 digest names a file. (A push sends the
+    /// file as it is: a layout write checks the bytes it copies, a registry the digest of an
+    /// upload.)
+    pub(crate) fn oci_blob_path(&self, digest: &Digest) -> Result<PathBuf, StoreError> {
         let hex: Sha256Digest = digest::require_sha256("OCI blob digest", digest)?;
         Ok(self.oci_dir().join(hex.digest()))
     }
