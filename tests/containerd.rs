@@ -726,3 +726,67 @@ fn another_producers_verity_trees_are_read_with_the_salt_they_hold() {
     eprintln!("corrupt tree: {}", err.trim());
     assert!(err.contains("1 blocks of its dm-verity tree are not the tree of its blob"), "{err}");
 }
+
+/// Must-show (issue 20): `push --format oci` publishes the image as a standard OCI image with
+/// its original tar layers, which containerd 2.1 pulls and unpacks with its default overlayfs
+/// snapshotter (the walking differ applying the tars, no EROFS involved), and `ctr run`
+/// prints what `vmrootfs run` prints.
+#[test]
+fn containerd_2_1_runs_the_oci_form_push_with_the_overlayfs_snapshotter() {
+    let dir = scratch("ctd-oci-form");
+    let store = dir.path().join("store");
+    let archive = format!("oci-archive:{}:busybox", busybox_archive().display());
+    let (ok, _, err) = run(vmrootfs(&store).args(["-q", "build", &archive, "--tag", "bb"]));
+    assert!(ok, "{err}");
+    let reg = Registry::start(None);
+    let reference = format!("{}/lab/bb:oci", reg.addr);
+    let (ok, _, err) = run(vmrootfs(&store).args(["push", "bb", &reference, "--format", "oci"]));
+    assert!(ok, "push --format oci: {err}");
+    let want = vmrootfs_run_probe(&store, "bb");
+    assert_eq!(want, expected_probe_output());
+    eprintln!("vmrootfs run bb -- sh -c PROBE:\n{want}");
+
+    let mut containerd = Containerd::start();
+    eprintln!("{}", containerd.versions());
+    let pull = containerd.ctr(&[
+        "image",
+        "pull",
+        "--local",
+        "--plain-http",
+        "--snapshotter",
+        "overlayfs",
+        &reference,
+    ]);
+    let pull_out = String::from_utf8_lossy(&pull.stdout);
+    assert!(
+        pull.status.success(),
+        "ctr image pull {reference}: {pull_out}{}\n{}",
+        String::from_utf8_lossy(&pull.stderr),
+        containerd.log_text()
+    );
+    eprintln!(
+        "ctr image pull --snapshotter overlayfs {reference}: {}",
+        pull_out.lines().last().unwrap_or_default()
+    );
+    let ran = containerd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "overlayfs",
+        &reference,
+        "oci-form-probe",
+        "sh",
+        "-c",
+        PROBE,
+    ]);
+    let got = String::from_utf8_lossy(&ran.stdout);
+    assert!(ran.status.success(), "ctr run {reference}: {got}{}", String::from_utf8_lossy(&ran.stderr));
+    eprintln!("ctr run --snapshotter overlayfs {reference} sh -c PROBE:\n{got}");
+    assert_eq!(got, want, "ctr run prints what vmrootfs run prints");
+    assert!(
+        containerd.snapshot_blobs().is_empty(),
+        "no EROFS blob: the tar layers were applied by overlayfs"
+    );
+    let left = containerd.stop();
+    assert!(left.is_empty(), "containerd left behind: {left:?}");
+}
