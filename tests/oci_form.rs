@@ -86,6 +86,27 @@ fn registry_blob_file(reg: &Registry, digest: &str) -> PathBuf {
     reg.log.parent().unwrap().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
 }
 
+/// A registry holding busybox as `src/bb:v1`, built from there into `store` as `tag`, and a
+/// second, empty registry.
+fn busybox_from_registry(store: &Path, tag: &str) -> (Registry, Registry) {
+    let reg = Registry::start(None);
+    reg.push(&busybox_archive(), "src/bb:v1", None, false);
+    build(store, &format!("{}/src/bb:v1", reg.addr), tag, &[]);
+    (reg, Registry::start(None))
+}
+
+/// Busybox copied by skopeo into the OCI layout `<dir>/layout` (tag `t`), built from there
+/// into `store` as `tag`; the layout's path.
+fn busybox_from_layout(dir: &Path, store: &Path, tag: &str) -> PathBuf {
+    let layout = dir.join("layout");
+    let (ok, _, err) = run(Command::new("skopeo")
+        .args(["copy", "-q", &busybox_archive()])
+        .arg(format!("oci:{}:t", layout.display())));
+    assert!(ok, "skopeo copy to {}: {err}", layout.display());
+    build(store, &format!("oci:{}:t", layout.display()), tag, &[]);
+    layout
+}
+
 fn layer_digests(pushed: &serde_json::Value) -> Vec<String> {
     pushed["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect()
 }
@@ -157,10 +178,7 @@ fn a_built_image_pushed_in_oci_form_unpacks_to_the_sources_tree() {
 fn layers_are_mounted_on_the_sources_registry_and_copied_to_another() {
     let dir = scratch("ociform-mount");
     let store = dir.path().join("store");
-    let reg = Registry::start(None);
-    let other = Registry::start(None);
-    reg.push(&busybox_archive(), "src/bb:v1", None, false);
-    build(&store, &format!("{}/src/bb:v1", reg.addr), "bb", &[]);
+    let (reg, other) = busybox_from_registry(&store, "bb");
     let expected = skopeo_umoci(&busybox_archive(), &dir.path().join("source"));
 
     let pushed = push_oci(&store, "bb", &format!("{}/dst/bb:v1", reg.addr));
@@ -206,18 +224,8 @@ fn layers_are_mounted_on_the_sources_registry_and_copied_to_another() {
 fn a_source_serving_a_wrong_byte_is_refused_naming_the_digest_and_nothing_is_pushed() {
     let dir = scratch("ociform-wrong-byte");
     let store = dir.path().join("store");
-    let reg = Registry::start(None);
-    let other = Registry::start(None);
-    reg.push(&busybox_archive(), "src/bb:v1", None, false);
-    build(&store, &format!("{}/src/bb:v1", reg.addr), "from-registry", &[]);
-    let layout = dir.path().join("layout");
-    let (ok, _, err) = run(Command::new("skopeo")
-        .arg("copy")
-        .arg("-q")
-        .arg(busybox_archive())
-        .arg(format!("oci:{}:t", layout.display())));
-    assert!(ok, "{err}");
-    build(&store, &format!("oci:{}:t", layout.display()), "from-layout", &[]);
+    let (reg, other) = busybox_from_registry(&store, "from-registry");
+    let layout = busybox_from_layout(dir.path(), &store, "from-layout");
     let inspect: serde_json::Value =
         serde_json::from_str(&run(vmrootfs(&store).args(["inspect", "from-layout", "--json"])).1).unwrap();
     let digest = inspect["lowers"][0]["digest"].as_str().unwrap().to_string();
@@ -256,14 +264,7 @@ fn a_source_serving_a_wrong_byte_is_refused_naming_the_digest_and_nothing_is_pus
 fn a_layer_in_the_stores_oci_area_is_pushed_from_there_and_checked() {
     let dir = scratch("ociform-area");
     let store_dir = dir.path().join("store");
-    let layout = dir.path().join("layout");
-    let (ok, _, err) = run(Command::new("skopeo")
-        .arg("copy")
-        .arg("-q")
-        .arg(busybox_archive())
-        .arg(format!("oci:{}:t", layout.display())));
-    assert!(ok, "{err}");
-    build(&store_dir, &format!("oci:{}:t", layout.display()), "bb", &[]);
+    let layout = busybox_from_layout(dir.path(), &store_dir, "bb");
     let expected = skopeo_umoci(&busybox_archive(), &dir.path().join("source"));
     let inspect: serde_json::Value =
         serde_json::from_str(&run(vmrootfs(&store_dir).args(["inspect", "bb", "--json"])).1).unwrap();
@@ -290,7 +291,12 @@ fn a_layer_in_the_stores_oci_area_is_pushed_from_there_and_checked() {
     eprintln!("a changed blob in the OCI area: {err}");
     assert!(err.contains(digest) && err.contains("oci/sha256"), "names the stored blob: {err}");
     assert!(!out2.join("index.json").exists(), "no index.json");
+    let (ok, out, err) = run(vmrootfs(&store_dir).args(["verify", "bb"]));
+    assert!(!ok, "verify finds the changed OCI blob: {out}{err}");
+    assert!(format!("{out}{err}").contains(&area_files[0].display().to_string()), "{out}{err}");
     drop(flipped);
+    let (ok, out, err) = run(vmrootfs(&store_dir).args(["verify", "bb"]));
+    assert!(ok, "verify: {out}{err}");
 
     let (ok, out, err) = run(vmrootfs(&store_dir).args(["rm", "bb", "--json"]));
     assert!(ok, "{err}");

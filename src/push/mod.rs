@@ -117,7 +117,7 @@ pub enum PushError {
         source_name: String,
         /// What went wrong.
         #[source]
-        source: crate::source::SourceError,
+        source: Box<crate::source::SourceError>,
     },
     /// The source served a layer of another size than its descriptor's (`--format oci`).
     #[error(

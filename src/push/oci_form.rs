@@ -90,7 +90,7 @@ impl Origin<'_> {
     fn resolved(&mut self) -> Result<&mut (Box<dyn ImageSource>, ResolvedImage), PushError> {
         if self.opened.is_none() {
             let spec = self.pinned_spec();
-            let at = |e| PushError::Origin { source_name: spec.clone(), source: e };
+            let at = |e| PushError::Origin { source_name: spec.clone(), source: Box::new(e) };
             let opened = source::open(&spec, self.registry).map_err(at)?;
             let platform: Platform =
                 self.record.platform.parse().map_err(|_| PushError::BadRecordPlatform {
@@ -237,7 +237,7 @@ pub(crate) fn compose(
             let spec = origin.pinned_spec();
             let bytes = origin.resolved()?.1.config_bytes.clone();
             digest::check("config", &record.config_digest, &digest::sha256_of(&bytes))
-                .map_err(|e| PushError::Origin { source_name: spec, source: e.into() })?;
+                .map_err(|e| PushError::Origin { source_name: spec, source: Box::new(e.into()) })?;
             bytes
         }
     };
@@ -277,7 +277,8 @@ pub(crate) fn fetch_layer(
     to: &std::path::Path,
 ) -> Result<(), PushError> {
     let Some(from) = &blob.from_source else { return Ok(()) };
-    let failed = |e: source::SourceError| PushError::Origin { source_name: source.describe(), source: e };
+    let failed =
+        |e: source::SourceError| PushError::Origin { source_name: source.describe(), source: Box::new(e) };
     crate::progress::info(&format!("fetching layer {} from {}", blob.digest, source.describe()));
     let reader = source.open_layer(&from.layer).map_err(failed)?;
     let mut out = io::BufWriter::with_capacity(1 << 20, fs_err::File::create(to).map_err(super::io_at(to))?);

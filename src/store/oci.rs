@@ -18,6 +18,7 @@
 //! before releasing it, as for layer blobs: GC takes the lock exclusive, so it never deletes a
 //! blob between its put and its record.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -25,8 +26,9 @@ use std::path::PathBuf;
 use oci_spec::image::{Digest, Sha256Digest};
 use sha2::{Digest as _, Sha256};
 
-use super::{BLOB_MODE, Store, StoreError, create_dir, io_at, sync_dir};
+use super::{BLOB_MODE, BadBlob, Store, StoreError, create_dir, io_at, sync_dir};
 use crate::digest;
+use crate::record::ImageRecord;
 
 /// A blob in the OCI area: its digest and size (what a descriptor needs).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +192,41 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The blobs of the OCI area that `records` name (a lower's `digest`, `config_digest`,
+    /// `manifest_digest`) and that are not their digest any more, read whole (for `verify`).
+    /// A digest the area does not hold is not checked: the source holds it.
+    pub(super) fn check_oci_blobs(&self, records: &[ImageRecord]) -> Result<Vec<BadBlob>, StoreError> {
+        let mut named: BTreeMap<String, (&Digest, Vec<String>)> = BTreeMap::new();
+        for r in records {
+            for d in r.lowers.iter().map(|l| &l.digest).chain([&r.config_digest, &r.manifest_digest]) {
+                let (_, tags) = named.entry(d.to_string()).or_insert_with(|| (d, Vec::new()));
+                if !tags.contains(&r.tag) {
+                    tags.push(r.tag.clone());
+                }
+            }
+        }
+        let mut bad = Vec::new();
+        for (digest, tags) in named.into_values() {
+            let problem = match self.verify_oci_blob(digest) {
+                Ok(_) => continue,
+                Err(StoreError::Io { source, .. }) => source.to_string(),
+                Err(e) => return Err(e),
+            };
+            bad.push(BadBlob {
+                path: self.oci_blob_path(digest)?,
+                repair: format!(
+                    "the OCI area holds the only copy of what vmrootfs authored: commit again, or remove the image (`vmrootfs rm {}`)",
+                    tags.join(" ")
+                ),
+                tags,
+                problem,
+            });
+        }
+        Ok(bad)
+    }
+}
+
 /// Whether `name` in `oci/sha256/` is a blob of the area (64 lowercase hex), not a stray file.
 pub(super) fn is_oci_blob_name(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
@@ -198,7 +235,7 @@ pub(super) fn is_oci_blob_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{ImageRecord, Lower, RuntimeConfig};
+    use crate::record::{Lower, RuntimeConfig};
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -291,6 +328,21 @@ mod tests {
             squashed: None,
             merged: None,
         }
+    }
+
+    #[test]
+    fn verify_reports_a_changed_oci_blob_a_record_names() {
+        let (_dir, store) = store();
+        let put = |b: &[u8]| store.put_oci_bytes(b, None).unwrap().digest;
+        let (layer, config, manifest) = (put(b"layer"), put(b"config"), put(b"manifest"));
+        store.put_record(&record("committed", &layer, &config, &manifest)).unwrap();
+        assert_eq!(store.check_oci_blobs(&store.list().unwrap()).unwrap(), Vec::new());
+        let path = store.oci_blob_path(&config).unwrap();
+        fs_err::write(&path, b"confiG").unwrap();
+        let bad = store.check_oci_blobs(&store.list().unwrap()).unwrap();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!((bad[0].path.clone(), bad[0].tags.clone()), (path, vec!["committed".to_string()]));
+        assert!(bad[0].problem.contains(&config.to_string()), "{}", bad[0].problem);
     }
 
     #[test]
