@@ -306,3 +306,39 @@ fn a_layer_in_the_stores_oci_area_is_pushed_from_there_and_checked() {
         assert!(!f.exists(), "{} collected with its record", f.display());
     }
 }
+
+/// A record whose manifest only the store has (as `commit` writes one: the base's layers plus
+/// a new one, its config and manifest kept in the OCI area, `source` the base's): the layers
+/// the source has are found there by digest, though the source never had that manifest, and
+/// the stored manifest is what is pushed. Here the record is made by hand from a built one
+/// (its manifest with an annotation added), the way a commit would name it.
+#[test]
+fn a_manifest_only_the_store_has_is_pushed_with_the_sources_layers_found_by_digest() {
+    let dir = scratch("ociform-store-manifest");
+    let store_dir = dir.path().join("store");
+    let (reg, other) = busybox_from_registry(&store_dir, "bb");
+    let expected = skopeo_umoci(&busybox_archive(), &dir.path().join("source"));
+    let record_path = store_dir.join("images/bb.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    let response = reg_get(&reg.addr, "/v2/src/bb/manifests/v1", MANIFEST_TYPE);
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap();
+    manifest["annotations"] = serde_json::json!({"org.example.committed": "by hand"});
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let store = vmrootfs::store::Store::open(&store_dir).unwrap();
+    let kept = store.put_oci_bytes(&manifest, None).unwrap();
+    record["tag"] = "bb-new".into();
+    record["manifest_digest"] = kept.digest.to_string().into();
+    std::fs::write(store_dir.join("images/bb-new.json"), serde_json::to_vec(&record).unwrap()).unwrap();
+
+    for (reg, repo) in [(&reg, "dst/bb-new"), (&other, "lab/bb-new")] {
+        let pushed = push_oci(&store_dir, "bb-new", &format!("{}/{repo}:v1", reg.addr));
+        assert_eq!(pushed["manifest_digest"], kept.digest.to_string(), "the stored manifest, as it is");
+        let rootfs = skopeo_umoci(
+            &format!("docker://{}/{repo}:v1", reg.addr),
+            &dir.path().join(repo.replace('/', "-")),
+        );
+        assert_same_tree(&format!("a record with a stored manifest, pushed to {repo}"), &expected, &rootfs);
+    }
+}

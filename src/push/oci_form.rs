@@ -4,8 +4,11 @@
 //! Where each byte comes from, every one checked against the digest the record names:
 //!
 //! - a layer: the store's OCI area when it holds the lower's `digest` (a committed layer),
-//!   else the source the image was built from (`record.source`; a registry source is read at
-//!   the record's manifest digest, not at its tag, which may have moved). To a registry
+//!   else the source the image was built from (`record.source`): found there by its digest
+//!   when the recorded manifest describes it (registries and OCI layouts are
+//!   content-addressed; the base layers of a committed image, whose manifest the source never
+//!   had, are found so), else through the source's manifest, read at the record's manifest
+//!   digest for a registry (not at its tag, which may have moved). To a registry
 //!   destination on the source's own registry, a layer the destination lacks is first
 //!   *mounted* from the source repository (`POST …/blobs/uploads/?mount=…&from=…`, no bytes
 //!   move); otherwise, and when the registry declines, it is fetched — hashed on the way into
@@ -65,11 +68,12 @@ fn sniffed_layer_type(head: &[u8]) -> &'static str {
 }
 
 /// The source the image was built from, opened when first needed, and its resolution at the
-/// record's manifest.
+/// record's manifest when a layer or the config must be found through it.
 struct Origin<'a> {
     record: &'a ImageRecord,
     registry: &'a RegistryOptions,
-    opened: Option<(Box<dyn ImageSource>, ResolvedImage)>,
+    source: Option<Box<dyn ImageSource>>,
+    resolved: Option<ResolvedImage>,
 }
 
 impl Origin<'_> {
@@ -87,32 +91,45 @@ impl Origin<'_> {
         }
     }
 
-    fn resolved(&mut self) -> Result<&mut (Box<dyn ImageSource>, ResolvedImage), PushError> {
-        if self.opened.is_none() {
-            let spec = self.pinned_spec();
-            let at = |e| PushError::Origin { source_name: spec.clone(), source: Box::new(e) };
-            let opened = source::open(&spec, self.registry).map_err(at)?;
+    fn failed(&self, e: source::SourceError) -> PushError {
+        PushError::Origin { source_name: self.pinned_spec(), source: Box::new(e) }
+    }
+
+    fn source(&mut self) -> Result<&dyn ImageSource, PushError> {
+        if self.source.is_none() {
+            self.source = Some(source::open(&self.pinned_spec(), self.registry).map_err(|e| self.failed(e))?);
+        }
+        Ok(self.source.as_deref().expect("opened above"))
+    }
+
+    fn resolved(&mut self) -> Result<&ResolvedImage, PushError> {
+        if self.resolved.is_none() {
             let platform: Platform =
                 self.record.platform.parse().map_err(|_| PushError::BadRecordPlatform {
                     tag: self.record.tag.clone(),
                     platform: self.record.platform.clone(),
                 })?;
-            let resolved = opened.resolve(&platform).map_err(at)?;
-            self.opened = Some((opened, resolved));
+            let resolved = self.source()?.resolve(&platform);
+            self.resolved = Some(resolved.map_err(|e| self.failed(e))?);
         }
-        Ok(self.opened.as_mut().expect("opened above"))
+        Ok(self.resolved.as_ref().expect("resolved above"))
     }
 
-    /// The source's descriptor of the layer `digest`.
-    fn layer(&mut self, digest: &Digest) -> Result<LayerRef, PushError> {
-        let spec = self.pinned_spec();
-        let (_, resolved) = self.resolved()?;
-        resolved
-            .layers
-            .iter()
-            .find(|l| l.digest == *digest)
-            .cloned()
-            .ok_or_else(|| PushError::OriginLacks { source_name: spec, what: format!("layer {digest}") })
+    /// The source's layer `digest`: found by digest when its descriptor is known (the base
+    /// layers of a committed image, whose manifest the source never had), else through the
+    /// source's manifest.
+    fn layer(&mut self, digest: &Digest, descriptor: Option<(String, u64)>) -> Result<LayerRef, PushError> {
+        if let Some((media_type, size)) = descriptor {
+            let described = LayerRef::described(media_type, digest.clone(), size);
+            if let Some(found) = self.source()?.locate_by_digest(described) {
+                return Ok(found);
+            }
+        }
+        let found = self.resolved()?.layers.iter().find(|l| l.digest == *digest).cloned();
+        found.ok_or_else(|| PushError::OriginLacks {
+            source_name: self.pinned_spec(),
+            what: format!("layer {digest}"),
+        })
     }
 
     /// The source repository, when the source is a registry whose host is `registry` (where a
@@ -176,7 +193,7 @@ pub(crate) fn compose(
     dest: &Destination,
     registry: &RegistryOptions,
 ) -> Result<Composed, PushError> {
-    let mut origin = Origin { record, registry, opened: None };
+    let mut origin = Origin { record, registry, source: None, resolved: None };
     let work = store.scratch("push-oci-")?;
     let digests: Vec<&Digest> = record.lowers.iter().map(|l| &l.digest).collect();
     let kept_manifest = stored_json(store, &record.manifest_digest, "manifest")?;
@@ -208,10 +225,9 @@ pub(crate) fn compose(
                 from_source: None,
             }
         } else {
-            let layer = origin.layer(&lower.digest)?;
-            let media_type = descriptor.map_or_else(|| layer.media_type.clone(), |(t, _)| t);
+            let layer = origin.layer(&lower.digest, descriptor)?;
             let mut blob = Blob {
-                media_type,
+                media_type: layer.media_type.clone(),
                 digest: lower.digest.clone(),
                 size: layer.size.unwrap_or_default(),
                 parts: Vec::new(),
@@ -219,8 +235,7 @@ pub(crate) fn compose(
             };
             if layer.size.is_none() {
                 // A docker archive gives no sizes: the manifest needs them now.
-                let (source, _) = origin.resolved()?;
-                fetch_layer(source.as_ref(), &mut blob, &work.path().join(format!("layer-{i}")))?;
+                fetch_layer(origin.source()?, &mut blob, &work.path().join(format!("layer-{i}")))?;
             }
             blob
         };
@@ -234,10 +249,9 @@ pub(crate) fn compose(
     let config = match stored_json(store, &record.config_digest, "config")? {
         Some(bytes) => bytes,
         None => {
-            let spec = origin.pinned_spec();
-            let bytes = origin.resolved()?.1.config_bytes.clone();
+            let bytes = origin.resolved()?.config_bytes.clone();
             digest::check("config", &record.config_digest, &digest::sha256_of(&bytes))
-                .map_err(|e| PushError::Origin { source_name: spec, source: Box::new(e.into()) })?;
+                .map_err(|e| origin.failed(e.into()))?;
             bytes
         }
     };
@@ -265,8 +279,7 @@ pub(crate) fn compose(
     if let Some(variant) = parts.next() {
         platform["variant"] = variant.into();
     }
-    let source = origin.opened.map(|(s, _)| s);
-    Ok(Composed { layers, config, manifest, subject: None, platform, source, _work: work })
+    Ok(Composed { layers, config, manifest, subject: None, platform, source: origin.source, _work: work })
 }
 
 /// Fetches the source layer of `blob` into `to`, hashing it on the way, and makes `to` its
