@@ -109,12 +109,24 @@ pub enum PushError {
     /// The destination registry's credentials could not be read.
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
-    /// Reading what the image was built from failed, or it served other bytes than the record
-    /// names (`--format oci`): nothing was pushed as complete.
+    /// Opening the source the image was built from, or reading its manifest or config, failed,
+    /// or its config is not the one the record names (`--format oci`).
     #[error("reading {source_name}")]
     Origin {
         /// The source, as read (a registry source pinned to the record's manifest).
         source_name: String,
+        /// What went wrong.
+        #[source]
+        source: Box<crate::source::SourceError>,
+    },
+    /// Fetching a layer from the source failed, or it served other bytes than the record
+    /// names (`--format oci`): nothing was pushed as complete.
+    #[error("fetching layer {digest} from {source_name} (nothing was pushed as complete)")]
+    OriginLayer {
+        /// The source.
+        source_name: String,
+        /// The layer.
+        digest: Digest,
         /// What went wrong.
         #[source]
         source: Box<crate::source::SourceError>,

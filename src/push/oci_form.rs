@@ -290,8 +290,11 @@ pub(crate) fn fetch_layer(
     to: &std::path::Path,
 ) -> Result<(), PushError> {
     let Some(from) = &blob.from_source else { return Ok(()) };
-    let failed =
-        |e: source::SourceError| PushError::Origin { source_name: source.describe(), source: Box::new(e) };
+    let failed = |e: source::SourceError| PushError::OriginLayer {
+        source_name: source.describe(),
+        digest: from.layer.digest.clone(),
+        source: Box::new(e),
+    };
     crate::progress::info(&format!("fetching layer {} from {}", blob.digest, source.describe()));
     let reader = source.open_layer(&from.layer).map_err(failed)?;
     let mut out = io::BufWriter::with_capacity(1 << 20, fs_err::File::create(to).map_err(super::io_at(to))?);
