@@ -97,7 +97,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Publish a stored EROFS image in the EROFS image layer format
+    /// Publish a stored image: as EROFS (default), or as a standard OCI image (--format oci)
     ///
     /// DEST is one of:
     ///   REF, docker://REF        a registry repository and tag: 127.0.0.1:5000/lab/app:erofs
@@ -111,16 +111,31 @@ enum Command {
     /// are reproducible: pushing twice gives the same manifest digest. An image built from a
     /// registry names its source manifest as `subject` (found through the referrers API or
     /// the `sha256-<hex>` fallback tag; see `build --use-converted`). ext4 images are refused.
+    ///
+    /// --format oci publishes the image as docker, podman and containerd run it: its
+    /// original compressed tar layers (a committed layer from the store, the others from the
+    /// source the image was built from, read at the recorded manifest digest), its config and
+    /// manifest, every byte checked against the digests the record names. To the source's own
+    /// registry, layers are mounted from the source repository (no bytes move); elsewhere
+    /// they are fetched and sent. Works for EROFS and ext4 images alike. An image not
+    /// committed is a plain re-push of its source (the same manifest digest when the source's
+    /// is an OCI manifest).
     /// Examples:
     ///   vmrootfs push busybox 127.0.0.1:5000/lab/busybox:erofs
     ///   vmrootfs push debian oci-archive:debian-erofs.tar:v1 --zstd
     ///   vmrootfs push debian 127.0.0.1:5000/lab/debian:erofs --media-type spec
+    ///   vmrootfs push debian 127.0.0.1:5000/lab/debian:oci --format oci
+    ///   vmrootfs push debian oci:/tmp/debian-layout:v1 --format oci
     #[command(verbatim_doc_comment)]
     Push {
         /// The stored image (its tag).
         tag: String,
         /// Where to publish it (see above).
         dest: String,
+        /// What to publish: erofs (the stored EROFS blobs, EROFS image layer format) or oci
+        /// (a standard OCI image with the original tar layers).
+        #[arg(long, value_enum, default_value = "erofs")]
+        format: vmrootfs::push::PushFormat,
         /// Compress the layers with zstd (`+zstd`; not with --media-type containerd-2.1).
         #[arg(long)]
         zstd: bool,
@@ -413,8 +428,9 @@ fn print_gc(report: &vmrootfs::store::GcReport, json: bool) -> anyhow::Result<()
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "removed {} layer blob(s), {:.1} MiB; {} leftover(s) in tmp/; {} cache file(s) in vm/; {} unfinished lazy blob(s) in lazy/",
+        "removed {} layer blob(s) and {} OCI blob(s), {:.1} MiB; {} leftover(s) in tmp/; {} cache file(s) in vm/; {} unfinished lazy blob(s) in lazy/",
         report.layers,
+        report.oci_blobs,
         report.bytes as f64 / (1 << 20) as f64,
         report.tmp,
         report.vm,
@@ -573,18 +589,23 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 }
             }
         }
-        Command::Push { tag, dest, zstd, media_type, registry, json } => {
+        Command::Push { tag, dest, format, zstd, media_type, registry, json } => {
             let store = open_store(cli.store)?;
-            let opts =
-                vmrootfs::push::PushOptions { zstd, media_types: media_type, registry: registry.options()? };
+            let opts = vmrootfs::push::PushOptions {
+                format,
+                zstd,
+                media_types: media_type,
+                registry: registry.options()?,
+            };
             let pushed = vmrootfs::push::push(&store, &tag, &dest, &opts)?;
             if json {
                 print_json(&pushed)?;
             } else {
-                let sent = pushed.layers.iter().filter(|l| !l.existed).count();
+                let sent = pushed.layers.iter().filter(|l| !l.existed && !l.mounted).count();
+                let mounted = pushed.layers.iter().filter(|l| l.mounted).count();
                 writeln!(
                     std::io::stdout().lock(),
-                    "{dest}: {} ({} layers, {sent} sent)",
+                    "{dest}: {} ({} layers, {sent} sent, {mounted} mounted)",
                     pushed.manifest_digest,
                     pushed.layers.len()
                 )?;

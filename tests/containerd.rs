@@ -263,6 +263,34 @@ fn assert_stored_as_pulled(result: &serde_json::Value, erofs: &[Vec<u8>]) {
     }
 }
 
+/// `ctr image pull --plain-http ARGS REFERENCE`, asserting success.
+fn ctr_pull(containerd: &Containerd, args: &[&str], reference: &str) {
+    let pull = containerd.ctr(&[&["image", "pull", "--plain-http"], args, &[reference]].concat());
+    let pull_out = String::from_utf8_lossy(&pull.stdout);
+    assert!(
+        pull.status.success(),
+        "ctr image pull {reference}: {pull_out}{}\n{}",
+        String::from_utf8_lossy(&pull.stderr),
+        containerd.log_text()
+    );
+    eprintln!(
+        "ctr image pull {} {reference}: {}",
+        args.join(" "),
+        pull_out.lines().last().unwrap_or_default()
+    );
+}
+
+/// `ctr run --rm --snapshotter SNAPSHOTTER REFERENCE NAME sh -c PROBE`: its stdout, asserting
+/// success.
+fn ctr_run_probe(containerd: &Containerd, snapshotter: &str, reference: &str, name: &str) -> String {
+    let ran =
+        containerd.ctr(&["run", "--rm", "--snapshotter", snapshotter, reference, name, "sh", "-c", PROBE]);
+    let got = String::from_utf8_lossy(&ran.stdout).into_owned();
+    assert!(ran.status.success(), "ctr run {reference}: {got}{}", String::from_utf8_lossy(&ran.stderr));
+    eprintln!("ctr run --snapshotter {snapshotter} {reference} sh -c PROBE:\n{got}");
+    got
+}
+
 /// `vmrootfs run TAG -- sh -c PROBE`: its stdout, asserting success.
 fn vmrootfs_run_probe(store: &Path, tag: &str) -> String {
     let out =
@@ -372,18 +400,7 @@ fn containerd_2_1_pulls_and_runs_what_vmrootfs_pushes() {
         assert!(!ran.status.success(), "containerd 2.1 ran the {spelling} spelling");
     }
     for (tag, reference, p) in &pushed {
-        let pull = containerd.ctr(&["image", "pull", "--plain-http", "--snapshotter", "erofs", reference]);
-        let pull_out = String::from_utf8_lossy(&pull.stdout);
-        assert!(
-            pull.status.success(),
-            "ctr image pull {reference}: {pull_out}{}\n{}",
-            String::from_utf8_lossy(&pull.stderr),
-            containerd.log_text()
-        );
-        eprintln!(
-            "ctr image pull --snapshotter erofs {reference}: {}",
-            pull_out.lines().last().unwrap_or_default()
-        );
+        ctr_pull(&containerd, &["--snapshotter", "erofs"], reference);
         // The erofs differ stored each pushed layer as it is: no conversion on containerd's side.
         let held: Vec<String> =
             containerd.snapshot_blobs().iter().map(|b| sha256(&std::fs::read(b).unwrap())).collect();
@@ -391,20 +408,7 @@ fn containerd_2_1_pulls_and_runs_what_vmrootfs_pushes() {
             let d = l["digest"].as_str().unwrap();
             assert!(held.iter().any(|h| h == d), "{tag}: layer {d} is not a snapshot blob ({held:?})");
         }
-        let ran = containerd.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "erofs",
-            reference,
-            &format!("{tag}-probe"),
-            "sh",
-            "-c",
-            PROBE,
-        ]);
-        let got = String::from_utf8_lossy(&ran.stdout);
-        assert!(ran.status.success(), "ctr run {reference}: {got}{}", String::from_utf8_lossy(&ran.stderr));
-        eprintln!("ctr run --snapshotter erofs {reference} sh -c PROBE:\n{got}");
+        let got = ctr_run_probe(&containerd, "erofs", reference, &format!("{tag}-probe"));
         assert_eq!(got, want, "ctr run prints what vmrootfs run prints ({tag})");
         // containerd 2.1 has no EROFS converter (that came in 2.3): what it can publish is
         // the EROFS image it holds, which `ctr image push` sends on as it is.
@@ -725,4 +729,38 @@ fn another_producers_verity_trees_are_read_with_the_salt_they_hold() {
     assert!(!ok, "a tree that does not give its annotated root was accepted");
     eprintln!("corrupt tree: {}", err.trim());
     assert!(err.contains("1 blocks of its dm-verity tree are not the tree of its blob"), "{err}");
+}
+
+/// Must-show (issue 20): `push --format oci` publishes the image as a standard OCI image with
+/// its original tar layers, which containerd 2.1 pulls and unpacks with its default overlayfs
+/// snapshotter (the walking differ applying the tars, no EROFS involved), and `ctr run`
+/// prints what `vmrootfs run` prints.
+#[test]
+fn containerd_2_1_runs_the_oci_form_push_with_the_overlayfs_snapshotter() {
+    let dir = scratch("ctd-oci-form");
+    let store = dir.path().join("store");
+    let archive = format!("oci-archive:{}:busybox", busybox_archive().display());
+    let (ok, _, err) = run(vmrootfs(&store).args(["-q", "build", &archive, "--tag", "bb"]));
+    assert!(ok, "{err}");
+    let reg = Registry::start(None);
+    let reference = format!("{}/lab/bb:oci", reg.addr);
+    let (ok, _, err) = run(vmrootfs(&store).args(["push", "bb", &reference, "--format", "oci"]));
+    assert!(ok, "push --format oci: {err}");
+    let want = vmrootfs_run_probe(&store, "bb");
+    assert_eq!(want, expected_probe_output());
+    eprintln!("vmrootfs run bb -- sh -c PROBE:\n{want}");
+
+    let mut containerd = Containerd::start();
+    eprintln!("{}", containerd.versions());
+    // The transfer service unpacks only for the fixture's unpack configuration (erofs):
+    // `--local` pulls client-side, unpacking for the snapshotter asked.
+    ctr_pull(&containerd, &["--local", "--snapshotter", "overlayfs"], &reference);
+    let got = ctr_run_probe(&containerd, "overlayfs", &reference, "oci-form-probe");
+    assert_eq!(got, want, "ctr run prints what vmrootfs run prints");
+    assert!(
+        containerd.snapshot_blobs().is_empty(),
+        "no EROFS blob: the tar layers were applied by overlayfs"
+    );
+    let left = containerd.stop();
+    assert!(left.is_empty(), "containerd left behind: {left:?}");
 }

@@ -63,6 +63,7 @@ pub fn write_dir(dir: &Path, tag: &str, composed: &Composed) -> Result<Vec<Pushe
             digest: blob.digest.to_string(),
             size: blob.size,
             existed,
+            mounted: false,
         });
     }
     for bytes in [&composed.config, &composed.manifest] {
@@ -118,6 +119,7 @@ pub fn write_archive(file: &Path, tag: &str, composed: &Composed) -> Result<Vec<
             digest: blob.digest.to_string(),
             size: blob.size,
             existed: false,
+            mounted: false,
         });
     }
     for bytes in [&composed.config, &composed.manifest] {

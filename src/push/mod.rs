@@ -11,6 +11,7 @@
 //! it).
 
 mod layout;
+mod oci_form;
 mod registry;
 
 use std::io::{self, Write};
@@ -108,6 +109,80 @@ pub enum PushError {
     /// The destination registry's credentials could not be read.
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
+    /// Opening the source the image was built from, or reading its manifest or config, failed,
+    /// or its config is not the one the record names (`--format oci`).
+    #[error("reading {source_name}")]
+    Origin {
+        /// The source, as read (a registry source pinned to the record's manifest).
+        source_name: String,
+        /// What went wrong.
+        #[source]
+        source: Box<crate::source::SourceError>,
+    },
+    /// Fetching a layer from the source failed, or it served other bytes than the record
+    /// names (`--format oci`): nothing was pushed as complete.
+    #[error("fetching layer {digest} from {source_name} (nothing was pushed as complete)")]
+    OriginLayer {
+        /// The source.
+        source_name: String,
+        /// The layer.
+        digest: Digest,
+        /// What went wrong.
+        #[source]
+        source: Box<crate::source::SourceError>,
+    },
+    /// The source served a layer of another size than its descriptor's (`--format oci`).
+    #[error(
+        "{source_name} served layer {digest} as {size} bytes, its descriptor says {expected}: nothing pushed as complete"
+    )]
+    OriginSize {
+        /// The source.
+        source_name: String,
+        /// The layer.
+        digest: Digest,
+        /// Bytes served.
+        size: u64,
+        /// Bytes its descriptor gives.
+        expected: u64,
+    },
+    /// The source no longer has what the record names (`--format oci`).
+    #[error(
+        "{source_name} has no {what} any more, and the store has no copy: the image cannot be pushed in OCI form"
+    )]
+    OriginLacks {
+        /// The source.
+        source_name: String,
+        /// What is missing.
+        what: String,
+    },
+    /// A layer that is not a tar layer (`--format oci`).
+    #[error(
+        "{tag}'s layer {digest} is {media_type:?}, not a tar layer: only images built from tar layers can be pushed in OCI form"
+    )]
+    NotTarLayer {
+        /// The image's tag.
+        tag: String,
+        /// The layer's digest.
+        digest: Digest,
+        /// Its media type.
+        media_type: String,
+    },
+    /// A record whose platform does not parse.
+    #[error("{tag}'s record gives the platform {platform:?}, which is not os/arch[/variant]")]
+    BadRecordPlatform {
+        /// The image's tag.
+        tag: String,
+        /// The platform it gives.
+        platform: String,
+    },
+    /// A kept config or manifest is not the bytes its digest names.
+    #[error(transparent)]
+    Mismatch(#[from] digest::DigestMismatch),
+    /// Options that do not go with `--format oci`.
+    #[error(
+        "--zstd and --media-type choose how EROFS layers are pushed; --format oci pushes the original tar layers"
+    )]
+    ErofsOptionWithOci,
 }
 
 /// A stored blob whose bytes are not those its record names (found while pushing it).
@@ -133,9 +208,21 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> PushError + '_ {
     move |source| PushError::Io { path: path.to_owned(), source }
 }
 
+/// What a push publishes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PushFormat {
+    /// The EROFS image layer format: the stored EROFS blobs.
+    #[default]
+    Erofs,
+    /// A standard OCI image with the original tar layers (docker, podman, containerd run it).
+    Oci,
+}
+
 /// How to push.
 #[derive(Debug, Clone, Default)]
 pub struct PushOptions {
+    /// What to publish.
+    pub format: PushFormat,
     /// Publish zstd-compressed layers (`+zstd`) rather than raw ones.
     pub zstd: bool,
     /// The layer media-type spelling; `None`: [`MediaTypes::default_for`].
@@ -185,13 +272,27 @@ fn is_tag(s: &str) -> bool {
 }
 
 /// One blob to publish: its descriptor and the files whose bytes, one after another, it is
-/// (a stored blob, then its dm-verity tree if it has one; or a compressed copy).
+/// (a stored blob, then its dm-verity tree if it has one; or a compressed copy; or, once
+/// fetched, a layer of the source).
 #[derive(Debug, Clone)]
 pub(crate) struct Blob {
     pub media_type: String,
     pub digest: Digest,
     pub size: u64,
+    /// Empty for a layer of the source not fetched yet (see [`Composed::fetch`]).
     pub parts: Vec<PathBuf>,
+    /// Where the source has the layer, for one that is not in the store (`--format oci`).
+    pub from_source: Option<SourceLayer>,
+}
+
+/// A layer to take from the source the image was built from (`--format oci`).
+#[derive(Debug, Clone)]
+pub(crate) struct SourceLayer {
+    /// The source's descriptor of it.
+    pub layer: crate::source::LayerRef,
+    /// The source repository, when it is on the destination's registry: a blob mount there
+    /// copies no bytes.
+    pub mount_from: Option<String>,
 }
 
 impl Blob {
@@ -247,6 +348,8 @@ pub struct PushedLayer {
     pub size: u64,
     /// Whether the destination had it already (nothing was sent).
     pub existed: bool,
+    /// Whether the registry mounted it from the source repository (nothing was sent).
+    pub mounted: bool,
 }
 
 /// The image to publish, composed: its layer blobs, config and manifest bytes.
@@ -258,8 +361,25 @@ pub(crate) struct Composed {
     pub subject: Option<serde_json::Value>,
     /// The platform of an index entry naming the manifest, `erofs` in its `os.features`.
     pub platform: serde_json::Value,
-    /// Compressed layers live here until the push ends.
+    /// The source the image was built from, when layers are taken from it.
+    pub source: Option<Box<dyn crate::source::ImageSource>>,
+    /// Compressed and fetched layers live here until the push ends.
     _work: tempfile::TempDir,
+}
+
+impl Composed {
+    /// Fetches each layer still to be taken from the source for which `needed` says so, into
+    /// the work directory, checked against its digest and size before it is used.
+    pub fn fetch(&mut self, needed: impl Fn(usize) -> bool) -> Result<(), PushError> {
+        for (i, blob) in self.layers.iter_mut().enumerate() {
+            if !blob.parts.is_empty() || !needed(i) {
+                continue;
+            }
+            let source = self.source.as_deref().expect("a layer of the source comes with the source");
+            oci_form::fetch_layer(source, blob, &self._work.path().join(format!("layer-{i}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// Publishes the image `tag` of `store` to `dest`.
@@ -268,10 +388,21 @@ pub fn push(store: &Store, tag: &str, dest: &str, opts: &PushOptions) -> Result<
     // Shared store lock: no gc while the blobs are read.
     let _lock = store.lock_shared()?;
     let record = store.get(tag)?;
-    let media_types = opts.media_types.unwrap_or(MediaTypes::default_for(opts.zstd));
-    let composed = compose(store, &record, opts.zstd, media_types)?;
+    let mut composed = match opts.format {
+        PushFormat::Erofs => {
+            let media_types = opts.media_types.unwrap_or(MediaTypes::default_for(opts.zstd));
+            compose(store, &record, opts.zstd, media_types)?
+        }
+        PushFormat::Oci if opts.zstd || opts.media_types.is_some() => {
+            return Err(PushError::ErofsOptionWithOci);
+        }
+        PushFormat::Oci => oci_form::compose(store, &record, &dest_parsed, &opts.registry)?,
+    };
+    if !matches!(dest_parsed, Destination::Registry(_)) {
+        composed.fetch(|_| true)?;
+    }
     let layers = match &dest_parsed {
-        Destination::Registry(reference) => registry::push(reference, &composed, &opts.registry)?,
+        Destination::Registry(reference) => registry::push(reference, &mut composed, &opts.registry)?,
         Destination::Layout { dir, tag } => layout::write_dir(dir, tag, &composed)?,
         Destination::Archive { file, tag } => layout::write_archive(file, tag, &composed)?,
     };
@@ -317,11 +448,17 @@ pub(crate) fn compose(
         }
         let diff_id = digest::parse_sha256("stored blob sha256", &format!("sha256:{data_sha256}"))
             .map_err(StoreError::from)?;
-        let data = Blob { media_type: raw_type.into(), digest: diff_id.clone(), size: data_size, parts };
+        let data = Blob {
+            media_type: raw_type.into(),
+            digest: diff_id.clone(),
+            size: data_size,
+            parts,
+            from_source: None,
+        };
         let blob = if zstd {
             let out = work.path().join(format!("layer-{i}.zst"));
             let (digest, size) = compress(&data, &out)?;
-            Blob { media_type: layer_type.into(), digest, size, parts: vec![out] }
+            Blob { media_type: layer_type.into(), digest, size, parts: vec![out], from_source: None }
         } else {
             data
         };
@@ -382,7 +519,7 @@ pub(crate) fn compose(
     if let Some(variant) = parts.next() {
         platform["variant"] = variant.into();
     }
-    Ok(Composed { layers: blobs, config, manifest, subject, platform, _work: work })
+    Ok(Composed { layers: blobs, config, manifest, subject, platform, source: None, _work: work })
 }
 
 /// The source config with the EROFS layers' DiffIDs and `erofs` in `os.features`.

@@ -78,6 +78,31 @@ impl Target {
         Ok(r.status().is_success())
     }
 
+    /// Asks the registry to mount blob `d` from its repository `from` (no bytes move): whether
+    /// it did (201). An upload it starts instead (202: it lacks the blob there, or the
+    /// credentials do not reach `from`) is cancelled, and the caller sends the bytes.
+    async fn mount(&self, d: &str, from: &str) -> Result<bool, PushError> {
+        let mut url = reqwest::Url::parse(&self.url("blobs/uploads/"))
+            .map_err(|e| self.err(format!("the upload URL of {d}: {e}")))?;
+        url.query_pairs_mut().append_pair("mount", d).append_pair("from", from);
+        let url = url.to_string();
+        let r = self.send(&url, |c| c.post(&url).header(reqwest::header::CONTENT_LENGTH, 0)).await?;
+        match r.status() {
+            StatusCode::CREATED => Ok(true),
+            StatusCode::ACCEPTED => {
+                let location = r.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
+                if let Some(Ok(cancel)) = location.map(|l| http::resolve(&url, l)) {
+                    let cancel = cancel.to_string();
+                    // Best effort: an upload left open expires on the registry by itself
+                    // (distribution purges them), so a failed cancel changes nothing pushed.
+                    let _ = self.send(&cancel, |c| c.delete(&cancel)).await;
+                }
+                Ok(false)
+            }
+            _ => Err(self.refused(&format!("mounting {d} from {from}"), r).await),
+        }
+    }
+
     /// Uploads a blob from `body` (one monolithic `PUT`).
     async fn upload(&self, d: &str, size: u64, body: impl Fn() -> reqwest::Body) -> Result<(), PushError> {
         let start = self.url("blobs/uploads/");
@@ -158,7 +183,7 @@ impl Target {
 /// Pushes `composed` to the registry reference `reference`.
 pub fn push(
     reference: &str,
-    composed: &Composed,
+    composed: &mut Composed,
     opts: &RegistryOptions,
 ) -> Result<Vec<PushedLayer>, PushError> {
     let parsed = crate::source::reference::parse(reference)
@@ -182,49 +207,73 @@ pub fn push(
         .enable_all()
         .build()
         .map_err(|e| PushError::Io { path: "tokio runtime".into(), source: e })?;
-    rt.block_on(async {
-        // All layers at once, as docker and skopeo do: the registry, not one stream, is the limit.
-        let total = composed.layers.len();
-        let uploads = composed.layers.iter().enumerate().map(|(i, blob)| {
+    // Which layers the repository has, or gets by a mount from the source's repository (no
+    // bytes sent); the others are fetched from the source if they come from it, then sent.
+    let total = composed.layers.len();
+    let present = rt.block_on(futures_util::future::try_join_all(composed.layers.iter().enumerate().map(
+        |(i, blob)| {
             let target = &target;
             async move {
                 let d = blob.digest.to_string();
-                let existed = target.has_blob(&d).await?;
-                if existed {
+                if target.has_blob(&d).await? {
                     crate::progress::info(&format!("layer {}/{total} {d}: already in the registry", i + 1));
-                } else {
-                    crate::progress::info(&format!(
-                        "layer {}/{total} {d}: pushing {:.1} MB",
-                        i + 1,
-                        blob.size as f64 / 1e6
-                    ));
-                    // Each attempt reads the parts afresh from their start, in 1 MiB chunks.
-                    let body = || {
-                        let files: Result<Vec<_>, _> = blob.parts.iter().map(std::fs::File::open).collect();
-                        match files {
-                            Ok(files) => {
-                                reqwest::Body::wrap_stream(futures_util::stream::iter(files).flat_map(|f| {
-                                    tokio_util::io::ReaderStream::with_capacity(
-                                        tokio::fs::File::from_std(f),
-                                        1 << 20,
-                                    )
-                                }))
-                            }
-                            // Gone meanwhile (the store lock forbids it): the registry sees a
-                            // short body and refuses the digest.
-                            Err(_) => reqwest::Body::from(Vec::new()),
-                        }
-                    };
-                    target.upload(&d, blob.size, body).await?;
+                    return Ok::<_, PushError>((true, false));
                 }
-                Ok::<_, PushError>(PushedLayer {
-                    media_type: blob.media_type.clone(),
-                    digest: d,
-                    size: blob.size,
-                    existed,
-                })
+                let Some(from) = blob.from_source.as_ref().and_then(|s| s.mount_from.as_deref()) else {
+                    return Ok((false, false));
+                };
+                let mounted = target.mount(&d, from).await?;
+                if mounted {
+                    crate::progress::info(&format!("layer {}/{total} {d}: mounted from {from}", i + 1));
+                }
+                Ok((false, mounted))
             }
-        });
+        },
+    )))?;
+    composed.fetch(|i| present[i] == (false, false))?;
+    let composed = &*composed;
+    rt.block_on(async {
+        // All layers at once, as docker and skopeo do: the registry, not one stream, is the limit.
+        let uploads =
+            composed.layers.iter().zip(&present).enumerate().map(|(i, (blob, &(existed, mounted)))| {
+                let target = &target;
+                async move {
+                    let d = blob.digest.to_string();
+                    if !existed && !mounted {
+                        crate::progress::info(&format!(
+                            "layer {}/{total} {d}: pushing {:.1} MB",
+                            i + 1,
+                            blob.size as f64 / 1e6
+                        ));
+                        // Each attempt reads the parts afresh from their start, in 1 MiB chunks.
+                        let body = || {
+                            let files: Result<Vec<_>, _> =
+                                blob.parts.iter().map(std::fs::File::open).collect();
+                            match files {
+                                Ok(files) => reqwest::Body::wrap_stream(
+                                    futures_util::stream::iter(files).flat_map(|f| {
+                                        tokio_util::io::ReaderStream::with_capacity(
+                                            tokio::fs::File::from_std(f),
+                                            1 << 20,
+                                        )
+                                    }),
+                                ),
+                                // Gone meanwhile (the store lock forbids it): the registry sees a
+                                // short body and refuses the digest.
+                                Err(_) => reqwest::Body::from(Vec::new()),
+                            }
+                        };
+                        target.upload(&d, blob.size, body).await?;
+                    }
+                    Ok::<_, PushError>(PushedLayer {
+                        media_type: blob.media_type.clone(),
+                        digest: d,
+                        size: blob.size,
+                        existed,
+                        mounted,
+                    })
+                }
+            });
         let pushed = futures_util::future::try_join_all(uploads).await?;
         let config_digest = digest::sha256_of(&composed.config).to_string();
         if !target.has_blob(&config_digest).await? {

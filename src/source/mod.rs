@@ -146,6 +146,20 @@ pub struct LayerRef {
     pub(crate) location: String,
 }
 
+impl LayerRef {
+    /// A layer known by its descriptor alone; where a source finds it is for
+    /// [`ImageSource::locate_by_digest`] to say.
+    pub(crate) fn described(media_type: String, digest: Digest, size: u64) -> LayerRef {
+        LayerRef {
+            media_type,
+            digest,
+            size: Some(size),
+            annotations: BTreeMap::new(),
+            location: String::new(),
+        }
+    }
+}
+
 /// A manifest resolved to one platform, with its parsed config.
 #[derive(Debug, Clone)]
 pub struct ResolvedImage {
@@ -260,6 +274,13 @@ pub trait ImageSource: Send + Sync {
     fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError>;
     /// Opens a layer blob's raw bytes; the caller checks them against `layer.digest`.
     fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read + Send + '_>, SourceError>;
+    /// The blob `layer` describes, found by its digest alone, not through a manifest: as
+    /// registries and OCI layouts are content-addressed (`push --format oci` of a committed
+    /// image, whose manifest the source never had, takes its base layers so). `None` from a
+    /// source that cannot (a docker archive, whose members are named by the archive).
+    fn locate_by_digest(&self, _layer: LayerRef) -> Option<LayerRef> {
+        None
+    }
     /// An EROFS image `vmrootfs push` made from the manifest `manifest` with recipe `recipe`,
     /// published beside it (a referrer), as a source spelling; `None` if there is none or the
     /// source cannot tell (only registries can).

@@ -156,6 +156,11 @@ impl ImageSource for OciSource {
         Err(SourceError::UnsupportedManifest("index nested too deeply".to_string()))
     }
 
+    fn locate_by_digest(&self, layer: LayerRef) -> Option<LayerRef> {
+        let location = blob_path(&layer.digest);
+        self.layout.exists(&location).then_some(LayerRef { location, ..layer })
+    }
+
     fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read + Send + '_>, SourceError> {
         if !self.layout.exists(&layer.location) {
             return Err(SourceError::MissingBlob(layer.digest.to_string()));

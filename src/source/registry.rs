@@ -538,6 +538,11 @@ impl ImageSource for RegistrySource {
         Ok(Box::new(self.open_blob(layer.location.clone(), layer.size)?))
     }
 
+    /// Any blob of the repository, by digest (a missing one fails when it is read).
+    fn locate_by_digest(&self, layer: LayerRef) -> Option<LayerRef> {
+        Some(LayerRef { location: layer.digest.to_string(), ..layer })
+    }
+
     /// The referrers of `manifest` (the referrers API, else the `sha256-<hex>` fallback tag):
     /// the first image manifest vmrootfs pushed from it with `recipe`.
     fn converted(&self, manifest: &Digest, recipe: u32) -> Result<Option<String>, SourceError> {

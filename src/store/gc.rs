@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::oci::is_oci_blob_name;
 use super::{Store, StoreError, io_at, parse_blob_name};
-use crate::record::BlobId;
+use crate::record::{BlobId, ImageRecord};
 
 /// What a GC removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -26,6 +27,9 @@ pub struct GcReport {
     pub lazy: usize,
     /// Kept source manifests and configs no record names any more.
     pub sources: usize,
+    /// Blobs of the OCI area (`oci/sha256/`) no record names any more (their bytes are
+    /// counted in `bytes`).
+    pub oci_blobs: usize,
 }
 
 /// The files of one blob id found in a layer directory.
@@ -119,6 +123,7 @@ impl Store {
                 }
             }
         }
+        self.collect_oci_blobs(&records, &mut report)?;
         let images = self.root.join("images");
         for entry in fs_err::read_dir(&images).map_err(io_at(&images))? {
             let path = entry.map_err(io_at(&images))?.path();
@@ -140,6 +145,34 @@ impl Store {
             report.lazy += clear_dir(&lazy)?;
         }
         Ok(report)
+    }
+}
+
+impl Store {
+    /// Deletes the blobs of the OCI area that no record names: a record keeps each lower's
+    /// `digest`, its `config_digest` and its `manifest_digest`.
+    fn collect_oci_blobs(&self, records: &[ImageRecord], report: &mut GcReport) -> Result<(), StoreError> {
+        let dir = self.oci_dir();
+        if !dir.exists() {
+            return Ok(());
+        }
+        let kept: HashSet<&str> = records
+            .iter()
+            .flat_map(|r| r.lowers.iter().map(|l| &l.digest).chain([&r.config_digest, &r.manifest_digest]))
+            .map(|d| d.digest())
+            .collect();
+        for entry in fs_err::read_dir(&dir).map_err(io_at(&dir))? {
+            let path = entry.map_err(io_at(&dir))?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+            // Names this store does not make are not its to delete.
+            if !is_oci_blob_name(name) || kept.contains(name) {
+                continue;
+            }
+            report.bytes += fs_err::metadata(&path).map_err(io_at(&path))?.len();
+            remove(&path)?;
+            report.oci_blobs += 1;
+        }
+        super::sync_dir(&dir)
     }
 }
 

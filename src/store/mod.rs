@@ -28,6 +28,9 @@
 //!   images/<escaped tag>.json           ImageRecord, one per tag
 //!   sources/<sha256 hex>.json           a source manifest or config, as the source served
 //!                                       it, kept for `push` while a record names it
+//!   oci/sha256/<sha256 hex>             OCI blobs vmrootfs authored or keeps (a committed
+//!                                       layer's tar.gz, a new image's config and manifest),
+//!                                       read-only, kept while a record names them (oci.rs)
 //!   vm/                                 `run`'s cache, rebuilt on demand, emptied by gc
 //!     vmlinux-<bzImage sha256 hex>      the kernel unpacked to its ELF, keyed by content
 //!                                       (the initramfs is made per run, in tmp/)
@@ -99,10 +102,12 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::Digest;
 
 mod gc;
+mod oci;
 mod upgrade;
 mod verify;
 
 pub use gc::GcReport;
+pub use oci::{OciBlob, VerifiedOciBlob};
 pub use verify::BadBlob;
 
 use crate::backend::FsType;
@@ -191,6 +196,10 @@ pub enum StoreError {
     /// A digest that is not sha256.
     #[error(transparent)]
     Digest(#[from] InvalidDigest),
+    /// Bytes put into the store are not the digest they were expected to be: nothing was
+    /// published.
+    #[error(transparent)]
+    Mismatch(#[from] crate::digest::DigestMismatch),
     /// No store was given and there is no home directory for the default one.
     #[error("no home directory: set VMROOTFS_STORE or pass --store")]
     NoHome,

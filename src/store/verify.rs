@@ -1,5 +1,6 @@
 //! `verify`: every blob an image record references is re-hashed against every record that
-//! names it and checked with its filesystem's own checker (a merged blob together with its
+//! names it (and every blob of the store's OCI area a record names, against its digest: see
+//! `oci.rs`) and checked with its filesystem's own checker (a merged blob together with its
 //! layer blobs, its devices); each file the blob's use depends on is checked too (its `.json`
 //! record, a layer's `.dirs`, a tree's `.verity.json`; an older store's `.own` is not
 //! checked: nothing reads it, so its bytes cannot change what a build or a mount makes); a lower with a dm-verity
@@ -146,6 +147,7 @@ impl Store {
                 repair: format!("build again (`{repair}`): damaged files are converted or fetched again"),
             });
         }
+        bad.extend(self.check_oci_blobs(&records)?);
         Ok(bad)
     }
 
