@@ -93,6 +93,7 @@ fn print_kit(store: &Store, record: &LocatedRecord, dir: &Path) -> Result<(), Bo
         form: KitForm::Stack,
         merged_disk: MergedDisk::Raw,
         command: Vec::new(),
+        served_lowers: None,
     };
     let kit = kit::write(store, &record.tag, dir, &opts)?;
     println!(

@@ -57,6 +57,11 @@
 //! `examples/build_and_attach.rs` builds an image into a temporary store and prints what a
 //! runtime attaches, kit included.
 //!
+//! [`serve::serve`] mounts an image's lowers as plain files (`vmrootfs serve`): a FUSE
+//! filesystem whose paths a runtime that takes only files (Firecracker, Cloud Hypervisor) or a
+//! loop device opens; [`serve::serve_lazy`] serves a registry image the same way as its blocks
+//! arrive, each verified first ([`lazy`]).
+//!
 //! # Errors
 //!
 //! Each operation returns its own error enum ([`BuildError`], [`store::StoreError`],
@@ -82,6 +87,7 @@ pub mod progress;
 mod pull;
 pub mod push;
 mod record;
+pub mod serve;
 mod source;
 mod squash;
 pub mod store;

@@ -299,6 +299,70 @@ enum Command {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Serve a stored image's lowers as plain files on a FUSE mount, for runtimes that take paths
+    ///
+    /// Mounts a read-only FUSE filesystem on DIR (created if missing) whose files are the
+    /// image's lowers, base first, named as the runtime kit names its drives: DIR/lower0 …
+    /// DIR/lower<n-1>, each the exact size of its blob. Firecracker and Cloud Hypervisor attach
+    /// them as drives; `losetup -r` makes a block device of one. The paths stay the same
+    /// whatever the store's layout. With --kit KITDIR it also writes the image's runtime kit
+    /// (see `kit`; layer stack form) whose configurations attach the served files.
+    ///
+    /// With --lazy, TAG is a registry reference to an EROFS image pushed uncompressed with
+    /// `push --verity` (as for `run --lazy`): a read fetches the 512 KiB chunk that holds it
+    /// by HTTP range, checks every 4 KiB block against the layer's dm-verity tree (itself
+    /// checked against the manifest's root digest), caches it in the store, and only then
+    /// answers; a block that fails is never served (EIO, and the layer is named on stderr).
+    /// The rest arrives in the background within --background-rate. When serving stops, what
+    /// is missing is fetched and the blobs are published and the image recorded under the
+    /// reference, as `build REF` would (a signal then stops that; what was fetched stays
+    /// cached for the next lazy read, or `gc` removes it). The kit's guest checks every lower
+    /// through dm-verity too.
+    ///
+    /// Serves in the foreground until SIGINT or SIGTERM, then unmounts DIR. If a served file
+    /// is still open then (a loop device, a running VM), DIR is detached at once and the open
+    /// files are served until they are closed; a second signal ends the process at once (their
+    /// readers then get errors). Prints what it serves once mounted (--json: one JSON object,
+    /// then nothing more on stdout). Holds the store lock while serving (rm and gc wait).
+    /// Needs root (it mounts) and /dev/fuse. Examples:
+    ///   vmrootfs serve deb /run/vmrootfs/deb --kit ./deb-kit
+    ///   firecracker --no-api --config-file ./deb-kit/firecracker.json
+    ///   losetup -r -f --show /run/vmrootfs/deb/lower0
+    ///   vmrootfs serve --lazy registry.lan:5000/lab/deb:v1 /run/vmrootfs/deb --kit ./deb-kit
+    #[command(verbatim_doc_comment)]
+    Serve {
+        /// A stored image's tag, or with --lazy a registry reference.
+        tag: String,
+        /// The mount point.
+        dir: PathBuf,
+        /// Also write the runtime kit whose drives are the served files into this directory.
+        #[arg(long, value_name = "KITDIR")]
+        kit: Option<PathBuf>,
+        /// Kernel for the kit (see `kit --kernel`).
+        #[arg(long, requires = "kit")]
+        kernel: Option<PathBuf>,
+        /// Guest memory in MiB, for the kit.
+        #[arg(long, default_value_t = 512, requires = "kit")]
+        memory: u32,
+        /// Threads answering reads (a read waiting for its bytes holds one).
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+        /// Print what is served (and the kit) as JSON on stdout once mounted.
+        #[arg(long)]
+        json: bool,
+        /// Serve TAG, a registry reference, lazily (see above).
+        #[arg(long)]
+        lazy: bool,
+        /// With --lazy: bandwidth background completion takes while serving, per second (K, M,
+        /// G suffixes; 0: no limit).
+        #[arg(long, value_parser = parse_size, default_value = "8M", requires = "lazy")]
+        background_rate: u64,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// The kit's command and its arguments [default: the image's entrypoint and cmd].
+        #[arg(last = true, requires = "kit")]
+        command: Vec<String>,
+    },
     /// Write a merged image (see `build --merge`) as one disk for a runtime
     ///
     /// The disk is the merged metadata blob followed by the layer blobs, base first; the
@@ -510,7 +574,14 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             } else {
                 KitForm::Stack
             };
-            let opts = KitOptions { kernel, memory_mb: memory, form, merged_disk: MergedDisk::Raw, command };
+            let opts = KitOptions {
+                kernel,
+                memory_mb: memory,
+                form,
+                merged_disk: MergedDisk::Raw,
+                command,
+                served_lowers: None,
+            };
             let written = kit::write(&store, &tag, &dir, &opts)?;
             if json {
                 print_json(&written)?;
@@ -526,6 +597,26 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                     writeln!(out, "drive {}: {} ({})", d.name, d.path.display(), d.format.qemu_name())?;
                 }
             }
+        }
+        Command::Serve {
+            tag,
+            dir,
+            kit,
+            kernel,
+            memory,
+            threads,
+            json,
+            lazy,
+            background_rate,
+            registry,
+            command,
+        } => {
+            let lazy = match lazy {
+                true => Some((registry.options()?, background_rate)),
+                false => None,
+            };
+            let kit = kit.map(|dir| (dir, KitArgs { kernel, memory, command }));
+            serve(open_store(cli.store)?, &tag, &dir, lazy, kit, threads, json)?;
         }
         Command::Build {
             source,
@@ -696,4 +787,116 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
         }
     }
     Ok(None)
+}
+
+/// `serve --kit`'s kit settings.
+struct KitArgs {
+    kernel: Option<PathBuf>,
+    memory: u32,
+    command: Vec<String>,
+}
+
+/// What `serve --json` prints once mounted.
+#[derive(serde::Serialize)]
+struct ServeReport<'a> {
+    #[serde(flatten)]
+    served: &'a vmrootfs::serve::Served,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kit: Option<vmrootfs::vm::kit::Kit>,
+}
+
+/// `vmrootfs serve`: mounts (a stored image, or with `lazy` a registry image read lazily),
+/// writes the kit, prints, serves until SIGINT or SIGTERM, unmounts; completes a lazy image.
+fn serve(
+    store: Store,
+    tag: &str,
+    dir: &std::path::Path,
+    lazy: Option<(vmrootfs::RegistryOptions, u64)>,
+    kit: Option<(PathBuf, KitArgs)>,
+    threads: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    use vmrootfs::serve::{self, ServeOptions, StopSignals, Unmounted};
+    use vmrootfs::vm::kit::{KitForm, KitOptions, MergedDisk};
+    // Before the workers start: they inherit the mask, so the signals come to `wait` alone.
+    let signals = StopSignals::block().context("blocking SIGINT and SIGTERM")?;
+    let opts = ServeOptions { threads };
+    let mut server = match &lazy {
+        None => serve::serve(&store, tag, dir, &opts)?,
+        Some((registry, rate)) => {
+            serve::serve_lazy(&store, tag, dir, &opts, registry, vmrootfs::lazy::Share::new(*rate))?
+        }
+    };
+    let served = server.served().clone();
+    let kit = match kit {
+        Some((kit_dir, args)) => {
+            let opts = KitOptions {
+                kernel: args.kernel,
+                memory_mb: args.memory,
+                form: KitForm::Stack,
+                merged_disk: MergedDisk::Raw,
+                command: args.command,
+                served_lowers: None,
+            };
+            Some(server.write_kit(&store, &kit_dir, &opts)?)
+        }
+        None => None,
+    };
+    if json {
+        print_json(&ServeReport { served: &served, kit: kit.clone() })?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        for l in &served.lowers {
+            let from = match (&l.blob, &l.layer) {
+                (Some(blob), _) => blob.display().to_string(),
+                (None, Some(layer)) => format!("registry layer {layer}, lazily"),
+                (None, None) => String::new(),
+            };
+            writeln!(out, "{} ({} bytes, {}) serves {from}", l.path.display(), l.size, l.fs)?;
+        }
+        if let Some(k) = &kit {
+            writeln!(
+                out,
+                "kit: {} (drives: the served files)",
+                k.qemu.parent().unwrap_or(&k.qemu).display()
+            )?;
+        }
+    }
+    std::io::stdout().flush()?;
+    progress::info(&format!("serving {tag} on {} until SIGINT or SIGTERM", served.dir.display()));
+    signals.wait(None);
+    match server.stop()? {
+        Unmounted::Clean => progress::info(&format!("unmounted {}", served.dir.display())),
+        Unmounted::Detached => {
+            progress::info(&format!(
+                "{} detached; a served file is still open (a loop device, a VM): serving it until it is closed (signal again to stop now)",
+                served.dir.display()
+            ));
+            while !server.finished() {
+                if signals.wait(Some(std::time::Duration::from_millis(200))).is_some() {
+                    anyhow::bail!(
+                        "stopped while a file of {} was still open: its reader now gets errors",
+                        served.dir.display()
+                    );
+                }
+            }
+            progress::info("the last served file was closed");
+        }
+    }
+    if lazy.is_some() {
+        progress::info(&format!("fetching the rest of {tag} and storing it (a signal stops this)"));
+        let completing = std::thread::spawn(move || server.complete(&store));
+        while !completing.is_finished() {
+            if signals.wait(Some(std::time::Duration::from_millis(200))).is_some() {
+                anyhow::bail!(
+                    "stopped before {tag} was complete: what was fetched stays cached for its next lazy read (`gc` removes it)"
+                );
+            }
+        }
+        let built = completing.join().expect("completion does not panic")?;
+        if let Some(built) = built {
+            progress::info(&format!("{tag}: stored ({} layers)", built.record.lowers.len()));
+        }
+    }
+    Ok(())
 }

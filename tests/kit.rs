@@ -6,9 +6,7 @@
 
 mod fixture;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use fixture::*;
 
@@ -74,47 +72,6 @@ fn kit(store: &Path, dir: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
-/// Runs `DIR/qemu.sh` exactly as written (no arguments, no extra kernel arguments); returns
-/// the serial console, once QEMU has exited.
-fn boot(kit: &serde_json::Value) -> String {
-    let script = kit["qemu"].as_str().unwrap();
-    let mut child = std::process::Command::new("sh")
-        .arg(script)
-        .env_remove("VMROOTFS_APPEND")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        stdout.read_to_string(&mut s).unwrap();
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{script} still running after 240 s: {}", reader.join().unwrap());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    let console = reader.join().unwrap().replace('\r', "");
-    assert!(stderr.is_empty(), "QEMU says: {stderr}");
-    console
-}
-
-/// Asserts the console has each of `lines` (as whole lines).
-fn assert_lines(console: &str, lines: &[&str]) {
-    for want in lines {
-        assert!(console.lines().any(|l| l.trim() == *want), "missing {want:?} on the console:\n{console}");
-    }
-}
-
 /// What every form's entrypoint prints, before the drives it sees.
 const CONFIG_LINES: [&str; 4] = ["FOO=bar", "/work", "uid 65534 gid 65534", "motd of layer 2"];
 
@@ -128,7 +85,7 @@ fn kit_stack_boots_with_its_qemu_sh() {
     let names: Vec<&str> =
         kit["drives"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["lower0", "lower1"]);
-    let console = boot(&kit);
+    let console = boot_kit(&kit);
     assert_lines(&console, &CONFIG_LINES);
     assert_lines(
         &console,
@@ -144,7 +101,7 @@ fn kit_stack_boots_with_its_qemu_sh() {
 
 /// Runs `script` (a variant of a kit's qemu.sh) and returns the console.
 fn boot_script(script: &Path) -> String {
-    boot(&serde_json::json!({ "qemu": script }))
+    boot_kit(&serde_json::json!({ "qemu": script }))
 }
 
 /// How `/init` finds the drives, on QEMU standing in for the other runtimes, with variants of
@@ -213,7 +170,7 @@ fn kit_merged_boots_with_its_qemu_sh() {
         disk.len(),
         expected.len()
     );
-    let console = boot(&kit);
+    let console = boot_kit(&kit);
     assert_lines(&console, &CONFIG_LINES);
     assert_lines(&console, &["cat 0", "disks 1", "vmrootfs-init: drives in attach order: merged=/dev/vda"]);
     assert!(
@@ -234,7 +191,7 @@ fn kit_verity_boots_with_its_qemu_sh() {
     let names: Vec<&str> =
         kit["drives"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["lower0", "lower1", "hashes"]);
-    let console = boot(&kit);
+    let console = boot_kit(&kit);
     assert_lines(&console, &CONFIG_LINES);
     assert_lines(
         &console,
@@ -253,7 +210,7 @@ fn kit_verity_boots_with_its_qemu_sh() {
     let at = bytes.chunks(4096).position(|c| c == first).expect("/data/blob's first block in lower 1") * 4096;
     drop(bytes);
     let flipped = Flipped::new(&blob, at as u64 + 100);
-    let console = boot(&kit);
+    let console = boot_kit(&kit);
     drop(flipped);
     assert_lines(&console, &["cat 1", "vmrootfs-init: status corrupt 1", "vmrootfs-init: status 5"]);
 }

@@ -171,6 +171,8 @@ pub enum LazyError {
 
 use std::io;
 
+pub(crate) mod fuse;
+
 /// A read-only, fixed-length source of verified bytes, shared between server threads.
 pub trait BlockSource: Send + Sync {
     /// Length in bytes (fixed for the source's lifetime).

@@ -117,6 +117,15 @@ pub struct KitOptions {
     pub merged_disk: MergedDisk,
     /// The command; empty means the image's entrypoint + cmd.
     pub command: Vec<String>,
+    /// Attach lower `i` as `DIR/lower<i>` (a [`crate::serve`] mount of this image: its
+    /// lowers as plain files) instead of the stored blob, wherever a lower is a drive of its
+    /// own (the layer stack, a `--verity` image's merged form).
+    pub served_lowers: Option<PathBuf>,
+}
+
+/// The name of lower `i` (base = 0) as a drive of a kit, and as a file of [`crate::serve`].
+pub fn lower_name(i: usize) -> String {
+    format!("lower{i}")
 }
 
 /// A drive of a kit, in attach order.
@@ -196,11 +205,8 @@ impl Drives {
 
     /// Every drive, in attach order (without `hashes`).
     fn attach_order(&self) -> Vec<KitDrive> {
-        let lower = |i: usize, d: &Drive| KitDrive {
-            name: format!("lower{i}"),
-            path: d.path.clone(),
-            format: d.format,
-        };
+        let lower =
+            |i: usize, d: &Drive| KitDrive { name: lower_name(i), path: d.path.clone(), format: d.format };
         match self {
             Drives::Lowers(lowers) => lowers.iter().enumerate().map(|(i, d)| lower(i, d)).collect(),
             Drives::Merged { disk, format, .. } => {
@@ -398,8 +404,8 @@ pub(super) fn write_record(
     fs_err::create_dir_all(dir).map_err(io(dir))?;
     let dir = std::path::absolute(dir).map_err(io(dir))?;
     let located = store.locate(record.clone())?;
-    let lower_drive = |l: &Located<Lower>| Drive {
-        path: l.path.clone(),
+    let lower_drive = |(i, l): (usize, &Located<Lower>)| Drive {
+        path: opts.served_lowers.as_ref().map_or_else(|| l.path.clone(), |dir| dir.join(lower_name(i))),
         format: DriveFormat::Raw,
         fs: l.fs.to_string(),
         verity: l.verity.as_ref().zip(l.verity_tree.as_ref()).map(|(v, tree)| VerityTable::new(v, tree)),
@@ -407,7 +413,7 @@ pub(super) fn write_record(
     let verity = record.lowers.iter().any(|l| l.verity.is_some());
     let drives = match (opts.form, &located.merged, &located.squashed) {
         (KitForm::Merged, Some(m), _) if verity => Drives::VerifiedMerged {
-            lowers: located.lowers.iter().map(lower_drive).collect(),
+            lowers: located.lowers.iter().enumerate().map(lower_drive).collect(),
             merged: Drive {
                 path: m.path.clone(),
                 format: DriveFormat::Raw,
@@ -445,7 +451,7 @@ pub(super) fn write_record(
             fs: s.fs.to_string(),
             verity: None,
         }]),
-        _ => Drives::Lowers(located.lowers.iter().map(lower_drive).collect()),
+        _ => Drives::Lowers(located.lowers.iter().enumerate().map(lower_drive).collect()),
     };
     write_drives(store, tag, &record.config, drives, &dir, opts)
 }
@@ -462,21 +468,59 @@ pub(super) fn write_lazy(
     dir: &Path,
     opts: &KitOptions,
 ) -> Result<Kit, VmError> {
+    let nbd = |i: usize| {
+        (
+            PathBuf::from(format!("nbd+unix:///{}?socket={}", lower_name(i), socket.display())),
+            DriveFormat::Nbd,
+        )
+    };
+    write_lazy_drives(store, reference, config, image, nbd, dir, opts)
+}
+
+/// The kit of `vmrootfs serve --lazy`: lower `i` is the file `served/lower<i>` of the
+/// serve mount, opened through dm-verity in the guest as in [`write_lazy`].
+pub(crate) fn write_lazy_served(
+    store: &Store,
+    reference: &str,
+    image: &crate::lazy::LazyImage,
+    served: &Path,
+    dir: &Path,
+    opts: &KitOptions,
+) -> Result<Kit, VmError> {
+    let config = RuntimeConfig::from(&image.image().config);
+    let file = |i: usize| (served.join(lower_name(i)), DriveFormat::Raw);
+    fs_err::create_dir_all(dir).map_err(|source| VmError::Io { path: dir.to_owned(), source })?;
+    write_lazy_drives(store, reference, &config, image, file, dir, opts)
+}
+
+/// The kit of a lazy image whose lower `i` is attached as `drive(i)`.
+fn write_lazy_drives(
+    store: &Store,
+    reference: &str,
+    config: &RuntimeConfig,
+    image: &crate::lazy::LazyImage,
+    drive: impl Fn(usize) -> (PathBuf, DriveFormat),
+    dir: &Path,
+    opts: &KitOptions,
+) -> Result<Kit, VmError> {
     let lowers = image
         .lowers()
         .iter()
         .enumerate()
-        .map(|(i, b)| Drive {
-            path: PathBuf::from(format!("nbd+unix:///lower{i}?socket={}", socket.display())),
-            format: DriveFormat::Nbd,
-            fs: crate::backend::FsType::Erofs.to_string(),
-            verity: Some(VerityTable {
-                tree: b.tree_path(),
-                data_blocks: b.len() / crate::verity::BLOCK_SIZE,
-                hash_start: 0,
-                root: b.root_digest().digest().to_string(),
-                salt: b.salt_hex(),
-            }),
+        .map(|(i, b)| {
+            let (path, format) = drive(i);
+            Drive {
+                path,
+                format,
+                fs: crate::backend::FsType::Erofs.to_string(),
+                verity: Some(VerityTable {
+                    tree: b.tree_path(),
+                    data_blocks: b.len() / crate::verity::BLOCK_SIZE,
+                    hash_start: 0,
+                    root: b.root_digest().digest().to_string(),
+                    salt: b.salt_hex(),
+                }),
+            }
         })
         .collect();
     let dir = std::path::absolute(dir).map_err(|source| VmError::Io { path: dir.to_owned(), source })?;

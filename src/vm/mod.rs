@@ -332,6 +332,7 @@ pub fn run(
         },
         merged_disk: MergedDisk::QemuVmdk,
         command: opts.command.clone(),
+        served_lowers: None,
     };
     let kit = kit::write_record(store, tag, &record, staging.path(), &kit_opts)?;
     let (status, status_file) = boot(&kit, staging.path(), opts, out, err)?;
@@ -467,6 +468,7 @@ pub fn run_lazy(
         form: KitForm::Stack,
         merged_disk: MergedDisk::QemuVmdk,
         command: opts.command.clone(),
+        served_lowers: None,
     };
     let config = crate::record::RuntimeConfig::from(&image.image().config);
     let kit = kit::write_lazy(store, reference, &config, &image, &socket, staging.path(), &kit_opts)?;
