@@ -94,6 +94,7 @@ fn print_kit(store: &Store, record: &LocatedRecord, dir: &Path) -> Result<(), Bo
         merged_disk: MergedDisk::Raw,
         command: Vec::new(),
         served_lowers: None,
+        upper: None,
     };
     let kit = kit::write(store, &record.tag, dir, &opts)?;
     println!(

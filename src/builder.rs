@@ -345,6 +345,18 @@ impl Builder {
         self.store.require_writable()?;
         self.store.check_tag(tag.unwrap_or(spec))?;
         let source = source::open(spec, &self.opts.registry)?;
+        self.build_from(&*source, spec, tag, reporter)
+    }
+
+    /// [`Builder::build`] of an image from `source` (spelled `spec`), which the caller made
+    /// (`commit`'s new image: the base's stored layers and the committed one).
+    pub(crate) fn build_from(
+        &self,
+        source: &dyn ImageSource,
+        spec: &str,
+        tag: Option<&str>,
+        reporter: &Reporter,
+    ) -> Result<BuildResult, BuildError> {
         let image = source.resolve(&self.opts.platform)?;
         if self.opts.squash && image.layers.is_empty() {
             return Err(BuildError::SquashNoLayers);
@@ -355,7 +367,7 @@ impl Builder {
         // Shared store lock for the whole build: no GC between publishing blobs and the record.
         let _store_lock = self.store.lock_shared()?;
         if let Some(erofs) = &image.erofs {
-            return self.store_erofs_image(spec, tag, &*source, &image, erofs, reporter);
+            return self.store_erofs_image(spec, tag, source, &image, erofs, reporter);
         }
         // Squashed blobs are made only over layers converted here (see `store_erofs_image`):
         // with --squash, the image is converted, as if no converted one existed.
@@ -399,7 +411,7 @@ impl Builder {
             self.backend()?;
         }
         let plan = Plan {
-            source: &*source,
+            source,
             image: &image,
             chain: &chain,
             stored: &stored,
@@ -440,7 +452,7 @@ impl Builder {
                 verity,
             });
         }
-        let mut record = new_record(spec, tag, &*source, &image, lowers);
+        let mut record = new_record(spec, tag, source, &image, lowers);
         let mut squash_cached = true;
         if self.opts.squash {
             let top = chain.last().ok_or(BuildError::SquashNoLayers)?;

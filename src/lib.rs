@@ -72,6 +72,7 @@
 
 mod backend;
 mod builder;
+pub mod commit;
 mod digest;
 mod erofs;
 mod erofs_image;
@@ -91,6 +92,7 @@ pub mod serve;
 mod source;
 mod squash;
 pub mod store;
+pub mod upper;
 mod verity;
 pub mod vm;
 mod writeback;

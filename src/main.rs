@@ -198,9 +198,17 @@ enum Command {
     /// and every layer then get a drive and dm-verity); --squashed of one is refused: the
     /// squashed blob has no tree, so the guest could not check it.
     ///
+    /// With --upper FILE the writable layer is FILE instead of a tmpfs: an ext4 filesystem
+    /// made sparse when FILE is missing (--upper-size nominal; it costs only what is written),
+    /// kept after the guest ends, so the next `run --upper FILE` sees what this one wrote, and
+    /// `commit --upper FILE` turns it into a new image. FILE is bound to the image it was made
+    /// over (FILE.vmrootfs.json) and refused with another; it is locked while a guest uses it
+    /// (a second run with it fails at once). The host never mounts it: the guest wrote it.
+    ///
     /// Exit status: the command's own, or
     ///   125  run itself failed: no such image, missing tools, boot failure, timeout, a
-    ///        corrupt block (dm-verity), the guest could not start the command
+    ///        corrupt block (dm-verity), the guest could not start the command, an upper
+    ///        in use or made over another image
     ///   126  the command cannot be run (not executable, working directory missing)
     ///   127  the command is not in the image's PATH
     /// (as docker and podman do; the error on stderr says which failure it was). Examples:
@@ -220,6 +228,7 @@ enum Command {
     ///   vmrootfs run busybox -- cat /etc/motd
     ///   vmrootfs run debian --timeout 120 -- python3 -c 'print(42)'
     ///   vmrootfs run --lazy registry.lan:5000/lab/debian:v1 -- true
+    ///   vmrootfs run debian --upper work.ext4 -- sh -c 'apt-get install -y jq'
     #[command(verbatim_doc_comment)]
     Run {
         /// A stored image's tag, or with --lazy a registry reference.
@@ -253,10 +262,61 @@ enum Command {
         fetch_log: Option<PathBuf>,
         #[command(flatten)]
         registry: RegistryArgs,
+        /// The guest's writable layer, kept between runs: an ext4 file, made when missing.
+        #[arg(long, value_name = "FILE", conflicts_with = "lazy")]
+        upper: Option<PathBuf>,
+        /// Nominal size of an upper made now (sparse: it costs what is written).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "10G", requires = "upper")]
+        upper_size: u64,
         /// The command and its arguments.
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Turn what a guest wrote into an upper (`run --upper FILE`) into a new image
+    ///
+    /// The new image is the upper's image with one more layer: the upper's changes, as an
+    /// OCI layer (overlayfs whiteouts become .wh. entries, opaque directories .wh..wh..opq,
+    /// everything else kept with owners, modes, xattrs, devices, hardlinks and mtimes). A
+    /// short guest boot reads the upper (the host never mounts it) and streams it out as a
+    /// tar; the host puts it through the same checks as any layer and stores it as a blob of
+    /// the base's filesystem (with --merge and --verity as the base was built). The new
+    /// config has the new DiffID and a history entry; the layer's tar.gz, the config and the
+    /// manifest are kept for `push` in OCI form. The upper is not changed: commit again after
+    /// more runs, or `run NEW --upper OTHER` to build on the new image. Examples:
+    ///   vmrootfs run debian --upper work.ext4 -- sh -c 'echo hi > /etc/motd'
+    ///   vmrootfs commit --upper work.ext4 --tag debian-motd --message 'motd'
+    #[command(verbatim_doc_comment)]
+    Commit {
+        /// The upper to commit (made by `run --upper FILE`).
+        #[arg(long, value_name = "FILE")]
+        upper: PathBuf,
+        /// Tag of the new image.
+        #[arg(long)]
+        tag: String,
+        /// Comment of the new history entry.
+        #[arg(long, short)]
+        message: Option<String>,
+        /// Kernel (bzImage) to boot [default: the newest /boot/vmlinuz-*].
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+        /// Seconds before the guest is killed.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Print the new image's record (with blob paths) as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The program the guest runs as `vmrootfs guest-tar` [default: this vmrootfs]: for
+        /// trying the host's checks against a hostile guest (a `#!/bin/sh` script that writes
+        /// a crafted tar runs under the guest's busybox).
+        #[arg(long, hide = true, value_name = "PROGRAM")]
+        guest_binary: Option<PathBuf>,
+    },
+    /// Write the upper directory DIR to stdout as a layer tar (commit's guest runs this)
+    #[command(hide = true)]
+    GuestTar { dir: PathBuf },
     /// Write what a microVM runtime needs to boot a stored image into DIR
     ///
     /// DIR gets: vmlinux (the kernel, uncompressed, from the newest /boot/vmlinuz-* or
@@ -543,6 +603,8 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             background_rate,
             fetch_log,
             registry,
+            upper,
+            upper_size,
             command,
         } => {
             let store = open_store(cli.store)?;
@@ -553,6 +615,8 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 command,
                 squashed,
                 merged,
+                upper,
+                upper_size,
             };
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
             let status = if lazy {
@@ -581,6 +645,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 merged_disk: MergedDisk::Raw,
                 command,
                 served_lowers: None,
+                upper: None,
             };
             let written = kit::write(&store, &tag, &dir, &opts)?;
             if json {
@@ -718,6 +783,33 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             let report = open_store(cli.store)?.gc()?;
             print_gc(&report, json)?;
         }
+        Command::Commit { upper, tag, message, kernel, memory, timeout, json, guest_binary } => {
+            let store = open_store(cli.store)?;
+            let opts = vmrootfs::commit::CommitOptions {
+                tag,
+                message,
+                kernel,
+                memory_mb: memory,
+                timeout: std::time::Duration::from_secs(timeout),
+                guest_binary: match guest_binary {
+                    Some(p) => p,
+                    None => std::env::current_exe().context("finding the vmrootfs binary for the guest")?,
+                },
+                max_layer_bytes: vmrootfs::BuildOptions::default().max_layer_bytes,
+            };
+            let reporter = vmrootfs::progress::Reporter::new();
+            let result = vmrootfs::commit::commit(&store, &upper, &opts, &reporter)?;
+            if json {
+                print_json(&result)?;
+            } else {
+                let r = &result.record;
+                println!("{} {} ({} layers)", r.tag, r.manifest_digest, r.lowers.len());
+            }
+        }
+        Command::GuestTar { dir } => {
+            let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+            vmrootfs::upper::guest_tar::write_upper(&dir, out)?;
+        }
         Command::Verify { tags, json } => {
             let bad = open_store(cli.store)?.verify(&tags)?;
             if json {
@@ -837,6 +929,7 @@ fn serve(
                 merged_disk: MergedDisk::Raw,
                 command: args.command,
                 served_lowers: None,
+                upper: None,
             };
             Some(server.write_kit(&store, &kit_dir, &opts)?)
         }

@@ -29,7 +29,9 @@ const DM_MODULES: &[&str] = &["dm_mod", "dm_verity"];
 /// and for a dm-verity lower `VERITY<i>` = "data blocks, hash start block on the `hashes`
 /// drive, root digest hex, salt hex", and `MERGED_VERITY` (the same for the drive `merged`)
 /// when the lowers are the devices of a verified merged blob; or `MERGED` and
-/// `MERGED_OFFSETS`; and `USERSPEC`. `/vmrootfs/exec.sh` runs the command in the image.
+/// `MERGED_OFFSETS`; and `USERSPEC`; `UPPER` when the drive `upper` is the overlay's
+/// writable layer (`run --upper`), `COMMIT` when the guest only streams that drive's `upper/`
+/// as a tar (`vmrootfs commit`, see [`crate::commit`]). `/vmrootfs/exec.sh` runs the command in the image.
 ///
 /// Drives are found by position, without udev: the guest's virtio bus numbers its devices
 /// (`virtio0`, `virtio1`, …) in the order the runtime declares them, which is the order of
@@ -123,6 +125,21 @@ for name in $DRIVES; do eval "found=\"\$found $name=\$DRIVE_$name\""; done
 echo "vmrootfs-init: drives in attach order:$found" >/dev/console
 # The /dev node of the drive named $1.
 disk() { eval "d=\$DRIVE_$1"; [ -b "$d" ] && echo "$d"; }
+if [ -n "$COMMIT" ]; then
+  # `vmrootfs commit`: the upper alone, read-only; its upper/ goes out as a layer tar on the
+  # stdout port, written by the host's own vmrootfs (`guest-tar`), nothing else run.
+  dev=$(disk upper) || fail "no drive upper"
+  mkdir -p /upper
+  mount -t ext4 -o ro "$dev" /upper || fail "mount the upper ($dev) read-only: was its last guest ended cleanly?"
+  echo VMROOTFS-BEGIN
+  /bin/vmrootfs guest-tar /upper/upper >&3 2>&4 3>&- 4>&- 5>&-
+  code=$?
+  exec 3>&- 4>&-
+  umount /upper
+  status "$code"
+  exec 5>&-
+  halt
+fi
 # Opens the disk $2 as the dm-verity device named $1 with the table fields $3 ("data blocks,
 # hash start block on the hashes disk, root hex, salt hex"); prints the device's /dev node.
 verity() {
@@ -189,11 +206,18 @@ else
     lowerdir=/lower/merged
   fi
 fi
-# Writes go to a tmpfs upper: the lowers stay read-only, and the image's processes get a
-# writable root, whatever the form.
-mount -t tmpfs -o mode=0755 rw /rw
+# Writes go to a tmpfs upper, or to the upper drive (`run --upper`, an ext4 filesystem that
+# outlives the guest): the lowers stay read-only, and the image's processes get a writable
+# root, whatever the form. No redirects, metacopy or index: what the upper holds is then
+# plain files, whiteouts and opaque markers, which `commit` turns into a layer.
+if [ -n "$UPPER" ]; then
+  dev=$(disk upper) || fail "no drive upper"
+  mount -t ext4 -o rw,noinit_itable "$dev" /rw || fail "mount the upper ($dev)"
+else
+  mount -t tmpfs -o mode=0755 rw /rw
+fi
 mkdir -p /rw/upper /rw/work
-mount -t overlay overlay -o "lowerdir=$lowerdir,upperdir=/rw/upper,workdir=/rw/work" /newroot || fail "overlay"
+mount -t overlay overlay -o "lowerdir=$lowerdir,upperdir=/rw/upper,workdir=/rw/work,redirect_dir=off,index=off,metacopy=off" /newroot || fail "overlay"
 # The image may have no shell: the command starts through busybox kept in the guest's /dev.
 mkdir -p /dev/.vmrootfs && cp /bin/busybox /dev/.vmrootfs/busybox
 for d in proc sys dev; do mkdir -p "/newroot/$d" && mount --bind "/$d" "/newroot/$d"; done
@@ -218,6 +242,14 @@ echo VMROOTFS-BEGIN
 chroot /newroot /dev/.vmrootfs/busybox sh /dev/.vmrootfs/exec.sh >&3 2>&4 3>&- 4>&- 5>&-
 code=$?
 exec 3>&- 4>&-
+if [ -n "$UPPER" ]; then
+  # Nothing written may be lost: end what the command left running, then unmount the upper
+  # (a clean ext4 for the next guest) before the status tells the host it may end QEMU.
+  kill -9 -1 2>/dev/null
+  sleep 0.1
+  for d in proc sys dev; do umount "/newroot/$d"; done
+  umount /newroot && umount /rw || { sync; echo "vmrootfs-init: the upper stayed mounted: synced only" >/dev/console; }
+fi
 corrupt
 status "$code"
 exec 5>&-
@@ -231,12 +263,20 @@ pub struct GuestFiles {
     pub exec: String,
 }
 
-/// Writes the initramfs for `kernel` with `guest`'s settings to `out`; with `dmsetup`, what
-/// dm-verity lowers need.
+/// A dynamically linked program the guest runs from `/bin`, with the libraries `ldd` names.
+pub struct GuestProgram<'a> {
+    /// Its name in the guest's `/bin`.
+    pub name: &'a str,
+    /// The host's file.
+    pub path: &'a Path,
+}
+
+/// Writes the initramfs for `kernel` with `guest`'s settings to `out`, with `programs` (the
+/// host's `dmsetup` for dm-verity lowers, with the modules they need; `vmrootfs` for commit).
 pub fn build(
     kernel: &Kernel,
     busybox: &Path,
-    dmsetup: Option<&Path>,
+    programs: &[GuestProgram<'_>],
     guest: &GuestFiles,
     out: &Path,
 ) -> Result<(), VmError> {
@@ -256,10 +296,17 @@ pub fn build(
     w(cpio.file("vmrootfs/run", 0o644, guest.run.as_bytes()))?;
     w(cpio.file("vmrootfs/exec.sh", 0o644, guest.exec.as_bytes()))?;
     let mut wanted = MODULES.to_vec();
-    if let Some(dmsetup) = dmsetup {
-        wanted.extend_from_slice(DM_MODULES);
-        let mut dirs = BTreeSet::new();
-        for lib in shared_libraries(dmsetup)? {
+    let mut dirs = BTreeSet::new();
+    let mut libs = BTreeSet::new();
+    for program in programs {
+        if program.name == "dmsetup" {
+            wanted.extend_from_slice(DM_MODULES);
+        }
+        let libraries = if is_script(program.path)? { Vec::new() } else { shared_libraries(program.path)? };
+        for lib in libraries {
+            if !libs.insert(lib.clone()) {
+                continue;
+            }
             let rel = lib.strip_prefix("/").unwrap_or(&lib);
             for dir in
                 rel.ancestors().skip(1).filter(|d| !d.as_os_str().is_empty()).collect::<Vec<_>>().iter().rev()
@@ -271,8 +318,8 @@ pub fn build(
             let data = fs_err::read(&lib).map_err(io(&lib))?;
             w(cpio.file(&rel.to_string_lossy(), 0o755, &data))?;
         }
-        let data = fs_err::read(dmsetup).map_err(io(dmsetup))?;
-        w(cpio.file("bin/dmsetup", 0o755, &data))?;
+        let data = fs_err::read(program.path).map_err(io(program.path))?;
+        w(cpio.file(&format!("bin/{}", program.name), 0o755, &data))?;
     }
     let order = module_order(&kernel.modules, &wanted)?;
     let mut names = Vec::new();
@@ -288,6 +335,15 @@ pub fn build(
     let tmp = out.with_extension(format!("tmp{}", std::process::id()));
     fs_err::write(&tmp, bytes).map_err(io(&tmp))?;
     fs_err::rename(&tmp, out).map_err(io(out))
+}
+
+/// Whether `program` is a `#!` script (run by the initramfs's busybox; no libraries).
+pub(super) fn is_script(program: &Path) -> Result<bool, VmError> {
+    use std::io::Read;
+    let io = |source| VmError::Io { path: program.to_owned(), source };
+    let mut head = [0u8; 2];
+    let n = fs_err::File::open(program).and_then(|mut f| f.read(&mut head)).map_err(io)?;
+    Ok(head[..n] == *b"#!")
 }
 
 /// The shared libraries (and the dynamic loader) `ldd` lists for `binary`.

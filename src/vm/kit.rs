@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::initramfs::{self, GuestFiles};
+use super::initramfs::{self, GuestFiles, GuestProgram};
 use super::kernel::Kernel;
 use super::{UnverifiableForm, VmError};
 use crate::backend::tool::Tool;
@@ -59,6 +59,9 @@ pub enum KitForm {
     Merged,
     /// The squashed blob (`build --squash`) as one drive.
     Squashed,
+    /// Not the image but an upper made over it (`vmrootfs commit`): the upper's changes
+    /// streamed out as a layer tar.
+    Commit,
 }
 
 impl std::fmt::Display for KitForm {
@@ -67,6 +70,7 @@ impl std::fmt::Display for KitForm {
             KitForm::Stack => "layer stack",
             KitForm::Merged => "merged image",
             KitForm::Squashed => "squashed blob",
+            KitForm::Commit => "upper (commit)",
         })
     }
 }
@@ -121,6 +125,9 @@ pub struct KitOptions {
     /// lowers as plain files) instead of the stored blob, wherever a lower is a drive of its
     /// own (the layer stack, a `--verity` image's merged form).
     pub served_lowers: Option<PathBuf>,
+    /// An ext4 file attached read-write as the drive `upper`, the overlay's writable layer
+    /// (`run --upper`, see [`crate::upper`]); none: a tmpfs.
+    pub upper: Option<PathBuf>,
 }
 
 /// The name of lower `i` (base = 0) as a drive of a kit, and as a file of [`crate::serve`].
@@ -137,6 +144,8 @@ pub struct KitDrive {
     pub path: PathBuf,
     /// Its format.
     pub format: DriveFormat,
+    /// Attached read-write (only the `upper` of `run --upper`); every other drive is read-only.
+    pub writable: bool,
 }
 
 /// What [`write()`] wrote.
@@ -205,17 +214,22 @@ impl Drives {
 
     /// Every drive, in attach order (without `hashes`).
     fn attach_order(&self) -> Vec<KitDrive> {
-        let lower =
-            |i: usize, d: &Drive| KitDrive { name: lower_name(i), path: d.path.clone(), format: d.format };
+        let lower = |i: usize, d: &Drive| KitDrive {
+            name: lower_name(i),
+            path: d.path.clone(),
+            format: d.format,
+            writable: false,
+        };
         match self {
             Drives::Lowers(lowers) => lowers.iter().enumerate().map(|(i, d)| lower(i, d)).collect(),
             Drives::Merged { disk, format, .. } => {
-                vec![KitDrive { name: "merged".into(), path: disk.clone(), format: *format }]
+                vec![KitDrive { name: "merged".into(), path: disk.clone(), format: *format, writable: false }]
             }
             Drives::VerifiedMerged { lowers, merged } => std::iter::once(KitDrive {
                 name: "merged".into(),
                 path: merged.path.clone(),
                 format: merged.format,
+                writable: false,
             })
             .chain(lowers.iter().enumerate().map(|(i, d)| lower(i, d)))
             .collect(),
@@ -280,11 +294,21 @@ fn write_hashes(drives: Vec<&mut Drive>, out: &Path) -> Result<(), VmError> {
 
 /// The guest's settings: `/vmrootfs/run` (what to mount) and `/vmrootfs/exec.sh` (how to
 /// start the command inside the image).
-fn guest_files(config: &RuntimeConfig, drives: &Drives, any_verity: bool, command: &[String]) -> GuestFiles {
+fn guest_files(
+    config: &RuntimeConfig,
+    drives: &Drives,
+    any_verity: bool,
+    upper: bool,
+    command: &[String],
+) -> GuestFiles {
     let mut run = String::new();
     let mut names: Vec<String> = drives.attach_order().into_iter().map(|d| d.name).collect();
     if any_verity {
         names.push("hashes".into());
+    }
+    if upper {
+        names.push("upper".into());
+        run += "UPPER=1\n";
     }
     run += &format!("DRIVES={}\n", sq(&names.join(" ")));
     let table = |v: &VerityTable| sq(&format!("{} {} {} {}", v.data_blocks, v.hash_start, v.root, v.salt));
@@ -536,11 +560,6 @@ fn write_drives(
     dir: &Path,
     opts: &KitOptions,
 ) -> Result<Kit, VmError> {
-    let kernel = Kernel::find(opts.kernel.as_deref())?;
-    let busybox = Path::new(BUSYBOX);
-    if !is_static(busybox)? {
-        return Err(VmError::NoStaticBusybox(busybox.to_owned()));
-    }
     let command = if opts.command.is_empty() {
         [config.entrypoint.clone(), config.cmd.clone()].concat()
     } else {
@@ -549,8 +568,7 @@ fn write_drives(
     if command.is_empty() {
         return Err(VmError::NoCommand);
     }
-    let vmlinux = dir.join("vmlinux");
-    link_or_copy(&kernel.vmlinux(store)?, &vmlinux)?;
+    let Base { dir, kernel, vmlinux, busybox } = Base::prepare(store, dir, opts)?;
     let verity_drives = drives.verity_drives();
     let any_verity = !verity_drives.is_empty();
     let hashes = dir.join("hashes.img");
@@ -560,16 +578,27 @@ fn write_drives(
     } else {
         None
     };
-    let guest = guest_files(config, &drives, any_verity, &command);
+    let guest = guest_files(config, &drives, any_verity, opts.upper.is_some(), &command);
     crate::progress::debug(&format!("guest settings: {}", guest.run.replace('\n', "; ")));
     let initramfs = dir.join("initramfs.cpio");
-    initramfs::build(&kernel, busybox, dmsetup.as_deref(), &guest, &initramfs)?;
+    let programs: Vec<GuestProgram<'_>> =
+        dmsetup.iter().map(|path| GuestProgram { name: "dmsetup", path }).collect();
+    initramfs::build(&kernel, &busybox, &programs, &guest, &initramfs)?;
 
     let mut attached = drives.attach_order();
     if any_verity {
-        attached.push(KitDrive { name: "hashes".into(), path: hashes, format: DriveFormat::Raw });
+        attached.push(KitDrive {
+            name: "hashes".into(),
+            path: hashes,
+            format: DriveFormat::Raw,
+            writable: false,
+        });
     }
-    let mut kit = Kit {
+    if let Some(upper) = &opts.upper {
+        // Last: a drive after the kit's others shifts none of them.
+        attached.push(upper_drive(upper, true));
+    }
+    let kit = Kit {
         tag: tag.to_string(),
         form: opts.form,
         kernel_version: kernel.version.clone(),
@@ -581,6 +610,85 @@ fn write_drives(
         drives: attached,
         memory_mb: opts.memory_mb,
     };
+    write_configs(kit, &dir)
+}
+
+/// What every kit starts with: its directory (absolute), the kernel unpacked into it, and a
+/// static busybox.
+struct Base {
+    dir: PathBuf,
+    kernel: Kernel,
+    vmlinux: PathBuf,
+    busybox: PathBuf,
+}
+
+impl Base {
+    fn prepare(store: &Store, dir: &Path, opts: &KitOptions) -> Result<Base, VmError> {
+        let io = |source| VmError::Io { path: dir.to_owned(), source };
+        fs_err::create_dir_all(dir).map_err(io)?;
+        let dir = std::path::absolute(dir).map_err(io)?;
+        let kernel = Kernel::find(opts.kernel.as_deref())?;
+        let busybox = PathBuf::from(BUSYBOX);
+        if !is_static(&busybox)? {
+            return Err(VmError::NoStaticBusybox(busybox));
+        }
+        let vmlinux = dir.join("vmlinux");
+        link_or_copy(&kernel.vmlinux(store)?, &vmlinux)?;
+        Ok(Base { dir, kernel, vmlinux, busybox })
+    }
+}
+
+/// Writes the kit of `vmrootfs commit` into `dir`: the upper file `upper` as its one drive,
+/// read-only, and an initramfs whose `/init` mounts it and streams its `upper/` as a layer tar
+/// on the stdout port with `vmrootfs guest-tar`, run from `guest_binary` (the host's vmrootfs,
+/// copied without its symbols: the guest unpacks every byte of the initramfs; a `#!` script is
+/// copied as it is). `tag` names the image the upper was made over.
+pub(crate) fn write_commit(
+    store: &Store,
+    tag: &str,
+    upper: &Path,
+    guest_binary: &Path,
+    dir: &Path,
+    opts: &KitOptions,
+) -> Result<Kit, VmError> {
+    let Base { dir, kernel, vmlinux, busybox } = Base::prepare(store, dir, opts)?;
+    let program = dir.join("vmrootfs");
+    if initramfs::is_script(guest_binary)? {
+        fs_err::copy(guest_binary, &program)
+            .map_err(|source| VmError::Io { path: program.clone(), source })?;
+    } else {
+        crate::backend::tool::run(
+            "strip",
+            std::process::Command::new("strip").arg("--strip-all").arg("-o").arg(&program).arg(guest_binary),
+        )?;
+    }
+    let guest = GuestFiles { run: "DRIVES=upper\nLOWERS=0\nCOMMIT=1\n".into(), exec: String::new() };
+    let initramfs = dir.join("initramfs.cpio");
+    let programs = [GuestProgram { name: "vmrootfs", path: &program }];
+    initramfs::build(&kernel, &busybox, &programs, &guest, &initramfs)?;
+    let kit = Kit {
+        tag: tag.to_string(),
+        form: KitForm::Commit,
+        kernel_version: kernel.version.clone(),
+        vmlinux,
+        initramfs,
+        qemu: dir.join("qemu.sh"),
+        firecracker: None,
+        cloud_hypervisor: None,
+        drives: vec![upper_drive(upper, false)],
+        memory_mb: opts.memory_mb,
+    };
+    write_configs(kit, &dir)
+}
+
+/// The drive `upper`: an ext4 file the guest writes (`run --upper`) or only reads (`commit`).
+fn upper_drive(path: &Path, writable: bool) -> KitDrive {
+    KitDrive { name: "upper".into(), path: path.to_owned(), format: DriveFormat::Raw, writable }
+}
+
+/// Writes `kit`'s runtime configurations into `dir`: `qemu.sh`, and when every drive is a
+/// raw file `firecracker.json` and `cloud-hypervisor.sh`.
+fn write_configs(mut kit: Kit, dir: &Path) -> Result<Kit, VmError> {
     write_file(&kit.qemu, &super::runtimes::qemu_script(&kit), 0o755)?;
     if kit.drives.iter().all(|d| d.format == DriveFormat::Raw) {
         let fc = dir.join("firecracker.json");

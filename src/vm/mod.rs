@@ -136,6 +136,9 @@ pub enum VmError {
         /// The image's tag.
         tag: String,
     },
+    /// The upper (`--upper`) cannot be used.
+    #[error(transparent)]
+    Upper(#[from] Box<crate::upper::UpperError>),
     /// The single disk of `merged` could not be made.
     #[error(transparent)]
     Merge(#[from] crate::merge::MergeError),
@@ -260,6 +263,11 @@ pub struct RunOptions {
     pub squashed: bool,
     /// Boot the merged image through one drive (a VMDK over the stored blobs), its one lower.
     pub merged: bool,
+    /// The guest's writable layer: an ext4 file kept between runs ([`crate::upper`]), made
+    /// with `upper_size` bytes nominal when missing; none: a tmpfs.
+    pub upper: Option<PathBuf>,
+    /// Nominal size of an upper made now.
+    pub upper_size: u64,
 }
 
 /// Drives a microvm can take: its 24 virtio-mmio transports, less the virtio-serial device
@@ -307,6 +315,13 @@ pub fn run(
     let _store_lock = store.lock_shared()?;
     let record = store.get(tag)?;
     let form = BootForm::choose(tag, &record, opts)?;
+    // Held (locked) until the guest has ended.
+    let upper = match &opts.upper {
+        Some(path) => {
+            Some(crate::upper::Upper::for_run(path, opts.upper_size, tag, &record).map_err(Box::new)?)
+        }
+        None => None,
+    };
     if form.switched {
         crate::progress::info(&format!(
             "{tag}: {} layers need more drives than microvm's {} virtio-mmio slots: booting the {} image as one drive instead",
@@ -333,9 +348,14 @@ pub fn run(
         merged_disk: MergedDisk::QemuVmdk,
         command: opts.command.clone(),
         served_lowers: None,
+        upper: upper.as_ref().map(|u| u.path().to_owned()),
     };
     let kit = kit::write_record(store, tag, &record, staging.path(), &kit_opts)?;
-    let (status, status_file) = boot(&kit, staging.path(), opts, out, err)?;
+    let status = boot(&kit, staging.path(), opts.timeout, out, err);
+    if let Some(upper) = &upper {
+        upper.sync().map_err(Box::new)?;
+    }
+    let (status, status_file) = status?;
     if !status.corrupt.is_empty() {
         let located = store.locate(record)?;
         let blob = |d: CorruptDrive| match d {
@@ -351,12 +371,13 @@ pub fn run(
     status.code.ok_or(VmError::GuestSetup)
 }
 
-/// Boots `kit` (written into `staging`) with the ports that carry the command's output and
-/// status; passes the output on, returns what `/init` reported and the status file.
-fn boot(
+/// Boots `kit` (written into `staging`) with its output ports: the guest's stdout goes to
+/// `out`, its stderr to `err`, as they come. Returns the status `/init` reported, and the file
+/// it is in.
+pub(crate) fn boot(
     kit: &kit::Kit,
     staging: &Path,
-    opts: &RunOptions,
+    timeout: Duration,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<(GuestStatus, PathBuf), VmError> {
@@ -385,7 +406,7 @@ fn boot(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| ToolError::Spawn { tool: kit.qemu.display().to_string(), source })?;
-    let tail = follow(child, opts.timeout, [stdout_fifo, stderr_fifo], &status_file, out, err)?;
+    let tail = follow(child, timeout, [stdout_fifo, stderr_fifo], &status_file, out, err)?;
     let status = read_status(&status_file, tail)?;
     Ok((status, status_file))
 }
@@ -469,10 +490,12 @@ pub fn run_lazy(
         merged_disk: MergedDisk::QemuVmdk,
         command: opts.command.clone(),
         served_lowers: None,
+        // An upper is bound to a stored image: `--upper` with `--lazy` is refused by the CLI.
+        upper: None,
     };
     let config = crate::record::RuntimeConfig::from(&image.image().config);
     let kit = kit::write_lazy(store, reference, &config, &image, &socket, staging.path(), &kit_opts)?;
-    let booted = boot(&kit, staging.path(), opts, out, err);
+    let booted = boot(&kit, staging.path(), opts.timeout, out, err);
     server.stop();
     let fetched = image.fetched_bytes();
     let exited_at = image.elapsed();
@@ -678,11 +701,11 @@ fn on_stream(sinks: &mut [&mut dyn Write; 2], event: Event, open: &mut usize) {
 
 /// What `/init` wrote to its status port (see [`initramfs`]).
 #[derive(Debug, PartialEq, Eq)]
-struct GuestStatus {
+pub(crate) struct GuestStatus {
     /// The command's exit status; none when `/init` failed before it started the command.
-    code: Option<i32>,
+    pub(crate) code: Option<i32>,
     /// Drives whose dm-verity device found a corrupt block.
-    corrupt: Vec<CorruptDrive>,
+    pub(crate) corrupt: Vec<CorruptDrive>,
 }
 
 /// Whether `/init` has written its last status line (the exit status or `failed`, after any

@@ -62,7 +62,11 @@ pub fn qemu_script(kit: &Kit) -> String {
         let file = d.path.display().to_string().replace(',', ",,");
         s += &format!(
             "  -drive {} -device {} \\\n",
-            sq(&format!("id=d{i},file={file},format={},if=none,readonly=on", d.format.qemu_name())),
+            sq(&format!(
+                "id=d{i},file={file},format={},if=none{}",
+                d.format.qemu_name(),
+                if d.writable { "" } else { ",readonly=on" }
+            )),
             sq(&format!("virtio-blk-device,drive=d{i},serial={}", d.name)),
         );
     }
@@ -82,7 +86,7 @@ pub fn firecracker_config(kit: &Kit) -> String {
                 "drive_id": d.name,
                 "path_on_host": d.path,
                 "is_root_device": false,
-                "is_read_only": true,
+                "is_read_only": !d.writable,
             })
         })
         .collect();
@@ -117,7 +121,8 @@ pub fn cloud_hypervisor_script(kit: &Kit) -> String {
     );
     for d in &kit.drives {
         let path = d.path.display();
-        s += &format!(" \\\n    {}", sq(&format!("path={path},readonly=on,serial={}", d.name)));
+        let readonly = if d.writable { "" } else { ",readonly=on" };
+        s += &format!(" \\\n    {}", sq(&format!("path={path}{readonly},serial={}", d.name)));
     }
     s += " \\\n  \"$@\"\n";
     s
