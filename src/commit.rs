@@ -14,7 +14,7 @@
 //!    compressed tar through the same digest checks, normalizer and safety checks as any
 //!    layer, into a blob of the base's filesystem (`--merge` and `--verity` as the base was
 //!    built). The compressed tar and the new config and manifest are kept in the store's OCI
-//!    area ([`crate::store::oci`]) for the push in OCI form; the record's `source` stays the
+//!    area ([`crate::Store::put_oci_blob`]) for the push in OCI form; the record's `source` stays the
 //!    base's, where the base layers' tars are.
 //!
 //! A committed image is an image like any other: `run --upper` over it and `commit` again.

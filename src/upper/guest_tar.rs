@@ -308,7 +308,7 @@ mod tests {
         assert_eq!(
             entries,
             [
-                ("etc".to_string(), tar::EntryType::Directory, String::new()),
+                ("etc/".to_string(), tar::EntryType::Directory, String::new()),
                 ("etc/hosts".into(), tar::EntryType::Regular, String::new()),
                 ("etc/hosts2".into(), tar::EntryType::Link, "etc/hosts".into()),
                 ("link".into(), tar::EntryType::Symlink, "../etc/hosts".into()),

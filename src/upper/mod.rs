@@ -147,7 +147,7 @@ pub struct Upper {
     path: PathBuf,
     binding: UpperBinding,
     /// The open file holding the `flock`.
-    _lock: std::fs::File,
+    file: std::fs::File,
 }
 
 impl Upper {
@@ -189,7 +189,7 @@ impl Upper {
             path.display(),
             size >> 20
         ));
-        Ok(Upper { path: path.to_owned(), binding, _lock: file })
+        Ok(Upper { path: path.to_owned(), binding, file })
     }
 
     /// The existing upper at `path` with its binding, locked until dropped.
@@ -214,7 +214,7 @@ impl Upper {
             ));
             return Err(UpperError::BadBinding { path: binding_path, source });
         }
-        Ok(Upper { path: path.to_owned(), binding, _lock: file })
+        Ok(Upper { path: path.to_owned(), binding, file })
     }
 
     /// Refuses the upper unless `record`, now tagged as the binding says, is still the image
@@ -244,7 +244,7 @@ impl Upper {
 
     /// Makes what a guest wrote durable on the host (QEMU writes through the page cache).
     pub fn sync(&self) -> Result<(), UpperError> {
-        self._lock.sync_all().map_err(|source| UpperError::Io { path: self.path.clone(), source })
+        self.file.sync_all().map_err(|source| UpperError::Io { path: self.path.clone(), source })
     }
 }
 
