@@ -1,6 +1,6 @@
 //! `vmrootfs guest-tar DIR`, run in `commit`'s guest (see [`crate::commit`]): writes the
 //! overlayfs upper directory DIR to stdout as an OCI layer tar, in the crate's own pax form
-//! ([`crate::layer::pax`]).
+//! (`layer::pax`, the tar every layer is normalized into).
 //!
 //! What overlayfs keeps in an upper becomes what the OCI layer format says: a whiteout (a
 //! character device 0:0) becomes an empty `.wh.NAME`, an opaque directory
