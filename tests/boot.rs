@@ -266,22 +266,6 @@ fn run_ends_a_hung_guest_at_the_timeout() {
     assert!(started.elapsed() < std::time::Duration::from_secs(60), "ended near the timeout");
 }
 
-/// A store holding the small busybox image as `bb`.
-fn busybox_store(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = scratch(name);
-    let store = dir.path().join("store");
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
-    let (ok, _, err) = run(vmrootfs(&store).args([
-        "-q",
-        "build",
-        &format!("oci-archive:{}:busybox", demo.display()),
-        "--tag",
-        "bb",
-    ]));
-    assert!(ok, "{err}");
-    (dir, store)
-}
-
 /// A child process killed and reaped when dropped, so a failing test leaves none behind.
 struct Reaped(std::process::Child);
 

@@ -249,17 +249,7 @@ fn hostile_guest(path: &Path, tar: &[u8]) {
 /// refused one and the store's staging is left empty.
 #[test]
 fn a_hostile_commit_guest_gets_a_clean_error_or_a_contained_layer() {
-    let dir = scratch("upper-hostile");
-    let store = dir.path().join("store");
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
-    let (ok, _, err) = run(vmrootfs(&store).args([
-        "-q",
-        "build",
-        &format!("oci-archive:{}:busybox", demo.display()),
-        "--tag",
-        "bb",
-    ]));
-    assert!(ok, "build: {err}");
+    let (dir, store) = busybox_store("upper-hostile");
     let upper = dir.path().join("up.ext4");
     run_ok(
         &store,
@@ -331,17 +321,7 @@ fn a_hostile_commit_guest_gets_a_clean_error_or_a_contained_layer() {
 /// commit has its lock) is refused at once; a file that is not an upper is refused.
 #[test]
 fn an_upper_is_bound_to_its_image_and_locked_while_used() {
-    let dir = scratch("upper-bound");
-    let store = dir.path().join("store");
-    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/busybox.oci.tar");
-    let (ok, _, err) = run(vmrootfs(&store).args([
-        "-q",
-        "build",
-        &format!("oci-archive:{}:busybox", demo.display()),
-        "--tag",
-        "bb",
-    ]));
-    assert!(ok, "build: {err}");
+    let (dir, store) = busybox_store("upper-bound");
     let layout = dir.path().join("other");
     oci_layout(&layout, "t", &[Layer::gzip(&[fixture::dir("bin", 0o755), file("bin/x", "x")])]);
     let (ok, _, err) =
