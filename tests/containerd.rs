@@ -764,3 +764,65 @@ fn containerd_2_1_runs_the_oci_form_push_with_the_overlayfs_snapshotter() {
     let left = containerd.stop();
     assert!(left.is_empty(), "containerd left behind: {left:?}");
 }
+
+/// What the commit guest changes in the busybox image: `/etc/motd` replaced, one command of
+/// `/bin` deleted (a whiteout), a new directory with a setuid file, a symlink and a hardlink.
+const COMMIT_CHANGES: &str = "echo committed motd > /etc/motd && rm /bin/$(ls /bin | grep -vx busybox | head -n1) \
+    && mkdir -p /srv/app && echo data > /srv/app/f && chmod 4755 /srv/app/f \
+    && ln -s f /srv/app/link && ln /srv/app/f /srv/app/hard";
+
+/// Must-show (issue 20, 2): an image made by `run --upper` + `commit` and pushed with
+/// `push --format oci` to a registry is a standard OCI image: skopeo copies it back and
+/// `umoci unpack` gives the tree of vmrootfs's own blob stack of the committed image, and
+/// containerd 2.1 (overlayfs snapshotter, the tar layers applied by its differ) runs it,
+/// printing what `vmrootfs run` of the committed image prints.
+#[test]
+fn a_committed_image_pushed_in_oci_form_unpacks_and_runs_in_containerd_2_1() {
+    let (dir, store) = busybox_store("ctd-commit");
+    let upper = dir.path().join("up.ext4");
+    let (ok, _, err) = run(vmrootfs(&store)
+        .args(["-q", "run", "bb", "--timeout", "240", "--upper"])
+        .arg(&upper)
+        .args(["--", "sh", "-c", COMMIT_CHANGES]));
+    assert!(ok, "run --upper: {err}");
+    let (ok, out, err) =
+        run(vmrootfs(&store).args(["-q", "commit", "--upper"]).arg(&upper).args(["--tag", "bb-1", "--json"]));
+    assert!(ok, "commit: {err}");
+    let lowers = lowers_of(&serde_json::from_str(&out).expect("commit --json prints JSON"));
+    assert_eq!(lowers.len(), 3, "busybox's two layers and the committed one");
+
+    let base = vmrootfs_run_probe(&store, "bb");
+    let want = vmrootfs_run_probe(&store, "bb-1");
+    eprintln!("vmrootfs run bb-1 -- sh -c PROBE:\n{want}");
+    assert!(want.starts_with("committed motd\n"), "{want}");
+    let count = |probe: &str| probe.lines().last().unwrap().trim().parse::<u32>().unwrap();
+    assert_eq!(count(&want) + 1, count(&base), "one command of /bin whited out");
+
+    let reg = Registry::start(None);
+    let reference = format!("{}/lab/bb:committed", reg.addr);
+    let (ok, _, err) = run(vmrootfs(&store).args(["push", "bb-1", &reference, "--format", "oci"]));
+    assert!(ok, "push --format oci: {err}");
+
+    // skopeo + umoci (tar layers applied in order) against vmrootfs's blob stack.
+    let rootfs = skopeo_umoci(&format!("docker://{reference}"), &dir.path().join("pulled"));
+    let stack = MountedStack::mount(&lowers);
+    let diffs = treediff::diff_trees(stack.root(), &rootfs);
+    assert!(diffs.is_empty(), "umoci unpack of the pushed OCI form differs:\n{}", diffs.join("\n"));
+    let app = rootfs.join("srv/app");
+    assert_eq!(fs_err::read_to_string(app.join("f")).unwrap(), "data\n");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&fs_err::metadata(app.join("f")).unwrap().permissions())
+            & 0o7777,
+        0o4755
+    );
+    assert_eq!(fs_err::read_link(app.join("link")).unwrap(), Path::new("f"));
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs_err::metadata(p).unwrap());
+    assert_eq!(ino(&app.join("f")), ino(&app.join("hard")), "the hardlink kept");
+
+    let mut containerd = Containerd::start();
+    ctr_pull(&containerd, &["--local", "--snapshotter", "overlayfs"], &reference);
+    let got = ctr_run_probe(&containerd, "overlayfs", &reference, "committed-probe");
+    assert_eq!(got, want, "ctr run prints what vmrootfs run prints");
+    let left = containerd.stop();
+    assert!(left.is_empty(), "containerd left behind: {left:?}");
+}

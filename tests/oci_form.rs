@@ -42,23 +42,6 @@ fn push_oci_fails(store: &Path, tag: &str, dest: &str) -> String {
     err
 }
 
-/// `skopeo copy SRC oci:<dir>/layout:t`, then `umoci unpack` of it: the rootfs.
-fn skopeo_umoci(src: &str, dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let layout = dir.join("layout");
-    let (ok, _, err) = run(Command::new("skopeo")
-        .args(["copy", "-q", "--src-tls-verify=false", src])
-        .arg(format!("oci:{}:t", layout.display())));
-    assert!(ok, "skopeo copy {src}: {err}");
-    let bundle = dir.join("bundle");
-    let (ok, _, err) = run(Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:t", layout.display()))
-        .arg(&bundle));
-    assert!(ok, "umoci unpack of {src}: {err}");
-    bundle.join("rootfs")
-}
-
 fn assert_same_tree(what: &str, expected: &Path, actual: &Path) {
     let diffs = diff_trees(expected, actual);
     assert!(
