@@ -486,7 +486,6 @@ pub(super) fn write_record(
 pub(super) fn write_lazy(
     store: &Store,
     reference: &str,
-    config: &RuntimeConfig,
     image: &crate::lazy::LazyImage,
     socket: &Path,
     dir: &Path,
@@ -498,7 +497,7 @@ pub(super) fn write_lazy(
             DriveFormat::Nbd,
         )
     };
-    write_lazy_drives(store, reference, config, image, nbd, dir, opts)
+    write_lazy_drives(store, reference, image, nbd, dir, opts)
 }
 
 /// The kit of `vmrootfs serve --lazy`: lower `i` is the file `served/lower<i>` of the
@@ -511,17 +510,15 @@ pub(crate) fn write_lazy_served(
     dir: &Path,
     opts: &KitOptions,
 ) -> Result<Kit, VmError> {
-    let config = RuntimeConfig::from(&image.image().config);
     let file = |i: usize| (served.join(lower_name(i)), DriveFormat::Raw);
-    fs_err::create_dir_all(dir).map_err(|source| VmError::Io { path: dir.to_owned(), source })?;
-    write_lazy_drives(store, reference, &config, image, file, dir, opts)
+    write_lazy_drives(store, reference, image, file, dir, opts)
 }
 
-/// The kit of a lazy image whose lower `i` is attached as `drive(i)`.
+/// The kit of a lazy image whose lower `i` is attached as `drive(i)`, in `dir` (made if
+/// missing); the process from the image's config.
 fn write_lazy_drives(
     store: &Store,
     reference: &str,
-    config: &RuntimeConfig,
     image: &crate::lazy::LazyImage,
     drive: impl Fn(usize) -> (PathBuf, DriveFormat),
     dir: &Path,
@@ -547,8 +544,10 @@ fn write_lazy_drives(
             }
         })
         .collect();
+    fs_err::create_dir_all(dir).map_err(|source| VmError::Io { path: dir.to_owned(), source })?;
     let dir = std::path::absolute(dir).map_err(|source| VmError::Io { path: dir.to_owned(), source })?;
-    write_drives(store, reference, config, Drives::Lowers(lowers), &dir, opts)
+    let config = RuntimeConfig::from(&image.image().config);
+    write_drives(store, reference, &config, Drives::Lowers(lowers), &dir, opts)
 }
 
 /// Writes the kit of `drives` into `dir` (absolute, existing).

@@ -493,8 +493,7 @@ pub fn run_lazy(
         // An upper is bound to a stored image: `--upper` with `--lazy` is refused by the CLI.
         upper: None,
     };
-    let config = crate::record::RuntimeConfig::from(&image.image().config);
-    let kit = kit::write_lazy(store, reference, &config, &image, &socket, staging.path(), &kit_opts)?;
+    let kit = kit::write_lazy(store, reference, &image, &socket, staging.path(), &kit_opts)?;
     let booted = boot(&kit, staging.path(), opts.timeout, out, err);
     server.stop();
     let fetched = image.fetched_bytes();
