@@ -4,18 +4,23 @@
 //! 1. A short guest boot reads the upper: the host never mounts it (a guest wrote it). The
 //!    guest's initramfs holds the host's own vmrootfs (symbols stripped) and runs
 //!    `vmrootfs guest-tar` ([`crate::upper::guest_tar`]) over the upper's `upper/`, the drive
-//!    attached read-only; the tar comes out on the stdout port, the status on its own port.
+//!    attached read-only; its tar comes out on the stdout port, the status on its own port.
 //!    vmrootfs rather than busybox `tar`: busybox drops xattrs and knows no whiteouts.
-//! 2. On the host the tar is compressed (gzip) into the run's staging directory as it comes,
-//!    hashing both forms on the way: the layer's DiffID and its blob digest.
+//!    File data is not copied through the emulated guest but named: the guest lists where
+//!    each file's bytes lie on the upper drive ([`crate::upper::extent_tar`]).
+//! 2. On the host that listing becomes the layer's tar, each named range read from the upper
+//!    file (checked to lie in it), hashed on the way (its DiffID). The layer is kept
+//!    uncompressed (`application/vnd.oci.image.layer.v1.tar`, which every runtime takes):
+//!    commit does no compression work (gzip cost a second on 100 MB of random bytes and saved
+//!    nothing), and the blob's digest is its DiffID.
 //! 3. A new image is built like any other ([`crate::Builder`]) from a source made here: the
 //!    base image's manifest and config with the new layer appended (a new `rootfs.diff_ids`
 //!    entry and a history entry), its layers already stored, the new one read from the
-//!    compressed tar through the same digest checks, normalizer and safety checks as any
+//!    tar through the same digest checks, normalizer and safety checks as any
 //!    layer, into a blob of the base's filesystem (`--merge` and `--verity` as the base was
-//!    built). The compressed tar and the new config and manifest are kept in the store's OCI
-//!    area ([`crate::Store::put_oci_blob`]) for the push in OCI form; the record's `source` stays the
-//!    base's, where the base layers' tars are.
+//!    built). The tar (moved, not copied) and the new config and manifest are kept in the
+//!    store's OCI area ([`crate::Store::put_oci_blob`]) for the push in OCI form; the
+//!    record's `source` stays the base's, where the base layers' tars are.
 //!
 //! A committed image is an image like any other: `run --upper` over it and `commit` again.
 
@@ -56,7 +61,16 @@ pub enum CommitError {
         /// guest-tar's exit status; none if `/init` failed before it ran.
         status: Option<i32>,
     },
-    /// Writing the compressed layer failed.
+    /// The guest's stream names data the host does not take (see [`crate::upper::extent_tar`]).
+    #[error("the guest's listing of the upper {upper}")]
+    Resolve {
+        /// The upper.
+        upper: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: crate::upper::extent_tar::ResolveError,
+    },
+    /// Writing the layer's tar failed.
     #[error("{path}")]
     Io {
         /// The file.
@@ -115,16 +129,14 @@ pub struct CommitOptions {
     pub max_layer_bytes: u64,
 }
 
-/// The committed layer's tar, gzip'd, in the staging directory, with its digests.
+/// The committed layer's tar (staged, then in the store's OCI area) and its digest: the blob
+/// is the tar itself, uncompressed, so its digest is its DiffID.
 struct CommittedTar {
     path: PathBuf,
-    /// sha256 of the compressed blob.
-    digest: Digest,
-    size: u64,
     /// sha256 of the tar.
     diff_id: Digest,
     /// Bytes of the tar.
-    tar_size: u64,
+    size: u64,
 }
 
 /// Commits the upper at `upper` as a new layer over its image; records the new image as
@@ -149,11 +161,13 @@ pub fn commit(
     upper.check_base(base.as_ref()).map_err(Box::new)?;
     let base = base.expect("check_base refuses a missing base");
     let staging = store.staging("commit-")?;
-    let tar = read_upper(store, &upper, &base, staging.path(), opts)?;
+    let mut tar = read_upper(store, &upper, &base, staging.path(), opts)?;
+    // Kept before the record that names it is written, under the store lock (gc waits).
+    store.adopt_oci_file(&tar.path, &tar.diff_id, tar.size)?;
+    tar.path = store.oci_blob_path(&tar.diff_id)?;
     reporter.line(&format!(
-        "{}: the upper's changes are a layer of {} bytes ({} compressed), DiffID {}",
+        "{}: the upper's changes are a layer of {} bytes, DiffID {}",
         upper.path().display(),
-        tar.tar_size,
         tar.size,
         tar.diff_id
     ));
@@ -169,16 +183,15 @@ pub fn commit(
         registry: Default::default(),
         use_converted: false,
     };
-    // Kept before the record that names them is written, under the store lock (gc waits).
-    keep_oci_blobs(store, &source, &tar)?;
+    keep_oci_json(store, &source)?;
     let builder = Builder::new(store.clone(), build_opts)?;
     // The store lock taken above is shared: the build's own shared lock does not wait for it.
     let spec = format!("commit of {}", upper.path().display());
     Ok(builder.build_from(&source, &spec, Some(&opts.tag), reporter)?)
 }
 
-/// Boots the commit guest over the upper and writes what it streams into a gzip'd tar in
-/// `staging`, hashing the tar and the compressed bytes on the way.
+/// Boots the commit guest over the upper and makes what it lists the layer's tar in
+/// `staging`, hashing it on the way.
 fn read_upper(
     store: &Store,
     upper: &Upper,
@@ -198,36 +211,46 @@ fn read_upper(
     let kit_dir = staging.join("kit");
     let kit = kit::write_commit(store, &base.tag, upper.path(), &opts.guest_binary, &kit_dir, &kit_opts)
         .map_err(Box::new)?;
-    let path = staging.join("layer.tar.gz");
-    let io = |source| CommitError::Io { path: path.clone(), source };
-    let file = fs_err::File::create(&path).map_err(io)?;
-    let compressed = crate::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
-    let gz = flate2::write::GzEncoder::new(compressed, flate2::Compression::fast());
-    let mut tar = crate::digest::HashingWriter::new(gz);
+    // The guest's stream is small: file data comes as extents of the upper (see
+    // `upper::extent_tar`), read from the upper file once the guest is gone.
+    let guest_path = staging.join("guest.tar");
+    let guest_io = |source| CommitError::Io { path: guest_path.clone(), source };
+    let mut guest_tar =
+        std::io::BufWriter::new(fs_err::File::create(&guest_path).map_err(guest_io)?.into_parts().0);
     let started = std::time::Instant::now();
     // The guest's stderr (guest-tar's and /init's complaints) is shown as it comes.
-    let (status, _) =
-        crate::vm::boot(&kit, &kit_dir, opts.timeout, &mut tar, &mut std::io::stderr()).map_err(Box::new)?;
+    let (status, _) = crate::vm::boot(&kit, &kit_dir, opts.timeout, &mut guest_tar, &mut std::io::stderr())
+        .map_err(Box::new)?;
     if status.code != Some(0) {
         return Err(CommitError::GuestTar { upper: upper.path().to_owned(), status: status.code });
     }
-    let (diff_id, tar_size, gz) = tar.finish();
-    let compressed = gz.finish().map_err(io)?;
-    let (digest, size, mut file) = compressed.finish();
-    file.flush().map_err(io)?;
+    guest_tar.flush().map_err(guest_io)?;
     crate::progress::debug(&format!(
-        "the guest booted and streamed the upper ({tar_size} bytes of tar) in {:.2}s",
+        "the guest booted and listed the upper in {:.2}s",
         started.elapsed().as_secs_f64()
     ));
-    Ok(CommittedTar { path, digest, size, diff_id, tar_size })
+    let started = std::time::Instant::now();
+    let path = staging.join("layer.tar");
+    let io = |source| CommitError::Io { path: path.clone(), source };
+    let file = fs_err::File::create(&path).map_err(io)?.into_parts().0;
+    let mut tar = crate::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
+    let listing =
+        std::io::BufReader::with_capacity(1 << 20, fs_err::File::open(&guest_path).map_err(guest_io)?);
+    crate::upper::extent_tar::resolve(listing, upper.file(), &mut tar)
+        .map_err(|e| CommitError::Resolve { upper: upper.path().to_owned(), source: e })?;
+    let (diff_id, size, file) = tar.finish();
+    file.into_inner().map_err(|e| io(e.into_error()))?;
+    crate::progress::debug(&format!(
+        "the layer's tar ({size} bytes) written in {:.2}s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(CommittedTar { path, diff_id, size })
 }
 
-/// Keeps the committed layer's compressed tar, and the new image's config and manifest, in
-/// the store's OCI area: what `push` in OCI form publishes for the new layer.
-fn keep_oci_blobs(store: &Store, source: &CommitSource, tar: &CommittedTar) -> Result<(), CommitError> {
-    let file =
-        fs_err::File::open(&tar.path).map_err(|source| CommitError::Io { path: tar.path.clone(), source })?;
-    store.put_oci_blob(file, Some(&tar.digest))?;
+/// Keeps the new image's config and manifest in the store's OCI area, beside the committed
+/// layer: what `push` in OCI form publishes. Kept before the record that names them is
+/// written, under the store lock (gc waits).
+fn keep_oci_json(store: &Store, source: &CommitSource) -> Result<(), CommitError> {
     store.put_oci_bytes(&source.image.config_bytes, Some(&source.image.config_digest))?;
     if let Some(manifest) = &source.image.manifest_bytes {
         store.put_oci_bytes(manifest, Some(&source.image.manifest_digest))?;
@@ -244,14 +267,14 @@ struct CommitSource {
     tar: PathBuf,
 }
 
-/// Media types of the committed layer and of the new config, as the base manifest's kind has them.
+/// Media types of the committed layer (an uncompressed tar) and of the new config, as the
+/// base manifest's kind has them.
 fn media_types(manifest_media_type: Option<&str>) -> (&'static str, &'static str) {
     match manifest_media_type {
-        Some("application/vnd.docker.distribution.manifest.v2+json") => (
-            "application/vnd.docker.image.rootfs.diff.tar.gzip",
-            "application/vnd.docker.container.image.v1+json",
-        ),
-        _ => ("application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.oci.image.config.v1+json"),
+        Some("application/vnd.docker.distribution.manifest.v2+json") => {
+            ("application/vnd.docker.image.rootfs.diff.tar", "application/vnd.docker.container.image.v1+json")
+        }
+        _ => ("application/vnd.oci.image.layer.v1.tar", "application/vnd.oci.image.config.v1+json"),
     }
 }
 
@@ -311,7 +334,7 @@ impl CommitSource {
             "mediaType": config_type, "digest": config_digest.to_string(), "size": config_bytes.len(),
         });
         let new_layer = serde_json::json!({
-            "mediaType": layer_type, "digest": tar.digest.to_string(), "size": tar.size,
+            "mediaType": layer_type, "digest": tar.diff_id.to_string(), "size": tar.size,
         });
         let layers = manifest
             .get_mut("layers")
@@ -334,7 +357,7 @@ impl CommitSource {
             .map(|(l, lower)| described(l, lower))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(not_the_records)?;
-        refs.push(LayerRef::described(layer_type.to_string(), tar.digest.clone(), tar.size));
+        refs.push(LayerRef::described(layer_type.to_string(), tar.diff_id.clone(), tar.size));
         layers.push(new_layer);
         let manifest_bytes = serde_json::to_vec(&manifest).expect("a JSON value serializes");
         let manifest_digest = crate::digest::sha256_of(&manifest_bytes);

@@ -113,7 +113,7 @@ enum Command {
     /// the `sha256-<hex>` fallback tag; see `build --use-converted`). ext4 images are refused.
     ///
     /// --format oci publishes the image as docker, podman and containerd run it: its
-    /// original compressed tar layers (a committed layer from the store, the others from the
+    /// original tar layers (a committed layer from the store, the others from the
     /// source the image was built from, read at the recorded manifest digest), its config and
     /// manifest, every byte checked against the digests the record names. To the source's own
     /// registry, layers are mounted from the source repository (no bytes move); elsewhere
@@ -277,10 +277,11 @@ enum Command {
     /// The new image is the upper's image with one more layer: the upper's changes, as an
     /// OCI layer (overlayfs whiteouts become .wh. entries, opaque directories .wh..wh..opq,
     /// everything else kept with owners, modes, xattrs, devices, hardlinks and mtimes). A
-    /// short guest boot reads the upper (the host never mounts it) and streams it out as a
-    /// tar; the host puts it through the same checks as any layer and stores it as a blob of
-    /// the base's filesystem (with --merge and --verity as the base was built). The new
-    /// config has the new DiffID and a history entry; the layer's tar.gz, the config and the
+    /// short guest boot reads the upper (the host never mounts it) and lists it as a tar whose
+    /// file data the host reads from the upper file where the guest says it lies; the host
+    /// puts it through the same checks as any layer and stores it as a blob of the base's
+    /// filesystem (with --merge and --verity as the base was built). The new config has the
+    /// new DiffID and a history entry; the layer's tar (uncompressed), the config and the
     /// manifest are kept for `push` in OCI form. The upper is not changed: commit again after
     /// more runs, or `run NEW --upper OTHER` to build on the new image. Examples:
     ///   vmrootfs run debian --upper work.ext4 -- sh -c 'echo hi > /etc/motd'
@@ -316,7 +317,12 @@ enum Command {
     },
     /// Write the upper directory DIR to stdout as a layer tar (commit's guest runs this)
     #[command(hide = true)]
-    GuestTar { dir: PathBuf },
+    GuestTar {
+        dir: PathBuf,
+        /// Name regular files' data by where it lies on the upper drive instead of copying it
+        #[arg(long)]
+        extents: bool,
+    },
     /// Write what a microVM runtime needs to boot a stored image into DIR
     ///
     /// DIR gets: vmlinux (the kernel, uncompressed, from the newest /boot/vmlinuz-* or
@@ -806,9 +812,9 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 println!("{} {} ({} layers)", r.tag, r.manifest_digest, r.lowers.len());
             }
         }
-        Command::GuestTar { dir } => {
+        Command::GuestTar { dir, extents } => {
             let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-            vmrootfs::upper::guest_tar::write_upper(&dir, out)?;
+            vmrootfs::upper::guest_tar::write_upper(&dir, out, extents)?;
         }
         Command::Verify { tags, json } => {
             let bad = open_store(cli.store)?.verify(&tags)?;

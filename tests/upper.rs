@@ -242,8 +242,18 @@ fn hostile_guest(path: &Path, tar: &[u8]) {
     fs_err::write(path, format!("#!/bin/sh\nbase64 -d <<'EOF'\n{}\nEOF\n", lines.join("\n"))).unwrap();
 }
 
+/// An entry as `guest-tar --extents` writes a file: no data, its bytes named on the upper.
+fn extents_file(path: &str, extents: &str, data: &str) -> Entry {
+    Entry::PaxFile {
+        path: path.as_bytes().to_vec(),
+        data: data.as_bytes().to_vec(),
+        pax: vec![("VMROOTFS.extents".into(), extents.as_bytes().to_vec())],
+    }
+}
+
 /// A commit guest that writes a crafted tar (a symlink out of the root and a file through it,
-/// hardlinks to host files, a whiteout name with `/`, `..` and absolute paths) gets a clean
+/// hardlinks to host files, a whiteout name with `/`, `..` and absolute paths, extents outside
+/// the upper) gets a clean
 /// error naming the entry, or a layer that holds the entry inside its own tree: nothing is
 /// written outside the store, no host file is read into the layer, nothing is recorded for a
 /// refused one and the store's staging is left empty.
@@ -276,6 +286,10 @@ fn a_hostile_commit_guest_gets_a_clean_error_or_a_contained_layer() {
         ("a whiteout name with a slash", vec![fixture::dir("etc", 0o755), file("etc/.wh.x/y", "")]),
         ("a path up and out", vec![file(&format!("{up}/dotdot"), "x")]),
         ("an absolute path", vec![file(&format!("{o}/abs"), "x")]),
+        // Extent references (what `guest-tar --extents` writes): the host reads only the upper.
+        ("extents past the upper's end", vec![extents_file("big", "4096 0:1099511627776:4096", "")]),
+        ("extents of the upper's own first block", vec![extents_file("sb", "4096 0:0:4096", "")]),
+        ("extents on an entry with data", vec![extents_file("data", "3 0:0:3", "abc")]),
     ];
     for (i, (what, entries)) in cases.iter().enumerate() {
         let program = dir.path().join(format!("hostile-{i}.sh"));

@@ -9,7 +9,7 @@ use std::io::{self, Write};
 
 use super::meta::EntryMeta;
 
-const BLOCK: usize = 512;
+pub(crate) const BLOCK: usize = 512;
 
 /// What an entry is, as written to the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,18 @@ impl<W: Write> TarWriter<W> {
     /// Writes one entry's headers. `path` is a layer path (`b""` is the root, written `./`).
     /// A regular file's data must follow through [`TarWriter::data`] and [`TarWriter::pad`].
     pub fn header(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> io::Result<()> {
+        self.header_with_records(path, kind, meta, &[])
+    }
+
+    /// [`TarWriter::header`] with `extra` pax records (a vendor's `KEY=VALUE`s) after the
+    /// entry's own.
+    pub fn header_with_records(
+        &mut self,
+        path: &[u8],
+        kind: TarKind<'_>,
+        meta: &EntryMeta,
+        extra: &[(&[u8], &[u8])],
+    ) -> io::Result<()> {
         let name: Vec<u8> = match (path.is_empty(), kind) {
             (true, _) => b"./".to_vec(),
             (false, TarKind::Dir) => [path, b"/"].concat(),
@@ -94,6 +106,9 @@ impl<W: Write> TarWriter<W> {
         }
         for (k, v) in &meta.xattrs {
             record(&mut pax, &[b"SCHILY.xattr.", k.as_slice()].concat(), v);
+        }
+        for (k, v) in extra {
+            record(&mut pax, k, v);
         }
         if !pax.is_empty() {
             let mut h = ustar(b"././@PaxHeader", b'x', 0o644, 0, 0, 0, pax.len() as u64, b"", (0, 0));
@@ -145,7 +160,7 @@ fn pax_time(sec: i64, nsec: u32) -> String {
 }
 
 /// Appends one pax record, `"<len> <key>=<value>\n"`, where `<len>` counts the whole record.
-fn record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+pub(crate) fn record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     let body = key.len() + value.len() + 3; // ' ', '=', '\n'
     let mut len = body + 1;
     while len != body + len.to_string().len() {
@@ -193,14 +208,14 @@ fn copy_trunc(field: &mut [u8], value: &[u8]) {
 }
 
 /// Zero-padded octal with a terminating NUL, filling the field.
-fn octal(field: &mut [u8], value: u64) {
+pub(crate) fn octal(field: &mut [u8], value: u64) {
     let digits = field.len() - 1;
     let s = format!("{value:0digits$o}");
     field[..digits].copy_from_slice(&s.as_bytes()[s.len() - digits..]);
     field[digits] = 0;
 }
 
-fn checksum(h: &mut [u8; BLOCK]) {
+pub(crate) fn checksum(h: &mut [u8; BLOCK]) {
     h[148..156].fill(b' ');
     let sum: u32 = h.iter().map(|&b| b as u32).sum();
     let s = format!("{sum:06o}\0 ");

@@ -29,7 +29,7 @@
 //!   sources/<sha256 hex>.json           a source manifest or config, as the source served
 //!                                       it, kept for `push` while a record names it
 //!   oci/sha256/<sha256 hex>             OCI blobs vmrootfs authored or keeps (a committed
-//!                                       layer's tar.gz, a new image's config and manifest),
+//!                                       layer's tar, a new image's config and manifest),
 //!                                       read-only, kept while a record names them (oci.rs)
 //!   vm/                                 `run`'s cache, rebuilt on demand, emptied by gc
 //!     vmlinux-<bzImage sha256 hex>      the kernel unpacked to its ELF, keyed by content

@@ -1,5 +1,5 @@
 //! The store's OCI area, `oci/sha256/<hex>`: OCI blobs vmrootfs authored or must keep to push
-//! an image in standard OCI form — a committed layer's compressed tar, a new image's config
+//! an image in standard OCI form — a committed layer's tar, a new image's config
 //! JSON and manifest — content-addressed by their sha256.
 //!
 //! - **Put** ([`Store::put_oci_blob`]) streams a reader into `tmp/`, hashing on the way,
@@ -7,6 +7,8 @@
 //!   (fsync, `0444`, directory fsync). A blob already there with the same size is kept ("already
 //!   exists" is success); one of another size is damaged, and the verified bytes replace it:
 //!   the name is the digest, so only those bytes belong under it.
+//!   A file this process staged in `tmp/` and hashed as it wrote it (a committed layer's tar)
+//!   is *adopted* instead: moved into place the same way, not copied.
 //! - **Open** ([`Store::open_oci_blob`]) gives a reader that hashes what it reads and fails at
 //!   the end of the bytes, before reporting the end, when they are not the digest (or the
 //!   size) asked for: a consumer streaming it to a registry or a file never sees a clean end of
@@ -21,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use oci_spec::image::{Digest, Sha256Digest};
 use sha2::{Digest as _, Sha256};
@@ -136,6 +138,30 @@ impl Store {
         tmp.persist(&dest).map_err(|e| StoreError::Io { path: dest.clone(), source: e.error })?;
         sync_dir(dest.parent().expect("oci/sha256"))?;
         Ok(OciBlob { digest: found, size })
+    }
+
+    /// Publishes `file`, written by this process in a [`Store::staging`] directory and hashed
+    /// as it was written, as the OCI blob `digest` of `size` bytes: moved, not copied (a
+    /// committed layer is 100 MB that were just hashed). The caller holds the store lock
+    /// shared.
+    pub(crate) fn adopt_oci_file(
+        &self,
+        file: &Path,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<OciBlob, StoreError> {
+        self.require_writable()?;
+        let dest = self.oci_blob_path(digest)?;
+        if fs_err::metadata(&dest).is_ok_and(|m| m.len() == size) {
+            return Ok(OciBlob { digest: digest.clone(), size });
+        }
+        create_dir(dest.parent().expect("oci/sha256"))?;
+        let staged = fs_err::File::open(file).map_err(io_at(file))?;
+        staged.set_permissions(std::fs::Permissions::from_mode(BLOB_MODE)).map_err(io_at(file))?;
+        staged.sync_all().map_err(io_at(file))?;
+        fs_err::rename(file, &dest).map_err(io_at(&dest))?;
+        sync_dir(dest.parent().expect("oci/sha256"))?;
+        Ok(OciBlob { digest: digest.clone(), size })
     }
 
     /// [`Store::put_oci_blob`] of bytes in memory (a config, a manifest).

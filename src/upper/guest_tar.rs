@@ -11,6 +11,9 @@
 //! without them, so one is a crafted upper. Sockets cannot be in a tar and are left out, said
 //! on stderr.
 //!
+//! With `extents`, a regular file's data is not copied but named: where it lies on the upper
+//! drive ([`super::extent_tar`]); the host reads it from the upper file.
+//!
 //! The host trusts none of this: the tar goes through the same normalizer and checks as any
 //! layer (see [`crate::commit`]).
 
@@ -105,9 +108,10 @@ pub enum GuestTarError {
     },
 }
 
-/// Writes the upper directory `root` to `out` as a layer tar.
-pub fn write_upper(root: &Path, out: impl Write) -> Result<(), GuestTarError> {
-    let mut w = Walk { tar: TarWriter::new(out), links: HashMap::new(), buf: vec![0; 1 << 20] };
+/// Writes the upper directory `root` to `out` as a layer tar; with `extents`, regular files
+/// whose data ext4 keeps in plain blocks as extent references ([`super::extent_tar`]).
+pub fn write_upper(root: &Path, out: impl Write, extents: bool) -> Result<(), GuestTarError> {
+    let mut w = Walk { tar: TarWriter::new(out), links: HashMap::new(), buf: vec![0; 1 << 20], extents };
     w.dir(root, &[])?;
     w.tar.finish().map_err(|source| GuestTarError::Io { path: "-".into(), source })?;
     Ok(())
@@ -118,6 +122,8 @@ struct Walk<W: Write> {
     /// (device, inode) of files with more than one link → the layer path written first.
     links: HashMap<(u64, u64), Vec<u8>>,
     buf: Vec<u8>,
+    /// Name regular files' data by extents instead of copying it.
+    extents: bool,
 }
 
 impl<W: Write> Walk<W> {
@@ -223,8 +229,15 @@ impl<W: Write> Walk<W> {
             return self.tar.header(rel, kind, &meta).map_err(out);
         }
         let size = m.len();
-        self.tar.header(rel, TarKind::File { size }, &meta).map_err(out)?;
         let mut file = fs_err::File::open(path).map_err(io)?;
+        if self.extents
+            && let Some(extents) = super::extent_tar::file_extents(file.file(), size).map_err(io)?
+        {
+            let value = super::extent_tar::encode(size, &extents);
+            let named = [(super::extent_tar::EXTENTS_KEY, value.as_slice())];
+            return self.tar.header_with_records(rel, TarKind::File { size: 0 }, &meta, &named).map_err(out);
+        }
+        self.tar.header(rel, TarKind::File { size }, &meta).map_err(out)?;
         let mut left = size;
         while left > 0 {
             let want = self.buf.len().min(left as usize);
@@ -294,7 +307,7 @@ mod tests {
         fs_err::hard_link(root.join("etc/hosts"), root.join("etc/hosts2")).unwrap();
         std::os::unix::fs::symlink("../etc/hosts", root.join("link")).unwrap();
         let mut tar = Vec::new();
-        write_upper(root, &mut tar).unwrap();
+        write_upper(root, &mut tar, false).unwrap();
         let mut archive = tar::Archive::new(tar.as_slice());
         let entries: Vec<(String, tar::EntryType, String)> = archive
             .entries()

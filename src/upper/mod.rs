@@ -15,6 +15,7 @@
 //! While a guest uses the file, `run` and `commit` hold an exclusive `flock` on it: a second
 //! `run` or `commit` with the same file fails at once, saying so.
 
+pub mod extent_tar;
 pub mod guest_tar;
 
 use std::path::{Path, PathBuf};
@@ -235,6 +236,11 @@ impl Upper {
     /// The upper's file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open upper file (locked): where `commit` reads the data its guest names by extent.
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
     }
 
     /// The image it was made over.

@@ -127,12 +127,13 @@ echo "vmrootfs-init: drives in attach order:$found" >/dev/console
 disk() { eval "d=\$DRIVE_$1"; [ -b "$d" ] && echo "$d"; }
 if [ -n "$COMMIT" ]; then
   # `vmrootfs commit`: the upper alone, read-only; its upper/ goes out as a layer tar on the
-  # stdout port, written by the host's own vmrootfs (`guest-tar`), nothing else run.
+  # stdout port, written by the host's own vmrootfs (`guest-tar`), nothing else run; file
+  # data as extents of the drive, which the host reads from the upper file.
   dev=$(disk upper) || fail "no drive upper"
   mkdir -p /upper
   mount -t ext4 -o ro "$dev" /upper || fail "mount the upper ($dev) read-only: was its last guest ended cleanly?"
   echo VMROOTFS-BEGIN
-  /bin/vmrootfs guest-tar /upper/upper >&3 2>&4 3>&- 4>&- 5>&-
+  /bin/vmrootfs guest-tar --extents /upper/upper >&3 2>&4 3>&- 4>&- 5>&-
   code=$?
   exec 3>&- 4>&-
   umount /upper
