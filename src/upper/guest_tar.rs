@@ -230,7 +230,9 @@ impl<W: Write> Walk<W> {
         }
         let size = m.len();
         let mut file = fs_err::File::open(path).map_err(io)?;
+        // Only a size ustar can hold goes by extents (the host writes it into the header).
         if self.extents
+            && (1..=0o77777777777).contains(&size)
             && let Some(extents) = super::extent_tar::file_extents(file.file(), size).map_err(io)?
         {
             let value = super::extent_tar::encode(size, &extents);
