@@ -18,7 +18,7 @@ const LOCK_FILE_MODE: u32 = 0o644;
 /// A held lock; released when dropped (closing the file releases it).
 #[derive(Debug)]
 pub struct FileLock {
-    _file: File,
+    file: File,
 }
 
 impl FileLock {
@@ -52,7 +52,17 @@ impl FileLock {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(FileLock { _file: file })
+        Ok(FileLock { file })
+    }
+
+    /// Whether the locked file is still the one at `path`: one removed while we waited for
+    /// it (a finished lazy completion removes its cache, lock and all) locks nothing.
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(path)) {
+            (Ok(held), Ok(now)) => (held.dev(), held.ino()) == (now.dev(), now.ino()),
+            _ => false,
+        }
     }
 }
 

@@ -220,9 +220,14 @@ enum Command {
     /// tree (itself checked against the manifest's root digest) and kept in the store's
     /// lazy/ cache before the guest sees it. A block that fails is never served: the guest's
     /// read fails and run fails naming the layer. The rest arrives in the background
-    /// (--background-rate while the guest runs, reads first), then the blobs are stored and
-    /// the image recorded as REF, as `build REF` would. A killed run's cache is resumed by
-    /// the next one (or removed by gc). Images without verity or with zstd layers are refused.
+    /// (--background-rate while the guest runs, reads first). run exits with the command's
+    /// status when the command ends; a detached `vmrootfs lazy-complete` takes over the
+    /// cache, fetches the rest at full speed, stores the blobs and records the image as REF,
+    /// as `build REF` would (its log: lazy/complete-*.log in the store; --wait does it
+    /// before exiting instead). A later run of REF boots the recorded image, waiting for the
+    /// completion if one is under way; gc waits for it too. A killed run's or completer's
+    /// cache is resumed by the next one (or removed by gc). Images without verity or with
+    /// zstd layers are refused.
     ///
     /// Examples:
     ///   vmrootfs run busybox -- cat /etc/motd
@@ -260,6 +265,10 @@ enum Command {
         /// With --lazy: write what was fetched when to FILE (JSON: the bytes-fetched curve).
         #[arg(long, value_name = "FILE", requires = "lazy")]
         fetch_log: Option<PathBuf>,
+        /// With --lazy: fetch the rest, store and record the image before exiting, instead of
+        /// leaving that to a detached completer.
+        #[arg(long, requires = "lazy")]
+        wait: bool,
         #[command(flatten)]
         registry: RegistryArgs,
         /// The guest's writable layer, kept between runs: an ext4 file, made when missing.
@@ -315,6 +324,10 @@ enum Command {
         #[arg(long, hide = true, value_name = "PROGRAM")]
         guest_binary: Option<PathBuf>,
     },
+    /// Complete the lazy image REF after `run --lazy` (which starts this, the registry options
+    /// on stdin): fetch the rest, store the blobs, record REF
+    #[command(hide = true)]
+    LazyComplete { reference: String },
     /// Write the upper directory DIR to stdout as a layer tar (commit's guest runs this)
     #[command(hide = true)]
     GuestTar {
@@ -606,6 +619,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             squashed,
             merged,
             lazy,
+            wait,
             background_rate,
             fetch_log,
             registry,
@@ -626,8 +640,18 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             };
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
             let status = if lazy {
-                let lazy =
-                    vmrootfs::vm::LazyOptions { registry: registry.options()?, background_rate, fetch_log };
+                use vmrootfs::vm::Completion;
+                let completion = if wait {
+                    Completion::Wait
+                } else {
+                    Completion::Detached(std::env::current_exe().context("finding this program")?)
+                };
+                let lazy = vmrootfs::vm::LazyOptions {
+                    registry: registry.options()?,
+                    background_rate,
+                    fetch_log,
+                    completion,
+                };
                 vmrootfs::vm::run_lazy(&store, &tag, &opts, &lazy, &mut out, &mut err)?
             } else {
                 vmrootfs::vm::run(&store, &tag, &opts, &mut out, &mut err)?
@@ -811,6 +835,11 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 let r = &result.record;
                 println!("{} {} ({} layers)", r.tag, r.manifest_digest, r.lowers.len());
             }
+        }
+        Command::LazyComplete { reference } => {
+            let store = open_store(cli.store)?;
+            let reporter = vmrootfs::progress::Reporter::new();
+            vmrootfs::lazy::completer::run(&store, &reference, std::io::stdin().lock(), &reporter)?;
         }
         Command::GuestTar { dir, extents } => {
             let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());

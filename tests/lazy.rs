@@ -491,7 +491,35 @@ fn boot_lazy_real_image_then_a_flipped_byte_names_the_lower() {
     let (before, data) = (log["fetched_before_exit"].as_u64().unwrap(), log["data_bytes"].as_u64().unwrap());
     eprintln!("fetched before exit: {before} of {data} bytes");
     assert!(before > 0 && before < data / 2, "lazy: {before} of {data} bytes before the exit");
-    // Then the background completed it: the store holds what a plain pull stores.
+    // run exited when the command did: the rest is a detached completer's, which has not
+    // recorded the image yet (it has most of 250 MB still to fetch).
+    let completer: u32 = stderr
+        .split("completing in the background (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("run names no completer: {stderr}"));
+    let (ok, out, _) = run(cli(&store).args(["ls", "--json"]));
+    assert!(ok && out.trim() == "[]", "recorded before run exited: {out}");
+    // A second run meanwhile waits for the completion and boots the recorded image.
+    let second = cli(&store)
+        .args(["run", "--lazy", &reference, "--timeout", "400", "--", "sh", "-c", "echo second"])
+        .output()
+        .unwrap();
+    let (out2, err2) = (String::from_utf8_lossy(&second.stdout), String::from_utf8_lossy(&second.stderr));
+    assert!(second.status.success() && out2.trim() == "second", "second run: {out2}\n{err2}");
+    assert!(!err2.contains("lazy:"), "the second run booted the recorded image, not lazily: {err2}");
+    for _ in 0..600 {
+        if !Path::new(&format!("/proc/{completer}")).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!Path::new(&format!("/proc/{completer}")).exists(), "the completer {completer} is still running");
+    let logs: Vec<_> =
+        std::fs::read_dir(store.join("lazy")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(logs.is_empty(), "the completer left its caches or log: {logs:?}");
+    // The completion stored what a plain pull stores.
     let plain = dir.path().join("plain");
     let (ok, _, err) = run(cli(&plain).args(["-q", "build", &reference, "--tag", "deb"]));
     assert!(ok, "plain pull: {err}");
@@ -608,8 +636,12 @@ fn boot_lazy_killed_mid_fetch_then_rerun() {
     );
     let (ok, out, _) = run(cli(&store).args(["ls", "--json"]));
     assert!(ok && out.trim() == "[]", "nothing recorded by the killed run: {out}");
-    // The rerun resumes and completes: the command's status, the pulled bytes, a clean gc.
-    let out = cli(&store).args(["run", "--lazy", &reference, "--", "sh", "-c", "exit 5"]).output().unwrap();
+    // The rerun resumes and completes before exiting (--wait): the command's status, the
+    // pulled bytes, a clean gc.
+    let out = cli(&store)
+        .args(["run", "--lazy", &reference, "--wait", "--", "sh", "-c", "exit 5"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
     let (ok, out, err) = run(cli(&store).args(["inspect", &reference, "--json"]));
     assert!(ok, "inspect: {err}");

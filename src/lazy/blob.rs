@@ -112,8 +112,15 @@ impl LazyBlob {
         if hash_offset == 0 || !hash_offset.is_multiple_of(BLOCK_SIZE) || hash_offset >= size {
             return Err(LazyError::BadHashOffset { layer: digest, hash_offset, size });
         }
-        let lock = dir.join(".lock");
-        let lock = FileLock::exclusive(&lock).map_err(io(&lock))?;
+        let lock_path = dir.join(".lock");
+        let lock = loop {
+            fs_err::create_dir_all(&dir).map_err(io(&dir))?;
+            let lock = FileLock::exclusive(&lock_path).map_err(io(&lock_path))?;
+            // Waited for a completion that then removed the cache: make it anew.
+            if lock.is_at(&lock_path) {
+                break lock;
+            }
+        };
         let tree_name = dir.join("tree");
         let mut tree = Vec::new();
         registry

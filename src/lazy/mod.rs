@@ -22,6 +22,7 @@
 
 mod background;
 mod blob;
+pub mod completer;
 pub mod nbd;
 
 pub use background::Share;
@@ -167,6 +168,9 @@ pub enum LazyError {
     /// Publishing the completed blobs failed.
     #[error("publishing the completed blobs")]
     Publish(#[source] Box<crate::builder::BuildError>),
+    /// `lazy-complete` was not started as `run --lazy` starts it.
+    #[error("lazy-complete: {0} (it is started by `run --lazy`)")]
+    Completer(String),
 }
 
 use std::io;
@@ -397,6 +401,20 @@ impl LazyImage {
             b.remove_cache()?;
         }
         Ok(built)
+    }
+}
+
+impl LazyImage {
+    /// Removes the caches this opening made, unused: the image was recorded meanwhile (by the
+    /// completion of another run, whose caches' locks [`open`] waited for).
+    pub fn discard(mut self) -> Result<(), LazyError> {
+        if let Some(bg) = self.background.take() {
+            bg.stop()?;
+        }
+        for b in &self.blobs {
+            b.remove_cache()?;
+        }
+        Ok(())
     }
 }
 

@@ -67,7 +67,7 @@ pub fn is_download_error(e: &io::Error) -> bool {
 }
 
 /// How to reach registries (`--creds`, `--insecure-registry`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RegistryOptions {
     /// `USER:PASS` for every registry (else docker's config.json, else anonymous).
     pub creds: Option<(String, String)>,

@@ -411,6 +411,17 @@ pub(crate) fn boot(
     Ok((status, status_file))
 }
 
+/// How `run --lazy` completes the image once the command has exited.
+#[derive(Debug, Clone, Default)]
+pub enum Completion {
+    /// In this process, before [`run_lazy`] returns (`run --lazy --wait`).
+    #[default]
+    Wait,
+    /// In a detached `PROGRAM lazy-complete REF`, the CLI's own binary, which takes over the
+    /// caches while [`run_lazy`] returns (see [`crate::lazy::completer`]).
+    Detached(PathBuf),
+}
+
 /// Options of `run --lazy` besides [`RunOptions`].
 #[derive(Debug, Clone, Default)]
 pub struct LazyOptions {
@@ -420,6 +431,8 @@ pub struct LazyOptions {
     pub background_rate: u64,
     /// Where to write what was fetched when (JSON; the bytes-fetched curve), if anywhere.
     pub fetch_log: Option<PathBuf>,
+    /// Who completes the image after the command.
+    pub completion: Completion,
 }
 
 /// What `--fetch-log` writes.
@@ -438,9 +451,11 @@ struct FetchLog {
 /// Boots the EROFS image `reference` straight from its registry (pushed uncompressed with
 /// `--verity`), its lowers served by vmrootfs over NBD as the guest reads them
 /// ([`crate::lazy`]); runs the command like [`run`]. The rest of the layers arrives in the
-/// background within `lazy.background_rate`, at full speed once the command has exited; then
-/// the blobs are published and the image recorded as `reference`, as `build` would; a
-/// reference recorded already boots from the store, as [`run`] does. A block
+/// background within `lazy.background_rate`, at full speed once the command has exited (here,
+/// or in a detached completer that takes over: `lazy.completion`); then the blobs are
+/// published and the image recorded as `reference`, as `build` would; a reference recorded
+/// already boots from the store, as [`run`] does, and one being completed by another run's
+/// completer waits for it. A block
 /// the registry serves that fails verification fails the guest's read and the run, naming
 /// the lower. Holds the shared store lock throughout.
 pub fn run_lazy(
@@ -464,6 +479,11 @@ pub fn run_lazy(
     let _store_lock = store.lock_shared().map_err(VmError::from)?;
     Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2").map_err(VmError::from)?;
     let mut image = crate::lazy::open(store, reference, &lazy.registry, &crate::Platform::host())?;
+    // Opening waited for the caches held by another run's completion, which may have recorded it.
+    if store.get(reference).is_ok() {
+        image.discard()?;
+        return Ok(run(store, reference, opts, out, err)?);
+    }
     if image.lowers().len() > MICROVM_DRIVES {
         let e = VmError::TooManyLayers {
             tag: reference.to_string(),
@@ -499,7 +519,7 @@ pub fn run_lazy(
     let fetched = image.fetched_bytes();
     let exited_at = image.elapsed();
     crate::progress::info(&format!(
-        "lazy: {} of {} bytes ({:.1}%) fetched before the command exited; completing in the background",
+        "lazy: {} of {} bytes ({:.1}%) fetched before the command exited",
         fetched,
         image.data_bytes(),
         100.0 * fetched as f64 / image.data_bytes().max(1) as f64
@@ -527,7 +547,20 @@ pub fn run_lazy(
         return Err(VmError::BadStatus { path: staging.path().join("status"), found }.into());
     }
     let code = status.code.ok_or(VmError::GuestSetup)?;
-    image.complete(store, None, &crate::progress::Reporter::new())?;
+    match &lazy.completion {
+        Completion::Wait => {
+            image.complete(store, None, &crate::progress::Reporter::new())?;
+        }
+        Completion::Detached(program) => {
+            let handed = crate::lazy::completer::hand_over(store, reference, &lazy.registry, program, image)?;
+            if let Some(pid) = handed {
+                crate::progress::info(&format!(
+                    "lazy: the rest of {reference} is completing in the background (pid {pid}, log {})",
+                    crate::lazy::completer::log_path(store, reference).display()
+                ));
+            }
+        }
+    }
     Ok(code)
 }
 
