@@ -64,7 +64,7 @@ for img in deb big; do
 done
 
 {
-  echo "vmrootfs lazy-start bench — $(date -u +%FT%TZ), $(nproc) cores, $(uname -r), QEMU $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), $( [ -w /dev/kvm ] && echo kvm || echo tcg)"
+  echo "vmrootfs lazy-start bench — $(date -u +%FT%TZ), $(nproc) cores, $(uname -r), QEMU $(qemu-system-x86_64 --version | head -1 | awk '{print $4}'), $( [ -w /dev/kvm ] && grep -qw -e vmx -e svm /proc/cpuinfo && echo kvm || echo tcg)"
   printf '%-20s %10s\n' row median_s
   for img in deb big; do
     for r in stored-run lazy-exit lazy-total build-run; do printf '%-20s %10.2f\n' "$img-$r" "${ROW[$img-$r]}"; done
