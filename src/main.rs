@@ -93,6 +93,11 @@ enum Command {
         /// Refuse a layer that unpacks to more than this (K, M, G suffixes).
         #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = parse_size)]
         max_layer_size: u64,
+        /// Record the registry image SOURCE (an EROFS image pushed with --verity, as for
+        /// `run --lazy`) without fetching its layers: only their dm-verity trees are fetched
+        /// and checked. `run TAG` then boots it lazily and stores it; `rm TAG` forgets it.
+        #[arg(long, conflicts_with_all = ["squash", "merge", "verity", "use_converted"])]
+        lazy: bool,
         /// Print the build result as JSON on stdout (and nothing else).
         #[arg(long)]
         json: bool,
@@ -151,7 +156,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the images in the store: tag, image digest, filesystem, layers, size, age.
+    /// List the images in the store: tag, image digest, filesystem, layers, size, age (an
+    /// image recorded by `build --lazy` and not stored yet: `lazy: not fetched`; --json lists
+    /// stored images only).
     Ls {
         /// Print the image records as a JSON array.
         #[arg(long)]
@@ -227,7 +234,8 @@ enum Command {
     /// before exiting instead). A later run of REF boots the recorded image, waiting for the
     /// completion if one is under way; gc waits for it too. A killed run's or completer's
     /// cache is resumed by the next one (or removed by gc). Images without verity or with
-    /// zstd layers are refused.
+    /// zstd layers are refused. A TAG recorded by `build REF --lazy` boots this way too,
+    /// without --lazy, from the manifest it was recorded at.
     ///
     /// Examples:
     ///   vmrootfs run busybox -- cat /etc/motd
@@ -327,7 +335,12 @@ enum Command {
     /// Complete the lazy image REF after `run --lazy` (which starts this, the registry options
     /// on stdin): fetch the rest, store the blobs, record REF
     #[command(hide = true)]
-    LazyComplete { reference: String },
+    LazyComplete {
+        reference: String,
+        /// The tag to record it under.
+        #[arg(long)]
+        tag: String,
+    },
     /// Write the upper directory DIR to stdout as a layer tar (commit's guest runs this)
     #[command(hide = true)]
     GuestTar {
@@ -583,7 +596,10 @@ fn print_gc(report: &vmrootfs::store::GcReport, json: bool) -> anyhow::Result<()
 }
 
 /// `ls` as a table.
-fn print_table(records: &[vmrootfs::ImageRecord]) -> anyhow::Result<()> {
+fn print_table(
+    records: &[vmrootfs::ImageRecord],
+    lazy: &[vmrootfs::store::LazyRecord],
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let now = std::time::SystemTime::now();
     writeln!(out, "{:<32} {:<19} {:<5} {:>6} {:>10}  AGE", "TAG", "IMAGE", "FS", "LAYERS", "SIZE")?;
@@ -603,6 +619,19 @@ fn print_table(records: &[vmrootfs::ImageRecord]) -> anyhow::Result<()> {
             fs,
             r.lowers.len(),
             r.size as f64 / (1 << 20) as f64
+        )?;
+    }
+    // Recorded lazily: listed until stored (a stored record of the tag comes first).
+    for r in lazy.iter().filter(|l| !records.iter().any(|r| r.tag == l.tag)) {
+        let short = &r.manifest_digest.to_string()[..19];
+        writeln!(
+            out,
+            "{:<32} {:<19} {:<5} {:>6} {:>7.1}MiB  lazy: not fetched",
+            r.tag,
+            short,
+            "erofs",
+            r.layers.len(),
+            r.data_bytes as f64 / (1 << 20) as f64
         )?;
     }
     Ok(())
@@ -639,20 +668,30 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 upper_size,
             };
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-            let status = if lazy {
+            // A tag recorded lazily (build --lazy) boots lazily from its pinned source.
+            let lazy_record = match store.get(&tag) {
+                Err(vmrootfs::store::StoreError::Lazy(_)) => store.lazy_record(&tag)?,
+                _ => None,
+            };
+            let status = if lazy || lazy_record.is_some() {
                 use vmrootfs::vm::Completion;
                 let completion = if wait {
                     Completion::Wait
                 } else {
                     Completion::Detached(std::env::current_exe().context("finding this program")?)
                 };
+                let (reference, record_as) = match lazy_record {
+                    Some(r) => (r.source, Some(tag)),
+                    None => (tag, None),
+                };
                 let lazy = vmrootfs::vm::LazyOptions {
                     registry: registry.options()?,
                     background_rate,
                     fetch_log,
                     completion,
+                    tag: record_as,
                 };
-                vmrootfs::vm::run_lazy(&store, &tag, &opts, &lazy, &mut out, &mut err)?
+                vmrootfs::vm::run_lazy(&store, &reference, &opts, &lazy, &mut out, &mut err)?
             } else {
                 vmrootfs::vm::run(&store, &tag, &opts, &mut out, &mut err)?
             };
@@ -725,9 +764,29 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             registry,
             use_converted,
             max_layer_size,
+            lazy,
             json,
         } => {
             let store = open_store(cli.store)?;
+            if lazy {
+                let platform = platform.unwrap_or_else(vmrootfs::Platform::host);
+                let recorded =
+                    vmrootfs::lazy::record(&store, &source, tag.as_deref(), &registry.options()?, &platform)?;
+                let tag = tag.as_deref().unwrap_or(&source);
+                match recorded {
+                    Some(r) if json => print_json(&r)?,
+                    Some(r) => println!(
+                        "{} recorded lazily: {} layers, {:.1} MiB to fetch when run (from {})",
+                        r.tag,
+                        r.layers.len(),
+                        r.data_bytes as f64 / (1 << 20) as f64,
+                        r.source
+                    ),
+                    None if json => print_json(&store.get(tag)?)?,
+                    None => println!("{tag} is stored already"),
+                }
+                return Ok(None);
+            }
             let mut opts = BuildOptions {
                 fs,
                 max_layer_bytes: max_layer_size,
@@ -798,11 +857,12 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
             }
         }
         Command::Ls { json } => {
-            let records = open_store(cli.store)?.list()?;
+            let store = open_store(cli.store)?;
+            let records = store.list()?;
             if json {
                 print_json(&records)?;
             } else {
-                print_table(&records)?;
+                print_table(&records, &store.lazy_records()?)?;
             }
         }
         Command::Rm { tags, json } => {
@@ -836,10 +896,10 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
                 println!("{} {} ({} layers)", r.tag, r.manifest_digest, r.lowers.len());
             }
         }
-        Command::LazyComplete { reference } => {
+        Command::LazyComplete { reference, tag } => {
             let store = open_store(cli.store)?;
             let reporter = vmrootfs::progress::Reporter::new();
-            vmrootfs::lazy::completer::run(&store, &reference, std::io::stdin().lock(), &reporter)?;
+            vmrootfs::lazy::completer::run(&store, &reference, &tag, std::io::stdin().lock(), &reporter)?;
         }
         Command::GuestTar { dir, extents } => {
             let out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
@@ -878,6 +938,21 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
         }
         Command::Inspect { tag, json } => {
             let store = open_store(cli.store)?;
+            if let Some(lazy) = store.lazy_record(&tag)?.filter(|_| store.get(&tag).is_err()) {
+                if json {
+                    print_json(&lazy)?;
+                } else {
+                    println!("tag:       {}", lazy.tag);
+                    println!("recorded lazily (build --lazy): its layers are fetched when run");
+                    println!("source:    {}", lazy.source);
+                    println!("created:   {}", lazy.created_at);
+                    println!("data:      {} bytes in {} layers", lazy.data_bytes, lazy.layers.len());
+                    for l in &lazy.layers {
+                        println!("  {l}");
+                    }
+                }
+                return Ok(None);
+            }
             let record = store.locate(store.get(&tag)?)?;
             if json {
                 print_json(&record)?;

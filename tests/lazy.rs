@@ -663,3 +663,93 @@ fn boot_lazy_killed_mid_fetch_then_rerun() {
         assert_eq!(second[key].as_u64(), Some(0), "a second gc finds nothing: {second}");
     }
 }
+
+/// Waits (up to a minute) for the process `pid` to end.
+fn wait_gone(pid: u32) {
+    for _ in 0..600 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("process {pid} is still running");
+}
+
+/// `build REF --lazy` records the image fetching only its dm-verity trees (ranges); it is
+/// listed and inspected as lazy, gc keeps its caches, commands that need it stored say it is
+/// lazy; `run TAG` boots it lazily, its completer stores the pushed bytes and the record
+/// replaces the lazy one; `rm` of a lazy record removes its caches.
+#[test]
+fn build_lazy_records_and_run_boots_and_stores_it() {
+    setup();
+    let pushed = Pushed::new("lazy-build");
+    let reference = format!("{}/lab/bb:v1", pushed.registry.addr);
+    let store = pushed.dir.path().join("lazy");
+    let layers = pushed.record["lowers"].as_array().unwrap().len();
+    let from = blob_requests(&pushed.registry.log, 0).len();
+    let (ok, out, err) = run(cli(&store).args(["build", &reference, "--lazy", "--tag", "bb", "--json"]));
+    assert!(ok, "build --lazy: {err}");
+    let lazy: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(lazy["tag"], "bb");
+    // Pinned to the manifest the tag named then.
+    let pinned = format!("{}/lab/bb@{}", pushed.registry.addr, lazy["manifest_digest"].as_str().unwrap());
+    assert_eq!(lazy["source"].as_str().unwrap(), pinned, "{lazy}");
+    assert_eq!(lazy["layers"].as_array().unwrap().len(), layers);
+    // Of the layers only the trees were fetched: one range request each (and the config).
+    let requests = blob_requests(&pushed.registry.log, from);
+    assert!(requests.iter().all(|(_, status)| status == "206"), "{requests:?}");
+    let of_layers = |r: &&(String, String)| {
+        lazy["layers"].as_array().unwrap().iter().any(|l| l.as_str() == Some(r.0.as_str()))
+    };
+    assert_eq!(requests.iter().filter(of_layers).count(), layers, "{requests:?}");
+    let (ok, out, _) = run(cli(&store).arg("ls"));
+    assert!(ok && out.lines().any(|l| l.starts_with("bb ") && l.ends_with("lazy: not fetched")), "{out}");
+    let (ok, out, _) = run(cli(&store).args(["ls", "--json"]));
+    assert!(ok && out.trim() == "[]", "ls --json lists stored images only: {out}");
+    let (ok, out, err) = run(cli(&store).args(["gc", "--json"]));
+    assert!(ok, "gc: {err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["lazy"],
+        0,
+        "gc keeps a lazy record's caches"
+    );
+    assert_eq!(std::fs::read_dir(store.join("lazy")).unwrap().count(), layers);
+    let layout = pushed.dir.path().join("layout");
+    let (ok, _, err) = run(cli(&store).args(["push", "bb", &format!("oci:{}", layout.display())]));
+    assert!(!ok && err.contains("bb is recorded lazily"), "push of a lazy record: {err}");
+
+    // run boots it lazily; its completer stores it and the record replaces the lazy one.
+    let out = cli(&store).args(["run", "bb", "--", "sh", "-c", "echo lazily; exit 4"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "lazily");
+    let completer: u32 = stderr
+        .split("completing in the background (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("run names no completer: {stderr}"));
+    wait_gone(completer);
+    let (ok, out, err) = run(cli(&store).args(["inspect", "bb", "--json"]));
+    assert!(ok, "inspect: {err}");
+    let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for (i, (path, _)) in lowers_of(&record).iter().enumerate() {
+        assert!(std::fs::read(path).unwrap() == pushed.blob(i), "lower {i} is the pushed blob");
+    }
+    assert!(!store.join("lazy-images").join("bb.json").exists(), "the lazy record is gone");
+    assert_eq!(std::fs::read_dir(store.join("lazy")).unwrap().count(), 0, "caches and log removed");
+    let (ok, _, err) = run(cli(&store).args(["verify", "bb"]));
+    assert!(ok, "verify: {err}");
+    let (ok, out, err) = run(cli(&store).args(["build", &reference, "--lazy", "--tag", "bb"]));
+    assert!(ok && out.contains("bb is stored already"), "{out}{err}");
+
+    // rm forgets a lazy record with its caches.
+    let (ok, _, err) = run(cli(&store).args(["build", &reference, "--lazy", "--tag", "other"]));
+    assert!(ok, "build --lazy: {err}");
+    assert_eq!(std::fs::read_dir(store.join("lazy")).unwrap().count(), layers);
+    let (ok, _, err) = run(cli(&store).args(["rm", "other"]));
+    assert!(ok, "rm: {err}");
+    let (ok, _, err) = run(cli(&store).args(["inspect", "other"]));
+    assert!(!ok && err.contains("no image tagged"), "{err}");
+    assert_eq!(std::fs::read_dir(store.join("lazy")).unwrap().count(), 0, "rm removed the caches");
+}

@@ -25,24 +25,25 @@ use crate::store::Store;
 /// What the completer prints once it holds the store lock.
 const READY: &str = "ready";
 
-/// Where the completer of `reference` writes what it says.
-pub fn log_path(store: &Store, reference: &str) -> PathBuf {
-    let hash = crate::digest::sha256_of(reference.as_bytes());
+/// Where the completer of the image recorded as `tag` writes what it says.
+pub fn log_path(store: &Store, tag: &str) -> PathBuf {
+    let hash = crate::digest::sha256_of(tag.as_bytes());
     let hex = hash.to_string();
     let hex = hex.strip_prefix("sha256:").unwrap_or(&hex);
     store.root().join("lazy").join(format!("complete-{}.log", &hex[..16]))
 }
 
-/// Hands `image` (the run's, its command exited) to a detached `program lazy-complete` and
-/// returns its pid once it holds the store; if it cannot start, completes `image` here.
+/// Hands `image` (the run's, its command exited; to be recorded as `tag`) to a detached
+/// `program lazy-complete` and returns its pid once it holds the store; if it cannot start,
+/// completes `image` here.
 pub fn hand_over(
     store: &Store,
-    reference: &str,
+    tag: &str,
     registry: &RegistryOptions,
     program: &Path,
     image: LazyImage,
 ) -> Result<Option<u32>, LazyError> {
-    match spawn(store, reference, registry, program) {
+    match spawn(store, image.pinned(), tag, registry, program) {
         Ok(pid) => {
             // The completer waits for the caches' locks, which go with the image.
             drop(image);
@@ -50,20 +51,27 @@ pub fn hand_over(
         }
         Err(why) => {
             eprintln!(
-                "warning: the background completion of {reference} could not start ({why}): completing it before exiting"
+                "warning: the background completion of {tag} could not start ({why}): completing it before exiting"
             );
-            image.complete(store, None, &Reporter::new())?;
+            image.complete(store, Some(tag), &Reporter::new())?;
             Ok(None)
         }
     }
 }
 
-/// Starts the completer and waits for its `ready`.
-fn spawn(store: &Store, reference: &str, registry: &RegistryOptions, program: &Path) -> Result<u32, String> {
-    let log_path = log_path(store, reference);
+/// Starts the completer of the image `pinned` (`host/repo@digest`), to be recorded as `tag`,
+/// and waits for its `ready`.
+fn spawn(
+    store: &Store,
+    pinned: &str,
+    tag: &str,
+    registry: &RegistryOptions,
+    program: &Path,
+) -> Result<u32, String> {
+    let log_path = log_path(store, tag);
     let log = fs_err::File::create(&log_path).map_err(|e| e.to_string())?.into_parts().0;
     let mut cmd = Command::new(program);
-    cmd.arg("--store").arg(store.root()).args(["lazy-complete", reference]);
+    cmd.arg("--store").arg(store.root()).args(["lazy-complete", pinned, "--tag", tag]);
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log);
     // Its own process group: a Ctrl-C to the run's does not end the completion.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -83,13 +91,14 @@ fn spawn(store: &Store, reference: &str, registry: &RegistryOptions, program: &P
     Err(format!("it ended before taking over; see {}", log_path.display()))
 }
 
-/// `vmrootfs lazy-complete REF`: the registry options from `options` (the run's stdin), the
-/// store's shared lock, `ready` on stdout, then the caches of `reference` reopened once the
-/// run has let go of them, completed, published and recorded. An image recorded meanwhile is
-/// left as it is.
+/// `vmrootfs lazy-complete REF --tag TAG`: the registry options from `options` (the run's
+/// stdin), the store's shared lock, `ready` on stdout, then the caches of `reference` (the
+/// run's image, pinned) reopened once the run has let go of them, completed, published and
+/// recorded as `tag`. An image recorded meanwhile is left as it is.
 pub fn run(
     store: &Store,
     reference: &str,
+    tag: &str,
     options: impl std::io::Read,
     reporter: &Reporter,
 ) -> Result<Option<BuildResult>, LazyError> {
@@ -99,15 +108,15 @@ pub fn run(
     let mut out = std::io::stdout();
     let told = writeln!(out, "{READY}").and_then(|()| out.flush());
     told.map_err(|e| LazyError::Completer(format!("stdout: {e}")))?;
-    reporter.line(&format!("completing {reference} (pid {})", std::process::id()));
+    reporter.line(&format!("completing {reference} as {tag} (pid {})", std::process::id()));
     let image = super::open(store, reference, &registry, &crate::Platform::host())?;
-    if store.get(reference).is_ok() {
-        reporter.line(&format!("{reference} was recorded meanwhile"));
+    if store.get(tag).is_ok() {
+        reporter.line(&format!("{tag} was recorded meanwhile"));
         image.discard()?;
         return Ok(None);
     }
-    let built = image.complete(store, None, reporter)?;
+    let built = image.complete(store, Some(tag), reporter)?;
     // Done: the log goes too (a failed completion's stays, for the user and for gc).
-    let _ = fs_err::remove_file(log_path(store, reference));
+    let _ = fs_err::remove_file(log_path(store, tag));
     Ok(Some(built))
 }

@@ -168,6 +168,16 @@ pub enum LazyError {
     /// Publishing the completed blobs failed.
     #[error("publishing the completed blobs")]
     Publish(#[source] Box<crate::builder::BuildError>),
+    /// `build --lazy` under a tag that names another stored image.
+    #[error(
+        "{tag} names a stored image of manifest {manifest}: `vmrootfs rm {tag}` first, or record this one under another --tag"
+    )]
+    TagTaken {
+        /// The tag.
+        tag: String,
+        /// The stored image's manifest digest.
+        manifest: Digest,
+    },
     /// `lazy-complete` was not started as `run --lazy` starts it.
     #[error("lazy-complete: {0} (it is started by `run --lazy`)")]
     Completer(String),
@@ -225,6 +235,8 @@ impl BlockSource for FileSource {
 pub struct LazyImage {
     spec: String,
     reference: String,
+    /// The image pinned to its manifest digest (`host/repo@sha256:…`).
+    pinned: String,
     image: ResolvedImage,
     /// One per lower, base first (a layer listed twice is one blob twice).
     lowers: Vec<Arc<LazyBlob>>,
@@ -279,7 +291,17 @@ pub fn open(
         lowers.push(blob.clone());
         blobs.push(blob);
     }
-    Ok(LazyImage { spec, reference: reference.to_string(), image, lowers, blobs, opened, background: None })
+    let pinned = registry.pinned(&image.manifest_digest);
+    Ok(LazyImage {
+        spec,
+        reference: reference.to_string(),
+        pinned,
+        image,
+        lowers,
+        blobs,
+        opened,
+        background: None,
+    })
 }
 
 /// Layer `index`'s hash offset and root digest, if it can be read lazily.
@@ -309,6 +331,11 @@ impl LazyImage {
     /// The lowers, base first, as the servers read them.
     pub fn sources(&self) -> Vec<Arc<dyn BlockSource>> {
         self.lowers.iter().map(|b| b.clone() as Arc<dyn BlockSource>).collect()
+    }
+
+    /// The image pinned to its manifest digest: `host/repo@sha256:…`.
+    pub fn pinned(&self) -> &str {
+        &self.pinned
     }
 
     /// The lowers, base first.
@@ -397,11 +424,45 @@ impl LazyImage {
         let built = builder
             .store_erofs_image(&reference, tag, &cached, &self.image, &erofs, reporter)
             .map_err(|e| LazyError::Publish(Box::new(e)))?;
+        // The image is stored now: a lazy record of the tag is replaced by the record.
+        store.remove_lazy_record(tag.unwrap_or(&reference))?;
         for b in &self.blobs {
             b.remove_cache()?;
         }
         Ok(built)
     }
+}
+
+/// `build REF --lazy`: opens `reference` as [`open`] does (its lowers' trees fetched and proved,
+/// no data block) and records it as `tag` (default: the reference) without storing it, pinned
+/// to its manifest digest: `run TAG` boots it lazily. An image stored under `tag` already is
+/// left as it is (`None`).
+pub fn record(
+    store: &Store,
+    reference: &str,
+    tag: Option<&str>,
+    opts: &RegistryOptions,
+    platform: &Platform,
+) -> Result<Option<crate::store::LazyRecord>, LazyError> {
+    let tag = tag.unwrap_or(reference);
+    store.check_tag(tag)?;
+    let _store_lock = store.lock_shared()?;
+    let image = open(store, reference, opts, platform)?;
+    match store.get(tag) {
+        Ok(r) if r.manifest_digest == image.image.manifest_digest => return Ok(None),
+        Ok(r) => return Err(LazyError::TagTaken { tag: tag.to_string(), manifest: r.manifest_digest }),
+        Err(_) => {}
+    }
+    let record = crate::store::LazyRecord {
+        tag: tag.to_string(),
+        source: image.pinned.clone(),
+        manifest_digest: image.image.manifest_digest.clone(),
+        layers: image.blobs.iter().map(|b| b.digest().clone()).collect(),
+        data_bytes: image.data_bytes(),
+        created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
+    store.put_lazy_record(&record)?;
+    Ok(Some(record))
 }
 
 impl LazyImage {

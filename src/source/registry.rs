@@ -162,6 +162,11 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
 }
 
 impl RegistrySource {
+    /// This repository's manifest `digest`, as a reference: `host/repo@sha256:…`.
+    pub(crate) fn pinned(&self, digest: &Digest) -> String {
+        format!("{}/{}@{digest}", self.reference.registry(), self.reference.repository())
+    }
+
     pub fn new(spec: &str, opts: &RegistryOptions) -> Result<Self, SourceError> {
         let text = spec.strip_prefix("docker://").unwrap_or(spec);
         let reference =

@@ -140,9 +140,11 @@ impl Store {
         if vm.exists() {
             report.vm += clear_dir(&vm)?;
         }
+        // Lazy blobs' caches: those of lazy records are kept; the rest were left by killed runs.
         let lazy = self.root.join("lazy");
         if lazy.exists() {
-            report.lazy += clear_dir(&lazy)?;
+            let kept = self.lazily_recorded_blobs()?;
+            report.lazy += clear_dir_except(&lazy, &kept)?;
         }
         Ok(report)
     }
@@ -205,9 +207,18 @@ fn remove(path: &Path) -> Result<(), StoreError> {
 
 /// Removes everything inside `dir`; returns how many entries there were.
 fn clear_dir(dir: &Path) -> Result<usize, StoreError> {
+    clear_dir_except(dir, &HashSet::new())
+}
+
+/// [`clear_dir`] but for the entries named in `kept`.
+fn clear_dir_except(dir: &Path, kept: &HashSet<String>) -> Result<usize, StoreError> {
     let mut n = 0;
     for entry in fs_err::read_dir(dir).map_err(io_at(dir))? {
-        let path = entry.map_err(io_at(dir))?.path();
+        let entry = entry.map_err(io_at(dir))?;
+        if kept.contains(entry.file_name().to_string_lossy().as_ref()) {
+            continue;
+        }
+        let path = entry.path();
         let result = if path.is_dir() && !path.is_symlink() {
             fs_err::remove_dir_all(&path)
         } else {

@@ -40,7 +40,12 @@
 //!     present                           one byte per chunk, 1 once its bytes are synced
 //!     .lock                             held by the one process filling the cache
 //!                                       (a completed blob is published as any pulled
-//!                                       one and its cache removed; gc removes the rest)
+//!                                       one and its cache removed; gc removes the rest,
+//!                                       but for the caches of lazy records)
+//!   lazy/complete-<hex>.log             a detached completion's log (lazy::completer),
+//!                                       removed once it recorded the image
+//!   lazy-images/<escaped tag>.json      LazyRecord: an image recorded by `build --lazy`,
+//!                                       not stored yet (lazy_record.rs)
 //!   tmp/                                staging; anything here is garbage
 //! ```
 //!
@@ -102,7 +107,10 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::Digest;
 
 mod gc;
+mod lazy_record;
 mod oci;
+
+pub use lazy_record::LazyRecord;
 mod upgrade;
 mod verify;
 
@@ -165,6 +173,11 @@ pub enum StoreError {
     /// No image recorded under this tag.
     #[error("no image tagged {0:?} in the store")]
     NoSuchTag(String),
+    /// The tag names an image recorded lazily (`build --lazy`), not stored yet.
+    #[error(
+        "{0} is recorded lazily (build --lazy): its layers are not stored yet; `vmrootfs run {0}` boots it, fetching them, `vmrootfs rm {0}` forgets it"
+    )]
+    Lazy(String),
     /// A tag whose record file name would be too long.
     #[error(
         "tag {tag} is too long: its record's file name would be {len} bytes (each byte outside [A-Za-z0-9._-] takes 3), and a file name holds at most {NAME_MAX}; choose a shorter --tag"
@@ -504,7 +517,8 @@ impl Store {
         Ok(records)
     }
 
-    /// Removes the records of `tags` (all must exist), then collects what became garbage.
+    /// Removes the records of `tags` (all must exist; a lazy record goes with its caches),
+    /// then collects what became garbage.
     /// Everything that can be checked is checked before a record is deleted: the tags exist
     /// and every record of the store reads (GC marks from all of them). A failure after a
     /// record is gone says which tags were removed ([`StoreError::AfterRemoval`]).
@@ -513,17 +527,21 @@ impl Store {
         let _lock = self.lock_exclusive()?;
         self.check_nothing_mounted_in_tmp()?;
         for tag in tags {
-            if !self.record_path(tag).exists() {
+            if !self.record_path(tag).exists() && !self.lazy_record_path(tag).exists() {
                 return Err(StoreError::NoSuchTag(tag.clone()));
             }
         }
         self.list()?;
+        // A lazy record goes first: its caches are garbage then.
+        for tag in tags {
+            self.remove_lazy_record(tag)?;
+        }
         let mut removed = Vec::new();
         let after = |removed: &Vec<String>, what: String| {
             let removed = removed.clone();
             move |source| StoreError::AfterRemoval { removed, what, source: Box::new(source) }
         };
-        for tag in tags {
+        for tag in tags.iter().filter(|t| self.record_path(t).exists()) {
             let path = self.record_path(tag);
             let result =
                 fs_err::remove_file(&path).map_err(|e| StoreError::Io { path: path.clone(), source: e });
@@ -962,6 +980,9 @@ impl Store {
         let path = self.record_path(tag);
         match read_record(&path) {
             Err(StoreError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                if self.lazy_record_path(tag).exists() {
+                    return Err(StoreError::Lazy(tag.to_string()));
+                }
                 Err(StoreError::NoSuchTag(tag.to_string()))
             }
             r => r,

@@ -433,6 +433,9 @@ pub struct LazyOptions {
     pub fetch_log: Option<PathBuf>,
     /// Who completes the image after the command.
     pub completion: Completion,
+    /// The tag to record the image under [default: the reference] (a lazy record's, whose
+    /// reference is the pinned source).
+    pub tag: Option<String>,
 }
 
 /// What `--fetch-log` writes.
@@ -469,20 +472,21 @@ pub fn run_lazy(
     if opts.squashed || opts.merged {
         return Err(VmError::LazyForm.into());
     }
+    let tag = lazy.tag.as_deref().unwrap_or(reference);
     // An image a lazy run (or a build) has stored already boots from the store: recorded only
     // once all its blobs were published.
-    match store.get(reference) {
-        Ok(_) => return Ok(run(store, reference, opts, out, err)?),
-        Err(crate::store::StoreError::NoSuchTag(_)) => {}
+    match store.get(tag) {
+        Ok(_) => return Ok(run(store, tag, opts, out, err)?),
+        Err(crate::store::StoreError::NoSuchTag(_) | crate::store::StoreError::Lazy(_)) => {}
         Err(e) => return Err(VmError::from(e).into()),
     }
     let _store_lock = store.lock_shared().map_err(VmError::from)?;
     Tool::find("qemu-system-x86_64", "qemu-system-x86", &["--version"], "7.2").map_err(VmError::from)?;
     let mut image = crate::lazy::open(store, reference, &lazy.registry, &crate::Platform::host())?;
     // Opening waited for the caches held by another run's completion, which may have recorded it.
-    if store.get(reference).is_ok() {
+    if store.get(tag).is_ok() {
         image.discard()?;
-        return Ok(run(store, reference, opts, out, err)?);
+        return Ok(run(store, tag, opts, out, err)?);
     }
     if image.lowers().len() > MICROVM_DRIVES {
         let e = VmError::TooManyLayers {
@@ -549,14 +553,14 @@ pub fn run_lazy(
     let code = status.code.ok_or(VmError::GuestSetup)?;
     match &lazy.completion {
         Completion::Wait => {
-            image.complete(store, None, &crate::progress::Reporter::new())?;
+            image.complete(store, Some(tag), &crate::progress::Reporter::new())?;
         }
         Completion::Detached(program) => {
-            let handed = crate::lazy::completer::hand_over(store, reference, &lazy.registry, program, image)?;
+            let handed = crate::lazy::completer::hand_over(store, tag, &lazy.registry, program, image)?;
             if let Some(pid) = handed {
                 crate::progress::info(&format!(
-                    "lazy: the rest of {reference} is completing in the background (pid {pid}, log {})",
-                    crate::lazy::completer::log_path(store, reference).display()
+                    "lazy: the rest of {tag} is completing in the background (pid {pid}, log {})",
+                    crate::lazy::completer::log_path(store, tag).display()
                 ));
             }
         }
