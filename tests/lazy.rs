@@ -493,12 +493,7 @@ fn boot_lazy_real_image_then_a_flipped_byte_names_the_lower() {
     assert!(before > 0 && before < data / 2, "lazy: {before} of {data} bytes before the exit");
     // run exited when the command did: the rest is a detached completer's, which has not
     // recorded the image yet (it has most of 250 MB still to fetch).
-    let completer: u32 = stderr
-        .split("completing in the background (pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("run names no completer: {stderr}"));
+    let completer = completer_pid(&stderr);
     let (ok, out, _) = run(cli(&store).args(["ls", "--json"]));
     assert!(ok && out.trim() == "[]", "recorded before run exited: {out}");
     // A second run meanwhile waits for the completion and boots the recorded image.
@@ -509,13 +504,7 @@ fn boot_lazy_real_image_then_a_flipped_byte_names_the_lower() {
     let (out2, err2) = (String::from_utf8_lossy(&second.stdout), String::from_utf8_lossy(&second.stderr));
     assert!(second.status.success() && out2.trim() == "second", "second run: {out2}\n{err2}");
     assert!(!err2.contains("lazy:"), "the second run booted the recorded image, not lazily: {err2}");
-    for _ in 0..600 {
-        if !Path::new(&format!("/proc/{completer}")).exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!Path::new(&format!("/proc/{completer}")).exists(), "the completer {completer} is still running");
+    wait_gone(completer);
     let logs: Vec<_> =
         std::fs::read_dir(store.join("lazy")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(logs.is_empty(), "the completer left its caches or log: {logs:?}");
@@ -664,6 +653,16 @@ fn boot_lazy_killed_mid_fetch_then_rerun() {
     }
 }
 
+/// The pid of the detached completer `run --lazy` names on stderr.
+fn completer_pid(stderr: &str) -> u32 {
+    stderr
+        .split("completing in the background (pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("run names no completer: {stderr}"))
+}
+
 /// Waits (up to a minute) for the process `pid` to end.
 fn wait_gone(pid: u32) {
     for _ in 0..600 {
@@ -723,12 +722,7 @@ fn build_lazy_records_and_run_boots_and_stores_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "lazily");
-    let completer: u32 = stderr
-        .split("completing in the background (pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("run names no completer: {stderr}"));
+    let completer = completer_pid(&stderr);
     wait_gone(completer);
     let (ok, out, err) = run(cli(&store).args(["inspect", "bb", "--json"]));
     assert!(ok, "inspect: {err}");
