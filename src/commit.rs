@@ -36,6 +36,7 @@ use crate::progress::Reporter;
 use crate::record::{BuildResult, ImageRecord};
 use crate::source::{ImageSource, LayerRef, ResolvedImage, SourceError};
 use crate::store::{Store, StoreError};
+use crate::upper::extent_tar::{Capped, ResolveError};
 use crate::upper::{Upper, UpperError};
 use crate::vm::VmError;
 use crate::vm::kit::{self, KitForm, KitOptions, MergedDisk};
@@ -215,14 +216,19 @@ fn read_upper(
     // `upper::extent_tar`), read from the upper file once the guest is gone.
     let guest_path = staging.join("guest.tar");
     let guest_io = |source| CommitError::Io { path: guest_path.clone(), source };
-    let mut guest_tar =
-        std::io::BufWriter::new(fs_err::File::create(&guest_path).map_err(guest_io)?.into_parts().0);
+    // As big as the layer may be at most (files ext4 keeps inline come in band).
+    let file = fs_err::File::create(&guest_path).map_err(guest_io)?.into_parts().0;
+    let mut guest_tar = Capped::new(std::io::BufWriter::new(file), opts.max_layer_bytes);
     let started = std::time::Instant::now();
     // The guest's stderr (guest-tar's and /init's complaints) is shown as it comes.
     let (status, _) = crate::vm::boot(&kit, &kit_dir, opts.timeout, &mut guest_tar, &mut std::io::stderr())
         .map_err(Box::new)?;
     if status.code != Some(0) {
         return Err(CommitError::GuestTar { upper: upper.path().to_owned(), status: status.code });
+    }
+    if guest_tar.exceeded() {
+        let source = ResolveError::TooBig { max: opts.max_layer_bytes };
+        return Err(CommitError::Resolve { upper: upper.path().to_owned(), source });
     }
     guest_tar.flush().map_err(guest_io)?;
     crate::progress::debug(&format!(
@@ -236,7 +242,7 @@ fn read_upper(
     let mut tar = crate::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
     let listing =
         std::io::BufReader::with_capacity(1 << 20, fs_err::File::open(&guest_path).map_err(guest_io)?);
-    crate::upper::extent_tar::resolve(listing, upper.file(), &mut tar)
+    crate::upper::extent_tar::resolve(listing, upper.file(), &mut tar, opts.max_layer_bytes)
         .map_err(|e| CommitError::Resolve { upper: upper.path().to_owned(), source: e })?;
     let (diff_id, size, file) = tar.finish();
     file.into_inner().map_err(|e| io(e.into_error()))?;

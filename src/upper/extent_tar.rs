@@ -151,6 +151,12 @@ pub enum ResolveError {
         /// Why.
         why: String,
     },
+    /// The layer would be bigger than allowed (`--max-layer-size`).
+    #[error("the layer from the guest's listing is over {max} bytes (the most a layer may unpack to)")]
+    TooBig {
+        /// The most bytes allowed.
+        max: u64,
+    },
     /// The stream itself is cut short or malformed.
     #[error("the guest's tar: {0}")]
     Stream(String),
@@ -168,8 +174,56 @@ pub enum ResolveError {
 /// Turns the guest's stream `guest` into a plain tar on `out`: every entry as it is, but one
 /// with [`EXTENTS_KEY`] gets its size in its header and its data read from `upper` (the upper
 /// drive the guest read) at the extents named, zeros in the gaps. Ends after the end-of-archive
-/// marker.
-pub fn resolve(mut guest: impl Read, upper: &File, mut out: impl Write) -> Result<(), ResolveError> {
+/// marker. Writes at most `max_bytes` (a guest naming one extent for many files could
+/// otherwise fill the disk).
+pub fn resolve(guest: impl Read, upper: &File, out: impl Write, max_bytes: u64) -> Result<(), ResolveError> {
+    let mut capped = Capped::new(out, max_bytes);
+    resolve_into(guest, upper, &mut capped).map_err(|e| match e {
+        ResolveError::Io { source, .. }
+            if capped.exceeded() || source.kind() == io::ErrorKind::FileTooLarge =>
+        {
+            ResolveError::TooBig { max: max_bytes }
+        }
+        e => e,
+    })
+}
+
+/// A writer that takes at most `left` bytes: past them every write fails ([`Capped::exceeded`]).
+pub struct Capped<W> {
+    inner: W,
+    left: u64,
+    exceeded: bool,
+}
+
+impl<W: Write> Capped<W> {
+    /// `inner`, taking at most `max` bytes.
+    pub fn new(inner: W, max: u64) -> Capped<W> {
+        Capped { inner, left: max, exceeded: false }
+    }
+
+    /// Whether a write went past the cap.
+    pub fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+}
+
+impl<W: Write> Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            self.exceeded = true;
+            return Err(io::Error::new(io::ErrorKind::FileTooLarge, "past the most bytes allowed"));
+        }
+        let n = self.inner.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn resolve_into(mut guest: impl Read, upper: &File, mut out: impl Write) -> Result<(), ResolveError> {
     let upper_len =
         upper.metadata().map_err(|source| ResolveError::Io { what: "the upper".into(), source })?.len();
     let write = |source| ResolveError::Io { what: "writing the layer".into(), source };
@@ -481,7 +535,7 @@ mod tests {
             ],
         );
         let mut out = Vec::new();
-        resolve(stream(&value).as_slice(), &upper, &mut out).unwrap();
+        resolve(stream(&value).as_slice(), &upper, &mut out, u64::MAX).unwrap();
         let entries = read_back(&out);
         let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(names, ["a", "big", "d/"]);
@@ -509,9 +563,36 @@ mod tests {
             (b"x".to_vec(), "is not a number"),
         ];
         for (value, want) in cases {
-            let err = resolve(stream(&value).as_slice(), &upper, &mut Vec::new()).unwrap_err().to_string();
+            let err = resolve(stream(&value).as_slice(), &upper, &mut Vec::new(), u64::MAX)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("entry big") && err.contains(want), "{err} (wanted {want})");
         }
+    }
+
+    #[test]
+    fn one_extent_named_for_many_files_stops_at_the_cap() {
+        let (_f, upper) = upper();
+        let mut w = TarWriter::new(Vec::new());
+        let value = encode(65_536, &[Extent { logical: 0, physical: 0, length: 65_536 }]);
+        for i in 0..100 {
+            let name = format!("f{i}");
+            w.header_with_records(
+                name.as_bytes(),
+                TarKind::File { size: 0 },
+                &meta(),
+                &[(EXTENTS_KEY, &value)],
+            )
+            .unwrap();
+        }
+        let stream = w.finish().unwrap();
+        let mut out = Vec::new();
+        let err = resolve(stream.as_slice(), &upper, &mut out, 1 << 20).unwrap_err();
+        assert!(matches!(err, ResolveError::TooBig { max: 1048576 }), "{err}");
+        assert!(out.len() <= 1 << 20, "{} bytes written", out.len());
+        let mut out = Vec::new();
+        resolve(stream.as_slice(), &upper, &mut out, 16 << 20).unwrap();
+        assert!(out.len() > 100 * 65_536);
     }
 
     #[test]
@@ -519,7 +600,7 @@ mod tests {
         let (_f, upper) = upper();
         let full = stream(&encode(3, &[Extent { logical: 0, physical: 0, length: 3 }]));
         for cut in [100, 512 + 100, full.len() - 512] {
-            assert!(resolve(&full[..cut], &upper, &mut Vec::new()).is_err(), "cut at {cut}");
+            assert!(resolve(&full[..cut], &upper, &mut Vec::new(), u64::MAX).is_err(), "cut at {cut}");
         }
     }
 
