@@ -73,7 +73,7 @@ fn decode(value: &[u8]) -> Result<(u64, Vec<Extent>), String> {
 
 /// Where the data of `file` (`size` bytes) lies on its filesystem's device, by `FS_IOC_FIEMAP`;
 /// none when some of it is not in plain blocks of the device (inline, encoded, encrypted, not
-/// yet allocated) or it has more than [`MAX_EXTENTS`] extents: it goes in band then.
+/// yet allocated) or it has more than `MAX_EXTENTS` (4096) extents: it goes in band then.
 /// Unwritten (preallocated) extents read as zeros and are left out, like holes.
 pub fn file_extents(file: &File, size: u64) -> io::Result<Option<Vec<Extent>>> {
     use std::os::fd::AsRawFd;
