@@ -637,6 +637,23 @@ fn print_table(
     Ok(())
 }
 
+/// `inspect` of an image recorded by `build --lazy`.
+fn print_lazy_record(lazy: &vmrootfs::store::LazyRecord, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(lazy);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "tag:       {}", lazy.tag)?;
+    writeln!(out, "recorded lazily (build --lazy): its layers are fetched when run")?;
+    writeln!(out, "source:    {}", lazy.source)?;
+    writeln!(out, "created:   {}", lazy.created_at)?;
+    writeln!(out, "data:      {} bytes in {} layers", lazy.data_bytes, lazy.layers.len())?;
+    for l in &lazy.layers {
+        writeln!(out, "  {l}")?;
+    }
+    Ok(())
+}
+
 /// Runs a command; `Some(status)` when the process should exit with the guest's status.
 fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
     match cli.command {
@@ -938,22 +955,13 @@ fn run(cli: Cli) -> anyhow::Result<Option<i32>> {
         }
         Command::Inspect { tag, json } => {
             let store = open_store(cli.store)?;
-            if let Some(lazy) = store.lazy_record(&tag)?.filter(|_| store.get(&tag).is_err()) {
-                if json {
-                    print_json(&lazy)?;
-                } else {
-                    println!("tag:       {}", lazy.tag);
-                    println!("recorded lazily (build --lazy): its layers are fetched when run");
-                    println!("source:    {}", lazy.source);
-                    println!("created:   {}", lazy.created_at);
-                    println!("data:      {} bytes in {} layers", lazy.data_bytes, lazy.layers.len());
-                    for l in &lazy.layers {
-                        println!("  {l}");
-                    }
+            let record = match store.get(&tag) {
+                Err(vmrootfs::store::StoreError::Lazy(_)) => {
+                    let lazy = store.lazy_record(&tag)?.context("the lazy record went meanwhile")?;
+                    return print_lazy_record(&lazy, json).map(|()| None);
                 }
-                return Ok(None);
-            }
-            let record = store.locate(store.get(&tag)?)?;
+                record => store.locate(record?)?,
+            };
             if json {
                 print_json(&record)?;
             } else {

@@ -208,14 +208,14 @@ fn copy_trunc(field: &mut [u8], value: &[u8]) {
 }
 
 /// Zero-padded octal with a terminating NUL, filling the field.
-pub(crate) fn octal(field: &mut [u8], value: u64) {
+fn octal(field: &mut [u8], value: u64) {
     let digits = field.len() - 1;
     let s = format!("{value:0digits$o}");
     field[..digits].copy_from_slice(&s.as_bytes()[s.len() - digits..]);
     field[digits] = 0;
 }
 
-pub(crate) fn checksum(h: &mut [u8; BLOCK]) {
+fn checksum(h: &mut [u8; BLOCK]) {
     h[148..156].fill(b' ');
     let sum: u32 = h.iter().map(|&b| b as u32).sum();
     let s = format!("{sum:06o}\0 ");

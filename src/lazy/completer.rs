@@ -27,10 +27,8 @@ const READY: &str = "ready";
 
 /// Where the completer of the image recorded as `tag` writes what it says.
 pub fn log_path(store: &Store, tag: &str) -> PathBuf {
-    let hash = crate::digest::sha256_of(tag.as_bytes());
-    let hex = hash.to_string();
-    let hex = hex.strip_prefix("sha256:").unwrap_or(&hex);
-    store.root().join("lazy").join(format!("complete-{}.log", &hex[..16]))
+    let hex = crate::digest::sha256_of(tag.as_bytes()).digest()[..16].to_string();
+    store.root().join("lazy").join(format!("complete-{hex}.log"))
 }
 
 /// Hands `image` (the run's, its command exited; to be recorded as `tag`) to a detached

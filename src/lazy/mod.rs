@@ -426,9 +426,7 @@ impl LazyImage {
             .map_err(|e| LazyError::Publish(Box::new(e)))?;
         // The image is stored now: a lazy record of the tag is replaced by the record.
         store.remove_lazy_record(tag.unwrap_or(&reference))?;
-        for b in &self.blobs {
-            b.remove_cache()?;
-        }
+        self.remove_caches()?;
         Ok(built)
     }
 }
@@ -472,10 +470,11 @@ impl LazyImage {
         if let Some(bg) = self.background.take() {
             bg.stop()?;
         }
-        for b in &self.blobs {
-            b.remove_cache()?;
-        }
-        Ok(())
+        self.remove_caches()
+    }
+
+    fn remove_caches(&self) -> Result<(), LazyError> {
+        self.blobs.iter().try_for_each(|b| b.remove_cache())
     }
 }
 

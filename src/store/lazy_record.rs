@@ -9,7 +9,7 @@
 //! is lazy ([`StoreError::Lazy`]).
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use oci_spec::image::Digest;
 use serde::{Deserialize, Serialize};
@@ -51,14 +51,7 @@ impl Store {
 
     /// The lazy record of `tag`, if there is one.
     pub fn lazy_record(&self, tag: &str) -> Result<Option<LazyRecord>, StoreError> {
-        let path = self.lazy_record_path(tag);
-        match fs_err::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Io { path, source: std::io::Error::other(e) }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::Io { path, source: e }),
-        }
+        read_lazy_record(&self.lazy_record_path(tag))
     }
 
     /// Every lazy record, by tag.
@@ -74,11 +67,7 @@ impl Store {
             if !name.ends_with(".json") || name.starts_with(".tmp-") {
                 continue;
             }
-            let path = dir.join(name.as_ref());
-            let bytes = fs_err::read(&path).map_err(io_at(&path))?;
-            let record: LazyRecord = serde_json::from_slice(&bytes)
-                .map_err(|e| StoreError::Io { path, source: std::io::Error::other(e) })?;
-            records.push(record);
+            records.extend(read_lazy_record(&dir.join(name.as_ref()))?);
         }
         records.sort_by(|a, b| a.tag.cmp(&b.tag));
         Ok(records)
@@ -98,5 +87,15 @@ impl Store {
     /// The hex digests of the blobs whose caches lazy records keep.
     pub(super) fn lazily_recorded_blobs(&self) -> Result<HashSet<String>, StoreError> {
         Ok(self.lazy_records()?.iter().flat_map(|r| &r.layers).map(|d| d.digest().to_string()).collect())
+    }
+}
+
+/// The lazy record in the file `path`, if there is one.
+fn read_lazy_record(path: &Path) -> Result<Option<LazyRecord>, StoreError> {
+    let io = |source| StoreError::Io { path: path.to_owned(), source };
+    match fs_err::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| io(std::io::Error::other(e))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(e)),
     }
 }

@@ -123,27 +123,14 @@ impl Store {
         if let Some(want) = expected {
             digest::check("OCI blob", want, &found)?;
         }
-        let dest = self.oci_blob_path(&found)?;
-        match fs_err::metadata(&dest) {
-            Ok(m) if m.len() == size => return Ok(OciBlob { digest: found, size }),
-            Ok(_) => {} // damaged: replaced by the verified bytes below
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::Io { path: dest, source: e }),
-        }
-        create_dir(dest.parent().expect("oci/sha256"))?;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(BLOB_MODE))
-            .map_err(io_at(tmp.path()))?;
-        tmp.as_file().sync_all().map_err(io_at(tmp.path()))?;
-        tmp.persist(&dest).map_err(|e| StoreError::Io { path: dest.clone(), source: e.error })?;
-        sync_dir(dest.parent().expect("oci/sha256"))?;
-        Ok(OciBlob { digest: found, size })
+        // Moved into place; the temp file's drop then finds nothing to remove.
+        self.adopt_oci_file(tmp.path(), &found, size)
     }
 
-    /// Publishes `file`, written by this process in a [`Store::staging`] directory and hashed
-    /// as it was written, as the OCI blob `digest` of `size` bytes: moved, not copied (a
-    /// committed layer is 100 MB that were just hashed). The caller holds the store lock
-    /// shared.
+    /// Publishes `file`, written by this process in the store's `tmp/` (a [`Store::staging`]
+    /// directory) and hashed as it was written, as the OCI blob `digest` of `size` bytes:
+    /// moved, not copied (a committed layer is 100 MB that were just hashed). A blob already
+    /// there with that size is kept. The caller holds the store lock shared.
     pub(crate) fn adopt_oci_file(
         &self,
         file: &Path,
@@ -152,8 +139,11 @@ impl Store {
     ) -> Result<OciBlob, StoreError> {
         self.require_writable()?;
         let dest = self.oci_blob_path(digest)?;
-        if fs_err::metadata(&dest).is_ok_and(|m| m.len() == size) {
-            return Ok(OciBlob { digest: digest.clone(), size });
+        match fs_err::metadata(&dest) {
+            Ok(m) if m.len() == size => return Ok(OciBlob { digest: digest.clone(), size }),
+            Ok(_) => {} // damaged: replaced by the verified bytes below
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::Io { path: dest, source: e }),
         }
         create_dir(dest.parent().expect("oci/sha256"))?;
         let staged = fs_err::File::open(file).map_err(io_at(file))?;

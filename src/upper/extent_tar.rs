@@ -229,46 +229,51 @@ fn resolve_into(mut guest: impl Read, upper: &File, mut out: impl Write) -> Resu
     let upper_len =
         upper.metadata().map_err(|source| ResolveError::Io { what: "the upper".into(), source })?.len();
     let write = |source| ResolveError::Io { what: "writing the layer".into(), source };
-    let mut block = [0u8; BLOCK];
+    let mut header = tar::Header::new_old();
     // What the last pax header said of the next entry: its extents, size and path.
     let mut extents: Option<Vec<u8>> = None;
     let mut pax_size: Option<u64> = None;
     let mut pax_path: Option<Vec<u8>> = None;
     let mut claimed = Claimed::default();
     loop {
-        if !read_block(&mut guest, &mut block)? {
+        if !read_block(&mut guest, header.as_mut_bytes())? {
             return Err(ResolveError::Stream("it ends before its end-of-archive marker".into()));
         }
-        if block.iter().all(|&b| b == 0) {
-            out.write_all(&block).map_err(write)?;
-            if !read_block(&mut guest, &mut block)? || block.iter().any(|&b| b != 0) {
+        if header.as_bytes().iter().all(|&b| b == 0) {
+            out.write_all(header.as_bytes()).map_err(write)?;
+            if !read_block(&mut guest, header.as_mut_bytes())? || header.as_bytes().iter().any(|&b| b != 0) {
                 return Err(ResolveError::Stream("one zero block where the end marker has two".into()));
             }
-            return out.write_all(&block).map_err(write);
+            return out.write_all(header.as_bytes()).map_err(write);
         }
-        let size = header_size(&block)?;
-        match block[156] {
+        let size = header.entry_size().map_err(|e| ResolveError::Stream(e.to_string()))?;
+        match header.entry_type().as_byte() {
             b'x' => {
                 if size > MAX_PAX {
                     return Err(ResolveError::Stream(format!("a pax header of {size} bytes")));
                 }
-                let mut data = read_data(&mut guest, size)?;
-                data.truncate(size as usize);
-                let mut records = pax_records(&data)?;
-                if let Some(i) = records.iter().position(|(k, _)| k == EXTENTS_KEY) {
+                let data = read_data(&mut guest, size)?;
+                let mut records = tar::PaxExtensions::new(&data[..size as usize])
+                    .map(|r| r.map(|r| (r.key_bytes().to_vec(), r.value_bytes().to_vec())))
+                    .collect::<io::Result<Vec<_>>>()
+                    .map_err(|_| ResolveError::Stream("a malformed pax record".into()))?;
+                let named = records.iter().position(|(k, _)| k == EXTENTS_KEY);
+                if let Some(i) = named {
                     extents = Some(records.remove(i).1);
                 }
                 let value = |key: &[u8]| records.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
                 pax_path = value(b"path");
-                pax_size = match value(b"size") {
-                    Some(v) => Some(
-                        std::str::from_utf8(&v)
-                            .ok()
-                            .and_then(|s| s.parse().ok())
-                            .ok_or_else(|| ResolveError::Stream("a pax size that is not a number".into()))?,
-                    ),
-                    None => None,
+                let number = |v: Vec<u8>| {
+                    let n = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok());
+                    n.ok_or_else(|| ResolveError::Stream("a pax size that is not a number".into()))
                 };
+                pax_size = value(b"size").map(number).transpose()?;
+                if named.is_none() {
+                    // Nothing of ours in it: the header goes on as it came.
+                    out.write_all(header.as_bytes()).map_err(write)?;
+                    out.write_all(&data).map_err(write)?;
+                    continue;
+                }
                 if records.is_empty() {
                     continue;
                 }
@@ -276,9 +281,9 @@ fn resolve_into(mut guest: impl Read, upper: &File, mut out: impl Write) -> Resu
                 for (k, v) in &records {
                     pax::record(&mut body, k, v);
                 }
-                pax::octal(&mut block[124..136], body.len() as u64);
-                pax::checksum(&mut block);
-                out.write_all(&block).map_err(write)?;
+                header.set_size(body.len() as u64);
+                header.set_cksum();
+                out.write_all(header.as_bytes()).map_err(write)?;
                 out.write_all(&body).map_err(write)?;
                 out.write_all(&[0; BLOCK][..padding(body.len() as u64)]).map_err(write)?;
             }
@@ -288,7 +293,9 @@ fn resolve_into(mut guest: impl Read, upper: &File, mut out: impl Write) -> Resu
                 // Long-name and global headers describe what follows: they keep the pax state.
                 let path =
                     if matches!(flag, b'g' | b'L' | b'K') { pax_path.clone() } else { pax_path.take() };
-                let entry = entry_name(path.as_deref(), &block);
+                let entry =
+                    String::from_utf8_lossy(&path.unwrap_or_else(|| header.path_bytes().into_owned()))
+                        .into_owned();
                 match named {
                     Some(value) => {
                         let bad = |why: String| ResolveError::Entry { entry: entry.clone(), why };
@@ -301,14 +308,14 @@ fn resolve_into(mut guest: impl Read, upper: &File, mut out: impl Write) -> Resu
                         }
                         check_extents(file_size, &list, upper_len).map_err(bad)?;
                         claimed.claim(&list).map_err(bad)?;
-                        pax::octal(&mut block[124..136], file_size);
-                        pax::checksum(&mut block);
-                        out.write_all(&block).map_err(write)?;
+                        header.set_size(file_size);
+                        header.set_cksum();
+                        out.write_all(header.as_bytes()).map_err(write)?;
                         copy_extents(upper, file_size, &list, &mut out)?;
                         out.write_all(&[0; BLOCK][..padding(file_size)]).map_err(write)?;
                     }
                     None => {
-                        out.write_all(&block).map_err(write)?;
+                        out.write_all(header.as_bytes()).map_err(write)?;
                         let padded = data_len.div_ceil(BLOCK as u64) * BLOCK as u64;
                         let copied = io::copy(&mut (&mut guest).take(padded), &mut out)
                             .map_err(|source| ResolveError::Io { what: "the guest's tar".into(), source })?;
@@ -405,15 +412,6 @@ fn copy_extents(
     zeros(out, size - at)
 }
 
-/// An entry's path: the pax `path`, else the header's name.
-fn entry_name(pax_path: Option<&[u8]>, h: &[u8; BLOCK]) -> String {
-    let name = pax_path.unwrap_or_else(|| {
-        let end = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
-        &h[..end]
-    });
-    String::from_utf8_lossy(name).into_owned()
-}
-
 /// Reads one 512-byte block; false at a clean end of the stream.
 fn read_block(r: &mut impl Read, block: &mut [u8; BLOCK]) -> Result<bool, ResolveError> {
     let mut got = 0;
@@ -439,52 +437,6 @@ fn read_data(r: &mut impl Read, size: u64) -> Result<Vec<u8>, ResolveError> {
 /// Zero bytes after `len` bytes of data, to the next block.
 fn padding(len: u64) -> usize {
     ((BLOCK as u64 - len % BLOCK as u64) % BLOCK as u64) as usize
-}
-
-/// A header's size field: octal digits, or base-256 (high bit of the first byte set).
-fn header_size(h: &[u8; BLOCK]) -> Result<u64, ResolveError> {
-    let field = &h[124..136];
-    if field[0] & 0x80 != 0 {
-        let mut v: u64 = 0;
-        for &b in &field[4..] {
-            v = v.checked_mul(256).ok_or_else(|| ResolveError::Stream("a size beyond 2^64".into()))?
-                + b as u64;
-        }
-        return if field[1..4].iter().all(|&b| b == 0) && field[0] == 0x80 {
-            Ok(v)
-        } else {
-            Err(ResolveError::Stream("a base-256 size beyond 2^64".into()))
-        };
-    }
-    let digits: Vec<u8> =
-        field.iter().copied().skip_while(|&b| b == b' ').take_while(|b| b.is_ascii_digit()).collect();
-    let text = std::str::from_utf8(&digits).unwrap_or_default();
-    if text.is_empty() {
-        return Ok(0);
-    }
-    u64::from_str_radix(text, 8).map_err(|_| ResolveError::Stream(format!("a size field {text:?}")))
-}
-
-/// A pax record: its key and value.
-type PaxRecord = (Vec<u8>, Vec<u8>);
-
-/// The records of a pax header, `"<len> <key>=<value>\n"` each.
-fn pax_records(mut data: &[u8]) -> Result<Vec<PaxRecord>, ResolveError> {
-    let bad = || ResolveError::Stream("a malformed pax record".into());
-    let mut out = Vec::new();
-    while !data.is_empty() {
-        let space = data.iter().position(|&b| b == b' ').ok_or_else(bad)?;
-        let len: usize =
-            std::str::from_utf8(&data[..space]).ok().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-        if len <= space + 1 || len > data.len() || data[len - 1] != b'\n' {
-            return Err(bad());
-        }
-        let record = &data[space + 1..len - 1];
-        let eq = record.iter().position(|&b| b == b'=').ok_or_else(bad)?;
-        out.push((record[..eq].to_vec(), record[eq + 1..].to_vec()));
-        data = &data[len..];
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
