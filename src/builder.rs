@@ -712,7 +712,7 @@ impl Builder {
                 }
             };
             making.finish()?;
-            writeback.finish();
+            let syncing = writeback.finish();
             let made_at = std::time::Instant::now();
             let tree = work.path().join("tree");
             let (blob_sha256, verity) = if self.opts.verity {
@@ -724,6 +724,8 @@ impl Builder {
                 (digest::sha256_file_hex(&out).map_err(LayerFailure::Hash)?, None)
             };
             let hashed_at = std::time::Instant::now();
+            syncing.wait();
+            let synced_at = std::time::Instant::now();
             let size = fs_err::metadata(&out).map_err(LayerFailure::Hash)?.len();
             let record = LayerRecord {
                 chain_id: plan.chain[i].clone(),
@@ -742,14 +744,15 @@ impl Builder {
             }
             crate::progress::debug(&format!(
                 "layer {}: streamed in {:.2}s, waited for the layer below and {} for {:.2}s, \
-                 hashed{} in {:.2}s, synced and published in {:.2}s",
+                 hashed{} in {:.2}s, waited {:.2}s more for the disk, published in {:.2}s",
                 i + 1,
                 (streamed_at - started).as_secs_f64(),
                 self.opts.fs,
                 (made_at - streamed_at).as_secs_f64(),
                 if self.opts.verity { " (and made its dm-verity tree)" } else { "" },
                 (hashed_at - made_at).as_secs_f64(),
-                hashed_at.elapsed().as_secs_f64()
+                (synced_at - hashed_at).as_secs_f64(),
+                synced_at.elapsed().as_secs_f64()
             ));
             Ok((record, verity))
         })();

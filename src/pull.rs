@@ -382,7 +382,7 @@ fn fetch(
     }
     digest::check("layer blob", &layer.digest, &found)?;
     let (unpacked, size, file) = sink.finish();
-    writeback.finish();
+    drop(writeback);
     file.sync_all().map_err(|e| PullError::Write { path: out.clone(), source: e })?;
     let unpacked = unpacked.unwrap_or(found);
     digest::check("layer DiffID (uncompressed digest)", &classified.diff_id, &unpacked)?;

@@ -43,17 +43,44 @@ impl Writeback {
         Writeback { stop: Some(stop), thread, path: path.to_owned() }
     }
 
-    /// Stops following, then starts the writeback of everything the tool left dirty, so it
-    /// overlaps whatever comes before the fsync (hashing the blob).
-    pub fn finish(mut self) {
+    /// Stops following, then syncs the file on a thread of its own, so that the disk's part
+    /// overlaps whatever comes before the store's fsync (hashing the blob), which then finds
+    /// nothing left to write. Wait for it with [`Syncing::wait`].
+    pub fn finish(mut self) -> Syncing {
         self.stop_thread();
-        if let Ok(f) = std::fs::File::open(&self.path) {
-            start_writeback(&f);
-        }
+        let path = self.path.clone();
+        let thread = std::thread::Builder::new()
+            .name("sync".into())
+            .spawn(move || std::fs::File::open(&path).and_then(|f| f.sync_all()))
+            .ok();
+        Syncing { thread }
     }
 
     fn stop_thread(&mut self) {
         drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The sync [`Writeback::finish`] started.
+pub struct Syncing {
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Syncing {
+    /// Waits for the sync to end. Advisory like the rest: its error is the store's fsync's to
+    /// report, which follows.
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Syncing {
+    fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
