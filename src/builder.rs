@@ -149,13 +149,12 @@ impl LayerFailure {
     }
 }
 
-/// The error to report when streaming into the backend failed: the backend's own (mkfs exited,
-/// a writer stopped), if the broken pipe was its doing, else the stream's.
-fn tool_failure(sink: std::io::BufWriter<crate::backend::Making>, failure: LayerFailure) -> LayerFailure {
+/// The error to report when writing into the backend failed: the backend's own (mkfs exited,
+/// a writer stopped), if the failure was its doing, else `failure`.
+fn writer_failure(making: crate::backend::Making, failure: LayerFailure) -> LayerFailure {
     if !matches!(failure, LayerFailure::Unpack(LayerError::Output(_))) {
         return failure;
     }
-    let (making, _) = sink.into_parts();
     making.failure().map_or(failure, LayerFailure::Backend)
 }
 
@@ -660,7 +659,7 @@ impl Builder {
             let backend = self.backend.get().expect("detected before any layer converts");
             let turn = plan.turns.take();
             let writeback = crate::writeback::Writeback::follow(&out);
-            let making = backend.start(&plan.chain[i], &out)?;
+            let mut making = backend.start(&plan.chain[i], &out)?;
             // EROFS layers above the base mark their new directories opaque, so that
             // `build --merge` shows what overlayfs shows (see `Normalizer::opaque_new_dirs`);
             // an EROFS base layer keeps no whiteouts or opaque markers (the EROFS image layer
@@ -668,8 +667,7 @@ impl Builder {
             let erofs = fs == FsType::Erofs;
             // The normalizer writes through a borrow: whichever write fails, even the last ones
             // of `finish`, the backend is still here to say why (a writer's own error).
-            let mut sink = std::io::BufWriter::with_capacity(making.buffer_capacity(), making);
-            let mut normalizer = Normalizer::new(&mut sink, self.opts.max_layer_bytes)
+            let mut normalizer = Normalizer::new(&mut making, self.opts.max_layer_bytes)
                 .opaque_new_dirs(erofs && i > 0)
                 .marker_only_on_repeat(backend.adds_repeated_xattrs())
                 .data_room(backend.data_room(work.path())?);
@@ -689,7 +687,7 @@ impl Builder {
             );
             if let Err(e) = streamed {
                 drop(normalizer);
-                return Err(tool_failure(sink, e.into()));
+                return Err(writer_failure(making, e.into()));
             }
             drop(turn);
             let streamed_at = std::time::Instant::now();
@@ -697,20 +695,13 @@ impl Builder {
             let finished = match normalizer.finish(&lower) {
                 Ok((finished, _)) => finished,
                 Err(NormalizeError::Write(e)) => {
-                    return Err(tool_failure(sink, LayerError::Output(e).into()));
+                    return Err(writer_failure(making, LayerError::Output(e).into()));
                 }
                 Err(e) => return Err(e.into()),
             };
             let merged = Arc::new(finished.merged);
             plan.slots.set(i, Slot::Ready(merged.clone()));
             progress.step(self.opts.fs.name());
-            let making = match sink.into_inner() {
-                Ok(making) => making,
-                Err(e) => {
-                    let (error, sink) = e.into_parts();
-                    return Err(tool_failure(sink, LayerError::Output(error).into()));
-                }
-            };
             making.finish()?;
             let syncing = writeback.finish();
             let made_at = std::time::Instant::now();

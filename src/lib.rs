@@ -124,8 +124,9 @@ pub mod fuzzing {
     pub use crate::backend::Backend;
     pub use crate::digest::sha256_of;
     pub use crate::layer::dirindex::DirIndex;
-    pub use crate::layer::normalize::Normalizer;
+    pub use crate::layer::normalize::{Normalizer, Output};
     pub use crate::layer::stream;
+    pub use oci_spec::image::Digest;
 }
 
 /// The EROFS reader, the merged tree and the merged-blob writer, which `tests/merge.rs` feeds

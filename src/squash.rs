@@ -117,32 +117,26 @@ fn flatten(
 
     let top = &lowers.last().ok_or(SquashError::NoLayers)?.chain_id;
     let seed = crate::digest::sha256_of(format!("squash {top}").as_bytes());
-    let making = backend.start(&seed, out)?;
-    let mut normalizer =
-        Normalizer::new(std::io::BufWriter::with_capacity(making.buffer_capacity(), making), u64::MAX);
+    let mut making = backend.start(&seed, out)?;
+    let mut normalizer = Normalizer::new(&mut making, u64::MAX);
     if let Err(e) = copy_tree(&merged, &mut normalizer) {
-        return Err(writer_failure(normalizer.into_inner(), e));
+        drop(normalizer);
+        return Err(writer_failure(making, e));
     }
     let copy_err = |source| SquashError::Copy { path: "/".into(), source };
-    let (_, sink) = normalizer.finish(&DirIndex::default()).map_err(copy_err)?;
-    let making = match sink.into_inner() {
-        Ok(making) => making,
-        Err(e) => {
-            let (error, sink) = e.into_parts();
-            return Err(writer_failure(sink, copy_err(NormalizeError::Write(error))));
-        }
-    };
+    if let Err(e) = normalizer.finish(&DirIndex::default()) {
+        return Err(writer_failure(making, copy_err(e)));
+    }
     making.finish()?;
     Ok(())
 }
 
-/// The error to report when writing the stream into the backend failed: the writer's own
-/// (mkfs exited, the disk is full), if it stopped with one, else `failure`.
-fn writer_failure(sink: std::io::BufWriter<Making>, failure: SquashError) -> SquashError {
+/// The error to report when writing into the backend failed: the writer's own (mkfs exited,
+/// the disk is full), if it stopped with one, else `failure`.
+fn writer_failure(making: Making, failure: SquashError) -> SquashError {
     if !matches!(failure, SquashError::Copy { source: NormalizeError::Write(_), .. }) {
         return failure;
     }
-    let (making, _) = sink.into_parts();
     making.failure().map_or(failure, SquashError::Backend)
 }
 
@@ -171,7 +165,7 @@ fn meta_of(path: &Path, m: &std::fs::Metadata) -> Result<EntryMeta, SquashError>
 }
 
 /// Streams the merged tree at `root` into `tree`, every attribute and hardlink kept.
-fn copy_tree<W: std::io::Write>(root: &Path, tree: &mut Normalizer<W>) -> Result<(), SquashError> {
+fn copy_tree(root: &Path, tree: &mut Normalizer<&mut Making>) -> Result<(), SquashError> {
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     for entry in walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name() {
         let entry = entry.map_err(|e| SquashError::Io { path: root.to_owned(), source: e.into() })?;

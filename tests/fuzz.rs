@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use fixture::*;
 use vmrootfs::FsType;
-use vmrootfs::fuzzing::{Backend, DirIndex, Normalizer, sha256_of};
+use vmrootfs::fuzzing::{Backend, Digest, DirIndex, Normalizer, Output, sha256_of};
 
 /// Longest a case may take (a debug build on a loaded 2-core machine included).
 const CASE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -165,26 +165,17 @@ fn check_case(blob: Vec<u8>, fsck: bool) -> Result<bool, String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let diff_id = diff_id_of(&blob);
-        let cancel = AtomicBool::new(false);
-        let mut normalizer = Normalizer::new(Vec::new(), MAX_LAYER_BYTES);
-        let streamed = vmrootfs::fuzzing::stream(
-            &blob[..],
-            None,
-            None,
-            &diff_id,
-            MAX_LAYER_BYTES,
-            &cancel,
-            &|_| {},
-            &mut normalizer,
-        );
-        let outcome = match streamed {
-            Err(e) => Err(format!("{:#}", anyhow::Error::new(e))),
-            Ok(()) => normalizer.finish(&DirIndex::default()).map(|(_, out)| out).map_err(|e| e.to_string()),
-        };
+        let mut normalizer = Normalizer::tar(Vec::new(), MAX_LAYER_BYTES);
+        let outcome = normalize(&blob, &diff_id, &mut normalizer).and_then(|()| {
+            normalizer
+                .finish(&DirIndex::default())
+                .map(|(_, out)| out.into_inner())
+                .map_err(|e| e.to_string())
+        });
         let outcome = match outcome {
             Ok(stream) => check_stream(&stream)
-                .and_then(|()| check_writer(FsType::Ext4, &stream, fsck))
-                .and_then(|()| check_writer(FsType::Erofs, &stream, true))
+                .and_then(|()| check_writer(FsType::Ext4, &blob, &diff_id, fsck))
+                .and_then(|()| check_writer(FsType::Erofs, &blob, &diff_id, true))
                 .map(|()| Some(stream)),
             Err(message) if message.trim().is_empty() => Err("an error without a message".into()),
             Err(_) => Ok(None),
@@ -198,16 +189,26 @@ fn check_case(blob: Vec<u8>, fsck: bool) -> Result<bool, String> {
     }
 }
 
-/// The writer of `fs` on a well-formed normalized stream: an image (that the filesystem's
-/// checkers pass, when `fsck`) or one clean error.
-fn check_writer(fs: FsType, stream: &[u8], fsck: bool) -> Result<(), String> {
+/// Streams the layer `blob` into `normalizer`, as a build does.
+fn normalize<O: Output>(blob: &[u8], diff_id: &Digest, normalizer: &mut Normalizer<O>) -> Result<(), String> {
+    let cancel = AtomicBool::new(false);
+    vmrootfs::fuzzing::stream(blob, None, None, diff_id, MAX_LAYER_BYTES, &cancel, &|_| {}, normalizer)
+        .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+}
+
+/// The writer of `fs` given a layer that normalizes cleanly, as a build gives it: an image
+/// (that the filesystem's checkers pass, when `fsck`) or one clean error.
+fn check_writer(fs: FsType, blob: &[u8], diff_id: &Digest, fsck: bool) -> Result<(), String> {
     let dir = scratch(&format!("fuzz-{fs}"));
     let image = dir.path().join("image");
     let backend = Backend::detect(fs).map_err(|e| e.to_string())?;
-    let mut making = backend.start(&sha256_of(stream), &image).map_err(|e| e.to_string())?;
-    let made = match making.write_all(stream) {
+    let mut making = backend.start(&sha256_of(blob), &image).map_err(|e| e.to_string())?;
+    let mut normalizer = Normalizer::new(&mut making, MAX_LAYER_BYTES);
+    let normalized = normalize(blob, diff_id, &mut normalizer)
+        .and_then(|()| normalizer.finish(&DirIndex::default()).map(drop).map_err(|e| e.to_string()));
+    let made = match normalized {
         Ok(()) => making.finish().map_err(|e| format!("{:#}", anyhow::Error::new(e))),
-        Err(e) => Err(making.failure().map_or(e.to_string(), |e| format!("{:#}", anyhow::Error::new(e)))),
+        Err(e) => Err(making.failure().map_or(e, |e| format!("{:#}", anyhow::Error::new(e)))),
     };
     match made {
         Err(message) if message.trim().is_empty() => Err(format!("{fs}: an error without a message")),

@@ -1,13 +1,13 @@
-//! EROFS written by vmrootfs itself ([`crate::erofs::write`]) from the normalized stream, on a
-//! thread ([`native`]): the same bytes on every host, holes kept, no external tool.
+//! EROFS written by vmrootfs itself ([`crate::erofs::write`]), given the normalized layer's
+//! entries as they come: the same bytes on every host, holes kept, no external tool.
 
 use std::path::Path;
 
 use oci_spec::image::Digest;
 
 use super::BackendError;
-use super::native::{self, EntryWriter, Streaming};
-use crate::erofs::write::{ErofsError, ImageWriter};
+use super::native::EntryWriter;
+use crate::erofs::write::ImageWriter;
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
 
@@ -19,14 +19,10 @@ impl ErofsNative {
         format!("vmrootfs {} erofs writer", env!("CARGO_PKG_VERSION"))
     }
 
-    /// Starts writing `out` from the stream then written into the returned [`Streaming`].
-    /// The UUID comes from `chain_id`.
-    pub fn start(&self, chain_id: &Digest, out: &Path) -> Streaming {
-        let uuid = super::uuid_bytes(chain_id, 0);
-        native::start("erofs-writer", out, move |out| {
-            ImageWriter::create(out, uuid)
-                .map_err(|source| BackendError::Write { path: out.to_owned(), source })
-        })
+    /// A writer of the image `out`, its UUID from `chain_id`.
+    pub fn create(&self, chain_id: &Digest, out: &Path) -> Result<ImageWriter, BackendError> {
+        ImageWriter::create(out, super::uuid_bytes(chain_id, 0))
+            .map_err(|source| BackendError::Write { path: out.to_owned(), source })
     }
 }
 
@@ -37,9 +33,5 @@ impl EntryWriter for ImageWriter {
 
     fn finish(self) -> Result<(), BackendError> {
         Ok(ImageWriter::finish(self)?)
-    }
-
-    fn refused(path: String, problem: String) -> BackendError {
-        ErofsError::Entry { path, problem }.into()
     }
 }

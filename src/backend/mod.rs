@@ -14,12 +14,17 @@ pub(crate) use native::peak_heap_per_small_file;
 pub use native::{is_zero, read_piece};
 pub mod tool;
 
-use std::io::Write;
+use std::io::{BufWriter, Read};
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::Digest;
 use serde::{Deserialize, Serialize};
 
+use crate::layer::meta::EntryMeta;
+use crate::layer::normalize::{EntryKind, NormalizeError, Output};
+use crate::layer::pax::TarKind;
+use crate::layer::pax::TarWriter;
+use native::EntryWriter;
 use tool::ToolError;
 
 /// Version of the layer → blob recipe of each filesystem ([`FsType::recipe`]). Bump it whenever
@@ -139,11 +144,6 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
-    #[error("reading the normalized layer stream")]
-    Stream {
-        #[source]
-        source: std::io::Error,
-    },
     #[error("reading the free space of {path}")]
     FreeSpace {
         path: PathBuf,
@@ -220,59 +220,158 @@ impl Backend {
     }
 
     /// Starts making the image `out` of one layer's normalized stream, which the caller then
-    /// writes into the returned [`Making`]. `chain_id` seeds the UUID and hash seed, so the
-    /// same stack gives the same bytes.
+    /// puts into the returned [`Making`] (a normalizer's [`Output`]). `chain_id` seeds the UUID
+    /// and hash seed, so the same stack gives the same bytes.
     pub fn start(&self, chain_id: &Digest, out: &Path) -> Result<Making, BackendError> {
         let job = match self {
-            Backend::Erofs(b) => Job::Erofs(b.start(chain_id, out)?),
-            Backend::ErofsNative(b) => Job::Native(b.start(chain_id, out)),
-            Backend::Ext4(b) => Job::Native(b.start(chain_id, out)),
+            Backend::Erofs(b) => {
+                let streaming = b.start(chain_id, out)?;
+                Job::Tool(b.clone(), TarWriter::new(BufWriter::with_capacity(1 << 20, streaming)))
+            }
+            Backend::ErofsNative(b) => Job::Erofs(b.create(chain_id, out)?),
+            Backend::Ext4(b) => Job::Ext4(b.create(chain_id, out)?),
         };
-        Ok(Making { backend: self.clone(), job, out: out.to_owned() })
+        Ok(Making { job, out: out.to_owned(), failed: None })
     }
 }
 
-/// An image being made: write the normalized stream into it, then [`Making::finish`].
+/// An image being made: the normalizer's [`Output`], then [`Making::finish`].
 pub struct Making {
-    backend: Backend,
     job: Job,
     out: PathBuf,
+    /// The error a writer of vmrootfs's stopped with, for [`Making::failure`] (the normalizer
+    /// is only told that writing failed).
+    failed: Option<BackendError>,
 }
 
 enum Job {
-    /// `mkfs.erofs` reading the stream.
-    Erofs(tool::Streaming),
-    /// One of vmrootfs's own writers ([`native`]).
-    Native(native::Streaming),
+    /// `mkfs.erofs` reading the stream as a pax tar from a pipe.
+    Tool(erofs::Erofs, TarWriter<BufWriter<tool::Streaming>>),
+    /// vmrootfs's EROFS writer, given each entry on the layer's own thread: a file's data read
+    /// from the layer straight into its blocks, no tar in between.
+    Erofs(crate::erofs::write::ImageWriter),
+    /// vmrootfs's ext4 writer, likewise.
+    Ext4(ext4::image::ImageWriter),
 }
 
 impl Making {
-    /// The buffer to put in front of it: none for vmrootfs's own writers (their stream gathers
-    /// its own chunks, and a buffer would copy every byte once more), 1 MiB for a tool's pipe.
-    pub fn buffer_capacity(&self) -> usize {
-        match self.job {
-            Job::Erofs(_) => 1 << 20,
-            Job::Native(_) => 0,
-        }
-    }
-
-    /// Ends the stream and finishes the image.
+    /// Finishes the image (a writer of vmrootfs's writes its metadata now).
     pub fn finish(self) -> Result<(), BackendError> {
-        let result = match (self.backend, self.job) {
-            (Backend::Erofs(b), Job::Erofs(streaming)) => b.finish(streaming, &self.out),
-            (_, Job::Native(streaming)) => streaming.finish(),
-            _ => unreachable!("a job belongs to its backend"),
+        let result = match self.job {
+            Job::Tool(b, tar) => b.finish(tar.into_inner().into_parts().0, &self.out),
+            Job::Erofs(w) => EntryWriter::finish(w),
+            Job::Ext4(w) => EntryWriter::finish(w),
         };
         result.map_err(|e| at_output(&self.out, e))
     }
 
-    /// After a failed write: the tool's own error, when it stopped with one.
+    /// After a failed write: the writer's own error (mkfs exited, the disk is full), when it
+    /// stopped with one.
     pub fn failure(self) -> Option<BackendError> {
         let failure = match self.job {
-            Job::Erofs(streaming) => streaming.finish().err().map(BackendError::Tool),
-            Job::Native(streaming) => streaming.failure(),
+            Job::Tool(_, tar) => tar.into_inner().into_parts().0.finish().err().map(BackendError::Tool),
+            Job::Erofs(_) | Job::Ext4(_) => self.failed,
         };
         failure.map(|e| at_output(&self.out, e))
+    }
+
+    /// Gives an entry to a writer of vmrootfs's.
+    fn add(&mut self, path: &[u8], entry: EntryKind<'_>, meta: &EntryMeta) -> Result<(), BackendError> {
+        match &mut self.job {
+            Job::Erofs(w) => EntryWriter::add(w, path, entry, meta),
+            Job::Ext4(w) => EntryWriter::add(w, path, entry, meta),
+            Job::Tool(..) => unreachable!("a tool takes the tar stream"),
+        }
+    }
+
+    /// Keeps a writer's error for [`Making::failure`]; the normalizer's error for it.
+    fn stopped(&mut self, e: BackendError) -> NormalizeError {
+        let told = NormalizeError::Write(std::io::Error::other(e.to_string()));
+        self.failed = Some(e);
+        told
+    }
+}
+
+impl Output for Making {
+    fn entry(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
+        let entry = match kind {
+            TarKind::Dir => EntryKind::Dir,
+            TarKind::Symlink(target) => EntryKind::Symlink(target),
+            TarKind::Hardlink(target) => EntryKind::Hardlink(target),
+            TarKind::Char { major, minor } => EntryKind::Char { major, minor },
+            TarKind::Block { major, minor } => EntryKind::Block { major, minor },
+            TarKind::Fifo => EntryKind::Fifo,
+            TarKind::File { .. } => unreachable!("files come through Output::file"),
+        };
+        if let Job::Tool(_, tar) = &mut self.job {
+            return tar.entry(path, kind, meta);
+        }
+        self.add(path, entry, meta).map_err(|e| self.stopped(e))
+    }
+
+    fn file(
+        &mut self,
+        path: &[u8],
+        size: u64,
+        data: &mut dyn Read,
+        meta: &EntryMeta,
+    ) -> Result<(), NormalizeError> {
+        if let Job::Tool(_, tar) = &mut self.job {
+            return tar.file(path, size, data, meta);
+        }
+        let mut data = Watched { inner: data, left: size, ended: false, error: None };
+        let added = self.add(path, EntryKind::File { size, data: &mut data }, meta);
+        added.map_err(|e| data.blame().unwrap_or_else(|| self.stopped(e)))
+    }
+
+    fn end(&mut self) -> Result<(), NormalizeError> {
+        match &mut self.job {
+            Job::Tool(_, tar) => tar.end(),
+            Job::Erofs(_) | Job::Ext4(_) => Ok(()),
+        }
+    }
+}
+
+/// A file's data on its way from the layer into a writer: whether a failure was the layer's
+/// (a read error, or the data ending early) rather than the writer's.
+struct Watched<'a> {
+    inner: &'a mut dyn Read,
+    /// Bytes of the file not read yet.
+    left: u64,
+    /// A read found the end of the data.
+    ended: bool,
+    error: Option<std::io::Error>,
+}
+
+impl Read for Watched<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.ended |= n == 0 && !buf.is_empty();
+                self.left = self.left.saturating_sub(n as u64);
+                Ok(n)
+            }
+            Err(e) => {
+                let kind = e.kind();
+                self.error = Some(e);
+                Err(kind.into())
+            }
+        }
+    }
+}
+
+impl Watched<'_> {
+    /// The layer's error behind a writer's failure, if the layer's data was the cause.
+    fn blame(self) -> Option<NormalizeError> {
+        if let Some(e) = self.error {
+            return Some(NormalizeError::Data(e));
+        }
+        (self.ended && self.left > 0).then(|| {
+            NormalizeError::Data(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("entry data ends {} bytes early", self.left),
+            ))
+        })
     }
 }
 
@@ -302,22 +401,6 @@ fn filesystem_full(file: &Path) -> bool {
     // A filesystem that cannot even be asked is not known to be full: the tool's error stays.
     rustix::fs::statvfs(dir)
         .is_ok_and(|st| st.f_bavail.saturating_mul(st.f_frsize) < FULL_BELOW || st.f_favail == 0)
-}
-
-impl Write for Making {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match &mut self.job {
-            Job::Erofs(s) => s.write(buf),
-            Job::Native(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match &mut self.job {
-            Job::Erofs(s) => s.flush(),
-            Job::Native(s) => s.flush(),
-        }
-    }
 }
 
 /// A UUID made from bytes `offset..offset+16` of a sha256 digest, with the version (4) and

@@ -17,14 +17,14 @@ pub mod pathtree;
 pub mod pax;
 pub mod sparse;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use oci_spec::image::Digest;
 
 use crate::digest::{self, DigestMismatch, HashingReader};
-use normalize::{EntryKind, NormalizeError, Normalizer};
+use normalize::{EntryKind, NormalizeError, Normalizer, Output};
 
 /// Why a layer could not be unpacked.
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +231,7 @@ impl<R: Read> Read for SizeCheck<'_, R> {
 /// the diff_id as the bytes go by, and reading no more than `expected_size` (when known) plus
 /// one byte. Nothing is held in memory beyond one buffer.
 #[allow(clippy::too_many_arguments)]
-pub fn stream<W: Write>(
+pub fn stream<O: Output>(
     blob: impl Read + Send,
     expected_digest: Option<&Digest>,
     expected_size: Option<u64>,
@@ -239,7 +239,7 @@ pub fn stream<W: Write>(
     max_bytes: u64,
     cancel: &AtomicBool,
     on_read: &(dyn Fn(u64) + Sync),
-    normalizer: &mut Normalizer<W>,
+    normalizer: &mut Normalizer<O>,
 ) -> Result<(), LayerError> {
     let wrong_size = OnceLock::new();
     let sized: Box<dyn Read + Send + '_> = match expected_size {
@@ -282,9 +282,9 @@ pub fn stream<W: Write>(
     Ok(())
 }
 
-fn stream_entries<R: Read, W: Write>(
+fn stream_entries<R: Read, O: Output>(
     archive: &mut tar::Archive<R>,
-    normalizer: &mut Normalizer<W>,
+    normalizer: &mut Normalizer<O>,
     cancel: &AtomicBool,
 ) -> Result<(), LayerError> {
     for entry in archive.entries().map_err(LayerError::from_stream)? {
@@ -303,8 +303,8 @@ fn stream_entries<R: Read, W: Write>(
     Ok(())
 }
 
-fn apply_entry<R: Read, W: Write>(
-    normalizer: &mut Normalizer<W>,
+fn apply_entry<R: Read, O: Output>(
+    normalizer: &mut Normalizer<O>,
     entry: &mut tar::Entry<'_, R>,
 ) -> Result<(), EntryError> {
     use tar::EntryType as T;

@@ -1,4 +1,6 @@
-//! One layer's entries → the normalized stream: a clean pax tar that mkfs reads as is.
+//! One layer's entries → the normalized stream, entry by entry into an [`Output`]: a clean
+//! pax tar that mkfs reads as is ([`TarWriter`]), or one of vmrootfs's own image writers,
+//! which read each file's data straight from the layer (see [`crate::backend`]).
 //!
 //! The normalizer applies the layer semantics in one pass, holding only an index of the paths
 //! this layer made (no file data, no staging tree; a [`PathTree`] and a few bytes per path):
@@ -28,6 +30,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
+
 use std::num::NonZeroU32;
 
 use super::dirindex::{DirIndex, DirMeta, NodeKind};
@@ -71,6 +74,84 @@ pub enum NormalizeError {
     Write(#[source] io::Error),
 }
 
+/// Where a [`Normalizer`] puts the layer's entries, in stream order.
+pub trait Output {
+    /// An entry without data (`kind` is never [`TarKind::File`]: files come through
+    /// [`Output::file`]).
+    fn entry(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError>;
+    /// A regular file of `size` bytes, read from `data`. Failing to read is
+    /// [`NormalizeError::Data`] (an early end too), failing to write [`NormalizeError::Write`].
+    fn file(
+        &mut self,
+        path: &[u8],
+        size: u64,
+        data: &mut dyn Read,
+        meta: &EntryMeta,
+    ) -> Result<(), NormalizeError>;
+    /// The stream has ended.
+    fn end(&mut self) -> Result<(), NormalizeError>;
+}
+
+impl<O: Output + ?Sized> Output for &mut O {
+    fn entry(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
+        (**self).entry(path, kind, meta)
+    }
+
+    fn file(
+        &mut self,
+        path: &[u8],
+        size: u64,
+        data: &mut dyn Read,
+        meta: &EntryMeta,
+    ) -> Result<(), NormalizeError> {
+        (**self).file(path, size, data, meta)
+    }
+
+    fn end(&mut self) -> Result<(), NormalizeError> {
+        (**self).end()
+    }
+}
+
+/// The stream as a pax tar written to `W` (for mkfs, or anything else that reads a tar).
+impl<W: Write> Output for TarWriter<W> {
+    fn entry(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
+        self.header(path, kind, meta).map_err(NormalizeError::Write)
+    }
+
+    fn file(
+        &mut self,
+        path: &[u8],
+        size: u64,
+        data: &mut dyn Read,
+        meta: &EntryMeta,
+    ) -> Result<(), NormalizeError> {
+        self.header(path, TarKind::File { size }, meta).map_err(NormalizeError::Write)?;
+        let mut buf = std::mem::take(&mut self.buf);
+        if buf.is_empty() {
+            buf = vec![0; 256 << 10];
+        }
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = crate::digest::read_full(data, &mut buf[..want]).map_err(NormalizeError::Data)?;
+            if n == 0 {
+                return Err(NormalizeError::Data(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("entry data ends {left} bytes early"),
+                )));
+            }
+            self.data(&buf[..n]).map_err(NormalizeError::Write)?;
+            left -= n as u64;
+        }
+        self.buf = buf;
+        self.pad(size).map_err(NormalizeError::Write)
+    }
+
+    fn end(&mut self) -> Result<(), NormalizeError> {
+        self.end_archive().map_err(NormalizeError::Write)
+    }
+}
+
 /// What an entry is, as the layer's tar gives it.
 pub enum EntryKind<'a> {
     File {
@@ -110,9 +191,9 @@ pub struct FinishedLayer {
     pub merged: DirIndex,
 }
 
-/// Turns one layer's entries into the normalized stream written to `W`.
-pub struct Normalizer<W: Write> {
-    out: TarWriter<W>,
+/// Turns one layer's entries into the normalized stream put into `O`.
+pub struct Normalizer<O: Output> {
+    out: O,
     /// Every path this layer named; `nodes[id]` is what path `id` is (the root's is unused).
     paths: PathTree,
     nodes: Vec<Node>,
@@ -140,16 +221,22 @@ pub struct Normalizer<W: Write> {
     /// Free bytes of the store, when the backend writes holes as zeros (see
     /// [`Normalizer::data_room`]).
     room: Option<u64>,
-    buf: Vec<u8>,
     /// The image's base layer: nothing below for whiteouts or opaque markers to hide.
     base: bool,
 }
 
-impl<W: Write> Normalizer<W> {
+impl<W: Write> Normalizer<TarWriter<W>> {
+    /// A normalizer writing the stream to `out` as a pax tar (see [`Normalizer::new`]).
+    pub fn tar(out: W, limit: u64) -> Self {
+        Normalizer::new(TarWriter::new(out), limit)
+    }
+}
+
+impl<O: Output> Normalizer<O> {
     /// `limit`: most bytes of file data (logical, holes included) the layer may hold.
-    pub fn new(out: W, limit: u64) -> Self {
+    pub fn new(out: O, limit: u64) -> Self {
         Normalizer {
-            out: TarWriter::new(out),
+            out,
             paths: PathTree::default(),
             nodes: vec![Node::Dir(None)],
             dir_metas: Vec::new(),
@@ -163,7 +250,6 @@ impl<W: Write> Normalizer<W> {
             file_bytes: 0,
             limit,
             room: None,
-            buf: vec![0; 256 * 1024],
             base: false,
         }
     }
@@ -204,9 +290,9 @@ impl<W: Write> Normalizer<W> {
         self
     }
 
-    /// The sink, for a stream that ends in failure.
-    pub fn into_inner(self) -> W {
-        self.out.into_inner()
+    /// The output, for a stream that ends in failure.
+    pub fn into_inner(self) -> O {
+        self.out
     }
 
     /// One tar entry named `raw` (as in the tar): whiteouts and markers are interpreted.
@@ -394,21 +480,7 @@ impl<W: Write> Normalizer<W> {
         {
             return Err(NormalizeError::NoRoom { size, room });
         }
-        self.emit(path, TarKind::File { size }, meta)?;
-        let mut left = size;
-        while left > 0 {
-            let want = left.min(self.buf.len() as u64) as usize;
-            let n = crate::digest::read_full(data, &mut self.buf[..want]).map_err(NormalizeError::Data)?;
-            if n == 0 {
-                return Err(NormalizeError::Data(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("entry data ends {left} bytes early"),
-                )));
-            }
-            self.out.data(&self.buf[..n]).map_err(NormalizeError::Write)?;
-            left -= n as u64;
-        }
-        self.out.pad(size).map_err(NormalizeError::Write)
+        self.out.file(path, size, data, meta)
     }
 
     /// `.wh.NAME` at `path`.
@@ -457,14 +529,14 @@ impl<W: Write> Normalizer<W> {
     }
 
     fn emit(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
-        self.out.header(path, kind, meta).map_err(NormalizeError::Write)
+        self.out.entry(path, kind, meta)
     }
 
     /// Ends the stream: gives implicit directories (and the root, if the tar did not list it)
     /// the metadata `lower` — the merged directories of the layers below — has for them, marks
     /// opaque directories, and writes the end of the archive. Returns the sink and what the
     /// next layer and the backend need.
-    pub fn finish(mut self, lower: &DirIndex) -> Result<(FinishedLayer, W), NormalizeError> {
+    pub fn finish(mut self, lower: &DirIndex) -> Result<(FinishedLayer, O), NormalizeError> {
         let final_meta = |p: &[u8], own: Option<EntryMeta>| {
             own.or_else(|| lower.get(p).cloned()).unwrap_or_else(DirMeta::fallback)
         };
@@ -542,7 +614,7 @@ impl<W: Write> Normalizer<W> {
                     m.xattrs.push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
                     m.xattrs.sort();
                 }
-                self.out.header(p, TarKind::Dir, &m).map_err(NormalizeError::Write)?;
+                self.out.entry(p, TarKind::Dir, &m)?;
             }
         }
         drop(implicit);
@@ -561,8 +633,8 @@ impl<W: Write> Normalizer<W> {
                 None => NodeKind::Missing,
             }
         });
-        let out = self.out.finish().map_err(NormalizeError::Write)?;
-        Ok((FinishedLayer { merged }, out))
+        self.out.end()?;
+        Ok((FinishedLayer { merged }, self.out))
     }
 }
 
@@ -618,16 +690,16 @@ mod tests {
     }
 
     fn run(
-        feed: impl FnOnce(&mut Normalizer<Vec<u8>>),
+        feed: impl FnOnce(&mut Normalizer<TarWriter<Vec<u8>>>),
         lower: &DirIndex,
     ) -> (Vec<(String, char, u32, bool)>, DirIndex) {
-        let mut n = Normalizer::new(Vec::new(), u64::MAX);
+        let mut n = Normalizer::tar(Vec::new(), u64::MAX);
         feed(&mut n);
         let (done, out) = n.finish(lower).unwrap();
-        (entries(&out), done.merged)
+        (entries(&out.into_inner()), done.merged)
     }
 
-    fn file(n: &mut Normalizer<Vec<u8>>, p: &str) -> Result<(), NormalizeError> {
+    fn file(n: &mut Normalizer<TarWriter<Vec<u8>>>, p: &str) -> Result<(), NormalizeError> {
         n.entry(p.as_bytes(), EntryKind::File { size: 1, data: &mut &b"x"[..] }, &meta(0o644))
     }
 
@@ -684,13 +756,13 @@ mod tests {
 
     #[test]
     fn a_base_layer_keeps_no_whiteouts_or_opaque_markers() {
-        let mut n = Normalizer::new(Vec::new(), u64::MAX).base_layer();
+        let mut n = Normalizer::tar(Vec::new(), u64::MAX).base_layer();
         n.entry(b"etc/.wh.motd", EntryKind::Fifo, &meta(0)).unwrap();
         n.entry(b"d/", EntryKind::Dir, &meta(0o711)).unwrap();
         n.entry(b"d/.wh..wh..opq", EntryKind::Fifo, &meta(0)).unwrap();
         file(&mut n, "d/f").unwrap();
         let (_, out) = n.finish(&DirIndex::default()).unwrap();
-        let entries = entries(&out);
+        let entries = entries(&out.into_inner());
         assert!(!entries.iter().any(|(p, ..)| p == "etc/motd"), "no whiteout: {entries:?}");
         assert!(entries.iter().all(|(.., opaque)| !opaque), "no opaque marker: {entries:?}");
         assert!(entries.iter().any(|(p, t, m, _)| p == "d/" && *t == '5' && *m == 0o711), "{entries:?}");
@@ -699,7 +771,7 @@ mod tests {
 
     #[test]
     fn refusals() {
-        let mut n = Normalizer::new(Vec::new(), u64::MAX);
+        let mut n = Normalizer::tar(Vec::new(), u64::MAX);
         n.entry(b"link", EntryKind::Symlink(b"/etc"), &meta(0o777)).unwrap();
         assert!(matches!(file(&mut n, "link/planted"), Err(NormalizeError::ParentNotDir(p)) if p == "link"));
         assert!(matches!(
@@ -712,7 +784,7 @@ mod tests {
         ));
         assert!(matches!(file(&mut n, "a/../../x"), Err(NormalizeError::Path(PathError::Escapes))));
         assert!(matches!(file(&mut n, "./"), Err(NormalizeError::RootNotDir)));
-        let mut small = Normalizer::new(Vec::new(), 10);
+        let mut small = Normalizer::tar(Vec::new(), 10);
         let r = small.entry(b"big", EntryKind::File { size: 11, data: &mut &[0u8; 11][..] }, &meta(0o644));
         assert!(matches!(r, Err(NormalizeError::TooLarge { limit: 10 })));
     }
@@ -770,7 +842,7 @@ mod tests {
         const FILES: usize = 200_000;
         let (names, data) = ((0..FILES).map(|i| format!("data/d{:03}/file-{i:06}", i / 1000)), [b'x'; 64]);
         let ((), peak) = crate::heap_meter::peak_during(|| {
-            let mut n = Normalizer::new(io::sink(), u64::MAX);
+            let mut n = Normalizer::tar(io::sink(), u64::MAX);
             for (i, name) in names.enumerate() {
                 let size = (i % 64) as u64;
                 n.entry(
@@ -797,7 +869,7 @@ mod tests {
             .map(|d| format!("tree/d{d:03}"))
             .chain((0..DIRS).map(|i| format!("tree/d{:03}/dir-{i:06}", i / 1000)));
         let ((), peak) = crate::heap_meter::peak_during(|| {
-            let mut n = Normalizer::new(io::sink(), u64::MAX);
+            let mut n = Normalizer::tar(io::sink(), u64::MAX);
             for name in names {
                 n.entry(name.as_bytes(), EntryKind::Dir, &meta(0o755)).unwrap();
             }

@@ -40,11 +40,13 @@ impl TarKind<'_> {
 /// A pax tar writer over any byte sink (a pipe into mkfs.erofs, the ext4 writer's thread).
 pub struct TarWriter<W: Write> {
     out: W,
+    /// File data on its way from a reader to `out` (see the normalizer's `Output`).
+    pub(super) buf: Vec<u8>,
 }
 
 impl<W: Write> TarWriter<W> {
     pub fn new(out: W) -> Self {
-        TarWriter { out }
+        TarWriter { out, buf: Vec::new() }
     }
 
     /// The sink, as it is.
@@ -143,9 +145,14 @@ impl<W: Write> TarWriter<W> {
 
     /// The end-of-archive marker; returns the sink, flushed.
     pub fn finish(mut self) -> io::Result<W> {
-        self.put(&[0u8; 2 * BLOCK])?;
-        self.out.flush()?;
+        self.end_archive()?;
         Ok(self.out)
+    }
+
+    /// The end-of-archive marker, flushed.
+    pub fn end_archive(&mut self) -> io::Result<()> {
+        self.put(&[0u8; 2 * BLOCK])?;
+        self.out.flush()
     }
 }
 

@@ -907,7 +907,7 @@ mod tests {
                 .chain((0..300).map(move |s| format!("data/d{d:03}/subdir-{s:03}")))
         });
         let ((), peak) = crate::heap_meter::peak_during(|| {
-            let mut normalizer = Normalizer::new(io::sink(), u64::MAX);
+            let mut normalizer = Normalizer::tar(io::sink(), u64::MAX);
             let mut w = ImageWriter::create(&dir.path().join("image"), [1; 16], [2; 16]).unwrap();
             normalizer.entry(b"data/", EntryKind::Dir, &meta).unwrap();
             w.add(b"data", EntryKind::Dir, &meta).unwrap();

@@ -1,6 +1,5 @@
-//! ext4, written by vmrootfs itself: a thread reads the layer's normalized stream from the
-//! builder as it is written ([`native`]) and puts each entry into the image
-//! ([`image::ImageWriter`]): file data straight to its final place, the metadata once the
+//! ext4, written by vmrootfs itself: the normalized layer's entries go into the image as they
+//! come ([`image::ImageWriter`]): file data straight to its final place, the metadata once the
 //! stream ends. No external tool, no spool, no root, no second pass over the data; see
 //! [`image`] for the layout and [`disk`] for the structures.
 
@@ -13,7 +12,7 @@ use std::path::Path;
 use oci_spec::image::Digest;
 
 use super::BackendError;
-use super::native::{self, EntryWriter, Streaming};
+use super::native::EntryWriter;
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
 pub use image::Ext4Error;
@@ -27,15 +26,10 @@ impl Ext4 {
         format!("vmrootfs {} ext4 writer", env!("CARGO_PKG_VERSION"))
     }
 
-    /// Starts writing `out` from the stream then written into the returned [`Streaming`].
-    /// UUID and directory hash seed come from `chain_id`.
-    pub fn start(&self, chain_id: &Digest, out: &Path) -> Streaming {
-        let uuid = super::uuid_bytes(chain_id, 0);
-        let hash_seed = super::uuid_bytes(chain_id, 16);
-        native::start("ext4-writer", out, move |out| {
-            ImageWriter::create(out, uuid, hash_seed)
-                .map_err(|source| BackendError::Write { path: out.to_owned(), source })
-        })
+    /// A writer of the image `out`, its UUID and directory hash seed from `chain_id`.
+    pub fn create(&self, chain_id: &Digest, out: &Path) -> Result<ImageWriter, BackendError> {
+        ImageWriter::create(out, super::uuid_bytes(chain_id, 0), super::uuid_bytes(chain_id, 16))
+            .map_err(|source| BackendError::Write { path: out.to_owned(), source })
     }
 }
 
@@ -46,9 +40,5 @@ impl EntryWriter for ImageWriter {
 
     fn finish(self) -> Result<(), BackendError> {
         Ok(ImageWriter::finish(self)?)
-    }
-
-    fn refused(path: String, problem: String) -> BackendError {
-        Ext4Error::Entry { path, problem }.into()
     }
 }
