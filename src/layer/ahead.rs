@@ -84,7 +84,7 @@ impl<'scope, R: Read + Send + 'scope> ReadAhead<'scope, R> {
         if !served.is_empty() {
             self.hasher.update_owned(served);
         }
-        if let Some(spent) = self.hasher.spent() {
+        while let Some(spent) = self.hasher.spent() {
             // The thread may have ended (the stream did): the chunk is then dropped.
             let _ = self.empty.send(spent);
         }
