@@ -70,8 +70,10 @@ pub struct Syncing {
 }
 
 impl Syncing {
-    /// Waits for the sync to end.
-    pub fn wait(self) {}
+    /// Waits for the sync to end (dropping it joins the thread).
+    pub fn wait(self) {
+        drop(self);
+    }
 }
 
 impl Drop for Syncing {

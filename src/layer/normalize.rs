@@ -76,11 +76,10 @@ pub enum NormalizeError {
 
 /// Where a [`Normalizer`] puts the layer's entries, in stream order.
 pub trait Output {
-    /// An entry without data (`kind` is never [`TarKind::File`]: files come through
-    /// [`Output::file`]).
+    /// An entry without data (`kind` is never a file: files come through [`Output::file`]).
     fn entry(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError>;
-    /// A regular file of `size` bytes, read from `data`. Failing to read is
-    /// [`NormalizeError::Data`] (an early end too), failing to write [`NormalizeError::Write`].
+    /// A regular file of `size` bytes, read from `data`. Failing to read is the error's
+    /// `Data` (an early end too), failing to write its `Write`.
     fn file(
         &mut self,
         path: &[u8],
