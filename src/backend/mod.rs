@@ -442,3 +442,62 @@ pub fn fsck(fs: FsType, image: &Path, devices: &[PathBuf]) -> Result<(), ToolErr
     };
     tool::run(tool, cmd.arg(image)).map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> EntryMeta {
+        EntryMeta { mode: 0o644, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0, xattrs: Vec::new() }
+    }
+
+    /// A reader that gives `data`, then fails with `kind`.
+    struct FailsAfter<'a>(&'a [u8], std::io::ErrorKind);
+
+    impl Read for FailsAfter<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(self.1.into());
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// A file handed to one of vmrootfs's writers: a failure of the layer's data is the
+    /// layer's error (as the tar output reports it), a refusal of the writer is the writer's,
+    /// kept for `failure`.
+    #[test]
+    fn a_writer_s_failure_and_the_layer_s_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let chain: Digest = crate::digest::sha256_of(b"chain");
+        for fs in [FsType::Erofs, FsType::Ext4] {
+            let backend = match fs {
+                FsType::Erofs => Backend::ErofsNative(erofs_native::ErofsNative),
+                FsType::Ext4 => Backend::Ext4(ext4::Ext4),
+            };
+            let mut making = backend.start(&chain, &dir.path().join(fs.name())).unwrap();
+            making.entry(b"", TarKind::Dir, &EntryMeta { mode: 0o755, ..meta() }).unwrap();
+
+            let short = making.file(b"short", 10, &mut &b"12345"[..], &meta()).unwrap_err();
+            let NormalizeError::Data(e) = short else { panic!("{fs}: {short:?}") };
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{fs}");
+            assert_eq!(e.to_string(), "entry data ends 5 bytes early", "{fs}");
+
+            let broken = making
+                .file(b"broken", 10, &mut FailsAfter(b"123", std::io::ErrorKind::ConnectionReset), &meta())
+                .unwrap_err();
+            let NormalizeError::Data(e) = broken else { panic!("{fs}: {broken:?}") };
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{fs}");
+            assert!(making.failed.is_none(), "{fs}: the layer's failures are not the writer's");
+
+            let long = [b'n'; 300];
+            let refused = making.file(&long, 1, &mut &b"x"[..], &meta()).unwrap_err();
+            assert!(matches!(refused, NormalizeError::Write(_)), "{fs}: {refused:?}");
+            let own = making.failure().expect("the writer's own error").to_string();
+            assert!(own.contains("nnnn"), "{fs}: names the entry: {own}");
+        }
+    }
+}
