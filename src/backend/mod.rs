@@ -1,7 +1,8 @@
-//! Filesystem backends: one layer's normalized stream (a pax tar, see [`crate::layer::pax`])
-//! → one image file, made as the stream is written: by vmrootfs's own EROFS and ext4 writers
-//! reading it on a thread ([`native`], [`crate::erofs::write`], [`ext4`]), or by
-//! `mkfs.erofs --tar=f` reading it from a pipe (`VMROOTFS_EROFS_WRITER=mkfs`).
+//! Filesystem backends: one layer's normalized entries → one image file, made as the entries
+//! come ([`Making`], the normalizer's output): by vmrootfs's own EROFS and ext4 writers, given
+//! each entry on the layer's own thread ([`native`], [`crate::erofs::write`], [`ext4`]), or by
+//! `mkfs.erofs --tar=f` reading them as a pax tar ([`crate::layer::pax`]) from a pipe
+//! (`VMROOTFS_EROFS_WRITER=mkfs`).
 
 mod erofs;
 mod erofs_native;

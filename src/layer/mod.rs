@@ -1,9 +1,9 @@
-//! One layer: its compressed byte stream → verified tar entries → the normalized stream mkfs
-//! reads.
+//! One layer: its compressed byte stream → verified tar entries → the normalized entries, into
+//! an image writer (or as the pax tar mkfs reads).
 //!
 //! ```text
 //! blob ─sha256 = digest?─▶ gzip | zstd | none (by magic) ─sha256 = diff_id?─▶ tar entries
-//!      ─normalize (whiteouts, parents, path safety)─▶ pax tar ─▶ mkfs
+//!      ─normalize (whiteouts, parents, path safety)─▶ entries ─▶ writer (or pax tar ─▶ mkfs)
 //! ```
 
 pub mod acl;
