@@ -39,14 +39,12 @@ impl Writeback {
                         Ok(()) => break true,
                         Err(RecvTimeoutError::Disconnected) => break false,
                     }
-                    if file.is_none() {
-                        file = std::fs::File::open(&followed).ok();
-                    }
+                    file = file.or_else(|| std::fs::File::open(&followed).ok());
                     if let Some(f) = &file {
                         let _ = f.sync_data();
                     }
                 };
-                if finish && let Ok(f) = std::fs::File::open(&followed) {
+                if finish && let Some(f) = file.or_else(|| std::fs::File::open(&followed).ok()) {
                     let _ = f.sync_all();
                 }
             })
@@ -60,27 +58,20 @@ impl Writeback {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        Syncing { thread: self.thread.take() }
+        Syncing { _thread: self }
     }
 }
 
-/// The sync [`Writeback::finish`] started.
+/// The sync [`Writeback::finish`] started (dropping it waits too).
 pub struct Syncing {
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Held for its drop, which joins the thread once the sync is done.
+    _thread: Writeback,
 }
 
 impl Syncing {
-    /// Waits for the sync to end (dropping it joins the thread).
+    /// Waits for the sync to end.
     pub fn wait(self) {
         drop(self);
-    }
-}
-
-impl Drop for Syncing {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -22,9 +22,8 @@ use oci_spec::image::Digest;
 use serde::{Deserialize, Serialize};
 
 use crate::layer::meta::EntryMeta;
-use crate::layer::normalize::{EntryKind, NormalizeError, Output};
-use crate::layer::pax::TarKind;
-use crate::layer::pax::TarWriter;
+use crate::layer::normalize::{EntryKind, NormalizeError, Output, data_ended_early};
+use crate::layer::pax::{TarKind, TarWriter};
 use native::EntryWriter;
 use tool::ToolError;
 
@@ -295,6 +294,9 @@ impl Making {
 
 impl Output for Making {
     fn entry(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
+        if let Job::Tool(_, tar) = &mut self.job {
+            return tar.entry(path, kind, meta);
+        }
         let entry = match kind {
             TarKind::Dir => EntryKind::Dir,
             TarKind::Symlink(target) => EntryKind::Symlink(target),
@@ -304,9 +306,6 @@ impl Output for Making {
             TarKind::Fifo => EntryKind::Fifo,
             TarKind::File { .. } => unreachable!("files come through Output::file"),
         };
-        if let Job::Tool(_, tar) = &mut self.job {
-            return tar.entry(path, kind, meta);
-        }
         self.add(path, entry, meta).map_err(|e| self.stopped(e))
     }
 
@@ -367,12 +366,7 @@ impl Watched<'_> {
         if let Some(e) = self.error {
             return Some(NormalizeError::Data(e));
         }
-        (self.ended && self.left > 0).then(|| {
-            NormalizeError::Data(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("entry data ends {} bytes early", self.left),
-            ))
-        })
+        (self.ended && self.left > 0).then(|| NormalizeError::Data(data_ended_early(self.left)))
     }
 }
 

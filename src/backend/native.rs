@@ -31,10 +31,7 @@ pub fn read_piece(
     let want = left.min(buf.len() as u64) as usize;
     let n = crate::digest::read_full(data, &mut buf[..want])?;
     if n < want {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("entry data ends {} bytes early", left - n as u64),
-        ));
+        return Err(crate::layer::normalize::data_ended_early(left - n as u64));
     }
     let padded = n.next_multiple_of(block);
     buf[n..padded].fill(0);

@@ -30,7 +30,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Write};
-
 use std::num::NonZeroU32;
 
 use super::dirindex::{DirIndex, DirMeta, NodeKind};
@@ -111,44 +110,10 @@ impl<O: Output + ?Sized> Output for &mut O {
     }
 }
 
-/// The stream as a pax tar written to `W` (for mkfs, or anything else that reads a tar).
-impl<W: Write> Output for TarWriter<W> {
-    fn entry(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
-        self.header(path, kind, meta).map_err(NormalizeError::Write)
-    }
-
-    fn file(
-        &mut self,
-        path: &[u8],
-        size: u64,
-        data: &mut dyn Read,
-        meta: &EntryMeta,
-    ) -> Result<(), NormalizeError> {
-        self.header(path, TarKind::File { size }, meta).map_err(NormalizeError::Write)?;
-        let mut buf = std::mem::take(&mut self.buf);
-        if buf.is_empty() {
-            buf = vec![0; 256 << 10];
-        }
-        let mut left = size;
-        while left > 0 {
-            let want = left.min(buf.len() as u64) as usize;
-            let n = crate::digest::read_full(data, &mut buf[..want]).map_err(NormalizeError::Data)?;
-            if n == 0 {
-                return Err(NormalizeError::Data(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("entry data ends {left} bytes early"),
-                )));
-            }
-            self.data(&buf[..n]).map_err(NormalizeError::Write)?;
-            left -= n as u64;
-        }
-        self.buf = buf;
-        self.pad(size).map_err(NormalizeError::Write)
-    }
-
-    fn end(&mut self) -> Result<(), NormalizeError> {
-        self.end_archive().map_err(NormalizeError::Write)
-    }
+/// The error for a file's data that ended `left` bytes before its size: the layer's fault,
+/// whoever was reading it.
+pub(crate) fn data_ended_early(left: u64) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, format!("entry data ends {left} bytes early"))
 }
 
 /// What an entry is, as the layer's tar gives it.

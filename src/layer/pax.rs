@@ -1,13 +1,14 @@
-//! Writes the normalized layer stream: a POSIX pax tar that `mkfs.erofs --tar=f` and
-//! vmrootfs's ext4 writer read.
+//! Writes the normalized layer stream as a POSIX pax tar: what `mkfs.erofs --tar=f` reads (a
+//! normalizer [`Output`]), and the commit guest's listing.
 //!
 //! Each entry is a ustar header, preceded by a pax extended header (`x`) only when ustar cannot
 //! say something exactly: a long path or link target, nanoseconds or a negative/huge mtime,
 //! ids ≥ 2^21, a size ≥ 8 GiB, xattrs (`SCHILY.xattr.NAME`, binary values).
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 
 use super::meta::EntryMeta;
+use super::normalize::{NormalizeError, Output, data_ended_early};
 
 pub(crate) const BLOCK: usize = 512;
 
@@ -37,11 +38,11 @@ impl TarKind<'_> {
     }
 }
 
-/// A pax tar writer over any byte sink (a pipe into mkfs.erofs, the ext4 writer's thread).
+/// A pax tar writer over any byte sink (a pipe into mkfs.erofs, a file).
 pub struct TarWriter<W: Write> {
     out: W,
-    /// File data on its way from a reader to `out` (see the normalizer's `Output`).
-    pub(super) buf: Vec<u8>,
+    /// File data on its way from a reader to `out` ([`Output::file`]).
+    buf: Vec<u8>,
 }
 
 impl<W: Write> TarWriter<W> {
@@ -153,6 +154,41 @@ impl<W: Write> TarWriter<W> {
     pub fn end_archive(&mut self) -> io::Result<()> {
         self.put(&[0u8; 2 * BLOCK])?;
         self.out.flush()
+    }
+}
+
+/// The stream as a pax tar written to `W` (for mkfs, or anything else that reads a tar).
+impl<W: Write> Output for TarWriter<W> {
+    fn entry(&mut self, path: &[u8], kind: TarKind<'_>, meta: &EntryMeta) -> Result<(), NormalizeError> {
+        self.header(path, kind, meta).map_err(NormalizeError::Write)
+    }
+
+    fn file(
+        &mut self,
+        path: &[u8],
+        size: u64,
+        data: &mut dyn Read,
+        meta: &EntryMeta,
+    ) -> Result<(), NormalizeError> {
+        self.header(path, TarKind::File { size }, meta).map_err(NormalizeError::Write)?;
+        if self.buf.is_empty() {
+            self.buf = vec![0; 256 << 10];
+        }
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(self.buf.len() as u64) as usize;
+            let n = crate::digest::read_full(data, &mut self.buf[..want]).map_err(NormalizeError::Data)?;
+            if n == 0 {
+                return Err(NormalizeError::Data(data_ended_early(left)));
+            }
+            self.out.write_all(&self.buf[..n]).map_err(NormalizeError::Write)?;
+            left -= n as u64;
+        }
+        self.pad(size).map_err(NormalizeError::Write)
+    }
+
+    fn end(&mut self) -> Result<(), NormalizeError> {
+        self.end_archive().map_err(NormalizeError::Write)
     }
 }
 
