@@ -1,7 +1,7 @@
 //! The physical floor of a conversion, for `make bench`: every gzip layer given on the command
-//! line read, its compressed bytes hashed, inflated with zlib-rs (flate2, as vmrootfs does) and
-//! its uncompressed bytes hashed — nothing written, `THREADS` layers at a time (default 2).
-//! Prints each layer's digests.
+//! line read, its compressed bytes hashed, inflated with zlib-rs as vmrootfs inflates it (its
+//! gunzip, which leaves the CRC-32 to the diff ID) and its uncompressed bytes hashed — nothing
+//! written, `THREADS` layers at a time (default 2). Prints each layer's digests.
 //!
 //! With `WRITE_TO=DIR`, also what any converter that stores a blob and records its digest must
 //! do at least: the uncompressed bytes written to a file in DIR, hashed a third time as they
@@ -31,10 +31,10 @@ impl<R: Read> Read for Hashing<R> {
 fn floor(path: &str, out: Option<std::path::PathBuf>) -> std::io::Result<String> {
     let file = fs_err::File::open(path)?;
     let mut compressed =
-        Hashing { inner: std::io::BufReader::with_capacity(1 << 20, file), hash: Sha256::new() };
+        std::io::BufReader::with_capacity(1 << 20, Hashing { inner: file, hash: Sha256::new() });
     let mut uncompressed = Sha256::new();
     let mut written = out.map(|p| fs_err::File::create(p).map(|f| (f, Sha256::new()))).transpose()?;
-    let mut gz = flate2::read::MultiGzDecoder::new(&mut compressed);
+    let mut gz = vmrootfs::fuzzing::Gunzip::new(&mut compressed);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = gz.read(&mut buf)?;
@@ -54,7 +54,8 @@ fn floor(path: &str, out: Option<std::path::PathBuf>) -> std::io::Result<String>
     }
     // The rest of the file after the gzip members (none in a well-formed layer) counts too.
     std::io::copy(&mut compressed, &mut std::io::sink())?;
-    Ok(format!("{path} {} {}", hex::encode(compressed.hash.finalize()), hex::encode(uncompressed.finalize())))
+    let compressed = compressed.into_inner().hash;
+    Ok(format!("{path} {} {}", hex::encode(compressed.finalize()), hex::encode(uncompressed.finalize())))
 }
 
 fn main() -> std::io::Result<()> {

@@ -117,13 +117,15 @@ pub mod export {
 }
 
 /// Internals the mutation fuzzer (`tests/fuzz.rs`) drives directly: it feeds layer streams
-/// to the normalizer and the filesystem writers without a store or a source. Not part of the
-/// API; may change in any release.
+/// to the normalizer and the filesystem writers without a store or a source, and gzip streams
+/// to vmrootfs's gunzip (which `examples/inflate_floor.rs` inflates with too). Not part of
+/// the API; may change in any release.
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::backend::Backend;
     pub use crate::digest::sha256_of;
     pub use crate::layer::dirindex::DirIndex;
+    pub use crate::layer::gunzip::Gunzip;
     pub use crate::layer::normalize::{Normalizer, Output};
     pub use crate::layer::stream;
     pub use oci_spec::image::Digest;

@@ -345,3 +345,82 @@ fn mutated_layers_end_cleanly() {
     assert!(ok_streams > 0, "no case ended in a check, the harness checks nothing");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Gzip streams, mutated in their framing and their deflate data, inflate with vmrootfs's
+/// gunzip exactly as with flate2's `MultiGzDecoder`: the same bytes when flate2 accepts, an
+/// error when it refuses — except for a wrong CRC-32 of the data alone, which vmrootfs leaves
+/// to the diff ID's SHA-256 (see `layer::gunzip`).
+#[test]
+fn mutated_gzip_inflates_as_flate2_does() {
+    use vmrootfs::fuzzing::Gunzip;
+    let cases: usize = std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(3000) * 4;
+    let mut rng = Rng(0x9a1b_2c3d | 1);
+    let tar = layer_tar(&[dir("etc", 0o755), file("etc/passwd", &"root:x:0:0::/root:/bin/sh\n".repeat(40))]);
+    let plain = gzip(&tar);
+    let named = {
+        let mut enc = flate2::GzBuilder::new()
+            .filename("layer.tar")
+            .comment("a comment")
+            .extra(vec![7; 9])
+            .write(Vec::new(), flate2::Compression::best());
+        enc.write_all(&tar).unwrap();
+        enc.finish().unwrap()
+    };
+    let seeds =
+        [plain.clone(), named.clone(), [plain.clone(), named].concat(), [plain.clone(), plain].concat()];
+    let inflate_ours = |b: &[u8]| {
+        let mut out = Vec::new();
+        Gunzip::new(b).read_to_end(&mut out).map(|_| out)
+    };
+    let inflate_flate2 = |b: &[u8]| {
+        let mut out = Vec::new();
+        flate2::bufread::MultiGzDecoder::new(b).read_to_end(&mut out).map(|_| out)
+    };
+    let (mut both_ok, mut both_refuse, mut crc_only, mut failures) = (0, 0, 0, Vec::new());
+    for i in 0..cases {
+        let seed = rng.below(seeds.len());
+        let mut data = seeds[seed].clone();
+        for _ in 0..1 + rng.below(3) {
+            // Mostly the header and the trailers, where the framing is; anywhere otherwise.
+            let at = match rng.below(4) {
+                0 => rng.below(32.min(data.len())),
+                1 => data.len() - 1 - rng.below(16.min(data.len())),
+                _ => rng.below(data.len()),
+            };
+            match rng.below(6) {
+                0 | 1 => data[at] ^= 1 << rng.below(8),
+                2 => data[at] = rng.next() as u8,
+                3 => data.truncate(at.max(1)),
+                4 => data.extend(std::iter::repeat_n(rng.next() as u8, 1 + rng.below(12))),
+                _ if data.len() > 3 => data[3] |= 1 << rng.below(8),
+                _ => {}
+            }
+            if data.is_empty() {
+                break;
+            }
+        }
+        match (inflate_flate2(&data), inflate_ours(&data)) {
+            (Ok(a), Ok(b)) if a == b => both_ok += 1,
+            (Err(_), Err(_)) => both_refuse += 1,
+            // flate2 says the same of a wrong CRC-32 and a wrong length (ISIZE): of a stream of
+            // one member (the first two seeds), the length must be right.
+            (Err(e), Ok(b))
+                if e.to_string().contains("matching checksum")
+                    && (seed > 1 || data[data.len() - 4..] == (b.len() as u32).to_le_bytes()) =>
+            {
+                crc_only += 1
+            }
+            (a, b) => failures.push(format!(
+                "case {i} ({} bytes): flate2 {:?}, vmrootfs {:?}",
+                data.len(),
+                a.map(|o| o.len()),
+                b.map(|o| o.len())
+            )),
+        }
+    }
+    eprintln!(
+        "gzip fuzz: {cases} cases: {both_ok} inflated alike, {both_refuse} refused by both, {crc_only} with only a wrong CRC-32"
+    );
+    assert!(both_ok > 0 && both_refuse > 0 && crc_only > 0, "every outcome is reached");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

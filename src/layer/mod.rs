@@ -10,6 +10,7 @@ pub mod acl;
 pub mod ahead;
 pub mod dirindex;
 pub mod entry;
+pub mod gunzip;
 pub mod meta;
 pub mod normalize;
 pub mod path;
@@ -117,7 +118,7 @@ pub fn check_media_type(media_type: &str) -> Result<(), LayerError> {
 
 /// A decompressor chosen from the stream's first bytes.
 enum Decoder<R: BufRead> {
-    Gzip(Box<flate2::bufread::MultiGzDecoder<R>>),
+    Gzip(Box<gunzip::Gunzip<R>>),
     Zstd(zstd::stream::read::Decoder<'static, R>),
     Plain(R),
 }
@@ -126,7 +127,7 @@ impl<R: BufRead> Decoder<R> {
     fn sniff(mut r: R) -> io::Result<Self> {
         let head = r.fill_buf()?;
         Ok(if head.starts_with(&[0x1f, 0x8b]) {
-            Decoder::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(r)))
+            Decoder::Gzip(Box::new(gunzip::Gunzip::new(r)))
         } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
             Decoder::Zstd(zstd::stream::read::Decoder::with_buffer(r)?)
         } else {
