@@ -1,15 +1,17 @@
-//! Decompression on a thread of its own, ahead of the tar reader.
+//! Reading on a thread of its own, ahead of the reader, hashing what it serves.
 //!
 //! Inflating a layer is the largest piece of its conversion, and reading the tar, normalizing
 //! and hashing its bytes (the diff ID) the next ones: on one thread they were the test image's
 //! critical path, the base layer streaming in ~0.5 s while the second core had room. A
-//! [`ReadAhead`] moves the decompressor (and the reading and hashing of the compressed bytes
-//! before it) onto a thread that fills owned chunks; the reader serves them to the tar reader
-//! and hands each one it has served to the diff ID's hashing thread without copying it
-//! ([`OffThread::update_owned`]); hashed, the chunk goes back to be filled again. At most a few
-//! chunks are in flight: nothing is held beyond them.
+//! [`ReadAhead`] moves a stream's producer onto a thread that fills owned chunks; the reader
+//! serves them (by [`Read`], or without a copy by [`BufRead`]) and hands each one it has served
+//! to a hashing thread without copying it ([`OffThread::update_owned`]); hashed, the chunk
+//! goes back to be filled again. At most a few chunks are in flight: nothing is held beyond
+//! them. A layer streams through two: one reads the blob (hashing it: the blob digest) for
+//! the decompressor, which then has nothing to do but inflate; the other runs the
+//! decompressor (hashing its output: the diff ID) ahead of the tar reader.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::thread::{Scope, ScopedJoinHandle};
 
@@ -36,12 +38,12 @@ pub struct ReadAhead<'scope, R> {
 }
 
 impl<'scope, R: Read + Send + 'scope> ReadAhead<'scope, R> {
-    /// Starts reading `inner` on a thread of `scope`.
-    pub fn start<'env>(scope: &'scope Scope<'scope, 'env>, inner: R) -> Self {
+    /// Starts reading `inner` on a thread of `scope` named `name`.
+    pub fn start<'env>(scope: &'scope Scope<'scope, 'env>, name: &str, inner: R) -> Self {
         let (fill, filled) = sync_channel(IN_FLIGHT);
         let (empty, empties) = channel();
         let thread = std::thread::Builder::new()
-            .name("inflate".into())
+            .name(name.into())
             .spawn_scoped(scope, move || fill_chunks(inner, &fill, &empties))
             .expect("spawning a thread");
         ReadAhead {
@@ -94,15 +96,26 @@ impl<'scope, R: Read + Send + 'scope> ReadAhead<'scope, R> {
 
 impl<'scope, R: Read + Send + 'scope> Read for ReadAhead<'scope, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let served = self.fill_buf()?;
+        let n = buf.len().min(served.len());
+        buf[..n].copy_from_slice(&served[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<'scope, R: Read + Send + 'scope> BufRead for ReadAhead<'scope, R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.at == self.current.len() {
             if !self.next_chunk()? {
-                return Ok(0);
+                break;
             }
         }
-        let n = buf.len().min(self.current.len() - self.at);
-        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
+        Ok(&self.current[self.at..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.at = (self.at + n).min(self.current.len());
     }
 }
 
@@ -143,7 +156,7 @@ mod tests {
     fn serves_every_byte_in_order_and_hashes_the_whole_stream() {
         let data = pattern(5 * CHUNK + 1234);
         let (served, digest, rest) = std::thread::scope(|s| {
-            let mut ahead = ReadAhead::start(s, &data[..]);
+            let mut ahead = ReadAhead::start(s, "test", &data[..]);
             // Reads of odd sizes, as a tar reader makes: headers, then data.
             let mut served = vec![0u8; 3 * CHUNK + 17];
             ahead.read_exact(&mut served).unwrap();
@@ -153,6 +166,28 @@ mod tests {
         assert_eq!(served, data[..served.len()]);
         assert!(rest.is_empty(), "the thread read its input to the end");
         assert_eq!(digest, crate::digest::sha256_of(&data), "the unread tail is hashed too");
+    }
+
+    #[test]
+    fn serves_by_bufread_every_byte_once() {
+        let data = pattern(3 * CHUNK + 999);
+        let (served, digest) = std::thread::scope(|s| {
+            let mut ahead = ReadAhead::start(s, "test", &data[..]);
+            let mut served = Vec::new();
+            // Consumed in pieces that cross chunk edges, as a decompressor takes its input.
+            for step in [1, 4095, CHUNK, 7, 3 * CHUNK].iter().cycle() {
+                let buf = ahead.fill_buf().unwrap();
+                if buf.is_empty() {
+                    break;
+                }
+                let n = (*step).min(buf.len());
+                served.extend_from_slice(&buf[..n]);
+                ahead.consume(n);
+            }
+            (served, ahead.finish().unwrap().0)
+        });
+        assert!(served == data, "every byte served once, in order");
+        assert_eq!(digest, crate::digest::sha256_of(&data));
     }
 
     /// A reader that fails after `ok` bytes.
@@ -175,7 +210,7 @@ mod tests {
     #[test]
     fn a_read_error_reaches_the_reader_as_it_was() {
         let err = std::thread::scope(|s| {
-            let mut ahead = ReadAhead::start(s, FailsAfter { ok: CHUNK + 10 });
+            let mut ahead = ReadAhead::start(s, "test", FailsAfter { ok: CHUNK + 10 });
             io::copy(&mut ahead, &mut io::sink()).unwrap_err()
         });
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
@@ -188,7 +223,7 @@ mod tests {
         // The scope joins the thread: this returns only if dropping the reader stopped it
         // (it would otherwise wait forever to hand over its next chunk).
         std::thread::scope(|s| {
-            let mut ahead = ReadAhead::start(s, &data[..]);
+            let mut ahead = ReadAhead::start(s, "test", &data[..]);
             let mut first = [0u8; 100];
             ahead.read_exact(&mut first).unwrap();
             assert_eq!(first[..], data[..100]);

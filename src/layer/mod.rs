@@ -18,13 +18,13 @@ pub mod pathtree;
 pub mod pax;
 pub mod sparse;
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, Read};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use oci_spec::image::Digest;
 
-use crate::digest::{self, DigestMismatch, HashingReader};
+use crate::digest::{self, DigestMismatch};
 use normalize::{EntryKind, NormalizeError, Normalizer, Output};
 
 /// Why a layer could not be unpacked.
@@ -247,8 +247,7 @@ pub fn stream<O: Output>(
         Some(expected) => Box::new(SizeCheck { inner: blob, expected, seen: 0, wrong: &wrong_size }),
         None => Box::new(blob),
     };
-    let raw = HashingReader::new(Progress { inner: sized, on_read });
-    let buffered = BufReader::with_capacity(256 * 1024, raw);
+    let raw = Progress { inner: sized, on_read };
     let hit = AtomicBool::new(false);
     // A wrong blob size, then the size limit, explain any stream error that follows them.
     let fault = || match (wrong_size.get(), expected_size) {
@@ -261,18 +260,23 @@ pub fn stream<O: Output>(
     };
     let failed = |e: LayerError| fault().unwrap_or(e);
     let stream_error = |e: io::Error| failed(LayerError::from_stream(e));
-    let decoder = Decoder::sniff(buffered).map_err(stream_error)?;
-    let limited = Limit { inner: decoder, left: max_bytes, hit: &hit };
-    // The decompressor runs ahead on a thread of its own (see `ahead`).
-    let (found_diff_id, limited) = std::thread::scope(|s| {
-        let mut archive = tar::Archive::new(ahead::ReadAhead::start(s, limited));
+    // The blob is read (and hashed) on a thread of its own, and decompressed on another,
+    // ahead of the tar reader (see `ahead`).
+    let (found_digest, found_diff_id) = std::thread::scope(|s| {
+        let blob = ahead::ReadAhead::start(s, "read-blob", raw);
+        let decoder = Decoder::sniff(blob).map_err(stream_error)?;
+        let limited = Limit { inner: decoder, left: max_bytes, hit: &hit };
+        let mut archive = tar::Archive::new(ahead::ReadAhead::start(s, "inflate", limited));
         stream_entries(&mut archive, normalizer, cancel).map_err(&failed)?;
         if let Some(e) = fault() {
             return Err(e);
         }
-        archive.into_inner().finish().map_err(stream_error)
+        let (found_diff_id, limited) = archive.into_inner().finish().map_err(stream_error)?;
+        // The rest of the blob after the compressed stream (none in a well-formed layer)
+        // counts too.
+        let (found_digest, _) = limited.inner.into_inner().finish().map_err(stream_error)?;
+        Ok((found_digest, found_diff_id))
     })?;
-    let (found_digest, _, _) = limited.inner.into_inner().into_inner().finish().map_err(stream_error)?;
     if let Some(e) = fault() {
         return Err(e);
     }
