@@ -263,24 +263,29 @@ impl DirSlots {
     }
 }
 
-/// Turns to stream a layer: `jobs` of them, each held while one layer streams.
+/// Turns to stream a layer: `jobs` of them, each held while one layer streams, given in the
+/// order of the conversion plan (the `k` of [`Builder::convert_all`]): the layer planned
+/// first never waits behind a later one that reached the queue before it.
 struct Turns {
-    free: Mutex<usize>,
+    /// Turns free, and the plan position the next turn goes to.
+    state: Mutex<(usize, usize)>,
     returned: Condvar,
 }
 
 impl Turns {
     fn new(n: usize) -> Turns {
-        Turns { free: Mutex::new(n.max(1)), returned: Condvar::new() }
+        Turns { state: Mutex::new((n.max(1), 0)), returned: Condvar::new() }
     }
 
-    /// Waits for a turn; it is given back when the guard drops.
-    fn take(&self) -> Turn<'_> {
-        let mut free = self.free.lock().expect("turn lock");
-        while *free == 0 {
-            free = self.returned.wait(free).expect("turn lock");
+    /// Waits for a turn for plan position `k`, once every earlier one had theirs; the turn is
+    /// given back when the guard drops. Every position from 0 on must take its turn.
+    fn take(&self, k: usize) -> Turn<'_> {
+        let mut state = self.state.lock().expect("turn lock");
+        while state.0 == 0 || state.1 != k {
+            state = self.returned.wait(state).expect("turn lock");
         }
-        *free -= 1;
+        *state = (state.0 - 1, k + 1);
+        self.returned.notify_all();
         Turn(self)
     }
 }
@@ -289,8 +294,8 @@ struct Turn<'a>(&'a Turns);
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        *self.0.free.lock().expect("turn lock") += 1;
-        self.0.returned.notify_one();
+        self.0.state.lock().expect("turn lock").0 += 1;
+        self.0.returned.notify_all();
     }
 }
 
@@ -572,21 +577,33 @@ impl Builder {
     }
 
     /// Converts the `missing` layers, `jobs` streaming at a time; the first real failure wins.
+    ///
+    /// The largest layer streams first, the others in image order: a layer's blob can only be
+    /// hashed once its stream has ended (its superblock is written last), so the largest
+    /// layer's stream and then that hash are the longest chain of work, and the others fit
+    /// beside and after it.
     fn convert_all(
         &self,
         plan: &Plan<'_>,
         missing: &[usize],
     ) -> Result<Vec<(usize, LayerRecord, Option<VerityInfo>)>, BuildError> {
+        let size = |i: usize| plan.image.layers[i].size.unwrap_or(0);
+        let mut order = missing.to_vec();
+        if let Some(largest) = (0..order.len()).max_by_key(|&k| (size(order[k]), std::cmp::Reverse(k))) {
+            let first = order.remove(largest);
+            order.insert(0, first);
+        }
         let next = AtomicUsize::new(0);
         let done = Mutex::new(Vec::new());
         let failed = Mutex::new(Vec::new());
         std::thread::scope(|s| {
-            for _ in 0..(2 * self.opts.jobs.max(1)).min(missing.len()) {
+            for _ in 0..(2 * self.opts.jobs.max(1)).min(order.len()) {
                 s.spawn(|| {
                     loop {
                         let k = next.fetch_add(1, Ordering::SeqCst);
-                        let Some(&i) = missing.get(k) else { break };
-                        match self.convert_one(plan, i) {
+                        let Some(&i) = order.get(k) else { break };
+                        let turn = plan.turns.take(k);
+                        match self.convert_one(plan, i, turn) {
                             Ok((rec, verity)) => done.lock().expect("lock").push((i, rec, verity)),
                             Err(e) => {
                                 plan.cancel.store(true, Ordering::SeqCst);
@@ -620,11 +637,12 @@ impl Builder {
     }
 
     /// Converts layer `i` (and, with `--verity`, makes its tree in the same read as the
-    /// blob's hash).
+    /// blob's hash), streaming it on `turn`, which it gives back once the stream has ended.
     fn convert_one(
         &self,
         plan: &Plan<'_>,
         i: usize,
+        turn: Turn<'_>,
     ) -> Result<(LayerRecord, Option<VerityInfo>), LayerFailure> {
         let layer = &plan.image.layers[i];
         let fs = self.opts.fs;
@@ -657,7 +675,6 @@ impl Builder {
             let work = self.store.staging("layer-")?;
             let out = work.path().join("blob");
             let backend = self.backend.get().expect("detected before any layer converts");
-            let turn = plan.turns.take();
             let writeback = crate::writeback::Writeback::follow(&out);
             let mut making = backend.start(&plan.chain[i], &out)?;
             // EROFS layers above the base mark their new directories opaque, so that
@@ -752,5 +769,31 @@ impl Builder {
             Err(_) => progress.failed(),
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turns_go_in_plan_order_whoever_asks_first() {
+        let turns = Turns::new(1);
+        let taken = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            let first = turns.take(0);
+            // Positions 2 and 1 ask while 0 streams; 2 asks first.
+            for k in [2, 1] {
+                let (turns, taken) = (&turns, &taken);
+                s.spawn(move || {
+                    let _turn = turns.take(k);
+                    taken.lock().unwrap().push(k);
+                });
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            taken.lock().unwrap().push(0);
+            drop(first);
+        });
+        assert_eq!(taken.into_inner().unwrap(), [0, 1, 2]);
     }
 }
