@@ -65,12 +65,19 @@ impl<R: BufRead> Read for Gunzip<R> {
         loop {
             match std::mem::replace(&mut self.state, State::Moving) {
                 State::Header { mut input, first } => {
-                    if !first && input.fill_buf()?.is_empty() {
+                    // After a member: the end of the input, or another member's header.
+                    let ended = match input.fill_buf() {
+                        Ok(rest) => !first && rest.is_empty(),
+                        Err(e) => {
+                            self.state = State::Done(input);
+                            return Err(e);
+                        }
+                    };
+                    if ended {
                         self.state = State::Done(input);
                         return Ok(0);
                     }
-                    let header = read_header(&mut input);
-                    if let Err(e) = header {
+                    if let Err(e) = read_header(&mut input) {
                         self.state = State::Done(input);
                         return Err(e);
                     }
@@ -84,14 +91,11 @@ impl<R: BufRead> Read for Gunzip<R> {
                             // The deflate data ended (or the input did: then the trailer is
                             // missing).
                             let mut input = body.into_inner();
-                            let trailer = read_trailer(&mut input, self.member_len);
-                            self.state = match trailer {
-                                Ok(()) => State::Header { input, first: false },
-                                Err(e) => {
-                                    self.state = State::Done(input);
-                                    return Err(e);
-                                }
-                            };
+                            if let Err(e) = read_trailer(&mut input, self.member_len) {
+                                self.state = State::Done(input);
+                                return Err(e);
+                            }
+                            self.state = State::Header { input, first: false };
                         }
                         Ok(n) => {
                             self.member_len += n as u64;
@@ -212,6 +216,34 @@ mod tests {
         let mut flate2_out = Vec::new();
         flate2::bufread::MultiGzDecoder::new(&stream[..]).read_to_end(&mut flate2_out).unwrap();
         assert_eq!(flate2_out, b"first member second member", "the reference reads it alike");
+    }
+
+    /// Serves `ok` bytes, then fails every read.
+    struct FailingAfter<'a> {
+        ok: &'a [u8],
+    }
+
+    impl Read for FailingAfter<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.ok.is_empty() {
+                return Err(io::Error::other("the network went away"));
+            }
+            self.ok.read(buf)
+        }
+    }
+
+    #[test]
+    fn a_read_error_is_returned_and_the_reader_stays_usable() {
+        let member = gzip(b"one member", flate2::GzBuilder::new());
+        // Between members (the error comes where the next header would start), and inside
+        // one.
+        for cut in [member.len(), 12] {
+            let mut gz = Gunzip::new(io::BufReader::with_capacity(4, FailingAfter { ok: &member[..cut] }));
+            let err = io::copy(&mut gz, &mut io::sink()).unwrap_err();
+            assert_eq!(err.to_string(), "the network went away", "cut at {cut}");
+            assert_eq!(gz.read(&mut [0u8; 8]).unwrap(), 0, "a failed stream reads as ended");
+            drop(gz.into_inner());
+        }
     }
 
     #[test]
