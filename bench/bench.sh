@@ -12,7 +12,8 @@
 # directories (bench/make-many-entries.py): the memory a converter takes per entry. ONLY=many
 # runs just those rows (the test image's print n/a).
 # floor-zlib-rs is the physical floor of a conversion: each layer hashed compressed, inflated
-# with zlib-rs and hashed uncompressed, 2 threads, nothing written (examples/inflate_floor.rs);
+# with zlib-rs as vmrootfs inflates it (src/layer/gunzip.rs: no CRC-32, which the diff ID makes
+# redundant) and hashed uncompressed, 2 threads, nothing written (examples/inflate_floor.rs);
 # the summary gives each vmrootfs build as a multiple of it. floor-zlib-rs-write adds what any
 # converter that stores a blob and records its digest must do at least: the uncompressed bytes
 # written to a file, hashed a third time as they are written, made durable (fdatasync); the
