@@ -92,6 +92,8 @@ pub mod serve;
 mod source;
 mod squash;
 pub mod store;
+#[cfg(test)]
+mod test_io;
 pub mod upper;
 mod verity;
 pub mod vm;

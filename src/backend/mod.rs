@@ -441,24 +441,10 @@ pub fn fsck(fs: FsType, image: &Path, devices: &[PathBuf]) -> Result<(), ToolErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_io::FailsAfter;
 
     fn meta() -> EntryMeta {
         EntryMeta { mode: 0o644, uid: 0, gid: 0, mtime_sec: 0, mtime_nsec: 0, xattrs: Vec::new() }
-    }
-
-    /// A reader that gives `data`, then fails with `kind`.
-    struct FailsAfter<'a>(&'a [u8], std::io::ErrorKind);
-
-    impl Read for FailsAfter<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            if self.0.is_empty() {
-                return Err(self.1.into());
-            }
-            let n = buf.len().min(self.0.len());
-            buf[..n].copy_from_slice(&self.0[..n]);
-            self.0 = &self.0[n..];
-            Ok(n)
-        }
     }
 
     /// A file handed to one of vmrootfs's writers: a failure of the layer's data is the
@@ -482,7 +468,12 @@ mod tests {
             assert_eq!(e.to_string(), "entry data ends 5 bytes early", "{fs}");
 
             let broken = making
-                .file(b"broken", 10, &mut FailsAfter(b"123", std::io::ErrorKind::ConnectionReset), &meta())
+                .file(
+                    b"broken",
+                    10,
+                    &mut FailsAfter { data: b"123", error: || std::io::ErrorKind::ConnectionReset.into() },
+                    &meta(),
+                )
                 .unwrap_err();
             let NormalizeError::Data(e) = broken else { panic!("{fs}: {broken:?}") };
             assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{fs}");

@@ -146,6 +146,7 @@ fn fill_chunks<R: Read>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_io::FailsAfter;
 
     /// Bytes that differ from chunk to chunk, so a chunk served twice or skipped shows.
     fn pattern(len: usize) -> Vec<u8> {
@@ -190,27 +191,12 @@ mod tests {
         assert_eq!(digest, crate::digest::sha256_of(&data));
     }
 
-    /// A reader that fails after `ok` bytes.
-    struct FailsAfter {
-        ok: usize,
-    }
-
-    impl Read for FailsAfter {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.ok == 0 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "corrupt deflate stream"));
-            }
-            let n = buf.len().min(self.ok);
-            buf[..n].fill(7);
-            self.ok -= n;
-            Ok(n)
-        }
-    }
-
     #[test]
     fn a_read_error_reaches_the_reader_as_it_was() {
+        let data = vec![7u8; CHUNK + 10];
+        let corrupt = || io::Error::new(io::ErrorKind::InvalidData, "corrupt deflate stream");
         let err = std::thread::scope(|s| {
-            let mut ahead = ReadAhead::start(s, "test", FailsAfter { ok: CHUNK + 10 });
+            let mut ahead = ReadAhead::start(s, "test", FailsAfter { data: &data, error: corrupt });
             io::copy(&mut ahead, &mut io::sink()).unwrap_err()
         });
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);

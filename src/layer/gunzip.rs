@@ -181,6 +181,7 @@ fn read_trailer(input: &mut impl BufRead, member_len: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_io::FailsAfter;
     use std::io::Write;
 
     fn gzip(data: &[u8], builder: flate2::GzBuilder) -> Vec<u8> {
@@ -218,27 +219,15 @@ mod tests {
         assert_eq!(flate2_out, b"first member second member", "the reference reads it alike");
     }
 
-    /// Serves `ok` bytes, then fails every read.
-    struct FailingAfter<'a> {
-        ok: &'a [u8],
-    }
-
-    impl Read for FailingAfter<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.ok.is_empty() {
-                return Err(io::Error::other("the network went away"));
-            }
-            self.ok.read(buf)
-        }
-    }
-
     #[test]
     fn a_read_error_is_returned_and_the_reader_stays_usable() {
         let member = gzip(b"one member", flate2::GzBuilder::new());
         // Between members (the error comes where the next header would start), and inside
         // one.
         for cut in [member.len(), 12] {
-            let mut gz = Gunzip::new(io::BufReader::with_capacity(4, FailingAfter { ok: &member[..cut] }));
+            let failing =
+                FailsAfter { data: &member[..cut], error: || io::Error::other("the network went away") };
+            let mut gz = Gunzip::new(io::BufReader::with_capacity(4, failing));
             let err = io::copy(&mut gz, &mut io::sink()).unwrap_err();
             assert_eq!(err.to_string(), "the network went away", "cut at {cut}");
             assert_eq!(gz.read(&mut [0u8; 8]).unwrap(), 0, "a failed stream reads as ended");
