@@ -23,36 +23,67 @@ const MAX_FIELD: usize = u16::MAX as usize;
 
 /// Reads gzip members from `R` and serves their inflated bytes.
 pub struct Gunzip<R: BufRead> {
-    state: State<R>,
+    /// The decompressor, over the input: headers and trailers are read past it
+    /// (`get_mut`), and it is reset for each member.
+    deflate: DeflateDecoder<R>,
+    at: At,
     /// Bytes served from the current member (its ISIZE, modulo 2³²).
     member_len: u64,
 }
 
-enum State<R: BufRead> {
+/// Where in the stream a [`Gunzip`] is.
+#[derive(Clone, Copy)]
+enum At {
     /// Before a member's header; `first`: the stream's first member, which must be there.
     Header {
-        input: R,
         first: bool,
     },
-    Body(Box<DeflateDecoder<R>>),
+    Body,
     /// The stream ended, or failed (its error was returned).
-    Done(R),
-    /// Only while a state is being replaced.
-    Moving,
+    Done,
 }
 
 impl<R: BufRead> Gunzip<R> {
     /// Reads the members of `input`, from its first byte on.
     pub fn new(input: R) -> Self {
-        Gunzip { state: State::Header { input, first: true }, member_len: 0 }
+        Gunzip { deflate: DeflateDecoder::new(input), at: At::Header { first: true }, member_len: 0 }
     }
 
     /// The input, after whatever was read of it.
     pub fn into_inner(self) -> R {
-        match self.state {
-            State::Header { input, .. } | State::Done(input) => input,
-            State::Body(body) => body.into_inner(),
-            State::Moving => unreachable!("a state is put back before any return"),
+        self.deflate.into_inner()
+    }
+
+    /// One step through the stream: `Some(n)` once `n` bytes are served (0 at the end),
+    /// `None` to go on.
+    fn step(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match self.at {
+            At::Done => Ok(Some(0)),
+            At::Header { first } => {
+                let input = self.deflate.get_mut();
+                // After a member: the end of the input, or another member's header.
+                if !first && input.fill_buf()?.is_empty() {
+                    self.at = At::Done;
+                    return Ok(Some(0));
+                }
+                read_header(input)?;
+                self.deflate.reset_data();
+                self.member_len = 0;
+                self.at = At::Body;
+                Ok(None)
+            }
+            // 0: the deflate data ended (or the input did: then the trailer is missing).
+            At::Body => match self.deflate.read(buf)? {
+                0 => {
+                    read_trailer(self.deflate.get_mut(), self.member_len)?;
+                    self.at = At::Header { first: false };
+                    Ok(None)
+                }
+                n => {
+                    self.member_len += n as u64;
+                    Ok(Some(n))
+                }
+            },
         }
     }
 }
@@ -63,56 +94,13 @@ impl<R: BufRead> Read for Gunzip<R> {
             return Ok(0);
         }
         loop {
-            match std::mem::replace(&mut self.state, State::Moving) {
-                State::Header { mut input, first } => {
-                    // After a member: the end of the input, or another member's header.
-                    let ended = match input.fill_buf() {
-                        Ok(rest) => !first && rest.is_empty(),
-                        Err(e) => {
-                            self.state = State::Done(input);
-                            return Err(e);
-                        }
-                    };
-                    if ended {
-                        self.state = State::Done(input);
-                        return Ok(0);
-                    }
-                    if let Err(e) = read_header(&mut input) {
-                        self.state = State::Done(input);
-                        return Err(e);
-                    }
-                    self.member_len = 0;
-                    self.state = State::Body(Box::new(DeflateDecoder::new(input)));
+            match self.step(buf) {
+                Ok(Some(n)) => return Ok(n),
+                Ok(None) => {}
+                Err(e) => {
+                    self.at = At::Done;
+                    return Err(e);
                 }
-                State::Body(mut body) => {
-                    let n = body.read(buf);
-                    match n {
-                        Ok(0) => {
-                            // The deflate data ended (or the input did: then the trailer is
-                            // missing).
-                            let mut input = body.into_inner();
-                            if let Err(e) = read_trailer(&mut input, self.member_len) {
-                                self.state = State::Done(input);
-                                return Err(e);
-                            }
-                            self.state = State::Header { input, first: false };
-                        }
-                        Ok(n) => {
-                            self.member_len += n as u64;
-                            self.state = State::Body(body);
-                            return Ok(n);
-                        }
-                        Err(e) => {
-                            self.state = State::Done(body.into_inner());
-                            return Err(e);
-                        }
-                    }
-                }
-                State::Done(input) => {
-                    self.state = State::Done(input);
-                    return Ok(0);
-                }
-                State::Moving => unreachable!("a state is put back before any return"),
             }
         }
     }
