@@ -10,9 +10,9 @@ mod ext4;
 mod native;
 
 pub use ext4::Ext4Error;
+pub use native::is_zero;
 #[cfg(test)]
 pub(crate) use native::peak_heap_per_small_file;
-pub use native::{is_zero, read_piece};
 pub mod tool;
 
 use std::io::{BufWriter, Read};

@@ -1,8 +1,7 @@
 //! What vmrootfs's own writers (ext4, EROFS) share: the [`EntryWriter`] interface the builder
 //! feeds each normalized entry into, on the layer's own thread (see [`super::Making`]), and
-//! the handling of file data in whole blocks.
+//! the test of whether a block of file data is a hole ([`is_zero`]).
 
-use std::io::{self, Read};
 #[cfg(test)]
 use std::path::Path;
 
@@ -17,25 +16,6 @@ pub trait EntryWriter: Sized {
     fn add(&mut self, path: &[u8], entry: EntryKind<'_>, meta: &EntryMeta) -> Result<(), BackendError>;
     /// Writes the metadata and finishes the image.
     fn finish(self) -> Result<(), BackendError>;
-}
-
-/// Reads the next piece of an entry's data, of which `left` bytes remain, into `buf` (as much
-/// as it holds), and zeroes it up to a whole number of `block`-byte blocks. Returns the bytes
-/// read and that padded length; data that ends early is an `UnexpectedEof` naming how early.
-pub fn read_piece(
-    data: &mut dyn Read,
-    buf: &mut [u8],
-    left: u64,
-    block: usize,
-) -> io::Result<(usize, usize)> {
-    let want = left.min(buf.len() as u64) as usize;
-    let n = crate::digest::read_full(data, &mut buf[..want])?;
-    if n < want {
-        return Err(crate::layer::normalize::data_ended_early(left - n as u64));
-    }
-    let padded = n.next_multiple_of(block);
-    buf[n..padded].fill(0);
-    Ok((n, padded))
 }
 
 /// Whether a block is all zeros (a hole, for the writers that keep holes).

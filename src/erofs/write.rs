@@ -36,9 +36,10 @@ use std::path::Path;
 use super::format::{
     self, BLOCK, BLOCK_MAP_ENTRY, DataLayout, EXTENDED_INODE, Inode, NULL_ADDR, SLOT, Superblock,
 };
-use crate::backend::{is_zero, read_piece};
+use crate::backend::is_zero;
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
+use crate::layer::normalize::read_piece;
 use crate::layer::path;
 use crate::layer::pathtree::{PathId, PathTree};
 

@@ -116,6 +116,26 @@ pub(crate) fn data_ended_early(left: u64) -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, format!("entry data ends {left} bytes early"))
 }
 
+/// Reads the next piece of a file's data for an [`Output`], of which `left` bytes remain, into
+/// `buf` (as much as it holds), and zeroes it up to a whole number of `block`-byte blocks (1:
+/// no padding). Returns the bytes read and that padded length; data that ends early is
+/// [`data_ended_early`].
+pub(crate) fn read_piece(
+    data: &mut dyn Read,
+    buf: &mut [u8],
+    left: u64,
+    block: usize,
+) -> io::Result<(usize, usize)> {
+    let want = left.min(buf.len() as u64) as usize;
+    let n = crate::digest::read_full(data, &mut buf[..want])?;
+    if n < want {
+        return Err(data_ended_early(left - n as u64));
+    }
+    let padded = n.next_multiple_of(block);
+    buf[n..padded].fill(0);
+    Ok((n, padded))
+}
+
 /// What an entry is, as the layer's tar gives it.
 pub enum EntryKind<'a> {
     File {

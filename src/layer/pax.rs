@@ -8,7 +8,7 @@
 use std::io::{self, Read, Write};
 
 use super::meta::EntryMeta;
-use super::normalize::{NormalizeError, Output, data_ended_early};
+use super::normalize::{NormalizeError, Output, read_piece};
 
 pub(crate) const BLOCK: usize = 512;
 
@@ -176,11 +176,7 @@ impl<W: Write> Output for TarWriter<W> {
         }
         let mut left = size;
         while left > 0 {
-            let want = left.min(self.buf.len() as u64) as usize;
-            let n = crate::digest::read_full(data, &mut self.buf[..want]).map_err(NormalizeError::Data)?;
-            if n == 0 {
-                return Err(NormalizeError::Data(data_ended_early(left)));
-            }
+            let (n, _) = read_piece(data, &mut self.buf, left, 1).map_err(NormalizeError::Data)?;
             self.out.write_all(&self.buf[..n]).map_err(NormalizeError::Write)?;
             left -= n as u64;
         }

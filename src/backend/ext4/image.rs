@@ -30,9 +30,10 @@ use super::disk::{
     FileType, GroupDesc, INDEX_FL, INODE_SIZE, InodeFields, MAX_EXTENT_LEN, ROOT_INO, Xattrs,
 };
 use super::htree;
-use crate::backend::native::{is_zero, read_piece};
+use crate::backend::native::is_zero;
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
+use crate::layer::normalize::read_piece;
 use crate::layer::path;
 use crate::layer::pathtree::{PathId, PathTree};
 
