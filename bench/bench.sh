@@ -2,8 +2,10 @@
 # `make bench`: cold and warm vmrootfs builds of the real test image, side by side with the
 # decompression floor, the peers' pipeline (zcat | mkfs.erofs --tar=f --aufs per layer, as
 # containerd's EROFS differ and matchlock do) and the shell pipeline (bench/shell-pipeline.sh),
-# in one run. vmrootfs rows run in three environments: as root on this host; with /dev/shm a
-# 64 MiB tmpfs (as in a container CI job; *-shm64); as uid 65534 without capabilities (*-nobody).
+# in one run. vmrootfs rows run in four environments: as root on this host; with /dev/shm a
+# 64 MiB tmpfs (as in a container CI job; *-shm64); as uid 65534 without capabilities (*-nobody);
+# with the store on a tmpfs (*-ramstore: the same work, every byte still written, synced and
+# hashed, but no disk under it, so the row shows how much of a build is the store's disk).
 # Each row: median wall time of RUNS (3) runs, the peak memory of one more run — the sum of
 # the RSS of every process of the command plus the tmpfs bytes it uses (bench/measure.py) —
 # and the ratio to the floor. BIG=1 adds one ~2 GiB layer of 20,000 files (big-* rows, one run
@@ -85,6 +87,7 @@ fresh() {
 plain() { echo "$BIN -q --store $SCRATCH/store $*"; }
 shm64() { echo "unshare -m sh -c 'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec $BIN -q --store $SCRATCH/store $*'"; }
 nobody() { echo "$NOBODY $BIN -q --store $SCRATCH/store $*"; }
+ramstore() { echo "unshare -m sh -c 'mount -t tmpfs -o size=4g tmpfs $SCRATCH/store && exec $BIN -q --store $SCRATCH/store $*'"; }
 
 echo "measuring (times of each run):" >&2
 # The peers' way: erofs-utils 1.8 straight from each layer's tar stream.
@@ -98,7 +101,7 @@ measure peer-erofs-tar fresh "n=0; for l in $layers; do n=\$((n+1)); zcat \$l | 
 measure peer-erofs-tar-parallel fresh "printf '%s\n' $layers | xargs -P$(nproc) -I{} sh -c 'zcat {} | $MKFS18 --quiet --tar=f --aufs $SCRATCH/\$(basename {}).erofs'"
 for fs in erofs ext4; do
   measure "shell-$fs-tmpfs" fresh "bench/shell-pipeline.sh $fs $LAYOUT test $SCRATCH/out $SHM_STAGE"
-  for env in plain shm64 nobody; do
+  for env in plain shm64 nobody ramstore; do
     name="vmrootfs-$fs"; [ $env = plain ] || name="$name-$env"
     measure "$name" fresh "$($env build oci:$LAYOUT:test --fs $fs)"
   done
@@ -163,14 +166,15 @@ floor=${MEDIAN[floor]:-1}
   echo "vmrootfs bench — $(date -u +%FT%TZ), $(nproc) cores, $(uname -r)"
   echo "image: target/testimage (4 layers), $((compressed / 1048576)) MiB compressed, $((uncompressed / 1048576)) MiB uncompressed"
   echo "tools: $(command -v mkfs.erofs): $(mkfs.erofs --version 2>/dev/null | head -1); $(mke2fs -V 2>&1 | head -1); $(tar --version | head -1)"
-  echo "shell-*-tmpfs stage on /dev/shm; vmrootfs stages nothing; outputs and stores on disk;"
+  echo "shell-*-tmpfs stage on /dev/shm; vmrootfs stages nothing; outputs and stores on disk (*-ramstore: on a tmpfs);"
   echo "the layer blobs are in the page cache before every row; peak_mem: RSS of all processes + tmpfs bytes"
   echo
   printf '%-24s %10s %12s %9s\n' pipeline median_s peak_mem_MB x_floor
   bigfloor=${MEDIAN[big-floor]:-1}
   for name in floor floor-parallel peer-erofs-tar peer-erofs-tar-parallel \
-              shell-erofs-tmpfs vmrootfs-erofs vmrootfs-erofs-shm64 vmrootfs-erofs-nobody \
-              shell-ext4-tmpfs vmrootfs-ext4 vmrootfs-ext4-shm64 vmrootfs-ext4-nobody vmrootfs-warm-erofs \
+              shell-erofs-tmpfs vmrootfs-erofs vmrootfs-erofs-shm64 vmrootfs-erofs-nobody vmrootfs-erofs-ramstore \
+              shell-ext4-tmpfs vmrootfs-ext4 vmrootfs-ext4-shm64 vmrootfs-ext4-nobody vmrootfs-ext4-ramstore \
+              vmrootfs-warm-erofs \
               big-floor big-peer-erofs-tar big-vmrootfs-erofs big-vmrootfs-erofs-nobody \
               big-vmrootfs-ext4 big-vmrootfs-ext4-nobody \
               files1m-floor files1m-peer-erofs-tar files1m-vmrootfs-erofs files1m-vmrootfs-ext4 \
@@ -185,7 +189,7 @@ floor=${MEDIAN[floor]:-1}
       "$(echo "${MEDIAN[$name]} / $f" | bc -l)"
   done
   echo
-  for name in vmrootfs-erofs vmrootfs-ext4; do
+  for name in vmrootfs-erofs vmrootfs-ext4 vmrootfs-erofs-ramstore vmrootfs-ext4-ramstore; do
     [ -n "${MEDIAN[$name]:-}" ] && [ -n "${MEDIAN[floor-zlib-rs]:-}" ] || continue
     printf '%s: %.2f x floor-zlib-rs, %.2f x floor-zlib-rs-write\n' "$name" \
       "$(echo "${MEDIAN[$name]} / ${MEDIAN[floor-zlib-rs]}" | bc -l)" \
