@@ -4,11 +4,13 @@
 //! `mkfs.erofs --tar=f` reading them as a pax tar ([`crate::layer::pax`]) from a pipe
 //! (`VMROOTFS_EROFS_WRITER=mkfs`).
 
+mod block_out;
 mod erofs;
 mod erofs_native;
 mod ext4;
 mod native;
 
+pub(crate) use block_out::{BlockOut, PieceError};
 pub use ext4::Ext4Error;
 pub use native::is_zero;
 #[cfg(test)]

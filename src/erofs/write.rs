@@ -29,17 +29,16 @@
 //! entries sorted by name (the kernel's lookup is a binary search), UUID given by the caller.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::format::{
     self, BLOCK, BLOCK_MAP_ENTRY, DataLayout, EXTENDED_INODE, Inode, NULL_ADDR, SLOT, Superblock,
 };
-use crate::backend::is_zero;
+use crate::backend::{BlockOut, PieceError, is_zero};
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
-use crate::layer::normalize::read_piece;
 use crate::layer::path;
 use crate::layer::pathtree::{PathId, PathTree};
 
@@ -155,13 +154,12 @@ impl Node {
 pub struct ImageWriter {
     file: File,
     /// The sequential writer of the data, then of the directory and symlink blocks.
-    out: BufWriter<File>,
+    out: BlockOut,
     /// Next block `out` writes.
     next: u64,
     tree: Tree,
     /// The chunk map of the file being written.
     file_map: Vec<u32>,
-    piece: Vec<u8>,
     uuid: [u8; 16],
 }
 
@@ -181,8 +179,7 @@ struct Tree {
 }
 
 enum DataError {
-    Read(io::Error),
-    Write(io::Error),
+    Piece(PieceError),
     TooBig,
 }
 
@@ -204,7 +201,7 @@ impl ImageWriter {
         };
         Ok(ImageWriter {
             file,
-            out: BufWriter::with_capacity(PIECE, data),
+            out: BlockOut::new(data, PIECE),
             next: 1,
             tree: Tree {
                 nodes: vec![Some(root)],
@@ -215,7 +212,6 @@ impl ImageWriter {
                 targets: Vec::new(),
             },
             file_map: Vec::new(),
-            piece: vec![0; PIECE],
             uuid,
         })
     }
@@ -370,8 +366,10 @@ impl ImageWriter {
             EntryKind::Dir => Kind::Dir { parent, first: NO_PATH, last: NO_PATH },
             EntryKind::File { size, data } => {
                 let data = self.file_data(size, data).map_err(|e| match e {
-                    DataError::Read(source) => ErofsError::Read { path: path::display(path), source },
-                    DataError::Write(e) => ErofsError::Write(e),
+                    DataError::Piece(PieceError::Read(source)) => {
+                        ErofsError::Read { path: path::display(path), source }
+                    }
+                    DataError::Piece(PieceError::Write(e)) => ErofsError::Write(e),
                     DataError::TooBig => ErofsError::TooBig,
                 })?;
                 Kind::File { size, data }
@@ -403,16 +401,17 @@ impl ImageWriter {
         self.file_map.clear();
         let (mut left, mut holes) = (size, false);
         while left > 0 {
-            let (n, padded) = read_piece(data, &mut self.piece, left, BLOCK).map_err(DataError::Read)?;
+            let (n, padded) = self.out.read_piece(data, left, BLOCK).map_err(DataError::Piece)?;
             left -= n as u64;
-            for c in self.piece[..padded].chunks(chunk) {
-                if is_zero(c) {
+            for at in (0..padded).step_by(chunk) {
+                let c = at..padded.min(at + chunk);
+                if is_zero(&self.out.piece()[c.clone()]) {
                     holes = true;
                     self.file_map.push(NULL_ADDR);
                 } else {
-                    self.out.write_all(c).map_err(DataError::Write)?;
                     self.file_map.push(self.next as u32);
                     self.next += (c.len() / BLOCK) as u64;
+                    self.out.keep(c);
                 }
             }
         }

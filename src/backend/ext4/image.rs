@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -31,9 +31,9 @@ use super::disk::{
 };
 use super::htree;
 use crate::backend::native::is_zero;
+use crate::backend::{BlockOut, PieceError};
 use crate::layer::meta::EntryMeta;
 use crate::layer::normalize::EntryKind;
-use crate::layer::normalize::read_piece;
 use crate::layer::path;
 use crate::layer::pathtree::{PathId, PathTree};
 
@@ -143,7 +143,7 @@ impl Node {
 pub struct ImageWriter {
     file: File,
     /// The sequential writer of everything after the group descriptors.
-    out: BufWriter<File>,
+    out: BlockOut,
     /// Next block `out` writes.
     next: u64,
     /// Inode `n` is `nodes[n - 1]`; `None` for the reserved ones (1, 3–10) and any no longer
@@ -160,7 +160,6 @@ pub struct ImageWriter {
     targets: Vec<u8>,
     /// The distinct owners so far, each with its index.
     owners: HashMap<Owner, u32>,
-    chunk: Vec<u8>,
     uuid: [u8; 16],
     hash_seed: [u8; 16],
     seed: u32,
@@ -186,7 +185,7 @@ impl ImageWriter {
         let root_owner = Owner { uid: 0, gid: 0, perm: 0o755, xattrs: None };
         Ok(ImageWriter {
             file,
-            out: BufWriter::with_capacity(CHUNK, data),
+            out: BlockOut::new(data, CHUNK),
             next: DATA_START,
             nodes,
             paths: PathTree::default(),
@@ -195,7 +194,6 @@ impl ImageWriter {
             extents: Vec::new(),
             targets: Vec::new(),
             owners: HashMap::from([(root_owner, 0)]),
-            chunk: vec![0; CHUNK],
             uuid,
             hash_seed,
             seed: disk::csum_seed(&uuid),
@@ -378,8 +376,8 @@ impl ImageWriter {
                 }
                 let first = self.extents.len();
                 self.file_data(size, data).map_err(|e| match e {
-                    DataError::Read(source) => Ext4Error::Read { path: path::display(path), source },
-                    DataError::Write(e) => Ext4Error::Write(e),
+                    PieceError::Read(source) => Ext4Error::Read { path: path::display(path), source },
+                    PieceError::Write(e) => Ext4Error::Write(e),
                 })?;
                 let count = self.extents.len() - first;
                 // A file of at most 16 TiB has at most 2^32 blocks, so as many extents.
@@ -410,25 +408,25 @@ impl ImageWriter {
 
     /// Writes `size` bytes of `data` at the end of the data so far, all-zero blocks left
     /// holes; appends its extents to [`ImageWriter::extents`].
-    fn file_data(&mut self, size: u64, data: &mut dyn Read) -> Result<(), DataError> {
+    fn file_data(&mut self, size: u64, data: &mut dyn Read) -> Result<(), PieceError> {
         let first = self.extents.len();
         let (mut left, mut logical) = (size, 0u64);
         while left > 0 {
-            let (n, padded) = read_piece(data, &mut self.chunk, left, BLOCK).map_err(DataError::Read)?;
+            let (n, padded) = self.out.read_piece(data, left, BLOCK)?;
             left -= n as u64;
             let blocks = padded / BLOCK;
-            let zero = |chunk: &[u8], b: usize| is_zero(&chunk[b * BLOCK..(b + 1) * BLOCK]);
+            let zero = |out: &BlockOut, b: usize| is_zero(&out.piece()[b * BLOCK..(b + 1) * BLOCK]);
             let mut b = 0;
             while b < blocks {
-                if zero(&self.chunk, b) {
+                if zero(&self.out, b) {
                     b += 1;
                     continue;
                 }
                 let run = b;
-                while b < blocks && !zero(&self.chunk, b) {
+                while b < blocks && !zero(&self.out, b) {
                     b += 1;
                 }
-                self.out.write_all(&self.chunk[run * BLOCK..b * BLOCK]).map_err(DataError::Write)?;
+                self.out.keep(run * BLOCK..b * BLOCK);
                 push_extent(
                     &mut self.extents,
                     first,
@@ -720,11 +718,6 @@ impl ImageWriter {
         disk::extent_node(&mut *root, EXTENTS_IN_INODE, depth, &[], &level);
         Ok(ExtentTree { root, blocks: self.next - start })
     }
-}
-
-enum DataError {
-    Read(io::Error),
-    Write(io::Error),
 }
 
 /// Where [`ImageWriter::finish`] put what is not in a node: each list in inode order.
