@@ -159,7 +159,7 @@ if [ "${ONLY:-}" != many ]; then
   eval "$warm --json" | grep -q '"cached": true'
   measure vmrootfs-warm-erofs "true" "$warm"
 fi
-fresh
+rm -rf "$SCRATCH" "$SHM_STAGE"   # nothing left behind: no scratch store, no stage on /dev/shm
 
 floor=${MEDIAN[floor]:-1}
 {
