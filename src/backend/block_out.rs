@@ -32,15 +32,18 @@ pub struct BlockOut {
     /// Where the piece last read starts in `buf`, and its padded length.
     piece_at: usize,
     piece_len: usize,
-    /// The most bytes one piece holds.
-    piece: usize,
 }
 
 impl BlockOut {
     /// Output to `file` from its current position, in pieces of at most `piece` bytes; writes
     /// go to the file `piece` to `2 * piece` bytes at a time.
     pub fn new(file: File, piece: usize) -> BlockOut {
-        BlockOut { file, buf: vec![0; 2 * piece], queued: 0, piece_at: 0, piece_len: 0, piece }
+        BlockOut { file, buf: vec![0; 2 * piece], queued: 0, piece_at: 0, piece_len: 0 }
+    }
+
+    /// The most bytes one piece holds: half the buffer.
+    fn most_in_piece(&self) -> usize {
+        self.buf.len() / 2
     }
 
     /// Reads the next piece of a file's data into the buffer after what is queued: at most
@@ -54,10 +57,11 @@ impl BlockOut {
         left: u64,
         block: usize,
     ) -> Result<(usize, usize), PieceError> {
-        if self.queued + self.piece > self.buf.len() {
+        let most = self.most_in_piece();
+        if self.queued + most > self.buf.len() {
             self.write_queued().map_err(PieceError::Write)?;
         }
-        let room = &mut self.buf[self.queued..self.queued + self.piece];
+        let room = &mut self.buf[self.queued..self.queued + most];
         let (n, padded) = read_piece(data, room, left, block).map_err(PieceError::Read)?;
         (self.piece_at, self.piece_len) = (self.queued, padded);
         Ok((n, padded))
@@ -95,6 +99,8 @@ impl Write for BlockOut {
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        // Whatever is written now comes after the piece: nothing more of it can be kept.
+        self.piece_len = 0;
         if self.queued + bytes.len() > self.buf.len() {
             self.write_queued()?;
         }
@@ -103,7 +109,6 @@ impl Write for BlockOut {
         }
         self.buf[self.queued..self.queued + bytes.len()].copy_from_slice(bytes);
         self.queued += bytes.len();
-        self.piece_len = 0;
         Ok(())
     }
 
