@@ -267,24 +267,30 @@ impl DirSlots {
 /// order of the conversion plan (the `k` of [`Builder::convert_all`]): the layer planned
 /// first never waits behind a later one that reached the queue before it.
 struct Turns {
-    /// Turns free, and the plan position the next turn goes to.
-    state: Mutex<(usize, usize)>,
+    state: Mutex<TurnState>,
     returned: Condvar,
+}
+
+struct TurnState {
+    free: usize,
+    /// The plan position the next turn goes to.
+    next: usize,
 }
 
 impl Turns {
     fn new(n: usize) -> Turns {
-        Turns { state: Mutex::new((n.max(1), 0)), returned: Condvar::new() }
+        Turns { state: Mutex::new(TurnState { free: n.max(1), next: 0 }), returned: Condvar::new() }
     }
 
     /// Waits for a turn for plan position `k`, once every earlier one had theirs; the turn is
     /// given back when the guard drops. Every position from 0 on must take its turn.
     fn take(&self, k: usize) -> Turn<'_> {
         let mut state = self.state.lock().expect("turn lock");
-        while state.0 == 0 || state.1 != k {
+        while state.free == 0 || state.next != k {
             state = self.returned.wait(state).expect("turn lock");
         }
-        *state = (state.0 - 1, k + 1);
+        state.free -= 1;
+        state.next = k + 1;
         self.returned.notify_all();
         Turn(self)
     }
@@ -294,7 +300,7 @@ struct Turn<'a>(&'a Turns);
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        self.0.state.lock().expect("turn lock").0 += 1;
+        self.0.state.lock().expect("turn lock").free += 1;
         self.0.returned.notify_all();
     }
 }
@@ -590,8 +596,7 @@ impl Builder {
         let size = |i: usize| plan.image.layers[i].size.unwrap_or(0);
         let mut order = missing.to_vec();
         if let Some(largest) = (0..order.len()).max_by_key(|&k| (size(order[k]), std::cmp::Reverse(k))) {
-            let first = order.remove(largest);
-            order.insert(0, first);
+            order[..=largest].rotate_right(1);
         }
         let next = AtomicUsize::new(0);
         let done = Mutex::new(Vec::new());
